@@ -1,0 +1,38 @@
+# Two commands for a fresh machine: `make demo` and `make test`.
+# Each creates .venv when missing, installs torch first and explicitly (the CPU wheel
+# where no GPU is present; a CUDA torch that is already there is kept), then graftlm.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: setup demo test test-fast bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(VENV)/.torch: | $(BIN)/python
+	@if $(BIN)/python -c "import torch" 2>/dev/null; then \
+		echo "keeping torch $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
+	else \
+		$(BIN)/pip install -q "torch==$(TORCH_VERSION)"; \
+	fi
+	@touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch
+	$(BIN)/pip install -q -e ".[test]"
+	@touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/graft demo
+
+test: setup
+	$(BIN)/python -m pytest -q -n 2 --durations=15
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -n 2 -m "not slow"
+
+clean:
+	rm -rf $(VENV) runs bench/out
