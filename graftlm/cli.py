@@ -1,0 +1,50 @@
+"""The `graft` command. Each subcommand maps to one plain function.
+
+Feature modules own their subcommands: each module listed in `COMMAND_MODULES` has a
+`register(subparsers)` function that adds its parsers and sets `handler` to the plain
+function to call. Any `GraftError` becomes one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from graftlm.errors import GraftError
+
+COMMAND_MODULES = [
+    "graftlm.engine_cli",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="graft",
+        description="Pre-train, fine-tune or LoRA a language model, and know what each costs.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 1
+    try:
+        result = handler(args)
+    except GraftError as e:
+        print(f"graft {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"graft {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

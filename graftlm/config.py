@@ -1,0 +1,227 @@
+"""Typed run configs: dataclasses, YAML recipes, and dotted command-line overrides.
+
+A recipe is a YAML file whose keys are exactly a command's config fields (nested
+dataclasses become nested mappings). Any field can be overridden on the command line
+as `--field value` or `--section.field value`. Every value is checked against the
+field's type, and a wrong one produces a `ConfigError` naming the field, never a
+traceback. The resolved config is written back to the run directory as YAML.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from graftlm.errors import ConfigError
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    """`X | None` -> (X, True); anything else -> (tp, False)."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _type_name(tp: Any) -> str:
+    tp, optional = _unwrap_optional(tp)
+    if get_origin(tp) is Literal:
+        name = "one of " + ", ".join(repr(a) for a in get_args(tp))
+    elif get_origin(tp) is list:
+        name = f"a list of {_type_name(get_args(tp)[0])}"
+    elif tp is float:
+        name = "a number"
+    elif tp is int:
+        name = "an integer"
+    elif tp is bool:
+        name = "true or false"
+    elif tp is str:
+        name = "a string"
+    else:
+        name = getattr(tp, "__name__", str(tp))
+    return name + (" or null" if optional else "")
+
+
+def coerce(value: Any, tp: Any, field: str) -> Any:
+    """Convert `value` (from YAML or the command line) to type `tp`, or raise ConfigError."""
+    inner, optional = _unwrap_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"config field '{field}': expected {_type_name(tp)}, got null")
+    origin = get_origin(inner)
+    bad = ConfigError(f"config field '{field}': expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = get_args(inner)
+        if value in choices:
+            return value
+        raise bad
+    if origin is list:
+        (item_tp,) = get_args(inner)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v != ""]
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return [coerce(v, item_tp, f"{field}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or inner is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise bad
+    if inner is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+            return False
+        raise bad
+    if inner is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                number = float(value.replace("_", ""))
+            except ValueError:
+                raise bad from None
+            if number.is_integer():
+                return int(number)
+        raise bad
+    if inner is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if inner is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    if dataclasses.is_dataclass(inner):
+        if isinstance(value, inner):
+            return value
+        if not isinstance(value, dict):
+            raise bad
+        return from_dict(inner, value, prefix=field + ".")
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a (possibly nested) mapping, checking every field."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        known = ", ".join(sorted(fields))
+        raise ConfigError(f"unknown config field '{prefix}{unknown[0]}' (known: {known})")
+    kwargs = {name: coerce(value, hints[name], prefix + name) for name, value in data.items()}
+    missing = [
+        name for name, f in fields.items()
+        if name not in kwargs and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"config field '{prefix}{missing[0]}' is required")
+    instance = cls(**kwargs)
+    validate = getattr(instance, "validate", None)
+    if validate is not None:
+        validate()
+    return instance
+
+
+def to_dict(instance: Any) -> dict:
+    return dataclasses.asdict(instance)
+
+
+def _set_dotted(target: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = target.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config field '{dotted}': '{part}' is not a section")
+        target = node
+    target[parts[-1]] = value
+
+
+def read_recipe(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read recipe ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of config fields")
+    return data
+
+
+def build_config(cls: type, recipe: str | Path | None = None,
+                 overrides: dict[str, Any] | None = None) -> Any:
+    """Recipe values first, then command-line overrides (dotted keys), then type checks."""
+    data = read_recipe(recipe) if recipe else {}
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value)
+    return from_dict(cls, data)
+
+
+def save_config(instance: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(instance), sort_keys=False))
+
+
+def _walk_fields(cls: type, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        inner, _ = _unwrap_optional(hints[f.name])
+        if dataclasses.is_dataclass(inner):
+            yield from _walk_fields(inner, prefix + f.name + ".")
+        else:
+            yield prefix + f.name, hints[f.name], f
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add `--recipe` and one `--dotted.field` option per config field.
+
+    Options default to "not given" so that only what the user typed overrides the
+    recipe; types are checked later by `build_config` so errors name the field.
+    """
+    parser.add_argument("--recipe", help="YAML file of config fields (command-line values win)")
+    for dotted, tp, f in _walk_fields(cls):
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        kind = _type_name(tp)
+        flag = "--" + dotted.replace("_", "-")
+        names = [flag] if flag == "--" + dotted else [flag, "--" + dotted]
+        inner, _ = _unwrap_optional(tp)
+        nargs = "+" if get_origin(inner) is list else None
+        parser.add_argument(*names, dest="cfg:" + dotted, default=argparse.SUPPRESS, nargs=nargs,
+                            metavar=dotted.split(".")[-1].upper(),
+                            help=f"{help_text} ({kind}; default: {default})".strip())
+
+
+def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:")}
+    return build_config(cls, getattr(args, "recipe", None), overrides)

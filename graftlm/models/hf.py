@@ -1,0 +1,196 @@
+"""Hugging Face interop: load a local model directory into a `Decoder`, save one back.
+
+A directory is `config.json`, one `model.safetensors` or shards with
+`model.safetensors.index.json`, and the tokenizer files. Only safetensors are read:
+no pickle, ever, and no code from the directory runs (`auto_map` is refused).
+Parameter names are Hugging Face's with the `model.` prefix dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from graftlm.errors import GraftError
+from graftlm.models.config import ModelConfig, PRESETS, preset, read_hf_config, to_hf_config
+from graftlm.models.transformer import Decoder
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja")
+
+
+def _hf_name(ours: str) -> str:
+    return ours if ours.startswith("lm_head.") else "model." + ours
+
+
+def _our_name(hf: str) -> str:
+    return hf[len("model."):] if hf.startswith("model.") else hf
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a model directory, checking the shard index."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise GraftError(f"{index}: not a valid shard index ({e})") from None
+        files = sorted({model_dir / name for name in weight_map.values()})
+        for f in files:
+            if not f.exists():
+                raise GraftError(f"{index}: names shard '{f.name}', which is missing")
+        return files
+    single = model_dir / "model.safetensors"
+    if single.exists():
+        return [single]
+    if list(model_dir.glob("*.bin")) or list(model_dir.glob("*.pt")):
+        raise GraftError(f"{model_dir}: has only pickle weights (*.bin / *.pt); graftlm reads "
+                         "safetensors only (convert with transformers' save_pretrained(safe_serialization=True))")
+    raise GraftError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one safetensors file; a corrupt or truncated file is one clear error."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+        if size < 8 or header_len > size - 8:
+            raise GraftError(f"{path}: corrupt safetensors file (header of {header_len} bytes "
+                             f"is larger than the file's {size})")
+        tensors = {}
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                tensors[name] = f.get_tensor(name)
+        return tensors
+    except GraftError:
+        raise
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise GraftError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+
+
+def load_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
+    state = {}
+    for f in weight_files(model_dir):
+        for name, tensor in read_safetensors(f).items():
+            state[_our_name(name)] = tensor
+    return state
+
+
+def check_model_dir(path: str | Path) -> Path:
+    model_dir = Path(path)
+    if not model_dir.exists():
+        raise GraftError(f"{model_dir}: model directory does not exist")
+    if not model_dir.is_dir():
+        raise GraftError(f"{model_dir}: is not a directory")
+    if not (model_dir / "config.json").exists():
+        raise GraftError(f"{model_dir}: no config.json (not a Hugging Face model directory)")
+    return model_dir
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    return read_hf_config(check_model_dir(path) / "config.json")
+
+
+def load_model(path: str | Path, dtype: torch.dtype | None = torch.float32,
+               device: str | torch.device = "cpu") -> Decoder:
+    """Load an HF model directory. `dtype=None` keeps the stored dtype."""
+    model_dir = check_model_dir(path)
+    cfg = read_hf_config(model_dir / "config.json")
+    state = load_state_dict(model_dir)
+    with torch.device("meta"):
+        model = Decoder(cfg)
+    expected = dict(model.state_dict())
+    if cfg.tie_embeddings:
+        expected.pop("lm_head.weight", None)
+        state.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(k for k in set(state) - set(expected) if not k.endswith("rotary_emb.inv_freq"))
+    if missing:
+        raise GraftError(f"{model_dir}: weights are missing tensor '{_hf_name(missing[0])}'"
+                         + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    if unexpected:
+        raise GraftError(f"{model_dir}: weights have unexpected tensor '{_hf_name(unexpected[0])}' "
+                         "(does config.json match the weights?)")
+    for name, ref in expected.items():
+        if tuple(state[name].shape) != tuple(ref.shape):
+            raise GraftError(f"{model_dir}: tensor '{_hf_name(name)}' has shape {tuple(state[name].shape)}, "
+                             f"config.json implies {tuple(ref.shape)}")
+    if dtype is None:
+        dtype = next(iter(state.values())).dtype
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    model.reset_rope(torch.device(device))
+    return model.eval()
+
+
+def save_model(model: Decoder, out: str | Path, tokenizer_dir: str | Path | None = None,
+               dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write `model` as an HF directory that `transformers` loads (sharded when large)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if cfg.tie_embeddings and name == "lm_head.weight":
+            continue
+        tensor = tensor.detach()
+        if dtype is not None:
+            tensor = tensor.to(dtype)
+        state[_hf_name(name)] = tensor.contiguous().cpu()
+    stored_dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(to_hf_config(cfg, stored_dtype), indent=2) + "\n")
+    generation = {k: v for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id),
+                                    ("pad_token_id", cfg.pad_token_id)) if v is not None}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    for stale in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
+        stale.unlink()
+    shards, current, size = [], {}, 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = tensor
+        size += nbytes
+    shards.append(current)
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], out / "model.safetensors", metadata=metadata)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, out / fname, metadata=metadata)
+            weight_map.update({name: fname for name in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        (out / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != out.resolve():
+        for fname in TOKENIZER_FILES:
+            src = Path(tokenizer_dir) / fname
+            if src.exists() and fname != "generation_config.json":
+                shutil.copyfile(src, out / fname)
+    return out
+
+
+def resolve_model_config(spec: str) -> ModelConfig:
+    """A preset name, an HF directory, or a config file (HF config.json or graftlm YAML)."""
+    if spec in PRESETS:
+        return preset(spec)
+    path = Path(spec)
+    if path.is_dir():
+        return load_config(path)
+    if path.suffix == ".json" and path.exists():
+        return read_hf_config(path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        from graftlm.config import build_config
+        return build_config(ModelConfig, path)
+    raise GraftError(f"model '{spec}' is neither a preset ({', '.join(PRESETS)}), "
+                     "a model directory, nor a config file")

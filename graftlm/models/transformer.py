@@ -1,0 +1,299 @@
+"""The decoder: one readable Llama-family transformer.
+
+Design choices:
+- Module and parameter names follow Hugging Face's Llama (`embed_tokens`,
+  `layers.N.self_attn.q_proj`, `mlp.gate_proj`, `lm_head`, ...), so checkpoints map
+  one to one (`hf.py` only adds the `model.` prefix) and LoRA targets read the same.
+- Attention is `F.scaled_dot_product_attention` with native grouped-query attention.
+  Without padding or packing it takes the `is_causal` fast path; packed rows get a
+  block-diagonal causal mask built from document ids; left-padded generation gets a
+  key-padding mask.
+- RoPE tables (cos, sin) are computed once in float32 for every position, including
+  Llama 3's frequency scaling, and gathered by position id: packed rows simply restart
+  their positions at 0.
+- The model returns logits or final hidden states, never a loss: objectives compute
+  their own (chunked) losses from hidden states, which keeps the full vocabulary
+  logits of a long batch out of memory.
+- A `KVCache` preallocates keys and values for generation; `engine.py` owns decoding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from graftlm.models.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 as Hugging Face does, then scale in the input dtype.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies of RoPE, with Llama 3 / linear scaling applied."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = cfg.rope_scaling or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif rope_type == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys and values for every layer, for batched generation.
+
+    Rows are left-padded so that all rows write at the same slot; `key_valid` marks
+    which slots of each row hold real tokens (False for left padding).
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    key_valid: torch.Tensor  # [batch, max_len] bool
+    length: int = 0  # slots written so far
+
+    @classmethod
+    def allocate(cls, cfg: ModelConfig, batch: int, max_len: int, device, dtype) -> "KVCache":
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        return cls(
+            keys=[torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)],
+            values=[torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)],
+            key_valid=torch.zeros(batch, max_len, dtype=torch.bool, device=device),
+        )
+
+    @property
+    def capacity(self) -> int:
+        return self.key_valid.shape[1]
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (a LongTensor of row indices), e.g. when sequences finish."""
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
+        self.key_valid = self.key_valid.index_select(0, rows)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * d, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)
+        k = apply_rope(k.transpose(1, 2), cos, sin)
+        v = v.transpose(1, 2)
+        if cache is not None:
+            start = cache.length
+            cache.keys[layer][:, :, start:start + t] = k
+            cache.values[layer][:, :, start:start + t] = v
+            k = cache.keys[layer][:, :, :start + t]
+            v = cache.values[layer][:, :, :start + t]
+        gqa = self.num_heads != self.num_kv_heads
+        if isinstance(mask, str):  # "causal": the fast path, no mask tensor
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """A decoder-only transformer. `forward` returns logits, or hidden states on request."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.gradient_checkpointing = False
+        self._rope_device = None
+        self.reset_rope()
+
+    # -- set-up ---------------------------------------------------------------------
+
+    def reset_rope(self, device=None) -> None:
+        """(Re)compute the RoPE tables in float32; call after moving to a device."""
+        inv_freq = rope_inverse_frequencies(self.config).to(device)
+        positions = torch.arange(self.config.max_seq_len, device=device, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        # Plain attributes, not buffers: they are derived, never saved, and must stay
+        # float32 when the model is cast to bf16.
+        self.rope_cos, self.rope_sin = emb.cos(), emb.sin()
+
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Random initialisation for pre-training from scratch (GPT-2 style)."""
+        std = self.config.initializer_range
+        residual_std = std / math.sqrt(2 * self.config.num_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, residual_std, generator=generator)
+            else:
+                nn.init.normal_(p, 0.0, std, generator=generator)
+
+    def tie_weights(self) -> None:
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    # -- forward --------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        output_hidden: bool = False,
+        last_token_only: bool = False,
+    ) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V] (or hidden states [B, T, H]).
+
+        position_ids: [B, T]; default 0..T-1 (or continuing the cache).
+        document_ids: [B, T]; tokens attend only within their document (packing).
+        cache: a `KVCache` to read and extend (generation); its `key_valid` must already
+            mark the slots that this call writes.
+        last_token_only: compute logits for the last position only (generation).
+        """
+        b, t = input_ids.shape
+        device = input_ids.device
+        if self.rope_cos.device != device:
+            self.reset_rope(device)
+        start = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(start, start + t, device=device).expand(b, t)
+        cos = self.rope_cos[position_ids].unsqueeze(1)
+        sin = self.rope_sin[position_ids].unsqueeze(1)
+        mask = self._attention_mask(b, t, device, document_ids, cache)
+
+        x = self.embed_tokens(input_ids)
+        if torch.is_autocast_enabled(device.type):
+            x = x.to(torch.get_autocast_dtype(device.type))
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        elif x.dtype != cos.dtype:
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        for i, block in enumerate(self.layers):
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.length = start + t
+        if last_token_only:
+            x = x[:, -1:]
+        x = self.norm(x)
+        return x if output_hidden else self.lm_head(x)
+
+    def _attention_mask(self, b, t, device, document_ids, cache):
+        """"causal" (fast path) or a boolean mask [B, 1, T, S] (True = may attend)."""
+        window = self.config.sliding_window
+        start = cache.length if cache is not None else 0
+        total = start + t
+        needs_window = window is not None and total > window
+        if cache is None and document_ids is None and not needs_window:
+            return "causal"
+        q_pos = torch.arange(start, total, device=device)
+        k_pos = torch.arange(total, device=device)
+        allowed = k_pos[None, :] <= q_pos[:, None]  # [T, S]
+        if needs_window:
+            allowed = allowed & (q_pos[:, None] - k_pos[None, :] < window)
+        allowed = allowed.unsqueeze(0)
+        if document_ids is not None:
+            allowed = allowed & (document_ids[:, :, None] == document_ids[:, None, :])
+        if cache is not None:
+            # A left-padding query may see no valid key at all; letting every query see
+            # itself keeps its (ignored) output finite instead of NaN, and NaN in the
+            # cache would leak into real rows through 0 * NaN in attention.
+            allowed = (allowed & cache.key_valid[:, None, :total]) | (k_pos[None, :] == q_pos[:, None])
+        return allowed.unsqueeze(1)
+
+    # -- helpers --------------------------------------------------------------------
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        seen, total = set(), 0
+        for p in self.parameters():
+            if id(p) in seen or (trainable_only and not p.requires_grad):
+                continue
+            seen.add(id(p))
+            total += p.numel()
+        return total

@@ -1,0 +1,1 @@
+"""Losses, one module per objective. See docs/ARCHITECTURE.md for the Objective protocol."""
