@@ -1,0 +1,63 @@
+"""Typed configs: recipes, dotted overrides and one-line errors naming the field."""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from graftlm.config import build_config
+from graftlm.errors import ConfigError
+
+
+@dataclass
+class Optim:
+    lr: float = 3e-4
+    schedule: Literal["cosine", "wsd"] = "cosine"
+
+
+@dataclass
+class Run:
+    model: str
+    steps: int = 10
+    tags: list[str] = field(default_factory=list)
+    warmup: int | None = None
+    compile: bool = False
+    optim: Optim = field(default_factory=Optim)
+
+    def validate(self):
+        if self.steps <= 0:
+            raise ConfigError(f"config field 'steps': must be positive, got {self.steps}")
+
+
+def test_recipe_then_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: tiny\nsteps: 5\noptim:\n  lr: 0.01\n")
+    cfg = build_config(Run, recipe, {"optim.lr": "1e-3", "compile": "true", "tags": "a,b",
+                                     "warmup": "null"})
+    assert (cfg.model, cfg.steps, cfg.optim.lr, cfg.compile, cfg.tags, cfg.warmup) == \
+        ("tiny", 5, 1e-3, True, ["a", "b"], None)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"steps": "abc"}, "config field 'steps': expected an integer, got 'abc'"),
+    ({"steps": "0"}, "config field 'steps': must be positive"),
+    ({"optim.lr": "fast"}, "config field 'optim.lr': expected a number"),
+    ({"optim.schedule": "linear"}, "config field 'optim.schedule': expected one of 'cosine', 'wsd'"),
+    ({"optim.beta": "1"}, "unknown config field 'optim.beta'"),
+    ({"compile": "maybe"}, "config field 'compile': expected true or false"),
+])
+def test_bad_values_name_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        build_config(Run, None, {"model": "tiny", **overrides})
+
+
+def test_missing_required_field():
+    with pytest.raises(ConfigError, match="config field 'model' is required"):
+        build_config(Run, None, {})
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("model: tiny\nsteps: [1,\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+: invalid YAML"):
+        build_config(Run, recipe)

@@ -1,0 +1,113 @@
+"""Bad model directories give one clear GraftError naming the file or field."""
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from graftlm.errors import GraftError
+from graftlm.models.hf import load_model, read_safetensors, save_model
+from graftlm.models.config import preset
+from graftlm.models.transformer import Decoder
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = Decoder(preset("tiny"))
+    model.init_weights()
+    return save_model(model, tmp_path / "m")
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(GraftError, match="does not exist"):
+        load_model(tmp_path / "nope")
+
+
+def test_directory_without_config(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(GraftError, match="no config.json"):
+        load_model(tmp_path / "empty")
+
+
+def test_unsupported_architecture_lists_supported(saved):
+    cfg = json.loads((saved / "config.json").read_text())
+    cfg["model_type"] = "gpt2"
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(GraftError, match=r"'gpt2' is not supported \(supported: llama, mistral, qwen2, qwen3\)"):
+        load_model(saved)
+
+
+def test_remote_code_is_refused(saved):
+    cfg = json.loads((saved / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "evil.Model"}
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(GraftError, match="remote code"):
+        load_model(saved)
+
+
+def test_wrong_field_type_names_the_field(saved):
+    cfg = json.loads((saved / "config.json").read_text())
+    cfg["hidden_size"] = "64"
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(GraftError, match="config.json: field 'hidden_size' must be an integer"):
+        load_model(saved)
+
+
+def test_invalid_json_names_the_line(saved):
+    (saved / "config.json").write_text('{\n "model_type": "llama",\n oops\n}')
+    with pytest.raises(GraftError, match=r"config.json:3: invalid JSON"):
+        load_model(saved)
+
+
+def test_truncated_safetensors(saved):
+    path = saved / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(GraftError, match="model.safetensors: corrupt or truncated"):
+        load_model(saved)
+
+
+def test_header_larger_than_file(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes((10_000).to_bytes(8, "little") + b"{}")
+    with pytest.raises(GraftError, match="header of 10000 bytes is larger than the file"):
+        read_safetensors(path)
+
+
+def test_overlapping_offsets(tmp_path):
+    header = json.dumps({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                         "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}).encode()
+    path = tmp_path / "overlap.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 12)
+    with pytest.raises(GraftError, match="overlap.safetensors: corrupt"):
+        read_safetensors(path)
+
+
+def test_pickle_weights_are_refused_and_never_run(saved, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (saved / "model.safetensors").unlink()
+    (saved / "pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(GraftError, match="pickle"):
+        load_model(saved)
+    assert not marker.exists()
+
+
+def test_shape_mismatch_names_the_tensor(saved):
+    cfg = json.loads((saved / "config.json").read_text())
+    cfg["intermediate_size"] = 32
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(GraftError, match="gate_proj.weight' has shape"):
+        load_model(saved)
+
+
+def test_round_trip_is_exact(saved):
+    model = load_model(saved)
+    again = load_model(save_model(model, saved.parent / "again"))
+    ids = torch.randint(0, 512, (2, 9))
+    assert torch.equal(model(ids), again(ids))
