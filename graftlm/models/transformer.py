@@ -226,6 +226,7 @@ class Decoder(nn.Module):
         cache: KVCache | None = None,
         output_hidden: bool = False,
         last_token_only: bool = False,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V] (or hidden states [B, T, H]).
 
@@ -234,6 +235,10 @@ class Decoder(nn.Module):
         cache: a `KVCache` to read and extend (generation); its `key_valid` must already
             mark the slots that this call writes.
         last_token_only: compute logits for the last position only (generation).
+        targets: [B, T] token ids (IGNORE_INDEX where unused): return float32 log p(target)
+            per position, computed in chunks so the full logits never exist. Asking the
+            model (rather than reading `lm_head.weight` outside) keeps this inside
+            forward, where DDP and FSDP2 expect every parameter to be used.
         """
         b, t = input_ids.shape
         device = input_ids.device
@@ -262,6 +267,9 @@ class Decoder(nn.Module):
         if last_token_only:
             x = x[:, -1:]
         x = self.norm(x)
+        if targets is not None:
+            from graftlm.objectives.logprobs import token_logprobs
+            return token_logprobs(x, self.lm_head.weight, targets)
         return x if output_hidden else self.lm_head(x)
 
     def _attention_mask(self, b, t, device, document_ids, cache):
