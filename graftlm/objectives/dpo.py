@@ -1,0 +1,156 @@
+"""Direct preference optimisation and its variants: sigmoid (DPO), IPO, SimPO and ORPO.
+
+Design choices:
+- Chosen and rejected completions go through the model in ONE forward pass,
+  concatenated along the batch (right-padded to one length: with causal attention the
+  padding after a sequence cannot change it). One pass halves the kernel launches and,
+  under FSDP, the all-gathers.
+- A completion's log-probability is the sum of its trained tokens' log-probs
+  (`loss_mask`, from the renderer). IPO follows TRL: the log-ratios are averaged over
+  the completion's tokens before the squared loss, so beta means the same at any length.
+  SimPO and ORPO use token-averaged log-probs and need no reference model.
+- The reference log-probs come from `graftlm.adapters.reference(model)` under
+  `torch.no_grad()` (LoRA: the same weights with adapters disabled; full: a frozen copy).
+  A batch may carry them precomputed (`ref_chosen_logps`, `ref_rejected_logps`), e.g.
+  computed once per data set; then no reference forward runs.
+- The loss is a sum over pairs and the count is the number of pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from graftlm.errors import ConfigError
+from graftlm.objectives.logprobs import IGNORE_INDEX, shift_targets
+from graftlm.objectives.sft import model_logprobs
+
+REFERENCE_FREE = ("simpo", "orpo")
+
+
+@dataclass
+class DPOConfig:
+    loss: Literal["sigmoid", "ipo", "simpo", "orpo"] = field(
+        default="sigmoid", metadata={"help": "preference loss; simpo and orpo use no reference model"})
+    beta: float = field(default=0.1, metadata={"help": "strength of the preference (DPO/IPO/SimPO beta, ORPO lambda)"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "sigmoid/simpo: assumed fraction of flipped labels"})
+    simpo_gamma: float = field(default=0.5, metadata={"help": "simpo: target reward margin"})
+
+    def validate(self) -> None:
+        if self.beta <= 0:
+            raise ConfigError(f"config field 'dpo.beta': must be > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"config field 'dpo.label_smoothing': must be in [0, 0.5), got {self.label_smoothing}")
+
+
+def pad_right(rows: list[list[int]], value: int, length: int | None = None) -> torch.Tensor:
+    length = length or max(len(r) for r in rows)
+    out = torch.full((len(rows), length), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.as_tensor(r, dtype=torch.long)
+    return out
+
+
+def collate_pairs(examples: list[dict], pad_id: int) -> dict:
+    """Rendered pairs -> batch. Each example has `chosen_input_ids`, `chosen_loss_mask`,
+    `rejected_input_ids`, `rejected_loss_mask` (lists); padding is on the right."""
+    batch = {}
+    for side in ("chosen", "rejected"):
+        ids = [e[f"{side}_input_ids"] for e in examples]
+        masks = [[bool(m) for m in e[f"{side}_loss_mask"]] for e in examples]
+        batch[f"{side}_input_ids"] = pad_right(ids, pad_id)
+        batch[f"{side}_loss_mask"] = pad_right(masks, 0).bool()
+    for key in ("ref_chosen_logps", "ref_rejected_logps"):
+        if all(key in e for e in examples):
+            batch[key] = torch.tensor([float(e[key]) for e in examples])
+    return batch
+
+
+def concatenated(batch: dict, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """[chosen; rejected] as one right-padded batch: (input_ids [2B, T], loss_mask [2B, T])."""
+    c_ids, r_ids = batch["chosen_input_ids"], batch["rejected_input_ids"]
+    length = max(c_ids.shape[1], r_ids.shape[1])
+
+    def widen(x, value):
+        return F.pad(x, (0, length - x.shape[1]), value=value)
+
+    ids = torch.cat([widen(c_ids, pad_id), widen(r_ids, pad_id)])
+    mask = torch.cat([widen(batch["chosen_loss_mask"], False), widen(batch["rejected_loss_mask"], False)])
+    return ids, mask.bool()
+
+
+def sequence_logps(model, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of trained-token log-probs [N], number of trained tokens [N])."""
+    targets = shift_targets(input_ids, loss_mask)
+    valid = targets != IGNORE_INDEX
+    logp = model_logprobs(model, input_ids, targets)
+    return (logp * valid).sum(-1), valid.sum(-1)
+
+
+def reference_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference (chosen, rejected) sequence log-probs: precomputed, or one no-grad pass."""
+    if "ref_chosen_logps" in batch:
+        return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+    from graftlm.adapters import reference
+
+    ids, mask = concatenated(batch)
+    with torch.no_grad(), reference(model) as ref:
+        logps, _ = sequence_logps(ref, ids, mask)
+    return logps.chunk(2)
+
+
+def preference_losses(config: DPOConfig, chosen: torch.Tensor, rejected: torch.Tensor,
+                      chosen_len: torch.Tensor, rejected_len: torch.Tensor,
+                      ref_chosen: torch.Tensor | None = None,
+                      ref_rejected: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair losses and implicit rewards (chosen, rejected) from sequence log-prob sums."""
+    beta, eps = config.beta, config.label_smoothing
+    c_len, r_len = chosen_len.clamp_min(1), rejected_len.clamp_min(1)
+    if config.loss in REFERENCE_FREE:
+        c_avg, r_avg = chosen / c_len, rejected / r_len
+        reward_c, reward_r = beta * c_avg.detach(), beta * r_avg.detach()
+        if config.loss == "simpo":
+            logits = beta * (c_avg - r_avg) - config.simpo_gamma
+            losses = -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+        else:  # orpo: NLL of the chosen completion + beta * -log sigmoid(log odds ratio)
+            log_odds = (c_avg - r_avg) - (torch.log1p(-torch.exp(c_avg)) - torch.log1p(-torch.exp(r_avg)))
+            losses = -c_avg - beta * F.logsigmoid(log_odds)
+        return losses, reward_c, reward_r
+    chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
+    if config.loss == "sigmoid":
+        logits = beta * (chosen_ratio - rejected_ratio)
+        losses = -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+    else:  # ipo, with TRL's per-token averaging of the log-ratios
+        delta = chosen_ratio / c_len - rejected_ratio / r_len
+        losses = (delta - 1 / (2 * beta)) ** 2
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+class DPOObjective:
+    def __init__(self, config: DPOConfig | None = None):
+        self.config = config or DPOConfig()
+        self.name = "dpo"
+        self.uses_reference = self.config.loss not in REFERENCE_FREE
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        ids, mask = concatenated(batch)
+        logps, lengths = sequence_logps(model, ids, mask)
+        chosen, rejected = logps.chunk(2)
+        c_len, r_len = lengths.chunk(2)
+        ref_c = ref_r = None
+        if self.uses_reference:
+            ref_c, ref_r = reference_logps(model, batch)
+        losses, reward_c, reward_r = preference_losses(self.config, chosen, rejected, c_len, r_len, ref_c, ref_r)
+        pairs = losses.shape[0]
+        metrics = {
+            "rewards/chosen": reward_c.mean().item(),
+            "rewards/rejected": reward_r.mean().item(),
+            "rewards/margin": (reward_c - reward_r).mean().item(),
+            "rewards/accuracy": (reward_c > reward_r).float().mean().item(),
+            "logps/chosen": chosen.detach().mean().item(),
+            "logps/rejected": rejected.detach().mean().item(),
+        }
+        return losses.sum(), torch.tensor(pairs, device=losses.device), metrics
