@@ -19,26 +19,18 @@ from dataclasses import dataclass
 
 import torch
 
-from graftlm.objectives.logprobs import IGNORE_INDEX, shift_targets, token_logprobs
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module under a DDP-style wrapper (which exposes it as `.module`)."""
-    return getattr(model, "module", model)
-
-
-def lm_head_weight(model: torch.nn.Module) -> torch.Tensor:
-    head = unwrap(model).lm_head
-    # An adapter wrapper keeps the frozen layer as `base_layer`.
-    return head.weight if hasattr(head, "weight") else head.base_layer.weight
+from graftlm.objectives.logprobs import IGNORE_INDEX, shift_targets
 
 
 def model_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, targets: torch.Tensor,
                    position_ids: torch.Tensor | None = None,
                    document_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """log p(targets[b, t] | input_ids[b, :t+1]) as float32 [B, T]; mask IGNORE_INDEX yourself."""
-    hidden = model(input_ids, position_ids=position_ids, document_ids=document_ids, output_hidden=True)
-    return token_logprobs(hidden, lm_head_weight(model), targets)
+    """log p(targets[b, t] | input_ids[b, :t+1]) as float32 [B, T]; mask IGNORE_INDEX yourself.
+
+    The model computes them inside its forward (chunked), where DDP and FSDP2 expect
+    every parameter to be used.
+    """
+    return model(input_ids, position_ids=position_ids, document_ids=document_ids, targets=targets)
 
 
 def packed_targets(batch: dict) -> torch.Tensor:

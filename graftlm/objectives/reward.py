@@ -1,0 +1,57 @@
+"""Reward modelling: a scalar head trained with the Bradley-Terry loss on preference pairs.
+
+Design choices:
+- The model is a `ScalarHeadModel` (`models/heads.py`): the base decoder without its LM
+  head plus `score`, saved as a Hugging Face sequence-classification model.
+- Chosen and rejected go through one forward pass, as in DPO; each sequence is scored
+  at its last non-pad token, so the batch is padded with the head's `pad_token_id`.
+- loss = -log sigmoid(r_chosen - r_rejected) (+ an optional `center_coef * (r_c + r_r)^2`
+  that keeps rewards near zero, which makes them comparable across runs and keeps PPO's
+  value targets small). Summed over pairs; the count is the number of pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from graftlm.errors import ConfigError
+from graftlm.objectives.dpo import concatenated
+
+
+@dataclass
+class RewardModelConfig:
+    center_coef: float = field(default=0.0, metadata={"help": "weight of (r_chosen + r_rejected)^2, 0 = off"})
+
+    def validate(self) -> None:
+        if self.center_coef < 0:
+            raise ConfigError(f"config field 'reward.center_coef': must be >= 0, got {self.center_coef}")
+
+
+def pair_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen scores [B], rejected scores [B]) from one forward pass."""
+    head = getattr(model, "module", model)
+    ids, _ = concatenated(batch, pad_id=head.pad_token_id)
+    return model(ids).chunk(2)
+
+
+class RewardObjective:
+    name = "reward"
+
+    def __init__(self, config: RewardModelConfig | None = None):
+        self.config = config or RewardModelConfig()
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        chosen, rejected = pair_scores(model, batch)
+        losses = -F.logsigmoid(chosen - rejected)
+        if self.config.center_coef:
+            losses = losses + self.config.center_coef * (chosen + rejected) ** 2
+        metrics = {
+            "rewards/chosen": chosen.detach().mean().item(),
+            "rewards/rejected": rejected.detach().mean().item(),
+            "rewards/margin": (chosen - rejected).detach().mean().item(),
+            "rewards/accuracy": (chosen > rejected).float().mean().item(),
+        }
+        return losses.sum(), torch.tensor(losses.shape[0], device=losses.device), metrics
