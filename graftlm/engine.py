@@ -1,0 +1,407 @@
+"""Batched generation with a KV cache: the one place that decodes.
+
+Design choices:
+- Three layers. `Sequence` is one row's state (prompt, sampling params, its own
+  random generator, output so far, stop logic, text released so far). `Batch` holds the
+  running rows and their shared `KVCache`: `add` prefills new rows and merges them in,
+  `step` decodes one token for every row, finished rows leave the batch at once.
+  `Engine.generate` / `Engine.stream` are thin loops over one `Batch`.
+- Continuous batching (the server) drives a `Batch` directly: between two `step()`
+  calls it may `add()` requests (each with its own `SamplingParams`, adapter and key)
+  and `remove()` keys (cancelled clients). New rows are prefilled alone, then both
+  caches are copied right-aligned into a fresh cache, so every row writes its next key
+  at the same slot. Events carry the request's `key`, so the caller never tracks rows.
+- Rows are LEFT-padded: `cache.key_valid` marks real slots and each row's position ids
+  count only its real tokens, so a row gives the same tokens in a padded batch as alone
+  (up to float rounding in the batched matmuls). Leading slots that no row uses any
+  more are trimmed when rows leave, so the cache does not grow without bound.
+- Each row samples with its own `torch.Generator` (seeded from `SamplingParams.seed`,
+  `seed + i` for the i-th prompt sharing one params object), so a row's samples do not
+  depend on which other rows share the batch. Greedy rows are one batched argmax;
+  top-k uses `topk` and top-p sorts only when it is on.
+- Stop: any of `stop_ids` (default: the tokenizer's `stop_ids`, else the config's EOS
+  ids) or any `stop` string; the stop token stays in `token_ids` (as in transformers),
+  the text ends before the stop token / stop string. While streaming, text that may be
+  the start of a stop string (or half a UTF-8 character) is held back until it is not.
+- Every forward runs under `torch.inference_mode` and asks for the last position's
+  logits only. With `adapters`, each forward runs inside
+  `graftlm.adapters.row_adapters(model, names of the rows in this forward)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Hashable, Iterator, Sequence as Seq
+
+import torch
+
+from graftlm.errors import GraftError
+from graftlm.models.transformer import KVCache
+
+
+@dataclass
+class SamplingParams:
+    """How one row is sampled and when it stops. temperature 0 means greedy."""
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    stop: Seq[str] = ()
+    stop_ids: Seq[int] | None = None  # None: the tokenizer's / config's EOS ids; () for none
+    seed: int | None = None  # None: drawn from torch's global generator
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        checks = [("max_new_tokens", self.max_new_tokens >= 1, "at least 1"),
+                  ("temperature", self.temperature >= 0, "0 or more"),
+                  ("top_k", self.top_k >= 0, "0 (off) or more"),
+                  ("top_p", 0 < self.top_p <= 1, "in (0, 1]")]
+        for name, ok, want in checks:
+            if not ok:
+                raise GraftError(f"sampling field '{name}': must be {want}, got {getattr(self, name)!r}")
+        if any(not s for s in self.stop):
+            raise GraftError("sampling field 'stop': stop strings must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+@dataclass
+class Request:
+    """One prompt to add to a `Batch`; `key` names it in the events it produces."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    key: Hashable = None
+    adapter: str | None = None
+
+
+@dataclass
+class TokenEvent:
+    """One new token of one row. `text` is the text released by it (may be "")."""
+
+    key: Hashable
+    token_id: int
+    text: str
+    finish_reason: str | None = None  # "stop" | "length" on the row's last token
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    text: str | None  # None without a tokenizer
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+
+
+class Sequence:
+    """One row: its prompt, output so far, random generator and stop logic."""
+
+    def __init__(self, request: Request, limit: int, stop_ids: frozenset[int], tokenizer,
+                 want_text: bool):
+        self.key, self.adapter, self.params = request.key, request.adapter, request.params
+        self.prompt_ids = list(request.prompt_ids)
+        self.limit = limit  # max new tokens, capped by the model's context
+        self.stop_ids = stop_ids
+        self.tokenizer = tokenizer
+        # Text is decoded every step only when someone reads it (stream) or stop strings
+        # need it; otherwise once at the end.
+        self.track_text = tokenizer is not None and (want_text or bool(self.params.stop))
+        self.output: list[int] = []
+        self.finish_reason: str | None = None
+        self.text = ""
+        self.released = 0  # characters of `text` already handed out
+        self.generator = None
+        if not self.params.greedy:
+            seed = self.params.seed
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, (1,)).item())
+            self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def remaining(self) -> int:
+        return self.limit - len(self.output)
+
+    def append(self, token: int) -> TokenEvent:
+        self.output.append(token)
+        if token in self.stop_ids:
+            self.finish_reason = "stop"
+        elif len(self.output) >= self.limit:
+            self.finish_reason = "length"
+        released = ""
+        if self.track_text:
+            self._update_text()
+            released = self._release()
+        return TokenEvent(self.key, token, released, self.finish_reason)
+
+    def content_ids(self) -> list[int]:
+        """Output ids that make the text: without a final stop token."""
+        stopped_by_id = self.output and self.output[-1] in self.stop_ids
+        return self.output[:-1] if stopped_by_id else self.output
+
+    def _update_text(self) -> None:
+        old_len = len(self.text)
+        self.text = self.tokenizer.decode(self.content_ids())
+        longest = max((len(s) for s in self.params.stop), default=0)
+        start = max(0, min(old_len, self.released) - longest)
+        cut = min((i for i in (self.text.find(s, start) for s in self.params.stop) if i >= 0),
+                  default=-1)
+        if cut >= 0:
+            self.text = self.text[:cut]
+            self.finish_reason = "stop"
+
+    def _release(self) -> str:
+        end = len(self.text)
+        if self.finish_reason is None:
+            if self.text.endswith("\ufffd"):  # half a UTF-8 character so far
+                end -= 1
+            for stop in self.params.stop:  # the text may be the start of a stop string
+                for n in range(min(len(stop) - 1, end), 0, -1):
+                    if self.text[end - n:end] == stop[:n]:
+                        end -= n
+                        break
+        end = max(end, self.released)
+        piece, self.released = self.text[self.released:end], end
+        return piece
+
+    def completion(self) -> Completion:
+        if self.tokenizer is not None and not self.track_text:
+            self.text = self.tokenizer.decode(self.content_ids())
+        text = self.text if self.tokenizer is not None else None
+        return Completion(list(self.output), text, self.finish_reason or "length",
+                          len(self.prompt_ids))
+
+
+class Batch:
+    """The running rows of a generation and their shared KV cache."""
+
+    def __init__(self, engine: "Engine", row_adapters: bool = False, want_text: bool = True):
+        self.engine = engine
+        self.row_adapters = row_adapters  # run forwards inside adapters.row_adapters
+        self.want_text = want_text
+        self.rows: list[Sequence] = []
+        self.cache: KVCache | None = None
+        self.next_input: torch.Tensor | None = None  # [B, 1] the token each row feeds next
+        self.positions: torch.Tensor | None = None  # [B] position id of that token
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, requests: list[Request]) -> list[TokenEvent]:
+        """Prefill `requests` (one forward), sample their first token, join the batch."""
+        return self.add_sequences([self.engine.new_sequence(r, self.want_text) for r in requests])
+
+    def add_sequences(self, rows: list[Sequence]) -> list[TokenEvent]:
+        if not rows:
+            return []
+        engine = self.engine
+        prompt_len = max(len(r.prompt_ids) for r in rows)
+        capacity = prompt_len + max(r.remaining for r in rows)
+        cache = KVCache.allocate(engine.model.config, len(rows), capacity, engine.device, engine.dtype)
+        ids = torch.full((len(rows), prompt_len), engine.pad_id, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, prompt_len - len(row.prompt_ids):] = torch.tensor(row.prompt_ids)
+        ids = ids.to(engine.device)
+        real = torch.arange(prompt_len, device=engine.device)[None, :] >= \
+            torch.tensor([prompt_len - len(r.prompt_ids) for r in rows], device=engine.device)[:, None]
+        cache.key_valid[:, :prompt_len] = real
+        cache.key_valid[:, prompt_len:] = True  # every later slot is written by every row
+        positions = (real.cumsum(1) - 1).clamp(min=0)
+        logits = engine.forward(ids, positions, cache, rows if self.row_adapters else None)
+        tokens, next_input = engine.sample(logits, rows)
+        events = [row.append(t) for row, t in zip(rows, tokens)]
+        new_positions = positions[:, -1] + 1
+        if self.rows:
+            self._merge(rows, cache, next_input, new_positions)
+        else:
+            self.rows, self.cache, self.next_input, self.positions = rows, cache, next_input, new_positions
+        self._drop_finished()
+        return events
+
+    def step(self) -> list[TokenEvent]:
+        """Decode one token for every row; rows that finish leave the batch."""
+        if not self.rows:
+            return []
+        engine = self.engine
+        logits = engine.forward(self.next_input, self.positions[:, None], self.cache,
+                                self.rows if self.row_adapters else None)
+        self.positions += 1
+        tokens, self.next_input = engine.sample(logits, self.rows)
+        events = [row.append(t) for row, t in zip(self.rows, tokens)]
+        self._drop_finished()
+        return events
+
+    def remove(self, keys) -> None:
+        """Drop the rows of `keys` (e.g. cancelled requests); unknown keys are ignored."""
+        keys = set(keys)
+        self._keep([i for i, r in enumerate(self.rows) if r.key not in keys])
+
+    # -- cache bookkeeping ------------------------------------------------------------
+
+    def _drop_finished(self) -> None:
+        if any(r.finish_reason is not None for r in self.rows):
+            self._keep([i for i, r in enumerate(self.rows) if r.finish_reason is None])
+
+    def _keep(self, kept: list[int]) -> None:
+        if len(kept) == len(self.rows):
+            return
+        if not kept:
+            self.rows, self.cache, self.next_input, self.positions = [], None, None, None
+            return
+        index = torch.tensor(kept, device=self.engine.device)
+        self.rows = [self.rows[i] for i in kept]
+        self.cache.select_rows(index)
+        self.next_input = self.next_input.index_select(0, index)
+        self.positions = self.positions.index_select(0, index)
+        # Slots before every remaining row's first real token are dead: trim them.
+        first = int(self.cache.key_valid[:, :self.cache.length].int().argmax(1).min())
+        if first > 0:
+            c = self.cache
+            c.keys = [k[:, :, first:] for k in c.keys]
+            c.values = [v[:, :, first:] for v in c.values]
+            c.key_valid = c.key_valid[:, first:]
+            c.length -= first
+
+    def _merge(self, rows, cache: KVCache, next_input, positions) -> None:
+        """Copy both caches, right-aligned, into one new cache with room for every row."""
+        old = self.cache
+        length = max(old.length, cache.length)
+        everyone = self.rows + rows
+        capacity = length + max(r.remaining for r in everyone)
+        merged = KVCache.allocate(self.engine.model.config, len(everyone), capacity,
+                                  self.engine.device, self.engine.dtype)
+        merged.key_valid.fill_(True)
+        start = 0
+        for part in (old, cache):
+            n, offset = part.key_valid.shape[0], length - part.length
+            rows_slice = slice(start, start + n)
+            merged.key_valid[rows_slice, :offset] = False
+            merged.key_valid[rows_slice, offset:length] = part.key_valid[:, :part.length]
+            for dst, src in zip(merged.keys + merged.values, part.keys + part.values):
+                dst[rows_slice, :, offset:length] = src[:, :, :part.length]
+            start += n
+        merged.length = length
+        self.rows, self.cache = everyone, merged
+        self.next_input = torch.cat([self.next_input, next_input])
+        self.positions = torch.cat([self.positions, positions])
+
+
+class Engine:
+    """Generation over a `Decoder` (and optionally its tokenizer)."""
+
+    def __init__(self, model, tokenizer=None, device=None, dtype=None):
+        param = next(model.parameters())
+        self.device = torch.device(device) if device is not None else param.device
+        self.dtype = dtype or param.dtype
+        if param.device != self.device or param.dtype != self.dtype:
+            model.to(device=self.device, dtype=self.dtype)
+            model.reset_rope(self.device)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        cfg = model.config
+        if tokenizer is not None:
+            self.pad_id, self.default_stop_ids = tokenizer.pad_id, tokenizer.stop_ids or cfg.eos_ids
+        else:
+            self.pad_id, self.default_stop_ids = cfg.pad_token_id or 0, cfg.eos_ids
+
+    # -- the high-level API -----------------------------------------------------------
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
+                 adapters: list[str | None] | None = None) -> list[Completion]:
+        """Complete every prompt (token id lists or strings); results in prompt order."""
+        batch, rows = self._start(prompts, params, adapters, want_text=False)
+        batch.add_sequences(rows)
+        while batch:
+            batch.step()
+        return [row.completion() for row in rows]
+
+    def stream(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
+               adapters: list[str | None] | None = None) -> Iterator[list[TokenEvent]]:
+        """Yield, per step, one `TokenEvent` per running row; `key` is the prompt index."""
+        batch, rows = self._start(prompts, params, adapters, want_text=True)
+        yield batch.add_sequences(rows)
+        while batch:
+            yield batch.step()
+
+    def _start(self, prompts, params, adapters, want_text) -> tuple[Batch, list[Sequence]]:
+        if isinstance(prompts, (str, bytes)) or not prompts:
+            raise GraftError("prompts: expected a non-empty list of strings or token id lists")
+        params = params or SamplingParams()
+        if isinstance(params, SamplingParams):
+            # One params object for many prompts: offset the seed so rows differ.
+            params = [params if params.seed is None else replace(params, seed=params.seed + i)
+                      for i in range(len(prompts))]
+        if len(params) != len(prompts) or (adapters is not None and len(adapters) != len(prompts)):
+            raise GraftError("generate: params and adapters need one entry per prompt")
+        rows = [self.new_sequence(Request(self.encode(p), sp, key=i,
+                                          adapter=adapters[i] if adapters else None), want_text)
+                for i, (p, sp) in enumerate(zip(prompts, params))]
+        return Batch(self, row_adapters=adapters is not None, want_text=want_text), rows
+
+    # -- the step API (used by Batch; a scheduler may call it too) ----------------------
+
+    def encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise GraftError("a text prompt needs a tokenizer (the model directory has no tokenizer.json)")
+            return self.tokenizer.encode(prompt, add_bos=self.tokenizer.add_bos)
+        return [int(t) for t in prompt]
+
+    def new_sequence(self, request: Request, want_text: bool) -> Sequence:
+        n, max_len = len(request.prompt_ids), self.model.config.max_seq_len
+        if n == 0:
+            raise GraftError(f"prompt {request.key}: is empty")
+        if n >= max_len:
+            raise GraftError(f"prompt {request.key}: {n} tokens leave no room in the model's "
+                             f"context of {max_len}")
+        vocab = self.model.config.vocab_size
+        if min(request.prompt_ids) < 0 or max(request.prompt_ids) >= vocab:
+            raise GraftError(f"prompt {request.key}: token ids must be in [0, {vocab})")
+        params = request.params
+        if params.stop and self.tokenizer is None:
+            raise GraftError("sampling field 'stop': stop strings need a tokenizer")
+        stop_ids = frozenset(self.default_stop_ids if params.stop_ids is None else params.stop_ids)
+        limit = min(params.max_new_tokens, max_len - n)
+        return Sequence(request, limit, stop_ids, self.tokenizer, want_text)
+
+    @torch.inference_mode()
+    def forward(self, ids, positions, cache, rows=None) -> torch.Tensor:
+        """Last-position logits [B, V] for `ids` [B, T] written into `cache`."""
+        if rows is None:
+            return self.model(ids, position_ids=positions, cache=cache, last_token_only=True)[:, -1]
+        from graftlm.adapters import row_adapters
+        with row_adapters(self.model, [r.adapter for r in rows]):
+            return self.model(ids, position_ids=positions, cache=cache, last_token_only=True)[:, -1]
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, rows: list[Sequence]) -> tuple[list[int], torch.Tensor]:
+        """One token per row: (python ints, a [B, 1] tensor to feed next)."""
+        chosen = logits.argmax(-1)
+        if all(r.generator is None for r in rows):
+            return chosen.tolist(), chosen[:, None]
+        tokens = chosen.tolist()
+        for i, row in enumerate(rows):
+            if row.generator is not None:
+                tokens[i] = _sample_row(logits[i], row.params, row.generator)
+        return tokens, torch.tensor(tokens, device=logits.device)[:, None]
+
+
+def _sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    scores = logits.float() / params.temperature
+    candidates = None  # token ids of `scores` when narrowed to the top k
+    if 0 < params.top_k < scores.shape[-1]:
+        scores, candidates = scores.topk(params.top_k)  # sorted, descending
+    if params.top_p < 1.0:
+        if candidates is None:
+            scores, candidates = scores.sort(descending=True)
+        probs = scores.softmax(-1)
+        # Keep the smallest prefix whose probability reaches top_p (at least one token).
+        keep = (probs.cumsum(-1) - probs) < params.top_p
+        scores = scores.masked_fill(~keep, float("-inf"))
+    probs = scores.softmax(-1).cpu()
+    choice = int(torch.multinomial(probs, 1, generator=generator).item())
+    return int(candidates[choice]) if candidates is not None else choice
+
