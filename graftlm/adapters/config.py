@@ -1,0 +1,131 @@
+"""`AdapterConfig`, the parameterization section of a run config, and target selection.
+
+Targets are chosen exactly as PEFT chooses them, so that one `target_modules` value
+means the same thing in graftlm and in PEFT, and a PEFT `adapter_config.json` selects the
+same layers here:
+- a list of names: a module matches when its full name equals an entry or ends with
+  "." + entry (`["q_proj", "v_proj"]`, or `["layers.0.mlp.up_proj"]`);
+- a regular expression (any other string): `re.fullmatch` against the module's full
+  name *as Hugging Face spells it* (`model.layers.0.self_attn.q_proj`, `lm_head`), which
+  is the name PEFT matches against;
+- "all-linear": every `nn.Linear` except the output layer (`lm_head`), as PEFT does.
+Modules in `modules_to_save` are trained in full (a copy per adapter) and never also
+get LoRA.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from graftlm.errors import ConfigError
+
+
+def _lora_linear():
+    from graftlm.adapters.lora import LoraLinear
+    return LoraLinear
+
+KINDS = ("lora", "qlora", "dora")
+ALL_LINEAR = "all-linear"
+OUTPUT_LAYER = "lm_head"
+
+
+@dataclass
+class AdapterConfig:
+    kind: str = field(default="lora", metadata={"help": "lora, qlora (4-bit NF4 frozen base) or dora"})
+    r: int = field(default=16, metadata={"help": "rank of the low-rank update"})
+    alpha: float = field(default=32.0, metadata={"help": "scale numerator: alpha / r (or / sqrt(r) with rslora)"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter's input"})
+    rslora: bool = field(default=False, metadata={"help": "rank-stabilised scaling alpha / sqrt(r)"})
+    # A list of module names, a regular expression, or "all-linear". In a YAML recipe a
+    # list is a list; on the command line a comma-separated value is a list of names.
+    target_modules: list[str] = field(default_factory=lambda: [ALL_LINEAR],
+                                      metadata={"help": "names, one regex, or all-linear"})
+    modules_to_save: list[str] = field(default_factory=list,
+                                       metadata={"help": "modules trained in full, e.g. lm_head,embed_tokens"})
+    init: str = field(default="default", metadata={"help": "default (A kaiming-uniform, B zeros) or gaussian"})
+    base_dtype: str = field(default="float32",
+                            metadata={"help": "storage dtype of the frozen base: float32 or bfloat16"})
+
+    def validate(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"config field 'adapter.kind': expected one of {', '.join(KINDS)}, got {self.kind!r}")
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ConfigError(f"config field 'adapter.r': expected a positive integer, got {self.r!r}")
+        if not self.alpha > 0:
+            raise ConfigError(f"config field 'adapter.alpha': expected a positive number, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"config field 'adapter.dropout': expected a number in [0, 1), got {self.dropout!r}")
+        if self.init not in ("default", "gaussian"):
+            raise ConfigError(f"config field 'adapter.init': expected 'default' or 'gaussian', got {self.init!r}")
+        if self.base_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"config field 'adapter.base_dtype': expected 'float32' or 'bfloat16', "
+                              f"got {self.base_dtype!r}")
+        targets = self.targets
+        if not targets:
+            raise ConfigError("config field 'adapter.target_modules': names no module")
+        if isinstance(targets, str) and targets != ALL_LINEAR:
+            try:
+                re.compile(targets)
+            except re.error as e:
+                raise ConfigError(f"config field 'adapter.target_modules': invalid regex {targets!r} ({e})") from None
+        if ALL_LINEAR in self.target_modules and len(self.target_modules) > 1:
+            raise ConfigError("config field 'adapter.target_modules': 'all-linear' cannot be combined with names")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (self.r ** 0.5 if self.rslora else self.r)
+
+    @property
+    def targets(self) -> list[str] | str:
+        """A list of names, or one string (a regex, or "all-linear").
+
+        A one-entry list that is not a plain module name (it contains regex syntax) is
+        read as a regex, so `--adapter.target-modules '.*\\.(q|v)_proj'` works.
+        """
+        names = list(self.target_modules)
+        if len(names) == 1 and (names[0] == ALL_LINEAR or not re.fullmatch(r"[\w.]+", names[0])):
+            return names[0]
+        return names
+
+
+def hf_module_name(name: str) -> str:
+    """graftlm's module name as Hugging Face (and PEFT) spell it."""
+    return name if name == OUTPUT_LAYER or name.startswith(OUTPUT_LAYER + ".") else "model." + name
+
+
+def graft_module_name(hf_name: str) -> str:
+    return hf_name[len("model."):] if hf_name.startswith("model.") else hf_name
+
+
+def name_matches(name: str, names: list[str]) -> bool:
+    """PEFT's rule for a list: equal, or ending with "." + entry (on either spelling)."""
+    hf = hf_module_name(name)
+    return any(key in (name, hf) or name.endswith("." + key) or hf.endswith("." + key) for key in names)
+
+
+def select_targets(model: nn.Module, cfg: AdapterConfig) -> list[str]:
+    """Names of the `nn.Linear` modules of `model` that get LoRA under `cfg`."""
+    targets = cfg.targets
+    chosen = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, _lora_linear())) or "base_layer" in name.split("."):
+            continue
+        if "modules_to_save" in name.split(".") or "original_module" in name.split("."):
+            continue
+        if cfg.modules_to_save and name_matches(name, cfg.modules_to_save):
+            continue
+        if targets == ALL_LINEAR:
+            hit = name != OUTPUT_LAYER
+        elif isinstance(targets, str):
+            hit = re.fullmatch(targets, hf_module_name(name)) is not None
+        else:
+            hit = name_matches(name, targets)
+        if hit:
+            chosen.append(name)
+    if not chosen:
+        raise ConfigError(f"config field 'adapter.target_modules': {cfg.target_modules!r} matches no linear layer "
+                          "(names look like 'q_proj' or 'layers.0.mlp.up_proj')")
+    return chosen

@@ -1,0 +1,243 @@
+"""The adapter layers: `LoraLinear` around a frozen `base_layer`, and `ModulesToSave`.
+
+Design choices:
+- PEFT's shape: a wrapper keeps the original `nn.Linear` as `base_layer` (frozen,
+  possibly NF4 or bf16) and holds any number of named adapters beside it, so several
+  adapters share one base in memory and switching is setting `active`.
+- A and B are bare `nn.Parameter`s in `ParameterDict`s (`lora_A.<name>` [r, in],
+  `lora_B.<name>` [out, r]); DoRA adds `lora_magnitude.<name>` [out]. The update is
+  computed as two skinny matmuls `s · B(A(x))`, never as a dense [out, in] matrix.
+- Rows of one batch can use different adapters (`routing`, set by `multi.row_adapters`):
+  the base runs once on the whole batch, then each adapter runs only on its rows,
+  which are gathered by index and scattered back with `index_add`.
+- `weight` is the effective weight (base + active update) so that code that reads
+  `model.lm_head.weight` directly (the chunked losses) sees the adapter.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graftlm.adapters import dora, qlora
+from graftlm.errors import GraftError
+
+
+class LoraLinear(nn.Module):
+    def __init__(self, base_layer: nn.Linear):
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_magnitude = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.active: str | None = None
+        self.disabled = False
+        self.merged: str | None = None  # the adapter folded into base_layer.weight, if any
+        self.routing = None  # a multi.RowRouting while rows use different adapters
+        self._dora_norms: dict[str, torch.Tensor] = {}  # what unmerging DoRA needs
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    # -- adapters -------------------------------------------------------------------
+
+    def add_adapter(self, name: str, r: int, scaling: float, dropout: float, use_dora: bool,
+                    init: str = "default") -> None:
+        device = self.base_layer.weight.device
+        a = torch.empty(r, self.in_features, device=device)
+        if init == "gaussian":
+            nn.init.normal_(a, std=1 / r)
+        else:  # PEFT's default: A as nn.Linear initialises its weight, B zeros
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.lora_A[name] = nn.Parameter(a)
+        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, r, device=device))
+        self.scaling[name] = scaling
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if use_dora:
+            norms = dora.row_norms(self.base_weight(), a, self.lora_B[name].detach(), scaling)
+            self.lora_magnitude[name] = nn.Parameter(norms.float())
+
+    def remove_adapter(self, name: str) -> None:
+        if self.merged == name:
+            self.unmerge()
+        for table in (self.lora_A, self.lora_B, self.lora_magnitude, self.lora_dropout):
+            if name in table:
+                del table[name]
+        self.scaling.pop(name, None)
+        if self.active == name:
+            self.active = None
+
+    def base_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The frozen base weight as a plain tensor (NF4 dequantized)."""
+        return qlora.dequantize(self.base_layer.weight, dtype)
+
+    # -- forward --------------------------------------------------------------------
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.base_layer.weight
+        if qlora.is_nf4(weight):
+            return qlora.nf4_linear(x, self.base_layer)
+        if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            # A bf16-stored base under a float32 caller: compute in the base's dtype.
+            return F.linear(x.to(weight.dtype), weight, self.base_layer.bias).to(x.dtype)
+        return self.base_layer(x)
+
+    def _delta(self, x: torch.Tensor, base_out: torch.Tensor, name: str) -> torch.Tensor:
+        """What adapter `name` adds to the base output for input x."""
+        a, b, scale = self.lora_A[name], self.lora_B[name], self.scaling[name]
+        dropout = self.lora_dropout[name]
+        dtype = base_out.dtype
+        h = dropout(x).to(dtype)
+        if name not in self.lora_magnitude:
+            return F.linear(F.linear(h, a.to(dtype)), b.to(dtype)) * scale
+        if isinstance(dropout, nn.Identity) or not self.training:
+            base_no_bias = base_out if self.base_layer.bias is None else base_out - self.base_layer.bias.to(dtype)
+        else:  # the base output must be of the same (dropped-out) input, as in PEFT
+            base_no_bias = F.linear(h, self.base_weight(dtype))
+        return dora.dora_delta(h, base_no_bias, self.base_weight(dtype), a, b, self.lora_magnitude[name], scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged is not None:
+            if self.disabled or self.routing is not None or self.active != self.merged:
+                raise GraftError("adapters: a merged adapter cannot be disabled, switched or routed per row; "
+                                 "call graftlm.adapters.unmerge(model) first")
+            return self._base(x)
+        base_out = self._base(x)
+        if self.routing is not None:
+            return self._forward_rows(x, base_out)
+        if self.disabled or self.active is None or self.active not in self.lora_A:
+            return base_out
+        return base_out + self._delta(x, base_out, self.active)
+
+    def _forward_rows(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        out = base_out
+        for name, rows in self.routing.groups(x.shape[0], x.device):
+            if name not in self.lora_A:
+                continue  # this adapter does not target this layer
+            if rows is None:  # every row uses this adapter
+                out = out + self._delta(x, base_out, name)
+            else:
+                delta = self._delta(x.index_select(0, rows), base_out.index_select(0, rows), name)
+                out = out.index_add(0, rows, delta)
+        return out
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective weight: base plus the active adapter's update (differentiable)."""
+        name = None if self.disabled or self.merged is not None else self.active
+        if name is None or name not in self.lora_A:
+            return self.base_layer.weight
+        return self._adapted_weight(name, self.base_weight())
+
+    def _adapted_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        a, b, scale = self.lora_A[name], self.lora_B[name], self.scaling[name]
+        if name in self.lora_magnitude:
+            return dora.merged_weight(weight, a, b, self.lora_magnitude[name], scale)[0]
+        return weight + scale * (b.to(weight.dtype) @ a.to(weight.dtype))
+
+    # -- merge ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def merge(self, safe: bool = True, name: str | None = None) -> None:
+        """Fold adapter `name` (default: the active one) into the base weight.
+
+        A quantized base is dequantized first (merging stays in full precision).
+        """
+        name = name or self.active
+        if self.merged is not None or name is None or name not in self.lora_A:
+            return
+        dtype = self.base_layer.weight.dtype if not qlora.is_nf4(self.base_layer.weight) else torch.float32
+        weight = self.base_weight()
+        if name in self.lora_magnitude:
+            merged, norms = dora.merged_weight(weight, self.lora_A[name], self.lora_B[name],
+                                               self.lora_magnitude[name], self.scaling[name])
+            self._dora_norms[name] = norms
+        else:
+            merged = self._adapted_weight(name, weight)
+        if safe and not torch.isfinite(merged).all():
+            raise GraftError(f"adapters: merging adapter '{name}' gives non-finite weights in a "
+                             f"{self.out_features}x{self.in_features} layer; not merged")
+        self.base_layer.weight = nn.Parameter(merged.to(dtype), requires_grad=False)
+        self.merged = name
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        name = self.merged
+        if name is None:
+            return
+        weight = self.base_weight()
+        a, b, scale = self.lora_A[name], self.lora_B[name], self.scaling[name]
+        if name in self.lora_magnitude:
+            weight = dora.unmerged_weight(weight, a, b, self.lora_magnitude[name], self._dora_norms.pop(name), scale)
+        else:
+            weight = weight - scale * (b.float() @ a.float())
+        self.base_layer.weight.copy_(weight.to(self.base_layer.weight.dtype))
+        self.merged = None
+
+
+class ModulesToSave(nn.Module):
+    """A module trained in full: one trainable copy per adapter beside the frozen original.
+
+    PEFT's `ModulesToSaveWrapper`, e.g. for `lm_head` or `embed_tokens` when new tokens
+    are added. Rows routed to different adapters each run their adapter's copy.
+    """
+
+    def __init__(self, original_module: nn.Module):
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.active: str | None = None
+        self.disabled = False
+        self.routing = None
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save.keys())
+
+    def add_adapter(self, name: str) -> None:
+        trained = copy.deepcopy(self.original_module).float()
+        trained.requires_grad_(True)
+        self.modules_to_save[name] = trained
+
+    def remove_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        if self.active == name:
+            self.active = None
+
+    def chosen(self, name: str | None) -> nn.Module:
+        return self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+
+    def current(self) -> nn.Module:
+        return self.chosen(None if self.disabled else self.active)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.current().weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.routing is None:
+            return self.current()(x)
+        groups = [(name, rows) for name, rows in self.routing.groups(x.shape[0], x.device, with_base=True)]
+        if len(groups) == 1:
+            return self.chosen(groups[0][0])(x)
+        outs = [self.chosen(name)(x.index_select(0, rows)) for name, rows in groups]
+        order = torch.cat([rows for _, rows in groups])
+        dtype = functools.reduce(torch.promote_types, (o.dtype for o in outs))
+        return torch.cat([o.to(dtype) for o in outs]).index_select(0, torch.argsort(order))

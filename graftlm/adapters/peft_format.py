@@ -1,0 +1,228 @@
+"""Adapters on disk in PEFT's format: `adapter_config.json` + `adapter_model.safetensors`.
+
+A graftlm adapter loads in PEFT (`PeftModel.from_pretrained`) and a PEFT LoRA / DoRA
+adapter loads here. Tensor names are PEFT's, with the adapter name left out:
+`base_model.model.<hf module>.lora_A.weight`, `.lora_B.weight`, DoRA's
+`.lora_magnitude_vector`, and for a module trained in full `base_model.model.<hf
+module>.weight`. Which layers an adapter covers is read from the tensors themselves,
+so `target_modules` in any of PEFT's spellings (names, a regex, expanded full names)
+never has to be re-matched.
+
+Beyond PEFT's fields the config records `graftlm_kind` (lora / qlora / dora) and
+`graftlm_base_identity` (see identity.py); PEFT ignores both. Loading refuses, with one
+line naming the field or tensor: pickle weights (`adapter_model.bin`), a base whose
+recorded identity differs, and a tensor whose shape does not fit the base.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from graftlm.adapters.config import AdapterConfig, graft_module_name, hf_module_name
+from graftlm.adapters import identity
+from graftlm.adapters.inject import active_adapter, apply_adapters, loaded_adapters, set_active_adapter
+from graftlm.adapters.lora import LoraLinear, ModulesToSave
+from graftlm.errors import GraftError
+from graftlm.models.hf import read_safetensors
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def _saved_target_names(model: nn.Module, name: str) -> list[str]:
+    """Leaf names of the layers the adapter covers (what PEFT writes for "all-linear")."""
+    return sorted({layer_name.rsplit(".", 1)[-1] for layer_name, layer in model.named_modules()
+                   if isinstance(layer, LoraLinear) and name in layer.lora_A})
+
+
+def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Adapter `name`'s tensors under PEFT's names."""
+    tensors = {}
+    for layer_name, layer in model.named_modules():
+        key = PREFIX + hf_module_name(layer_name)
+        if isinstance(layer, LoraLinear) and name in layer.lora_A:
+            tensors[key + ".lora_A.weight"] = layer.lora_A[name]
+            tensors[key + ".lora_B.weight"] = layer.lora_B[name]
+            if name in layer.lora_magnitude:
+                tensors[key + ".lora_magnitude_vector"] = layer.lora_magnitude[name]
+        elif isinstance(layer, ModulesToSave) and name in layer.modules_to_save:
+            for param_name, param in layer.modules_to_save[name].named_parameters():
+                tensors[f"{key}.{param_name}"] = param
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, name: str | None = None,
+                 base_model_name_or_path: str | None = None, base_identity: dict | None = None) -> Path:
+    """Write adapter `name` (default: the active one) as a PEFT adapter directory."""
+    name = name or active_adapter(model)
+    if name not in loaded_adapters(model):
+        raise GraftError(f"save_adapter: no adapter named '{name}' on the model")
+    cfg: AdapterConfig = model.adapter_configs[name]
+    targets = cfg.targets
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "use_rslora": cfg.rslora,
+        "use_dora": cfg.kind == "dora",
+        "target_modules": targets if isinstance(targets, str) and targets != "all-linear"
+        else _saved_target_names(model, name),
+        "modules_to_save": list(cfg.modules_to_save) or None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "graftlm_kind": cfg.kind,
+        "graftlm_base_identity": base_identity or identity.base_identity(model),
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(adapter_tensors(model, name), out / WEIGHTS_FILE, metadata={"format": "pt"})
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict:
+    path = Path(adapter_dir) / CONFIG_FILE
+    if not path.exists():
+        raise GraftError(f"{adapter_dir}: no {CONFIG_FILE} (not a PEFT adapter directory)")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise GraftError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise GraftError(f"{path}: field 'peft_type' is {config.get('peft_type')!r}; graftlm loads LORA adapters")
+    for field, ok in (("bias", "none"), ("fan_in_fan_out", False), ("rank_pattern", {}), ("alpha_pattern", {})):
+        if config.get(field) not in (ok, None):
+            raise GraftError(f"{path}: field '{field}' is {config[field]!r}; graftlm supports only {ok!r}")
+    return config
+
+
+def config_from_peft(config: dict, path: Path, kind: str | None = None) -> AdapterConfig:
+    targets = config.get("target_modules") or []
+    cfg = AdapterConfig(
+        kind=kind or config.get("graftlm_kind") or ("dora" if config.get("use_dora") else "lora"),
+        r=int(config["r"]), alpha=float(config.get("lora_alpha", 8)), dropout=float(config.get("lora_dropout", 0.0)),
+        rslora=bool(config.get("use_rslora", False)),
+        target_modules=[targets] if isinstance(targets, str) else list(targets),
+        modules_to_save=list(config.get("modules_to_save") or []))
+    if cfg.kind == "dora" and not config.get("use_dora", cfg.kind == "dora"):
+        raise GraftError(f"{path}: 'graftlm_kind' says dora but 'use_dora' is false")
+    return cfg
+
+
+def _check_identity(model: nn.Module, recorded: dict | None, path: Path) -> None:
+    if not recorded:
+        return  # an adapter made by PEFT: shapes are still checked tensor by tensor
+    actual = identity.base_identity(model)
+    for field in ("config_sha256", "weights_sha256"):
+        if field in recorded and recorded[field] != actual.get(field):
+            what = "architecture" if field == "config_sha256" else "weights"
+            raise GraftError(f"{path}: field 'graftlm_base_identity.{field}' does not match this base model "
+                             f"(the adapter was trained on a base with different {what}: "
+                             f"{recorded[field][:12]} vs {actual[field][:12]})")
+
+
+def _split_key(key: str, weights_path: Path) -> tuple[str, str]:
+    """PEFT tensor name -> (graftlm module name, what: lora_A | lora_B | magnitude | saved.<param>)."""
+    if not key.startswith(PREFIX):
+        raise GraftError(f"{weights_path}: tensor '{key}' is not a PEFT adapter tensor (no '{PREFIX}' prefix)")
+    rest = key[len(PREFIX):]
+    for suffix, what in ((".lora_A.weight", "lora_A"), (".lora_B.weight", "lora_B"),
+                         (".lora_magnitude_vector", "magnitude"), (".lora_magnitude_vector.weight", "magnitude")):
+        if rest.endswith(suffix):
+            return graft_module_name(rest[:-len(suffix)]), what
+    module, _, param = rest.rpartition(".")
+    module = module.removesuffix(".modules_to_save")  # older PEFT spelling
+    return graft_module_name(module), "saved." + param
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default",
+                 kind: str | None = None) -> nn.Module:
+    """Load a PEFT-format adapter as adapter `name`; it becomes active if it is the first.
+
+    `kind="qlora"` loads a LoRA adapter onto an NF4-quantized base (QLoRA inference).
+    """
+    adapter_dir = Path(adapter_dir)
+    config = read_adapter_config(adapter_dir)
+    weights_path = adapter_dir / WEIGHTS_FILE
+    if not weights_path.exists():
+        if (adapter_dir / "adapter_model.bin").exists():
+            raise GraftError(f"{adapter_dir}: has only adapter_model.bin (pickle), which graftlm never loads; "
+                             "re-save it with PEFT's save_pretrained(safe_serialization=True)")
+        raise GraftError(f"{adapter_dir}: no {WEIGHTS_FILE}")
+    cfg = config_from_peft(config, adapter_dir / CONFIG_FILE, kind)
+    _check_identity(model, config.get("graftlm_base_identity"), adapter_dir / CONFIG_FILE)
+    state = read_safetensors(weights_path)
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        module, what = _split_key(key, weights_path)
+        by_module.setdefault(module, {})[what] = (key, tensor)
+    modules = dict(model.named_modules())
+    lora_targets, saved = [], []
+    for module_name, parts in sorted(by_module.items()):
+        layer = modules.get(module_name)
+        if any(what.startswith("saved.") for what in parts):
+            saved.append(module_name)
+        elif "lora_A" in parts and "lora_B" in parts:
+            lora_targets.append(module_name)
+            _check_lora_shapes(layer, parts, cfg, module_name, weights_path)
+        else:
+            key = next(iter(parts.values()))[0]
+            raise GraftError(f"{weights_path}: tensor '{key}' has no lora_A / lora_B partner")
+        if layer is None:
+            key = next(iter(parts.values()))[0]
+            raise GraftError(f"{weights_path}: tensor '{key}' names module '{hf_module_name(module_name)}', "
+                             "which this base model does not have (a different base?)")
+    cfg.target_modules = lora_targets or cfg.target_modules
+    cfg.modules_to_save = saved
+    previous = active_adapter(model)
+    apply_adapters(model, cfg, name)  # adds the layers; filled below
+    if previous is not None:
+        set_active_adapter(model, previous)
+    _fill(model, name, by_module, weights_path)
+    return model
+
+
+def _check_lora_shapes(layer, parts, cfg, module_name, weights_path) -> None:
+    base = layer.base_layer if isinstance(layer, LoraLinear) else layer
+    if not isinstance(base, nn.Linear):
+        raise GraftError(f"{weights_path}: tensor '{parts['lora_A'][0]}' targets "
+                         f"'{hf_module_name(module_name)}', which is not a linear layer of this base model")
+    expected = {"lora_A": (cfg.r, base.in_features), "lora_B": (base.out_features, cfg.r),
+                "magnitude": (base.out_features,)}
+    for what, (key, tensor) in parts.items():
+        if tuple(tensor.shape) != expected[what]:
+            raise GraftError(f"{weights_path}: tensor '{key}' has shape {tuple(tensor.shape)}, but this base "
+                             f"model's '{hf_module_name(module_name)}' needs {expected[what]} (a different base?)")
+
+
+@torch.no_grad()
+def _fill(model: nn.Module, name: str, by_module: dict, weights_path: Path) -> None:
+    for module_name, parts in by_module.items():
+        layer = model.get_submodule(module_name)
+        if isinstance(layer, LoraLinear):
+            layer.lora_A[name].copy_(parts["lora_A"][1])
+            layer.lora_B[name].copy_(parts["lora_B"][1])
+            if "magnitude" in parts:
+                layer.lora_magnitude[name].copy_(parts["magnitude"][1])
+            continue
+        own = dict(layer.modules_to_save[name].named_parameters())
+        for what, (key, tensor) in parts.items():
+            param = own.get(what[len("saved."):])
+            if param is None or tuple(param.shape) != tuple(tensor.shape):
+                want = "no such parameter" if param is None else f"needs {tuple(param.shape)}"
+                raise GraftError(f"{weights_path}: tensor '{key}' has shape {tuple(tensor.shape)}; "
+                                 f"this base model's '{hf_module_name(module_name)}' {want}")
+            param.copy_(tensor)

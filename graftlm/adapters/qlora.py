@@ -1,0 +1,75 @@
+"""QLoRA's frozen base: linear weights stored in 4-bit NF4, computed in bf16.
+
+We use torchao's `NF4Tensor` (the NF4 of the QLoRA paper: 64-value blocks with
+absmax scalers, the scalers double-quantized to int8), which is plain PyTorch and so
+runs on CPU and CUDA alike; bitsandbytes is CUDA-oriented and not needed. The weight
+stays an `nn.Parameter` (requires_grad=False) holding an `NF4Tensor`, so `F.linear`,
+`.to(device)` and FSDP2 work through torchao's overrides. The input is cast to bf16,
+the weight is dequantized block by block to bf16 inside the matmul, and the result is
+cast back to the caller's dtype; the backward pass needs only the quantized weight.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from graftlm.errors import GraftError
+
+NF4_BLOCK = 64
+COMPUTE_DTYPE = torch.bfloat16
+
+
+def _nf4():
+    # torchao's import is slow and chatty; only QLoRA pays for it.
+    from torchao.quantization import NF4Tensor
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
+    return NF4Tensor, linear_nf4
+
+
+def is_nf4(tensor: torch.Tensor) -> bool:
+    return type(tensor).__name__ == "NF4Tensor"
+
+
+def _scaler_block(n_blocks: int) -> int:
+    """The largest scaler block (<= 256, QLoRA's size) that divides the number of blocks."""
+    for size in range(min(256, n_blocks), 0, -1):
+        if n_blocks % size == 0:
+            return size
+    return 1
+
+
+def quantize_linear_(linear: nn.Linear, name: str = "") -> None:
+    """Replace `linear.weight` by its NF4 quantization (in place; the bias stays as is)."""
+    NF4Tensor, _ = _nf4()
+    weight = linear.weight.detach()
+    if weight.numel() % NF4_BLOCK:
+        raise GraftError(f"qlora: layer '{name}' has {weight.numel()} weights, not a multiple of the "
+                         f"NF4 block of {NF4_BLOCK}; leave it out of adapter.target_modules")
+    n_blocks = weight.numel() // NF4_BLOCK
+    quantized = NF4Tensor.from_tensor(weight.to(COMPUTE_DTYPE).contiguous(), NF4_BLOCK, _scaler_block(n_blocks))
+    linear.weight = nn.Parameter(quantized, requires_grad=False)
+
+
+def nf4_linear(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """`linear(x)` with an NF4 weight: bf16 compute, output in x's dtype."""
+    _, linear_nf4 = _nf4()
+    out = linear_nf4(x.to(COMPUTE_DTYPE), linear.weight)
+    if linear.bias is not None:
+        out = out + linear.bias.to(out.dtype)
+    return out.to(x.dtype)
+
+
+def dequantize(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A plain tensor of `weight` (NF4 or not) in `dtype`."""
+    if is_nf4(weight):
+        return weight.get_original_weight().to(dtype)
+    return weight.detach().to(dtype)
+
+
+def storage_bytes(tensor: torch.Tensor) -> int:
+    """Bytes that `tensor` really occupies (for NF4: the codes, scalers and constants)."""
+    if is_nf4(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(storage_bytes(getattr(tensor, n)) for n in names)
+    return tensor.numel() * tensor.element_size()
