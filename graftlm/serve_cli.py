@@ -1,0 +1,54 @@
+"""`graft serve`: the OpenAI-compatible server for a base model and its LoRA adapters."""
+
+from __future__ import annotations
+
+import argparse
+
+from graftlm.errors import GraftError
+
+
+def _adapter_arg(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"'{text}': expected NAME=DIR")
+    return name, path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="OpenAI-compatible server: one base model, many LoRA adapters",
+                              description="Serve /v1/completions, /v1/chat/completions and /v1/models; "
+                                          "load and unload adapters at run time.")
+    p.add_argument("--model", required=True, help="base model directory (Hugging Face layout)")
+    p.add_argument("--adapter", action="append", type=_adapter_arg, default=[], metavar="NAME=DIR",
+                   help="load a PEFT adapter at start (repeatable)")
+    p.add_argument("--adapter-root", help="directory under which POST /v1/adapters may load adapters")
+    p.add_argument("--served-model-name", help="the base model's id (default: the directory name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health")
+    p.add_argument("--max-batch", type=int, default=16, help="rows per decode step")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting sequences before 429")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(handler=serve)
+
+
+def serve(args) -> int:
+    import uvicorn
+
+    from graftlm.serve import build_backend, create_app
+    for flag in ("max_batch", "max_queue", "max_body_bytes"):
+        if getattr(args, flag) <= 0:
+            raise GraftError(f"--{flag.replace('_', '-')} must be positive")
+    names = [name for name, _ in args.adapter]
+    if len(set(names)) != len(names):
+        raise GraftError("--adapter: a name is given twice")
+    backend = build_backend(args.model, dict(args.adapter), args.adapter_root, args.max_batch,
+                            args.max_queue, args.served_model_name, args.device)
+    app = create_app(backend, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+    backend.scheduler.start()
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        backend.scheduler.stop()
+    return 0

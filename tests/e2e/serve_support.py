@@ -1,0 +1,112 @@
+"""Shared set-up of the serving tests: a tiny model with a trained tokenizer, PEFT
+adapters made by `peft`, and the real server on 127.0.0.1 (in a thread or a process)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import SHARED_DATA, make_hf_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def build_tiny_model(out: Path) -> Path:
+    """A tiny random Llama with a byte-level BPE tokenizer (ChatML) saved beside it."""
+    from graftlm.tokenizer import train_tokenizer
+    text = (SHARED_DATA / "tinyshakespeare.txt").read_text()[:200_000]
+    tok = train_tokenizer(iter(text.split("\n\n")), vocab_size=384)
+    make_hf_model("llama", out, vocab_size=tok.vocab_size)
+    tok.save(out)
+    return out
+
+
+def make_peft_adapter(model_dir: Path, out: Path, seed: int, r: int = 4) -> Path:
+    """A PEFT-format LoRA adapter with random (non-zero) A and B, written by `peft`."""
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj", "down_proj"],
+                     init_lora_weights=False)
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():  # make the adapter change greedy outputs visibly
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def free_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@contextmanager
+def thread_server(backend, api_key: str | None = None, **app_kwargs):
+    """Serve `backend` with uvicorn in a thread of this process; yields the base URL."""
+    import uvicorn
+
+    from graftlm.serve import create_app
+    app = create_app(backend, api_key=api_key, **app_kwargs)
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="error", lifespan="off")
+    server = uvicorn.Server(config)
+    backend.scheduler.start()
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        backend.scheduler.stop()
+        sock.close()
+
+
+def wait_healthy(url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"server at {url} did not become healthy")
+
+
+@contextmanager
+def process_server(args: list[str]):
+    """`graft serve ARGS` in a subprocess on a free port; yields (url, process)."""
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "graftlm", "serve", "--port", str(port), *args],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
