@@ -15,6 +15,7 @@ from graftlm.errors import GraftError
 
 COMMAND_MODULES = [
     "graftlm.engine_cli",
+    "graftlm.serve_cli",
 ]
 
 
