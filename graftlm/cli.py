@@ -14,8 +14,10 @@ import sys
 from graftlm.errors import GraftError
 
 COMMAND_MODULES = [
+    "graftlm.data_cli",
     "graftlm.engine_cli",
     "graftlm.serve_cli",
+    "graftlm.train_cli",
 ]
 
 
