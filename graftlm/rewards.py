@@ -61,7 +61,7 @@ def final_number(text: str) -> str | None:
 
 
 def _answer_of(row: dict) -> str:
-    for key in ("answer", "reference", "target", "completion"):
+    for key in ("final_answer", "answer", "reference", "target", "completion"):
         if isinstance(row.get(key), (str, int, float)):
             return str(row[key])
     raise GraftError(f"{row.get('source', 'row')}: this reward needs the row's answer (field 'answer')")

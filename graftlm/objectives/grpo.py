@@ -1,0 +1,142 @@
+"""Group relative policy optimisation (GRPO): online RL with group-normalised advantages.
+
+For each prompt of the batch, `group_size` completions are sampled with the KV-cache
+engine and scored by a reward (`graftlm.rewards`). Design choices:
+- Advantage of a completion = (reward - its group's mean) / (group's std + eps): no
+  value model. A group whose rewards all agree teaches nothing and gets advantage 0.
+  A group with a skipped reward is dropped whole (its mean would be wrong).
+- The policy loss is PPO's clipped surrogate on the per-token ratio
+  pi(token) / pi_old(token), with `epsilon` (low) and `epsilon_high` bounds. With
+  `iterations` = 1 (default) pi_old is the policy itself, detached (ratio 1, the
+  gradient of the unclipped objective); with k > 1 a rollout is reused for k
+  consecutive micro-batches, and pi_old are the log-probs at sampling time.
+- KL to the reference policy with the k3 estimator exp(r - l) - (r - l) - 1 (r, l the
+  reference and policy log-probs), weight `beta`; beta 0 runs no reference forward.
+- Token-level normalisation: the loss is a sum over every completion token of the
+  step and the count is their number, so long and short completions weigh per token.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from graftlm.errors import ConfigError
+from graftlm.objectives.logprobs import IGNORE_INDEX, shift_targets
+from graftlm.objectives.rollout import Rollout, RolloutSampler, SamplingConfig, rollout_metrics
+from graftlm.objectives.sft import model_logprobs
+from graftlm.rewards import RewardPolicy, RewardScorer, build_reward
+
+
+@dataclass
+class GRPOConfig:
+    reward: str = field(default="gsm8k", metadata={
+        "help": "gsm8k | numeric | exact | regex:PATTERN | module:function | reward model dir"})
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    reward_errors: RewardPolicy = field(default_factory=RewardPolicy)
+    beta: float = field(default=0.04, metadata={"help": "weight of the KL to the reference (0: no reference)"})
+    epsilon: float = field(default=0.2, metadata={"help": "clip range of the policy ratio (low side)"})
+    epsilon_high: float | None = field(default=None, metadata={"help": "high side (default: epsilon)"})
+    iterations: int = field(default=1, metadata={"help": "micro-batches that reuse one rollout"})
+    scale_rewards: bool = field(default=True, metadata={"help": "divide advantages by the group's std"})
+    advantage_eps: float = 1e-4
+
+    def validate(self) -> None:
+        if self.beta < 0 or self.epsilon <= 0 or self.iterations < 1:
+            raise ConfigError("config fields 'beta' >= 0, 'epsilon' > 0 and 'iterations' >= 1 are required")
+        if self.sampling.group_size < 2:
+            raise ConfigError("config field 'grpo.sampling.group_size': GRPO needs groups of at least 2")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
+                     eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages [N], valid [N]) from rewards [N] laid out group by group; NaN = skipped."""
+    grouped = rewards.view(-1, group_size)
+    valid = ~torch.isnan(grouped).any(-1, keepdim=True).expand_as(grouped)
+    filled = torch.nan_to_num(grouped)
+    centered = filled - filled.mean(-1, keepdim=True)
+    if scale:
+        centered = centered / (filled.std(-1, keepdim=True) + eps)
+    return (centered * valid).reshape(-1), valid.reshape(-1)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(pi || ref) estimate, always >= 0 (Schulman's k3)."""
+    delta = ref_logp - logp
+    return torch.exp(delta) - delta - 1
+
+
+def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                      eps_low: float, eps_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token loss, per-token clipped flag) of PPO's clipped objective."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * advantages
+    return -torch.minimum(unclipped, clipped), (clipped < unclipped)
+
+
+def reference_token_logps(model, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    from graftlm.adapters import reference
+
+    with torch.no_grad(), reference(model) as ref:
+        return model_logprobs(ref, input_ids, targets)
+
+
+class GRPOObjective:
+    name = "grpo"
+
+    def __init__(self, config: GRPOConfig, tokenizer, reward=None, device="cpu"):
+        self.config = config
+        scorer = RewardScorer(reward or build_reward(config.reward, device=device), config.reward_errors)
+        self.sampler = RolloutSampler(config.sampling, scorer, tokenizer)
+        self.pad_id = tokenizer.pad_id if tokenizer is not None else 0
+        self._reuse: tuple[Rollout, torch.Tensor] | None = None
+        self._reuse_left = 0
+        self._last_end: float | None = None
+
+    def _rollout(self, model, batch: dict) -> tuple[Rollout, torch.Tensor | None]:
+        if self._reuse_left > 0:
+            self._reuse_left -= 1
+            rollout, old = self._reuse
+            # Sampled once: its generation time was reported with its first use.
+            return replace(rollout, generation_s=0.0, scoring_s=0.0), old
+        rollout = self.sampler.sample(model, batch, self.pad_id)
+        old = None
+        if self.config.iterations > 1:
+            with torch.no_grad():
+                old = model_logprobs(model, rollout.input_ids, shift_targets(rollout.input_ids, rollout.loss_mask))
+            self._reuse, self._reuse_left = (rollout, old), self.config.iterations - 1
+        return rollout, old
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        start = time.perf_counter()
+        # Time since the last call ended is the trainer's backward and optimizer step.
+        outside = start - self._last_end if self._last_end is not None else 0.0
+        cfg = self.config
+        rollout, old_logp = self._rollout(model, batch)
+        advantages, valid = group_advantages(rollout.rewards, rollout.group_size, cfg.scale_rewards,
+                                             cfg.advantage_eps)
+        targets = shift_targets(rollout.input_ids, rollout.loss_mask)
+        trained = (targets != IGNORE_INDEX) & valid[:, None]
+        logp = model_logprobs(model, rollout.input_ids, targets)
+        if old_logp is None:
+            old_logp = logp.detach()
+        per_token, clipped = clipped_surrogate(logp, old_logp, advantages[:, None], cfg.epsilon,
+                                               cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon)
+        kl = torch.zeros_like(logp)
+        if cfg.beta > 0:
+            kl = k3_kl(logp, reference_token_logps(model, rollout.input_ids, targets))
+            per_token = per_token + cfg.beta * kl
+        count = trained.sum()
+        denominator = count.clamp_min(1).item()
+        metrics = {
+            **rollout_metrics(rollout),
+            "kl": (kl.detach() * trained).sum().item() / denominator,
+            "clip_fraction": (clipped & trained).sum().item() / denominator,
+            "skipped_groups": (~valid).sum().item() / rollout.group_size,
+        }
+        self._last_end = time.perf_counter()
+        metrics["time/train_s"] = outside + (self._last_end - start - rollout.generation_s - rollout.scoring_s)
+        return (per_token * trained).sum(), count, metrics

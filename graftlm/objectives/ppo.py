@@ -1,0 +1,150 @@
+"""PPO: classic RLHF against a reward model, with a value model and GAE.
+
+Design choices:
+- Rollouts come from `rollout.py` (the same sampling and scoring as GRPO), usually one
+  completion per prompt; the reward is a reward model directory (`graft reward`).
+- Per-token reward: -kl_coef * (log pi_old - log pi_ref) at every completion token, plus
+  the reward model's score at the last one (the KL-shaped reward of InstructGPT).
+- The critic is a `ScalarHeadModel` giving a value per position, initialised from the
+  reward model (or `value_model`). Advantages come from generalised advantage
+  estimation (gamma, lambda) over the completion tokens and are whitened per rollout;
+  returns = advantages + old values.
+- The critic belongs to the objective, with its own AdamW: the trainer optimises and
+  saves the policy only, so the value loss (clipped, as in PPO) is back-propagated and
+  stepped here, once per micro-batch; under `torch.no_grad` (validation) it is not.
+- The policy loss is the clipped surrogate (shared with GRPO), summed over completion
+  tokens; the count is their number.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from graftlm.errors import ConfigError
+from graftlm.objectives.grpo import clipped_surrogate, reference_token_logps
+from graftlm.objectives.logprobs import IGNORE_INDEX, shift_targets
+from graftlm.objectives.rollout import RolloutSampler, SamplingConfig, rollout_metrics
+from graftlm.objectives.sft import model_logprobs
+from graftlm.rewards import RewardPolicy, RewardScorer, build_reward
+
+
+@dataclass
+class PPOConfig:
+    reward: str = field(default="", metadata={"help": "reward model directory (or any reward spec)"})
+    value_model: str | None = field(default=None, metadata={
+        "help": "critic initialisation (default: the reward model, else a copy of the policy)"})
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(group_size=1))
+    reward_errors: RewardPolicy = field(default_factory=RewardPolicy)
+    kl_coef: float = field(default=0.05, metadata={"help": "per-token KL penalty in the reward"})
+    gamma: float = 1.0
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
+    epsilon: float = field(default=0.2, metadata={"help": "clip range of the policy ratio"})
+    value_clip: float = field(default=0.2, metadata={"help": "clip range of the value update"})
+    value_lr: float = field(default=1e-4, metadata={"help": "learning rate of the critic"})
+    whiten_advantages: bool = True
+
+    def validate(self) -> None:
+        if not self.reward:
+            raise ConfigError("config field 'ppo.reward' is required (a reward model directory from graft reward)")
+        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
+            raise ConfigError("config fields 'ppo.gamma' and 'ppo.lam' must be in [0, 1]")
+        if self.kl_coef < 0 or self.epsilon <= 0 or self.value_clip <= 0:
+            raise ConfigError("config fields 'ppo.kl_coef' >= 0, 'ppo.epsilon' > 0, 'ppo.value_clip' > 0")
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> torch.Tensor:
+    """Generalised advantage estimates [N, T] over the positions in `mask` (contiguous per row)."""
+    n, t = rewards.shape
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros(n, device=rewards.device, dtype=rewards.dtype)
+    mask = mask.to(rewards.dtype)
+    for i in reversed(range(t)):
+        follows = mask[:, i + 1] if i + 1 < t else torch.zeros_like(running)
+        next_value = values[:, i + 1] * follows if i + 1 < t else torch.zeros_like(running)
+        delta = rewards[:, i] + gamma * next_value - values[:, i]
+        running = delta + gamma * lam * running * follows
+        advantages[:, i] = running * mask[:, i]
+    return advantages
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    values = x[mask]
+    if values.numel() < 2:
+        return x * mask
+    return (x - values.mean()) / (values.std() + eps) * mask
+
+
+def build_critic(config: PPOConfig, policy) -> torch.nn.Module:
+    from graftlm.models.heads import ScalarHeadModel, is_scalar_model_dir, load_scalar_model
+
+    source = config.value_model or (config.reward if Path(config.reward).is_dir() else None)
+    param = next(policy.parameters())
+    if source and is_scalar_model_dir(source):
+        critic = load_scalar_model(source, dtype=param.dtype, device=param.device)
+    else:
+        backbone = copy.deepcopy(getattr(policy, "module", policy))
+        critic = ScalarHeadModel.from_decoder(backbone, pad_token_id=backbone.config.pad_token_id or 0)
+    return critic.train().requires_grad_(True)
+
+
+class PPOObjective:
+    name = "ppo"
+
+    def __init__(self, config: PPOConfig, tokenizer, policy, reward=None, device="cpu"):
+        self.config = config
+        scorer = RewardScorer(reward or build_reward(config.reward, device=device), config.reward_errors)
+        self.sampler = RolloutSampler(config.sampling, scorer, tokenizer)
+        self.pad_id = tokenizer.pad_id if tokenizer is not None else 0
+        self.critic = build_critic(config, policy)
+        trainable = [p for p in self.critic.parameters() if p.requires_grad]
+        self.critic_optimizer = torch.optim.AdamW(trainable, lr=config.value_lr, weight_decay=0.0)
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        cfg = self.config
+        rollout = self.sampler.sample(model, batch, self.pad_id)
+        valid = rollout.valid
+        ids = rollout.input_ids
+        targets = shift_targets(ids, rollout.loss_mask)
+        actions = (targets != IGNORE_INDEX) & valid[:, None]
+
+        logp = model_logprobs(model, ids, targets)
+        old_logp = logp.detach()
+        with torch.no_grad():
+            ref_logp = reference_token_logps(model, ids, targets) if cfg.kl_coef > 0 else old_logp
+            old_values = self.critic(ids, per_token=True).float()
+            kl = (old_logp - ref_logp) * actions
+            token_rewards = -cfg.kl_coef * kl
+            last = actions.float().cumsum(-1).argmax(-1)  # last action position of each row
+            score = torch.nan_to_num(rollout.rewards)
+            token_rewards[torch.arange(ids.shape[0], device=ids.device), last] += score * valid
+            advantages = gae(token_rewards, old_values * actions, actions, cfg.gamma, cfg.lam)
+            returns = advantages + old_values
+            if cfg.whiten_advantages:
+                advantages = whiten(advantages, actions)
+
+        per_token, clipped = clipped_surrogate(logp, old_logp, advantages, cfg.epsilon, cfg.epsilon)
+        count = actions.sum()
+        denominator = count.clamp_min(1).item()
+        metrics = {**rollout_metrics(rollout), "kl": kl.sum().item() / denominator,
+                   "clip_fraction": (clipped & actions).sum().item() / denominator}
+        if torch.is_grad_enabled():
+            metrics.update(self._critic_step(ids, old_values, returns, actions))
+        return (per_token * actions).sum(), count, metrics
+
+    def _critic_step(self, ids, old_values, returns, actions) -> dict:
+        start = time.perf_counter()
+        values = self.critic(ids, per_token=True).float()
+        clipped = old_values + (values - old_values).clamp(-self.config.value_clip, self.config.value_clip)
+        losses = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+        value_loss = (losses * actions).sum() / actions.sum().clamp_min(1)
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        value_loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.critic.parameters(), 1.0)
+        self.critic_optimizer.step()
+        return {"value_loss": value_loss.item(), "time/critic_s": time.perf_counter() - start}

@@ -1,0 +1,146 @@
+"""Rollouts for online RL: sample completions with the engine, score them, lay them out.
+
+Shared by GRPO and PPO. Design choices:
+- Prompts come as token ids (rendered by `data/render.py`, ending where the reply
+  starts) with their normalised rows; each is repeated `group_size` times and the
+  `Engine` samples all rows in one batched KV-cache generation, under no grad, with the
+  policy as it is (its adapters active). Seeds advance with every rollout, so a run is
+  reproducible and no two rollouts repeat their samples.
+- For the training forward, each row is laid out as prompt + completion, right-padded:
+  with causal attention the padding after a row cannot change it, so no mask is needed.
+  `loss_mask` marks the completion tokens (incl. the stop token, so stopping is learned).
+- The reward sees the completion's text (without the stop token), the prompt's text
+  and the row's extra fields; skipped scores (see `rewards.RewardScorer`) are NaN and
+  their rows carry no loss.
+- Time in generation and in scoring is measured, so the run can report the split.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from graftlm.errors import ConfigError
+from graftlm.objectives.dpo import pad_right
+
+
+@dataclass
+class SamplingConfig:
+    group_size: int = field(default=4, metadata={"help": "completions sampled per prompt"})
+    max_new_tokens: int = field(default=64, metadata={"help": "longest completion"})
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.group_size < 1 or self.max_new_tokens < 1:
+            raise ConfigError("config fields 'group_size' and 'max_new_tokens' must be >= 1")
+        if self.temperature <= 0:
+            raise ConfigError(f"config field 'temperature': RL samples, so it must be > 0, got {self.temperature}")
+
+
+@dataclass
+class Rollout:
+    input_ids: torch.Tensor  # [N, T] prompt + completion, right-padded
+    loss_mask: torch.Tensor  # [N, T] bool: completion tokens (as targets)
+    rewards: torch.Tensor  # [N] float, NaN where the reward was skipped
+    completions: list[str]
+    group_size: int
+    generation_s: float
+    scoring_s: float
+
+    @property
+    def completion_lengths(self) -> torch.Tensor:
+        return self.loss_mask.sum(-1)
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return ~torch.isnan(self.rewards)
+
+
+def collate_prompts(examples: list[dict]) -> dict:
+    """RL prompt rows -> batch: token ids, texts and rows stay Python lists."""
+    return {"prompt_ids": [e["prompt_ids"] for e in examples],
+            "prompts": [e["prompt_text"] for e in examples],
+            "rows": [e["row"] for e in examples]}
+
+
+def reward_row(example: dict) -> dict:
+    """What a reward function sees of a normalised RL row: its extra fields and source."""
+    return {**example.get("extra", {}), "source": example.get("source", "")}
+
+
+class RolloutSampler:
+    """Samples and scores groups of completions; one instance per run (it owns the seed)."""
+
+    def __init__(self, config: SamplingConfig, scorer, tokenizer=None):
+        self.config, self.scorer, self.tokenizer = config, scorer, tokenizer
+        self.rollouts = 0
+
+    @torch.no_grad()
+    def sample(self, model, batch: dict, pad_id: int = 0) -> Rollout:
+        from graftlm.engine import Engine, SamplingParams
+
+        cfg, g = self.config, self.config.group_size
+        policy = getattr(model, "module", model)
+        was_training = policy.training
+        prompt_ids = [p for p in batch["prompt_ids"] for _ in range(g)]
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                top_p=cfg.top_p, top_k=cfg.top_k,
+                                seed=cfg.seed + self.rollouts * len(prompt_ids) * 7919)
+        self.rollouts += 1
+        start = time.perf_counter()
+        try:
+            outputs = Engine(policy, self.tokenizer).generate(prompt_ids, params)
+        finally:
+            policy.train(was_training)
+        generation_s = time.perf_counter() - start
+
+        completions = [o.text if o.text is not None else "" for o in outputs]
+        prompts = [p for p in batch["prompts"] for _ in range(g)]
+        rows = [r for r in batch["rows"] for _ in range(g)]
+        start = time.perf_counter()
+        scores = self.scorer(completions, prompts, rows)
+        scoring_s = time.perf_counter() - start
+
+        sequences = [p + o.token_ids for p, o in zip(prompt_ids, outputs)]
+        masks = [[False] * len(p) + [True] * len(o.token_ids) for p, o in zip(prompt_ids, outputs)]
+        rewards = torch.tensor([float("nan") if s is None else float(s) for s in scores])
+        device = next(policy.parameters()).device
+        return Rollout(pad_right(sequences, pad_id).to(device), pad_right(masks, 0).bool().to(device),
+                       rewards.to(device), completions, g, generation_s, scoring_s)
+
+
+def rollout_metrics(rollout: Rollout) -> dict:
+    valid = rollout.rewards[rollout.valid]
+    return {
+        "reward/mean": valid.mean().item() if valid.numel() else float("nan"),
+        "reward/std": valid.std().item() if valid.numel() > 1 else 0.0,
+        "completion_length": rollout.completion_lengths.float().mean().item(),
+        "time/generation_s": rollout.generation_s,
+        "time/scoring_s": rollout.scoring_s,
+    }
+
+
+def prompt_text(prompt) -> str:
+    """The text a reward function sees as the prompt: the string, or the last message's content."""
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+
+class PromptDataset:
+    """Normalised RL rows (`{"prompt", "extra", "source"}`) rendered to prompt token ids."""
+
+    def __init__(self, examples: list[dict], renderer):
+        self.items = [{"prompt_ids": renderer.render_prompt(e), "prompt_text": prompt_text(e["prompt"]),
+                       "row": reward_row(e)} for e in examples]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.items[index]
+
+    collate = staticmethod(collate_prompts)

@@ -1,0 +1,52 @@
+"""The scalar-head reward model: Bradley-Terry loss, and saving as an HF classifier."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from graftlm.models.heads import ScalarHeadModel, load_scalar_model, save_scalar_model
+from graftlm.models.hf import load_model
+from graftlm.objectives.dpo import collate_pairs
+from graftlm.objectives.reward import RewardObjective
+from tests.conftest import make_hf_model
+
+
+def _reward_model(tmp_path):
+    make_hf_model("llama", tmp_path / "base")
+    return ScalarHeadModel.from_decoder(load_model(tmp_path / "base"), generator=torch.Generator().manual_seed(0))
+
+
+def test_bradley_terry_loss_and_accuracy(tmp_path):
+    model = _reward_model(tmp_path)
+    examples = [{"chosen_input_ids": [5, 6, 7], "chosen_loss_mask": [0, 1, 1],
+                 "rejected_input_ids": [5, 9], "rejected_loss_mask": [0, 1]},
+                {"chosen_input_ids": [8, 3], "chosen_loss_mask": [0, 1],
+                 "rejected_input_ids": [8, 4, 4, 4], "rejected_loss_mask": [0, 1, 1, 1]}]
+    batch = collate_pairs(examples, pad_id=0)
+    total, count, metrics = RewardObjective().loss(model, batch)
+    with torch.no_grad():
+        scores = [model(torch.tensor([ids]))[0] for e in examples
+                  for ids in (e["chosen_input_ids"], e["rejected_input_ids"])]
+    want = -F.logsigmoid(scores[0] - scores[1]) - F.logsigmoid(scores[2] - scores[3])
+    assert count.item() == 2 and torch.allclose(total, want, atol=1e-5)
+    assert metrics["rewards/accuracy"] == ((scores[0] > scores[1]).float() + (scores[2] > scores[3]).float()).item() / 2
+
+
+def test_saved_reward_model_loads_in_transformers_with_equal_scores(tmp_path):
+    import transformers
+    model = _reward_model(tmp_path).eval()
+    save_scalar_model(model, tmp_path / "rm")
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm", dtype=torch.float32).eval()
+    assert type(hf).__name__ == "LlamaForSequenceClassification" and hf.config.num_labels == 1
+    # Right-padded rows of different lengths: both pick the last non-pad token.
+    ids = torch.tensor([[5, 6, 7, 8, 9], [11, 12, 0, 0, 0], [3, 0, 0, 0, 0]])
+    with torch.no_grad():
+        ours = model(ids)
+        theirs = hf(input_ids=ids, attention_mask=(ids != 0).long()).logits.squeeze(-1)
+        alone = model(ids[1:2, :2])
+    assert (ours - theirs).abs().max().item() <= 1e-5
+    assert torch.allclose(ours[1], alone[0], atol=1e-5)
+    again = load_scalar_model(tmp_path / "rm")
+    with torch.no_grad():
+        assert torch.equal(again(ids), ours)
