@@ -102,6 +102,7 @@ class Scheduler:
         self._thread = threading.Thread(target=self._run, name="graftlm-model", daemon=True)
         self.steps = 0  # decode steps run, for tests and metrics
         self.max_rows_seen = 0  # the widest step so far
+        self.cancelled_active = 0  # sequences dropped from the batch because their client left
 
     # -- asyncio side ---------------------------------------------------------------
 
@@ -161,7 +162,8 @@ class Scheduler:
     def stats(self) -> dict:
         with self._lock:
             return {"active": len(self._active), "waiting": len(self._waiting),
-                    "steps": self.steps, "max_rows_seen": self.max_rows_seen}
+                    "steps": self.steps, "max_rows_seen": self.max_rows_seen,
+                    "cancelled_active": self.cancelled_active}
 
     # -- model thread ---------------------------------------------------------------
 
@@ -192,6 +194,7 @@ class Scheduler:
                     done(None, e)
             if dropped:
                 self.stepper.remove([seq.seq_id for seq in dropped])
+                self.cancelled_active += len(dropped)
             if admitted:
                 self._admit(admitted)
             if self._active:

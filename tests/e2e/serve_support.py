@@ -3,6 +3,7 @@ adapters made by `peft`, and the real server on 127.0.0.1 (in a thread or a proc
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -19,13 +20,21 @@ from tests.conftest import SHARED_DATA, make_hf_model
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def build_tiny_model(out: Path) -> Path:
-    """A tiny random Llama with a byte-level BPE tokenizer (ChatML) saved beside it."""
+def build_tiny_model(out: Path, context: int | None = None) -> Path:
+    """A tiny random Llama with a byte-level BPE tokenizer (ChatML) saved beside it.
+
+    `context` raises max_position_embeddings (RoPE extends to any length), for tests
+    that need generations long enough to interrupt.
+    """
     from graftlm.tokenizer import train_tokenizer
     text = (SHARED_DATA / "tinyshakespeare.txt").read_text()[:200_000]
     tok = train_tokenizer(iter(text.split("\n\n")), vocab_size=384)
     make_hf_model("llama", out, vocab_size=tok.vocab_size)
     tok.save(out)
+    if context is not None:
+        config = json.loads((out / "config.json").read_text())
+        config["max_position_embeddings"] = context
+        (out / "config.json").write_text(json.dumps(config))
     return out
 
 
@@ -110,3 +119,12 @@ def process_server(args: list[str]):
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def model_with_adapters(tmp: Path, context: int | None = None) -> dict:
+    """{"model": dir, "root": adapter root holding a1, a2, a3} built once per test module."""
+    model = build_tiny_model(tmp / "model", context)
+    root = tmp / "adapters"
+    for i, name in enumerate(("a1", "a2", "a3"), start=1):
+        make_peft_adapter(model, root / name, seed=i)
+    return {"model": model, "root": root}
