@@ -1,0 +1,251 @@
+"""Adapters in memory: routing rows, refusing wrong bases, QLoRA, references, resume."""
+
+import json
+
+import pytest
+import torch
+
+import graftlm.adapters as A
+from graftlm.adapters import qlora
+from graftlm.errors import ConfigError, GraftError
+from graftlm.models import Decoder, ModelConfig
+from graftlm.models.hf import load_model, save_model
+from graftlm.objectives.logprobs import cross_entropy, shift_targets
+
+
+def tiny(seed=0, **overrides):
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+               num_kv_heads=2, max_seq_len=64)
+    cfg.update(overrides)
+    model = Decoder(ModelConfig(**cfg))
+    model.init_weights(torch.Generator().manual_seed(seed))
+    return model.eval()
+
+
+def randomize(model, name=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in A.adapter_params(model, name):
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+IDS = torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(1))
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="adapter.kind"):
+        A.AdapterConfig(kind="ia3").validate()
+    with pytest.raises(ConfigError, match="adapter.r"):
+        A.AdapterConfig(r=0).validate()
+    with pytest.raises(ConfigError, match="adapter.target_modules"):
+        A.apply_adapters(tiny(), A.AdapterConfig(target_modules=["nonexistent_proj"]))
+    with pytest.raises(ConfigError, match="invalid regex"):
+        A.AdapterConfig(target_modules=["(q_proj"]).validate()
+
+
+def test_config_is_a_section_of_a_run_config():
+    from dataclasses import dataclass, field
+
+    from graftlm.config import build_config
+
+    @dataclass
+    class Run:
+        adapter: A.AdapterConfig = field(default_factory=A.AdapterConfig)
+
+    run = build_config(Run, overrides={"adapter.kind": "dora", "adapter.r": "8",
+                                       "adapter.target_modules": "q_proj,v_proj"})
+    assert run.adapter.kind == "dora" and run.adapter.r == 8
+    assert run.adapter.targets == ["q_proj", "v_proj"]
+    with pytest.raises(ConfigError, match="adapter.dropout"):
+        build_config(Run, overrides={"adapter.dropout": "1.5"})
+
+
+def test_only_adapters_train_and_disable_gives_the_base():
+    model = tiny()
+    base = model(IDS)
+    A.apply_adapters(model, A.AdapterConfig(r=4, modules_to_save=["lm_head"]))
+    assert A.has_adapters(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(("lora_" in n) or ("modules_to_save" in n) for n in trainable)
+    assert torch.allclose(model(IDS), base, atol=1e-6)  # B = 0 and a fresh copy of lm_head
+    randomize(model)
+    assert (model(IDS) - base).abs().max() > 1e-3
+    with A.disable_adapters(model):
+        assert torch.allclose(model(IDS), base, atol=1e-6)
+        assert model.lm_head.weight is model.lm_head.original_module.weight
+
+
+def test_mixed_batch_rows_match_each_row_alone():
+    model = tiny()
+    A.apply_adapters(model, A.AdapterConfig(r=4, modules_to_save=["lm_head"]), name="a")
+    A.apply_adapters(model, A.AdapterConfig(kind="dora", r=2, target_modules=["q_proj", "down_proj"]), name="b")
+    randomize(model, "a", seed=1)
+    randomize(model, "b", seed=2)
+    names = ["a", None, "b", "a"]
+    with A.row_adapters(model, names):
+        mixed = model(IDS)
+    for row, name in enumerate(names):
+        A.set_active_adapter(model, name)
+        alone = model(IDS[row:row + 1])
+        assert (mixed[row] - alone[0]).abs().max().item() <= 1e-5, (row, name)
+    # the batch of hidden states [B, T, H] through one layer, too
+    layer = model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 5, 64)
+    with A.row_adapters(model, ["b", "b", None]):
+        out = layer(x)
+    A.set_active_adapter(model, "b")
+    assert torch.allclose(out[:2], layer(x[:2]), atol=1e-6)
+    with A.disable_adapters(model):
+        assert torch.allclose(out[2], layer(x[2:])[0], atol=1e-6)
+    with pytest.raises(GraftError, match="not loaded"):
+        with A.row_adapters(model, ["zzz"]):
+            pass
+
+
+def test_switch_and_unload_without_reloading_the_base():
+    model = tiny()
+    base_ptr = model.layers[0].mlp.up_proj.weight.data_ptr()
+    A.apply_adapters(model, A.AdapterConfig(r=4), name="a")
+    A.apply_adapters(model, A.AdapterConfig(r=4), name="b")
+    randomize(model, "a", seed=1)
+    randomize(model, "b", seed=2)
+    out_b = model(IDS)
+    A.set_active_adapter(model, "a")
+    out_a = model(IDS)
+    assert (out_a - out_b).abs().max() > 1e-3
+    assert model.layers[0].mlp.up_proj.base_layer.weight.data_ptr() == base_ptr
+    assert all(p.requires_grad == (".a" in n) for n, p in A.adapter_named_parameters(model).items())
+    A.unload_adapter(model, "a")
+    assert A.loaded_adapters(model) == ["b"] and A.active_adapter(model) == "b"
+    assert torch.allclose(model(IDS), out_b)
+    A.unload_adapter(model, "b")
+    assert not A.has_adapters(model) and isinstance(model.layers[0].mlp.up_proj, torch.nn.Linear)
+
+
+def test_reference_with_adapters_shares_the_base_storage():
+    model = tiny()
+    A.apply_adapters(model, A.AdapterConfig(r=4))
+    randomize(model)
+    ptrs = {p.data_ptr() for n, p in model.named_parameters() if not p.requires_grad}
+    with A.reference(model) as ref:
+        assert ref is model
+        ref_ptrs = {p.data_ptr() for n, p in ref.named_parameters() if not p.requires_grad}
+        with torch.no_grad():
+            ref_out = ref(IDS)
+    assert ref_ptrs == ptrs
+    with A.disable_adapters(model), torch.no_grad():
+        assert torch.equal(ref_out, model(IDS))
+    assert (model(IDS) - ref_out).abs().max() > 1e-3  # adapters back on after the block
+
+
+def test_reference_without_adapters_is_one_frozen_copy():
+    model = tiny()
+    with A.reference(model) as first:
+        assert first is not model and not any(p.requires_grad for p in first.parameters())
+    with A.reference(model) as second:
+        assert second is first
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_trainable_state_restores_exactly():
+    model = tiny()
+    A.apply_adapters(model, A.AdapterConfig(kind="dora", r=4, modules_to_save=["embed_tokens"]))
+    randomize(model)
+    state = A.adapter_state_dict(model)
+    out = model(IDS)
+    other = A.apply_adapters(tiny(), A.AdapterConfig(kind="dora", r=4, modules_to_save=["embed_tokens"]))
+    A.load_adapter_state_dict(other, state)
+    assert torch.equal(other(IDS), out)
+    with pytest.raises(GraftError, match="shape"):
+        A.load_adapter_state_dict(other, {**state, next(iter(state)): torch.zeros(1)})
+
+
+def test_wrong_base_and_pickle_are_refused(tmp_path):
+    model = tiny(seed=0)
+    A.apply_adapters(model, A.AdapterConfig(r=4))
+    A.save_adapter(model, tmp_path / "ad")
+    with pytest.raises(GraftError, match="weights_sha256"):
+        A.load_adapter(tiny(seed=1), tmp_path / "ad")  # same shapes, other weights
+    with pytest.raises(GraftError, match="config_sha256"):
+        A.load_adapter(tiny(intermediate_size=192), tmp_path / "ad")
+    # without a recorded identity (as from PEFT), the shapes still catch it
+    config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    del config["graftlm_base_identity"]
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(GraftError, match=r"down_proj.lora_A.weight' has shape \(4, 128\).*needs \(4, 192\)"):
+        A.load_adapter(tiny(intermediate_size=192), tmp_path / "ad")
+    (tmp_path / "ad" / "adapter_model.safetensors").rename(tmp_path / "ad" / "adapter_model.bin")
+    with pytest.raises(GraftError, match="pickle"):
+        A.load_adapter(tiny(), tmp_path / "ad")
+
+
+def test_adapter_round_trips_with_several_named(tmp_path):
+    model = tiny()
+    A.apply_adapters(model, A.AdapterConfig(kind="dora", r=4, target_modules=["q_proj", "v_proj"]), name="x")
+    randomize(model, "x")
+    A.save_adapter(model, tmp_path / "x")
+    want = model(IDS)
+    fresh = tiny()
+    A.apply_adapters(fresh, A.AdapterConfig(r=2), name="first")
+    A.load_adapter(fresh, tmp_path / "x", name="x")
+    assert A.active_adapter(fresh) == "first"  # loading does not switch
+    A.set_active_adapter(fresh, "x")
+    assert torch.allclose(fresh(IDS), want, atol=1e-6)
+
+
+def test_merge_refuses_non_finite_and_leaves_the_base():
+    model = tiny()
+    A.apply_adapters(model, A.AdapterConfig(r=4))
+    before = model(IDS)
+    with torch.no_grad():
+        model.layers[1].mlp.up_proj.lora_B["default"].fill_(float("inf"))
+        model.layers[1].mlp.up_proj.lora_A["default"].fill_(1.0)
+    with pytest.raises(GraftError, match="non-finite"):
+        A.merge(model)
+    assert all(getattr(m, "merged", None) is None for m in model.modules())
+    with A.disable_adapters(model):
+        assert torch.allclose(model(IDS), before, atol=1e-6)
+
+
+def test_qlora_base_is_nf4_small_close_and_only_adapters_get_gradients():
+    bf16_model = tiny(hidden_size=128, intermediate_size=256)
+    A.apply_adapters(bf16_model, A.AdapterConfig(r=4, base_dtype="bfloat16"))
+    q_model = tiny(hidden_size=128, intermediate_size=256)
+    A.apply_adapters(q_model, A.AdapterConfig(kind="qlora", r=4))
+    randomize(bf16_model)
+    randomize(q_model)
+
+    def base_linear_weights(m):
+        return [mod.base_layer.weight for mod in m.modules() if isinstance(mod, A.lora.LoraLinear)]
+
+    nf4_bytes = sum(qlora.storage_bytes(w) for w in base_linear_weights(q_model))
+    bf16_bytes = sum(qlora.storage_bytes(w) for w in base_linear_weights(bf16_model))
+    assert all(qlora.is_nf4(w) for w in base_linear_weights(q_model))
+    assert nf4_bytes <= 0.3 * bf16_bytes
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, out = bf16_model(IDS).float(), q_model(IDS).float()
+    assert (out - ref).abs().mean() / ref.abs().mean() < 0.15
+    q_model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = q_model(IDS, output_hidden=True)
+        loss, count = cross_entropy(hidden, q_model.lm_head.weight, shift_targets(IDS))
+    (loss / count).backward()
+    grads = {n for n, p in q_model.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n for n in grads)
+    assert all(p.grad.abs().sum() > 0 for n, p in q_model.named_parameters() if "lora_B" in n)
+
+
+def test_qlora_merge_and_unload_dequantizes(tmp_path):
+    model = tiny(hidden_size=128, intermediate_size=256)
+    A.apply_adapters(model, A.AdapterConfig(kind="qlora", r=4))
+    randomize(model)
+    with torch.no_grad():
+        adapted = model(IDS)
+    plain = A.merge_and_unload(model)
+    assert not any(qlora.is_nf4(p) for p in plain.parameters())
+    with torch.no_grad():
+        merged = plain(IDS)
+    assert (merged - adapted).abs().max() / adapted.abs().max() < 0.05  # bf16 compute vs float32
+    save_model(plain, tmp_path / "m")
+    assert torch.allclose(load_model(tmp_path / "m")(IDS), merged, atol=1e-5)
