@@ -1,0 +1,294 @@
+"""Checkpoints: atomic, verified, pickle-free, and exact to resume from.
+
+Layout of `checkpoints/step-N/`:
+  model.safetensors        the trained weights (all of them, or only the trainable ones
+                           when the base is frozen, e.g. LoRA)
+  optimizer.safetensors    optimizer state tensors, keyed `<param name>/<state key>`
+  optimizer.json           param groups (hyper-parameters, parameter names)
+  rng.safetensors          torch CPU / CUDA generator states as uint8 tensors
+  trainer.json             step, loader position, Python / NumPy RNG, resume identity
+  manifest.json            sha256 and size of every file above; written last
+
+Design choices:
+- Atomic: everything is written into `.tmp-step-N-<pid>/`, fsynced, and renamed to
+  `step-N/` only when the manifest is in place. A crash (even SIGKILL) mid-save leaves
+  a temporary directory that is never mistaken for a checkpoint and is swept later.
+- Verified: loading checks every file against the manifest and names the first bad
+  one; automatic resume walks back from the newest checkpoint to the newest valid one.
+- Retention deletes old checkpoints only after a new one is complete, and never the
+  newest.
+- No pickle: tensors go through safetensors, everything else through JSON. A planted
+  `.pt` / pickle file is at worst "not a safetensors file".
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from graftlm.errors import GraftError
+from graftlm.models.hf import read_safetensors
+
+FORMAT = "graftlm-checkpoint-v1"
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(GraftError):
+    """A checkpoint is incomplete, corrupt or does not fit the run."""
+
+
+# -- writing -------------------------------------------------------------------------------
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def checkpoint_dirs(root: Path) -> list[tuple[int, Path]]:
+    """Complete-looking checkpoints (named step-N), newest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def save_checkpoint(root: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]],
+                    documents: dict[str, object], keep_last: int = 0) -> Path:
+    """Write `tensors` (file name -> tensors) and `documents` (file name -> JSON) as step-N.
+
+    On any OSError (a full disk, say) the partial directory is removed, completed
+    checkpoints are untouched, and a CheckpointError says so.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}-{os.getpid()}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for name, group in tensors.items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, tmp / name)
+        for name, data in documents.items():
+            write_json(tmp / name, data)
+        files = {}
+        for path in sorted(tmp.iterdir()):
+            _fsync(path)
+            files[path.name] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
+        write_json(tmp / MANIFEST, {"format": FORMAT, "step": step, "files": files})
+        _fsync(tmp / MANIFEST)
+        if final.exists():  # re-saving the same step (e.g. resumed at the very end)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = [p.name for s, p in checkpoint_dirs(root) if s != step]
+        kept = f"; {previous[0]} is intact" if previous else ""
+        reason = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise CheckpointError(f"{final}: could not write checkpoint ({reason}){kept}") from None
+    if keep_last > 0:
+        for _, old in checkpoint_dirs(root)[keep_last:]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def sweep_partial(root: Path) -> None:
+    """Remove temporary directories left by a save that crashed."""
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(".tmp-step-"):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+# -- reading -------------------------------------------------------------------------------
+
+def verify(directory: Path) -> dict:
+    """Check every file against the manifest; returns the manifest or names the bad file."""
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{manifest_path}: missing (the checkpoint is incomplete)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+        if manifest.get("format") != FORMAT or not isinstance(files, dict):
+            raise ValueError("unknown format")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{manifest_path}: not a valid checkpoint manifest ({e})") from None
+    for name, entry in files.items():
+        path = directory / name
+        if "/" in name or not path.is_file():
+            raise CheckpointError(f"{path}: listed in the manifest but missing")
+        if path.stat().st_size != entry["bytes"]:
+            raise CheckpointError(f"{path}: is {path.stat().st_size} bytes, the manifest says "
+                                  f"{entry['bytes']} (truncated or replaced)")
+        if _sha256(path) != entry["sha256"]:
+            raise CheckpointError(f"{path}: checksum does not match the manifest (corrupted)")
+    return manifest
+
+
+def read_tensors(directory: Path, name: str) -> dict[str, torch.Tensor]:
+    path = directory / name
+    try:
+        return read_safetensors(path)
+    except GraftError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def read_json(directory: Path, name: str):
+    path = directory / name
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not readable JSON ({e})") from None
+
+
+def latest_valid(root: Path, warn=print) -> Path | None:
+    """The newest checkpoint that verifies; corrupt newer ones are reported and skipped."""
+    for _, directory in checkpoint_dirs(root):
+        try:
+            verify(directory)
+            return directory
+        except CheckpointError as e:
+            warn(f"skipping checkpoint {directory.name}: {e}")
+    return None
+
+
+# -- model, optimizer and RNG state <-> files ----------------------------------------------
+
+def model_tensors(model: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """The weights to store; tied duplicates once (safetensors refuses shared storage)."""
+    out, seen = {}, set()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if (trainable_only and name not in trainable) or id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        out[name] = tensor.detach()
+    return out
+
+
+def load_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    expected = model_tensors(model, trainable_only=False)
+    unknown = sorted(set(tensors) - set(expected))
+    if unknown:
+        raise CheckpointError(f"{source}: has tensor '{unknown[0]}' that the model does not have")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            target = expected[name]
+            if target.shape != value.shape:
+                raise CheckpointError(f"{source}: tensor '{name}' has shape {tuple(value.shape)}, "
+                                      f"the model's is {tuple(target.shape)}")
+            target.copy_(value)
+
+
+def optimizer_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    names = {}
+    groups = []
+    for group in state["param_groups"]:
+        names.update(zip(group["params"], group["param_names"]))
+        groups.append({k: v for k, v in group.items() if k != "params"})
+    tensors, scalars = {}, {}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{names[index]}/{key}"] = value
+            else:
+                scalars[f"{names[index]}/{key}"] = value
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def load_optimizer_files(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                         meta: dict, source: Path) -> None:
+    current = optimizer.state_dict()
+    saved_groups = meta["param_groups"]
+    if [g["param_names"] for g in saved_groups] != [g["param_names"] for g in current["param_groups"]]:
+        raise CheckpointError(f"{source}: optimizer state is for other parameters than the model trains")
+    state: dict[int, dict] = {}
+    groups = []
+    for saved, group in zip(saved_groups, current["param_groups"]):
+        restored = dict(saved, params=group["params"])
+        restored["betas"] = tuple(restored["betas"])
+        groups.append(restored)
+        for index, name in zip(group["params"], group["param_names"]):
+            prefix = name + "/"
+            entry = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            entry.update({k[len(prefix):]: v for k, v in meta["scalars"].items() if k.startswith(prefix)})
+            if entry:
+                state[index] = entry
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_files() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    version, mt_state, gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    return tensors, {"python": [version, list(mt_state), gauss],
+                     "numpy": [np_kind, np_keys.tolist(), np_pos, np_has_gauss, np_gauss]}
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    version, mt_state, gauss = meta["python"]
+    random.setstate((version, tuple(mt_state), gauss))
+    kind, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# -- refusing to resume into a different run -----------------------------------------------
+
+@dataclass
+class IdentityChange:
+    field: str
+    saved: object
+    current: object
+
+
+def identity_changes(saved: dict, current: dict) -> list[IdentityChange]:
+    keys = sorted(set(saved) | set(current))
+    return [IdentityChange(k, saved.get(k), current.get(k)) for k in keys if saved.get(k) != current.get(k)]
+
+
+def check_identity(saved: dict, current: dict, allow_change: bool, source: Path, warn=print) -> None:
+    """Refuse to resume when what defines the data stream or model changed."""
+    changes = identity_changes(saved, current)
+    if not changes:
+        return
+    diff = "; ".join(f"{c.field}: {c.saved!r} -> {c.current!r}" for c in changes)
+    if allow_change:
+        warn(f"resuming from {source} although the run changed ({diff})")
+        return
+    raise CheckpointError(f"{source}: the run changed since this checkpoint ({diff}); "
+                          "pass --allow-config-change to resume anyway, or --fresh to start over")

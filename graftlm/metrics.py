@@ -1,0 +1,185 @@
+"""What a run costs and how it goes: FLOPs, MFU, memory, and the run's metric streams.
+
+FLOPs of training, per token (`training_flops_per_token`; `plan.py` uses the same one):
+  N    = parameters that do matrix multiplies: every parameter except the input
+         embedding table, plus the output projection (counted even when tied, because
+         the multiply happens either way).
+  attn = per layer, QK^T and AV cost 2 * 2 * d_attn FLOPs per (query, key) pair, and a
+         causal query sees (T + 1) / 2 keys on average:  2 * L * d_attn * (T + 1).
+  forward           = 2 N + attn
+  backward, inputs  = 2 N + 2 attn   (activation gradients; always needed)
+  backward, weights = 2 N * f        (f = trainable fraction of N; 1 for full training)
+  total             = (4 + 2 f) N + 3 attn     -> the familiar 6 N + 3 attn when f = 1.
+Recomputation from activation checkpointing is not counted: MFU is model FLOPs
+utilisation, the work the model needs, not the work this run happened to do.
+
+MFU = achieved model FLOP/s / peak FLOP/s of the device. CUDA peaks come from a table of
+dense bf16 figures; CPU peaks are measured once with a large matmul and cached in
+~/.cache/graftlm, because no table knows what a shared laptop core can do.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from graftlm.models.config import ModelConfig
+
+# Dense (no sparsity) bf16 tensor-core peaks, FLOP/s.
+CUDA_PEAK_BF16 = {
+    "H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 756e12,
+    "B200": 2250e12, "A100": 312e12, "A10G": 70e12, "A10": 125e12, "L40S": 362e12, "L4": 121e12,
+    "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
+}
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    return cfg.num_params(include_embeddings=False) + cfg.vocab_size * cfg.hidden_size
+
+
+def training_flops_per_token(cfg: ModelConfig, seq_len: int, trainable_fraction: float = 1.0) -> float:
+    """Model FLOPs to train on one token at context `seq_len` (see the module docstring)."""
+    n = matmul_params(cfg)
+    attn = 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * (seq_len + 1)
+    return (4 + 2 * trainable_fraction) * n + 3 * attn
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    return 2 * matmul_params(cfg) + 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * (seq_len + 1)
+
+
+# -- peak FLOP/s ----------------------------------------------------------------------------
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 1024,
+                        seconds: float = 0.5) -> float:
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        runs += 1
+    sync()
+    return 2 * size ** 3 * runs / (time.perf_counter() - start)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in sorted(CUDA_PEAK_BF16.items(), key=lambda kv: -len(kv[0])):
+            if key in name:
+                return value if dtype in (torch.bfloat16, torch.float16) else value / 2
+        return measure_matmul_peak(device, dtype, size=4096)
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "graftlm" / "peak_flops.json"
+    key = f"{platform.processor() or platform.machine()}|threads={torch.get_num_threads()}|{dtype}"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        known[key] = measure_matmul_peak(device, dtype)
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(known, indent=1))
+        except OSError:
+            pass  # a read-only home only costs a re-measurement next time
+    return known[key]
+
+
+# -- memory ---------------------------------------------------------------------------------
+
+def peak_host_memory_bytes() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
+
+
+def current_host_memory_bytes() -> int:
+    import psutil
+    return psutil.Process().memory_info().rss
+
+
+def peak_device_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return peak_host_memory_bytes()
+
+
+# -- the run's metric streams ---------------------------------------------------------------
+
+class MetricsLogger:
+    """metrics.jsonl + TensorBoard + a live progress bar (or log lines), on rank 0 only."""
+
+    def __init__(self, run_dir: Path | None, total_steps: int, start_step: int = 0,
+                 enabled: bool = True, log_every: int = 10, tensorboard: bool = True):
+        self.enabled = enabled and run_dir is not None
+        self.log_every = max(1, log_every)
+        self.total_steps = total_steps
+        self._jsonl = self._writer = self._progress = None
+        if not self.enabled:
+            return
+        self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self._writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        if sys.stdout.isatty():
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+            self._progress = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+                                      TextColumn("{task.fields[status]}"), TimeRemainingColumn())
+            self._task = self._progress.add_task("train", total=total_steps, completed=start_step,
+                                                 status="")
+            self._progress.start()
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps(record) + "\n")
+        if record.get("skipped"):
+            return  # the trainer reports skipped steps itself
+        step = record["step"]
+        if self._writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._writer.add_scalar(key.replace(".", "/"), value, step)
+        if "loss" in record:
+            self._show_train(record)
+        elif "val_loss" in record:
+            self.message(f"step {step}: val_loss {record['val_loss']:.4f}"
+                         + (f", val_bpb {record['val_bpb']:.4f}" if record.get("val_bpb") else ""))
+
+    def _show_train(self, r: dict) -> None:
+        status = (f"loss {r['loss']:.4f}  {r['tokens_per_s']:,.0f} tok/s  "
+                  f"MFU {100 * r['mfu']:.1f}%")
+        if self._progress is not None:
+            self._progress.update(self._task, completed=r["step"], status=status)
+        elif r["step"] % self.log_every == 0 or r["step"] == self.total_steps:
+            eta = r.get("eta_s")
+            print(f"step {r['step']}/{self.total_steps}  {status}  lr {r['lr']:.2e}"
+                  + (f"  ETA {eta:,.0f}s" if eta is not None else ""), flush=True)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._progress is not None:
+            self._progress.console.print(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+        if self._writer is not None:
+            self._writer.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+        self._progress = self._writer = self._jsonl = None

@@ -1,0 +1,268 @@
+"""From a run config to a finished run directory: the one entry point of every training
+command (`graft pretrain|sft|dpo|reward|grpo|ppo`).
+
+`run_training(cfg)` resolves the run directory (resume / fresh / refuse), builds the
+model (preset or config: random init; HF directory: its weights), injects adapters when
+`adapter` is set, asks the objective's spec for data and loss, trains with `Trainer`,
+and writes `final/` (an HF model dir, or a PEFT adapter dir) and `summary.json`.
+
+Design choices:
+- The objective decides nothing here but its data and loss (`objectives.get_spec`);
+  the parameterization is `cfg.adapter` (None: full training); parallelism comes from
+  `parallel.py`. None of them knows about the others.
+- A preset is a shape without a vocabulary: its vocabulary follows the tokenizer (or
+  the data). A config file or HF directory is taken as is, and a tokenizer or data
+  with more tokens than its vocabulary is an error.
+- A run directory with checkpoints is resumed automatically; a finished run (a
+  `summary.json` reaching `max_steps`) is never overwritten without `--fresh`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from graftlm import checkpoint as ckpt
+from graftlm.adapters.config import AdapterConfig
+from graftlm.config import to_dict
+from graftlm.data.loader import ResumableLoader
+from graftlm.errors import ConfigError, GraftError
+from graftlm.metrics import peak_flops, training_flops_per_token
+from graftlm.models.config import PRESETS
+from graftlm.objectives import ObjectiveSpec, get_spec
+from graftlm.optim import OptimConfig
+from graftlm.parallel import ParallelConfig
+from graftlm.trainer import TrainConfig, Trainer
+
+# Fields that define the data stream and the model; a resume refuses a change in them.
+IDENTITY_FIELDS = ("model", "seed", "train.batch_size", "train.grad_accum", "adapter")
+
+
+@dataclass
+class RunConfig:
+    model: str = field(default="", metadata={"help": "preset name, config file, or HF model directory"})
+    data: str = field(default="", metadata={"help": "training data (shard directory for pretrain)"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer directory (default: the data's or the model's)"})
+    name: str | None = field(default=None, metadata={"help": "run name (default: <objective>-<model>)"})
+    out: str = field(default="runs", metadata={"help": "directory holding run directories"})
+    seed: int = 0
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
+    tensorboard: bool = True
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    adapter: AdapterConfig | None = None
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    objective = "clm"  # set per command by `run_config_class`
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ConfigError("config field 'model' is required (a preset, config file or HF directory)")
+        if not self.data:
+            raise ConfigError("config field 'data' is required")
+
+
+@lru_cache(maxsize=None)
+def run_config_class(objective: str) -> type:
+    """RunConfig plus the objective's own section, named after it (`clm:`, `dpo:`...)."""
+    spec = get_spec(objective)
+    return dataclasses.make_dataclass(
+        f"{spec.config_cls.__name__.removesuffix('Config')}RunConfig",
+        [(spec.name, spec.config_cls, field(default_factory=spec.config_cls))],
+        bases=(RunConfig,), namespace={"objective": spec.name})
+
+
+# -- run directory --------------------------------------------------------------------------
+
+def run_directory(cfg: RunConfig) -> Path:
+    model = Path(cfg.model.rstrip("/")).name.removesuffix(".json").removesuffix(".yaml")
+    return Path(cfg.out) / (cfg.name or f"{cfg.objective}-{model}")
+
+
+def prepare_run_directory(run_dir: Path, cfg: RunConfig, resume: bool | None, fresh: bool,
+                          warn=print) -> Path | None:
+    """The checkpoint to resume from (None: start fresh), after clearing what `fresh` drops.
+
+    resume: True (must resume), None (resume when there is a checkpoint), False (never).
+    """
+    summary = run_dir / "summary.json"
+    if fresh:
+        for name in ("checkpoints", "final", "tensorboard", "metrics.jsonl", "summary.json", "config.yaml"):
+            target = run_dir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        return None
+    if summary.exists():
+        done = json.loads(summary.read_text()).get("steps", 0)
+        if done >= cfg.train.max_steps:
+            raise GraftError(f"{run_dir}: the run is finished ({done} steps); pass --fresh to train it "
+                             "again, --name for a new run, or a larger --train.max-steps to continue")
+    root = run_dir / "checkpoints"
+    latest = ckpt.latest_valid(root, warn=warn) if resume is not False else None
+    if resume and latest is None:
+        raise GraftError(f"{root}: no complete checkpoint to resume from")
+    if latest is None and (run_dir / "metrics.jsonl").exists():
+        (run_dir / "metrics.jsonl").unlink()  # a run that died before its first checkpoint
+    return latest
+
+
+# -- model, tokenizer, adapters ---------------------------------------------------------------
+
+def find_tokenizer(cfg: RunConfig, data_dir: Path):
+    from graftlm.tokenizer import load_tokenizer
+    candidates = [cfg.tokenizer] if cfg.tokenizer else []
+    meta = data_dir / "meta.json"
+    if not cfg.tokenizer and meta.is_file():
+        recorded = (json.loads(meta.read_text()).get("tokenizer") or {}).get("path")
+        if recorded:  # as recorded (relative to where `graft prepare` ran), or to the data
+            candidates += [recorded, str(data_dir / recorded)]
+    if not cfg.tokenizer and Path(cfg.model).is_dir():
+        candidates.append(cfg.model)
+    for candidate in candidates:
+        if candidate == cfg.tokenizer or (Path(candidate) / "tokenizer.json").is_file():
+            return load_tokenizer(candidate)
+    return None
+
+
+def build_model(cfg: RunConfig, vocab_size: int | None, tokenizer, device: torch.device):
+    from graftlm.models.hf import load_model, resolve_model_config
+    from graftlm.models.transformer import Decoder
+
+    model_cfg = resolve_model_config(cfg.model)
+    from_weights = Path(cfg.model).is_dir() and any(Path(cfg.model).glob("*.safetensors"))
+    if cfg.model in PRESETS and vocab_size:
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab_size)
+    elif vocab_size and vocab_size > model_cfg.vocab_size:
+        raise GraftError(f"the tokenizer / data have {vocab_size} tokens but model '{cfg.model}' has a "
+                         f"vocabulary of {model_cfg.vocab_size}: use the model's own tokenizer")
+    if tokenizer is not None:
+        for attr, value in (("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id),
+                            ("pad_token_id", tokenizer.token_id(tokenizer.pad_token))):
+            if getattr(model_cfg, attr) is None and value is not None:
+                setattr(model_cfg, attr, value)
+    if from_weights:
+        model = load_model(cfg.model, dtype=torch.float32, device=device)
+        model.config.bos_token_id, model.config.eos_token_id = model_cfg.bos_token_id, model_cfg.eos_token_id
+        model.config.pad_token_id = model_cfg.pad_token_id
+    else:
+        model = Decoder(model_cfg)
+        model.init_weights(torch.Generator().manual_seed(cfg.seed))
+        model.to(device)
+        model.reset_rope(device)
+    if cfg.train.precision == "bf16":
+        model.to(torch.bfloat16)
+    return model.train()
+
+
+def apply_parameterization(model, cfg: RunConfig):
+    if cfg.adapter is None:
+        return model
+    from graftlm.adapters import apply_adapters
+    return apply_adapters(model, cfg.adapter) or model
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _identity(cfg: RunConfig, data_identity: dict, world_size: int) -> dict:
+    flat = {}
+    for dotted in IDENTITY_FIELDS:
+        value = cfg
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        flat[dotted] = to_dict(value) if dataclasses.is_dataclass(value) else value
+    return {"objective": cfg.objective, "world_size": world_size, **flat, **data_identity}
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+def run_training(cfg: RunConfig, resume: bool | None = None, fresh: bool = False,
+                 allow_config_change: bool = False) -> dict:
+    from graftlm import parallel
+
+    started = time.perf_counter()
+    spec: ObjectiveSpec = get_spec(cfg.objective)
+    d = parallel.init_distributed(cfg.parallel, cfg.device)
+    run_dir = run_directory(cfg)
+    if d.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    resume_from = prepare_run_directory(run_dir, cfg, resume, fresh) if d.is_main else None
+    parallel.barrier(d)
+    if not d.is_main:  # every rank resumes from the checkpoint rank 0 chose
+        resume_from = ckpt.latest_valid(run_dir / "checkpoints", warn=lambda _: None)
+
+    seed_everything(cfg.seed)
+    tokenizer = find_tokenizer(cfg, Path(cfg.data))
+    data = spec.build_dataset(cfg, tokenizer)
+    vocab = max(v for v in (tokenizer.vocab_size if tokenizer else 0, data.vocab_size or 0))
+    model = apply_parameterization(build_model(cfg, vocab or None, tokenizer, d.device), cfg)
+    objective = spec.build_objective(cfg, model)
+    wrapped = parallel.wrap_model(model, d, cfg.parallel)
+
+    params_total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    params_trainable = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
+    seq_len = cfg.train.seq_len
+    flops_per_token = training_flops_per_token(model.config, seq_len, params_trainable / max(params_total, 1))
+    dtype = torch.float32 if cfg.train.precision == "fp32" else torch.bfloat16
+    loader = ResumableLoader(data.train, cfg.train.batch_size, seed=cfg.seed, rank=d.rank,
+                             world_size=d.world_size)
+    trainer = Trainer(
+        model, objective, loader, cfg.train, cfg.optim, device=d.device, forward_model=wrapped,
+        val_dataset=data.val, val_bytes_per_token=data.val_bytes_per_token, run_dir=run_dir,
+        identity=_identity(cfg, data.identity, d.world_size), trainable_only=cfg.adapter is not None,
+        flops_per_token=flops_per_token, peak_flops=peak_flops(d.device, dtype), rank=d.rank,
+        world_size=d.world_size, all_reduce=lambda t: parallel.all_reduce_sum(t, d),
+        grad_sync=lambda last: parallel.gradient_sync(wrapped, last), tensorboard=cfg.tensorboard)
+    if resume_from is not None:
+        trainer.resume(resume_from, allow_config_change)
+        if d.is_main:
+            print(f"resuming from {resume_from} (step {trainer.step})", flush=True)
+    if d.is_main:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(
+            {"objective": cfg.objective, **to_dict(cfg)}, sort_keys=False))
+    stats = trainer.fit()
+
+    summary = None
+    if d.is_main:
+        final = run_dir / "final"
+        shutil.rmtree(final, ignore_errors=True)
+        if cfg.adapter is not None:
+            from graftlm.adapters import save_adapter
+            save_adapter(model, final, base_identity=cfg.model)
+        else:
+            from graftlm.models.hf import save_model
+            save_model(model, final, tokenizer_dir=tokenizer.path if tokenizer else None)
+        if tokenizer is not None and not (final / "tokenizer.json").exists():
+            tokenizer.save(final)
+        summary = {
+            "objective": cfg.objective,
+            "parameterization": cfg.adapter.kind if cfg.adapter else "full",
+            "model": cfg.model, "device": str(d.device), "world_size": d.world_size,
+            "precision": cfg.train.precision,
+            "params_total": params_total, "params_trainable": params_trainable,
+            **stats, "wall_time_s": time.perf_counter() - started,
+            "flops_per_token": flops_per_token, "peak_flops": trainer.peak_flops,
+            "artifact_bytes": _dir_bytes(final),
+            "config_sha256": hashlib.sha256((run_dir / "config.yaml").read_bytes()).hexdigest(),
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    parallel.barrier(d)
+    parallel.shutdown(d)
+    return summary or {}

@@ -1,0 +1,69 @@
+"""The training commands: `graft pretrain`, and `sft`, `dpo`, `reward`, `grpo`, `ppo` as
+their objective modules appear. Every one has the same options (the run config, plus
+the objective's own section) and calls `runs.run_training`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from graftlm.config import add_config_arguments, build_config
+from graftlm.errors import GraftError
+
+# command -> objective (graftlm/objectives/<objective>.py with a SPEC)
+TRAINING_COMMANDS = {"pretrain": "clm", "sft": "sft", "dpo": "dpo", "reward": "reward",
+                     "grpo": "grpo", "ppo": "ppo"}
+FULL = ("full", "none")
+
+
+def register(subparsers) -> None:
+    from graftlm.objectives import available, get_spec
+    from graftlm.runs import run_config_class
+
+    present = set(available())
+    for command, objective in TRAINING_COMMANDS.items():
+        if objective not in present:
+            continue
+        try:
+            spec = get_spec(objective)
+        except GraftError:
+            continue  # a module being written that has no SPEC yet
+        parser = subparsers.add_parser(command, help=spec.help, description=spec.help)
+        add_config_arguments(parser, run_config_class(objective))
+        parser.add_argument("--adapter", dest="cfg:adapter.kind", default=argparse.SUPPRESS,
+                            metavar="KIND", help="short for --adapter.kind: lora, qlora, dora, or full")
+        mode = parser.add_mutually_exclusive_group()
+        mode.add_argument("--resume", action="store_true",
+                          help="resume from the newest valid checkpoint (automatic when there is one)")
+        mode.add_argument("--fresh", action="store_true",
+                          help="start over, deleting the run directory's checkpoints and results")
+        parser.add_argument("--allow-config-change", action="store_true",
+                            help="resume although batch size, world size or data changed")
+        parser.set_defaults(handler=train_command, objective=objective)
+
+
+def config_for(args: argparse.Namespace):
+    from graftlm.runs import run_config_class
+
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:")}
+    if str(overrides.get("adapter.kind", "")).lower() in FULL:
+        overrides = {k: v for k, v in overrides.items() if not k.startswith("adapter.")}
+        overrides["adapter"] = None
+    return build_config(run_config_class(args.objective), getattr(args, "recipe", None), overrides)
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from graftlm.runs import run_training
+
+    cfg = config_for(args)
+    summary = run_training(cfg, resume=True if args.resume else None, fresh=args.fresh,
+                           allow_config_change=args.allow_config_change)
+    if summary:
+        val = summary.get("final_val_loss")
+        bpb = summary.get("val_bpb")
+        print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens, "
+              f"{summary['tokens_per_s']:,.0f} tokens/s, MFU {100 * summary['mfu']:.1f}%, "
+              f"train loss {summary['final_train_loss']:.4f}"
+              + (f", val loss {val:.4f}" if val is not None else "")
+              + (f", val bpb {bpb:.4f}" if bpb is not None else ""))
+    return 0

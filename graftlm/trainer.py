@@ -1,0 +1,302 @@
+"""The one training loop, for every objective and parameterization.
+
+Design choices:
+- An objective returns `(loss_sum, count, metrics)` per micro-batch. The loop
+  back-propagates the sums and then scales the gradients by 1 / (count summed over the
+  step's micro-batches and ranks), so gradient accumulation is exactly a larger batch
+  and a rank with few trained tokens weighs exactly as much as its tokens.
+- A step whose loss or gradient norm is not finite is skipped: gradients are dropped,
+  parameters, optimizer state and the step counter stay as they were, the batch's
+  sample ids are logged, and too many bad steps in a row stop the run.
+- The learning rate is a pure function of the step (`optim.lr_at`); with the loader's
+  `(epoch, position)`, the RNG states, the weights and the optimizer state, that is all
+  a checkpoint needs for an exact resume.
+- Parallelism hooks only: `rank`, `world_size` and an `all_reduce` (sum) callable.
+  Only rank 0 logs and writes; DDP / FSDP2 wrapping happens outside (`parallel.py`).
+- The trainer never looks at what is trained: it optimizes the parameters that require
+  grad and saves only those when `trainable_only` (adapters on a frozen base).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal, Protocol
+
+import torch
+from torch import nn
+
+from graftlm import checkpoint as ckpt
+from graftlm.data.loader import ResumableLoader, iterate_once
+from graftlm.errors import ConfigError, GraftError
+from graftlm.metrics import MetricsLogger, peak_device_memory_bytes, peak_host_memory_bytes
+from graftlm.optim import OptimConfig, build_optimizer, lr_at, set_lr
+
+
+class Objective(Protocol):
+    name: str
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        ...
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = field(default=1000, metadata={"help": "optimizer steps to train"})
+    batch_size: int = field(default=8, metadata={"help": "samples per micro-batch, per rank"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    seq_len: int = field(default=256, metadata={"help": "tokens per sample"})
+    precision: Literal["fp32", "bf16-autocast", "bf16"] = field(
+        default="bf16-autocast", metadata={"help": "fp32, bf16 autocast over fp32 weights, or pure bf16"})
+    activation_checkpointing: bool = False
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    eval_every: int = field(default=100, metadata={"help": "validate every N steps (0: only at the end)"})
+    eval_batches: int = field(default=20, metadata={"help": "validation batches (0: the whole split)"})
+    save_every: int = field(default=500, metadata={"help": "checkpoint every N steps (0: only at the end)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "keep the last K checkpoints (0: all)"})
+    log_every: int = 10
+    max_bad_steps: int = field(default=5, metadata={"help": "stop after N non-finite steps in a row"})
+
+    def validate(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "log_every", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config field 'train.{name}': must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "eval_batches", "save_every", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"config field 'train.{name}': must be >= 0, got {getattr(self, name)}")
+
+
+def _sum_locally(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, objective: Objective, loader: ResumableLoader,
+                 cfg: TrainConfig, optim_cfg: OptimConfig, *, device: torch.device,
+                 forward_model: nn.Module | None = None,
+                 val_dataset=None, val_bytes_per_token: float | None = None,
+                 run_dir: Path | None = None, identity: dict | None = None,
+                 trainable_only: bool = False, flops_per_token: float = 0.0, peak_flops: float = 0.0,
+                 rank: int = 0, world_size: int = 1,
+                 all_reduce: Callable[[torch.Tensor], torch.Tensor] = _sum_locally,
+                 grad_sync: Callable[[bool], contextlib.AbstractContextManager] | None = None,
+                 tensorboard: bool = True):
+        """`model` is the module whose weights are trained and saved; `forward_model` the
+        one the objective calls (a DDP / FSDP2 wrapper of it; default the model)."""
+        self.model, self.objective, self.loader = model, objective, loader
+        self.cfg, self.optim_cfg, self.device = cfg, optim_cfg, device
+        self.val_dataset, self.val_bytes_per_token = val_dataset, val_bytes_per_token
+        self.run_dir, self.identity, self.trainable_only = run_dir, identity or {}, trainable_only
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.rank, self.world_size, self.all_reduce = rank, world_size, all_reduce
+        # grad_sync(is_last_micro_step): skip the gradient all-reduce until the last one.
+        self.grad_sync = grad_sync or (lambda last: contextlib.nullcontext())
+        self.tensorboard = tensorboard
+        self.is_main = rank == 0
+
+        model.gradient_checkpointing = cfg.activation_checkpointing
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(model, optim_cfg)
+        forward_model = forward_model if forward_model is not None else model
+        self.forward_model = torch.compile(forward_model) if cfg.compile else forward_model
+        self.step = 0  # optimizer steps taken
+        self.tokens = 0  # input tokens consumed, all ranks
+        self.train_time_s = 0.0  # time in training steps, summed over resumes
+        self.bad_streak = 0
+        self.last_loss: float | None = None
+        self.last_val: dict = {}
+        self.checkpoint_root = run_dir / "checkpoints" if run_dir is not None else None
+        self.logger: MetricsLogger | None = None  # set by fit()
+
+    # -- precision ----------------------------------------------------------------------
+
+    def autocast(self):
+        if self.cfg.precision == "bf16-autocast":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    @staticmethod
+    def _input_tokens(batch: dict) -> int:
+        # Every objective names its token inputs `*input_ids` (input_ids, chosen_input_ids...).
+        return sum(v.numel() for k, v in batch.items() if k.endswith("input_ids"))
+
+    # -- one optimizer step ---------------------------------------------------------------
+
+    def train_step(self) -> dict | None:
+        """One optimizer step over `grad_accum` micro-batches; None when it was skipped."""
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
+        count = torch.zeros((), device=self.device, dtype=torch.float32)
+        objective_metrics: dict[str, float] = {}
+        sample_ids, tokens = [], 0
+        for micro in range(self.cfg.grad_accum):
+            batch = self._to_device(self.loader.next_batch())
+            sample_ids.extend(batch["sample_ids"].tolist())
+            tokens += self._input_tokens(batch)
+            with self.grad_sync(micro == self.cfg.grad_accum - 1):
+                with self.autocast():
+                    part_sum, part_count, metrics = self.objective.loss(self.forward_model, batch)
+                part_sum.backward()
+            loss_sum += part_sum.detach().float()
+            count += part_count.detach().float()
+            for k, v in metrics.items():
+                objective_metrics[k] = objective_metrics.get(k, 0.0) + float(v) / self.cfg.grad_accum
+        loss_sum, count = self.all_reduce(loss_sum), self.all_reduce(count)
+        # DDP averages gradients over ranks; undo that and divide by the global count.
+        scale = self.world_size / count.clamp_min(1)
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.mul_(scale.to(p.grad.dtype))
+        max_norm = self.optim_cfg.grad_clip or math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
+        loss = loss_sum / count.clamp_min(1)
+        if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self._skip(loss, grad_norm, sample_ids)
+            return None
+        self.bad_streak = 0
+        lr = lr_at(self.step, self.cfg.max_steps, self.optim_cfg)
+        set_lr(self.optimizer, lr)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        step_tokens = tokens * self.world_size
+        self.tokens += step_tokens
+        self.last_loss = loss.item()
+        return {"step": self.step, "loss": self.last_loss, "lr": lr, "grad_norm": grad_norm.item(),
+                "tokens": self.tokens, "step_tokens": step_tokens, "epoch": self.loader.epoch_progress,
+                **{f"train_{k}": v for k, v in objective_metrics.items()}}
+
+    def _skip(self, loss: torch.Tensor, grad_norm: torch.Tensor, sample_ids: list[int]) -> None:
+        self.bad_streak += 1
+        record = {"step": self.step, "skipped": True, "loss": str(float(loss)),
+                  "grad_norm": str(float(grad_norm)), "sample_ids": sample_ids}
+        if self.logger is not None:
+            self.logger.log(record)
+        self._message(f"step {self.step + 1}: non-finite loss or gradient, step skipped "
+                      f"(samples {sample_ids})")
+        if self.bad_streak >= self.cfg.max_bad_steps:
+            raise GraftError(f"{self.bad_streak} steps in a row had a non-finite loss or gradient "
+                             f"(last samples {sample_ids}); lower optim.lr or check the data")
+
+    # -- validation -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        if self.val_dataset is None or len(self.val_dataset) == 0:
+            return {}
+        self.model.eval()
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        count = torch.zeros((), device=self.device, dtype=torch.float64)
+        for batch in iterate_once(self.val_dataset, self.cfg.batch_size, self.rank, self.world_size,
+                                  self.cfg.eval_batches or None):
+            with self.autocast():
+                part_sum, part_count, _ = self.objective.loss(self.forward_model, self._to_device(batch))
+            total += part_sum.double()
+            count += part_count.double()
+        total, count = self.all_reduce(total), self.all_reduce(count)
+        result = {"step": self.step, "val_loss": (total / count.clamp_min(1)).item()}
+        if self.val_bytes_per_token:
+            # bits per byte: nats -> bits, over the UTF-8 bytes the predicted tokens cover.
+            result["val_bpb"] = (total / math.log(2) / (count * self.val_bytes_per_token)).item()
+        self.last_val = result
+        return result
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path | None:
+        if not self.is_main or self.checkpoint_root is None:
+            return None
+        opt_tensors, opt_meta = ckpt.optimizer_files(self.optimizer)
+        rng_tensors, rng_meta = ckpt.rng_files()
+        state = {"step": self.step, "tokens": self.tokens, "train_time_s": self.train_time_s,
+                 "bad_streak": self.bad_streak, "last_loss": self.last_loss, "last_val": self.last_val,
+                 "loader": self.loader.state_dict(), "rng": rng_meta, "identity": self.identity,
+                 "trainable_only": self.trainable_only}
+        return ckpt.save_checkpoint(
+            self.checkpoint_root, self.step,
+            tensors={"model.safetensors": ckpt.model_tensors(self.model, self.trainable_only),
+                     "optimizer.safetensors": opt_tensors, "rng.safetensors": rng_tensors},
+            documents={"optimizer.json": opt_meta, "trainer.json": state},
+            keep_last=self.cfg.keep_checkpoints)
+
+    def resume(self, directory: Path, allow_config_change: bool = False) -> None:
+        """Restore everything from a checkpoint directory (verified first)."""
+        ckpt.verify(directory)
+        state = ckpt.read_json(directory, "trainer.json")
+        ckpt.check_identity(state.get("identity", {}), self.identity, allow_config_change, directory,
+                            warn=self._message)
+        ckpt.load_model_tensors(self.model, ckpt.read_tensors(directory, "model.safetensors"),
+                                directory / "model.safetensors")
+        ckpt.load_optimizer_files(self.optimizer, ckpt.read_tensors(directory, "optimizer.safetensors"),
+                                  ckpt.read_json(directory, "optimizer.json"), directory / "optimizer.json")
+        ckpt.restore_rng(ckpt.read_tensors(directory, "rng.safetensors"), state["rng"])
+        self.loader.load_state_dict(state["loader"])
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.train_time_s, self.bad_streak = state["train_time_s"], state["bad_streak"]
+        self.last_loss, self.last_val = state["last_loss"], state["last_val"]
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def _message(self, text: str) -> None:
+        if self.logger is not None:
+            self.logger.message(text)
+        elif self.is_main:
+            print(text, flush=True)
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        self.logger = MetricsLogger(self.run_dir, cfg.max_steps, self.step, enabled=self.is_main,
+                                    log_every=cfg.log_every, tensorboard=self.tensorboard)
+        if self.checkpoint_root is not None and self.is_main:
+            ckpt.sweep_partial(self.checkpoint_root)
+        saved_at = self.step if self.step > 0 else None
+        try:
+            while self.step < cfg.max_steps:
+                start = time.perf_counter()
+                record = self.train_step()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                elapsed = time.perf_counter() - start
+                self.train_time_s += elapsed
+                if record is None:
+                    continue
+                tokens_per_s = record["step_tokens"] / max(elapsed, 1e-9)
+                record.update(tokens_per_s=tokens_per_s,
+                              mfu=self._mfu(tokens_per_s), memory_bytes=peak_device_memory_bytes(self.device),
+                              eta_s=(cfg.max_steps - self.step) * self.train_time_s / max(self.step, 1))
+                self.logger.log(record)
+                last = self.step == cfg.max_steps
+                if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
+                    val = self.evaluate()
+                    if val:
+                        self.logger.log(val)
+                if (cfg.save_every and self.step % cfg.save_every == 0) or last:
+                    self.save_checkpoint()
+                    saved_at = self.step
+            if saved_at != self.step:  # resumed a finished run: make sure the end is saved
+                self.save_checkpoint()
+        finally:
+            self.logger.close()
+        return self.stats()
+
+    def _mfu(self, tokens_per_s: float) -> float:
+        if not self.peak_flops:
+            return 0.0
+        return self.flops_per_token * tokens_per_s / (self.peak_flops * self.world_size)
+
+    def stats(self) -> dict:
+        tokens_per_s = self.tokens / self.train_time_s if self.train_time_s else 0.0
+        return {"steps": self.step, "tokens": self.tokens, "train_time_s": self.train_time_s,
+                "tokens_per_s": tokens_per_s, "mfu": self._mfu(tokens_per_s),
+                "flops": self.flops_per_token * self.tokens,
+                "peak_memory_bytes": peak_device_memory_bytes(self.device),
+                "peak_host_memory_bytes": peak_host_memory_bytes(),
+                "final_train_loss": self.last_loss,
+                "final_val_loss": self.last_val.get("val_loss"), "val_bpb": self.last_val.get("val_bpb")}
