@@ -1,0 +1,109 @@
+"""`graft generate` and `graft chat`: the engine from the command line.
+
+`generate` completes one or more prompts in one batch and prints each completion.
+`chat` is a REPL on stdin: each line is a user turn, the conversation is rendered with
+the tokenizer's chat template (add_generation_prompt) and the reply streams token by
+token; EOF or `/exit` ends it. Both read a Hugging Face model directory, whose
+`tokenizer.json` text prompts need.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from graftlm.errors import GraftError
+
+
+def register(subparsers) -> None:
+    gen = subparsers.add_parser("generate", help="complete prompts with a model (batched)")
+    gen.add_argument("--model", required=True, help="Hugging Face model directory")
+    gen.add_argument("--prompt", action="append", required=True,
+                     help="prompt text; repeat for a batch")
+    gen.add_argument("--chat", action="store_true",
+                     help="wrap each prompt as a user turn in the chat template")
+    _add_sampling_arguments(gen, max_new_tokens=128, temperature=0.0)
+    gen.set_defaults(handler=generate_command)
+
+    chat = subparsers.add_parser("chat", help="talk to a model on the terminal (streams)")
+    chat.add_argument("--model", required=True, help="Hugging Face model directory")
+    chat.add_argument("--system", default=None, help="system message")
+    _add_sampling_arguments(chat, max_new_tokens=512, temperature=0.7)
+    chat.set_defaults(handler=chat_command)
+
+
+def _add_sampling_arguments(parser, max_new_tokens: int, temperature: float) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=temperature, help="0: greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0: off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1.0: off")
+    parser.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    parser.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
+
+
+def _sampling_params(args):
+    from graftlm.engine import SamplingParams
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, stop=tuple(args.stop), seed=args.seed)
+
+
+def _load_engine(model_dir: str):
+    from graftlm.engine import Engine
+    from graftlm.models.hf import load_model
+    from graftlm.tokenizer import load_tokenizer
+
+    model = load_model(model_dir)  # checks the directory, one-line errors
+    if not (Path(model_dir) / "tokenizer.json").exists():
+        raise GraftError(f"{model_dir}: no tokenizer.json, so text prompts cannot be encoded")
+    return Engine(model, load_tokenizer(model_dir))
+
+
+def generate_command(args) -> int:
+    params = _sampling_params(args)  # check the options before loading a model
+    engine = _load_engine(args.model)
+    prompts = args.prompt
+    if args.chat:
+        tok = engine.tokenizer
+        prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}],
+                                                      add_generation_prompt=True))
+                   for p in prompts]
+    completions = engine.generate(prompts, params)
+    for i, c in enumerate(completions):
+        if len(completions) > 1:
+            print(f"=== [{i}] ({c.finish_reason}, {len(c.token_ids)} tokens)")
+        print(c.text)
+    return 0
+
+
+def chat_command(args) -> int:
+    params = _sampling_params(args)
+    engine = _load_engine(args.model)
+    tok, max_len = engine.tokenizer, engine.model.config.max_seq_len
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    turns: list[dict] = []
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        line = line.strip()
+        if line == "/exit":
+            break
+        if not line:
+            continue
+        turns.append({"role": "user", "content": line})
+        ids = tok.encode(tok.apply_chat_template(system + turns, add_generation_prompt=True))
+        # Forget the oldest turns when the conversation outgrows the model's context.
+        while len(ids) + min(params.max_new_tokens, 16) >= max_len and len(turns) > 1:
+            turns = turns[2:] if len(turns) > 2 else turns[1:]
+            ids = tok.encode(tok.apply_chat_template(system + turns, add_generation_prompt=True))
+        reply = []
+        for events in engine.stream([ids], params):
+            for event in events:
+                reply.append(event.text)
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+        turns.append({"role": "assistant", "content": "".join(reply)})
+    return 0
