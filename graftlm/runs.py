@@ -212,7 +212,10 @@ def run_training(cfg: RunConfig, resume: bool | None = None, fresh: bool = False
     tokenizer = find_tokenizer(cfg, Path(cfg.data))
     data = spec.build_dataset(cfg, tokenizer)
     vocab = max(v for v in (tokenizer.vocab_size if tokenizer else 0, data.vocab_size or 0))
-    model = apply_parameterization(build_model(cfg, vocab or None, tokenizer, d.device), cfg)
+    model = build_model(cfg, vocab or None, tokenizer, d.device)
+    if spec.prepare_model is not None:
+        model = spec.prepare_model(cfg, model, tokenizer)
+    model = apply_parameterization(model, cfg)
     objective = spec.build_objective(cfg, model)
     wrapped = parallel.wrap_model(model, d, cfg.parallel)
 
@@ -246,6 +249,8 @@ def run_training(cfg: RunConfig, resume: bool | None = None, fresh: bool = False
         if cfg.adapter is not None:
             from graftlm.adapters import save_adapter
             save_adapter(model, final, base_identity=cfg.model)
+        elif spec.save_final is not None:
+            spec.save_final(model, final, tokenizer)
         else:
             from graftlm.models.hf import save_model
             save_model(model, final, tokenizer_dir=tokenizer.path if tokenizer else None)

@@ -52,6 +52,11 @@ class ObjectiveSpec:
     config_cls: type
     build_dataset: Callable[[Any, Any], DataSplits]
     build_objective: Callable[[Any, Any], Any]
+    # Optional: turn the built decoder into the trained model (reward: a scalar head),
+    # `prepare_model(cfg, model, tokenizer) -> model`, and write it as `final/`,
+    # `save_final(model, out, tokenizer)` (used without adapters).
+    prepare_model: Callable[[Any, Any, Any], Any] | None = None
+    save_final: Callable[[Any, Any, Any], Any] | None = None
 
 
 def available() -> list[str]:

@@ -24,15 +24,16 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from graftlm.errors import ConfigError
+from graftlm.errors import ConfigError, GraftError
+from graftlm.objectives import DataSplits, ObjectiveSpec
 from graftlm.objectives.logprobs import IGNORE_INDEX, shift_targets
-from graftlm.objectives.sft import model_logprobs
+from graftlm.objectives.sft import FineTuneData, load_splits, model_logprobs, renderer_for
 
 REFERENCE_FREE = ("simpo", "orpo")
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(FineTuneData):
     loss: Literal["sigmoid", "ipo", "simpo", "orpo"] = field(
         default="sigmoid", metadata={"help": "preference loss; simpo and orpo use no reference model"})
     beta: float = field(default=0.1, metadata={"help": "strength of the preference (DPO/IPO/SimPO beta, ORPO lambda)"})
@@ -40,6 +41,7 @@ class DPOConfig:
     simpo_gamma: float = field(default=0.5, metadata={"help": "simpo: target reward margin"})
 
     def validate(self) -> None:
+        super().validate()
         if self.beta <= 0:
             raise ConfigError(f"config field 'dpo.beta': must be > 0, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
@@ -154,3 +156,43 @@ class DPOObjective:
             "logps/rejected": rejected.detach().mean().item(),
         }
         return losses.sum(), torch.tensor(pairs, device=losses.device), metrics
+
+
+class PreferencePairs:
+    """Rendered pairs as prompt + completion ids with completion masks; `collate` pads."""
+
+    def __init__(self, pairs, pad_id: int):
+        self.pairs, self.pad_id = pairs, pad_id
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict:
+        p = self.pairs[index]
+        prompt_mask = [False] * len(p.prompt_ids)
+        return {"chosen_input_ids": p.prompt_ids + p.chosen_ids, "chosen_loss_mask": prompt_mask + p.chosen_mask,
+                "rejected_input_ids": p.prompt_ids + p.rejected_ids,
+                "rejected_loss_mask": prompt_mask + p.rejected_mask}
+
+    def collate(self, samples: list[dict]) -> dict:
+        return collate_pairs(samples, self.pad_id)
+
+
+def build_pair_splits(cfg, section: FineTuneData, tokenizer, objective: str, pad_id: int | None = None) -> DataSplits:
+    """Train / validation preference pairs for `dpo` and `reward`."""
+    renderer = renderer_for(cfg, section, tokenizer)
+    train_rows, val_rows = load_splits(cfg, section, objective)
+    train = [p for p in map(renderer.render_pair, train_rows) if p is not None]
+    val = [p for p in map(renderer.render_pair, val_rows) if p is not None]
+    if not train:
+        raise GraftError(f"{cfg.data}: no preference pair left after rendering ({renderer.counts.to_dict()})")
+    pad = tokenizer.pad_id if pad_id is None else pad_id
+    return DataSplits(train=PreferencePairs(train, pad), val=PreferencePairs(val, pad) if val else None,
+                      vocab_size=tokenizer.vocab_size,
+                      identity={"data": cfg.data, "pairs": len(train), "render": renderer.counts.to_dict()})
+
+
+SPEC = ObjectiveSpec(
+    name="dpo", help="preference optimisation: DPO (sigmoid), IPO, SimPO or ORPO on chosen/rejected pairs",
+    config_cls=DPOConfig, build_dataset=lambda cfg, tokenizer: build_pair_splits(cfg, cfg.dpo, tokenizer, "dpo"),
+    build_objective=lambda cfg, model: DPOObjective(cfg.dpo))

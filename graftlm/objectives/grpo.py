@@ -25,13 +25,15 @@ import torch
 
 from graftlm.errors import ConfigError
 from graftlm.objectives.logprobs import IGNORE_INDEX, shift_targets
-from graftlm.objectives.rollout import Rollout, RolloutSampler, SamplingConfig, rollout_metrics
-from graftlm.objectives.sft import model_logprobs
+from graftlm.objectives import ObjectiveSpec
+from graftlm.objectives.rollout import (Rollout, RolloutSampler, SamplingConfig, build_prompt_splits,
+                                        rollout_metrics, run_tokenizer)
+from graftlm.objectives.sft import FineTuneData, model_logprobs
 from graftlm.rewards import RewardPolicy, RewardScorer, build_reward
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(FineTuneData):
     reward: str = field(default="gsm8k", metadata={
         "help": "gsm8k | numeric | exact | regex:PATTERN | module:function | reward model dir"})
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -44,6 +46,7 @@ class GRPOConfig:
     advantage_eps: float = 1e-4
 
     def validate(self) -> None:
+        super().validate()
         if self.beta < 0 or self.epsilon <= 0 or self.iterations < 1:
             raise ConfigError("config fields 'beta' >= 0, 'epsilon' > 0 and 'iterations' >= 1 are required")
         if self.sampling.group_size < 2:
@@ -140,3 +143,11 @@ class GRPOObjective:
         self._last_end = time.perf_counter()
         metrics["time/train_s"] = outside + (self._last_end - start - rollout.generation_s - rollout.scoring_s)
         return (per_token * trained).sum(), count, metrics
+
+
+SPEC = ObjectiveSpec(
+    name="grpo", help="online RL: sample groups of completions, score them, group-normalised advantages",
+    config_cls=GRPOConfig,
+    build_dataset=lambda cfg, tokenizer: build_prompt_splits(cfg, cfg.grpo, tokenizer, "grpo"),
+    build_objective=lambda cfg, model: GRPOObjective(cfg.grpo, run_tokenizer(cfg),
+                                                     device=next(model.parameters()).device))

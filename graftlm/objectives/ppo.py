@@ -28,13 +28,15 @@ import torch
 from graftlm.errors import ConfigError
 from graftlm.objectives.grpo import clipped_surrogate, reference_token_logps
 from graftlm.objectives.logprobs import IGNORE_INDEX, shift_targets
-from graftlm.objectives.rollout import RolloutSampler, SamplingConfig, rollout_metrics
-from graftlm.objectives.sft import model_logprobs
+from graftlm.objectives import ObjectiveSpec
+from graftlm.objectives.rollout import (RolloutSampler, SamplingConfig, build_prompt_splits, rollout_metrics,
+                                        run_tokenizer)
+from graftlm.objectives.sft import FineTuneData, model_logprobs
 from graftlm.rewards import RewardPolicy, RewardScorer, build_reward
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(FineTuneData):
     reward: str = field(default="", metadata={"help": "reward model directory (or any reward spec)"})
     value_model: str | None = field(default=None, metadata={
         "help": "critic initialisation (default: the reward model, else a copy of the policy)"})
@@ -49,6 +51,7 @@ class PPOConfig:
     whiten_advantages: bool = True
 
     def validate(self) -> None:
+        super().validate()
         if not self.reward:
             raise ConfigError("config field 'ppo.reward' is required (a reward model directory from graft reward)")
         if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
@@ -148,3 +151,11 @@ class PPOObjective:
         torch.nn.utils.clip_grad_norm_(self.critic.parameters(), 1.0)
         self.critic_optimizer.step()
         return {"value_loss": value_loss.item(), "time/critic_s": time.perf_counter() - start}
+
+
+SPEC = ObjectiveSpec(
+    name="ppo", help="classic RLHF: PPO against a reward model, with a value model and GAE",
+    config_cls=PPOConfig,
+    build_dataset=lambda cfg, tokenizer: build_prompt_splits(cfg, cfg.ppo, tokenizer, "ppo"),
+    build_objective=lambda cfg, model: PPOObjective(cfg.ppo, run_tokenizer(cfg), model,
+                                                    device=next(model.parameters()).device))

@@ -18,14 +18,17 @@ import torch
 import torch.nn.functional as F
 
 from graftlm.errors import ConfigError
-from graftlm.objectives.dpo import concatenated
+from graftlm.objectives import ObjectiveSpec
+from graftlm.objectives.dpo import build_pair_splits, concatenated
+from graftlm.objectives.sft import FineTuneData
 
 
 @dataclass
-class RewardModelConfig:
+class RewardModelConfig(FineTuneData):
     center_coef: float = field(default=0.0, metadata={"help": "weight of (r_chosen + r_rejected)^2, 0 = off"})
 
     def validate(self) -> None:
+        super().validate()
         if self.center_coef < 0:
             raise ConfigError(f"config field 'reward.center_coef': must be >= 0, got {self.center_coef}")
 
@@ -55,3 +58,26 @@ class RewardObjective:
             "rewards/accuracy": (chosen > rejected).float().mean().item(),
         }
         return losses.sum(), torch.tensor(losses.shape[0], device=losses.device), metrics
+
+
+def scalar_head(cfg, model, tokenizer):
+    """The base decoder with a fresh score head; pads with the tokenizer's pad id."""
+    from graftlm.models.heads import ScalarHeadModel
+
+    pad = tokenizer.pad_id if tokenizer is not None else model.config.pad_token_id
+    return ScalarHeadModel.from_decoder(model, pad_token_id=pad,
+                                        generator=torch.Generator().manual_seed(cfg.seed)).train()
+
+
+def save_reward_model(model, out, tokenizer) -> None:
+    from graftlm.models.heads import save_scalar_model
+
+    save_scalar_model(model, out, tokenizer_dir=tokenizer.path if tokenizer is not None else None)
+
+
+SPEC = ObjectiveSpec(
+    name="reward", help="train a reward model (scalar head, Bradley-Terry loss on preference pairs)",
+    config_cls=RewardModelConfig,
+    build_dataset=lambda cfg, tokenizer: build_pair_splits(cfg, cfg.reward, tokenizer, "reward"),
+    build_objective=lambda cfg, model: RewardObjective(cfg.reward),
+    prepare_model=scalar_head, save_final=save_reward_model)

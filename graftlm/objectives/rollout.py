@@ -144,3 +144,23 @@ class PromptDataset:
         return self.items[index]
 
     collate = staticmethod(collate_prompts)
+
+
+def build_prompt_splits(cfg, section, tokenizer, objective: str):
+    """Train / validation RL prompts (`grpo`, `ppo`), rendered up to the reply."""
+    from graftlm.objectives import DataSplits
+    from graftlm.objectives.sft import load_splits, renderer_for
+
+    renderer = renderer_for(cfg, section, tokenizer)
+    train, val = load_splits(cfg, section, objective)
+    return DataSplits(train=PromptDataset(train, renderer), val=PromptDataset(val, renderer) if val else None,
+                      vocab_size=tokenizer.vocab_size, identity={"data": cfg.data, "prompts": len(train)})
+
+
+def run_tokenizer(cfg):
+    """The tokenizer of the run, as `runs.py` found it (RL decodes completions to score them)."""
+    from pathlib import Path
+
+    from graftlm.runs import find_tokenizer
+
+    return find_tokenizer(cfg, Path(cfg.data))

@@ -15,10 +15,13 @@ Design choices:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
+from graftlm.errors import ConfigError, GraftError
+from graftlm.objectives import DataSplits, ObjectiveSpec
 from graftlm.objectives.logprobs import IGNORE_INDEX, shift_targets
 
 
@@ -46,8 +49,80 @@ def packed_targets(batch: dict) -> torch.Tensor:
 
 
 @dataclass
-class SFTConfig:
-    """SFT has no knobs of its own: masking policy lives in the data config."""
+class FineTuneData:
+    """How fine-tuning rows are read and rendered (shared by sft, dpo, reward, grpo, ppo)."""
+
+    val_fraction: float = field(default=0.05, metadata={"help": "rows held out for validation"})
+    val_data: str | None = field(default=None, metadata={"help": "validation file (instead of val_fraction)"})
+    max_length: int | None = field(default=None, metadata={"help": "tokens per row (default: train.seq_len)"})
+    overflow: Literal["truncate", "drop"] = "truncate"
+    train_on: Literal["assistant", "all"] = field(default="assistant", metadata={"help": "tokens that get a loss"})
+    errors: Literal["skip", "raise"] = field(default="skip", metadata={"help": "bad rows: count and skip, or stop"})
+    max_bad_fraction: float = 0.01
+
+    def validate(self) -> None:
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"config field 'val_fraction': must be in [0, 1), got {self.val_fraction}")
+
+
+def load_splits(cfg, section: FineTuneData, objective: str) -> tuple[list[dict], list[dict]]:
+    """(train, val) normalised rows; val is `val_data`, or a seeded `val_fraction` of the data."""
+    from graftlm.data.formats import load_examples
+
+    rows, _ = load_examples(cfg.data, objective, errors=section.errors, max_bad_fraction=section.max_bad_fraction)
+    if section.val_data:
+        val, _ = load_examples(section.val_data, objective, errors=section.errors,
+                               max_bad_fraction=section.max_bad_fraction)
+        return rows, val
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    held = int(len(rows) * section.val_fraction)
+    if held == 0 or len(rows) - held < 1:
+        return rows, []
+    return [rows[i] for i in order[held:]], [rows[i] for i in order[:held]]
+
+
+def renderer_for(cfg, section: FineTuneData, tokenizer):
+    from graftlm.data.render import RenderConfig, Renderer
+
+    if tokenizer is None:
+        raise GraftError("fine-tuning needs a tokenizer: pass --tokenizer DIR or a model directory with tokenizer.json")
+    return Renderer(tokenizer, RenderConfig(max_length=section.max_length or cfg.train.seq_len,
+                                            overflow=section.overflow, train_on=section.train_on))
+
+
+class RenderedRows:
+    """SFT rows as token ids + loss masks; `collate` right-pads a micro-batch."""
+
+    def __init__(self, rows, pad_id: int):
+        self.rows, self.pad_id = rows, pad_id
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.rows[index]
+        return {"input_ids": row.input_ids, "loss_mask": row.loss_mask}
+
+    def collate(self, samples: list[dict]) -> dict:
+        from graftlm.objectives.dpo import pad_right
+
+        return {"input_ids": pad_right([s["input_ids"] for s in samples], self.pad_id),
+                "loss_mask": pad_right([s["loss_mask"] for s in samples], 0).bool()}
+
+
+def rendered_bytes_per_token(rows, tokenizer) -> float | None:
+    """UTF-8 bytes per trained token, for bits per byte of the validation loss."""
+    tokens = sum(sum(r.loss_mask[1:]) for r in rows)
+    if not tokens:
+        return None
+    text_bytes = sum(len(tokenizer.decode([t for t, m in zip(r.input_ids[1:], r.loss_mask[1:]) if m])
+                         .encode("utf-8")) for r in rows)
+    return text_bytes / tokens
+
+
+@dataclass
+class SFTConfig(FineTuneData):
+    """SFT's options are the data's: which tokens are trained is the renderer's choice."""
 
 
 class SFTObjective:
@@ -66,3 +141,23 @@ class SFTObjective:
         total = -(logp * trained).sum()
         count = trained.sum()
         return total, count, {"trained_tokens": int(count)}
+
+
+def build_dataset(cfg, tokenizer) -> DataSplits:
+    section = cfg.sft
+    renderer = renderer_for(cfg, section, tokenizer)
+    train_rows, val_rows = load_splits(cfg, section, "sft")
+    rendered = [r for r in map(renderer.render, train_rows) if r is not None]
+    val = [r for r in map(renderer.render, val_rows) if r is not None]
+    if not rendered:
+        raise GraftError(f"{cfg.data}: no row has a token to train after rendering ({renderer.counts.to_dict()})")
+    return DataSplits(train=RenderedRows(rendered, tokenizer.pad_id),
+                      val=RenderedRows(val, tokenizer.pad_id) if val else None,
+                      val_bytes_per_token=rendered_bytes_per_token(val, tokenizer) if val else None,
+                      vocab_size=tokenizer.vocab_size,
+                      identity={"data": cfg.data, "rows": len(rendered), "render": renderer.counts.to_dict()})
+
+
+SPEC = ObjectiveSpec(name="sft", help="supervised fine-tuning on chat / prompt-completion rows",
+                     config_cls=SFTConfig, build_dataset=build_dataset,
+                     build_objective=lambda cfg, model: SFTObjective(cfg.sft))
