@@ -136,11 +136,14 @@ class Renderer:
         return [t for t in (tok.backend.id_to_token(i) for i in tok.stop_ids) if t]
 
     def _encode_spans(self, text: str, spans: list[tuple[int, int]], bos: bool = False,
-                      eos: bool = False) -> tuple[list[int], list[bool]]:
+                      eos: bool = False, with_starts: bool = False):
+        """Token ids of `text` and a mask of the tokens that start inside `spans`."""
         encoding = self.tokenizer.backend.encode(text, add_special_tokens=False)
-        ids, mask = list(encoding.ids), []
-        for start, _ in encoding.offsets:
-            mask.append(any(s <= start < e for s, e in spans))
+        ids = list(encoding.ids)
+        starts = [start for start, _ in encoding.offsets]
+        mask = [any(s <= start < e for s, e in spans) for start in starts]
+        if with_starts:
+            return ids, mask, starts
         if bos and self.tokenizer.add_bos and self.tokenizer.bos_id is not None:
             ids, mask = [self.tokenizer.bos_id] + ids, [False] + mask
         if eos:
@@ -149,11 +152,18 @@ class Renderer:
             ids, mask = ids + [self.tokenizer.eos_id], mask + [True]
         return ids, mask
 
-    def _boundary_mask(self, text: str, boundary: int) -> tuple[list[int], list[bool]]:
-        """Raw text whose characters from `boundary` on are trained (a token crossing it is)."""
-        encoding = self.tokenizer.backend.encode(text, add_special_tokens=False)
-        mask = [end > boundary for _, end in encoding.offsets]
-        return list(encoding.ids), mask
+    def _raw_prompt_completion(self, prompt: str, completion: str) -> tuple[list[int], list[bool]]:
+        """[BOS] prompt completion EOS, tokenized as one text; the completion and EOS are trained
+        (a token that crosses the boundary counts as completion)."""
+        tok = self.tokenizer
+        if tok.eos_id is None:
+            raise GraftError("the tokenizer has no EOS token to end a completion")
+        encoding = tok.backend.encode(prompt + completion, add_special_tokens=False)
+        ids = list(encoding.ids) + [tok.eos_id]
+        mask = [end > len(prompt) for _, end in encoding.offsets] + [True]
+        if tok.add_bos and tok.bos_id is not None:
+            ids, mask = [tok.bos_id] + ids, [False] + mask
+        return ids, mask
 
     # -- rows -------------------------------------------------------------------------
 
@@ -166,12 +176,8 @@ class Renderer:
                 {"role": "assistant", "content": example["completion"]}]
             text, spans = self.conversation_text(messages)
             ids, mask = self._encode_spans(text, spans)
-        elif "prompt" in example:  # raw prompt + completion + EOS, for a model without a template
-            ids, mask = self._boundary_mask(example["prompt"] + example["completion"],
-                                            len(example["prompt"]))
-            bos = self.tokenizer.add_bos and self.tokenizer.bos_id is not None
-            ids = ([self.tokenizer.bos_id] if bos else []) + ids + [self.tokenizer.eos_id]
-            mask = ([False] if bos else []) + mask + [True]
+        elif "prompt" in example:  # raw text, for a model without a chat template
+            ids, mask = self._raw_prompt_completion(example["prompt"], example["completion"])
         elif "text" in example:
             ids, mask = self._encode_spans(example["text"], [(0, len(example["text"]))], bos=True, eos=True)
         else:
@@ -199,18 +205,17 @@ class Renderer:
     # -- preference pairs -------------------------------------------------------------
 
     def _completion(self, prompt, completion) -> tuple[list[int], list[int], list[bool]]:
+        """(prompt ids, completion ids, completion mask) of prompt + completion rendered together."""
         if isinstance(prompt, list) or self.chat:
             prompt = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
             completion = (completion if isinstance(completion, list)
                           else [{"role": "assistant", "content": completion}])
             boundary = len(self._template(prompt, add_generation_prompt=True))
             text, spans = self.conversation_text(prompt + completion)
-            ids, mask = self._encode_spans(text, spans)
-            encoding_starts = self.tokenizer.backend.encode(text, add_special_tokens=False).offsets
-            split = sum(1 for start, _ in encoding_starts if start < boundary)
+            ids, mask, starts = self._encode_spans(text, spans, with_starts=True)
+            split = sum(1 for start in starts if start < boundary)
         else:
-            ids, mask = self._boundary_mask(prompt + completion, len(prompt))
-            ids, mask = ids + [self.tokenizer.eos_id], mask + [True]
+            ids, mask = self._raw_prompt_completion(prompt, completion)
             split = mask.index(True)
         if self.config.train_on == "all":
             mask = [True] * len(ids)
