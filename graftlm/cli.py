@@ -14,6 +14,7 @@ import sys
 from graftlm.errors import GraftError
 
 COMMAND_MODULES = [
+    "graftlm.adapters_cli",
     "graftlm.data_cli",
     "graftlm.engine_cli",
     "graftlm.serve_cli",

@@ -1,0 +1,64 @@
+"""`graft merge`: an HF model that transformers loads, with the held-out loss reported."""
+
+import re
+
+import pytest
+import torch
+
+import graftlm.adapters as A
+from graftlm.cli import main
+from graftlm.models.hf import load_model
+from graftlm.tokenizer import train_tokenizer
+from tests.conftest import SHARED_DATA, make_hf_model
+
+
+@pytest.fixture
+def base_dir(tmp_path):
+    text = (SHARED_DATA / "tinyshakespeare.txt").read_text()[:6000]
+    make_hf_model("llama", tmp_path / "base", vocab_size=320)
+    train_tokenizer(iter([text]), vocab_size=320).save(tmp_path / "base")
+    return tmp_path / "base"
+
+
+def _adapter(base_dir, out, kind):
+    model = A.apply_adapters(load_model(base_dir), A.AdapterConfig(kind=kind, r=4, alpha=8))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in A.adapter_params(model):
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    A.save_adapter(model, out, base_model_name_or_path=str(base_dir))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["lora", pytest.param("qlora", marks=pytest.mark.slow)])
+def test_graft_merge_writes_a_transformers_model(kind, base_dir, tmp_path, capsys):
+    import transformers
+    model = _adapter(base_dir, tmp_path / "ad", kind)
+    ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        adapted = model(ids)
+    eval_file = tmp_path / "heldout.txt"
+    eval_file.write_text((SHARED_DATA / "tinyshakespeare.txt").read_text()[-4000:])
+    assert main(["merge", "--model", str(base_dir), "--adapter", str(tmp_path / "ad"),
+                 "--out", str(tmp_path / "merged"), "--eval-data", str(eval_file)]) == 0
+    printed = capsys.readouterr().out
+    change = float(re.search(r"change ([-+][0-9.]+)", printed).group(1))
+    assert str(eval_file) in printed and abs(change) < (1e-4 if kind == "lora" else 0.05)
+    assert ("NF4 base dequantized" in printed) == (kind == "qlora")
+    assert (tmp_path / "merged" / "tokenizer.json").exists()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    with torch.no_grad():
+        merged = hf(ids).logits
+    tolerance = 1e-4 if kind == "lora" else 0.05 * adapted.abs().max().item()
+    assert (merged - adapted).abs().max().item() <= tolerance
+
+
+def test_graft_merge_default_text_and_wrong_base(base_dir, tmp_path, capsys):
+    _adapter(base_dir, tmp_path / "ad", "lora")
+    assert main(["merge", "--model", str(base_dir), "--adapter", str(tmp_path / "ad"),
+                 "--out", str(tmp_path / "m")]) == 0
+    assert "built-in English passage" in capsys.readouterr().out
+    make_hf_model("llama", tmp_path / "other", vocab_size=320, seed=7)
+    assert main(["merge", "--model", str(tmp_path / "other"), "--adapter", str(tmp_path / "ad"),
+                 "--out", str(tmp_path / "m2")]) == 2
+    assert "weights_sha256" in capsys.readouterr().err
