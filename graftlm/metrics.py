@@ -128,7 +128,15 @@ class MetricsLogger:
         self._jsonl = self._writer = self._progress = None
         if not self.enabled:
             return
-        self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / "metrics.jsonl"
+        if path.exists():
+            # Resumed: rows after the checkpoint's step were written by the run that
+            # died; they are about to be written again.
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= start_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self._jsonl = open(path, "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self._writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))

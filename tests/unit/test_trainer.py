@@ -1,0 +1,193 @@
+"""The training loop: exact resume, accumulation = larger batch, skipped bad steps,
+all-masked batches, schedules and weight-decay groups."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from graftlm.data.loader import ResumableLoader
+from graftlm.errors import GraftError
+from graftlm.models.config import preset
+from graftlm.models.transformer import Decoder
+from graftlm.objectives.clm import CausalLM, TokenWindows
+from graftlm.optim import OptimConfig, lr_at, parameter_groups
+from graftlm.trainer import TrainConfig, Trainer
+
+SEQ = 16
+
+
+def build_trainer(run_dir: Path | None, max_steps=8, batch_size=4, grad_accum=1, save_every=4,
+                  precision="fp32", keep=0, identity=None, objective=None, seed=0,
+                  learnable=False) -> Trainer:
+    """A tiny model on random tokens; the same arguments give the same run, bit for bit."""
+    torch.manual_seed(seed)
+    model = Decoder(preset("tiny", vocab_size=128))
+    model.init_weights(torch.Generator().manual_seed(seed))
+    tokens = np.random.default_rng(seed).integers(0, 128, size=SEQ * 40 + 1).astype(np.uint16)
+    if learnable:  # a fixed cycle: next-token prediction can learn it quickly
+        tokens = (np.arange(tokens.size) * 7 % 128).astype(np.uint16)
+    train = TokenWindows(tokens, SEQ)
+    val = TokenWindows(np.random.default_rng(seed + 1).integers(0, 128, size=SEQ * 6 + 1), SEQ)
+    cfg = TrainConfig(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=SEQ,
+                      precision=precision, eval_every=0, save_every=save_every, keep_checkpoints=keep,
+                      log_every=1000)
+    optim = OptimConfig(lr=1e-2, warmup_steps=2, weight_decay=0.1)
+    loader = ResumableLoader(train, batch_size, seed=seed)
+    return Trainer(model, objective or CausalLM(), loader, cfg, optim, device=torch.device("cpu"),
+                   val_dataset=val, val_bytes_per_token=2.0, run_dir=run_dir,
+                   identity=identity or {"train.batch_size": batch_size}, tensorboard=False)
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r and not r.get("skipped")}
+
+
+def test_resume_from_mid_run_checkpoint_reproduces_losses_exactly(tmp_path):
+    full = build_trainer(tmp_path / "full")
+    full.fit()
+    reference = train_losses(tmp_path / "full")
+    assert sorted(reference) == list(range(1, 9))
+
+    resumed = build_trainer(tmp_path / "resumed", seed=0)
+    resumed.resume(tmp_path / "full" / "checkpoints" / "step-4")
+    assert resumed.step == 4
+    resumed.fit()
+    got = train_losses(tmp_path / "resumed")
+    assert sorted(got) == [5, 6, 7, 8]
+    for step in got:
+        assert got[step] == pytest.approx(reference[step], abs=1e-6)
+    for a, b in zip(full.model.parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def _record_grads(trainer: Trainer) -> list[list[torch.Tensor]]:
+    """Gradients as the optimizer sees them, step by step."""
+    seen, step = [], trainer.optimizer.step
+
+    def spy(*args, **kwargs):
+        seen.append([p.grad.clone() for p in trainer.params])
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = spy
+    return seen
+
+
+def test_gradient_accumulation_equals_larger_batch():
+    big = build_trainer(None, batch_size=8, grad_accum=1)
+    small = build_trainer(None, batch_size=2, grad_accum=4)
+    grads_big, grads_small = _record_grads(big), _record_grads(small)
+    for _ in range(2):
+        rb, rs = big.train_step(), small.train_step()
+        assert rs["loss"] == pytest.approx(rb["loss"], abs=1e-5)
+        assert rs["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-5)
+    for step_big, step_small in zip(grads_big, grads_small):
+        for a, b in zip(step_big, step_small):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+class FlakyObjective(CausalLM):
+    """NaN loss on the given calls (0-based), the ordinary loss otherwise."""
+
+    def __init__(self, bad_calls):
+        self.bad_calls, self.calls = set(bad_calls), 0
+
+    def loss(self, model, batch):
+        loss_sum, count, metrics = super().loss(model, batch)
+        self.calls += 1
+        if self.calls - 1 in self.bad_calls:
+            loss_sum = loss_sum * float("nan")
+        return loss_sum, count, metrics
+
+
+def test_non_finite_step_is_skipped_with_everything_unchanged(tmp_path):
+    trainer = build_trainer(tmp_path, objective=FlakyObjective({1}), save_every=0)
+    from graftlm.metrics import MetricsLogger
+    trainer.logger = MetricsLogger(tmp_path, 8, tensorboard=False)
+    assert trainer.train_step() is not None
+    params = [p.detach().clone() for p in trainer.model.parameters()]
+    opt_state = {k: v.clone() for k, v in trainer.optimizer.state[trainer.params[0]].items()}
+    assert trainer.train_step() is None  # the NaN step
+    trainer.logger.close()
+    assert trainer.step == 1
+    for before, p in zip(params, trainer.model.parameters()):
+        assert torch.equal(before, p)
+        assert p.grad is None
+    for k, v in trainer.optimizer.state[trainer.params[0]].items():
+        assert torch.equal(v, opt_state[k])
+    skipped = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert skipped[-1]["skipped"] and len(skipped[-1]["sample_ids"]) == 4
+    assert trainer.train_step()["step"] == 2  # training goes on
+
+
+def test_too_many_bad_steps_in_a_row_stop_the_run():
+    trainer = build_trainer(None, objective=FlakyObjective(range(100)))
+    trainer.cfg.max_bad_steps = 3
+    assert trainer.train_step() is None and trainer.train_step() is None
+    with pytest.raises(GraftError, match="3 steps in a row"):
+        trainer.train_step()
+
+
+def test_all_masked_batch_gives_zero_loss_not_nan():
+    model = Decoder(preset("tiny", vocab_size=128))
+    model.init_weights()
+    ids = torch.randint(0, 128, (2, SEQ))
+    batch = {"input_ids": ids, "labels": ids, "loss_mask": torch.zeros(2, SEQ, dtype=torch.bool)}
+    loss_sum, count, _ = CausalLM().loss(model, batch)
+    assert loss_sum.item() == 0.0 and count.item() == 0
+    loss_sum.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+    class AllMasked(CausalLM):
+        def loss(self, model, batch):
+            batch = dict(batch, loss_mask=torch.zeros_like(batch["input_ids"], dtype=torch.bool))
+            return super().loss(model, batch)
+
+    record = build_trainer(None, objective=AllMasked()).train_step()
+    assert record is not None and record["loss"] == 0.0 and math.isfinite(record["grad_norm"])
+
+
+def test_bf16_autocast_step_on_cpu_learns():
+    trainer = build_trainer(None, precision="bf16-autocast", max_steps=6, learnable=True)
+    first = trainer.train_step()["loss"]
+    for _ in range(5):
+        last = trainer.train_step()["loss"]
+    assert math.isfinite(last) and last < first
+    assert next(trainer.model.parameters()).dtype == torch.float32
+
+
+def test_validation_reports_bits_per_byte():
+    trainer = build_trainer(None)
+    val = trainer.evaluate()
+    assert val["val_bpb"] == pytest.approx(val["val_loss"] / math.log(2) / 2.0)
+
+
+def test_schedules():
+    cos = OptimConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, schedule="cosine")
+    assert lr_at(0, 100, cos) == pytest.approx(0.1)
+    assert lr_at(9, 100, cos) == pytest.approx(1.0)
+    assert lr_at(55, 100, cos) == pytest.approx(0.55)
+    assert lr_at(100, 100, cos) == pytest.approx(0.1)
+    wsd = OptimConfig(lr=1.0, min_lr_ratio=0.0, warmup_steps=10, schedule="wsd", decay_fraction=0.2)
+    assert lr_at(50, 100, wsd) == 1.0 and lr_at(79, 100, wsd) == 1.0
+    assert lr_at(89, 100, wsd) == pytest.approx(0.5)
+    assert lr_at(99, 100, wsd) == pytest.approx(0.0)
+    const = OptimConfig(lr=2.0, warmup_steps=0, schedule="constant")
+    assert lr_at(0, 10, const) == lr_at(9, 10, const) == 2.0
+
+
+def test_weight_decay_groups_exclude_norms_biases_and_embeddings():
+    model = Decoder(preset("tiny", vocab_size=128, attention_bias=True))
+    decay, no_decay = parameter_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert "embed_tokens.weight" in no_decay["param_names"]
+    assert all("norm" not in n and not n.endswith("bias") for n in decay["param_names"])
+    assert "layers.0.self_attn.q_proj.bias" in no_decay["param_names"]
+    names = decay["param_names"] + no_decay["param_names"]
+    assert len(names) == len(set(names)) == len(list(model.named_parameters()))
