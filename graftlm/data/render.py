@@ -27,7 +27,7 @@ Design choices:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from graftlm.errors import GraftError
 from graftlm.tokenizer import IM_START, Tokenizer
