@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "graftlm.adapters_cli",
     "graftlm.data_cli",
     "graftlm.engine_cli",
+    "graftlm.eval_cli",
     "graftlm.serve_cli",
     "graftlm.train_cli",
 ]
@@ -47,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"graft {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `graft ... | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0
     return result if isinstance(result, int) else 0
 
 

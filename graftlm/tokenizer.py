@@ -126,6 +126,24 @@ def _raise_exception(message):
     raise TemplateError(message)
 
 
+def _generation_tag_extension():
+    """`{% generation %}...{% endgeneration %}` (TRL's assistant markers) render their body.
+
+    graftlm finds assistant spans by rendering prefixes, so the markers need no meaning
+    here; they only must not break templates that carry them.
+    """
+    from jinja2.ext import Extension
+
+    class GenerationTag(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    return GenerationTag
+
+
 def _compile_template(template: str):
     # The same environment transformers uses: sandboxed, so a template cannot reach
     # Python objects, with trim_blocks / lstrip_blocks and the two helper functions.
@@ -140,7 +158,7 @@ def _compile_template(template: str):
         return datetime.now().strftime(fmt)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
+                                        extensions=["jinja2.ext.loopcontrols", _generation_tag_extension()])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = strftime_now

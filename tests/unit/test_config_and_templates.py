@@ -61,3 +61,11 @@ def test_invalid_yaml_names_the_line(tmp_path):
     recipe.write_text("model: tiny\nsteps: [1,\n")
     with pytest.raises(ConfigError, match=r"bad.yaml:\d+: invalid YAML"):
         build_config(Run, recipe)
+
+
+def test_chat_template_with_generation_markers_renders_like_plain():
+    from graftlm.tokenizer import _compile_template
+    marked = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}"
+              "{{ m['content'] }}{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}{% endfor %}")
+    messages = [{"role": "user", "content": "hi "}, {"role": "assistant", "content": "there"}]
+    assert _compile_template(marked).render(messages=messages) == "hi there"
