@@ -191,3 +191,11 @@ def test_weight_decay_groups_exclude_norms_biases_and_embeddings():
     assert "layers.0.self_attn.q_proj.bias" in no_decay["param_names"]
     names = decay["param_names"] + no_decay["param_names"]
     assert len(names) == len(set(names)) == len(list(model.named_parameters()))
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).resolve().parents[2] / "recipes").glob("pretrain-*.yaml")))
+def test_recipes_are_just_the_commands_config(recipe):
+    from graftlm.config import build_config
+    from graftlm.runs import run_config_class
+    cfg = build_config(run_config_class("clm"), recipe, {"data": "shards", "train.max_steps": 3})
+    assert cfg.model and cfg.train.max_steps == 3 and cfg.objective == "clm"

@@ -1,0 +1,106 @@
+"""`graft pretrain` end to end: tokenizer, shards, training, run directory, the final
+model in transformers, resume / finished-run rules, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from graftlm.cli import main
+
+SHAKESPEARE = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare.txt"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    work = tmp_path_factory.mktemp("data")
+    (work / "text.txt").write_text(SHAKESPEARE.read_text()[:60_000])
+    assert main(["tokenizer", "train", "--data", str(work / "text.txt"), "--vocab-size", "384",
+                 "--out", str(work / "tok")]) == 0
+    assert main(["prepare", "--data", str(work / "text.txt"), "--tokenizer", str(work / "tok"),
+                 "--out", str(work / "shards")]) == 0
+    return work
+
+
+def pretrain(shards: Path, out: Path, *extra: str) -> int:
+    return main(["pretrain", "--model", "tiny", "--data", str(shards / "shards"), "--out", str(out),
+                 "--name", "t", "--recipe", str(ROOT / "recipes" / "pretrain-tiny-cpu.yaml"),
+                 "--train.max-steps", "6", "--train.eval-every", "3", "--train.save-every", "3",
+                 "--train.precision", "fp32", *extra])
+
+
+@pytest.mark.slow
+def test_pretrain_end_to_end(shards, tmp_path, capsys):
+    import transformers
+
+    assert pretrain(shards, tmp_path) == 0
+    run = tmp_path / "t"
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "final/config.json",
+                 "final/model.safetensors", "final/tokenizer.json", "checkpoints/step-6/manifest.json"):
+        assert (run / name).exists(), name
+    assert list((run / "tensorboard").iterdir())
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("objective", "parameterization", "params_total", "params_trainable", "tokens", "flops",
+                "wall_time_s", "tokens_per_s", "mfu", "peak_memory_bytes", "peak_host_memory_bytes",
+                "artifact_bytes", "final_train_loss", "final_val_loss", "val_bpb"):
+        assert summary[key] is not None, key
+    assert summary["objective"] == "clm" and summary["parameterization"] == "full"
+    assert summary["steps"] == 6 and summary["tokens"] == 6 * 4 * 2 * 64
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 7))
+    assert {"lr", "grad_norm", "tokens_per_s", "mfu", "memory_bytes"} <= set(train_rows[0])
+    assert [r["step"] for r in rows if "val_loss" in r] == [3, 6]
+
+    # The final model is a Hugging Face model with the same logits.
+    from graftlm.models.hf import load_model
+    ours = load_model(run / "final")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(run / "final", dtype=torch.float32).eval()
+    ids = torch.randint(0, 384, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids), atol=1e-4, rtol=1e-4)
+
+    # A finished run is never silently overwritten; a longer one continues; --fresh restarts.
+    capsys.readouterr()
+    assert pretrain(shards, tmp_path) == 2
+    assert "finished" in capsys.readouterr().err
+    assert pretrain(shards, tmp_path, "--train.max-steps", "7") == 0
+    assert "resuming from" in capsys.readouterr().out
+    assert json.loads((run / "summary.json").read_text())["steps"] == 7
+    assert pretrain(shards, tmp_path, "--fresh", "--train.max-steps", "2", "--train.eval-every", "0") == 0
+    assert json.loads((run / "summary.json").read_text())["steps"] == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--train.batch-size", "0"], "train.batch_size"),
+    (["--optim.lr", "-1"], "optim.lr"),
+    (["--train.precision", "fp8"], "train.precision"),
+    (["--train.max-steps", "0"], "train.max_steps"),
+])
+def test_bad_config_values_are_one_line_errors(shards, tmp_path, capsys, args, message):
+    assert pretrain(shards, tmp_path, *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+
+
+def test_tokenizer_that_does_not_match_is_refused(shards, tmp_path, capsys):
+    other = tmp_path / "other"
+    (tmp_path / "x.txt").write_text("completely different text " * 200)
+    assert main(["tokenizer", "train", "--data", str(tmp_path / "x.txt"), "--vocab-size", "300",
+                 "--out", str(other)]) == 0
+    capsys.readouterr()
+    assert pretrain(shards, tmp_path, "--tokenizer", str(other)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "tokenizer" in err
+
+
+def test_model_smaller_than_the_vocabulary_is_refused(shards, tmp_path, tiny_hf_dir, capsys):
+    # tiny_hf_dir has a 256-token vocabulary; the shards need 384.
+    assert main(["pretrain", "--model", str(tiny_hf_dir), "--data", str(shards / "shards"),
+                 "--tokenizer", str(shards / "tok"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "384" in err and "256" in err
