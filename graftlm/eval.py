@@ -1,0 +1,234 @@
+"""Held-out evaluation of a model, its adapters side by side, and a few-shot baseline.
+
+`evaluate(model_dir, data, adapters={name: dir}, few_shot=K)` returns a plain dict:
+`{"kind", "rows", "metrics": {variant: {metric: value}}}` where the variants are
+`base`, each adapter's name, and `base+{K}-shot`. What is measured follows the data:
+- text rows (`{"text"}`): mean token loss and bits per byte (nats / ln 2 over the UTF-8
+  bytes of the predicted tokens);
+- prompts with answers (`prompt`/`question` + `answer`/`completion`): greedy generation
+  with the engine, then exact-match accuracy (numeric final-answer match when the
+  answers are numbers or GSM8K-style `#### N`, exact string match otherwise) and, with
+  `reward=`, the mean reward of any reward spec from `graftlm.rewards`;
+- preference pairs: pairwise accuracy. A policy prefers the chosen completion when its
+  implicit DPO reward, log pi(chosen) - log pi_base(chosen), beats the rejected one's;
+  the base itself compares plain log-probs, or, with `reference=DIR` (a fully
+  fine-tuned policy), its log-ratios against that reference. A reward model directory
+  (`graft reward`) compares its scores.
+The few-shot baseline ("prompting alone") prefixes each prompt with the first K rows
+as solved examples, and those rows are not scored.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from graftlm.data.formats import load_examples
+from graftlm.errors import GraftError
+from graftlm.rewards import build_reward, exact_match, final_number, numeric_match
+
+
+def _data_kind(path) -> str:
+    """text | answers | preference, from the first valid row's fields."""
+    from graftlm.data.sources import iter_rows
+
+    for row in iter_rows(path):
+        if row.error:
+            continue
+        fields = row.fields
+        if "chosen" in fields and "rejected" in fields:
+            return "preference"
+        if ("prompt" in fields or "question" in fields) and any(k in fields for k in ("answer", "completion")):
+            return "answers"
+        if "text" in fields:
+            return "text"
+        raise GraftError(f"{row.source}: eval needs text rows, prompts with answers, or preference pairs "
+                         f"(fields: {', '.join(sorted(fields))})")
+    raise GraftError(f"{path}: no valid row to evaluate")
+
+
+def _answer_rows(path) -> list[dict]:
+    rows, _ = load_examples(path, "sft")
+    out = []
+    for r in rows:
+        if "prompt" not in r:
+            continue
+        answer = r["completion"]
+        out.append({"prompt": r["prompt"], "answer": answer, "source": r.get("source", "")})
+    return out
+
+
+def _few_shot_prompt(shots: list[dict], prompt):
+    messages = []
+    for shot in shots:
+        messages += [{"role": "user", "content": shot["prompt"]}, {"role": "assistant", "content": shot["answer"]}]
+    return messages + [{"role": "user", "content": prompt}]
+
+
+def _is_numeric(rows: list[dict]) -> bool:
+    return all("####" in r["answer"] or final_number(r["answer"]) == r["answer"].strip().replace(",", "")
+               for r in rows)
+
+
+@torch.no_grad()
+def _answers(model, tokenizer, renderer, rows, prompts, max_new_tokens: int, reward, batch_size: int) -> dict:
+    from graftlm.engine import Engine, SamplingParams
+
+    engine = Engine(model, tokenizer)
+    # A prompt longer than the context keeps its end (the question), not its first shots.
+    room = model.config.max_seq_len - max_new_tokens
+    if room < 1:
+        raise GraftError(f"--max-new-tokens {max_new_tokens} leaves no room in the context of {model.config.max_seq_len}")
+    ids = [renderer.render_prompt({"prompt": p})[-room:] for p in prompts]
+    completions = []
+    for start in range(0, len(ids), batch_size):
+        outs = engine.generate(ids[start:start + batch_size],
+                               SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
+        completions += [o.text or "" for o in outs]
+    texts = [r["prompt"] for r in rows]
+    match = numeric_match if _is_numeric(rows) else exact_match
+    scores = match(completions, texts, rows)
+    metrics = {"exact_match": sum(scores) / len(scores)}
+    if reward is not None:
+        rewards = reward(completions, texts, rows)
+        metrics["reward"] = sum(rewards) / len(rewards)
+    return metrics
+
+
+def _seq_logps(model, batch: dict, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from graftlm.objectives.dpo import concatenated, sequence_logps
+
+    ids, mask = concatenated(batch, pad_id)
+    logps, _ = sequence_logps(model, ids, mask)
+    return logps.chunk(2)
+
+
+@torch.no_grad()
+def _pair_margins(model, pairs, pad_id: int, batch_size: int) -> torch.Tensor:
+    """log p(chosen) - log p(rejected) per pair, under the model as it is now."""
+    margins = []
+    for start in range(0, len(pairs), batch_size):
+        batch = pairs.collate([pairs[i] for i in range(start, min(start + batch_size, len(pairs)))])
+        chosen, rejected = _seq_logps(model, batch, pad_id)
+        margins.append(chosen - rejected)
+    return torch.cat(margins)
+
+
+@torch.no_grad()
+def _text_metrics(model, tokenizer, texts: list[str], max_len: int) -> dict:
+    total_nll, tokens, n_bytes = 0.0, 0, 0
+    for text in texts:
+        ids = tokenizer.encode(text, add_bos=tokenizer.bos_id is not None)[:max_len]
+        if len(ids) < 2:
+            continue
+        x = torch.tensor([ids], device=next(model.parameters()).device)
+        targets = torch.full_like(x, -100)
+        targets[:, :-1] = x[:, 1:]
+        logp = model(x, targets=targets)[:, :-1]
+        total_nll -= logp.sum().item()
+        tokens += len(ids) - 1
+        n_bytes += len(tokenizer.decode(ids[1:]).encode("utf-8"))
+    if not tokens:
+        raise GraftError("no text row has two tokens to evaluate")
+    return {"loss": total_nll / tokens, "bpb": total_nll / math.log(2) / max(n_bytes, 1), "tokens": tokens}
+
+
+def evaluate(model_dir: str | Path, data: str | Path, adapters: dict[str, str] | None = None,
+             few_shot: int = 0, max_rows: int | None = None, max_new_tokens: int = 64,
+             reward: str | None = None, reference: str | Path | None = None, batch_size: int = 16,
+             device: str = "cpu") -> dict:
+    """Evaluate the base model and each adapter on `data`; see the module docstring."""
+    from graftlm.data.render import RenderConfig, Renderer
+    from graftlm.models.heads import is_scalar_model_dir
+    from graftlm.tokenizer import load_tokenizer
+
+    adapters = adapters or {}
+    kind = _data_kind(data)
+    tokenizer = load_tokenizer(model_dir)
+    from graftlm.models.hf import load_config
+    context = load_config(model_dir).max_seq_len
+    renderer = Renderer(tokenizer, RenderConfig(max_length=context))
+    result = {"kind": kind, "model": str(model_dir), "data": str(data), "metrics": {}}
+
+    if is_scalar_model_dir(model_dir):
+        if kind != "preference":
+            raise GraftError(f"{model_dir}: a reward model evaluates preference pairs only")
+        from graftlm.models.heads import load_scalar_model
+        from graftlm.objectives.reward import pair_scores
+
+        scorer = load_scalar_model(model_dir, device=device)
+        pairs = _pairs(data, renderer, max_rows, scorer.pad_token_id)
+        wins = []
+        with torch.no_grad():
+            for start in range(0, len(pairs), batch_size):
+                batch = pairs.collate([pairs[i] for i in range(start, min(start + batch_size, len(pairs)))])
+                c, r = pair_scores(scorer, batch)
+                wins.append(c > r)
+        result["rows"] = len(pairs)
+        result["metrics"]["reward model"] = {"pairwise_accuracy": torch.cat(wins).float().mean().item()}
+        return result
+
+    from graftlm.models.hf import load_model
+
+    model = load_model(model_dir, device=device)
+    if adapters:
+        from graftlm.adapters import load_adapter
+        for name, path in adapters.items():
+            load_adapter(model, path, name)
+    variants = ["base", *adapters]
+
+    def use(name):
+        if adapters:
+            from graftlm.adapters import set_active_adapter
+            set_active_adapter(model, None if name == "base" else name)
+
+    if kind == "text":
+        from graftlm.data.formats import load_examples as load
+        texts = [r["text"] for r in load(data, "text")[0]][:max_rows]
+        result["rows"] = len(texts)
+        for name in variants:
+            use(name)
+            result["metrics"][name] = _text_metrics(model, tokenizer, texts, model.config.max_seq_len)
+    elif kind == "answers":
+        rows = _answer_rows(data)
+        shots, rows = rows[:few_shot], rows[few_shot:]
+        rows = rows[:max_rows]
+        result["rows"] = len(rows)
+        reward_fn = build_reward(reward, device=device) if reward else None
+        prompts = [r["prompt"] for r in rows]
+        for name in variants:
+            use(name)
+            result["metrics"][name] = _answers(model, tokenizer, renderer, rows, prompts, max_new_tokens,
+                                               reward_fn, batch_size)
+        if few_shot:
+            use("base")
+            shot_prompts = [_few_shot_prompt(shots, p) for p in prompts]
+            result["metrics"][f"base+{few_shot}-shot"] = _answers(
+                model, tokenizer, renderer, rows, shot_prompts, max_new_tokens, reward_fn, batch_size)
+    else:
+        pairs = _pairs(data, renderer, max_rows, tokenizer.pad_id)
+        result["rows"] = len(pairs)
+        use("base")
+        base = _pair_margins(model, pairs, tokenizer.pad_id, batch_size)
+        if reference is not None:  # a fully fine-tuned policy: implicit reward against its reference
+            ref = _pair_margins(load_model(reference, device=device), pairs, tokenizer.pad_id, batch_size)
+            result["metrics"]["base vs reference"] = {"pairwise_accuracy": (base - ref > 0).float().mean().item()}
+        result["metrics"]["base"] = {"pairwise_accuracy": (base > 0).float().mean().item()}
+        for name in adapters:
+            use(name)
+            # implicit DPO reward margin: the adapter's log-ratio gain over the base
+            margin = _pair_margins(model, pairs, tokenizer.pad_id, batch_size) - base
+            result["metrics"][name] = {"pairwise_accuracy": (margin > 0).float().mean().item()}
+    return result
+
+
+def _pairs(data, renderer, max_rows, pad_id):
+    from graftlm.objectives.dpo import PreferencePairs
+
+    rows, _ = load_examples(data, "dpo")
+    pairs = [p for p in map(renderer.render_pair, rows[:max_rows]) if p is not None]
+    if not pairs:
+        raise GraftError(f"{data}: no preference pair to evaluate")
+    return PreferencePairs(pairs, pad_id)

@@ -1,0 +1,72 @@
+"""`graft eval`: the base model and each adapter side by side on held-out data (one table)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from graftlm.errors import GraftError
+
+
+def _adapter_spec(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {text!r}")
+    return name, path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="held-out loss / bpb, answer accuracy or pairwise accuracy, "
+                                           "base and adapters side by side")
+    p.add_argument("--model", required=True, help="model directory (or a reward model from graft reward)")
+    p.add_argument("--adapter", action="append", type=_adapter_spec, default=[], metavar="NAME=DIR",
+                   help="an adapter to compare (repeatable)")
+    p.add_argument("--data", required=True, help="held-out rows: text, prompts with answers, or pairs")
+    p.add_argument("--few-shot", type=int, default=0, metavar="K",
+                   help="also score the base prompted with the first K rows as examples")
+    p.add_argument("--reference", help="preference data: reference model of a fully fine-tuned --model")
+    p.add_argument("--reward", help="prompts: also report the mean of this reward (see graft grpo --grpo.reward)")
+    p.add_argument("--max-rows", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=eval_command)
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    from graftlm.eval import evaluate
+
+    if args.few_shot < 0:
+        raise GraftError("--few-shot: must be >= 0")
+    names = [n for n, _ in args.adapter]
+    if len(set(names)) != len(names) or "base" in names:
+        raise GraftError("--adapter: names must be distinct and not 'base'")
+    result = evaluate(args.model, args.data, dict(args.adapter), few_shot=args.few_shot,
+                      max_rows=args.max_rows, max_new_tokens=args.max_new_tokens, reward=args.reward,
+                      reference=args.reference, batch_size=args.batch_size, device=args.device)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_table(result)
+    return 0
+
+
+def print_table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    columns = sorted({k for m in result["metrics"].values() for k in m})
+    table = Table(title=f"{result['model']} on {result['data']} ({result['rows']} rows, {result['kind']})")
+    table.add_column("variant")
+    for c in columns:
+        table.add_column(c, justify="right")
+    for variant, metrics in result["metrics"].items():
+        table.add_row(variant, *[_fmt(metrics.get(c)) for c in columns])
+    Console().print(table)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,}" if isinstance(value, int) else f"{value:.4f}"
