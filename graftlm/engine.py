@@ -281,6 +281,9 @@ class Batch:
             merged.key_valid[rows_slice, :offset] = False
             merged.key_valid[rows_slice, offset:length] = part.key_valid[:, :part.length]
             for dst, src in zip(merged.keys + merged.values, part.keys + part.values):
+                # The padding slots are masked, but torch.empty may hold NaN there and
+                # attention's 0 * NaN would still reach the row: zero them.
+                dst[rows_slice, :, :offset] = 0
                 dst[rows_slice, :, offset:length] = src[:, :, :part.length]
             start += n
         merged.length = length
