@@ -12,14 +12,31 @@ Rules that keep parallelism orthogonal to the other two axes:
 - objectives ask the model for log-probs inside `forward` (`targets=`), so every
   parameter is used where DDP and FSDP2 expect it;
 - gradient accumulation skips the gradient synchronisation on all but the last
-  micro-step (`no_sync`).
+  micro-step (`no_sync`);
+- nothing assumes one host: the device comes from LOCAL_RANK, everything written to
+  the run directory is written by global rank 0 (sharded checkpoints: every rank
+  writes its own shard into a directory on storage all nodes share);
+- the final export gathers the full weights into a weight-less copy of the model made
+  before wrapping (a "skeleton" on the meta device), so the HF / PEFT writers see a
+  plain module on rank 0 whatever the wrapping;
+- online RL samples with every block unsharded once (`unsharded_for_generation`):
+  ranks stop generating at different lengths, and per-step all-gathers would hang.
+
+Test-only fault injection (`GRAFTLM_TEST_FAULT`, read nowhere else): `kill@N:R` kills
+rank R with SIGKILL at its N-th gradient-step collective, `hang@N:R` makes rank R
+sleep there; both only in torchrun's first attempt (TORCHELASTIC_RESTART_COUNT 0).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import os
+import signal
+import time
+import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Literal
 
@@ -93,6 +110,31 @@ def init_distributed(cfg: ParallelConfig, device: str | None = None) -> Dist:
     return Dist(rank=rank, world_size=world, local_rank=local_rank, device=target, mode=cfg.mode)
 
 
+# FSDP2-wrapped model -> a weight-less copy of it made before sharding (for the export).
+_SKELETONS: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The decoder's blocks, wherever the decoder sits (a Decoder, or a scalar head's `.model`)."""
+    from graftlm.models.transformer import Decoder
+
+    decoders = [m for m in model.modules() if isinstance(m, Decoder)]
+    if not decoders:
+        raise GraftError(f"--parallel.mode fsdp: no transformer decoder inside {type(model).__name__}")
+    return list(decoders[0].layers)
+
+
+def meta_skeleton(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose parameters and buffers are on the meta device (no memory);
+    tied parameters stay tied."""
+    memo = {}
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if id(tensor) not in memo:
+            empty = torch.empty_like(tensor, device="meta")
+            memo[id(tensor)] = nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+    return copy.deepcopy(model, memo)
+
+
 def wrap_model(model: nn.Module, d: Dist, cfg: ParallelConfig) -> nn.Module:
     """DDP or FSDP2 around a built model (adapters already injected)."""
     if not d.enabled:
@@ -105,10 +147,71 @@ def wrap_model(model: nn.Module, d: Dist, cfg: ParallelConfig) -> nn.Module:
     kwargs = {}
     if cfg.fsdp_mixed_precision and d.device.type == "cuda":
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for block in model.layers:
+    skeleton = meta_skeleton(model)
+    for block in transformer_blocks(model):
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
+    _SKELETONS[model] = skeleton
+    # The chunked log-probs come back as a view; objectives never modify them in place,
+    # which is the case FSDP2 warns about.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return model in _SKELETONS
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module, d: Dist):
+    """The trained model as a plain module with full weights on rank 0 (None elsewhere).
+
+    Under FSDP2 every rank must enter (the weights are all-gathered); rank 0 gets the
+    skeleton filled with them, on the CPU."""
+    if not is_sharded(model):
+        yield unwrap(model) if d.is_main else None
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not d.is_main:
+        yield None
+        return
+    plain = _SKELETONS[model].to_empty(device="cpu")
+    missing, unexpected = plain.load_state_dict(full, strict=False)
+    if unexpected or [k for k in missing if not _tied(plain, k)]:
+        raise GraftError(f"FSDP export: gathered weights do not match the model ({(unexpected or missing)[0]})")
+    if hasattr(plain, "reset_rope"):
+        plain.reset_rope()
+    yield plain
+
+
+def _tied(model: nn.Module, name: str) -> bool:
+    """True when parameter `name` is the same tensor as another, loaded one (tied weights)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return sum(p is params.get(name) for p in params.values()) > 1
+
+
+@contextlib.contextmanager
+def unsharded_for_generation(model: nn.Module):
+    """FSDP2: all-gather every block once and keep it gathered while the policy samples
+    (a no-op otherwise). Each rank then generates without collectives, for as many
+    steps as its own rows need."""
+    if not is_sharded(model):
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in fsdp_modules:
+        m.unshard()
+    model.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        model.set_reshard_after_forward(True)
+        for m in fsdp_modules:
+            m.reshard()
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -135,10 +238,29 @@ def gradient_sync(model: nn.Module, enabled: bool):
         yield
 
 
+_collectives = 0
+
+
+def _injected_fault(d: Dist) -> None:
+    """Test-only (`GRAFTLM_TEST_FAULT=kill@N:R` or `hang@N:R`, see the module docstring)."""
+    global _collectives
+    spec = os.environ.get("GRAFTLM_TEST_FAULT")
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    _collectives += 1
+    kind, _, where = spec.partition("@")
+    at, _, rank = where.partition(":")
+    if _collectives == int(at) and d.rank == int(rank):
+        if kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(3600)
+
+
 def all_reduce_sum(value: torch.Tensor, d: Dist) -> torch.Tensor:
     """Sum over ranks (a no-op alone); errors from a hung peer name this rank."""
     if not d.enabled:
         return value
+    _injected_fault(d)
     try:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
     except RuntimeError as e:
