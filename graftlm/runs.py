@@ -232,7 +232,8 @@ def run_training(cfg: RunConfig, resume: bool | None = None, fresh: bool = False
         identity=_identity(cfg, data.identity, d.world_size), trainable_only=cfg.adapter is not None,
         flops_per_token=flops_per_token, peak_flops=peak_flops(d.device, dtype), rank=d.rank,
         world_size=d.world_size, all_reduce=lambda t: parallel.all_reduce_sum(t, d),
-        grad_sync=lambda last: parallel.gradient_sync(wrapped, last), tensorboard=cfg.tensorboard)
+        grad_sync=lambda last: parallel.gradient_sync(wrapped, last), tensorboard=cfg.tensorboard,
+        sharded=parallel.is_sharded(wrapped))
     if resume_from is not None:
         trainer.resume(resume_from, allow_config_change)
         if d.is_main:
@@ -243,17 +244,19 @@ def run_training(cfg: RunConfig, resume: bool | None = None, fresh: bool = False
     stats = trainer.fit()
 
     summary = None
+    with parallel.gathered(wrapped, d) as plain:  # FSDP2: every rank all-gathers, rank 0 writes
+        if d.is_main:
+            final = run_dir / "final"
+            shutil.rmtree(final, ignore_errors=True)
+            if cfg.adapter is not None:
+                from graftlm.adapters import save_adapter
+                save_adapter(plain, final, base_identity=cfg.model)
+            elif spec.save_final is not None:
+                spec.save_final(plain, final, tokenizer)
+            else:
+                from graftlm.models.hf import save_model
+                save_model(plain, final, tokenizer_dir=tokenizer.path if tokenizer else None)
     if d.is_main:
-        final = run_dir / "final"
-        shutil.rmtree(final, ignore_errors=True)
-        if cfg.adapter is not None:
-            from graftlm.adapters import save_adapter
-            save_adapter(model, final, base_identity=cfg.model)
-        elif spec.save_final is not None:
-            spec.save_final(model, final, tokenizer)
-        else:
-            from graftlm.models.hf import save_model
-            save_model(model, final, tokenizer_dir=tokenizer.path if tokenizer else None)
         if tokenizer is not None and not (final / "tokenizer.json").exists():
             tokenizer.save(final)
         summary = {

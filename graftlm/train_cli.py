@@ -32,6 +32,8 @@ def register(subparsers) -> None:
         add_config_arguments(parser, run_config_class(objective))
         parser.add_argument("--adapter", dest="cfg:adapter.kind", default=argparse.SUPPRESS,
                             metavar="KIND", help="short for --adapter.kind: lora, qlora, dora, or full")
+        parser.add_argument("--parallel", dest="cfg:parallel.mode", default=argparse.SUPPRESS,
+                            choices=("none", "ddp", "fsdp"), help="short for --parallel.mode (under torchrun)")
         mode = parser.add_mutually_exclusive_group()
         mode.add_argument("--resume", action="store_true",
                           help="resume from the newest valid checkpoint (automatic when there is one)")

@@ -20,6 +20,7 @@ Design choices:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -83,7 +84,7 @@ class Trainer:
                  rank: int = 0, world_size: int = 1,
                  all_reduce: Callable[[torch.Tensor], torch.Tensor] = _sum_locally,
                  grad_sync: Callable[[bool], contextlib.AbstractContextManager] | None = None,
-                 tensorboard: bool = True):
+                 tensorboard: bool = True, sharded: bool = False):
         """`model` is the module whose weights are trained and saved; `forward_model` the
         one the objective calls (a DDP / FSDP2 wrapper of it; default the model)."""
         self.model, self.objective, self.loader = model, objective, loader
@@ -96,6 +97,7 @@ class Trainer:
         self.grad_sync = grad_sync or (lambda last: contextlib.nullcontext())
         self.tensorboard = tensorboard
         self.is_main = rank == 0
+        self.sharded = sharded  # FSDP2: every rank saves and loads its shards (graftlm.dcp)
 
         model.gradient_checkpointing = cfg.activation_checkpointing
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -194,12 +196,21 @@ class Trainer:
         self.model.eval()
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         count = torch.zeros((), device=self.device, dtype=torch.float64)
+        batches = 0
         for batch in iterate_once(self.val_dataset, self.cfg.batch_size, self.rank, self.world_size,
                                   self.cfg.eval_batches or None):
             with self.autocast():
                 part_sum, part_count, _ = self.objective.loss(self.forward_model, self._to_device(batch))
             total += part_sum.double()
             count += part_count.double()
+            batches += 1
+        # Ranks with one batch fewer repeat a forward and drop it, so that FSDP2's
+        # all-gathers stay matched across ranks.
+        most = -(-len(range(0, len(self.val_dataset), self.world_size)) // self.cfg.batch_size)
+        for batch in itertools.islice(iterate_once(self.val_dataset, self.cfg.batch_size),
+                                      max(0, min(most, self.cfg.eval_batches or most) - batches)):
+            with self.autocast():
+                self.objective.loss(self.forward_model, self._to_device(batch))
         total, count = self.all_reduce(total), self.all_reduce(count)
         result = {"step": self.step, "val_loss": (total / count.clamp_min(1)).item()}
         if self.val_bytes_per_token:
@@ -211,14 +222,20 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path | None:
-        if not self.is_main or self.checkpoint_root is None:
+        if self.checkpoint_root is None or not (self.is_main or self.sharded):
             return None
-        opt_tensors, opt_meta = ckpt.optimizer_files(self.optimizer)
-        rng_tensors, rng_meta = ckpt.rng_files()
         state = {"step": self.step, "tokens": self.tokens, "train_time_s": self.train_time_s,
                  "bad_streak": self.bad_streak, "last_loss": self.last_loss, "last_val": self.last_val,
-                 "loader": self.loader.state_dict(), "rng": rng_meta, "identity": self.identity,
+                 "loader": self.loader.state_dict(), "identity": self.identity,
                  "trainable_only": self.trainable_only}
+        if self.sharded:
+            from graftlm import dcp
+            return dcp.save_sharded(self.checkpoint_root, self.step, self.model, self.optimizer, state,
+                                    rank=self.rank, trainable_only=self.trainable_only,
+                                    keep_last=self.cfg.keep_checkpoints)
+        opt_tensors, opt_meta = ckpt.optimizer_files(self.optimizer)
+        rng_tensors, rng_meta = ckpt.rng_files()
+        state["rng"] = rng_meta
         return ckpt.save_checkpoint(
             self.checkpoint_root, self.step,
             tensors={"model.safetensors": ckpt.model_tensors(self.model, self.trainable_only),
@@ -232,15 +249,26 @@ class Trainer:
         state = ckpt.read_json(directory, "trainer.json")
         ckpt.check_identity(state.get("identity", {}), self.identity, allow_config_change, directory,
                             warn=self._message)
+        if self.sharded or state.get("sharded"):
+            from graftlm import dcp
+            if not (self.sharded and state.get("sharded")):
+                raise ckpt.CheckpointError(f"{directory}: written {'with' if state.get('sharded') else 'without'} "
+                                           "--parallel.mode fsdp; resume it the same way")
+            dcp.load_sharded(directory, self.model, self.optimizer, rank=self.rank,
+                             trainable_only=self.trainable_only)
+        else:
+            self._load_single(directory, state)
+        self.loader.load_state_dict(state["loader"])
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.train_time_s, self.bad_streak = state["train_time_s"], state["bad_streak"]
+        self.last_loss, self.last_val = state["last_loss"], state["last_val"]
+
+    def _load_single(self, directory: Path, state: dict) -> None:
         ckpt.load_model_tensors(self.model, ckpt.read_tensors(directory, "model.safetensors"),
                                 directory / "model.safetensors")
         ckpt.load_optimizer_files(self.optimizer, ckpt.read_tensors(directory, "optimizer.safetensors"),
                                   ckpt.read_json(directory, "optimizer.json"), directory / "optimizer.json")
         ckpt.restore_rng(ckpt.read_tensors(directory, "rng.safetensors"), state["rng"])
-        self.loader.load_state_dict(state["loader"])
-        self.step, self.tokens = state["step"], state["tokens"]
-        self.train_time_s, self.bad_streak = state["train_time_s"], state["bad_streak"]
-        self.last_loss, self.last_val = state["last_loss"], state["last_val"]
 
     # -- the loop ---------------------------------------------------------------------------
 

@@ -94,7 +94,9 @@ class RolloutSampler:
         self.rollouts += 1
         start = time.perf_counter()
         try:
-            outputs = Engine(policy, self.tokenizer).generate(prompt_ids, params)
+            from graftlm.parallel import unsharded_for_generation
+            with unsharded_for_generation(model):  # FSDP2: ranks stop at different lengths
+                outputs = Engine(policy, self.tokenizer).generate(prompt_ids, params)
         finally:
             policy.train(was_training)
         generation_s = time.perf_counter() - start
