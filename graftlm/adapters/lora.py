@@ -28,6 +28,47 @@ from graftlm.adapters import dora, qlora
 from graftlm.errors import GraftError
 
 
+class _FusedLoraLinear(torch.autograd.Function):
+    """y = x Wᵀ + b + (x Aᵀ)(s·B)ᵀ with a hand-written backward.
+
+    Autograd would keep a separate product, scale and sum per term; here the update is
+    added inside the matmul (addmm) in both directions, the scale is folded into the
+    small B, and only x and x·Aᵀ (r columns) are saved. The frozen W gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale):
+        flat = x.reshape(-1, x.shape[-1])
+        b_scaled = lora_b * scale
+        xa = flat @ lora_a.t()
+        out = torch.addmm(bias, flat, weight.t()) if bias is not None else flat @ weight.t()
+        out.addmm_(xa, b_scaled.t())
+        ctx.save_for_backward(flat, xa, weight, lora_a, b_scaled)
+        ctx.scale = scale
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        flat, xa, weight, lora_a, b_scaled = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        gb = g @ b_scaled  # [N, r]
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ weight).addmm_(gb, lora_a).view(*grad.shape[:-1], weight.shape[1])
+        grad_a = gb.t() @ flat if ctx.needs_input_grad[3] else None
+        grad_b = (g.t() @ xa) * ctx.scale if ctx.needs_input_grad[4] else None
+        return grad_x, None, None, grad_a, grad_b, None
+
+
+def fused_lora_linear(x, weight, bias, lora_a, lora_b, scale):
+    """The fused LoRA linear in the compute dtype (autocast's, else x's)."""
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    bias = bias.to(dtype) if bias is not None else None
+    with torch.autocast(x.device.type, enabled=False):
+        return _FusedLoraLinear.apply(x.to(dtype), weight.to(dtype), bias, lora_a.to(dtype),
+                                      lora_b.to(dtype), scale)
+
+
 class LoraLinear(nn.Module):
     def __init__(self, base_layer: nn.Linear):
         super().__init__()
@@ -118,12 +159,21 @@ class LoraLinear(nn.Module):
                 raise GraftError("adapters: a merged adapter cannot be disabled, switched or routed per row; "
                                  "call graftlm.adapters.unmerge(model) first")
             return self._base(x)
-        base_out = self._base(x)
         if self.routing is not None:
-            return self._forward_rows(x, base_out)
+            return self._forward_rows(x, self._base(x))
         if self.disabled or self.active is None or self.active not in self.lora_A:
-            return base_out
-        return base_out + self._delta(x, base_out, self.active)
+            return self._base(x)
+        name = self.active
+        if self._fusable(name):
+            return fused_lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A[name],
+                                     self.lora_B[name], self.scaling[name])
+        base_out = self._base(x)
+        return base_out + self._delta(x, base_out, name)
+
+    def _fusable(self, name: str) -> bool:
+        """Plain LoRA on an unquantized base without active dropout takes the fused path."""
+        return (name not in self.lora_magnitude and not qlora.is_nf4(self.base_layer.weight)
+                and (isinstance(self.lora_dropout[name], nn.Identity) or not self.training))
 
     def _forward_rows(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         out = base_out

@@ -249,3 +249,13 @@ def test_qlora_merge_and_unload_dequantizes(tmp_path):
     assert (merged - adapted).abs().max() / adapted.abs().max() < 0.05  # bf16 compute vs float32
     save_model(plain, tmp_path / "m")
     assert torch.allclose(load_model(tmp_path / "m")(IDS), merged, atol=1e-5)
+
+
+def test_fused_lora_linear_gradients_are_exact():
+    from graftlm.adapters.lora import _FusedLoraLinear
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    weight, bias = torch.randn(6, 8, dtype=torch.float64, generator=g), torch.randn(6, dtype=torch.float64, generator=g)
+    a = torch.randn(3, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(6, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, a, b: _FusedLoraLinear.apply(x, weight, bias, a, b, 0.7), (x, a, b))

@@ -1,0 +1,158 @@
+"""LoRA training step: graftlm vs transformers + PEFT, side by side in one run.
+
+Same model as the pre-training benchmark (hidden 512, 8 layers, 8 heads, intermediate
+1408, vocab 8192), LoRA r=16 on every linear layer but the output, batch 8 x 256, bf16
+autocast on CPU, AdamW over the trainable parameters. The frozen base is stored in
+bf16 on both sides (PEFT users load with `dtype=torch.bfloat16`; graftlm's
+`AdapterConfig(base_dtype="bfloat16")`); adapters stay float32 on both sides.
+
+Each configuration runs in its own subprocess so that peak resident memory (ru_maxrss)
+is its own: graftlm LoRA, PEFT LoRA, graftlm QLoRA, graftlm full fine-tuning (float32
+weights, same batch). Printed: tokens/s, peak RSS, and the ratios against the goals
+(graftlm >= 1.5x PEFT tokens/s, <= 0.6x its memory; LoRA >= 1.3x faster than full
+fine-tuning), plus QLoRA's frozen base size vs bf16.
+
+    .venv/bin/python bench/lora_step.py [--steps 3] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DIMS = dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8,
+            num_kv_heads=8, max_seq_len=256)
+BATCH, SEQ, RANK, ALPHA = 8, 256, 16, 32
+SIDES = ("graft-lora", "peft-lora", "graft-qlora", "graft-full")
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def batch():
+    import torch
+    return torch.randint(0, DIMS["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+
+
+def graft_model(side: str):
+    import torch
+
+    import graftlm.adapters as A
+    from graftlm.models import Decoder, ModelConfig
+    torch.manual_seed(0)
+    model = Decoder(ModelConfig(**DIMS))
+    model.init_weights(torch.Generator().manual_seed(0))
+    info = {}
+    if side != "graft-full":
+        kind = "qlora" if side == "graft-qlora" else "lora"
+        A.apply_adapters(model, A.AdapterConfig(kind=kind, r=RANK, alpha=ALPHA, base_dtype="bfloat16"))
+        from graftlm.adapters import qlora
+        base = [m.base_layer.weight for m in model.modules() if hasattr(m, "base_layer")]
+        info["frozen_linear_bytes"] = sum(qlora.storage_bytes(w) for w in base)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model.train(), params, info
+
+
+def graft_step(model, ids):
+    import torch
+
+    from graftlm.objectives.logprobs import cross_entropy, shift_targets
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = model(ids, output_hidden=True)
+        loss, count = cross_entropy(hidden, model.lm_head.weight, shift_targets(ids))
+    (loss / count).backward()
+
+
+def peft_model():
+    import peft
+    import torch
+    import transformers
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=DIMS["vocab_size"], hidden_size=DIMS["hidden_size"],
+                                   intermediate_size=DIMS["intermediate_size"],
+                                   num_hidden_layers=DIMS["num_layers"], num_attention_heads=DIMS["num_heads"],
+                                   num_key_value_heads=DIMS["num_kv_heads"], max_position_embeddings=SEQ,
+                                   tie_word_embeddings=False)
+    base = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model = peft.get_peft_model(base, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules="all-linear",
+                                                      lora_dropout=0.0, task_type="CAUSAL_LM"))
+    return model.train(), [p for p in model.parameters() if p.requires_grad], {}
+
+
+def peft_step(model, ids):
+    import torch
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+
+
+def run_side(side: str, steps: int) -> dict:
+    import torch
+    model, params, info = peft_model() if side == "peft-lora" else graft_model(side)
+    step = peft_step if side == "peft-lora" else graft_step
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    ids = batch()
+    rss_built = peak_rss_mib()
+    times = []
+    for i in range(steps + 1):  # the first step warms up (allocator, optimizer state)
+        start = time.perf_counter()
+        step(model, ids)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i:
+            times.append(time.perf_counter() - start)
+    seconds = sorted(times)[len(times) // 2]
+    return dict(side=side, tokens_per_s=BATCH * SEQ / seconds, step_s=seconds, peak_rss_mib=peak_rss_mib(),
+                rss_after_build_mib=rss_built, trainable=sum(p.numel() for p in params), **info)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # one subprocess's job
+    parser.add_argument("--only", nargs="+", choices=SIDES, default=list(SIDES))
+    args = parser.parse_args()
+    if args.side:
+        import torch
+        torch.set_num_threads(args.threads)
+        print(json.dumps(run_side(args.side, args.steps)))
+        return
+    results = {}
+    for side in args.only:
+        out = subprocess.run([sys.executable, __file__, "--side", side, "--steps", str(args.steps),
+                              "--threads", str(args.threads)], capture_output=True, text=True, cwd=ROOT)
+        if out.returncode:
+            sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
+        results[side] = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"LoRA step, batch {BATCH}x{SEQ}, r={RANK} all-linear, bf16 autocast, CPU x{args.threads} threads, "
+          f"median of {args.steps} steps")
+    print(f"{'side':<12} {'tokens/s':>9} {'step s':>7} {'peak RSS MiB':>13} {'RSS built':>10} {'trainable':>10}")
+    for r in results.values():
+        print(f"{r['side']:<12} {r['tokens_per_s']:>9.0f} {r['step_s']:>7.2f} {r['peak_rss_mib']:>13.0f} "
+              f"{r['rss_after_build_mib']:>10.0f} {r['trainable']:>10,}")
+    g, p = results.get("graft-lora"), results.get("peft-lora")
+    if g and p:
+        print(f"graftlm / PEFT tokens/s: {g['tokens_per_s'] / p['tokens_per_s']:.2f}x (goal >= 1.5x); "
+              f"peak RSS: {g['peak_rss_mib'] / p['peak_rss_mib']:.2f}x (goal <= 0.6x)")
+    f = results.get("graft-full")
+    if g and f:
+        print(f"graftlm LoRA / full fine-tuning step speed: {f['step_s'] / g['step_s']:.2f}x (goal >= 1.3x)")
+    q = results.get("graft-qlora")
+    if g and q:
+        print(f"QLoRA frozen linear weights: {q['frozen_linear_bytes'] / 2**20:.1f} MiB NF4 vs "
+              f"{g['frozen_linear_bytes'] / 2**20:.1f} MiB bf16 ({q['frozen_linear_bytes'] / g['frozen_linear_bytes']:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
