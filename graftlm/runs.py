@@ -250,7 +250,7 @@ def run_training(cfg: RunConfig, resume: bool | None = None, fresh: bool = False
             shutil.rmtree(final, ignore_errors=True)
             if cfg.adapter is not None:
                 from graftlm.adapters import save_adapter
-                save_adapter(plain, final, base_identity=cfg.model)
+                save_adapter(plain, final, base_model_name_or_path=cfg.model)
             elif spec.save_final is not None:
                 spec.save_final(plain, final, tokenizer)
             else:
