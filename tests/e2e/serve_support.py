@@ -101,14 +101,17 @@ def wait_healthy(url: str, timeout: float = 60.0) -> None:
 
 
 @contextmanager
-def process_server(args: list[str]):
-    """`graft serve ARGS` in a subprocess on a free port; yields (url, process)."""
+def process_server(args: list[str], log: Path):
+    """`graft serve ARGS` in a subprocess on a free port, output to `log`; yields (url, process)."""
     sock = free_socket()
     port = sock.getsockname()[1]
     sock.close()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # One intra-op thread: on a shared 2-core machine, OpenMP threads that spin-wait for
+    # each other make a tiny model's steps ~20x slower than one thread.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = open(log, "wb")  # a file, not a pipe: an unread pipe would block the server
     proc = subprocess.Popen([sys.executable, "-m", "graftlm", "serve", "--port", str(port), *args],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url)
@@ -119,6 +122,7 @@ def process_server(args: list[str]):
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+        out.close()
 
 
 def model_with_adapters(tmp: Path, context: int | None = None) -> dict:

@@ -74,7 +74,7 @@ def test_load_no_5xx_and_no_memory_growth(tmp_path):
     args = ["--model", str(files["model"]), "--adapter", f"a1={files['root'] / 'a1'}",
             "--adapter", f"a2={files['root'] / 'a2'}", "--adapter-root", str(files["root"]),
             "--max-batch", "8", "--max-queue", "64"]
-    with process_server(args) as (url, proc):
+    with process_server(args, tmp_path / "server.log") as (url, proc):
         server = psutil.Process(proc.pid)
         warm = run(url, max(10.0, SECONDS / 4))
         baseline = server.memory_info().rss
