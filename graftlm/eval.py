@@ -50,13 +50,15 @@ def _data_kind(path) -> str:
 
 
 def _answer_rows(path) -> list[dict]:
-    rows, _ = load_examples(path, "sft")
+    """Prompts with their answers, and the row's other fields for a reward function."""
+    rows, _ = load_examples(path, "rl")
     out = []
     for r in rows:
-        if "prompt" not in r:
-            continue
-        answer = r["completion"]
-        out.append({"prompt": r["prompt"], "answer": answer, "source": r.get("source", "")})
+        extra = r["extra"]
+        answer = extra.get("answer", extra.get("completion"))
+        if not isinstance(answer, str):
+            raise GraftError(f"{r['source']}: eval of prompts needs a string 'answer' (or 'completion')")
+        out.append({**extra, "prompt": r["prompt"], "answer": answer, "source": r["source"]})
     return out
 
 
@@ -87,7 +89,7 @@ def _answers(model, tokenizer, renderer, rows, prompts, max_new_tokens: int, rew
         outs = engine.generate(ids[start:start + batch_size],
                                SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
         completions += [o.text or "" for o in outs]
-    texts = [r["prompt"] for r in rows]
+    texts = [p if isinstance(p, str) else p[-1]["content"] for p in (r["prompt"] for r in rows)]
     match = numeric_match if _is_numeric(rows) else exact_match
     scores = match(completions, texts, rows)
     metrics = {"exact_match": sum(scores) / len(scores)}

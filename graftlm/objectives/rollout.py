@@ -154,9 +154,11 @@ def build_prompt_splits(cfg, section, tokenizer, objective: str):
     from graftlm.objectives.sft import load_splits, renderer_for
 
     renderer = renderer_for(cfg, section, tokenizer)
-    train, val = load_splits(cfg, section, objective)
-    return DataSplits(train=PromptDataset(train, renderer), val=PromptDataset(val, renderer) if val else None,
-                      vocab_size=tokenizer.vocab_size, identity={"data": cfg.data, "prompts": len(train)})
+    train, _ = load_splits(cfg, section, objective)
+    # No validation loss: an RL loss on held-out prompts means little (its advantages
+    # are centred). Held-out reward is `graft eval --reward`'s job, on the held-out rows.
+    return DataSplits(train=PromptDataset(train, renderer), vocab_size=tokenizer.vocab_size,
+                      identity={"data": cfg.data, "prompts": len(train)})
 
 
 def run_tokenizer(cfg):
