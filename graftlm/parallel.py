@@ -110,8 +110,8 @@ def init_distributed(cfg: ParallelConfig, device: str | None = None) -> Dist:
     return Dist(rank=rank, world_size=world, local_rank=local_rank, device=target, mode=cfg.mode)
 
 
-# FSDP2-wrapped model -> a weight-less copy of it made before sharding (for the export).
-_SKELETONS: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
+# FSDP2-wrapped model -> (a weight-less copy of it made before sharding, fully_shard kwargs).
+_SKELETONS: "weakref.WeakKeyDictionary[nn.Module, tuple[nn.Module, dict]]" = weakref.WeakKeyDictionary()
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
@@ -148,14 +148,36 @@ def wrap_model(model: nn.Module, d: Dist, cfg: ParallelConfig) -> nn.Module:
     if cfg.fsdp_mixed_precision and d.device.type == "cuda":
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     skeleton = meta_skeleton(model)
-    for block in transformer_blocks(model):
-        fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
-    _SKELETONS[model] = skeleton
+    _shard(model, kwargs)
+    _SKELETONS[model] = (skeleton, kwargs)
     # The chunked log-probs come back as a view; objectives never modify them in place,
     # which is the case FSDP2 warns about.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     return model
+
+
+def _shard(model: nn.Module, kwargs: dict) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    for block in transformer_blocks(model):
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A frozen copy of the (wrapped) model: the reference policy of full-parameter DPO /
+    GRPO / PPO. Under FSDP2 it is sharded like the model (every rank calls this at the
+    same step); under DDP it is a plain copy of the module (it never needs gradients)."""
+    if not is_sharded(model):
+        return copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    skeleton, kwargs = _SKELETONS[model]
+    device = next(iter(model.parameters())).device
+    ref = copy.deepcopy(skeleton).to_empty(device=device)
+    _shard(ref, kwargs)
+    set_model_state_dict(ref, get_model_state_dict(model))
+    return ref.eval().requires_grad_(False)
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -177,7 +199,7 @@ def gathered(model: nn.Module, d: Dist):
     if not d.is_main:
         yield None
         return
-    plain = _SKELETONS[model].to_empty(device="cpu")
+    plain = _SKELETONS[model][0].to_empty(device="cpu")
     missing, unexpected = plain.load_state_dict(full, strict=False)
     if unexpected or [k for k in missing if not _tied(plain, k)]:
         raise GraftError(f"FSDP export: gathered weights do not match the model ({(unexpected or missing)[0]})")

@@ -15,7 +15,6 @@ Design choices:
 
 from __future__ import annotations
 
-import copy
 import weakref
 from contextlib import contextmanager
 
@@ -229,7 +228,8 @@ def reference(model: nn.Module):
         return
     ref = _REFERENCES.get(model)
     if ref is None:
-        ref = copy.deepcopy(model).eval().requires_grad_(False)
+        from graftlm.parallel import frozen_copy  # DDP / FSDP2-aware (a plain deepcopy alone)
+        ref = frozen_copy(model)
         _REFERENCES[model] = ref
     yield ref
 
