@@ -273,13 +273,23 @@ class Decoder(nn.Module):
         return x if output_hidden else self.lm_head(x)
 
     def _attention_mask(self, b, t, device, document_ids, cache):
-        """"causal" (fast path) or a boolean mask [B, 1, T, S] (True = may attend)."""
+        """"causal" (fast path), None (attend to every key) or a boolean mask [B, 1, T, S]
+        (True = may attend)."""
         window = self.config.sliding_window
         start = cache.length if cache is not None else 0
         total = start + t
         needs_window = window is not None and total > window
         if cache is None and document_ids is None and not needs_window:
             return "causal"
+        if cache is not None and document_ids is None and not needs_window:
+            # Decoding fast paths (no mask tensors to build per step). One new token may
+            # see every written slot of its row: only padding needs masking. A prefill
+            # into an empty cache without padding is plain causal attention.
+            valid = cache.key_valid[:, :total]
+            if t == 1:
+                return None if bool(valid.all()) else valid[:, None, None, :]
+            if start == 0 and bool(valid.all()):
+                return "causal"
         q_pos = torch.arange(start, total, device=device)
         k_pos = torch.arange(total, device=device)
         allowed = k_pos[None, :] <= q_pos[:, None]  # [T, S]
