@@ -10,7 +10,12 @@ Design choices:
   calls it may `add()` requests (each with its own `SamplingParams`, adapter and key)
   and `remove()` keys (cancelled clients). New rows are prefilled alone, then both
   caches are copied right-aligned into a fresh cache, so every row writes its next key
-  at the same slot. Events carry the request's `key`, so the caller never tracks rows.
+  at the same slot. Events carry the request's `key`, so the caller never tracks rows:
+
+      batch = Batch(engine, row_adapters=True)        # forwards use row_adapters()
+      events = batch.add([Request(ids, params, key=seq_id, adapter="a1")])
+      while batch:                                    # between steps: add / remove
+          events = batch.step()                       # one TokenEvent per row
 - Rows are LEFT-padded: `cache.key_valid` marks real slots and each row's position ids
   count only its real tokens, so a row gives the same tokens in a padded batch as alone
   (up to float rounding in the batched matmuls). Leading slots that no row uses any
@@ -156,8 +161,7 @@ class Sequence:
     def _release(self) -> str:
         end = len(self.text)
         if self.finish_reason is None:
-            if self.text.endswith("\ufffd"):  # half a UTF-8 character so far
-                end -= 1
+            end = len(self.text.rstrip("\ufffd"))  # maybe half a UTF-8 character so far
             for stop in self.params.stop:  # the text may be the start of a stop string
                 for n in range(min(len(stop) - 1, end), 0, -1):
                     if self.text[end - n:end] == stop[:n]:
@@ -293,15 +297,23 @@ class Batch:
 
 
 class Engine:
-    """Generation over a `Decoder` (and optionally its tokenizer)."""
+    """Generation over a `Decoder` (and optionally its tokenizer).
+
+        engine = Engine(load_model(d), load_tokenizer(d))
+        [c] = engine.generate(["Once upon"], SamplingParams(temperature=0, max_new_tokens=32))
+        c.token_ids, c.text, c.finish_reason
+        for events in engine.stream(prompts, params): ...   # TokenEvent per row per step
+
+    `device` / `dtype` move the model (in place) before generating.
+    """
 
     def __init__(self, model, tokenizer=None, device=None, dtype=None):
-        param = next(model.parameters())
-        self.device = torch.device(device) if device is not None else param.device
-        self.dtype = dtype or param.dtype
-        if param.device != self.device or param.dtype != self.dtype:
-            model.to(device=self.device, dtype=self.dtype)
-            model.reset_rope(self.device)
+        if device is not None or dtype is not None:
+            model.to(device=device, dtype=dtype)
+        # The embedding's dtype is the compute dtype (a quantized base keeps it too).
+        self.device = model.embed_tokens.weight.device
+        self.dtype = model.embed_tokens.weight.dtype
+        model.reset_rope(self.device)
         self.model = model.eval()
         self.tokenizer = tokenizer
         cfg = model.config
