@@ -23,8 +23,9 @@ Rules that keep parallelism orthogonal to the other two axes:
   ranks stop generating at different lengths, and per-step all-gathers would hang.
 
 Test-only fault injection (`GRAFTLM_TEST_FAULT`, read nowhere else): `kill@N:R` kills
-rank R with SIGKILL at its N-th gradient-step collective, `hang@N:R` makes rank R
-sleep there; both only in torchrun's first attempt (TORCHELASTIC_RESTART_COUNT 0).
+rank R with SIGKILL at its N-th `all_reduce_sum` call (the trainer makes two per step and
+two per validation), `hang@N:R` makes rank R sleep there; both only in torchrun's first
+attempt (TORCHELASTIC_RESTART_COUNT 0), so a restarted job runs clean.
 """
 
 from __future__ import annotations
