@@ -7,8 +7,9 @@ bf16 on both sides (PEFT users load with `dtype=torch.bfloat16`; graftlm's
 `AdapterConfig(base_dtype="bfloat16")`); adapters stay float32 on both sides.
 
 Each configuration runs in its own subprocess so that peak resident memory (ru_maxrss)
-is its own: graftlm LoRA, PEFT LoRA, graftlm QLoRA, graftlm full fine-tuning (float32
-weights, same batch). Printed: tokens/s, peak RSS, and the ratios against the goals
+is its own: graftlm LoRA, PEFT LoRA, both again with gradient checkpointing (activations
+recomputed per block: less memory for more compute), graftlm QLoRA, graftlm full
+fine-tuning (float32 weights, same batch). Printed: tokens/s, peak RSS, and the ratios against the goals
 (graftlm >= 1.5x PEFT tokens/s, <= 0.6x its memory; LoRA >= 1.3x faster than full
 fine-tuning), plus QLoRA's frozen base size vs bf16.
 
@@ -32,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 DIMS = dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8,
             num_kv_heads=8, max_seq_len=256)
 BATCH, SEQ, RANK, ALPHA = 8, 256, 16, 32
-SIDES = ("graft-lora", "peft-lora", "graft-qlora", "graft-full")
+SIDES = ("graft-lora", "peft-lora", "graft-lora-ckpt", "peft-lora-ckpt", "graft-qlora", "graft-full")
 
 
 def peak_rss_mib() -> float:
@@ -55,6 +56,7 @@ def graft_model(side: str):
     info = {}
     if side != "graft-full":
         kind = "qlora" if side == "graft-qlora" else "lora"
+        model.gradient_checkpointing = side.endswith("-ckpt")
         A.apply_adapters(model, A.AdapterConfig(kind=kind, r=RANK, alpha=ALPHA, base_dtype="bfloat16"))
         from graftlm.adapters import qlora
         base = [m.base_layer.weight for m in model.modules() if hasattr(m, "base_layer")]
@@ -73,7 +75,7 @@ def graft_step(model, ids):
     (loss / count).backward()
 
 
-def peft_model():
+def peft_model(checkpointing: bool):
     import peft
     import torch
     import transformers
@@ -86,6 +88,8 @@ def peft_model():
     base = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
     model = peft.get_peft_model(base, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules="all-linear",
                                                       lora_dropout=0.0, task_type="CAUSAL_LM"))
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.train(), [p for p in model.parameters() if p.requires_grad], {}
 
 
@@ -98,8 +102,9 @@ def peft_step(model, ids):
 
 def run_side(side: str, steps: int) -> dict:
     import torch
-    model, params, info = peft_model() if side == "peft-lora" else graft_model(side)
-    step = peft_step if side == "peft-lora" else graft_step
+    peft_side = side.startswith("peft")
+    model, params, info = peft_model(side.endswith("-ckpt")) if peft_side else graft_model(side)
+    step = peft_step if peft_side else graft_step
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     ids = batch()
     rss_built = peak_rss_mib()
@@ -145,6 +150,13 @@ def main() -> None:
     if g and p:
         print(f"graftlm / PEFT tokens/s: {g['tokens_per_s'] / p['tokens_per_s']:.2f}x (goal >= 1.5x); "
               f"peak RSS: {g['peak_rss_mib'] / p['peak_rss_mib']:.2f}x (goal <= 0.6x)")
+    gc, pc = results.get("graft-lora-ckpt"), results.get("peft-lora-ckpt")
+    if gc and pc:
+        print(f"with gradient checkpointing on both sides: tokens/s {gc['tokens_per_s'] / pc['tokens_per_s']:.2f}x, "
+              f"peak RSS {gc['peak_rss_mib'] / pc['peak_rss_mib']:.2f}x")
+    if gc and p:
+        print(f"graftlm checkpointed vs PEFT default: tokens/s {gc['tokens_per_s'] / p['tokens_per_s']:.2f}x, "
+              f"peak RSS {gc['peak_rss_mib'] / p['peak_rss_mib']:.2f}x")
     f = results.get("graft-full")
     if g and f:
         print(f"graftlm LoRA / full fine-tuning step speed: {f['step_s'] / g['step_s']:.2f}x (goal >= 1.3x)")
