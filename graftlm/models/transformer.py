@@ -90,9 +90,11 @@ class KVCache:
     @classmethod
     def allocate(cls, cfg: ModelConfig, batch: int, max_len: int, device, dtype) -> "KVCache":
         shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        # Zeros, not empty: unwritten slots are masked out, but garbage there can be NaN,
+        # and 0 * NaN in attention's weighted sum would still reach real rows.
         return cls(
-            keys=[torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)],
-            values=[torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)],
+            keys=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)],
+            values=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)],
             key_valid=torch.zeros(batch, max_len, dtype=torch.bool, device=device),
         )
 
