@@ -1,0 +1,130 @@
+"""FLOPs of a run, and the time and money they take on given hardware.
+
+The per-token training and forward FLOPs of the base model come from
+`graftlm.metrics` (`training_flops_per_token`, `forward_flops_per_token`), the same
+functions the trainer uses for the MFU it records, so plan and measurement count alike:
+6N per token for full training plus causal attention. What adapters and objectives add
+on top is counted here:
+
+- LoRA / QLoRA: the frozen base still runs forward (2N) and passes gradients back to the
+  activations (2N), but computes no weight gradients: ~4N per token. Each adapter
+  (A: in -> r, B: r -> out) costs 2 r (in + out) forward, the same again for its input
+  gradient and again for its weight gradient. Where nothing upstream is trainable
+  (the first block's q/k/v inputs, with frozen embeddings and norms) autograd skips the
+  input gradient, and so do we.
+- DPO: chosen and rejected both train, and the frozen reference model runs one more
+  forward over both.
+- GRPO: generation (prefill of the prompt, then one token at a time against a KV cache)
+  for G completions per prompt, training on prompt + completion, and a reference forward.
+
+Model FLOPs leave out recomputation (the chunked log-probs recompute each chunk's logits
+in backward; activation checkpointing recomputes every block): MFU is defined on model
+FLOPs, so time uses them; `executed_flops` adds recomputation, what a FLOP counter sees.
+
+Time = FLOPs / (devices x peak x MFU), the MFU a device typically reaches (catalogue).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from graftlm.metrics import forward_flops_per_token, matmul_params, training_flops_per_token
+from graftlm.plan.hardware import Hardware
+from graftlm.plan.memory import LINEAR_NAMES, RunShape, adapter_params, linear_shapes, lora_targets
+
+
+def _first_block_skipped_input_grads(shape: RunShape) -> int:
+    """Input-gradient FLOPs per token that autograd skips in an adapter run's first block.
+
+    The first block's attention input comes from frozen embeddings and a frozen norm,
+    so q/k/v need no input gradient. Everything after an adapted layer does.
+    """
+    shapes = linear_shapes(shape.model)
+    return sum(2 * shapes[name][0] * shapes[name][1] for name in LINEAR_NAMES[:3])
+
+
+def train_flops_per_token(shape: RunShape) -> float:
+    """FLOPs to train on one token of a sequence of `shape.seq_len` (forward + backward)."""
+    cfg = shape.model
+    if not shape.adapted:
+        return training_flops_per_token(cfg, shape.seq_len, 1.0)
+    adapters = adapter_params(shape)
+    # The shared function counts the base (4N) and 2N*f of weight gradients: with
+    # f = adapters / N that is exactly the adapters' weight gradients.
+    flops = training_flops_per_token(cfg, shape.seq_len, adapters / matmul_params(cfg))
+    flops += 4 * adapters  # the adapters' forward and input gradient
+    if lora_targets(shape.lora_targets):
+        flops -= _first_block_skipped_input_grads(shape)
+    return flops
+
+
+def recompute_flops_per_token(shape: RunShape) -> float:
+    """FLOPs that run twice: not model FLOPs (MFU ignores them) but executed all the same.
+
+    The chunked log-probs recompute each chunk's logits in backward (2 V h per token);
+    activation checkpointing recomputes every block's forward.
+    """
+    cfg = shape.model
+    flops = 2 * cfg.vocab_size * cfg.hidden_size
+    if shape.activation_checkpointing:
+        flops += inference_flops_per_token(shape) - 2 * cfg.vocab_size * cfg.hidden_size
+    return flops
+
+
+def executed_flops_per_token(shape: RunShape) -> float:
+    """What the hardware executes per trained token: model FLOPs plus recomputation."""
+    return train_flops_per_token(shape) + recompute_flops_per_token(shape)
+
+
+def inference_flops_per_token(shape: RunShape) -> float:
+    """A forward pass (e.g. the reference model), per token."""
+    flops = forward_flops_per_token(shape.model, shape.seq_len)
+    if shape.adapted:
+        flops += 2 * adapter_params(shape)
+    return flops
+
+
+def generation_flops_per_token(shape: RunShape, context: int) -> float:
+    """One decoded token attending to `context` cached positions."""
+    cfg = shape.model
+    return 2 * matmul_params(cfg) + 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * context
+
+
+@dataclass
+class Compute:
+    train_tokens: float  # tokens the trained model processes (all epochs)
+    flops: float  # model FLOPs: what MFU and the trainer's summary count
+    executed_flops: float  # plus recomputation (chunked logits, activation checkpointing)
+    flops_per_token: float
+    time_s: float
+    cost_usd: float
+    detail: dict
+
+
+def compute_cost(shape: RunShape, tokens: float, hardware: Hardware, price_per_hour: float | None = None,
+                 epochs: float = 1.0) -> Compute:
+    """FLOPs, time and money to train on `tokens` tokens of data `epochs` times.
+
+    For DPO `tokens` counts both the chosen and the rejected sequences; for GRPO it is
+    prompt + completion tokens of every completion.
+    """
+    seen = tokens * epochs
+    per_token = train_flops_per_token(shape)
+    detail = {"train": per_token * seen}
+    if shape.objective in ("dpo", "grpo"):
+        detail["reference forward"] = inference_flops_per_token(shape) * seen
+    if shape.objective == "grpo":
+        prompt = max(shape.seq_len - shape.grpo_completion_len, 1)
+        completion = shape.grpo_completion_len
+        sequences = seen / shape.seq_len
+        prefill = 2 * matmul_params(shape.model) * prompt  # attention of the prefill is small
+        decode = sum(generation_flops_per_token(shape, prompt + t) for t in (0, completion // 2, completion)) / 3
+        detail["generation"] = sequences * (prefill + decode * completion)
+    flops = sum(detail.values())
+    executed = flops + recompute_flops_per_token(shape) * seen
+    device = hardware.device
+    rate = device.peak_flops(shape.precision) * device.mfu * hardware.count
+    time_s = flops / rate
+    price = device.usd_per_hour if price_per_hour is None else price_per_hour
+    return Compute(train_tokens=seen, flops=flops, executed_flops=executed, flops_per_token=flops / max(seen, 1), time_s=time_s,
+                   cost_usd=time_s / 3600 * price * hardware.count, detail=detail)

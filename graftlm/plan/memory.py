@@ -1,0 +1,269 @@
+"""Memory of one training run, per device, broken down the way a person reasons about it.
+
+What "peak memory" means here: the largest total of live tensor bytes on one device at
+any moment of a training step (forward, backward, optimizer step): weights, gradients,
+optimizer states, the activations autograd keeps for backward, and the temporaries
+around them. It is `torch.cuda.max_memory_allocated()` on a GPU; on a CPU,
+`plan.measure.TensorMemoryTracker` counts the same. It leaves out what the runtime
+keeps for itself (CUDA context, allocator slack), which the hardware catalogue's
+`reserved_gb` covers when deciding whether a run fits.
+
+Design choices, each matching what the trainer and the adapters do:
+- Full training keeps float32 weights (bf16 only with precision "bf16"), gradients in
+  the weights' dtype, and fused AdamW's two states in the weights' dtype (no step
+  temporaries). Gradients are set to None between steps, so with one micro-batch they
+  never coexist with a whole forward's activations.
+- LoRA keeps the frozen base in `adapter.base_dtype`; QLoRA stores every block linear
+  weight as torchao NF4 (half a byte per weight, an int8 scaler per 64 weights, a bf16
+  factor per scaler block); adapters are float32 and trained like full weights.
+- Under bf16 autocast, the bf16 copies autocast makes of float32 weights are saved for
+  backward and live until it ends ("weight copies").
+- Activations are what autograd saves during forward, per token. The coefficients are
+  fitted to measurements of the Decoder (scripts/calibrate_plan_memory.py), because
+  which tensors are saved depends on details (float32 RMSNorm, SDPA's saved outputs,
+  frozen weights needing no input) that a hand count gets wrong. With activation
+  checkpointing only each block's input is kept, and one block is recomputed at a time.
+- Log-probabilities are computed in chunks of 1024 positions (objectives/logprobs.py),
+  so the logits' cost is a transient of a few chunk x vocab float32 arrays.
+- Peak = the larger of two moments: the start of backward (everything static, all
+  activations, weight copies, the logits transient) and the end of backward (everything
+  static plus all gradients); in between, freed activations make room for gradients.
+- FSDP over N devices divides weights, gradients, optimizer states and the reference
+  model by N; DDP divides nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from graftlm.models.config import ModelConfig
+
+LOGPROB_CHUNK = 1024
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# (parameterization, precision, frozen base dtype) -> fitted bytes per token:
+#   layer: per block, coefficients of (h+q)/2, kv, intermediate, heads, r*targets, 1
+#   rest:  outside the blocks, coefficients of h, head_dim, 1
+#   logits: the transient, in units of chunk x vocab x 4 bytes
+# Refit with scripts/calibrate_plan_memory.py (torch 2.13, CPU; the same ops run on CUDA).
+ACTIVATION_COEFFS = {
+    ("full", "fp32", None): dict(layer=(32, 8, 16, 4, 0, 8), rest=(12, 8, 20), logits=4.0),
+    ("full", "bf16-autocast", None): dict(layer=(26, 4, 8, 4, 0, 8), rest=(10, 4, 20), logits=4.3),
+    ("full", "bf16", None): dict(layer=(20, 4, 8, 4, 0, 8), rest=(8, 4, 20), logits=4.0),
+    ("lora", "fp32", "float32"): dict(layer=(24, 8, 16, 4, 4, 8), rest=(4, 8, 16), logits=4.0),
+    ("lora", "fp32", "bfloat16"): dict(layer=(16, 4, 8, 4, 2, 8), rest=(2, 4, 16), logits=4.0),
+    ("lora", "bf16-autocast", "float32"): dict(layer=(22, 4, 8, 4, 2, 8), rest=(4, 4, 16), logits=4.26),
+    ("lora", "bf16-autocast", "bfloat16"): dict(layer=(16, 4, 8, 4, 2, 8), rest=(2, 4, 16), logits=4.0),
+    ("qlora", "fp32", "float32"): dict(layer=(24, 8, 16, 4, 4, 8), rest=(4, 8, 16), logits=4.0),
+    ("qlora", "fp32", "bfloat16"): dict(layer=(16, 4, 8, 4, 2, 8), rest=(2, 4, 16), logits=4.0),
+    ("qlora", "bf16-autocast", "float32"): dict(layer=(22, 4, 14, 4, 2, 8), rest=(4, 4, 16), logits=4.26),
+    ("qlora", "bf16-autocast", "bfloat16"): dict(layer=(16, 4, 8, 4, 2, 8), rest=(2, 4, 16), logits=4.0),
+}
+
+
+@dataclass
+class RunShape:
+    """What a training run looks like to the cost model."""
+
+    model: ModelConfig
+    objective: str = "sft"  # clm | sft | dpo | grpo
+    parameterization: str = "full"  # full | lora | qlora
+    precision: str = "bf16-autocast"  # fp32 | bf16-autocast | bf16
+    batch_size: int = 1  # per device and micro-batch: sequences (DPO: pairs; GRPO: completions)
+    seq_len: int = 2048
+    grad_accum: int = 1
+    activation_checkpointing: bool = False
+    lora_r: int = 16
+    lora_targets: list[str] | str = "all-linear"
+    lora_base_dtype: str = "bfloat16"
+    grpo_group: int = 8  # completions per prompt
+    grpo_completion_len: int = 256  # of seq_len, the generated part
+    devices: int = 1
+    sharding: str = "fsdp"  # fsdp | ddp (with devices > 1)
+
+    @property
+    def adapted(self) -> bool:
+        return self.parameterization in ("lora", "qlora")
+
+    @property
+    def sequences(self) -> int:
+        """Sequences one micro-batch runs through the trained model."""
+        return self.batch_size * (2 if self.objective == "dpo" else 1)
+
+    @property
+    def tokens(self) -> int:
+        return self.sequences * self.seq_len
+
+
+# -- parameter counts -------------------------------------------------------------------------
+
+def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) of each linear layer of one block."""
+    h, q, kv, i = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def lora_targets(targets: list[str] | str) -> list[str]:
+    """The block linears a target spec names (all-linear, names, or a regex on HF names)."""
+    import re
+    if targets == "all-linear" or targets == ["all-linear"]:
+        return list(LINEAR_NAMES)
+    if isinstance(targets, str):
+        return [n for n in LINEAR_NAMES
+                if re.fullmatch(targets, f"model.layers.0.{'self_attn' if n in LINEAR_NAMES[:4] else 'mlp'}.{n}")]
+    return [n for n in LINEAR_NAMES if any(t == n or t.endswith("." + n) for t in targets)]
+
+
+def adapter_params(shape: RunShape) -> int:
+    shapes = linear_shapes(shape.model)
+    per_layer = sum(shapes[n][0] + shapes[n][1] for n in lora_targets(shape.lora_targets))
+    return shape.lora_r * per_layer * shape.model.num_layers
+
+
+def block_linear_params(cfg: ModelConfig) -> int:
+    return sum(i * o for i, o in linear_shapes(cfg).values()) * cfg.num_layers
+
+
+def _nf4_bytes(numel: int) -> int:
+    from graftlm.adapters.qlora import NF4_BLOCK, _scaler_block
+    blocks = numel // NF4_BLOCK
+    return numel // 2 + blocks + 2 * (blocks // _scaler_block(blocks)) + 2 + 32
+
+
+def trainable_params(shape: RunShape) -> int:
+    return adapter_params(shape) if shape.adapted else shape.model.num_params()
+
+
+# -- the breakdown ---------------------------------------------------------------------------
+
+@dataclass
+class MemoryBreakdown:
+    """Bytes per device. `peak` is what must fit; the rest explain it."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    weight_copies: int
+    activations: int  # without activation checkpointing
+    activations_checkpointed: int
+    logits: int
+    reference_model: int
+    kv_cache: int
+    peak: int
+    peak_moment: str
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+def _coeffs(shape: RunShape) -> dict:
+    precision = shape.precision
+    base = shape.lora_base_dtype if shape.adapted else None
+    if shape.adapted and precision == "bf16":
+        precision, base = "bf16-autocast", "bfloat16"  # a bf16 model: base and compute in bf16
+    return ACTIVATION_COEFFS[(shape.parameterization, precision, base)]
+
+
+def activation_bytes_per_token(shape: RunShape) -> tuple[float, float, float]:
+    """(per block, outside the blocks, checkpointed per block) bytes per token."""
+    cfg = shape.model
+    c = _coeffs(shape)
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    targets = len(lora_targets(shape.lora_targets)) if shape.adapted else 0
+    a_h, a_kv, a_i, a_nh, a_r, a_0 = c["layer"]
+    layer = (a_h * (cfg.hidden_size + q) / 2 + a_kv * kv + a_i * cfg.intermediate_size
+             + a_nh * cfg.num_heads + a_r * shape.lora_r * targets + a_0)
+    b_h, b_hd, b_0 = c["rest"]
+    rest = b_h * cfg.hidden_size + b_hd * cfg.head_dim + b_0
+    stream_bytes = 4 if shape.precision == "fp32" and not (shape.adapted and shape.lora_base_dtype == "bfloat16") else 2
+    return layer, rest, cfg.hidden_size * stream_bytes
+
+
+def memory_breakdown(shape: RunShape) -> MemoryBreakdown:
+    cfg = shape.model
+    total = cfg.num_params()
+    shard = shape.devices if shape.devices > 1 and shape.sharding == "fsdp" else 1
+    master = 2 if shape.precision == "bf16" else 4
+    block_linear = block_linear_params(cfg)
+    notes = []
+
+    if shape.adapted:
+        base_bytes = 2 if shape.lora_base_dtype == "bfloat16" or shape.precision == "bf16" else 4
+        trainable = adapter_params(shape)
+        if shape.parameterization == "qlora":
+            per_layer = sum(_nf4_bytes(i * o) for i, o in linear_shapes(cfg).values())
+            weights = per_layer * cfg.num_layers + (total - block_linear) * base_bytes
+        else:
+            weights = total * base_bytes
+        weights += trainable * 4
+        grads, optimizer = trainable * 4, trainable * 8
+        reference = 0  # the base with adapters disabled
+        computes_bf16 = shape.precision != "fp32" or base_bytes == 2
+        copies = 2 * trainable if computes_bf16 else 0
+        if shape.parameterization == "lora" and shape.precision == "bf16-autocast" and base_bytes == 4:
+            copies += 2 * block_linear  # autocast casts each float32 base weight; backward keeps it
+    else:
+        trainable = total
+        weights = total * master
+        grads, optimizer = total * master, total * 2 * master
+        copies = 2 * block_linear if shape.precision == "bf16-autocast" else 0
+        reference = total * master if shape.objective in ("dpo", "grpo") else 0
+
+    weights, grads, optimizer, reference = (x // shard for x in (weights, grads, optimizer, reference))
+    if shard > 1:
+        # FSDP gathers one block's weights at a time in full.
+        weights += block_linear // cfg.num_layers * (2 if shape.precision != "fp32" else 4)
+
+    layer, rest, checkpoint_input = activation_bytes_per_token(shape)
+    tokens = shape.tokens
+    activations = int(tokens * (cfg.num_layers * layer + rest))
+    checkpointed = int(tokens * (cfg.num_layers * checkpoint_input + rest + layer))
+    chunk = min(tokens, LOGPROB_CHUNK)
+    logits = int(_coeffs(shape)["logits"] * chunk * cfg.vocab_size * 4)
+    if tokens > LOGPROB_CHUNK:  # the chunks' input gradients are gathered into one tensor
+        logits += tokens * cfg.hidden_size * 4
+
+    kv_cache = 0
+    if shape.objective == "grpo":
+        kv_bytes = 4 if shape.precision == "fp32" else 2
+        kv_cache = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * kv_bytes * shape.batch_size * shape.seq_len
+
+    accumulating = shape.grad_accum > 1  # gradients live through later micro-batches' forward
+    static = weights + optimizer + reference + (grads if accumulating else 0)
+    used = checkpointed if shape.activation_checkpointing else activations
+    moments = {
+        "start of backward": static + used + copies + logits,
+        "end of backward": static + grads,
+    }
+    if kv_cache:
+        moments["rollout generation"] = static + kv_cache + 2 * shape.batch_size * cfg.vocab_size * 4
+        notes.append("GRPO generates rollouts before training on them: the KV cache and the "
+                     "training activations do not coexist")
+    if shape.precision == "bf16" and not shape.adapted:
+        notes.append("pure bf16 weights and optimizer states: cheaper, but small updates can round away")
+    moment = max(moments, key=moments.get)
+    return MemoryBreakdown(weights=weights, gradients=grads, optimizer=optimizer, weight_copies=copies,
+                           activations=activations, activations_checkpointed=checkpointed, logits=logits,
+                           reference_model=reference, kv_cache=kv_cache, peak=moments[moment],
+                           peak_moment=moment, notes=notes)
+
+
+def largest_batch(shape: RunShape, usable_bytes: int, limit: int = 1 << 16) -> int:
+    """The largest micro-batch (same units as `batch_size`) whose peak fits; 0 if none."""
+    from dataclasses import replace
+
+    def fits(b: int) -> bool:
+        return memory_breakdown(replace(shape, batch_size=b)).peak <= usable_bytes
+
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while high <= limit and fits(high):
+        low, high = high, high * 2
+    high = min(high, limit + 1)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
