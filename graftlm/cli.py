@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "graftlm.adapters_cli",
     "graftlm.data_cli",
     "graftlm.engine_cli",
+    "graftlm.plan_cli",
     "graftlm.eval_cli",
     "graftlm.serve_cli",
     "graftlm.train_cli",

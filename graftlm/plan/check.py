@@ -1,0 +1,108 @@
+"""`graft plan --check RUN_DIR`: the plan's prediction for exactly that run, beside what
+the run measured (summary.json), with the relative error of each figure.
+
+The run's shape comes from its config.yaml (objective, adapter, batch, sequence length,
+precision, activation checkpointing, world size) and its model from `final/config.json`
+when the run saved a model, else from the model spec, with the vocabulary solved from
+the recorded parameter count (a preset takes the tokenizer's vocabulary).
+
+Measured peak memory is `peak_tensor_bytes` when the run recorded it (live tensor bytes,
+the plan's own definition), else `peak_memory_bytes`: on CUDA the allocator's peak,
+which agrees; on CPU the process's peak RSS, which also holds the interpreter and
+libraries, so expect the prediction to fall short there by a few hundred MB.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import yaml
+
+from graftlm.errors import GraftError
+from graftlm.models.config import ModelConfig
+from graftlm.plan.compute import train_flops_per_token
+from graftlm.plan.hardware import Hardware
+from graftlm.plan.memory import RunShape, memory_breakdown
+
+_OBJECTIVES = {"clm": "clm", "sft": "sft", "dpo": "dpo", "grpo": "grpo", "reward": "sft", "ppo": "grpo"}
+
+
+def _read(path: Path, loader):
+    try:
+        return loader(path.read_text())
+    except OSError as e:
+        raise GraftError(f"{path}: cannot read ({e.strerror}); is this a finished run directory?") from None
+    except (ValueError, yaml.YAMLError) as e:
+        raise GraftError(f"{path}: not valid ({e})") from None
+
+
+def _model_config(run_dir: Path, config: dict, params_total: int | None) -> ModelConfig:
+    final = run_dir / "final" / "config.json"
+    if final.exists():
+        from graftlm.models.config import read_hf_config
+        return read_hf_config(final)
+    from graftlm.models.hf import resolve_model_config
+    cfg = resolve_model_config(str(config.get("model", "")))
+    if params_total:
+        per_vocab = cfg.hidden_size * (1 if cfg.tie_embeddings else 2)
+        vocab = (params_total - cfg.num_params(include_embeddings=False)) // per_vocab
+        if vocab > 0:
+            cfg = replace(cfg, vocab_size=int(vocab))
+    return cfg
+
+
+def run_shape(run_dir: Path) -> tuple[RunShape, dict]:
+    run_dir = Path(run_dir)
+    config = _read(run_dir / "config.yaml", yaml.safe_load)
+    summary = _read(run_dir / "summary.json", json.loads)
+    train = config.get("train", {})
+    adapter = config.get("adapter") or {}
+    cfg = _model_config(run_dir, config, summary.get("params_total"))
+    seq_len = int(train.get("seq_len", 256))
+    if seq_len > cfg.max_seq_len:
+        cfg = replace(cfg, max_seq_len=seq_len)
+    parallel = config.get("parallel", {})
+    shape = RunShape(
+        model=cfg, objective=_OBJECTIVES.get(config.get("objective", "sft"), "sft"),
+        parameterization=adapter.get("kind", "full") if adapter else "full",
+        precision=train.get("precision", "bf16-autocast"), batch_size=int(train.get("batch_size", 1)),
+        seq_len=seq_len, grad_accum=int(train.get("grad_accum", 1)),
+        activation_checkpointing=bool(train.get("activation_checkpointing", False)),
+        lora_r=int(adapter.get("r", 16)), lora_targets=adapter.get("target_modules", "all-linear"),
+        lora_base_dtype=adapter.get("base_dtype", "float32"),
+        devices=int(summary.get("world_size", 1)), sharding="fsdp" if parallel.get("mode") == "fsdp" else "ddp")
+    if shape.parameterization == "dora":
+        shape = replace(shape, parameterization="lora")
+    return shape, summary
+
+
+def check_run(run_dir: Path, hardware: Hardware | None) -> dict:
+    """Predicted and measured figures of one run, with relative errors."""
+    shape, summary = run_shape(run_dir)
+    memory = memory_breakdown(shape)
+    tokens = float(summary.get("tokens", 0))
+    flops = train_flops_per_token(shape) * tokens
+    measured_peak = summary.get("peak_tensor_bytes") or summary.get("peak_memory_bytes")
+    if hardware is not None:
+        rate = hardware.device.peak_flops(shape.precision) * hardware.device.mfu * hardware.count
+        assumed = f"{hardware.label} at MFU {hardware.device.mfu:.0%}"
+    else:  # the run's own peak FLOP/s and the MFU it reached: time then checks only the FLOPs
+        rate = float(summary.get("peak_flops") or 0) * float(summary.get("mfu") or 0) * shape.devices
+        assumed = "the run's recorded peak FLOP/s and MFU"
+    time_s = flops / rate if rate else None
+    rows = {
+        "peak memory (bytes)": (memory.peak, measured_peak),
+        "FLOPs": (flops, summary.get("flops")),
+        "time (s)": (time_s, summary.get("train_time_s") or summary.get("wall_time_s")),
+        "tokens/s": (tokens / time_s if time_s else None, summary.get("tokens_per_s")),
+    }
+    figures = {}
+    for name, (predicted, measured) in rows.items():
+        error = (predicted - measured) / measured if predicted is not None and measured else None
+        figures[name] = {"predicted": predicted, "measured": measured, "error": error}
+    return {"run": str(run_dir), "objective": shape.objective, "parameterization": shape.parameterization,
+            "device": summary.get("device"), "assumed": assumed,
+            "memory_measured_as": "peak_tensor_bytes" if summary.get("peak_tensor_bytes") else "peak_memory_bytes",
+            "figures": figures}

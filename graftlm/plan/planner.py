@@ -1,0 +1,168 @@
+"""`graft plan`: for each regime, memory, fit, largest batch, FLOPs, time, money, artefact.
+
+Regimes share one cost model and differ in what they train and what they run besides:
+
+| regime   | objective | trains          | extra                                   |
+|----------|-----------|-----------------|-----------------------------------------|
+| pretrain | clm       | every weight    | random init: needs billions of tokens   |
+| cpt      | clm       | every weight    | continued pre-training of a base        |
+| sft      | sft       | every weight    |                                         |
+| dpo      | dpo       | every weight    | chosen + rejected; frozen reference copy |
+| grpo     | grpo      | every weight    | rollouts (KV cache), reference copy     |
+| lora     | sft       | adapters        | bf16 frozen base                        |
+| qlora    | sft       | adapters        | NF4 frozen base                         |
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from graftlm.errors import GraftError
+from graftlm.models.config import ModelConfig
+from graftlm.plan.advice import data_warnings, recommend
+from graftlm.plan.compute import compute_cost
+from graftlm.plan.hardware import Hardware
+from graftlm.plan.memory import RunShape, adapter_params, largest_batch, memory_breakdown, trainable_params
+
+REGIMES = {
+    "pretrain": ("pre-training from scratch", "clm", "full"),
+    "cpt": ("continued pre-training", "clm", "full"),
+    "sft": ("full fine-tuning (SFT)", "sft", "full"),
+    "dpo": ("full fine-tuning (DPO)", "dpo", "full"),
+    "grpo": ("full fine-tuning (GRPO)", "grpo", "full"),
+    "lora": ("LoRA (SFT, bf16 base)", "sft", "lora"),
+    "qlora": ("QLoRA (SFT, NF4 base)", "sft", "qlora"),
+}
+_SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+
+
+def parse_count(text: str) -> float | None:
+    """'7B', '125m', '2.5e9', '1000000' -> a number; None when `text` is not a count."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([kmbgtKMBGT]?)\s*", str(text))
+    if not match:
+        return None
+    return float(match.group(1)) * _SUFFIX[match.group(2).lower()]
+
+
+def config_for_param_count(count: float) -> ModelConfig:
+    """A Llama-shaped config of about `count` parameters (layers ~ hidden / 128, 32k vocab)."""
+    best = None
+    for hidden in range(256, 16385, 128):
+        heads = max(hidden // 128, 2)
+        cfg = ModelConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=256 * round(hidden * 8 / 3 / 256),
+                          num_layers=max(hidden // 128, 2), num_heads=heads, num_kv_heads=heads, max_seq_len=4096)
+        gap = abs(cfg.num_params() - count)
+        if best is None or gap < best[0]:
+            best = (gap, cfg)
+    return best[1]
+
+
+def resolve_model(spec: str) -> tuple[ModelConfig, bool, str]:
+    """(config, has weights, how the shape was found) for --model."""
+    count = parse_count(spec)
+    if count is not None and not Path(spec).exists():
+        cfg = config_for_param_count(count)
+        return cfg, False, f"a Llama-shaped model of {cfg.num_params() / 1e9:.2f}B parameters (approximating {spec})"
+    from graftlm.models.hf import resolve_model_config
+    cfg = resolve_model_config(spec)
+    path = Path(spec)
+    has_weights = path.is_dir() and any(path.glob("*.safetensors"))
+    return cfg, has_weights, spec
+
+
+def resolve_data(spec: str, objective: str | None = None) -> tuple[float, dict | None]:
+    """(tokens, data-stats figures or None) for --data: a token count, or files."""
+    count = parse_count(spec)
+    if count is not None and not Path(spec).exists():
+        return count, None
+    if not Path(spec).exists():
+        raise GraftError(f"--data '{spec}': neither a token count (e.g. 2B, 500M) nor an existing path")
+    from graftlm.data.stats import data_stats
+    stats = data_stats([spec], objective=objective)
+    return float(stats["tokens"]), stats
+
+
+@dataclass
+class PlanOptions:
+    seq_len: int = 2048
+    batch_size: int = 8
+    precision: str = "bf16-autocast"
+    activation_checkpointing: bool = False
+    lora_r: int = 16
+    epochs: float = 1.0
+    price_per_hour: float | None = None
+    goal: str | None = None
+    budget: float | None = None
+    sharding: str = "fsdp"
+
+
+def regime_shape(cfg: ModelConfig, regime: str, hardware: Hardware, options: PlanOptions) -> RunShape:
+    _, objective, parameterization = REGIMES[regime]
+    return RunShape(model=cfg, objective=objective, parameterization=parameterization,
+                    precision=options.precision, batch_size=options.batch_size, seq_len=options.seq_len,
+                    activation_checkpointing=options.activation_checkpointing, lora_r=options.lora_r,
+                    devices=hardware.count, sharding=options.sharding)
+
+
+def artifact_bytes(shape: RunShape) -> int:
+    """What the run leaves behind: the model's safetensors, or the adapter's (float32)."""
+    if shape.adapted:
+        return adapter_params(shape) * 4
+    return shape.model.num_params() * (2 if shape.precision == "bf16" else 4)
+
+
+def plan_regime(cfg: ModelConfig, regime: str, tokens: float, hardware: Hardware, options: PlanOptions) -> dict:
+    shape = regime_shape(cfg, regime, hardware, options)
+    memory = memory_breakdown(shape)
+    checkpointed = memory_breakdown(replace(shape, activation_checkpointing=True))
+    usable = hardware.device.usable_bytes
+    compute = compute_cost(shape, tokens, hardware, options.price_per_hour, options.epochs)
+    return {
+        "regime": regime,
+        "description": REGIMES[regime][0],
+        "objective": shape.objective,
+        "parameterization": shape.parameterization,
+        "params_total": cfg.num_params(),
+        "params_trainable": trainable_params(shape),
+        "memory": memory.as_dict(),
+        "peak_with_checkpointing": checkpointed.peak,
+        "usable_bytes": usable,
+        "fits": memory.peak <= usable,
+        "fits_with_checkpointing": checkpointed.peak <= usable,
+        "largest_batch": largest_batch(shape, usable),
+        "largest_batch_with_checkpointing": largest_batch(replace(shape, activation_checkpointing=True), usable),
+        "flops": compute.flops,
+        "executed_flops": compute.executed_flops,
+        "flops_detail": compute.detail,
+        "time_s": compute.time_s,
+        "cost_usd": compute.cost_usd,
+        "artifact_bytes": artifact_bytes(shape),
+        "artifact": "adapter" if shape.adapted else "model",
+    }
+
+
+def make_plan(cfg: ModelConfig, tokens: float, hardware: Hardware, options: PlanOptions,
+              has_base: bool = True, data_stats: dict | None = None, model_source: str = "") -> dict:
+    if options.seq_len > cfg.max_seq_len:
+        cfg = replace(cfg, max_seq_len=options.seq_len)
+    regimes = {name: plan_regime(cfg, name, tokens, hardware, options) for name in REGIMES}
+    choice, reasons = recommend(options.goal, tokens, cfg.num_params(), has_base,
+                                {n: r["fits"] or r["fits_with_checkpointing"] for n, r in regimes.items()},
+                                {n: r["cost_usd"] for n, r in regimes.items()}, options.budget)
+    for name, result in regimes.items():
+        result["data_warnings"] = data_warnings(name, tokens, cfg.num_params(), data_stats)
+    if not regimes[choice]["fits"] and regimes[choice]["fits_with_checkpointing"]:
+        reasons.append("turn on activation checkpointing (train.activation_checkpointing): "
+                       "it fits only with it at this batch size")
+    reasons += [f"data: {w}" for w in regimes[choice]["data_warnings"]]
+    return {
+        "model": {"source": model_source, "params": cfg.num_params(), "has_weights": has_base,
+                  "config": cfg.to_dict()},
+        "data": {"tokens": tokens, "stats": data_stats},
+        "hardware": {"name": hardware.label, "count": hardware.count, **asdict(hardware.device)},
+        "options": asdict(options),
+        "regimes": regimes,
+        "recommendation": {"regime": choice, "description": REGIMES[choice][0], "reasons": reasons},
+    }

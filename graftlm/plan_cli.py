@@ -1,0 +1,222 @@
+"""`graft plan`, `graft compare`, `graft report`: the cost side of graftlm on the command line.
+
+Each handler computes with a plain function (`plan.make_plan`, `plan.check.check_run`,
+`report.write_report`, `report.compare_runs`) and only prints: a rich table for people,
+`--json` for scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from graftlm.errors import GraftError
+
+GOALS = ("format", "domain", "deep", "variants", "from-scratch")
+DEFAULT_HARDWARE = "A100-80GB"
+
+
+def register(subparsers) -> None:
+    plan = subparsers.add_parser("plan", help="memory, FLOPs, time and money of each regime; which to use")
+    plan.add_argument("--model", help="HF model dir, preset, config.json/.yaml, or a parameter count (7B)")
+    plan.add_argument("--data", help="data files (counted with `graft data stats`) or a token count (2B, 500M)")
+    plan.add_argument("--seq-len", type=int, default=2048)
+    plan.add_argument("--batch", type=int, default=8, help="sequences per device and micro-batch (DPO: pairs)")
+    plan.add_argument("--hardware", default=None,
+                      help=f"catalogue name, NAMExN for N devices (default {DEFAULT_HARDWARE}; "
+                           "with --check: the run's own device)")
+    plan.add_argument("--hardware-file", help="a YAML file of extra devices (same layout as graftlm/hardware.yaml)")
+    plan.add_argument("--price-per-hour", type=float, help="USD per device-hour (default: the catalogue's)")
+    plan.add_argument("--budget", type=float, help="USD you can spend; costlier regimes are not advised")
+    plan.add_argument("--goal", choices=GOALS, help="what the training is for")
+    plan.add_argument("--precision", default="bf16-autocast", choices=("fp32", "bf16-autocast", "bf16"))
+    plan.add_argument("--activation-checkpointing", action="store_true")
+    plan.add_argument("--lora-r", type=int, default=16)
+    plan.add_argument("--epochs", type=float, default=1.0)
+    plan.add_argument("--sharding", default="fsdp", choices=("fsdp", "ddp"), help="with several devices")
+    plan.add_argument("--check", nargs="+", metavar="RUN_DIR", help="prediction vs measurement of finished runs")
+    plan.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    plan.set_defaults(handler=plan_command)
+
+    compare = subparsers.add_parser("compare", help="one table and one plot across finished runs")
+    compare.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    compare.add_argument("--out", default="compare.html", help="HTML file with the table and plot")
+    compare.add_argument("--price-per-hour", type=float, default=None,
+                         help="USD per device-hour for the cost column (default: from the run's device)")
+    compare.add_argument("--json", action="store_true")
+    compare.set_defaults(handler=compare_command)
+
+    report = subparsers.add_parser("report", help="(re)write RUN_DIR/report.html")
+    report.add_argument("run", metavar="RUN_DIR")
+    report.set_defaults(handler=report_command)
+
+
+# -- formatting ------------------------------------------------------------------------------
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def fmt_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.1f} s"
+
+
+def fmt_count(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:.3g}"
+
+
+def _console():
+    from rich.console import Console
+    return Console(width=max(120, Console().width))
+
+
+# -- graft plan ------------------------------------------------------------------------------
+
+def plan_command(args) -> int:
+    from graftlm.plan import PlanOptions, load_catalogue, make_plan, resolve_data, resolve_hardware, resolve_model
+    catalogue = load_catalogue(args.hardware_file)
+    if args.check:
+        return check_command(args, catalogue)
+    hardware = resolve_hardware(args.hardware or DEFAULT_HARDWARE, catalogue)
+    if not args.model or not args.data:
+        raise GraftError("graft plan needs --model and --data (or --check RUN_DIR ...)")
+    cfg, has_weights, source = resolve_model(args.model)
+    tokens, stats = resolve_data(args.data)
+    for name in ("seq_len", "batch", "lora_r"):
+        if getattr(args, name) < 1:
+            raise GraftError(f"--{name.replace('_', '-')} must be at least 1")
+    options = PlanOptions(seq_len=args.seq_len, batch_size=args.batch, precision=args.precision,
+                          activation_checkpointing=args.activation_checkpointing, lora_r=args.lora_r,
+                          epochs=args.epochs, price_per_hour=args.price_per_hour, goal=args.goal,
+                          budget=args.budget, sharding=args.sharding)
+    result = make_plan(cfg, tokens, hardware, options, has_base=has_weights, data_stats=stats,
+                       model_source=source)
+    if args.json:
+        json.dump(result, sys.stdout, indent=2)
+        print()
+    else:
+        print_plan(result)
+    return 0
+
+
+def print_plan(result: dict) -> None:
+    from rich.table import Table
+    console = _console()
+    hw = result["hardware"]
+    opts = result["options"]
+    console.print(f"[bold]model[/] {result['model']['source']}: {fmt_count(result['model']['params'])} parameters"
+                  f"{'' if result['model']['has_weights'] else ' (no weights given)'}")
+    console.print(f"[bold]data[/] {fmt_count(result['data']['tokens'])} tokens x {opts['epochs']:g} epoch(s); "
+                  f"[bold]batch[/] {opts['batch_size']} x {opts['seq_len']} tokens per device; {opts['precision']}")
+    console.print(f"[bold]hardware[/] {hw['name']}: {fmt_bytes(hw['memory_gb'] * 2**30)} per device "
+                  f"({hw['reserved_gb']:g} GiB reserved), {hw['bf16_tflops']:g} TFLOP/s bf16, MFU {hw['mfu']:.0%}")
+
+    memory = Table(title="memory per device (peak = what must fit)", show_lines=False)
+    rows = [("weights", "weights"), ("gradients", "gradients"), ("optimizer", "optimizer"),
+            ("weight copies (bf16)", "weight_copies"), ("activations", "activations"),
+            ("activations, checkpointed", "activations_checkpointed"), ("logits (chunked)", "logits"),
+            ("reference model", "reference_model"), ("KV cache (rollouts)", "kv_cache")]
+    memory.add_column("")
+    for name in result["regimes"]:
+        memory.add_column(name, justify="right")
+    regimes = list(result["regimes"].values())
+    for label, key in rows:
+        memory.add_row(label, *(fmt_bytes(r["memory"][key]) for r in regimes))
+    memory.add_row("[bold]peak[/]", *(f"[bold]{fmt_bytes(r['memory']['peak'])}[/]" for r in regimes))
+    memory.add_row("peak, checkpointed", *(fmt_bytes(r["peak_with_checkpointing"]) for r in regimes))
+    memory.add_row("fits", *("[green]yes[/]" if r["fits"] else
+                             ("[yellow]with ckpt[/]" if r["fits_with_checkpointing"] else "[red]no[/]")
+                             for r in regimes))
+    memory.add_row("largest batch", *(f"{r['largest_batch']} ({r['largest_batch_with_checkpointing']} ckpt)"
+                                      for r in regimes))
+    console.print(memory)
+
+    compute = Table(title="compute, time, money, artefact")
+    for column in ("regime", "trainable", "FLOPs", "time", "cost (USD)", "artefact"):
+        compute.add_column(column, justify="left" if column == "regime" else "right")
+    for r in regimes:
+        compute.add_row(r["description"], fmt_count(r["params_trainable"]), f"{r['flops']:.3g}",
+                        fmt_time(r["time_s"]), f"{r['cost_usd']:,.2f}", f"{r['artifact']} {fmt_bytes(r['artifact_bytes'])}")
+    console.print(compute)
+
+    rec = result["recommendation"]
+    console.print(f"[bold green]recommendation:[/] {rec['description']}")
+    for reason in rec["reasons"]:
+        console.print(f"  - {reason}")
+    for r in regimes:
+        for warning in r["data_warnings"]:
+            if r["regime"] != rec["regime"]:
+                console.print(f"  [yellow]{r['regime']}[/]: {warning}")
+
+
+def check_command(args, catalogue) -> int:
+    from graftlm.plan.check import check_run
+    from graftlm.plan.hardware import resolve_hardware
+    hardware = resolve_hardware(args.hardware, catalogue) if args.hardware else None
+    results = [check_run(Path(run), hardware) for run in args.check]
+    if args.json:
+        json.dump(results, sys.stdout, indent=2)
+        print()
+        return 0
+    from rich.table import Table
+    console = _console()
+    for result in results:
+        table = Table(title=f"{result['run']}: {result['objective']} / {result['parameterization']} on "
+                            f"{result['device']} (time assumes {result['assumed']})")
+        for column in ("figure", "predicted", "measured", "error"):
+            table.add_column(column, justify="left" if column == "figure" else "right")
+        for name, fig in result["figures"].items():
+            show = fmt_bytes if "memory" in name else (lambda v: "-" if v is None else f"{v:.4g}")
+            error = "-" if fig["error"] is None else f"{fig['error']:+.1%}"
+            table.add_row(name, show(fig["predicted"]), show(fig["measured"]), error)
+        console.print(table)
+        if result["memory_measured_as"] == "peak_memory_bytes" and result["device"] == "cpu":
+            console.print("  note: on CPU the measured peak is the process's RSS (interpreter and libraries included)")
+    return 0
+
+
+# -- graft compare / graft report --------------------------------------------------------------
+
+def compare_command(args) -> int:
+    from graftlm.report import compare_runs
+    rows = compare_runs([Path(r) for r in args.runs], Path(args.out), args.price_per_hour)
+    if args.json:
+        json.dump(rows, sys.stdout, indent=2)
+        print()
+        return 0
+    from rich.table import Table
+    table = Table(title=f"{len(rows)} runs (plot: {args.out})")
+    columns = ("run", "regime", "trainable", "tokens", "time", "peak memory", "cost (USD)",
+               "train loss", "val loss")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("run", "regime") else "right")
+    for row in rows:
+        table.add_row(row["run"], row["regime"], fmt_count(row["params_trainable"]), fmt_count(row["tokens"]),
+                      fmt_time(row["time_s"]), fmt_bytes(row["peak_memory_bytes"]),
+                      "-" if row["cost_usd"] is None else f"{row['cost_usd']:.4f}",
+                      "-" if row["final_train_loss"] is None else f"{row['final_train_loss']:.4f}",
+                      "-" if row["final_val_loss"] is None else f"{row['final_val_loss']:.4f}")
+    _console().print(table)
+    return 0
+
+
+def report_command(args) -> int:
+    from graftlm.report import write_report
+    print(write_report(Path(args.run)))
+    return 0
