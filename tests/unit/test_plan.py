@@ -1,0 +1,163 @@
+"""graft plan: breakdowns, fit, largest batch, JSON, catalogue, errors, rules of thumb."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from graftlm.cli import main
+from graftlm.errors import GraftError
+from graftlm.models.config import ModelConfig
+from graftlm.plan import (PlanOptions, RunShape, largest_batch, load_catalogue, make_plan, memory_breakdown,
+                          resolve_hardware)
+from graftlm.plan.compute import train_flops_per_token
+from graftlm.plan.planner import config_for_param_count, parse_count
+
+LLAMA_7B = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
+                       num_heads=32, num_kv_heads=32, max_seq_len=4096)
+PARTS = ("weights", "gradients", "optimizer", "weight_copies", "logits", "reference_model")
+
+
+def test_seven_billion_rules_of_thumb():
+    params = LLAMA_7B.num_params()
+    assert 6.6e9 < params < 6.8e9
+    full = memory_breakdown(RunShape(LLAMA_7B, parameterization="full"))
+    assert (full.weights + full.gradients + full.optimizer) / params == pytest.approx(16, abs=0.01)
+    lora = memory_breakdown(RunShape(LLAMA_7B, parameterization="lora"))
+    assert lora.weights / params == pytest.approx(2, rel=0.03)
+    qlora = memory_breakdown(RunShape(LLAMA_7B, parameterization="qlora"))
+    assert 0.5 <= qlora.weights / params <= 0.62
+    # 6ND for full training: within the attention term of 6 N per token
+    assert train_flops_per_token(RunShape(LLAMA_7B, seq_len=2048)) / (6 * params) == pytest.approx(1, abs=0.08)
+    lora_flops = train_flops_per_token(RunShape(LLAMA_7B, parameterization="lora", seq_len=2048))
+    assert lora_flops / (4 * params) == pytest.approx(1, abs=0.1)
+
+
+def test_seven_billion_full_does_not_fit_a_24gb_gpu_but_qlora_does():
+    hardware = resolve_hardware("RTX4090", load_catalogue())
+    plan = make_plan(LLAMA_7B, 5e7, hardware, PlanOptions(seq_len=1024, batch_size=1, goal="format"))
+    regimes = plan["regimes"]
+    assert not regimes["sft"]["fits"] and not regimes["sft"]["fits_with_checkpointing"]
+    assert regimes["sft"]["largest_batch"] == 0
+    assert regimes["qlora"]["fits"] and regimes["qlora"]["largest_batch"] >= 1
+    assert plan["recommendation"]["regime"] in ("lora", "qlora")
+
+
+def test_breakdown_adds_up_to_the_peak():
+    for parameterization in ("full", "lora", "qlora"):
+        for objective in ("sft", "dpo"):
+            shape = RunShape(LLAMA_7B, objective=objective, parameterization=parameterization, batch_size=2)
+            m = memory_breakdown(shape)
+            static = m.weights + m.optimizer + m.reference_model
+            start = static + m.activations + m.weight_copies + m.logits
+            assert m.peak == max(start, static + m.gradients)
+            assert m.peak_moment in ("start of backward", "end of backward")
+
+
+def test_checkpointing_lowers_activations_and_dpo_doubles_them():
+    shape = RunShape(LLAMA_7B, batch_size=4, seq_len=2048)
+    m = memory_breakdown(shape)
+    assert m.activations_checkpointed < m.activations / 5
+    dpo = memory_breakdown(replace(shape, objective="dpo"))
+    assert dpo.activations == 2 * m.activations
+    assert dpo.reference_model == m.weights  # a frozen copy of the float32 weights
+    assert memory_breakdown(replace(shape, objective="dpo", parameterization="lora")).reference_model == 0
+
+
+def test_grpo_has_a_kv_cache_and_fsdp_divides_the_states():
+    shape = RunShape(LLAMA_7B, objective="grpo", batch_size=8, seq_len=1024)
+    m = memory_breakdown(shape)
+    assert m.kv_cache == 2 * 32 * 4096 * 2 * 8 * 1024
+    sharded = memory_breakdown(replace(shape, devices=8, sharding="fsdp"))
+    assert sharded.optimizer == m.optimizer // 8
+    assert memory_breakdown(replace(shape, devices=8, sharding="ddp")).optimizer == m.optimizer
+
+
+def test_largest_batch_is_the_boundary_of_fitting():
+    shape = RunShape(LLAMA_7B, parameterization="qlora", seq_len=2048)
+    usable = 24 * 2 ** 30
+    best = largest_batch(shape, usable)
+    assert best >= 1
+    assert memory_breakdown(replace(shape, batch_size=best)).peak <= usable
+    assert memory_breakdown(replace(shape, batch_size=best + 1)).peak > usable
+    assert largest_batch(RunShape(LLAMA_7B), 10 * 2 ** 30) == 0
+
+
+def test_parse_count_and_param_count_models():
+    assert parse_count("7B") == 7e9 and parse_count("500m") == 5e8 and parse_count("2.5e9") == 2.5e9
+    assert parse_count("data/train.jsonl") is None
+    cfg = config_for_param_count(7e9)
+    assert abs(cfg.num_params() - 7e9) / 7e9 < 0.1
+
+
+def test_catalogue_extension_and_counts(tmp_path):
+    extra = tmp_path / "mine.yaml"
+    extra.write_text("MI300X:\n  memory_gb: 192\n  bf16_tflops: 1307\n  mfu: 0.35\n  usd_per_hour: 3.0\n"
+                     "H100:\n  memory_gb: 80\n  bf16_tflops: 989\n  mfu: 0.5\n  usd_per_hour: 2.0\n")
+    catalogue = load_catalogue(extra)
+    hw = resolve_hardware("mi300x x4", catalogue)
+    assert hw.count == 4 and hw.device.memory_gb == 192
+    assert resolve_hardware("H100", catalogue).device.mfu == 0.5  # overridden
+    assert resolve_hardware("rtx 4090", catalogue).device.name == "RTX4090"
+    for name in ("cpu", "T4", "L4", "A10G", "RTX4090", "A100-40GB", "A100-80GB", "H100", "H200"):
+        assert resolve_hardware(name, catalogue).device.name == name
+
+
+def test_bad_hardware_name_lists_the_known_ones(capsys):
+    with pytest.raises(GraftError, match="unknown device 'V100'.*A100-80GB.*H200"):
+        resolve_hardware("V100", load_catalogue())
+    assert main(["plan", "--model", "tiny", "--data", "1M", "--hardware", "V100"]) == 2
+    err = capsys.readouterr().err
+    assert "V100" in err and "RTX4090" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_catalogue_entry_names_the_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("X1:\n  memory_gb: 10\n  bf16_tflops: fast\n  mfu: 0.3\n  usd_per_hour: 1\n")
+    with pytest.raises(GraftError, match="bad.yaml: device 'X1': field 'bf16_tflops'"):
+        load_catalogue(bad)
+
+
+def test_json_output_for_scripts(capsys):
+    assert main(["plan", "--model", "125m", "--data", "2B", "--hardware", "H100x8", "--seq-len", "1024",
+                 "--batch", "4", "--goal", "from-scratch", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["regimes"]) == {"pretrain", "cpt", "sft", "dpo", "grpo", "lora", "qlora"}
+    pretrain = result["regimes"]["pretrain"]
+    assert pretrain["fits"] is True and pretrain["time_s"] > 0 and pretrain["cost_usd"] > 0
+    assert result["hardware"]["count"] == 8
+    assert result["recommendation"]["regime"] == "pretrain"
+    assert result["regimes"]["lora"]["artifact"] == "adapter"
+    assert result["regimes"]["lora"]["artifact_bytes"] < pretrain["artifact_bytes"] / 10
+
+
+def test_advice_follows_the_goal():
+    hw = resolve_hardware("A100-80GB", load_catalogue())
+    small = ModelConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_layers=16,
+                        num_heads=16, num_kv_heads=4)
+    def advised(goal, tokens):
+        return make_plan(small, tokens, hw, PlanOptions(seq_len=1024, batch_size=4, goal=goal))["recommendation"]
+    assert advised("deep", 1e8)["regime"] == "sft"
+    assert advised("variants", 1e7)["regime"] == "lora"
+    assert advised("domain", 5e8)["regime"] == "cpt"
+    scratch = advised("from-scratch", 1e7)
+    assert scratch["regime"] != "pretrain" and "billions" in " ".join(scratch["reasons"])
+
+
+def test_rich_table_for_people(capsys):
+    assert main(["plan", "--model", "1b", "--data", "100M", "--hardware", "L4", "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "peak" in out and "largest batch" in out and "recommendation" in out and "QLoRA" in out
+
+
+def test_data_files_use_data_stats(tmp_path, capsys):
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}] * 30
+    path = tmp_path / "sft.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert main(["plan", "--model", "tiny", "--data", str(path), "--seq-len", "128", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["data"]["stats"]["rows"] == 30
+    warnings = " ".join(result["regimes"]["lora"]["data_warnings"])
+    assert "duplicates" in warnings and "only 30 rows" in warnings
