@@ -78,8 +78,12 @@ def run_shape(run_dir: Path) -> tuple[RunShape, dict]:
     return shape, summary
 
 
-def check_run(run_dir: Path, hardware: Hardware | None) -> dict:
-    """Predicted and measured figures of one run, with relative errors."""
+def check_run(run_dir: Path, hardware: Hardware | None, typical_mfu: float = 0.4) -> dict:
+    """Predicted and measured figures of one run, with relative errors.
+
+    Time is predicted from `hardware` (catalogue peak and MFU) when given, else from the
+    peak FLOP/s the run recorded for its device and `typical_mfu`.
+    """
     shape, summary = run_shape(run_dir)
     memory = memory_breakdown(shape)
     tokens = float(summary.get("tokens", 0))
@@ -88,9 +92,9 @@ def check_run(run_dir: Path, hardware: Hardware | None) -> dict:
     if hardware is not None:
         rate = hardware.device.peak_flops(shape.precision) * hardware.device.mfu * hardware.count
         assumed = f"{hardware.label} at MFU {hardware.device.mfu:.0%}"
-    else:  # the run's own peak FLOP/s and the MFU it reached: time then checks only the FLOPs
-        rate = float(summary.get("peak_flops") or 0) * float(summary.get("mfu") or 0) * shape.devices
-        assumed = "the run's recorded peak FLOP/s and MFU"
+    else:  # the device's peak FLOP/s as the run recorded it, at the catalogue's typical MFU
+        rate = float(summary.get("peak_flops") or 0) * typical_mfu * shape.devices
+        assumed = f"the run's recorded peak FLOP/s at MFU {typical_mfu:.0%}"
     time_s = flops / rate if rate else None
     rows = {
         "peak memory (bytes)": (memory.peak, measured_peak),

@@ -161,3 +161,34 @@ def test_data_files_use_data_stats(tmp_path, capsys):
     assert result["data"]["stats"]["rows"] == 30
     warnings = " ".join(result["regimes"]["lora"]["data_warnings"])
     assert "duplicates" in warnings and "only 30 rows" in warnings
+
+
+def test_check_sets_prediction_beside_measurement(tmp_path, capsys):
+    import yaml
+    from graftlm.plan.check import check_run, run_shape
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({
+        "objective": "sft", "model": "small",
+        "train": {"batch_size": 4, "seq_len": 128, "precision": "fp32", "grad_accum": 1},
+        "adapter": {"kind": "qlora", "r": 8, "base_dtype": "bfloat16", "target_modules": ["all-linear"]},
+        "parallel": {"mode": "none"}}))
+    small_params = 2048 * 128 + 4 * (128 * 128 * 2 + 2 * 128 * 64 + 3 * 128 * 352 + 256) + 128
+    (run / "summary.json").write_text(json.dumps({
+        "objective": "sft", "parameterization": "qlora", "device": "cpu", "world_size": 1,
+        "params_total": small_params, "tokens": 5120, "flops": 1e10, "train_time_s": 10.0,
+        "tokens_per_s": 512.0, "peak_flops": 1e11, "mfu": 0.02, "peak_tensor_bytes": 4_000_000}))
+    shape, _ = run_shape(run)
+    assert (shape.parameterization, shape.batch_size, shape.seq_len, shape.lora_r) == ("qlora", 4, 128, 8)
+    assert shape.model.vocab_size == 2048  # solved from the recorded parameter count
+    result = check_run(run, None, typical_mfu=0.3)
+    memory = result["figures"]["peak memory (bytes)"]
+    assert memory["predicted"] == memory_breakdown(shape).peak
+    assert memory["error"] == pytest.approx(memory["predicted"] / 4e6 - 1)
+    flops = result["figures"]["FLOPs"]
+    assert flops["predicted"] == pytest.approx(train_flops_per_token(shape) * 5120)
+    assert result["figures"]["time (s)"]["predicted"] == pytest.approx(flops["predicted"] / (1e11 * 0.3))
+    assert main(["plan", "--check", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "predicted" in out and "error" in out and "%" in out
+    assert main(["plan", "--check", str(tmp_path / "missing")]) == 2
