@@ -1,0 +1,81 @@
+"""graft eval: text loss / bpb by hand, answers with a few-shot baseline, pairs, adapters side by side."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from graftlm.cli import main
+from graftlm.eval import evaluate
+from graftlm.models import Decoder, ModelConfig
+from graftlm.models.hf import save_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from graftlm.tokenizer import train_tokenizer
+    root = tmp_path_factory.mktemp("eval")
+    tok = train_tokenizer(iter(["copy: 0 1 2 3 4 5 6 7 8 9 hello world"] * 10), 290)
+    torch.manual_seed(0)
+    model = Decoder(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_layers=2,
+                                num_heads=4, num_kv_heads=2, max_seq_len=128, pad_token_id=tok.pad_id,
+                                bos_token_id=tok.bos_id, eos_token_id=tok.eos_id))
+    model.init_weights(torch.Generator().manual_seed(0))
+    tok.save(root / "tok")
+    save_model(model, root / "model", tokenizer_dir=root / "tok")
+    return root
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_text_loss_and_bits_per_byte_by_hand(model_dir, tmp_path):
+    from graftlm.models.hf import load_model
+    from graftlm.tokenizer import load_tokenizer
+    data = _write(tmp_path / "text.jsonl", [{"text": "hello world 12"}, {"text": "copy: 3 4"}])
+    got = evaluate(model_dir / "model", data)["metrics"]["base"]
+    model, tok = load_model(model_dir / "model"), load_tokenizer(model_dir / "model")
+    nll, tokens, n_bytes = 0.0, 0, 0
+    for text in ("hello world 12", "copy: 3 4"):
+        ids = torch.tensor([tok.encode(text, add_bos=True)])
+        logp = torch.log_softmax(model(ids)[0, :-1], -1).gather(-1, ids[0, 1:, None])
+        nll -= logp.sum().item()
+        tokens += ids.shape[1] - 1
+        n_bytes += len(text.encode())
+    assert got["loss"] == pytest.approx(nll / tokens, rel=1e-4)
+    assert got["bpb"] == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-4)
+
+
+def test_adapters_side_by_side_with_few_shot_baseline(model_dir, tmp_path, capsys):
+    from graftlm.adapters import AdapterConfig, apply_adapters, save_adapter
+    from graftlm.models.hf import load_model
+    model = load_model(model_dir / "model")
+    apply_adapters(model, AdapterConfig(r=2))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    save_adapter(model, tmp_path / "adapter")
+    answers = _write(tmp_path / "answers.jsonl", [{"prompt": f"copy: {i} {i}", "answer": f"{i} {i}"} for i in range(6)])
+    result = evaluate(model_dir / "model", answers, adapters={"tuned": str(tmp_path / "adapter")},
+                      few_shot=2, max_new_tokens=4)
+    assert result["rows"] == 4 and set(result["metrics"]) == {"base", "tuned", "base+2-shot"}
+    pairs = _write(tmp_path / "pairs.jsonl", [{"prompt": "copy: 1 2", "chosen": "1 2", "rejected": "2 1"},
+                                             {"prompt": "copy: 3 4", "chosen": "3 4", "rejected": "4 3 3"}])
+    assert main(["eval", "--model", str(model_dir / "model"), "--adapter", f"tuned={tmp_path / 'adapter'}",
+                 "--data", str(pairs), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed["metrics"]) == {"base", "tuned"} and printed["rows"] == 2
+    for metrics in printed["metrics"].values():
+        assert 0.0 <= metrics["pairwise_accuracy"] <= 1.0
+
+
+def test_bad_rows_are_one_line_errors(model_dir, tmp_path, capsys):
+    bad = _write(tmp_path / "bad.jsonl", [{"foo": 1}])
+    assert main(["eval", "--model", str(model_dir / "model"), "--data", str(bad)]) == 2
+    assert "bad.jsonl:1" in capsys.readouterr().err
