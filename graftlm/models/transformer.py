@@ -11,6 +11,8 @@ Design choices:
 - RoPE tables (cos, sin) are computed once in float32 for every position, including
   Llama 3's frequency scaling, and gathered by position id: packed rows simply restart
   their positions at 0.
+- RMSNorm, RoPE and SwiGLU are hand-written autograd Functions (`kernels.py`): same
+  float32 results as the plain composition, less saved for backward, fewer passes.
 - The model returns logits or final hidden states, never a loss: objectives compute
   their own (chunked) losses from hidden states, which keeps the full vocabulary
   logits of a long batch out of memory.
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from graftlm.models import kernels
 from graftlm.models.config import ModelConfig
 
 
@@ -37,11 +40,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 as Hugging Face does, then scale in the input dtype.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # Normalise in float32 as Hugging Face does, then scale in the input dtype. Under
+        # autocast the output is already in the compute dtype: every consumer is a linear
+        # that would cast it anyway (once per consumer, each with its own cast-backward).
+        out_dtype = None
+        if torch.is_autocast_enabled(x.device.type):
+            out_dtype = torch.get_autocast_dtype(x.device.type)
+        return kernels.rms_norm(x, self.weight, self.eps, out_dtype)
 
 
 def rope_inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
@@ -63,15 +68,6 @@ def rope_inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
         medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
         inv_freq = torch.where(medium, smoothed, scaled)
     return inv_freq
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
 
 
 @dataclass
@@ -131,8 +127,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.transpose(1, 2), cos, sin)
-        k = apply_rope(k.transpose(1, 2), cos, sin)
+        q = kernels.apply_rope(q.transpose(1, 2), cos, sin)
+        k = kernels.apply_rope(k.transpose(1, 2), cos, sin)
         v = v.transpose(1, 2)
         if cache is not None:
             start = cache.length
@@ -156,7 +152,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):

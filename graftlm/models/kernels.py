@@ -1,0 +1,130 @@
+"""Hand-written autograd Functions for the decoder's element-wise layers.
+
+Design choices:
+- Each Function computes exactly what the plain PyTorch composition computes in
+  float32 (the same operations in the same order, so Hugging Face parity holds), but
+  saves less for backward and makes fewer passes over memory. On the CPU these layers
+  are memory-bound: every extra temporary is a pass, and every saved tensor is
+  activation memory held until backward.
+- RMSNorm saves its input and one float32 statistic per row (not float32 copies of the
+  activation); it can write its output straight in the compute dtype, which under bf16
+  autocast spares each following linear its own cast (and the matching cast-backward).
+  The statistic is always float32; under autocast the big tensor never is.
+- RoPE saves nothing but the shared cos/sin tables: its backward is the rotation by
+  the opposite angle, g·cos + rotate_halfᵀ(g·sin).
+- SwiGLU saves the gate and up projections and recomputes silu in backward instead of
+  keeping silu(gate) as a third activation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.autograd import Function
+
+
+def _sum_to_last_dim(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).sum(0)
+
+
+class _RMSNorm(Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps, out_dtype):
+        if x.dtype == torch.float32:
+            # Hugging Face's exact operations, so float32 logits match bit for bit.
+            rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        else:
+            # One pass, accumulated in float32, without a float32 copy of x.
+            sq = torch.linalg.vector_norm(x, 2, dim=-1, keepdim=True, dtype=torch.float32)
+            rstd = torch.rsqrt(sq.square_().div_(x.shape[-1]).add_(eps))
+        # (x·rstd) computed in float32 and rounded once to x's dtype, as x.float()·rstd
+        # followed by .to(x.dtype) would be; then the gain, rounded to out_dtype.
+        normed = torch.empty_like(x)
+        torch.mul(x, rstd, out=normed)
+        out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+        torch.mul(weight, normed, out=out)
+        ctx.save_for_backward(x, weight, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        normed = torch.mul(x, rstd)  # float32 (rstd is)
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = _sum_to_last_dim(grad * normed).to(weight.dtype)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            g = grad * weight.float()  # float32
+            # d/dx of x·rstd: rstd · (g − x̂ · mean(g · x̂))
+            mean = torch.linalg.vecdot(g, normed).unsqueeze(-1).div_(x.shape[-1])
+            grad_x = g.sub_(normed.mul_(mean)).mul_(rstd).to(x.dtype)
+        return grad_x, grad_weight, None, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
+             ) -> torch.Tensor:
+    """weight · x / sqrt(mean(x²) + eps), normalised in float32 as Hugging Face does.
+
+    out_dtype defaults to what `weight * x.to(x.dtype)` gives (the promoted dtype).
+    """
+    if out_dtype is None:
+        out_dtype = torch.promote_types(weight.dtype, x.dtype)
+    return _RMSNorm.apply(x, weight, eps, out_dtype)
+
+
+class _Rope(Function):
+    """x·cos + rotate_half(x)·sin on [..., T, D] with tables broadcast over heads."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        out = torch.empty_like(x)
+        o1, o2 = out[..., :half], out[..., half:]
+        # rotate_half(x) = [-x2, x1]; negation is exact, so x1·c − x2·s equals x1·c + (−x2)·s.
+        torch.mul(x1, cos[..., :half], out=o1)
+        o1.sub_(x2 * sin[..., :half])
+        torch.mul(x2, cos[..., half:], out=o2)
+        o2.add_(x1 * sin[..., half:])
+        ctx.save_for_backward(cos, sin)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        half = grad.shape[-1] // 2
+        g1, g2 = grad[..., :half], grad[..., half:]
+        out = torch.empty_like(grad)
+        o1, o2 = out[..., :half], out[..., half:]
+        # The transpose of rotate_half maps [a, b] to [b, -a].
+        torch.mul(g1, cos[..., :half], out=o1)
+        o1.add_(g2 * sin[..., half:])
+        torch.mul(g2, cos[..., half:], out=o2)
+        o2.sub_(g1 * sin[..., :half])
+        return out, None, None
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x [B, H, T, D] by cos, sin [B, 1, T, D] (no gradient to the tables)."""
+    return _Rope.apply(x, cos, sin)
+
+
+class _SwiGLU(Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        act = F.silu(gate)
+        return act.mul_(up) if act.dtype == up.dtype else act * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        return grad_gate, grad_up
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) · up, saving only gate and up for backward."""
+    return _SwiGLU.apply(gate, up)
