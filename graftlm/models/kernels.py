@@ -128,3 +128,61 @@ class _SwiGLU(Function):
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) · up, saving only gate and up for backward."""
     return _SwiGLU.apply(gate, up)
+
+
+class _LinearLogprobs(Function):
+    """log_softmax(hidden Wᵀ)[target] in chunks of rows, as one Function.
+
+    Saves only hidden, W and the targets: each chunk's [rows, vocab] logits are made
+    again in backward (one matmul), where softmax gives the gradient directly
+    (onehot − p), instead of replaying the whole forward as checkpointing would.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size):
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64 in tests
+        out = torch.empty(targets.shape, dtype=acc, device=hidden.device)
+        for start in range(0, targets.numel(), chunk_size):
+            rows = slice(start, start + chunk_size)
+            logp = torch.log_softmax(hidden[rows] @ weight.t(), -1, dtype=acc)
+            out[rows] = logp.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1)
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.chunk_size = chunk_size
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, targets = ctx.saved_tensors
+        want_hidden, want_weight = ctx.needs_input_grad[:2]
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        acc = grad.dtype
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_weight else None
+        for start in range(0, targets.numel(), ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            g = grad[rows].unsqueeze(-1)
+            # d log p[t] / d logits = onehot(t) − softmax(logits)
+            grad_logits = torch.softmax(hidden[rows] @ weight.t(), -1, dtype=acc).mul_(g.neg())
+            grad_logits.scatter_add_(-1, targets[rows].unsqueeze(-1), g)
+            grad_logits = grad_logits.to(hidden.dtype)
+            if want_hidden:
+                torch.mm(grad_logits, weight, out=grad_hidden[rows])
+            if want_weight:
+                grad_weight += grad_logits.t() @ hidden[rows]
+        if want_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                    chunk_size: int) -> torch.Tensor:
+    """log p(targets) [N] float32 for hidden [N, H], output weight [V, H], targets [N]
+    (all valid ids), with only one chunk's logits alive at a time, forward or backward.
+
+    Computes in the autocast dtype when autocast is on (as F.linear would), else in
+    hidden's dtype.
+    """
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    with torch.autocast(device, enabled=False):
+        return _LinearLogprobs.apply(hidden, weight, targets, chunk_size)

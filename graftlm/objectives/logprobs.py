@@ -10,17 +10,10 @@ only one chunk's logits live at a time, and autograd re-creates them in backward
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+
+from graftlm.models.kernels import linear_logprobs
 
 IGNORE_INDEX = -100
-
-
-def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(hidden, weight).float()
-    safe = targets.clamp_min(0)
-    picked = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
 
 
 def token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor,
@@ -32,16 +25,9 @@ def token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: 
     shape = targets.shape
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1)
-    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or lm_head_weight.requires_grad)
-    out = []
-    for start in range(0, targets.numel(), chunk_size):
-        h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
-        if needs_grad:
-            # Recompute this chunk's logits in backward instead of keeping them.
-            out.append(checkpoint(_chunk_logprobs, h, lm_head_weight, t, use_reentrant=False))
-        else:
-            out.append(_chunk_logprobs(h, lm_head_weight, t))
-    return torch.cat(out).view(shape)
+    # One autograd Function over all chunks: it keeps no logits for backward and remakes
+    # each chunk's there with one matmul (same numbers with and without grad).
+    return linear_logprobs(hidden, lm_head_weight, targets.clamp_min(0), chunk_size).view(shape)
 
 
 def shift_targets(input_ids: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
