@@ -1,9 +1,11 @@
 """Learning tests: each objective improves a tiny CPU model on held-out prompts.
 
 The task is generated here with a fixed seed: "copy: 4 7" -> "4 7" (two digits; 20 of the
-100 digit pairs held out). Preference pairs reject a copy that runs on ("4 7 7"): a
-rejected completion that is never another prompt's chosen one, so what DPO and the
-reward model learn on the training prompts carries to the held-out ones. Everything runs through `graft <command>` as a user runs it,
+100 digit pairs held out). Preference pairs reject a broken copy ("4 7 7", "4", "47",
+...): a rejected completion is never another prompt's chosen one, so what DPO and the
+reward model learn on the training prompts carries to the held-out ones. RL starts from
+a briefly fine-tuned model and is measured by the mean reward of completions sampled
+(fixed seed) on the held-out prompts. Everything runs through `graft <command>` as a user runs it,
 and is measured with `graftlm.eval.evaluate` on the held-out rows.
 """
 
@@ -38,7 +40,10 @@ def task(tmp_path_factory):
         return [{"prompt": f"copy: {a} {b}", "completion": f"{a} {b}"} for a, b in ps]
 
     def preference_rows(ps):
-        return [{"prompt": f"copy: {a} {b}", "chosen": f"{a} {b}", "rejected": f"{a} {b} {b}"} for a, b in ps]
+        rng = random.Random(1)
+        return [{"prompt": f"copy: {a} {b}", "chosen": f"{a} {b}",
+                 "rejected": rng.choice([f"{a} {b} {b}", f"{a}", f"{a}{b}", f"{a} {b} {a} {b}", f"{b} {a} {b}"])}
+                for a, b in ps]
 
     from graftlm.tokenizer import train_tokenizer
     tok = train_tokenizer(iter(["copy: 0 1 2 3 4 5 6 7 8 9"] * 20), 300)
@@ -101,30 +106,53 @@ def test_reward_model_separates_held_out_pairs(task, reward_model):
     assert result["metrics"]["reward model"]["pairwise_accuracy"] > 0.9, result
 
 
+def sampled_reward(model_dir, test_file, reward: str, group: int = 8) -> float:
+    """Mean reward of `group` sampled completions per held-out prompt (fixed seed)."""
+    from graftlm.data.render import Renderer
+    from graftlm.models.hf import load_model
+    from graftlm.objectives.rollout import RolloutSampler, SamplingConfig
+    from graftlm.rewards import RewardScorer, build_reward
+    from graftlm.tokenizer import load_tokenizer
+
+    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+    rows = [json.loads(line) for line in open(test_file)]
+    renderer = Renderer(tokenizer)
+    batch = {"prompt_ids": [renderer.render_prompt({"prompt": r["prompt"]}) for r in rows],
+             "prompts": [r["prompt"] for r in rows], "rows": [{"answer": r["answer"]} for r in rows]}
+    sampler = RolloutSampler(SamplingConfig(group_size=group, max_new_tokens=6, seed=123),
+                             RewardScorer(build_reward(reward)), tokenizer)
+    return sampler.sample(model, batch, tokenizer.pad_id).rewards.mean().item()
+
+
 @pytest.fixture(scope="module")
 def weak_model(task):
-    """A briefly fine-tuned model: it has the format sometimes, the answer less often."""
+    """A briefly fine-tuned model: right format most of the time, rarely the right digits."""
     root, files = task
     _graft("sft", "--model", "tiny", "--tokenizer", root / "tok", "--data", files["sft"], "--out", root / "runs",
-           "--name", "weak", "--train.max-steps", 60, "--train.batch-size", 16, "--optim.lr", 3e-3, *COMMON)
+           "--name", "weak", "--train.max-steps", 110, "--train.batch-size", 16, "--optim.lr", 3e-3,
+           "--optim.warmup-steps", 10, *COMMON)
     return root / "runs" / "weak" / "final"
+
+
+FORMAT = "regex:^[0-9] [0-9]$"
 
 
 def test_grpo_raises_held_out_reward_of_a_weak_sft_model(task, weak_model, tmp_path):
     _, files = task
-    before = evaluate(weak_model, files["test"], max_new_tokens=6)["metrics"]["base"]["exact_match"]
     _graft("grpo", "--model", weak_model, "--data", files["prompts"], "--out", tmp_path, "--name", "grpo",
-           "--grpo.reward", "exact", "--grpo.sampling.group-size", 8, "--grpo.sampling.max-new-tokens", 6,
-           "--grpo.beta", 0.0, "--train.max-steps", 30, "--train.batch-size", 4, "--optim.lr", 1e-3, *COMMON)
-    after = evaluate(tmp_path / "grpo" / "final", files["test"], max_new_tokens=6)["metrics"]["base"]["exact_match"]
-    assert after >= before + 0.2, (before, after)
+           "--grpo.reward", FORMAT, "--grpo.sampling.group-size", 8, "--grpo.sampling.max-new-tokens", 6,
+           "--grpo.beta", 0.0, "--train.max-steps", 30, "--train.batch-size", 8, "--optim.lr", 1e-3, *COMMON)
+    before = sampled_reward(weak_model, files["test"], FORMAT)
+    after = sampled_reward(tmp_path / "grpo" / "final", files["test"], FORMAT)
+    assert after >= before + 0.05, (before, after)
 
 
 def test_ppo_raises_the_reward_model_score(task, weak_model, reward_model, tmp_path):
     _, files = task
     _graft("ppo", "--model", weak_model, "--data", files["prompts"], "--out", tmp_path, "--name", "ppo",
            "--ppo.reward", reward_model, "--ppo.sampling.group-size", 4, "--ppo.sampling.max-new-tokens", 6,
-           "--train.max-steps", 30, "--train.batch-size", 4, "--optim.lr", 5e-4, *COMMON, "--train.log-every", 1)
-    rows = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
-    rewards = [r["train_reward/mean"] for r in rows if "train_reward/mean" in r]
-    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.1, rewards
+           "--ppo.kl-coef", 0.0, "--ppo.value-lr", 3e-4, "--train.max-steps", 50, "--train.batch-size", 8,
+           "--optim.lr", 2e-3, *COMMON)
+    before = sampled_reward(weak_model, files["test"], str(reward_model))
+    after = sampled_reward(tmp_path / "ppo" / "final", files["test"], str(reward_model))
+    assert after >= before + 0.15, (before, after)
