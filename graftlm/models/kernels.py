@@ -23,40 +23,45 @@ import torch.nn.functional as F
 from torch.autograd import Function
 
 
-def _sum_to_last_dim(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1]).sum(0)
+def _scaled(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t·scale as a new `dtype` tensor. On the CPU a mixed-dtype multiply first makes a
+    converted copy of each input anyway, so convert once and scale in place."""
+    return t * scale if t.dtype == dtype else t.to(dtype).mul_(scale)
 
 
 class _RMSNorm(Function):
     @staticmethod
     def forward(ctx, x, weight, eps, out_dtype):
-        if x.dtype == torch.float32:
+        if x.dtype in (torch.float32, torch.float64):
             # Hugging Face's exact operations, so float32 logits match bit for bit.
             rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+            out = (weight * (x * rstd)).to(out_dtype)
         else:
-            # One pass, accumulated in float32, without a float32 copy of x.
-            sq = torch.linalg.vector_norm(x, 2, dim=-1, keepdim=True, dtype=torch.float32)
+            # bf16/fp16: one float32 copy, the statistic and both scalings made in it in
+            # place, rounded once at the end (Hugging Face rounds x·rstd before the gain
+            # too: at most one bf16 rounding apart).
+            xf = x.float()
+            sq = torch.linalg.vector_norm(xf, 2, dim=-1, keepdim=True)
             rstd = torch.rsqrt(sq.square_().div_(x.shape[-1]).add_(eps))
-        # (x·rstd) computed in float32 and rounded once to x's dtype, as x.float()·rstd
-        # followed by .to(x.dtype) would be; then the gain, rounded to out_dtype.
-        normed = torch.empty_like(x)
-        torch.mul(x, rstd, out=normed)
-        out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-        torch.mul(weight, normed, out=out)
+            out = xf.mul_(rstd).mul_(weight).to(out_dtype)
         ctx.save_for_backward(x, weight, rstd)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
-        normed = torch.mul(x, rstd)  # float32 (rstd is)
+        acc = rstd.dtype  # float32 (float64 in gradient checks)
+        normed = _scaled(x, rstd, acc)
+        grad = grad.to(acc)  # may be the incoming tensor itself: never modified in place
         grad_weight = None
         if ctx.needs_input_grad[1]:
-            grad_weight = _sum_to_last_dim(grad * normed).to(weight.dtype)
+            rows = (grad * normed).reshape(-1, x.shape[-1])
+            # A sum over rows as ones @ rows: the CPU's column reduction is several times slower.
+            grad_weight = (rows.new_ones(rows.shape[0]) @ rows).to(weight.dtype)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            g = grad * weight.float()  # float32
-            # d/dx of x·rstd: rstd · (g − x̂ · mean(g · x̂))
+            g = grad * weight.to(acc)
+            # d/dx of x·rstd applied to g: rstd · (g − x̂ · mean(g · x̂))
             mean = torch.linalg.vecdot(g, normed).unsqueeze(-1).div_(x.shape[-1])
             grad_x = g.sub_(normed.mul_(mean)).mul_(rstd).to(x.dtype)
         return grad_x, grad_weight, None, None
