@@ -14,6 +14,7 @@ import sys
 from graftlm.errors import GraftError
 
 COMMAND_MODULES = [
+    "graftlm.demo",
     "graftlm.adapters_cli",
     "graftlm.data_cli",
     "graftlm.engine_cli",
