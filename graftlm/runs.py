@@ -98,7 +98,8 @@ def prepare_run_directory(run_dir: Path, cfg: RunConfig, resume: bool | None, fr
     """
     summary = run_dir / "summary.json"
     if fresh:
-        for name in ("checkpoints", "final", "tensorboard", "metrics.jsonl", "summary.json", "config.yaml"):
+        for name in ("checkpoints", "final", "tensorboard", "metrics.jsonl", "summary.json", "config.yaml",
+                     "report.html"):
             target = run_dir / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         return None
@@ -191,6 +192,14 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def _write_report(run_dir: Path) -> None:
+    from graftlm.report import write_report
+    try:
+        write_report(run_dir)
+    except Exception as e:  # the run is saved; a plotting failure must not turn it into a failed run
+        print(f"warning: {run_dir}/report.html not written ({e}); retry with `graft report {run_dir}`", flush=True)
+
+
 # -- the run ------------------------------------------------------------------------------------
 
 def run_training(cfg: RunConfig, resume: bool | None = None, fresh: bool = False,
@@ -271,6 +280,7 @@ def run_training(cfg: RunConfig, resume: bool | None = None, fresh: bool = False
             "config_sha256": hashlib.sha256((run_dir / "config.yaml").read_bytes()).hexdigest(),
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _write_report(run_dir)
     parallel.barrier(d)
     parallel.shutdown(d)
     return summary or {}

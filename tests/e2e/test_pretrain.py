@@ -40,8 +40,10 @@ def test_pretrain_end_to_end(shards, tmp_path, capsys):
     assert pretrain(shards, tmp_path) == 0
     run = tmp_path / "t"
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "final/config.json",
-                 "final/model.safetensors", "final/tokenizer.json", "checkpoints/step-6/manifest.json"):
+                 "final/model.safetensors", "final/tokenizer.json", "checkpoints/step-6/manifest.json",
+                 "report.html"):
         assert (run / name).exists(), name
+    assert "<img" in (run / "report.html").read_text()
     assert list((run / "tensorboard").iterdir())
     summary = json.loads((run / "summary.json").read_text())
     for key in ("objective", "parameterization", "params_total", "params_trainable", "tokens", "flops",
