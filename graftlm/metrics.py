@@ -1,6 +1,8 @@
 """What a run costs and how it goes: FLOPs, MFU, memory, and the run's metric streams.
 
-FLOPs of training, per token (`training_flops_per_token`; `plan.py` uses the same one):
+FLOPs of training, per token, of the base model (`training_flops_per_token`). What
+adapters add is counted in `plan/compute.py` (`train_flops_per_token`), and runs record
+that function's figure, so plan and summary.json count alike:
   N    = parameters that do matrix multiplies: every parameter except the input
          embedding table, plus the output projection (counted even when tied, because
          the multiply happens either way).

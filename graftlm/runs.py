@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ from graftlm.adapters.config import AdapterConfig
 from graftlm.config import to_dict
 from graftlm.data.loader import ResumableLoader
 from graftlm.errors import ConfigError, GraftError
-from graftlm.metrics import peak_flops, training_flops_per_token
+from graftlm.metrics import peak_flops
 from graftlm.models.config import PRESETS
 from graftlm.objectives import ObjectiveSpec, get_spec
 from graftlm.optim import OptimConfig
@@ -172,6 +173,24 @@ def apply_parameterization(model, cfg: RunConfig):
     return apply_adapters(model, cfg.adapter) or model
 
 
+def flops_per_token_at(cfg: RunConfig, model_config) -> Callable[[int], float]:
+    """Model FLOPs to train one token at a given context length, as `graft plan` counts them.
+
+    One formula for plan and measurement (`plan.compute.train_flops_per_token`): with
+    adapters it counts each adapter's forward and input gradient, not only its weight
+    gradient. DoRA is counted as LoRA (its magnitude vector costs O(out) per token).
+    """
+    from graftlm.plan.compute import train_flops_per_token
+    from graftlm.plan.memory import RunShape
+
+    adapter = cfg.adapter
+    shape = RunShape(model=model_config, seq_len=cfg.train.seq_len)
+    if adapter is not None:
+        shape = dataclasses.replace(shape, parameterization="lora" if adapter.kind == "dora" else adapter.kind,
+                                    lora_r=adapter.r, lora_targets=adapter.targets)
+    return lru_cache(maxsize=64)(lambda context: train_flops_per_token(dataclasses.replace(shape, seq_len=context)))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -230,8 +249,7 @@ def run_training(cfg: RunConfig, resume: bool | None = None, fresh: bool = False
 
     params_total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     params_trainable = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
-    seq_len = cfg.train.seq_len
-    flops_per_token = training_flops_per_token(model.config, seq_len, params_trainable / max(params_total, 1))
+    flops_per_token = flops_per_token_at(cfg, model.config)(cfg.train.seq_len)
     dtype = torch.float32 if cfg.train.precision == "fp32" else torch.bfloat16
     loader = ResumableLoader(data.train, cfg.train.batch_size, seed=cfg.seed, rank=d.rank,
                              world_size=d.world_size)

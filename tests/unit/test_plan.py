@@ -192,3 +192,30 @@ def test_check_sets_prediction_beside_measurement(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "predicted" in out and "error" in out and "%" in out
     assert main(["plan", "--check", str(tmp_path / "missing")]) == 2
+
+
+@pytest.mark.parametrize("targets", [["all-linear"], ["q_proj", "v_proj"]])
+def test_runs_count_training_flops_as_the_plan_does(targets):
+    """summary.json's FLOPs come from the planner's formula: the base's forward and input
+    gradient, plus each adapter's forward, input gradient and weight gradient (2 x 3 x
+    adapter params per token), less the input gradients autograd skips in the first block."""
+    from graftlm.adapters import apply_adapters
+    from graftlm.adapters.config import AdapterConfig
+    from graftlm.metrics import training_flops_per_token
+    from graftlm.models.transformer import Decoder
+    from graftlm.runs import flops_per_token_at, run_config_class
+
+    cfg = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
+                      num_kv_heads=2, max_seq_len=128)
+    adapter = AdapterConfig(kind="lora", r=4, target_modules=targets)
+    run = run_config_class("sft")(model="x", data="x", adapter=adapter)
+    model = Decoder(cfg)
+    apply_adapters(model, adapter)
+    adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    first_block = model.layers[0].self_attn
+    # The first block's attention input comes from frozen embeddings and a frozen norm.
+    skipped = sum(2 * getattr(first_block, name).weight.numel() for name in ("q_proj", "k_proj", "v_proj"))
+    expected = training_flops_per_token(cfg, 96, 0.0) + 6 * adapters - skipped
+    assert flops_per_token_at(run, cfg)(96) == pytest.approx(expected)
+    assert flops_per_token_at(run, cfg)(96) == pytest.approx(train_flops_per_token(
+        RunShape(cfg, parameterization="lora", lora_r=4, lora_targets=adapter.targets, seq_len=96)))
