@@ -33,6 +33,7 @@ from graftlm.errors import GraftError
 
 @dataclass(frozen=True)
 class DemoSize:
+    pretrain_batch: int
     pretrain_steps: int
     sft_steps: int
     dpo_steps: int
@@ -41,8 +42,9 @@ class DemoSize:
     eval_rows: int
 
 
-FULL = DemoSize(pretrain_steps=300, sft_steps=150, dpo_steps=40, lora_steps=150, qlora_steps=150, eval_rows=200)
-QUICK = DemoSize(pretrain_steps=40, sft_steps=50, dpo_steps=10, lora_steps=50, qlora_steps=30, eval_rows=40)
+FULL = DemoSize(pretrain_batch=16, pretrain_steps=300, sft_steps=150, dpo_steps=40, lora_steps=150, qlora_steps=150, eval_rows=200)
+QUICK = DemoSize(pretrain_batch=8, pretrain_steps=30, sft_steps=100, dpo_steps=10, lora_steps=60,
+                 qlora_steps=30, eval_rows=40)
 
 STAGES = {
     "data": ("Data", "graftlm writes a small world of sentences and two tasks about them: `where` "
@@ -146,7 +148,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
     _cli("tokenizer", "train", "--data", data["corpus"], "--vocab-size", 512, "--out", tok)
     _cli("prepare", "--data", data["corpus"], "--tokenizer", tok, "--out", shards)
     base = _train("pretrain", "base", "small", shards, size.pretrain_steps, 1e-2, runs,
-                  "--tokenizer", tok, "--train.batch_size", 16, "--train.seq_len", 128,
+                  "--tokenizer", tok, "--train.batch_size", size.pretrain_batch, "--train.seq_len", 128,
                   "--train.eval_every", max(size.pretrain_steps // 3, 1))
     base_model = base / "final"
 
