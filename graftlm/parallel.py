@@ -292,6 +292,25 @@ def all_reduce_sum(value: torch.Tensor, d: Dist) -> torch.Tensor:
     return value
 
 
+def average_gradients(parameters) -> None:
+    """Average `.grad` over ranks in place (a no-op alone), for a module trained outside
+    DDP / FSDP (PPO's critic): one flat all-reduce, then a division by the world size."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    try:
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)  # gloo has no AVG
+    except RuntimeError as e:
+        raise GraftError(f"rank {dist.get_rank()}: a gradient all-reduce failed or timed out "
+                         f"({str(e).splitlines()[0]}); another rank may have died or hung") from None
+    flat /= dist.get_world_size()
+    for g, averaged in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(averaged.view_as(g))
+
+
 def barrier(d: Dist) -> None:
     if d.enabled:
         dist.barrier()

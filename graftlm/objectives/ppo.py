@@ -12,6 +12,8 @@ Design choices:
 - The critic belongs to the objective, with its own AdamW: the trainer optimises and
   saves the policy only, so the value loss (clipped, as in PPO) is back-propagated and
   stepped here, once per micro-batch; under `torch.no_grad` (validation) it is not.
+  Under DDP / FSDP its gradients are averaged over ranks before each step, so that the
+  ranks' critics stay identical.
 - The policy loss is the clipped surrogate (shared with GRPO), summed over completion
   tokens; the count is their number.
 """
@@ -29,6 +31,7 @@ from graftlm.errors import ConfigError
 from graftlm.objectives.grpo import clipped_surrogate, reference_token_logps
 from graftlm.objectives.logprobs import IGNORE_INDEX, shift_targets
 from graftlm.objectives import ObjectiveSpec
+from graftlm.parallel import average_gradients
 from graftlm.objectives.rollout import (RolloutSampler, SamplingConfig, build_prompt_splits, rollout_metrics,
                                         run_tokenizer)
 from graftlm.objectives.sft import FineTuneData, model_logprobs
@@ -148,6 +151,9 @@ class PPOObjective:
         value_loss = (losses * actions).sum() / actions.sum().clamp_min(1)
         self.critic_optimizer.zero_grad(set_to_none=True)
         value_loss.backward()
+        # The critic is not wrapped in DDP / FSDP (the trainer wraps the policy only), so
+        # nothing else keeps its replicas equal: every rank steps on the average gradient.
+        average_gradients(self.critic.parameters())
         torch.nn.utils.clip_grad_norm_(self.critic.parameters(), 1.0)
         self.critic_optimizer.step()
         return {"value_loss": value_loss.item(), "time/critic_s": time.perf_counter() - start}

@@ -1,7 +1,8 @@
 """Two gloo processes (torch.multiprocessing spawn with a FileStore), driving the
 Trainer directly: every sample of an epoch seen exactly once across ranks; gradient
 accumulation all-reduces on the last micro-step only; a rank whose batch trains no
-token neither hangs the other rank nor produces NaN (DDP and FSDP2)."""
+token neither hangs the other rank nor produces NaN (DDP and FSDP2); PPO's critic, trained
+outside the wrapper, stays the same on every rank."""
 
 from __future__ import annotations
 
@@ -112,7 +113,27 @@ class RankMasked(Rows):
         return {"input_ids": self.ids[i], "loss_mask": torch.full((16,), i % 4 < 2)}
 
 
-TASKS = {"exactly_once": _exactly_once, "accumulation": _accumulation_syncs, "masked": _masked_rank}
+def _critic_step(rank: int, mode: str) -> dict:
+    """One PPO critic step where the ranks' rollouts (ids and returns) differ."""
+    from graftlm.models.config import preset
+    from graftlm.models.heads import ScalarHeadModel
+    from graftlm.models.transformer import Decoder
+    from graftlm.objectives.ppo import PPOConfig, PPOObjective
+
+    torch.manual_seed(0)
+    critic = ScalarHeadModel.from_decoder(Decoder(preset("tiny")), pad_token_id=0)
+    ppo = object.__new__(PPOObjective)  # the critic's step alone: no sampler, no reward model
+    ppo.config, ppo.critic = PPOConfig(reward="unused"), critic
+    ppo.critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=1e-2)
+    ids = torch.randint(3, 500, (2, 8), generator=torch.Generator().manual_seed(rank))
+    with torch.no_grad():
+        old_values = critic(ids, per_token=True).float()
+    ppo._critic_step(ids, old_values, old_values + 1.0 + rank, torch.ones(2, 8, dtype=torch.bool))
+    return {"params": [float(p.detach().double().sum()) for p in critic.parameters()]}
+
+
+TASKS = {"exactly_once": _exactly_once, "accumulation": _accumulation_syncs, "masked": _masked_rank,
+         "critic": _critic_step}
 
 
 def spawn(task: str, mode: str, tmp_path: Path) -> list[dict]:
@@ -147,3 +168,9 @@ def test_rank_with_no_trained_token_neither_hangs_nor_nans(mode, tmp_path):
         assert all(torch.isfinite(torch.tensor(result["losses"]))), result
     assert results[0]["losses"] == results[1]["losses"]  # the global loss, on every rank
     assert results[0]["params"] == pytest.approx(results[1]["params"], rel=1e-6)
+
+
+def test_ppo_critic_replicas_stay_identical(tmp_path):
+    """The critic lives outside DDP / FSDP: its gradients are averaged over ranks by hand."""
+    ranks = spawn("critic", "ddp", tmp_path)
+    assert ranks[0]["params"] == ranks[1]["params"]
