@@ -17,7 +17,7 @@ IGNORE_INDEX = -100
 
 
 def token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor,
-                   chunk_size: int = 1024) -> torch.Tensor:
+                   chunk_size: int = 256) -> torch.Tensor:
     """log p(targets) for hidden [..., H] and targets [...]; float32, same shape as targets.
 
     Positions whose target is IGNORE_INDEX get an arbitrary finite value: mask them.
@@ -44,7 +44,7 @@ def shift_targets(input_ids: torch.Tensor, loss_mask: torch.Tensor | None = None
 
 
 def cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor,
-                  chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+                  chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of -log p over trained positions, number of trained positions).
 
     Returned as a sum and a count so that gradient accumulation and data parallelism

@@ -23,7 +23,7 @@ Design choices, each matching what the trainer and the adapters do:
   which tensors are saved depends on details (float32 RMSNorm, SDPA's saved outputs,
   frozen weights needing no input) that a hand count gets wrong. With activation
   checkpointing only each block's input is kept, and one block is recomputed at a time.
-- Log-probabilities are computed in chunks of 1024 positions (objectives/logprobs.py),
+- Log-probabilities are computed in chunks of 256 positions (objectives/logprobs.py),
   so the logits' cost is a transient of a few chunk x vocab float32 arrays.
 - Peak = the larger of two moments: the start of backward (everything static, all
   activations, weight copies, the logits transient) and the end of backward (everything
@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 from graftlm.models.config import ModelConfig
 
-LOGPROB_CHUNK = 1024
+LOGPROB_CHUNK = 256
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # (parameterization, precision, frozen base dtype) -> fitted bytes per token:
@@ -47,17 +47,17 @@ LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 #   logits: the transient, in units of chunk x vocab x 4 bytes
 # Refit with scripts/calibrate_plan_memory.py (torch 2.13, CPU; the same ops run on CUDA).
 ACTIVATION_COEFFS = {
-    ("full", "fp32", None): dict(layer=(32, 8, 16, 4, 0, 8), rest=(12, 8, 20), logits=4.0),
-    ("full", "bf16-autocast", None): dict(layer=(26, 4, 8, 4, 0, 8), rest=(10, 4, 20), logits=4.3),
-    ("full", "bf16", None): dict(layer=(20, 4, 8, 4, 0, 8), rest=(8, 4, 20), logits=4.0),
-    ("lora", "fp32", "float32"): dict(layer=(24, 8, 16, 4, 4, 8), rest=(4, 8, 16), logits=4.0),
-    ("lora", "fp32", "bfloat16"): dict(layer=(16, 4, 8, 4, 2, 8), rest=(2, 4, 16), logits=4.0),
-    ("lora", "bf16-autocast", "float32"): dict(layer=(22, 4, 8, 4, 2, 8), rest=(4, 4, 16), logits=4.26),
-    ("lora", "bf16-autocast", "bfloat16"): dict(layer=(16, 4, 8, 4, 2, 8), rest=(2, 4, 16), logits=4.0),
-    ("qlora", "fp32", "float32"): dict(layer=(24, 8, 16, 4, 4, 8), rest=(4, 8, 16), logits=4.0),
-    ("qlora", "fp32", "bfloat16"): dict(layer=(16, 4, 8, 4, 2, 8), rest=(2, 4, 16), logits=4.0),
-    ("qlora", "bf16-autocast", "float32"): dict(layer=(22, 4, 14, 4, 2, 8), rest=(4, 4, 16), logits=4.26),
-    ("qlora", "bf16-autocast", "bfloat16"): dict(layer=(16, 4, 8, 4, 2, 8), rest=(2, 4, 16), logits=4.0),
+    ("full", "fp32", None): dict(layer=(24, 8, 12, 4, 0, 8), rest=(8, 8, 20), logits=2.63),
+    ("full", "bf16-autocast", None): dict(layer=(12, 4, 6, 4, 0, 8), rest=(4, 4, 20), logits=3.06),
+    ("full", "bf16", None): dict(layer=(12, 4, 6, 4, 0, 8), rest=(4, 4, 20), logits=3.06),
+    ("lora", "fp32", "float32"): dict(layer=(24, 8, 12, 4, 4, 8), rest=(4, 8, 16), logits=2.13),
+    ("lora", "fp32", "bfloat16"): dict(layer=(12, 4, 6, 4, 2, 8), rest=(2, 4, 16), logits=2.56),
+    ("lora", "bf16-autocast", "float32"): dict(layer=(12, 4, 6, 4, 2, 8), rest=(2, 4, 16), logits=2.56),
+    ("lora", "bf16-autocast", "bfloat16"): dict(layer=(12, 4, 6, 4, 2, 8), rest=(2, 4, 16), logits=2.56),
+    ("qlora", "fp32", "float32"): dict(layer=(24, 8, 12, 4, 4, 8), rest=(4, 8, 16), logits=2.13),
+    ("qlora", "fp32", "bfloat16"): dict(layer=(12, 4, 6, 4, 2, 8), rest=(2, 4, 16), logits=2.56),
+    ("qlora", "bf16-autocast", "float32"): dict(layer=(12, 4, 6, 4, 2, 8), rest=(2, 4, 16), logits=2.56),
+    ("qlora", "bf16-autocast", "bfloat16"): dict(layer=(12, 4, 6, 4, 2, 8), rest=(2, 4, 16), logits=2.56),
 }
 
 
