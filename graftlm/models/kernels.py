@@ -14,6 +14,13 @@ Design choices:
   the opposite angle, g·cos + rotate_halfᵀ(g·sin).
 - SwiGLU saves the gate and up projections and recomputes silu in backward instead of
   keeping silu(gate) as a third activation.
+- The chunked log-probabilities (`linear_logprobs`, behind objectives/logprobs.py) are
+  one Function over all chunks: backward remakes a chunk's logits with one matmul and
+  takes the gradient from softmax directly, where checkpointing each chunk replayed its
+  whole forward (float copy, logsumexp) before autograd's own backward of it.
+- Measured and dropped: running q/k/v (and gate/up) as one matmul on concatenated
+  weights saved no time on the CPU (the weight concatenation costs what the fewer
+  matmul calls save).
 """
 
 from __future__ import annotations
