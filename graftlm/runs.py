@@ -249,7 +249,6 @@ def run_training(cfg: RunConfig, resume: bool | None = None, fresh: bool = False
 
     params_total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     params_trainable = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
-    flops_per_token = flops_per_token_at(cfg, model.config)(cfg.train.seq_len)
     dtype = torch.float32 if cfg.train.precision == "fp32" else torch.bfloat16
     loader = ResumableLoader(data.train, cfg.train.batch_size, seed=cfg.seed, rank=d.rank,
                              world_size=d.world_size)
@@ -257,7 +256,7 @@ def run_training(cfg: RunConfig, resume: bool | None = None, fresh: bool = False
         model, objective, loader, cfg.train, cfg.optim, device=d.device, forward_model=wrapped,
         val_dataset=data.val, val_bytes_per_token=data.val_bytes_per_token, run_dir=run_dir,
         identity=_identity(cfg, data.identity, d.world_size), trainable_only=cfg.adapter is not None,
-        flops_per_token=flops_per_token, peak_flops=peak_flops(d.device, dtype), rank=d.rank,
+        flops_per_token=flops_per_token_at(cfg, model.config), peak_flops=peak_flops(d.device, dtype), rank=d.rank,
         world_size=d.world_size, all_reduce=lambda t: parallel.all_reduce_sum(t, d),
         grad_sync=lambda last: parallel.gradient_sync(wrapped, last), tensorboard=cfg.tensorboard,
         sharded=parallel.is_sharded(wrapped))
@@ -293,7 +292,7 @@ def run_training(cfg: RunConfig, resume: bool | None = None, fresh: bool = False
             "precision": cfg.train.precision,
             "params_total": params_total, "params_trainable": params_trainable,
             **stats, "wall_time_s": time.perf_counter() - started,
-            "flops_per_token": flops_per_token, "peak_flops": trainer.peak_flops,
+            "flops_per_token": stats["flops"] / max(stats["tokens"], 1), "peak_flops": trainer.peak_flops,
             "artifact_bytes": _dir_bytes(final),
             "config_sha256": hashlib.sha256((run_dir / "config.yaml").read_bytes()).hexdigest(),
         }

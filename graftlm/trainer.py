@@ -15,6 +15,10 @@ Design choices:
   Only rank 0 logs and writes; DDP / FSDP2 wrapping happens outside (`parallel.py`).
 - The trainer never looks at what is trained: it optimizes the parameters that require
   grad and saves only those when `trainable_only` (adapters on a frozen base).
+- Throughput and MFU count the tokens the trained model ran forward and backward on,
+  without padding: an objective reports them as the metric `tokens` (RL: its rollouts'
+  prompt + completion tokens), with `context`, the padded length they ran at (attention
+  FLOPs grow with it); else every `*input_ids` token of the batch counts, at its width.
 """
 
 from __future__ import annotations
@@ -80,18 +84,22 @@ class Trainer:
                  forward_model: nn.Module | None = None,
                  val_dataset=None, val_bytes_per_token: float | None = None,
                  run_dir: Path | None = None, identity: dict | None = None,
-                 trainable_only: bool = False, flops_per_token: float = 0.0, peak_flops: float = 0.0,
+                 trainable_only: bool = False, flops_per_token: float | Callable[[int], float] = 0.0,
+                 peak_flops: float = 0.0,
                  rank: int = 0, world_size: int = 1,
                  all_reduce: Callable[[torch.Tensor], torch.Tensor] = _sum_locally,
                  grad_sync: Callable[[bool], contextlib.AbstractContextManager] | None = None,
                  tensorboard: bool = True, sharded: bool = False):
         """`model` is the module whose weights are trained and saved; `forward_model` the
-        one the objective calls (a DDP / FSDP2 wrapper of it; default the model)."""
+        one the objective calls (a DDP / FSDP2 wrapper of it; default the model).
+        `flops_per_token`: model FLOPs to train one token, or a function of the context
+        length it is trained at."""
         self.model, self.objective, self.loader = model, objective, loader
         self.cfg, self.optim_cfg, self.device = cfg, optim_cfg, device
         self.val_dataset, self.val_bytes_per_token = val_dataset, val_bytes_per_token
         self.run_dir, self.identity, self.trainable_only = run_dir, identity or {}, trainable_only
-        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.flops_per_token = flops_per_token if callable(flops_per_token) else (lambda _: flops_per_token)
+        self.peak_flops = peak_flops
         self.rank, self.world_size, self.all_reduce = rank, world_size, all_reduce
         # grad_sync(is_last_micro_step): skip the gradient all-reduce until the last one.
         self.grad_sync = grad_sync or (lambda last: contextlib.nullcontext())
@@ -105,7 +113,9 @@ class Trainer:
         forward_model = forward_model if forward_model is not None else model
         self.forward_model = torch.compile(forward_model) if cfg.compile else forward_model
         self.step = 0  # optimizer steps taken
-        self.tokens = 0  # input tokens consumed, all ranks
+        self.tokens = 0  # tokens trained on (no padding), all ranks
+        self.flops = 0.0  # their model FLOPs
+        self.last_step_flops = 0.0
         self.train_time_s = 0.0  # time in training steps, summed over resumes
         self.bad_streak = 0
         self.last_loss: float | None = None
@@ -123,10 +133,16 @@ class Trainer:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
-    @staticmethod
-    def _input_tokens(batch: dict) -> int:
+    def _work(self, batch: dict, metrics: dict) -> tuple[int, float]:
+        """(tokens, model FLOPs) of one micro-batch; pops the objective's `tokens` / `context`."""
+        tokens, context = metrics.pop("tokens", None), metrics.pop("context", None)
         # Every objective names its token inputs `*input_ids` (input_ids, chosen_input_ids...).
-        return sum(v.numel() for k, v in batch.items() if k.endswith("input_ids"))
+        inputs = [v for k, v in batch.items() if k.endswith("input_ids") and torch.is_tensor(v)]
+        if tokens is None:
+            tokens = sum(v.numel() for v in inputs)
+        if context is None:
+            context = max((v.shape[-1] for v in inputs), default=self.cfg.seq_len)
+        return int(tokens), float(tokens) * self.flops_per_token(int(context))
 
     # -- one optimizer step ---------------------------------------------------------------
 
@@ -136,20 +152,24 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
         count = torch.zeros((), device=self.device, dtype=torch.float32)
         objective_metrics: dict[str, float] = {}
-        sample_ids, tokens = [], 0
+        sample_ids, tokens, flops = [], 0, 0.0
         for micro in range(self.cfg.grad_accum):
             batch = self._to_device(self.loader.next_batch())
             sample_ids.extend(batch["sample_ids"].tolist())
-            tokens += self._input_tokens(batch)
             with self.grad_sync(micro == self.cfg.grad_accum - 1):
                 with self.autocast():
                     part_sum, part_count, metrics = self.objective.loss(self.forward_model, batch)
                 part_sum.backward()
+            part_tokens, part_flops = self._work(batch, metrics)
+            tokens, flops = tokens + part_tokens, flops + part_flops
             loss_sum += part_sum.detach().float()
             count += part_count.detach().float()
             for k, v in metrics.items():
                 objective_metrics[k] = objective_metrics.get(k, 0.0) + float(v) / self.cfg.grad_accum
-        loss_sum, count = self.all_reduce(loss_sum), self.all_reduce(count)
+        # Tokens and FLOPs travel with the count: still two collectives per step.
+        totals = self.all_reduce(torch.stack([count.double(), torch.tensor(float(tokens), device=self.device,
+                                 dtype=torch.float64), torch.tensor(flops, device=self.device, dtype=torch.float64)]))
+        loss_sum, count = self.all_reduce(loss_sum), totals[0].float()
         # DDP averages gradients over ranks; undo that and divide by the global count.
         scale = self.world_size / count.clamp_min(1)
         for p in self.params:
@@ -168,8 +188,10 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        step_tokens = tokens * self.world_size
+        step_tokens = int(totals[1].item())
         self.tokens += step_tokens
+        self.last_step_flops = totals[2].item()
+        self.flops += self.last_step_flops
         self.last_loss = loss.item()
         return {"step": self.step, "loss": self.last_loss, "lr": lr, "grad_norm": grad_norm.item(),
                 "tokens": self.tokens, "step_tokens": step_tokens, "epoch": self.loader.epoch_progress,
@@ -224,7 +246,7 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         if self.checkpoint_root is None or not (self.is_main or self.sharded):
             return None
-        state = {"step": self.step, "tokens": self.tokens, "train_time_s": self.train_time_s,
+        state = {"step": self.step, "tokens": self.tokens, "flops": self.flops, "train_time_s": self.train_time_s,
                  "bad_streak": self.bad_streak, "last_loss": self.last_loss, "last_val": self.last_val,
                  "loader": self.loader.state_dict(), "identity": self.identity,
                  "trainable_only": self.trainable_only}
@@ -260,6 +282,7 @@ class Trainer:
             self._load_single(directory, state)
         self.loader.load_state_dict(state["loader"])
         self.step, self.tokens = state["step"], state["tokens"]
+        self.flops = state.get("flops", self.tokens * self.flops_per_token(self.cfg.seq_len))
         self.train_time_s, self.bad_streak = state["train_time_s"], state["bad_streak"]
         self.last_loss, self.last_val = state["last_loss"], state["last_val"]
 
@@ -296,8 +319,8 @@ class Trainer:
                 if record is None:
                     continue
                 tokens_per_s = record["step_tokens"] / max(elapsed, 1e-9)
-                record.update(tokens_per_s=tokens_per_s,
-                              mfu=self._mfu(tokens_per_s), memory_bytes=peak_device_memory_bytes(self.device),
+                record.update(tokens_per_s=tokens_per_s, mfu=self._mfu(self.last_step_flops / max(elapsed, 1e-9)),
+                              memory_bytes=peak_device_memory_bytes(self.device),
                               eta_s=(cfg.max_steps - self.step) * self.train_time_s / max(self.step, 1))
                 self.logger.log(record)
                 last = self.step == cfg.max_steps
@@ -314,16 +337,16 @@ class Trainer:
             self.logger.close()
         return self.stats()
 
-    def _mfu(self, tokens_per_s: float) -> float:
+    def _mfu(self, flops_per_s: float) -> float:
         if not self.peak_flops:
             return 0.0
-        return self.flops_per_token * tokens_per_s / (self.peak_flops * self.world_size)
+        return flops_per_s / (self.peak_flops * self.world_size)
 
     def stats(self) -> dict:
-        tokens_per_s = self.tokens / self.train_time_s if self.train_time_s else 0.0
+        per_s = 1 / self.train_time_s if self.train_time_s else 0.0
         return {"steps": self.step, "tokens": self.tokens, "train_time_s": self.train_time_s,
-                "tokens_per_s": tokens_per_s, "mfu": self._mfu(tokens_per_s),
-                "flops": self.flops_per_token * self.tokens,
+                "tokens_per_s": self.tokens * per_s, "mfu": self._mfu(self.flops * per_s),
+                "flops": self.flops,
                 "peak_memory_bytes": peak_device_memory_bytes(self.device),
                 "peak_host_memory_bytes": peak_host_memory_bytes(),
                 "final_train_loss": self.last_loss,

@@ -65,10 +65,18 @@ def collate_pairs(examples: list[dict], pad_id: int) -> dict:
         masks = [[bool(m) for m in e[f"{side}_loss_mask"]] for e in examples]
         batch[f"{side}_input_ids"] = pad_right(ids, pad_id)
         batch[f"{side}_loss_mask"] = pad_right(masks, 0).bool()
+        batch[f"{side}_lengths"] = torch.tensor([len(i) for i in ids])
     for key in ("ref_chosen_logps", "ref_rejected_logps"):
         if all(key in e for e in examples):
             batch[key] = torch.tensor([float(e[key]) for e in examples])
     return batch
+
+
+def pair_tokens(batch: dict) -> dict:
+    """The trainer's `tokens` metric: chosen + rejected tokens without their padding."""
+    if "chosen_lengths" not in batch:
+        return {}
+    return {"tokens": int(batch["chosen_lengths"].sum() + batch["rejected_lengths"].sum())}
 
 
 def concatenated(batch: dict, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,6 +162,7 @@ class DPOObjective:
             "rewards/accuracy": (reward_c > reward_r).float().mean().item(),
             "logps/chosen": chosen.detach().mean().item(),
             "logps/rejected": rejected.detach().mean().item(),
+            **pair_tokens(batch),
         }
         return losses.sum(), torch.tensor(pairs, device=losses.device), metrics
 

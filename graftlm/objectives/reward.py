@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from graftlm.errors import ConfigError
 from graftlm.objectives import ObjectiveSpec
-from graftlm.objectives.dpo import build_pair_splits, concatenated
+from graftlm.objectives.dpo import build_pair_splits, concatenated, pair_tokens
 from graftlm.objectives.sft import FineTuneData
 
 
@@ -56,6 +56,7 @@ class RewardObjective:
             "rewards/rejected": rejected.detach().mean().item(),
             "rewards/margin": (chosen - rejected).detach().mean().item(),
             "rewards/accuracy": (chosen > rejected).float().mean().item(),
+            **pair_tokens(batch),
         }
         return losses.sum(), torch.tensor(losses.shape[0], device=losses.device), metrics
 

@@ -51,6 +51,7 @@ class Rollout:
     group_size: int
     generation_s: float
     scoring_s: float
+    lengths: torch.Tensor  # [N] prompt + completion tokens of each row, without padding
 
     @property
     def completion_lengths(self) -> torch.Tensor:
@@ -113,7 +114,8 @@ class RolloutSampler:
         rewards = torch.tensor([float("nan") if s is None else float(s) for s in scores])
         device = next(policy.parameters()).device
         return Rollout(pad_right(sequences, pad_id).to(device), pad_right(masks, 0).bool().to(device),
-                       rewards.to(device), completions, g, generation_s, scoring_s)
+                       rewards.to(device), completions, g, generation_s, scoring_s,
+                       torch.tensor([len(s) for s in sequences]))
 
 
 def rollout_metrics(rollout: Rollout) -> dict:
@@ -124,6 +126,8 @@ def rollout_metrics(rollout: Rollout) -> dict:
         "completion_length": rollout.completion_lengths.float().mean().item(),
         "time/generation_s": rollout.generation_s,
         "time/scoring_s": rollout.scoring_s,
+        # What the policy trains on (the trainer's throughput and MFU): the rollout, not the batch.
+        "tokens": int(rollout.lengths.sum()), "context": rollout.input_ids.shape[1],
     }
 
 

@@ -107,7 +107,8 @@ class RenderedRows:
         from graftlm.objectives.dpo import pad_right
 
         return {"input_ids": pad_right([s["input_ids"] for s in samples], self.pad_id),
-                "loss_mask": pad_right([s["loss_mask"] for s in samples], 0).bool()}
+                "loss_mask": pad_right([s["loss_mask"] for s in samples], 0).bool(),
+                "lengths": torch.tensor([len(s["input_ids"]) for s in samples])}
 
 
 def rendered_bytes_per_token(rows, tokenizer) -> float | None:
@@ -140,7 +141,10 @@ class SFTObjective:
         # micro-batch has no trained token, so distributed ranks stay in step.
         total = -(logp * trained).sum()
         count = trained.sum()
-        return total, count, {"trained_tokens": int(count)}
+        metrics = {"trained_tokens": int(count)}
+        if "lengths" in batch:  # the trainer's throughput counts tokens, not padding
+            metrics["tokens"] = int(batch["lengths"].sum())
+        return total, count, metrics
 
 
 def build_dataset(cfg, tokenizer) -> DataSplits:

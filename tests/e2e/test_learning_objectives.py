@@ -136,6 +136,15 @@ def weak_model(task):
 FORMAT = "regex:^[0-9] [0-9]$"
 
 
+def assert_rollout_tokens_counted(run_dir, sequences_per_step: int, max_new_tokens: int):
+    """RL throughput counts the rollouts the policy trained on: a prompt and at least one
+    generated token per sequence, at most seq_len + max_new_tokens, no padding."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    sequences = summary["steps"] * sequences_per_step
+    assert 2 * sequences <= summary["tokens"] <= sequences * (48 + max_new_tokens), summary["tokens"]
+    assert summary["tokens_per_s"] > 0 and summary["mfu"] > 0 and summary["flops"] > 0
+
+
 def test_grpo_raises_held_out_reward_of_a_weak_sft_model(task, weak_model, tmp_path):
     _, files = task
     _graft("grpo", "--model", weak_model, "--data", files["prompts"], "--out", tmp_path, "--name", "grpo",
@@ -144,6 +153,7 @@ def test_grpo_raises_held_out_reward_of_a_weak_sft_model(task, weak_model, tmp_p
     before = sampled_reward(weak_model, files["test"], FORMAT)
     after = sampled_reward(tmp_path / "grpo" / "final", files["test"], FORMAT)
     assert after >= before + 0.05, (before, after)
+    assert_rollout_tokens_counted(tmp_path / "grpo", 8 * 8, 6)
 
 
 def test_ppo_raises_the_reward_model_score(task, weak_model, reward_model, tmp_path):
@@ -155,3 +165,4 @@ def test_ppo_raises_the_reward_model_score(task, weak_model, reward_model, tmp_p
     before = sampled_reward(weak_model, files["test"], str(reward_model))
     after = sampled_reward(tmp_path / "ppo" / "final", files["test"], str(reward_model))
     assert after >= before + 0.1, (before, after)
+    assert_rollout_tokens_counted(tmp_path / "ppo", 8 * 4, 6)

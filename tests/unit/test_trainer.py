@@ -153,6 +153,31 @@ def test_all_masked_batch_gives_zero_loss_not_nan():
     assert record is not None and record["loss"] == 0.0 and math.isfinite(record["grad_norm"])
 
 
+def test_throughput_counts_trained_tokens_without_padding_at_their_context():
+    """MFU and tokens/s count what the model trained on: SFT rows without their padding,
+    at the batch's padded length; an RL objective's own rollout tokens."""
+    from graftlm.objectives.sft import RenderedRows, SFTObjective
+
+    lengths = [5, 9, 3, 7]
+    rows = [type("Row", (), {"input_ids": list(range(3, 3 + n)), "loss_mask": [True] * n})() for n in lengths]
+    trainer = build_trainer(None, batch_size=2, grad_accum=2, objective=SFTObjective())
+    trainer.loader = ResumableLoader(RenderedRows(rows, pad_id=0), 2, shuffle=False)
+    trainer.flops_per_token = lambda context: 1000.0 + context
+    record = trainer.train_step()
+    assert record["step_tokens"] == trainer.tokens == sum(lengths)  # not 2 x 9 + 2 x 7
+    assert trainer.flops == (5 + 9) * 1009 + (3 + 7) * 1007
+
+    class Rollouts(CausalLM):  # trains on 11 tokens of its own at context 20, whatever the batch
+        def loss(self, model, batch):
+            total, count, metrics = super().loss(model, batch)
+            return total, count, {**metrics, "tokens": 11, "context": 20}
+
+    trainer = build_trainer(None, batch_size=2, objective=Rollouts())
+    trainer.flops_per_token = lambda context: 1000.0 + context
+    record = trainer.train_step()
+    assert record["step_tokens"] == 11 and trainer.flops == 11 * 1020 and "train_tokens" not in record
+
+
 def test_bf16_autocast_step_on_cpu_learns():
     trainer = build_trainer(None, precision="bf16-autocast", max_steps=6, learnable=True)
     first = trainer.train_step()["loss"]
