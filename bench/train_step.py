@@ -106,7 +106,7 @@ def main() -> None:
 
     from graftlm.metrics import measure_matmul_peak, training_flops_per_token
     from graftlm.models.config import ModelConfig
-    peak = measure_matmul_peak(torch.device("cpu"), torch.bfloat16, size=1024, seconds=1.0)
+    peak = measure_matmul_peak(torch.device("cpu"), torch.bfloat16)
     flops_per_step = training_flops_per_token(ModelConfig(**SHAPE), SEQ) * BATCH * SEQ
     rows = {side: run_side(side, args.steps, args.warmup) for side in ("graftlm", "transformers")}
     print(f"CPU, {torch.get_num_threads()} threads, batch {BATCH} x {SEQ}, bf16 autocast; "
