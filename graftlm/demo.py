@@ -155,18 +155,18 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
     _stage(console, "sft", 3)
     sft_args = ("--train.batch_size", 32, "--train.seq_len", 64, "--train.eval_every", 0)
     sft = _train("sft", "sft", base_model, data["where_train"], size.sft_steps, 3e-3, runs, *sft_args)
-    dpo = _train("dpo", "dpo", sft / "final", data["where_pairs"], size.dpo_steps, 5e-4, runs,
+    dpo = _train("dpo", "dpo", sft / "final", data["where_pairs"], size.dpo_steps, 2e-4, runs,
                  "--train.batch_size", 16, "--train.seq_len", 64, "--train.eval_every", 0, "--dpo.beta", 0.1)
 
     _stage(console, "lora", 4)
     lora_args = ("--adapter.r", 16, "--adapter.alpha", 32, "--adapter.target_modules", "all-linear")
-    lora = _train("sft", "lora", base_model, data["where_train"], size.lora_steps, 1e-2, runs,
+    lora = _train("sft", "lora", base_model, data["where_train"], size.lora_steps, 5e-3, runs,
                   *sft_args, "--adapter", "lora", *lora_args)
-    qlora = _train("sft", "qlora", base_model, data["where_train"], size.qlora_steps, 1e-2, runs,
+    qlora = _train("sft", "qlora", base_model, data["where_train"], size.qlora_steps, 5e-3, runs,
                    *sft_args, "--adapter", "qlora", *lora_args)
 
     _stage(console, "adapters", 5)
-    mood = _train("sft", "lora-mood", base_model, data["mood_train"], size.lora_steps, 1e-2, runs,
+    mood = _train("sft", "lora-mood", base_model, data["mood_train"], size.lora_steps, 5e-3, runs,
                   *sft_args, "--adapter", "lora", *lora_args)
     first = json.loads(data["where_test"].open().readline())["prompt"].split(": ", 1)[1]
     swaps = swap_and_mix(base_model, {"where": lora / "final", "mood": mood / "final"},

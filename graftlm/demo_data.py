@@ -9,8 +9,8 @@ tasks about them with checkable one-word answers:
 Both are learnable by a model of about a million parameters in a minute or two on a
 laptop CPU (tasks that copy or reorder letters need far more steps before attention
 finds the pattern). The pre-training corpus holds the same world in prose ("... by the
-sea, and the cat was sad."), so a base model has seen the facts but not the question
-format: few-shot prompting of the base is the "prompting alone" baseline that
+sea, and the cat was sad.") and some small talk in the chat format, so a base model has
+seen the facts and the chat tokens but not the questions: few-shot prompting of the base is the "prompting alone" baseline that
 fine-tuning must beat. Held-out prompts are sentences that never occur in training
 data. Everything is seeded and deterministic.
 """
@@ -32,6 +32,12 @@ PLACES = {"by the sea": "sea", "near the house": "house", "at the fair": "fair",
           "in the market": "market", "under the tree": "tree", "on the hill": "hill"}
 
 TASKS = ("mood", "where")
+# Small talk in the chat format, so that the base has seen the chat template's special
+# tokens (as base models trained for chat have); without it, the first fine-tuning steps
+# go to learning what <|im_end|> is, which frozen-base LoRA can barely do.
+GREETINGS = [("hello", "hello, how are you?"), ("good morning", "good morning to you."),
+             ("how are you?", "I am well, thank you."), ("thank you", "you are welcome."),
+             ("goodbye", "goodbye, see you soon."), ("who are you?", "I am a small model.")]
 
 
 def answer(task: str, sentence: tuple[str, str, str, str]) -> str:
@@ -47,6 +53,11 @@ def prose(sentence: tuple[str, str, str, str]) -> str:
     subject = sentence[0]
     line = f"{text_of(sentence)}, and {subject} was {VERBS[sentence[1]]}."
     return line[0].upper() + line[1:]
+
+
+def small_talk(rng: random.Random) -> str:
+    user, assistant = rng.choice(GREETINGS)
+    return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{assistant}<|im_end|>"
 
 
 def prompt_text(task: str, sentence) -> str:
@@ -69,7 +80,8 @@ def generate(out: str | Path, seed: int = 0, train_rows: int = 2000, heldout_row
     heldout, seen = world[:heldout_rows], world[heldout_rows:]
 
     paths = {"corpus": out / "corpus.txt"}
-    paths["corpus"].write_text("\n".join(prose(rng.choice(seen)) for _ in range(corpus_lines)) + "\n")
+    lines = [small_talk(rng) if i % 5 == 4 else prose(rng.choice(seen)) for i in range(corpus_lines)]
+    paths["corpus"].write_text("\n".join(lines) + "\n")
     for task in TASKS:
         train = rng.sample(seen, train_rows)
         for split, sentences in (("train", train), ("test", heldout)):
