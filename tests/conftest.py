@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
-import pytest
-import torch
+# Nothing a test run writes lands outside temporary directories: the measured peak
+# FLOP/s cache (XDG_CACHE_HOME), Hypothesis' example database and constants. One
+# directory per session, shared by xdist workers and the processes tests start.
+if "GRAFTLM_TEST_HOME" not in os.environ:
+    os.environ["GRAFTLM_TEST_HOME"] = tempfile.mkdtemp(prefix="graftlm-tests-")
+    atexit.register(shutil.rmtree, os.environ["GRAFTLM_TEST_HOME"], ignore_errors=True)
+os.environ["XDG_CACHE_HOME"] = os.path.join(os.environ["GRAFTLM_TEST_HOME"], "cache")
+os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = os.path.join(os.environ["GRAFTLM_TEST_HOME"], "hypothesis")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Tests never reach a hub; transformers must not try.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
