@@ -207,6 +207,19 @@ def load_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
             target.copy_(value)
 
 
+def split_optimizer_state(state: dict, tensor_prefix: str = "") -> tuple[dict[str, torch.Tensor], dict]:
+    """{param name: {key: value}} -> (tensors for safetensors, scalars for JSON), keyed
+    "name/key": the optimizer state in files that need no pickle."""
+    tensors, scalars = {}, {}
+    for name, entry in state.items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{tensor_prefix}{name}/{key}"] = value
+            else:
+                scalars[f"{name}/{key}"] = value
+    return tensors, scalars
+
+
 def optimizer_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     state = optimizer.state_dict()
     names = {}
@@ -214,13 +227,7 @@ def optimizer_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.T
     for group in state["param_groups"]:
         names.update(zip(group["params"], group["param_names"]))
         groups.append({k: v for k, v in group.items() if k != "params"})
-    tensors, scalars = {}, {}
-    for index, entry in state["state"].items():
-        for key, value in entry.items():
-            if torch.is_tensor(value):
-                tensors[f"{names[index]}/{key}"] = value
-            else:
-                scalars[f"{names[index]}/{key}"] = value
+    tensors, scalars = split_optimizer_state({names[i]: entry for i, entry in state["state"].items()})
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 

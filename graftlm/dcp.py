@@ -53,13 +53,8 @@ def _flat_state(model, optimizer, trainable_only: bool) -> tuple[dict[str, torch
     # named_parameters() names a tied parameter once
     unique = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
     tensors = {f"model/{name}": value for name, value in model_sd.items() if name in unique}
-    scalars = {}
-    for name, entry in optim_sd["state"].items():
-        for key, value in entry.items():
-            if torch.is_tensor(value):
-                tensors[f"optimizer/{name}/{key}"] = value
-            else:
-                scalars[f"{name}/{key}"] = value
+    optimizer_tensors, scalars = ckpt.split_optimizer_state(optim_sd["state"], "optimizer/")
+    tensors.update(optimizer_tensors)
     return tensors, {"param_groups": optim_sd["param_groups"], "scalars": scalars}, model_sd, optim_sd
 
 
