@@ -106,7 +106,9 @@ def init_distributed(cfg: ParallelConfig, device: str | None = None) -> Dist:
         torch.cuda.set_device(target)
     backend = "nccl" if target.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.timeout_s),
+        timeout = datetime.timedelta(seconds=cfg.timeout_s)
+        dist.init_process_group(backend, timeout=timeout, rank=rank, world_size=world,
+                                store=_attempt_store(rank, world, timeout),
                                 device_id=target if target.type == "cuda" else None)
     return Dist(rank=rank, world_size=world, local_rank=local_rank, device=target, mode=cfg.mode)
 
@@ -134,6 +136,19 @@ def meta_skeleton(model: nn.Module) -> nn.Module:
             empty = torch.empty_like(tensor, device="meta")
             memo[id(tensor)] = nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
     return copy.deepcopy(model, memo)
+
+
+def _attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:
+    """The key-value store of this torchrun attempt.
+
+    torchrun keeps one store for the whole job across `--max-restarts`; a restarted
+    rank that reads the peer addresses left by the killed attempt connects to a dead
+    process ("Connection refused"). A prefix per attempt keeps the attempts apart.
+    """
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not agent_store, timeout=timeout)
+    return dist.PrefixStore(f"graftlm/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def wrap_model(model: nn.Module, d: Dist, cfg: ParallelConfig) -> nn.Module:
