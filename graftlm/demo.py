@@ -35,6 +35,7 @@ from graftlm.errors import GraftError
 class DemoSize:
     pretrain_batch: int
     pretrain_steps: int
+    sft_batch: int
     sft_steps: int
     dpo_steps: int
     lora_steps: int
@@ -42,9 +43,10 @@ class DemoSize:
     eval_rows: int
 
 
-FULL = DemoSize(pretrain_batch=16, pretrain_steps=300, sft_steps=150, dpo_steps=40, lora_steps=150, qlora_steps=150, eval_rows=200)
-QUICK = DemoSize(pretrain_batch=8, pretrain_steps=30, sft_steps=100, dpo_steps=10, lora_steps=60,
-                 qlora_steps=30, eval_rows=40)
+FULL = DemoSize(pretrain_batch=16, pretrain_steps=300, sft_batch=32, sft_steps=150, dpo_steps=40,
+                lora_steps=150, qlora_steps=150, eval_rows=200)
+QUICK = DemoSize(pretrain_batch=8, pretrain_steps=60, sft_batch=32, sft_steps=150, dpo_steps=10,
+                 lora_steps=100, qlora_steps=40, eval_rows=40)
 
 STAGES = {
     "data": ("Data", "graftlm writes a small world of sentences and two tasks about them: `where` "
@@ -153,7 +155,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
     base_model = base / "final"
 
     _stage(console, "sft", 3)
-    sft_args = ("--train.batch_size", 32, "--train.seq_len", 64, "--train.eval_every", 0)
+    sft_args = ("--train.batch_size", size.sft_batch, "--train.seq_len", 64, "--train.eval_every", 0)
     sft = _train("sft", "sft", base_model, data["where_train"], size.sft_steps, 3e-3, runs, *sft_args)
     dpo = _train("dpo", "dpo", sft / "final", data["where_pairs"], size.dpo_steps, 2e-4, runs,
                  "--train.batch_size", 16, "--train.seq_len", 64, "--train.eval_every", 0, "--dpo.beta", 0.1)
