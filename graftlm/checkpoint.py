@@ -86,6 +86,11 @@ def save_checkpoint(root: Path, step: int, tensors: dict[str, dict[str, torch.Te
     On any OSError (a full disk, say) the partial directory is removed, completed
     checkpoints are untouched, and a CheckpointError says so.
     """
+    for file_name, group in tensors.items():  # a checkpoint never holds NaN or inf
+        for key, value in group.items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise CheckpointError(f"step-{step}: not saved, '{key}' in {file_name} holds non-finite "
+                                      "values; the last complete checkpoint is kept")
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}-{os.getpid()}"

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from graftlm import checkpoint as ckpt
 from graftlm.errors import GraftError
@@ -74,6 +75,18 @@ def test_full_disk_during_save_leaves_the_previous_checkpoint_intact(two_checkpo
     assert [p.name for p in two_checkpoints.iterdir()] and not any(
         p.name.startswith(".tmp") for p in two_checkpoints.iterdir())
     ckpt.verify(two_checkpoints / "step-4")
+    assert ckpt.latest_valid(two_checkpoints) == two_checkpoints / "step-4"
+
+
+def test_non_finite_tensors_are_never_saved(two_checkpoints):
+    trainer = build_trainer(two_checkpoints.parent, max_steps=6)
+    trainer.resume(two_checkpoints / "step-4")
+    trainer.train_step()
+    with torch.no_grad():
+        next(trainer.model.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(GraftError, match=r"step-5: not saved, .* non-finite"):
+        trainer.save_checkpoint()
+    assert [p.name for _, p in ckpt.checkpoint_dirs(two_checkpoints)] == ["step-4", "step-2"]
     assert ckpt.latest_valid(two_checkpoints) == two_checkpoints / "step-4"
 
 
