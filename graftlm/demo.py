@@ -43,8 +43,8 @@ class DemoSize:
     eval_rows: int
 
 
-FULL = DemoSize(pretrain_batch=16, pretrain_steps=300, sft_batch=32, sft_steps=150, dpo_steps=40,
-                lora_steps=150, qlora_steps=150, eval_rows=200)
+FULL = DemoSize(pretrain_batch=16, pretrain_steps=600, sft_batch=32, sft_steps=150, dpo_steps=40,
+                lora_steps=500, qlora_steps=500, eval_rows=200)
 QUICK = DemoSize(pretrain_batch=8, pretrain_steps=60, sft_batch=32, sft_steps=150, dpo_steps=10,
                  lora_steps=100, qlora_steps=40, eval_rows=40)
 
