@@ -68,6 +68,14 @@ def peak_memory_gb(device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
 
 
+def measure(name, step, cfg, batch_size, seq_len, steps, device, trainable):
+    """Time `step` and return its table row: name, tokens/s, MFU, peak GPU memory."""
+    seconds = timed_steps(step, 3, steps, device)
+    tokens = batch_size * seq_len
+    mfu = flops_per_token(cfg, seq_len, trainable) * tokens / seconds / device_peak(device)
+    return name, tokens / seconds, mfu, peak_memory_gb(device)
+
+
 def graftlm_step_fn(model, batch, targets, params, device, compile_model):
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     forward = torch.compile(model) if compile_model else model
@@ -89,10 +97,7 @@ def bench_pretrain(cfg, batch_size, seq_len, steps, device, compile_model):
     model.init_weights()
     batch = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), device=device)
     step = graftlm_step_fn(model, batch, shift_targets(batch), model.parameters(), device, compile_model)
-    seconds = timed_steps(step, 3, steps, device)
-    tokens = batch_size * seq_len
-    mfu = flops_per_token(cfg, seq_len, "full") * tokens / seconds / device_peak(device)
-    row = ("graftlm pre-training", tokens / seconds, mfu, peak_memory_gb(device))
+    row = measure("graftlm pre-training", step, cfg, batch_size, seq_len, steps, device, "full")
     del model, step
     return row
 
@@ -103,17 +108,14 @@ def bench_lora_graftlm(cfg, batch_size, seq_len, steps, device, compile_model):
     model = Decoder(cfg)
     model.init_weights()
     model = model.to(device=device, dtype=torch.bfloat16)
-    apply_adapters(model, AdapterConfig(kind="lora", r=16, alpha=32, target_modules="all-linear"))
+    apply_adapters(model, AdapterConfig(kind="lora", r=16, alpha=32, target_modules=["all-linear"]))
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
     batch = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), device=device)
     params = [p for p in model.parameters() if p.requires_grad]
     step = graftlm_step_fn(model, batch, shift_targets(batch), params, device, compile_model)
-    seconds = timed_steps(step, 3, steps, device)
-    tokens = batch_size * seq_len
-    mfu = flops_per_token(cfg, seq_len, "lora") * tokens / seconds / device_peak(device)
-    row = ("graftlm LoRA r=16", tokens / seconds, mfu, peak_memory_gb(device))
+    row = measure("graftlm LoRA r=16", step, cfg, batch_size, seq_len, steps, device, "lora")
     del model, step
     return row
 
@@ -143,10 +145,7 @@ def bench_lora_peft(cfg, batch_size, seq_len, steps, device):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    seconds = timed_steps(step, 3, steps, device)
-    tokens = batch_size * seq_len
-    mfu = flops_per_token(cfg, seq_len, "lora") * tokens / seconds / device_peak(device)
-    row = ("transformers + PEFT LoRA r=16", tokens / seconds, mfu, peak_memory_gb(device))
+    row = measure("transformers + PEFT LoRA r=16", step, cfg, batch_size, seq_len, steps, device, "lora")
     del model, opt
     return row
 
