@@ -163,6 +163,7 @@ def wrap_model(model: nn.Module, d: Dist, cfg: ParallelConfig) -> nn.Module:
     kwargs = {}
     if cfg.fsdp_mixed_precision and d.device.type == "cuda":
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    _check_nf4_shardable(model, d.world_size)
     skeleton = meta_skeleton(model)
     _shard(model, kwargs)
     _SKELETONS[model] = (skeleton, kwargs)
@@ -170,6 +171,16 @@ def wrap_model(model: nn.Module, d: Dist, cfg: ParallelConfig) -> nn.Module:
     # which is the case FSDP2 warns about.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     return model
+
+
+def _check_nf4_shardable(model: nn.Module, world_size: int) -> None:
+    """QLoRA's NF4 weights shard through torchao's FSDP2 support, which splits each
+    inner tensor evenly: say which layer cannot, before fully_shard fails on an assert."""
+    from graftlm.adapters.qlora import check_shardable, is_nf4
+
+    for name, param in model.named_parameters():
+        if is_nf4(param):
+            check_shardable(param, world_size, name)
 
 
 def _shard(model: nn.Module, kwargs: dict) -> None:

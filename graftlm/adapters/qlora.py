@@ -31,12 +31,28 @@ def is_nf4(tensor: torch.Tensor) -> bool:
     return type(tensor).__name__ == "NF4Tensor"
 
 
+# FSDP2 shards an NF4 weight by splitting each of its flat inner tensors into equal
+# parts, one per rank, so the number of scaler blocks must divide by the world size.
+# Preferring a multiple of 8 lets the same quantization shard over 2, 4 or 8 ranks and
+# keeps it independent of the world size (1 and N processes train the same weights).
+SHARDABLE_SCALER_BLOCKS = 8
+
+
 def _scaler_block(n_blocks: int) -> int:
-    """The largest scaler block (<= 256, QLoRA's size) that divides the number of blocks."""
-    for size in range(min(256, n_blocks), 0, -1):
-        if n_blocks % size == 0:
-            return size
-    return 1
+    """The largest scaler block (<= 256, QLoRA's size) that divides the number of blocks,
+    leaving a multiple of 8 scaler blocks when such a size exists."""
+    divisors = [size for size in range(min(256, n_blocks), 0, -1) if n_blocks % size == 0]
+    shardable = [size for size in divisors if (n_blocks // size) % SHARDABLE_SCALER_BLOCKS == 0]
+    return (shardable or divisors)[0]
+
+
+def check_shardable(weight: torch.Tensor, world_size: int, name: str = "") -> None:
+    """Raise a one-line GraftError when FSDP2 cannot split this NF4 weight over `world_size` ranks."""
+    rows, n_scalers = weight.shape[0], weight.quantization_factor.numel()
+    if rows % world_size or n_scalers % world_size:
+        raise GraftError(f"qlora under --parallel fsdp: layer '{name}' ({rows} rows, {n_scalers} NF4 scaler "
+                         f"blocks) cannot be split evenly over {world_size} ranks; use --parallel ddp, "
+                         f"or a world size dividing both")
 
 
 def quantize_linear_(linear: nn.Linear, name: str = "") -> None:
