@@ -216,13 +216,16 @@ class Trainer:
         if self.val_dataset is None or len(self.val_dataset) == 0:
             return {}
         self.model.eval()
+        # RL objectives score held-out prompts instead (`evaluate_batch`, `val_reward`).
+        measure = getattr(self.objective, "evaluate_batch", self.objective.loss)
+        metric = getattr(self.objective, "val_metric", "loss")
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         count = torch.zeros((), device=self.device, dtype=torch.float64)
         batches = 0
         for batch in iterate_once(self.val_dataset, self.cfg.batch_size, self.rank, self.world_size,
                                   self.cfg.eval_batches or None):
             with self.autocast():
-                part_sum, part_count, _ = self.objective.loss(self.forward_model, self._to_device(batch))
+                part_sum, part_count, _ = measure(self.forward_model, self._to_device(batch))
             total += part_sum.double()
             count += part_count.double()
             batches += 1
@@ -232,10 +235,10 @@ class Trainer:
         for batch in itertools.islice(iterate_once(self.val_dataset, self.cfg.batch_size),
                                       max(0, min(most, self.cfg.eval_batches or most) - batches)):
             with self.autocast():
-                self.objective.loss(self.forward_model, self._to_device(batch))
+                measure(self.forward_model, self._to_device(batch))
         total, count = self.all_reduce(total), self.all_reduce(count)
-        result = {"step": self.step, "val_loss": (total / count.clamp_min(1)).item()}
-        if self.val_bytes_per_token:
+        result = {"step": self.step, f"val_{metric}": (total / count.clamp_min(1)).item()}
+        if self.val_bytes_per_token and metric == "loss":
             # bits per byte: nats -> bits, over the UTF-8 bytes the predicted tokens cover.
             result["val_bpb"] = (total / math.log(2) / (count * self.val_bytes_per_token)).item()
         self.last_val = result
@@ -350,4 +353,5 @@ class Trainer:
                 "peak_memory_bytes": peak_device_memory_bytes(self.device),
                 "peak_host_memory_bytes": peak_host_memory_bytes(),
                 "final_train_loss": self.last_loss,
-                "final_val_loss": self.last_val.get("val_loss"), "val_bpb": self.last_val.get("val_bpb")}
+                "final_val_loss": self.last_val.get("val_loss"), "val_bpb": self.last_val.get("val_bpb"),
+                **({"final_val_reward": self.last_val["val_reward"]} if "val_reward" in self.last_val else {})}

@@ -13,6 +13,12 @@ Design choices:
   tensors`, and may bring its own `collate(samples)` (padding for variable-length
   rows); the default stacks. The batch carries `sample_ids` so that the exactly-once
   property can be checked and bad batches named.
+- Reuse (RL's `iterations`): a dataset with `reuse = (passes, block)` is served in
+  blocks of `block` consecutive micro-batches, each block `passes` times in a row
+  (B1..Bk, B1..Bk, ...). Every batch is still drawn from the stream exactly once, so
+  no sample is skipped; the batch says which pass and slot it is (`reuse_pass`,
+  `reuse_slot`), so the objective can reuse what it computed on pass 0. The block's
+  indices are part of the state, so a resume mid-block serves the same batches.
 """
 
 from __future__ import annotations
@@ -47,6 +53,11 @@ class ResumableLoader:
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.rank, self.world_size = rank, world_size
         self.epoch, self.position = 0, 0
+        self.passes, self.block = getattr(dataset, "reuse", (1, 1))
+        if self.passes < 1 or self.block < 1:
+            raise ValueError(f"dataset reuse {dataset.reuse} must be (passes >= 1, block >= 1)")
+        self.reuse_pass, self.reuse_slot = 0, 0
+        self._block_indices: list[list[int]] = []  # global indices of the current block's batches
         self._order: torch.Tensor | None = None
         self._order_epoch = -1
 
@@ -76,12 +87,26 @@ class ResumableLoader:
 
     # -- batches ------------------------------------------------------------------------
 
+    def _next_indices(self) -> list[int]:
+        if self.passes == 1:
+            return self._take(self.world_size * self.batch_size)
+        if self.reuse_pass == 0:
+            self._block_indices.append(self._take(self.world_size * self.batch_size))
+        return self._block_indices[self.reuse_slot]
+
     def next_batch(self) -> dict[str, torch.Tensor]:
-        indices = self._take(self.world_size * self.batch_size)
+        indices = self._next_indices()
         mine = indices[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         collate = getattr(self.dataset, "collate", stack_collate)
         batch = collate([self.dataset[i] for i in mine])
         batch["sample_ids"] = torch.tensor(mine, dtype=torch.long)
+        if self.passes > 1:
+            batch["reuse_pass"], batch["reuse_slot"] = self.reuse_pass, self.reuse_slot
+            self.reuse_slot += 1
+            if self.reuse_slot == self.block:
+                self.reuse_slot, self.reuse_pass = 0, self.reuse_pass + 1
+                if self.reuse_pass == self.passes:
+                    self.reuse_pass, self._block_indices = 0, []
         return batch
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -98,7 +123,8 @@ class ResumableLoader:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
                 "num_samples": self.num_samples, "batch_size": self.batch_size,
-                "world_size": self.world_size}
+                "world_size": self.world_size, "reuse_pass": self.reuse_pass, "reuse_slot": self.reuse_slot,
+                "block_indices": self._block_indices}
 
     def load_state_dict(self, state: dict) -> None:
         if state["num_samples"] != self.num_samples:
@@ -106,6 +132,13 @@ class ResumableLoader:
             raise GraftError(f"loader state is for {state['num_samples']} samples, the data set "
                              f"has {self.num_samples}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.reuse_pass, self.reuse_slot = int(state.get("reuse_pass", 0)), int(state.get("reuse_slot", 0))
+        self._block_indices = [list(map(int, b)) for b in state.get("block_indices", [])]
+        expected = self.block if self.reuse_pass else self.reuse_slot
+        if (self.passes == 1 or self.reuse_pass >= self.passes or self.reuse_slot >= self.block
+                or len(self._block_indices) != expected):
+            # Saved with other reuse settings: start a fresh block where the stream stands.
+            self.reuse_pass, self.reuse_slot, self._block_indices = 0, 0, []
 
 
 def iterate_once(dataset: Dataset, batch_size: int, rank: int = 0, world_size: int = 1,

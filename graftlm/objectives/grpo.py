@@ -8,8 +8,15 @@ engine and scored by a reward (`graftlm.rewards`). Design choices:
 - The policy loss is PPO's clipped surrogate on the per-token ratio
   pi(token) / pi_old(token), with `epsilon` (low) and `epsilon_high` bounds. With
   `iterations` = 1 (default) pi_old is the policy itself, detached (ratio 1, the
-  gradient of the unclipped objective); with k > 1 a rollout is reused for k
-  consecutive micro-batches, and pi_old are the log-probs at sampling time.
+  gradient of the unclipped objective).
+- `iterations` = k > 1 (the paper's mu): each optimizer step's rollouts are trained on
+  for k optimizer steps. The loader serves each block of `grad_accum` micro-batches k
+  times in a row (`data/loader.py`, `reuse`), so no prompt is skipped: pass 0 samples
+  and keeps its rollout and log-probs (pi_old, the policy at sampling time, which is
+  the policy of pass 0's step), later passes reuse them. A reused rollout is matched
+  by its slot and sample ids; after a resume mid-block it is sampled anew.
+- Validation: greedy completions of the held-out prompts, scored by the same reward
+  (`val_reward`, see `rollout.held_out_reward`).
 - KL to the reference policy with the k3 estimator exp(r - l) - (r - l) - 1 (r, l the
   reference and policy log-probs), weight `beta`; beta 0 runs no reference forward.
 - Token-level normalisation: the loss is a sum over every completion token of the
@@ -27,7 +34,7 @@ from graftlm.errors import ConfigError
 from graftlm.objectives.logprobs import IGNORE_INDEX, shift_targets
 from graftlm.objectives import ObjectiveSpec
 from graftlm.objectives.rollout import (Rollout, RolloutSampler, SamplingConfig, build_prompt_splits,
-                                        rollout_metrics, run_tokenizer)
+                                        held_out_reward, rollout_metrics, run_tokenizer)
 from graftlm.objectives.sft import FineTuneData, model_logprobs
 from graftlm.rewards import RewardPolicy, RewardScorer, build_reward
 
@@ -41,7 +48,8 @@ class GRPOConfig(FineTuneData):
     beta: float = field(default=0.04, metadata={"help": "weight of the KL to the reference (0: no reference)"})
     epsilon: float = field(default=0.2, metadata={"help": "clip range of the policy ratio (low side)"})
     epsilon_high: float | None = field(default=None, metadata={"help": "high side (default: epsilon)"})
-    iterations: int = field(default=1, metadata={"help": "micro-batches that reuse one rollout"})
+    iterations: int = field(default=1, metadata={
+        "help": "optimizer steps trained on each rollout (pi_old: the policy that sampled it)"})
     scale_rewards: bool = field(default=True, metadata={"help": "divide advantages by the group's std"})
     advantage_eps: float = 1e-4
 
@@ -89,36 +97,38 @@ def reference_token_logps(model, input_ids: torch.Tensor, targets: torch.Tensor)
 
 class GRPOObjective:
     name = "grpo"
+    val_metric = "reward"
 
     def __init__(self, config: GRPOConfig, tokenizer, reward=None, device="cpu"):
         self.config = config
         scorer = RewardScorer(reward or build_reward(config.reward, device=device), config.reward_errors)
         self.sampler = RolloutSampler(config.sampling, scorer, tokenizer)
         self.pad_id = tokenizer.pad_id if tokenizer is not None else 0
-        self._reuse: tuple[Rollout, torch.Tensor] | None = None
-        self._reuse_left = 0
+        # slot -> (sample ids, rollout, pi_old log-probs) kept for the later passes
+        self._kept: dict[int, tuple[list[int], Rollout, torch.Tensor]] = {}
         self._last_end: float | None = None
 
-    def _rollout(self, model, batch: dict) -> tuple[Rollout, torch.Tensor | None]:
-        if self._reuse_left > 0:
-            self._reuse_left -= 1
-            rollout, old = self._reuse
-            # Sampled once: its generation time was reported with its first use.
-            return replace(rollout, generation_s=0.0, scoring_s=0.0), old
-        rollout = self.sampler.sample(model, batch, self.pad_id)
-        old = None
-        if self.config.iterations > 1:
-            with torch.no_grad():
-                old = model_logprobs(model, rollout.input_ids, shift_targets(rollout.input_ids, rollout.loss_mask))
-            self._reuse, self._reuse_left = (rollout, old), self.config.iterations - 1
-        return rollout, old
+    def _kept_rollout(self, batch: dict) -> tuple[Rollout, torch.Tensor] | None:
+        if batch.get("reuse_pass", 0) == 0:
+            return None
+        slot = batch["reuse_slot"]
+        last_pass = batch["reuse_pass"] == self.config.iterations - 1
+        kept = self._kept.pop(slot, None) if last_pass else self._kept.get(slot)
+        if kept is None or kept[0] != batch["sample_ids"].tolist():
+            return None
+        # Sampled once: its generation time was reported with its first use.
+        return replace(kept[1], generation_s=0.0, scoring_s=0.0), kept[2]
+
+    def evaluate_batch(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        return held_out_reward(self.sampler, model, batch, self.pad_id)
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
         start = time.perf_counter()
         # Time since the last call ended is the trainer's backward and optimizer step.
         outside = start - self._last_end if self._last_end is not None else 0.0
         cfg = self.config
-        rollout, old_logp = self._rollout(model, batch)
+        kept = self._kept_rollout(batch)
+        rollout, old_logp = kept if kept is not None else (self.sampler.sample(model, batch, self.pad_id), None)
         advantages, valid = group_advantages(rollout.rewards, rollout.group_size, cfg.scale_rewards,
                                              cfg.advantage_eps)
         targets = shift_targets(rollout.input_ids, rollout.loss_mask)
@@ -126,6 +136,8 @@ class GRPOObjective:
         logp = model_logprobs(model, rollout.input_ids, targets)
         if old_logp is None:
             old_logp = logp.detach()
+            if batch.get("reuse_pass", cfg.iterations - 1) < cfg.iterations - 1:  # to be reused
+                self._kept[batch["reuse_slot"]] = (batch["sample_ids"].tolist(), rollout, old_logp)
         per_token, clipped = clipped_surrogate(logp, old_logp, advantages[:, None], cfg.epsilon,
                                                cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon)
         kl = torch.zeros_like(logp)
@@ -145,9 +157,18 @@ class GRPOObjective:
         return (per_token * trained).sum(), count, metrics
 
 
+def build_dataset(cfg, tokenizer):
+    splits = build_prompt_splits(cfg, cfg.grpo, tokenizer, "grpo")
+    # Each step's micro-batches are served `iterations` times in a row (see the loader).
+    splits.train.reuse = (cfg.grpo.iterations, cfg.train.grad_accum)
+    if cfg.grpo.iterations > 1:
+        splits.identity["iterations"] = cfg.grpo.iterations
+    return splits
+
+
 SPEC = ObjectiveSpec(
     name="grpo", help="online RL: sample groups of completions, score them, group-normalised advantages",
     config_cls=GRPOConfig,
-    build_dataset=lambda cfg, tokenizer: build_prompt_splits(cfg, cfg.grpo, tokenizer, "grpo"),
+    build_dataset=build_dataset,
     build_objective=lambda cfg, model: GRPOObjective(cfg.grpo, run_tokenizer(cfg),
                                                      device=next(model.parameters()).device))

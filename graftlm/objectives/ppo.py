@@ -16,6 +16,8 @@ Design choices:
   ranks' critics stay identical.
 - The policy loss is the clipped surrogate (shared with GRPO), summed over completion
   tokens; the count is their number.
+- Validation: greedy completions of the held-out prompts, scored by the reward
+  (`val_reward`, see `rollout.held_out_reward`); the critic is not involved.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from graftlm.objectives.grpo import clipped_surrogate, reference_token_logps
 from graftlm.objectives.logprobs import IGNORE_INDEX, shift_targets
 from graftlm.objectives import ObjectiveSpec
 from graftlm.parallel import average_gradients
-from graftlm.objectives.rollout import (RolloutSampler, SamplingConfig, build_prompt_splits, rollout_metrics,
-                                        run_tokenizer)
+from graftlm.objectives.rollout import (RolloutSampler, SamplingConfig, build_prompt_splits, held_out_reward,
+                                        rollout_metrics, run_tokenizer)
 from graftlm.objectives.sft import FineTuneData, model_logprobs
 from graftlm.rewards import RewardPolicy, RewardScorer, build_reward
 
@@ -101,6 +103,7 @@ def build_critic(config: PPOConfig, policy) -> torch.nn.Module:
 
 class PPOObjective:
     name = "ppo"
+    val_metric = "reward"
 
     def __init__(self, config: PPOConfig, tokenizer, policy, reward=None, device="cpu"):
         self.config = config
@@ -110,6 +113,9 @@ class PPOObjective:
         self.critic = build_critic(config, policy)
         trainable = [p for p in self.critic.parameters() if p.requires_grad]
         self.critic_optimizer = torch.optim.AdamW(trainable, lr=config.value_lr, weight_decay=0.0)
+
+    def evaluate_batch(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        return held_out_reward(self.sampler, model, batch, self.pad_id)
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
         cfg = self.config

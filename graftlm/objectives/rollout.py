@@ -13,6 +13,11 @@ Shared by GRPO and PPO. Design choices:
   and the row's extra fields; skipped scores (see `rewards.RewardScorer`) are NaN and
   their rows carry no loss.
 - Time in generation and in scoring is measured, so the run can report the split.
+- Validation: the held-out prompts (the `val_fraction` / `val_data` split) are answered
+  greedily, one completion each, and scored with the training reward; the trainer logs
+  their mean as `val_reward` (`held_out_reward`). Greedy decoding makes it a property of
+  the policy, not of a draw; it does not advance the sampling seed, so the training
+  rollouts are the same whatever `eval_every` is.
 """
 
 from __future__ import annotations
@@ -82,17 +87,22 @@ class RolloutSampler:
         self.rollouts = 0
 
     @torch.no_grad()
-    def sample(self, model, batch: dict, pad_id: int = 0) -> Rollout:
+    def sample(self, model, batch: dict, pad_id: int = 0, greedy: bool = False) -> Rollout:
+        """`group_size` sampled completions per prompt; greedy: one, the most likely."""
         from graftlm.engine import Engine, SamplingParams
 
-        cfg, g = self.config, self.config.group_size
+        cfg = self.config
+        g = 1 if greedy else cfg.group_size
         policy = getattr(model, "module", model)
         was_training = policy.training
         prompt_ids = [p for p in batch["prompt_ids"] for _ in range(g)]
-        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                top_p=cfg.top_p, top_k=cfg.top_k,
-                                seed=cfg.seed + self.rollouts * len(prompt_ids) * 7919)
-        self.rollouts += 1
+        if greedy:
+            params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
+        else:
+            params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                    top_p=cfg.top_p, top_k=cfg.top_k,
+                                    seed=cfg.seed + self.rollouts * len(prompt_ids) * 7919)
+            self.rollouts += 1
         start = time.perf_counter()
         try:
             from graftlm.parallel import unsharded_for_generation
@@ -116,6 +126,14 @@ class RolloutSampler:
         return Rollout(pad_right(sequences, pad_id).to(device), pad_right(masks, 0).bool().to(device),
                        rewards.to(device), completions, g, generation_s, scoring_s,
                        torch.tensor([len(s) for s in sequences]))
+
+
+def held_out_reward(sampler: RolloutSampler, model, batch: dict,
+                    pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(sum of greedy completions' rewards, number scored, {}): an objective's `evaluate_batch`."""
+    rollout = sampler.sample(model, batch, pad_id, greedy=True)
+    valid = rollout.valid
+    return torch.nan_to_num(rollout.rewards).mul(valid).sum(), valid.sum(), {}
 
 
 def rollout_metrics(rollout: Rollout) -> dict:
@@ -158,11 +176,11 @@ def build_prompt_splits(cfg, section, tokenizer, objective: str):
     from graftlm.objectives.sft import load_splits, renderer_for
 
     renderer = renderer_for(cfg, section, tokenizer)
-    train, _ = load_splits(cfg, section, objective)
-    # No validation loss: an RL loss on held-out prompts means little (its advantages
-    # are centred). Held-out reward is `graft eval --reward`'s job, on the held-out rows.
-    return DataSplits(train=PromptDataset(train, renderer), vocab_size=tokenizer.vocab_size,
-                      identity={"data": cfg.data, "prompts": len(train)})
+    train, val = load_splits(cfg, section, objective)
+    # Validated by held-out reward (`held_out_reward`), not loss: an RL loss on held-out
+    # prompts means little (its advantages are centred).
+    return DataSplits(train=PromptDataset(train, renderer), val=PromptDataset(val, renderer) if val else None,
+                      vocab_size=tokenizer.vocab_size, identity={"data": cfg.data, "prompts": len(train)})
 
 
 def run_tokenizer(cfg):
