@@ -9,6 +9,12 @@ Design choices:
   (`loss_mask`, from the renderer). IPO follows TRL: the log-ratios are averaged over
   the completion's tokens before the squared loss, so beta means the same at any length.
   SimPO and ORPO use token-averaged log-probs and need no reference model.
+- ORPO's NLL term follows TRL's ORPOTrainer (and the paper's L_SFT): the mean NLL per
+  chosen token of the micro-batch (pooled over its pairs, not a mean of per-pair
+  means), plus beta (the paper's lambda) times the mean odds-ratio loss. To fit the
+  (sum, count = pairs) contract, each pair carries its share of the pooled mean,
+  pairs * its NLL / the chosen tokens. Unlike TRL, which puts the NLL on the prompt
+  tokens too, only trained (`loss_mask`) tokens count, as in the paper.
 - The reference log-probs come from `graftlm.adapters.reference(model)` under
   `torch.no_grad()` (LoRA: the same weights with adapters disabled; full: a frozen copy).
   A batch may carry them precomputed (`ref_chosen_logps`, `ref_rejected_logps`), e.g.
@@ -112,6 +118,11 @@ def reference_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return logps.chunk(2)
 
 
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurate on both sides of -ln 2."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
 def preference_losses(config: DPOConfig, chosen: torch.Tensor, rejected: torch.Tensor,
                       chosen_len: torch.Tensor, rejected_len: torch.Tensor,
                       ref_chosen: torch.Tensor | None = None,
@@ -125,9 +136,10 @@ def preference_losses(config: DPOConfig, chosen: torch.Tensor, rejected: torch.T
         if config.loss == "simpo":
             logits = beta * (c_avg - r_avg) - config.simpo_gamma
             losses = -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
-        else:  # orpo: NLL of the chosen completion + beta * -log sigmoid(log odds ratio)
-            log_odds = (c_avg - r_avg) - (torch.log1p(-torch.exp(c_avg)) - torch.log1p(-torch.exp(r_avg)))
-            losses = -c_avg - beta * F.logsigmoid(log_odds)
+        else:  # orpo: pooled per-token NLL of the chosen tokens + beta * -log sigmoid(log odds ratio)
+            log_odds = (c_avg - r_avg) - (log1mexp(c_avg) - log1mexp(r_avg))
+            nll_share = -chosen * chosen.shape[0] / chosen_len.sum().clamp_min(1)
+            losses = nll_share - beta * F.logsigmoid(log_odds)
         return losses, reward_c, reward_r
     chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
     if config.loss == "sigmoid":

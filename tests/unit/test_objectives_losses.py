@@ -82,16 +82,21 @@ def test_simpo_is_reference_free_and_length_normalised():
     assert reward_c[0].item() == pytest.approx(2.0 * -2.0)
 
 
-def test_orpo_is_nll_plus_odds_ratio_term():
+def test_orpo_is_pooled_token_nll_plus_odds_ratio_term():
     c, r, cl, rl, *_ = _pair_logps()
     losses, _, _ = preference_losses(DPOConfig(loss="orpo", beta=0.1), c, r, cl, rl)
-    pc, pr = -2.0, -1.25
 
     def log_odds(p):
         return p - math.log1p(-math.exp(p))
-    ratio = log_odds(pc) - log_odds(pr)
-    want = 2.0 - 0.1 * math.log(1 / (1 + math.exp(-ratio)))
-    assert losses[0].item() == pytest.approx(want, abs=1e-6)
+
+    # NLL: the mean over all chosen tokens of the batch (10 / 5). Here the per-pair means
+    # agree (4/2, 6/3); below they differ (1/1, 9/3): pooled 10/4, not their mean 2.
+    odds = [-math.log(1 / (1 + math.exp(-(log_odds(pc) - log_odds(pr))))) for pc, pr in ((-2.0, -1.25), (-2.0, -3.0))]
+    assert losses.mean().item() == pytest.approx(10 / 5 + 0.1 * sum(odds) / 2, abs=1e-6)
+    losses, _, _ = preference_losses(DPOConfig(loss="orpo", beta=0.1), torch.tensor([-1.0, -9.0]), r,
+                                     torch.tensor([1, 3]), rl)
+    odds = [-math.log(1 / (1 + math.exp(-(log_odds(pc) - log_odds(pr))))) for pc, pr in ((-1.0, -1.25), (-3.0, -3.0))]
+    assert losses.mean().item() == pytest.approx(10 / 4 + 0.1 * sum(odds) / 2, abs=1e-6)
 
 
 def test_group_advantages_normalise_within_groups_and_drop_skipped():
