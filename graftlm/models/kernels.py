@@ -30,27 +30,38 @@ import torch.nn.functional as F
 from torch.autograd import Function
 
 
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd will record this call. Inference (generation, reference and
+    rollout forwards) skips `Function.apply`, whose Python overhead is most of a
+    decode step's time outside the matmuls for a small model."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _scaled(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """t·scale as a new `dtype` tensor. On the CPU a mixed-dtype multiply first makes a
     converted copy of each input anyway, so convert once and scale in place."""
     return t * scale if t.dtype == dtype else t.to(dtype).mul_(scale)
 
 
+def _rms_norm_forward(x, weight, eps, out_dtype):
+    """(output, float32 rstd per row); shared by the autograd Function and inference."""
+    if x.dtype in (torch.float32, torch.float64):
+        # Hugging Face's exact operations, so float32 logits match bit for bit.
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        return (weight * (x * rstd)).to(out_dtype), rstd
+    # bf16/fp16: one float32 copy, the statistic and both scalings made in it in place,
+    # rounded once at the end (Hugging Face rounds x·rstd before the gain too: at most
+    # one bf16 rounding apart).
+    xf = x.float()
+    sq = torch.linalg.vector_norm(xf, 2, dim=-1, keepdim=True)
+    rstd = torch.rsqrt(sq.square_().div_(x.shape[-1]).add_(eps))
+    return xf.mul_(rstd).mul_(weight).to(out_dtype), rstd
+
+
 class _RMSNorm(Function):
     @staticmethod
     def forward(ctx, x, weight, eps, out_dtype):
-        if x.dtype in (torch.float32, torch.float64):
-            # Hugging Face's exact operations, so float32 logits match bit for bit.
-            rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-            out = (weight * (x * rstd)).to(out_dtype)
-        else:
-            # bf16/fp16: one float32 copy, the statistic and both scalings made in it in
-            # place, rounded once at the end (Hugging Face rounds x·rstd before the gain
-            # too: at most one bf16 rounding apart).
-            xf = x.float()
-            sq = torch.linalg.vector_norm(xf, 2, dim=-1, keepdim=True)
-            rstd = torch.rsqrt(sq.square_().div_(x.shape[-1]).add_(eps))
-            out = xf.mul_(rstd).mul_(weight).to(out_dtype)
+        out, rstd = _rms_norm_forward(x, weight, eps, out_dtype)
         ctx.save_for_backward(x, weight, rstd)
         return out
 
@@ -82,7 +93,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch
     """
     if out_dtype is None:
         out_dtype = torch.promote_types(weight.dtype, x.dtype)
+    if not _needs_grad(x, weight):
+        return _rms_norm_forward(x, weight, eps, out_dtype)[0]
     return _RMSNorm.apply(x, weight, eps, out_dtype)
+
+
+def _rope_forward(x, cos, sin):
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    out = torch.empty_like(x)
+    o1, o2 = out[..., :half], out[..., half:]
+    # rotate_half(x) = [-x2, x1]; negation is exact, so x1·c − x2·s equals x1·c + (−x2)·s.
+    torch.mul(x1, cos[..., :half], out=o1)
+    o1.sub_(x2 * sin[..., :half])
+    torch.mul(x2, cos[..., half:], out=o2)
+    o2.add_(x1 * sin[..., half:])
+    return out
 
 
 class _Rope(Function):
@@ -90,17 +116,8 @@ class _Rope(Function):
 
     @staticmethod
     def forward(ctx, x, cos, sin):
-        half = x.shape[-1] // 2
-        x1, x2 = x[..., :half], x[..., half:]
-        out = torch.empty_like(x)
-        o1, o2 = out[..., :half], out[..., half:]
-        # rotate_half(x) = [-x2, x1]; negation is exact, so x1·c − x2·s equals x1·c + (−x2)·s.
-        torch.mul(x1, cos[..., :half], out=o1)
-        o1.sub_(x2 * sin[..., :half])
-        torch.mul(x2, cos[..., half:], out=o2)
-        o2.add_(x1 * sin[..., half:])
         ctx.save_for_backward(cos, sin)
-        return out
+        return _rope_forward(x, cos, sin)
 
     @staticmethod
     def backward(ctx, grad):
@@ -119,15 +136,21 @@ class _Rope(Function):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding of x [B, H, T, D] by cos, sin [B, 1, T, D] (no gradient to the tables)."""
+    if not _needs_grad(x):
+        return _rope_forward(x, cos, sin)
     return _Rope.apply(x, cos, sin)
+
+
+def _swiglu_forward(gate, up):
+    act = F.silu(gate)
+    return act.mul_(up) if act.dtype == up.dtype else act * up
 
 
 class _SwiGLU(Function):
     @staticmethod
     def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)
-        act = F.silu(gate)
-        return act.mul_(up) if act.dtype == up.dtype else act * up
+        return _swiglu_forward(gate, up)
 
     @staticmethod
     def backward(ctx, grad):
@@ -139,6 +162,8 @@ class _SwiGLU(Function):
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) · up, saving only gate and up for backward."""
+    if not _needs_grad(gate, up):
+        return _swiglu_forward(gate, up)
     return _SwiGLU.apply(gate, up)
 
 
