@@ -18,9 +18,12 @@ Design choices:
   one Function over all chunks: backward remakes a chunk's logits with one matmul and
   takes the gradient from softmax directly, where checkpointing each chunk replayed its
   whole forward (float copy, logsumexp) before autograd's own backward of it.
-- Measured and dropped: running q/k/v (and gate/up) as one matmul on concatenated
-  weights saved no time on the CPU (the weight concatenation costs what the fewer
-  matmul calls save).
+- Measured and dropped for training: running q/k/v (and gate/up) as one matmul on
+  weights concatenated every step saved no time on the CPU (the concatenation costs
+  what the fewer matmul calls save). Inference keeps a concatenated copy instead
+  (`transformer.FusedProjection`), built once, where it does pay.
+- Without autograd (generation, reference forwards) the wrappers call the forward
+  math directly: `Function.apply` costs tens of microseconds of Python per call.
 """
 
 from __future__ import annotations
