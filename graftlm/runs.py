@@ -239,6 +239,8 @@ def run_training(cfg: RunConfig, resume: bool | None = None, fresh: bool = False
     seed_everything(cfg.seed)
     tokenizer = find_tokenizer(cfg, Path(cfg.data))
     data = spec.build_dataset(cfg, tokenizer)
+    if d.is_main and data.stats:
+        print(f"data: {json.dumps(data.stats)}", flush=True)
     vocab = max(v for v in (tokenizer.vocab_size if tokenizer else 0, data.vocab_size or 0))
     model = build_model(cfg, vocab or None, tokenizer, d.device)
     if spec.prepare_model is not None:
@@ -291,7 +293,7 @@ def run_training(cfg: RunConfig, resume: bool | None = None, fresh: bool = False
             "model": cfg.model, "device": str(d.device), "world_size": d.world_size,
             "precision": cfg.train.precision,
             "params_total": params_total, "params_trainable": params_trainable,
-            **stats, "wall_time_s": time.perf_counter() - started,
+            **stats, **({"data": data.stats} if data.stats else {}), "wall_time_s": time.perf_counter() - started,
             "flops_per_token": stats["flops"] / max(stats["tokens"], 1), "peak_flops": trainer.peak_flops,
             "artifact_bytes": _dir_bytes(final),
             "config_sha256": hashlib.sha256((run_dir / "config.yaml").read_bytes()).hexdigest(),

@@ -2,8 +2,9 @@
 
 Design choices:
 - Each packed sequence has `input_ids`, `loss_mask`, `position_ids` (restarting at 0
-  for each row) and `document_ids` (row k of the sequence has id k; padding gets the
-  next id, so it attends only to itself). The decoder turns `document_ids` into a
+  for each row), `document_ids` (row k of the sequence has id k; padding gets the
+  next id, so it attends only to itself), and `length` / `rows`, its tokens without
+  padding and its number of rows (for throughput and `packing_stats`). The decoder turns `document_ids` into a
   block-diagonal causal mask, so a packed row computes exactly what it computes alone:
   packed and unpacked training give the same per-row loss.
 - The first token of every row is never trained: in a packed sequence its target
@@ -43,7 +44,7 @@ def _sequence(rows: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: in
         at += n
     position_ids[at:] = np.arange(seq_len - at)
     return {"input_ids": input_ids, "loss_mask": loss_mask, "position_ids": position_ids,
-            "document_ids": document_ids}
+            "document_ids": document_ids, "length": np.int64(at), "rows": np.int64(len(rows))}
 
 
 def _checked(rows: Iterable, seq_len: int) -> Iterator[tuple[list[int], list[bool]]]:
@@ -88,6 +89,17 @@ def pack_rows(rows: Iterable, seq_len: int, pad_id: int = 0,
     else:
         raise GraftError(f"packing strategy must be 'best_fit' or 'sequential', got {strategy!r}")
     return [_sequence(b, seq_len, pad_id) for b in bins]
+
+
+def packing_stats(sequences: list[dict[str, np.ndarray]]) -> dict:
+    """How well rows filled the sequences: rows per sequence and the fraction of padding."""
+    if not sequences:
+        return {"rows": 0, "sequences": 0, "rows_per_sequence": 0.0, "padding_fraction": 0.0}
+    rows = sum(int(s["rows"]) for s in sequences)
+    tokens = sum(int(s["length"]) for s in sequences)
+    capacity = sum(len(s["input_ids"]) for s in sequences)
+    return {"rows": rows, "sequences": len(sequences), "rows_per_sequence": rows / len(sequences),
+            "padding_fraction": 1 - tokens / capacity}
 
 
 def documents_from_eos(tokens: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -43,6 +43,9 @@ class DataSplits:
     vocab_size: int | None = None
     # What identifies the data stream; a resumed run refuses a change in it.
     identity: dict = field(default_factory=dict)
+    # Facts about the prepared data worth reporting (e.g. SFT packing efficiency):
+    # printed when the run starts and written to summary.json under "data".
+    stats: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,14 @@ Design choices:
   looks at roles or templates.
 - Packed rows (`document_ids`) never predict across a document boundary: the target of
   the last token of one document would be the first token of the next.
+- `sft.packing` (off by default, as in TRL) packs the rendered train rows, with their
+  loss masks, into sequences of `max_length` by best-fit (`data/packing.py`):
+  `document_ids` keep attention within a row and `position_ids` restart, so the summed
+  loss and token count equal the unpacked ones. Rows are packed once and the loader
+  shuffles the sequences; `batch_size` then counts sequences. Validation stays
+  unpacked, so `val_loss` and `eval_batches` mean the same with packing on or off.
+  Packing efficiency (rows per sequence, padding fraction) goes to the run's log and
+  `summary.json` (`DataSplits.stats`).
 - `model_logprobs` is the one place that turns (model, ids, targets) into per-token
   log-probabilities; DPO, GRPO, PPO and eval all call it.
 """
@@ -111,6 +119,33 @@ class RenderedRows:
                 "lengths": torch.tensor([len(s["input_ids"]) for s in samples])}
 
 
+class PackedRows:
+    """Rendered rows packed into fixed-length sequences; `collate` stacks a micro-batch."""
+
+    def __init__(self, sequences: list[dict]):
+        self.sequences = sequences
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def __getitem__(self, index: int) -> dict:
+        seq = self.sequences[index]
+        item = {key: torch.from_numpy(seq[key]) for key in ("input_ids", "loss_mask", "position_ids", "document_ids")}
+        item["lengths"] = torch.tensor(int(seq["length"]))  # tokens without padding, for throughput
+        return item
+
+    def collate(self, samples: list[dict]) -> dict:
+        return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+
+
+def pack_rendered(rows, seq_len: int, pad_id: int) -> tuple[PackedRows, dict]:
+    """(packed data set, packing stats) of rendered rows."""
+    from graftlm.data.packing import pack_rows, packing_stats
+
+    sequences = pack_rows(rows, seq_len, pad_id)
+    return PackedRows(sequences), packing_stats(sequences)
+
+
 def rendered_bytes_per_token(rows, tokenizer) -> float | None:
     """UTF-8 bytes per trained token, for bits per byte of the validation loss."""
     tokens = sum(sum(r.loss_mask[1:]) for r in rows)
@@ -123,7 +158,10 @@ def rendered_bytes_per_token(rows, tokenizer) -> float | None:
 
 @dataclass
 class SFTConfig(FineTuneData):
-    """SFT's options are the data's: which tokens are trained is the renderer's choice."""
+    """SFT's options are the data's (which tokens are trained is the renderer's choice) and packing."""
+
+    packing: bool = field(default=False, metadata={
+        "help": "pack several rows into each sequence of max_length (attention stays within a row)"})
 
 
 class SFTObjective:
@@ -155,11 +193,14 @@ def build_dataset(cfg, tokenizer) -> DataSplits:
     val = [r for r in map(renderer.render, val_rows) if r is not None]
     if not rendered:
         raise GraftError(f"{cfg.data}: no row has a token to train after rendering ({renderer.counts.to_dict()})")
-    return DataSplits(train=RenderedRows(rendered, tokenizer.pad_id),
-                      val=RenderedRows(val, tokenizer.pad_id) if val else None,
+    identity = {"data": cfg.data, "rows": len(rendered), "render": renderer.counts.to_dict()}
+    train, stats = RenderedRows(rendered, tokenizer.pad_id), {}
+    if section.packing:
+        train, packing = pack_rendered(rendered, section.max_length or cfg.train.seq_len, tokenizer.pad_id)
+        stats, identity["packing"] = {"packing": packing}, True
+    return DataSplits(train=train, val=RenderedRows(val, tokenizer.pad_id) if val else None,
                       val_bytes_per_token=rendered_bytes_per_token(val, tokenizer) if val else None,
-                      vocab_size=tokenizer.vocab_size,
-                      identity={"data": cfg.data, "rows": len(rendered), "render": renderer.counts.to_dict()})
+                      vocab_size=tokenizer.vocab_size, identity=identity, stats=stats)
 
 
 SPEC = ObjectiveSpec(name="sft", help="supervised fine-tuning on chat / prompt-completion rows",
