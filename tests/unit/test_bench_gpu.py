@@ -1,0 +1,81 @@
+"""bench/gpu.py and bench/gpu.sh without a GPU: the script's own code runs on the CPU
+(`--smoke`), its FLOPs are the ones the trainer records, a failing torch.compile falls
+back to eager, and gpu.sh refuses to start without CUDA instead of measuring a CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def gpu_bench():
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "bench" / "gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_bench_flops_are_the_trainers(gpu_bench, kind):
+    """The MFU of the table and of a training run's summary use the same count."""
+    from graftlm.adapters.config import AdapterConfig
+    from graftlm.models.config import preset
+    from graftlm.runs import flops_per_token_at, run_config_class
+    from graftlm.trainer import TrainConfig
+
+    cfg = preset("1b")
+    adapter = AdapterConfig(kind="lora", r=16, target_modules=["all-linear"]) if kind == "lora" else None
+    run = run_config_class("clm")(model="1b", data="unused", adapter=adapter, train=TrainConfig(seq_len=2048))
+    assert gpu_bench.flops_per_token(cfg, 2048, kind) == pytest.approx(flops_per_token_at(run, cfg)(2048))
+    # A ~1B model: about 6 GFLOPs per token in full (6N), less with LoRA (no base weight gradients).
+    full = gpu_bench.flops_per_token(cfg, 2048, "full")
+    assert 5e9 < full < 1e10 and gpu_bench.flops_per_token(cfg, 2048, "lora") < 0.75 * full
+
+
+def test_failing_compile_is_measured_eager(gpu_bench, capsys):
+    calls = []
+
+    def make_step(compile_model):
+        def step():
+            calls.append(compile_model)
+            if compile_model:
+                raise RuntimeError("triton not found\nmore detail")
+        return step
+
+    step, how = gpu_bench.compiled_or_eager(make_step, compile_model=True)
+    step()
+    assert how == "eager" and calls == [True, False]
+    assert "torch.compile failed (RuntimeError: triton not found)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_smoke_run_prints_every_row_of_the_table():
+    result = subprocess.run([sys.executable, "bench/gpu.py", "--smoke"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {}
+    for line in result.stdout.splitlines():
+        match = re.match(r"(.+?\(eager\))\s+([\d,]+)\s+([\d.]+)%\s+nan$", line)
+        if match:
+            rows[match[1]] = (float(match[2].replace(",", "")), float(match[3]))
+    assert set(rows) == {"graftlm pre-training (eager)", "graftlm LoRA r=16 (eager)",
+                         "transformers + PEFT LoRA r=16 (eager)"}, result.stdout
+    assert all(tps > 0 and math.isfinite(mfu) for tps, mfu in rows.values()), rows
+
+
+def test_gpu_sh_refuses_to_run_without_cuda():
+    # CUDA hidden, so that this holds on a GPU machine too.
+    result = subprocess.run(["bash", "bench/gpu.sh"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 1
+    assert "no CUDA device visible to torch" in result.stderr
