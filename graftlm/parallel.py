@@ -158,6 +158,7 @@ def wrap_model(model: nn.Module, d: Dist, cfg: ParallelConfig) -> nn.Module:
     if d.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
         ids = [d.device.index] if d.device.type == "cuda" else None
+        _sync_nf4_outside_ddp(model)
         return DistributedDataParallel(model, device_ids=ids)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     kwargs = {}
@@ -171,6 +172,25 @@ def wrap_model(model: nn.Module, d: Dist, cfg: ParallelConfig) -> nn.Module:
     # which is the case FSDP2 warns about.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     return model
+
+
+def _sync_nf4_outside_ddp(model: nn.Module) -> None:
+    """DDP starts by broadcasting rank 0's parameters; an NF4 weight (QLoRA's frozen base)
+    would go through its dequantized values and be quantized again on arrival, which
+    shifts its scalers. Broadcast its packed inner tensors instead, bit for bit, and
+    tell DDP to leave it alone (it is frozen, so DDP has no gradient to reduce either)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from graftlm.adapters.qlora import is_nf4
+
+    names = []
+    for name, param in model.named_parameters():
+        if is_nf4(param):
+            for inner in param.__tensor_flatten__()[0]:
+                dist.broadcast(getattr(param, inner), src=0)
+            names.append(name)
+    if names:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
 
 
 def _check_nf4_shardable(model: nn.Module, world_size: int) -> None:
