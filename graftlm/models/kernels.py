@@ -104,6 +104,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch
 def _rope_forward(x, cos, sin):
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
+    if torch.compiler.is_compiling():
+        # The same operations; inductor fuses them itself and cannot trace `out=` views.
+        return torch.cat((x1 * cos[..., :half] - x2 * sin[..., :half],
+                          x2 * cos[..., half:] + x1 * sin[..., half:]), dim=-1)
     out = torch.empty_like(x)
     o1, o2 = out[..., :half], out[..., half:]
     # rotate_half(x) = [-x2, x1]; negation is exact, so x1·c − x2·s equals x1·c + (−x2)·s.
@@ -127,6 +131,9 @@ class _Rope(Function):
         cos, sin = ctx.saved_tensors
         half = grad.shape[-1] // 2
         g1, g2 = grad[..., :half], grad[..., half:]
+        if torch.compiler.is_compiling():
+            return torch.cat((g1 * cos[..., :half] + g2 * sin[..., half:],
+                              g2 * cos[..., half:] - g1 * sin[..., :half]), dim=-1), None, None
         out = torch.empty_like(grad)
         o1, o2 = out[..., :half], out[..., half:]
         # The transpose of rotate_half maps [a, b] to [b, -a].

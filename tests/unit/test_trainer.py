@@ -24,7 +24,7 @@ SEQ = 16
 
 def build_trainer(run_dir: Path | None, max_steps=8, batch_size=4, grad_accum=1, save_every=4,
                   precision="fp32", keep=0, identity=None, objective=None, seed=0,
-                  learnable=False) -> Trainer:
+                  learnable=False, **train_options) -> Trainer:
     """A tiny model on random tokens; the same arguments give the same run, bit for bit."""
     torch.manual_seed(seed)
     model = Decoder(preset("tiny", vocab_size=128))
@@ -36,7 +36,7 @@ def build_trainer(run_dir: Path | None, max_steps=8, batch_size=4, grad_accum=1,
     val = TokenWindows(np.random.default_rng(seed + 1).integers(0, 128, size=SEQ * 6 + 1), SEQ)
     cfg = TrainConfig(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=SEQ,
                       precision=precision, eval_every=0, save_every=save_every, keep_checkpoints=keep,
-                      log_every=1000)
+                      log_every=1000, **train_options)
     optim = OptimConfig(lr=1e-2, warmup_steps=2, weight_decay=0.1)
     loader = ResumableLoader(train, batch_size, seed=seed)
     return Trainer(model, objective or CausalLM(), loader, cfg, optim, device=torch.device("cpu"),
