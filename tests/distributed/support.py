@@ -51,12 +51,13 @@ def env(**extra: str) -> dict:
 
 
 def graft(argv: list, nproc: int = 1, torchrun_args: tuple = (), timeout: float = 240,
-          **extra_env: str) -> subprocess.CompletedProcess:
-    """`graft <argv>` in a subprocess, under torchrun when nproc > 1."""
+          entry: tuple = ("-m", "graftlm"), **extra_env: str) -> subprocess.CompletedProcess:
+    """`graft <argv>` in a subprocess, under torchrun when nproc > 1 (`entry`: what torchrun
+    starts, e.g. a test script wrapping the CLI)."""
     argv = [str(a) for a in argv]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-               str(nproc), *torchrun_args, "-m", "graftlm", *argv]
+               str(nproc), *torchrun_args, *entry, *argv]
     else:
         cmd = [sys.executable, "-m", "graftlm", *argv]
     return subprocess.run(cmd, cwd=ROOT, env=env(**extra_env), capture_output=True, text=True,
