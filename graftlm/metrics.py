@@ -175,6 +175,8 @@ class MetricsLogger:
         elif "val_loss" in record:
             self.message(f"step {step}: val_loss {record['val_loss']:.4f}"
                          + (f", val_bpb {record['val_bpb']:.4f}" if record.get("val_bpb") else ""))
+        elif "val_reward" in record:
+            self.message(f"step {step}: val_reward {record['val_reward']:.4f} (held-out, greedy)")
 
     def _show_train(self, r: dict) -> None:
         status = (f"loss {r['loss']:.4f}  {r['tokens_per_s']:,.0f} tok/s  "

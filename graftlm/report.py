@@ -8,7 +8,7 @@ Design choices:
   metrics.jsonl), so a report can be regenerated at any time (`graft report RUN_DIR`)
   and a crashed run without summary.json still gets its curves.
 - metrics.jsonl holds training records (step, loss, lr, tokens_per_s, memory_bytes...),
-  validation records (step, val_loss, val_bpb) and skipped-step records; each plot
+  validation records (step, val_loss, val_bpb or val_reward) and skipped-step records; each plot
   takes the records that carry its field.
 """
 
@@ -105,7 +105,11 @@ def _plot(ax, records, keys, title, ylabel, scale=1.0):
 def run_plots(records: list[dict]) -> str:
     fig, axes = _figure(2, 2)
     _plot(axes[0][0], records, [("loss", "train"), ("val_loss", "validation")], "loss", "loss")
-    _plot(axes[0][1], records, [("lr", "learning rate")], "learning rate", "lr")
+    if any("val_reward" in r or "train_reward/mean" in r for r in records):  # online RL
+        _plot(axes[0][1], records, [("train_reward/mean", "sampled (train)"), ("val_reward", "held-out (greedy)")],
+              "reward", "mean reward")
+    else:
+        _plot(axes[0][1], records, [("lr", "learning rate")], "learning rate", "lr")
     _plot(axes[1][0], records, [("tokens_per_s", "tokens/s")], "throughput", "tokens / s")
     _plot(axes[1][1], records, [("memory_bytes", "peak memory")], "memory", "GB", scale=1e-9)
     return _png(fig)

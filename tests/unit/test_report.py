@@ -82,3 +82,22 @@ def test_compare_names_an_unfinished_run(tmp_path, capsys):
     run.mkdir()
     assert main(["compare", str(run)]) == 2
     assert "empty: no summary.json" in capsys.readouterr().err
+
+
+def test_rl_runs_plot_and_print_the_held_out_reward(tmp_path, capsys, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from graftlm.metrics import MetricsLogger
+    from graftlm.report import run_plots
+
+    logger = MetricsLogger(tmp_path, 4, tensorboard=False)
+    logger.log({"step": 2, "val_reward": 0.375})
+    logger.close()
+    assert "val_reward 0.3750" in capsys.readouterr().out
+
+    titles = []
+    original = Axes.set_title
+    monkeypatch.setattr(Axes, "set_title", lambda ax, title, *a, **k: titles.append(title) or original(ax, title))
+    run_plots([{"step": 1, "loss": 0.5, "lr": 1e-3, "train_reward/mean": 0.2},
+               {"step": 2, "val_reward": 0.375}])
+    assert "reward" in titles and "learning rate" not in titles
