@@ -236,23 +236,45 @@ def gathered(model: nn.Module, d: Dist):
     """The trained model as a plain module with full weights on rank 0 (None elsewhere).
 
     Under FSDP2 every rank must enter (the weights are all-gathered); rank 0 gets the
-    skeleton filled with them, on the CPU."""
+    skeleton filled with them, on the CPU.
+
+    QLoRA: the frozen base is not gathered. Its export is the adapters alone, and
+    torchao's NF4 leaves the all-gathers of its packed tensors unwaited on the ranks
+    that drop the result. Those weights stay on the meta device in the returned
+    module, so that nothing can read uninitialised memory from them."""
     if not is_sharded(model):
         yield unwrap(model) if d.is_main else None
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    from graftlm.adapters.qlora import is_nf4
+
+    quantized = any(is_nf4(p.to_local() if hasattr(p, "to_local") else p) for p in model.parameters())
+    frozen = ({name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+              if quantized else set())
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                ignore_frozen_params=quantized))
     if not d.is_main:
         yield None
         return
     plain = _SKELETONS[model][0].to_empty(device="cpu")
     missing, unexpected = plain.load_state_dict(full, strict=False)
-    if unexpected or [k for k in missing if not _tied(plain, k)]:
+    if unexpected or [k for k in missing if not _tied(plain, k) and k not in frozen]:
         raise GraftError(f"FSDP export: gathered weights do not match the model ({(unexpected or missing)[0]})")
+    _back_to_meta(plain, frozen.intersection(missing))
     if hasattr(plain, "reset_rope"):
         plain.reset_rope()
     yield plain
+
+
+def _back_to_meta(model: nn.Module, names: set[str]) -> None:
+    """Put parameters `names` (and whatever is tied to them) back on the meta device."""
+    replaced: dict[int, nn.Parameter] = {}
+    for name, param in list(model.named_parameters(remove_duplicate=False)):
+        if name in names or id(param) in replaced:
+            meta = replaced.setdefault(id(param), nn.Parameter(torch.empty_like(param, device="meta"), False))
+            owner, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(owner), leaf, meta)
 
 
 def _tied(model: nn.Module, name: str) -> bool:
