@@ -7,6 +7,10 @@ Neither side stops early (no EOS id), so both produce exactly 128 tokens per row
 token ids are checked equal. Each figure is the best of `--repeats` timed runs after a
 warm-up (the CPU may be shared; the best run is the least disturbed one).
 
+It also prints the floor: the time of one decode step's matrix products alone (every
+weight read once, q/k/v and gate/up already concatenated), which no float32 engine on
+this CPU can beat; the ratio of transformers' step time to it bounds any speed-up.
+
     python bench/generate.py [--repeats 3] [--threads N]
 """
 
@@ -38,6 +42,25 @@ def build_models(out_dir):
     return hf, Engine(load_model(out_dir))
 
 
+def matmul_floor_s(model, batch: int, repeats: int = 20) -> float:
+    """Seconds of one decode step's matmuls alone, at `batch` rows (best of `repeats`)."""
+    import torch.nn.functional as F
+
+    weights = []
+    for block in model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        weights += [torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]), attn.o_proj.weight,
+                    torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), mlp.down_proj.weight]
+    weights.append(model.lm_head.weight)
+    inputs = {w.shape[1]: torch.randn(batch, w.shape[1]) for w in weights}
+
+    def step():
+        for w in weights:
+            F.linear(inputs[w.shape[1]], w)
+    with torch.inference_mode():
+        return best_time(step, repeats)[0]
+
+
 def best_time(fn, repeats):
     fn()  # warm-up
     times = []
@@ -62,7 +85,8 @@ def main() -> None:
     greedy = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0, stop_ids=())
     print(f"CPU float32, {torch.get_num_threads()} threads, {PROMPT_TOKENS}-token prompts, "
           f"{NEW_TOKENS} new tokens, greedy\n")
-    print(f"{'batch':>5}  {'transformers tok/s':>18}  {'graftlm tok/s':>13}  {'ratio':>6}")
+    print(f"{'batch':>5}  {'transformers tok/s':>18}  {'graftlm tok/s':>13}  {'ratio':>6}  "
+          f"{'matmul floor tok/s':>18}  {'bound':>6}")
     for batch in (1, 8):
         ids = torch.randint(3, 8192, (batch, PROMPT_TOKENS), generator=torch.Generator().manual_seed(batch))
 
@@ -79,7 +103,10 @@ def main() -> None:
         ours_s, our_ids = best_time(run_ours, args.repeats)
         same = "same ids" if hf_ids == our_ids else "IDS DIFFER"
         hf_tps, our_tps = batch * NEW_TOKENS / hf_s, batch * NEW_TOKENS / ours_s
-        print(f"{batch:>5}  {hf_tps:>18.1f}  {our_tps:>13.1f}  {our_tps / hf_tps:>5.2f}x  ({same})")
+        floor_tps = batch / matmul_floor_s(engine.model, batch)
+        print(f"{batch:>5}  {hf_tps:>18.1f}  {our_tps:>13.1f}  {our_tps / hf_tps:>5.2f}x  "
+              f"{floor_tps:>18.1f}  {floor_tps / hf_tps:>5.2f}x  ({same})")
+    print("\nbound: the largest ratio any float32 engine could reach here (matmuls alone vs transformers)")
 
 
 if __name__ == "__main__":
