@@ -35,8 +35,12 @@ class RecordingTrainer(runs.Trainer):
 def digest(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
+        # QLoRA's NF4 weights: their packed inner tensors, bit for bit.
+        parts = ([getattr(tensor, inner) for inner in tensor.__tensor_flatten__()[0]]
+                 if type(tensor).__name__ == "NF4Tensor" else [tensor])
         h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        for part in parts:
+            h.update(part.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

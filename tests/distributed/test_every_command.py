@@ -5,7 +5,7 @@ with 2 gloo processes, DDP and FSDP2 each:
   batch (1e-5); the FSDP2 export equals DDP's and loads in transformers.
 - QLoRA (`--adapter qlora`, torchao NF4 frozen base): the same, plus an FSDP2 run whose
   sharded checkpoint (NF4 base + adapters) resumes on the same loss curve.
-- `graft grpo` and `graft ppo`: sampling seeds are per rank, so a 2-process run does
+- `graft grpo` (full and QLoRA) and `graft ppo`: sampling seeds are per rank, so a 2-process run does
   not draw the samples of one process; instead, every DDP rank ends with bit-identical
   weights (policy, and PPO's critic, which trains outside the wrapper), FSDP2 gives the
   same per-step losses and final weights as DDP (each rank samples the same way in
@@ -136,14 +136,21 @@ def test_qlora_matches_one_process_and_fsdp_resumes(data, tmp_path):
 # -- online RL ------------------------------------------------------------------------------------
 
 def rl_pair(argv: list, out) -> tuple[dict, dict]:
-    """A DDP run that reports each rank's weight hashes, and an FSDP2 run: (digests, summary)."""
+    """A DDP run that reports each rank's weight hashes, and an FSDP2 run: (digests, summary).
+    Both export the same model (or adapter), which loads in transformers (or PEFT)."""
     digests = out / "digests.json"
     train(argv, out, "ddp", 2, "ddp", global_batch=4, entry=DIGEST, PYTHONPATH=str(ROOT),
           GRAFTLM_TEST_DIGESTS=str(digests))
     train(argv, out, "fsdp", 2, "fsdp", global_batch=4)
     assert_same_losses(step_losses(out / "fsdp"), step_losses(out / "ddp"), "fsdp vs ddp")
-    assert_same_tensors(out / "fsdp" / "final" / "model.safetensors", out / "ddp" / "final" / "model.safetensors")
-    loads_in_transformers(out / "fsdp" / "final")
+    adapter = "--adapter" in argv
+    name = "adapter_model.safetensors" if adapter else "model.safetensors"
+    assert_same_tensors(out / "fsdp" / "final" / name, out / "ddp" / "final" / name)
+    if adapter:
+        import peft
+        assert peft.LoraConfig.from_pretrained(str(out / "fsdp" / "final")).r == 4
+    else:
+        loads_in_transformers(out / "fsdp" / "final")
     return json.loads(digests.read_text()), summary_of(out / "ddp")
 
 
@@ -152,10 +159,15 @@ def rollout_rows(run_dir) -> list[dict]:
     return [r for r in rows if "train_reward/mean" in r]
 
 
-def test_grpo_ranks_train_one_model_under_ddp_and_fsdp(data, tmp_path):
+@pytest.mark.parametrize("parameterization", ["full", "qlora"])
+def test_grpo_ranks_train_one_model_under_ddp_and_fsdp(parameterization, data, tmp_path):
+    """Full: the reference is a frozen copy (sharded like the policy under FSDP2); QLoRA:
+    the reference is the NF4 base with the adapters off, and sampling unshards NF4 blocks."""
     argv = ["grpo", "--model", "tiny", "--tokenizer", data["tok"], "--data", data["sft"],
             "--grpo.reward", "regex:e", "--grpo.sampling.group-size", 4,
             "--grpo.sampling.max-new-tokens", 6, "--grpo.beta", 0.04]
+    if parameterization == "qlora":
+        argv += ["--adapter", "qlora", "--adapter.r", 4]
     digests, summary = rl_pair(argv, tmp_path)
     assert len(set(digests["policy"])) == 1, digests
     rows = rollout_rows(tmp_path / "ddp")
