@@ -4,7 +4,7 @@ with 2 gloo processes, DDP and FSDP2 each:
 - `graft reward` (deterministic): per-step losses equal one process on the same global
   batch (1e-5); the FSDP2 export equals DDP's and loads in transformers.
 - QLoRA (`--adapter qlora`, torchao NF4 frozen base): the same, plus an FSDP2 run whose
-  sharded checkpoint (NF4 base + adapters) resumes on the same loss curve.
+  sharded checkpoint (the adapters and their optimizer state) resumes on the same loss curve.
 - `graft grpo` (full and QLoRA) and `graft ppo`: sampling seeds are per rank, so a 2-process run does
   not draw the samples of one process; instead, every DDP rank ends with bit-identical
   weights (policy, and PPO's critic, which trains outside the wrapper), FSDP2 gives the
@@ -123,7 +123,7 @@ def test_qlora_matches_one_process_and_fsdp_resumes(data, tmp_path):
     import peft
     assert peft.LoraConfig.from_pretrained(str(tmp_path / "fsdp" / "final")).r == 4
 
-    # The sharded checkpoint of step 2 holds the NF4 base and the adapters: resume from it.
+    # Resume from the sharded checkpoint of step 2 (adapters; the NF4 base is rebuilt from the model).
     run = tmp_path / "fsdp"
     shutil.rmtree(run / "checkpoints" / "step-3")
     shutil.rmtree(run / "final")
