@@ -44,7 +44,9 @@ def train(argv: list, out, name: str, nproc: int, mode: str | None, global_batch
         argv += ["--train.save-every", 0]
     if mode:
         argv += ["--parallel", mode]
-    return ok(graft(argv, nproc=nproc, **kwargs))
+    result = ok(graft(argv, nproc=nproc, **kwargs))
+    assert result.stdout.count(f"step {STEPS}/{STEPS}") == 1, result.stdout  # only rank 0 reports
+    return result
 
 
 def assert_same_losses(got: dict, expected: dict, label: str) -> None:
