@@ -20,7 +20,10 @@ Rules that keep parallelism orthogonal to the other two axes:
   before wrapping (a "skeleton" on the meta device), so the HF / PEFT writers see a
   plain module on rank 0 whatever the wrapping;
 - online RL samples with every block unsharded once (`unsharded_for_generation`):
-  ranks stop generating at different lengths, and per-step all-gathers would hang.
+  ranks stop generating at different lengths, and per-step all-gathers would hang;
+- QLoRA's NF4 weights (torchao) are frozen and packed: DDP gets them broadcast bit for
+  bit and then ignores them; FSDP2 shards them through torchao's support, after a check
+  that names any layer that cannot split evenly; the export does not gather them.
 
 Test-only fault injection (`GRAFTLM_TEST_FAULT`, read nowhere else): `kill@N:R` kills
 rank R with SIGKILL at its N-th `all_reduce_sum` call (the trainer makes two per step and
