@@ -79,6 +79,14 @@ def reward_row(example: dict) -> dict:
     return {**example.get("extra", {}), "source": example.get("source", "")}
 
 
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 class RolloutSampler:
     """Samples and scores groups of completions; one instance per run (it owns the seed)."""
 
@@ -99,9 +107,13 @@ class RolloutSampler:
         if greedy:
             params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
         else:
+            # Row i of rank r is row r·n + i of the global batch, seeded as one process
+            # would seed it: ranks never share random draws, and the samples do not
+            # depend on the world size.
+            rank, world = _rank_and_world()
             params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                     top_p=cfg.top_p, top_k=cfg.top_k,
-                                    seed=cfg.seed + self.rollouts * len(prompt_ids) * 7919)
+                                    seed=cfg.seed + (self.rollouts * world * 7919 + rank) * len(prompt_ids))
             self.rollouts += 1
         start = time.perf_counter()
         try:
