@@ -2,7 +2,7 @@
 the same commands a user types (`graft tokenizer train`, `graft prepare`,
 `graft pretrain`). Prints the validation curve (loss, bits per byte) and the time.
 Goal: <= 2.3 bits per byte on the held-out 10% within 10 minutes on 2 CPU cores.
-    .venv/bin/python bench/pretrain_quality.py [--steps 400] [--out bench/out/shakespeare]
+    .venv/bin/python bench/pretrain_quality.py [--steps 400] [--out bench/out/shakespeare] [--train.X V ...]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--out", default=str(ROOT / "bench" / "out" / "shakespeare"))
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()  # anything else: overrides for `graft pretrain`
     out = Path(args.out)
     start = time.perf_counter()
     if not (out / "shards" / "meta.json").exists():
@@ -37,7 +37,7 @@ def main() -> None:
     code = graft(["pretrain", "--recipe", str(ROOT / "recipes" / "pretrain-shakespeare-cpu.yaml"),
                   "--data", str(out / "shards"), "--out", str(out / "runs"), "--fresh",
                   "--train.max-steps", str(args.steps), "--train.eval-every", str(max(1, args.steps // 8)),
-                  "--train.save-every", "0", "--tensorboard", "false"])
+                  "--train.save-every", "0", "--tensorboard", "false", *extra])
     assert code == 0
     run = out / "runs" / "shakespeare-10m"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
