@@ -314,7 +314,6 @@ class Engine:
         self.device = model.embed_tokens.weight.device
         self.dtype = model.embed_tokens.weight.dtype
         model.reset_rope(self.device)
-        model.fuse_projections()
         self.model = model.eval()
         self.tokenizer = tokenizer
         cfg = model.config

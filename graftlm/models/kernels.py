@@ -18,10 +18,10 @@ Design choices:
   one Function over all chunks: backward remakes a chunk's logits with one matmul and
   takes the gradient from softmax directly, where checkpointing each chunk replayed its
   whole forward (float copy, logsumexp) before autograd's own backward of it.
-- Measured and dropped for training: running q/k/v (and gate/up) as one matmul on
-  weights concatenated every step saved no time on the CPU (the concatenation costs
-  what the fewer matmul calls save). Inference keeps a concatenated copy instead
-  (`transformer.FusedProjection`), built once, where it does pay.
+- Measured and dropped: running q/k/v (and gate/up) as one matmul on concatenated
+  weights saved no time on the CPU, neither in training (the concatenation every step
+  costs what the fewer matmul calls save) nor in decoding with a concatenated copy
+  kept (a decode step streams the same bytes of weights either way).
 - Without autograd (generation, reference forwards) the wrappers call the forward
   math directly: `Function.apply` costs tens of microseconds of Python per call.
 """

@@ -105,44 +105,6 @@ class KVCache:
         self.key_valid = self.key_valid.index_select(0, rows)
 
 
-class FusedProjection:
-    """Sibling linears (q/k/v, gate/up) run as one matmul on concatenated weights, for
-    inference only (generation: a decode step of a small model is many small matmuls,
-    and each call has a fixed cost). It holds a copy of the weights, rebuilt when a
-    source weight changed in place (an optimizer step between rollouts, a merge) and
-    bypassed when a source module was replaced (an injected adapter)."""
-
-    def __init__(self, linears: list[nn.Linear]):
-        self.linears = linears
-        self.sizes = [lin.out_features for lin in linears]
-        self._key = None
-
-    @staticmethod
-    def applies_to(linears) -> bool:
-        # Plain local weights only: adapters replace the modules, and FSDP2's sharded
-        # (DTensor) weights are whole only inside their block's forward.
-        return all(type(lin) is nn.Linear and type(lin.weight) is nn.Parameter for lin in linears)
-
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        key = tuple((lin.weight.data_ptr(), lin.weight._version) for lin in self.linears)
-        if key != self._key:
-            with torch.no_grad():
-                self.weight = torch.cat([lin.weight for lin in self.linears])
-                biases = [lin.bias for lin in self.linears]
-                self.bias = torch.cat(biases) if biases[0] is not None else None
-            self._key = key
-        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
-
-
-def project(x: torch.Tensor, linears: list[nn.Module], fused: FusedProjection | None):
-    """Each linear applied to x: through `fused` when it holds exactly these modules and
-    no gradient is wanted, else one call each (training, adapters)."""
-    if fused is not None and not torch.is_grad_enabled() and all(
-            a is b for a, b in zip(linears, fused.linears)):
-        return fused(x)
-    return tuple(lin(x) for lin in linears)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -157,14 +119,12 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
-        self.fused: FusedProjection | None = None
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0):
         b, t, _ = x.shape
-        q, k, v = project(x, [self.q_proj, self.k_proj, self.v_proj], self.fused)
-        q = q.reshape(b, t, self.num_heads, self.head_dim)
-        k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q = kernels.apply_rope(q.transpose(1, 2), cos, sin)
@@ -190,11 +150,9 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.fused: FusedProjection | None = None
 
     def forward(self, x):
-        gate, up = project(x, [self.gate_proj, self.up_proj], self.fused)
-        return self.down_proj(kernels.swiglu(gate, up))
+        return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):
@@ -255,15 +213,6 @@ class Decoder(nn.Module):
     def tie_weights(self) -> None:
         if self.config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-
-    def fuse_projections(self, enable: bool = True) -> None:
-        """Keep concatenated q/k/v and gate/up weights for inference (the engine turns
-        this on; it costs a copy of those weights). `False` frees the copies."""
-        for block in self.layers:
-            attn, mlp = block.self_attn, block.mlp
-            pairs = ((attn, [attn.q_proj, attn.k_proj, attn.v_proj]), (mlp, [mlp.gate_proj, mlp.up_proj]))
-            for owner, linears in pairs:
-                owner.fused = FusedProjection(linears) if enable and FusedProjection.applies_to(linears) else None
 
     # -- forward --------------------------------------------------------------------
 

@@ -122,7 +122,6 @@ class RolloutSampler:
                 outputs = Engine(policy, self.tokenizer).generate(prompt_ids, params)
         finally:
             policy.train(was_training)
-            policy.fuse_projections(False)  # the engine's inference copies: not needed to train
         generation_s = time.perf_counter() - start
 
         completions = [o.text if o.text is not None else "" for o in outputs]
