@@ -5,11 +5,11 @@ with 2 gloo processes, DDP and FSDP2 each:
   batch (1e-5); the FSDP2 export equals DDP's and loads in transformers.
 - QLoRA (`--adapter qlora`, torchao NF4 frozen base): the same, plus an FSDP2 run whose
   sharded checkpoint (the adapters and their optimizer state) resumes on the same loss curve.
-- `graft grpo` (full and QLoRA) and `graft ppo`: sampling seeds are per rank, so a 2-process run does
-  not draw the samples of one process; instead, every DDP rank ends with bit-identical
+- `graft grpo` (full and QLoRA) and `graft ppo`: every DDP rank ends with bit-identical
   weights (policy, and PPO's critic, which trains outside the wrapper), FSDP2 gives the
-  same per-step losses and final weights as DDP (each rank samples the same way in
-  both), the summary counts both ranks, and the export loads in transformers.
+  same per-step losses and final weights as DDP, the summary counts both ranks, and the
+  export loads in transformers. Each rank seeds its rows by their place in the global
+  batch, so full GRPO under DDP also gives one process's per-step losses.
 """
 
 from __future__ import annotations
@@ -172,6 +172,9 @@ def test_grpo_ranks_train_one_model_under_ddp_and_fsdp(parameterization, data, t
         argv += ["--adapter", "qlora", "--adapter.r", 4]
     digests, summary = rl_pair(argv, tmp_path)
     assert len(set(digests["policy"])) == 1, digests
+    if parameterization == "full":  # the same samples, drawn by one process
+        train(argv, tmp_path, "one", 1, None, global_batch=4)
+        assert_same_losses(step_losses(tmp_path / "ddp"), step_losses(tmp_path / "one"), "ddp vs one process")
     rows = rollout_rows(tmp_path / "ddp")
     assert len(rows) == STEPS and all(0 <= r["train_reward/mean"] <= 1 for r in rows), rows
     assert all(r["train_kl"] >= 0 for r in rows) and any(r["train_kl"] > 0 for r in rows), rows
