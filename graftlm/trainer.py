@@ -166,9 +166,14 @@ class Trainer:
             count += part_count.detach().float()
             for k, v in metrics.items():
                 objective_metrics[k] = objective_metrics.get(k, 0.0) + float(v) / self.cfg.grad_accum
-        # Tokens and FLOPs travel with the count: still two collectives per step.
-        totals = self.all_reduce(torch.stack([count.double(), torch.tensor(float(tokens), device=self.device,
-                                 dtype=torch.float64), torch.tensor(flops, device=self.device, dtype=torch.float64)]))
+        # Tokens, FLOPs and the objective's metrics travel with the count: still two
+        # collectives per step. Every rank's objective reports the same metric names;
+        # logged values are their mean over ranks (equal batches: the global mean).
+        names = sorted(objective_metrics)
+        totals = self.all_reduce(torch.tensor([count.item(), float(tokens), flops] +
+                                              [objective_metrics[k] for k in names],
+                                              device=self.device, dtype=torch.float64))
+        objective_metrics = {k: totals[3 + i].item() / self.world_size for i, k in enumerate(names)}
         loss_sum, count = self.all_reduce(loss_sum), totals[0].float()
         # DDP averages gradients over ranks; undo that and divide by the global count.
         scale = self.world_size / count.clamp_min(1)

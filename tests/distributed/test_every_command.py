@@ -175,6 +175,9 @@ def test_grpo_ranks_train_one_model_under_ddp_and_fsdp(parameterization, data, t
     if parameterization == "full":  # the same samples, drawn by one process
         train(argv, tmp_path, "one", 1, None, global_batch=4)
         assert_same_losses(step_losses(tmp_path / "ddp"), step_losses(tmp_path / "one"), "ddp vs one process")
+        # Logged metrics are the mean over ranks, not rank 0's alone.
+        one = [r["train_reward/mean"] for r in rollout_rows(tmp_path / "one")]
+        assert [r["train_reward/mean"] for r in rollout_rows(tmp_path / "ddp")] == pytest.approx(one, abs=1e-6)
     rows = rollout_rows(tmp_path / "ddp")
     assert len(rows) == STEPS and all(0 <= r["train_reward/mean"] <= 1 for r in rows), rows
     assert all(r["train_kl"] >= 0 for r in rows) and any(r["train_kl"] > 0 for r in rows), rows
