@@ -2,7 +2,7 @@
 the same commands a user types (`graft tokenizer train`, `graft prepare`,
 `graft pretrain`). Prints the validation curve (loss, bits per byte) and the time.
 Goal: <= 2.3 bits per byte on the held-out 10% within 10 minutes on 2 CPU cores.
-    .venv/bin/python bench/pretrain_quality.py [--steps 1500] [--out bench/out/shakespeare] [--train.X V ...]
+    .venv/bin/python bench/pretrain_quality.py [--steps 1000] [--out bench/out/shakespeare] [--train.X V ...]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def main() -> None:
     from graftlm.cli import main as graft
 
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--out", default=str(ROOT / "bench" / "out" / "shakespeare"))
     args, extra = parser.parse_known_args()  # anything else: overrides for `graft pretrain`
