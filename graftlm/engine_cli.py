@@ -13,11 +13,13 @@ import sys
 from pathlib import Path
 
 from graftlm.errors import GraftError
+from graftlm.placement import add_placement_arguments, placement
 
 
 def register(subparsers) -> None:
     gen = subparsers.add_parser("generate", help="complete prompts with a model (batched)")
     gen.add_argument("--model", required=True, help="Hugging Face model directory")
+    add_placement_arguments(gen)
     gen.add_argument("--prompt", action="append", required=True,
                      help="prompt text; repeat for a batch")
     gen.add_argument("--chat", action="store_true",
@@ -27,6 +29,7 @@ def register(subparsers) -> None:
 
     chat = subparsers.add_parser("chat", help="talk to a model on the terminal (streams)")
     chat.add_argument("--model", required=True, help="Hugging Face model directory")
+    add_placement_arguments(chat)
     chat.add_argument("--system", default=None, help="system message")
     _add_sampling_arguments(chat, max_new_tokens=512, temperature=0.7)
     chat.set_defaults(handler=chat_command)
@@ -47,12 +50,14 @@ def _sampling_params(args):
                           top_k=args.top_k, top_p=args.top_p, stop=tuple(args.stop), seed=args.seed)
 
 
-def _load_engine(model_dir: str):
+def _load_engine(args):
     from graftlm.engine import Engine
     from graftlm.models.hf import load_model
     from graftlm.tokenizer import load_tokenizer
 
-    model = load_model(model_dir)  # checks the directory, one-line errors
+    model_dir = args.model
+    device, dtype = placement(args)
+    model = load_model(model_dir, dtype=dtype, device=device)  # checks the directory, one-line errors
     if not (Path(model_dir) / "tokenizer.json").exists():
         raise GraftError(f"{model_dir}: no tokenizer.json, so text prompts cannot be encoded")
     return Engine(model, load_tokenizer(model_dir))
@@ -60,7 +65,7 @@ def _load_engine(model_dir: str):
 
 def generate_command(args) -> int:
     params = _sampling_params(args)  # check the options before loading a model
-    engine = _load_engine(args.model)
+    engine = _load_engine(args)
     prompts = args.prompt
     if args.chat:
         tok = engine.tokenizer
@@ -77,7 +82,7 @@ def generate_command(args) -> int:
 
 def chat_command(args) -> int:
     params = _sampling_params(args)
-    engine = _load_engine(args.model)
+    engine = _load_engine(args)
     tok, max_len = engine.tokenizer, engine.model.config.max_seq_len
     system = [{"role": "system", "content": args.system}] if args.system else []
     turns: list[dict] = []

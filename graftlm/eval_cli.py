@@ -6,6 +6,7 @@ import argparse
 import json
 
 from graftlm.errors import GraftError
+from graftlm.placement import pick_device
 
 
 def _adapter_spec(text: str) -> tuple[str, str]:
@@ -29,7 +30,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-rows", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=eval_command)
 
@@ -44,7 +45,7 @@ def eval_command(args: argparse.Namespace) -> int:
         raise GraftError("--adapter: names must be distinct and not 'base'")
     result = evaluate(args.model, args.data, dict(args.adapter), few_shot=args.few_shot,
                       max_rows=args.max_rows, max_new_tokens=args.max_new_tokens, reward=args.reward,
-                      reference=args.reference, batch_size=args.batch_size, device=args.device)
+                      reference=args.reference, batch_size=args.batch_size, device=pick_device(0, args.device))
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -49,6 +49,7 @@ import torch.distributed as dist
 from torch import nn
 
 from graftlm.errors import ConfigError, GraftError
+from graftlm.placement import pick_device
 
 
 @dataclass
@@ -83,14 +84,6 @@ class Dist:
 
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def pick_device(local_rank: int = 0, requested: str | None = None) -> torch.device:
-    if requested and requested != "auto":
-        return torch.device(requested)
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
 
 
 def init_distributed(cfg: ParallelConfig, device: str | None = None) -> Dist:

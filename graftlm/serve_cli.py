@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from graftlm.errors import GraftError
+from graftlm.placement import add_placement_arguments, placement
 
 
 def _adapter_arg(text: str) -> tuple[str, str]:
@@ -29,7 +30,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="rows per decode step")
     p.add_argument("--max-queue", type=int, default=256, help="waiting sequences before 429")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    p.add_argument("--device", default="cpu")
+    add_placement_arguments(p)
     p.set_defaults(handler=serve)
 
 
@@ -44,7 +45,7 @@ def serve(args) -> int:
     if len(set(names)) != len(names):
         raise GraftError("--adapter: a name is given twice")
     backend = build_backend(args.model, dict(args.adapter), args.adapter_root, args.max_batch,
-                            args.max_queue, args.served_model_name, args.device)
+                            args.max_queue, args.served_model_name, *placement(args))
     app = create_app(backend, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
     backend.scheduler.start()
     try:

@@ -77,15 +77,19 @@ class ServeBackend:
 
 def build_backend(model_dir: str | Path, adapters: dict[str, str] | None = None,
                   adapter_root: str | Path | None = None, max_batch: int = 16,
-                  max_queue: int = 256, base_name: str | None = None, device: str = "cpu") -> ServeBackend:
-    """Load the base model and tokenizer, and the operator's adapters; start nothing yet."""
+                  max_queue: int = 256, base_name: str | None = None, device="cpu",
+                  dtype=None) -> ServeBackend:
+    """Load the base model and tokenizer, and the operator's adapters; start nothing yet.
+    `dtype` None: float32."""
+    import torch
+
     from graftlm.engine import Batch, Engine
     from graftlm.models.hf import load_model
     from graftlm.tokenizer import load_tokenizer
     model_dir = Path(model_dir)
     if adapter_root is not None and not Path(adapter_root).is_dir():
         raise GraftError(f"--adapter-root {adapter_root}: not a directory")
-    model = load_model(model_dir, device=device)
+    model = load_model(model_dir, dtype=dtype or torch.float32, device=device)
     tokenizer = load_tokenizer(model_dir)
     batch = Batch(Engine(model, tokenizer), row_adapters=True, want_text=True)
     backend = ServeBackend(model, tokenizer, batch,

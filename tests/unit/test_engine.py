@@ -174,6 +174,22 @@ def test_graft_generate_prints_completions(model_dir, capsys):
     assert out.count("=== [") == 2 and "=== [1]" in out
 
 
+def test_graft_generate_in_bfloat16_and_device_errors(model_dir, capsys):
+    args = ["generate", "--model", str(model_dir), "--prompt", PROMPTS[0], "--max-new-tokens", "6",
+            "--temperature", "0"]
+    assert main([*args, "--dtype", "bfloat16"]) == 0
+    bf16_text = capsys.readouterr().out
+    engine = Engine(load_model(model_dir, dtype=torch.bfloat16), load_tokenizer(model_dir))
+    assert engine.dtype == torch.bfloat16
+    want = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=6, temperature=0))[0].text
+    assert want in bf16_text
+    for device, message in (("cuda:99", "--device cuda:99: "),  # no such device, with CUDA or without
+                            ("tpu9", "--device: unknown device 'tpu9'")):
+        assert main([*args, "--device", device]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+
+
 def test_graft_chat_answers_a_line_then_exits_on_eof(model_dir, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello there\n"))
     rc = main(["chat", "--model", str(model_dir), "--system", "Be brief.",
