@@ -11,7 +11,6 @@ Without `--eval-data` the loss is measured on a short built-in English passage
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -53,17 +52,15 @@ def read_eval_text(path: str | None) -> tuple[str, str]:
         raise GraftError(f"{file}: --eval-data file does not exist")
     if file.suffix != ".jsonl":
         return file.read_text(errors="replace"), str(file)
+    from graftlm.data.sources import iter_rows
+
     texts = []
-    for number, line in enumerate(file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise GraftError(f"{file}:{number}: invalid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            raise GraftError(f"{file}:{number}: expected an object with a 'text' string")
-        texts.append(row["text"])
+    for row in iter_rows(file):  # file:line in every error, as for training data
+        if row.error:
+            raise GraftError(f"{row.source}: {row.error}")
+        if not isinstance(row.fields.get("text"), str):
+            raise GraftError(f"{row.source}: expected an object with a 'text' string")
+        texts.append(row.fields["text"])
     return "\n\n".join(texts), str(file)
 
 
