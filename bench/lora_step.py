@@ -9,9 +9,12 @@ bf16 on both sides (PEFT users load with `dtype=torch.bfloat16`; graftlm's
 Each configuration runs in its own subprocess so that peak resident memory (ru_maxrss)
 is its own: graftlm LoRA, PEFT LoRA, both again with gradient checkpointing (activations
 recomputed per block: less memory for more compute), graftlm QLoRA, graftlm full
-fine-tuning (float32 weights, same batch). Printed: tokens/s, peak RSS, and the ratios against the goals
+fine-tuning (float32 weights, same batch), and graftlm LoRA, PEFT LoRA and graftlm full
+fine-tuning compiled (graftlm: each block, as `--train.compile true` does; PEFT: the
+whole model with `torch.compile`; the first, compiling step is not timed but its memory
+counts in the peak). Printed: tokens/s, peak RSS, and the ratios against the goals
 (graftlm >= 1.5x PEFT tokens/s, <= 0.6x its memory; LoRA >= 1.3x faster than full
-fine-tuning), plus QLoRA's frozen base size vs bf16.
+fine-tuning) for eager and compiled graftlm, plus QLoRA's frozen base size vs bf16.
 
     .venv/bin/python bench/lora_step.py [--steps 3] [--threads N]
 """
@@ -33,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 DIMS = dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8,
             num_kv_heads=8, max_seq_len=256)
 BATCH, SEQ, RANK, ALPHA = 8, 256, 16, 32
-SIDES = ("graft-lora", "peft-lora", "graft-lora-ckpt", "peft-lora-ckpt", "graft-qlora", "graft-full")
+SIDES = ("graft-lora", "peft-lora", "graft-lora-ckpt", "peft-lora-ckpt", "graft-qlora", "graft-full",
+         "graft-lora-compiled", "peft-lora-compiled", "graft-full-compiled")
 
 
 def peak_rss_mib() -> float:
@@ -54,13 +58,15 @@ def graft_model(side: str):
     model = Decoder(ModelConfig(**DIMS))
     model.init_weights(torch.Generator().manual_seed(0))
     info = {}
-    if side != "graft-full":
+    if not side.startswith("graft-full"):
         kind = "qlora" if side == "graft-qlora" else "lora"
         model.gradient_checkpointing = side.endswith("-ckpt")
         A.apply_adapters(model, A.AdapterConfig(kind=kind, r=RANK, alpha=ALPHA, base_dtype="bfloat16"))
         from graftlm.adapters import qlora
         base = [m.base_layer.weight for m in model.modules() if hasattr(m, "base_layer")]
         info["frozen_linear_bytes"] = sum(qlora.storage_bytes(w) for w in base)
+    if side.endswith("-compiled"):
+        model.compile_layers()  # what `--train.compile true` does
     params = [p for p in model.parameters() if p.requires_grad]
     return model.train(), params, info
 
@@ -68,14 +74,15 @@ def graft_model(side: str):
 def graft_step(model, ids):
     import torch
 
-    from graftlm.objectives.logprobs import cross_entropy, shift_targets
+    from graftlm.objectives.logprobs import IGNORE_INDEX, shift_targets
+    targets = shift_targets(ids)
+    valid = targets != IGNORE_INDEX
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        hidden = model(ids, output_hidden=True)
-        loss, count = cross_entropy(hidden, model.lm_head.weight, shift_targets(ids))
-    (loss / count).backward()
+        logp = model(ids, targets=targets)  # log-probs inside forward, as the objectives ask
+    (-(logp * valid).sum() / valid.sum()).backward()
 
 
-def peft_model(checkpointing: bool):
+def peft_model(side: str):
     import peft
     import torch
     import transformers
@@ -88,9 +95,12 @@ def peft_model(checkpointing: bool):
     base = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
     model = peft.get_peft_model(base, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules="all-linear",
                                                       lora_dropout=0.0, task_type="CAUSAL_LM"))
-    if checkpointing:
+    if side.endswith("-ckpt"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model.train(), [p for p in model.parameters() if p.requires_grad], {}
+    params = [p for p in model.parameters() if p.requires_grad]
+    if side.endswith("-compiled"):
+        model = torch.compile(model)
+    return model.train(), params, {}
 
 
 def peft_step(model, ids):
@@ -103,13 +113,13 @@ def peft_step(model, ids):
 def run_side(side: str, steps: int) -> dict:
     import torch
     peft_side = side.startswith("peft")
-    model, params, info = peft_model(side.endswith("-ckpt")) if peft_side else graft_model(side)
+    model, params, info = peft_model(side) if peft_side else graft_model(side)
     step = peft_step if peft_side else graft_step
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     ids = batch()
     rss_built = peak_rss_mib()
     times = []
-    for i in range(steps + 1):  # the first step warms up (allocator, optimizer state)
+    for i in range(steps + 1):  # the first step warms up (allocator, optimizer state, compiling)
         start = time.perf_counter()
         step(model, ids)
         optimizer.step()
@@ -142,9 +152,9 @@ def main() -> None:
         results[side] = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"LoRA step, batch {BATCH}x{SEQ}, r={RANK} all-linear, bf16 autocast, CPU x{args.threads} threads, "
           f"median of {args.steps} steps")
-    print(f"{'side':<12} {'tokens/s':>9} {'step s':>7} {'peak RSS MiB':>13} {'RSS built':>10} {'trainable':>10}")
+    print(f"{'side':<20} {'tokens/s':>9} {'step s':>7} {'peak RSS MiB':>13} {'RSS built':>10} {'trainable':>10}")
     for r in results.values():
-        print(f"{r['side']:<12} {r['tokens_per_s']:>9.0f} {r['step_s']:>7.2f} {r['peak_rss_mib']:>13.0f} "
+        print(f"{r['side']:<20} {r['tokens_per_s']:>9.0f} {r['step_s']:>7.2f} {r['peak_rss_mib']:>13.0f} "
               f"{r['rss_after_build_mib']:>10.0f} {r['trainable']:>10,}")
     g, p = results.get("graft-lora"), results.get("peft-lora")
     if g and p:
@@ -160,6 +170,17 @@ def main() -> None:
     f = results.get("graft-full")
     if g and f:
         print(f"graftlm LoRA / full fine-tuning step speed: {f['step_s'] / g['step_s']:.2f}x (goal >= 1.3x)")
+    gx, px, fx = (results.get(f"{s}-compiled") for s in ("graft-lora", "peft-lora", "graft-full"))
+    if gx and p:
+        print(f"graftlm with --train.compile true vs PEFT as used (eager): tokens/s "
+              f"{gx['tokens_per_s'] / p['tokens_per_s']:.2f}x (goal >= 1.5x), "
+              f"peak RSS {gx['peak_rss_mib'] / p['peak_rss_mib']:.2f}x (goal <= 0.6x)")
+    if gx and px:
+        print(f"both compiled: tokens/s {gx['tokens_per_s'] / px['tokens_per_s']:.2f}x, "
+              f"peak RSS {gx['peak_rss_mib'] / px['peak_rss_mib']:.2f}x")
+    if gx and fx:
+        print(f"graftlm compiled LoRA / compiled full fine-tuning step speed: {fx['step_s'] / gx['step_s']:.2f}x "
+              f"(goal >= 1.3x)")
     q = results.get("graft-qlora")
     if g and q:
         print(f"QLoRA frozen linear weights: {q['frozen_linear_bytes'] / 2**20:.1f} MiB NF4 vs "

@@ -38,6 +38,7 @@ from graftlm import checkpoint as ckpt
 from graftlm.data.loader import ResumableLoader, iterate_once
 from graftlm.errors import ConfigError, GraftError
 from graftlm.metrics import MetricsLogger, peak_device_memory_bytes, peak_host_memory_bytes
+from graftlm.models.transformer import Decoder
 from graftlm.optim import OptimConfig, build_optimizer, lr_at, set_lr
 
 
@@ -57,7 +58,10 @@ class TrainConfig:
     precision: Literal["fp32", "bf16-autocast", "bf16"] = field(
         default="bf16-autocast", metadata={"help": "fp32, bf16 autocast over fp32 weights, or pure bf16"})
     activation_checkpointing: bool = False
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile each decoder block"})
+    compile_activation_budget: float = field(default=0.5, metadata={
+        "help": "with compile: share of a block's activations kept for backward, the rest "
+                "recomputed (1.0 keeps all: a little faster, more memory)"})
     eval_every: int = field(default=100, metadata={"help": "validate every N steps (0: only at the end)"})
     eval_batches: int = field(default=20, metadata={"help": "validation batches (0: the whole split)"})
     save_every: int = field(default=500, metadata={"help": "checkpoint every N steps (0: only at the end)"})
@@ -69,6 +73,9 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "log_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config field 'train.{name}': must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.compile_activation_budget <= 1:
+            raise ConfigError("config field 'train.compile_activation_budget': must be in (0, 1], "
+                              f"got {self.compile_activation_budget}")
         for name in ("eval_every", "eval_batches", "save_every", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"config field 'train.{name}': must be >= 0, got {getattr(self, name)}")
@@ -111,7 +118,10 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(model, optim_cfg)
         forward_model = forward_model if forward_model is not None else model
-        self.forward_model = torch.compile(forward_model) if cfg.compile else forward_model
+        self.forward_model = forward_model
+        if cfg.compile:
+            for decoder in (m for m in model.modules() if isinstance(m, Decoder)):
+                decoder.compile_layers(cfg.compile_activation_budget)
         self.step = 0  # optimizer steps taken
         self.tokens = 0  # tokens trained on (no padding), all ranks
         self.flops = 0.0  # their model FLOPs

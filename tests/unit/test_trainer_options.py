@@ -26,3 +26,33 @@ def test_compiled_model_trains_like_eager(tmp_path):
     assert sorted(got) == [1, 2, 3]
     # Inductor fuses and reorders float32 arithmetic: close, not bitwise.
     assert got == pytest.approx(want, rel=1e-4, abs=1e-4)
+
+
+def test_compiled_layers_serve_training_and_scoring_but_never_generation():
+    """Generation's cache length changes every step: compiled blocks would recompile each
+    step, so forwards with a KV cache must take the eager modules."""
+    import torch
+
+    from graftlm.engine import Engine, SamplingParams
+    from graftlm.models.config import preset
+    from graftlm.models.transformer import Decoder
+
+    torch.manual_seed(0)
+    model = Decoder(preset("tiny", vocab_size=128)).eval()
+    greedy = SamplingParams(max_new_tokens=5, temperature=0, stop_ids=())
+    [want] = Engine(model).generate([[1, 2, 3]], greedy)
+    calls = []
+
+    def recording(module):
+        def forward(*args, **kwargs):
+            calls.append(module)
+            return module(*args, **kwargs)
+        return forward
+
+    model.compiled_layers = [recording(block) for block in model.layers]  # stand-ins, no compiling
+    model.compiled_output = recording(model._output)
+    [got] = Engine(model).generate([[1, 2, 3]], greedy)
+    assert got.token_ids == want.token_ids and calls == []
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]))
+    assert len(calls) == len(model.layers) + 1
