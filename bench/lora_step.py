@@ -16,7 +16,7 @@ counts in the peak). Printed: tokens/s, peak RSS, and the ratios against the goa
 (graftlm >= 1.5x PEFT tokens/s, <= 0.6x its memory; LoRA >= 1.3x faster than full
 fine-tuning) for eager and compiled graftlm, plus QLoRA's frozen base size vs bf16.
 
-    .venv/bin/python bench/lora_step.py [--steps 3] [--threads N]
+    .venv/bin/python bench/lora_step.py [--steps 3] [--repeats 2] [--threads N] [--only SIDE ...]
 """
 
 from __future__ import annotations
@@ -134,6 +134,7 @@ def run_side(side: str, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2, help="rounds over all sides; each side's fastest counts")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # one subprocess's job
     parser.add_argument("--only", nargs="+", choices=SIDES, default=list(SIDES))
@@ -144,14 +145,21 @@ def main() -> None:
         print(json.dumps(run_side(args.side, args.steps)))
         return
     results = {}
-    for side in args.only:
-        out = subprocess.run([sys.executable, __file__, "--side", side, "--steps", str(args.steps),
-                              "--threads", str(args.threads)], capture_output=True, text=True, cwd=ROOT)
-        if out.returncode:
-            sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
-        results[side] = json.loads(out.stdout.strip().splitlines()[-1])
+    for _ in range(args.repeats):  # rounds over every side, so a slow spell hits all alike
+        for side in args.only:
+            out = subprocess.run([sys.executable, __file__, "--side", side, "--steps", str(args.steps),
+                                  "--threads", str(args.threads)], capture_output=True, text=True, cwd=ROOT)
+            if out.returncode:
+                sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
+            run = json.loads(out.stdout.strip().splitlines()[-1])
+            best = results.setdefault(side, run)
+            # The fastest round (the least disturbed), and the largest peak memory of all.
+            peak = max(best["peak_rss_mib"], run["peak_rss_mib"])
+            if run["tokens_per_s"] > best["tokens_per_s"]:
+                results[side] = best = run
+            best["peak_rss_mib"] = peak
     print(f"LoRA step, batch {BATCH}x{SEQ}, r={RANK} all-linear, bf16 autocast, CPU x{args.threads} threads, "
-          f"median of {args.steps} steps")
+          f"median of {args.steps} steps, fastest of {args.repeats} rounds")
     print(f"{'side':<20} {'tokens/s':>9} {'step s':>7} {'peak RSS MiB':>13} {'RSS built':>10} {'trainable':>10}")
     for r in results.values():
         print(f"{r['side']:<20} {r['tokens_per_s']:>9.0f} {r['step_s']:>7.2f} {r['peak_rss_mib']:>13.0f} "
