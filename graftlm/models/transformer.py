@@ -211,7 +211,7 @@ class Decoder(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std, generator=generator)
 
-    def compile_layers(self, activation_budget: float = 0.5) -> None:
+    def compile_layers(self, activation_budget: float = 1.0) -> None:
         """`torch.compile` each block and the output (norm, logits or log-probs), for the
         forwards without a KV cache (training and scoring); generation keeps the eager
         modules, whose cache length changes every step.
