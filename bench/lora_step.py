@@ -164,31 +164,27 @@ def main() -> None:
     for r in results.values():
         print(f"{r['side']:<20} {r['tokens_per_s']:>9.0f} {r['step_s']:>7.2f} {r['peak_rss_mib']:>13.0f} "
               f"{r['rss_after_build_mib']:>10.0f} {r['trainable']:>10,}")
-    g, p = results.get("graft-lora"), results.get("peft-lora")
-    if g and p:
-        print(f"graftlm / PEFT tokens/s: {g['tokens_per_s'] / p['tokens_per_s']:.2f}x (goal >= 1.5x); "
-              f"peak RSS: {g['peak_rss_mib'] / p['peak_rss_mib']:.2f}x (goal <= 0.6x)")
-    gc, pc = results.get("graft-lora-ckpt"), results.get("peft-lora-ckpt")
-    if gc and pc:
-        print(f"with gradient checkpointing on both sides: tokens/s {gc['tokens_per_s'] / pc['tokens_per_s']:.2f}x, "
-              f"peak RSS {gc['peak_rss_mib'] / pc['peak_rss_mib']:.2f}x")
-    if gc and p:
-        print(f"graftlm checkpointed vs PEFT default: tokens/s {gc['tokens_per_s'] / p['tokens_per_s']:.2f}x, "
-              f"peak RSS {gc['peak_rss_mib'] / p['peak_rss_mib']:.2f}x")
-    f = results.get("graft-full")
-    if g and f:
-        print(f"graftlm LoRA / full fine-tuning step speed: {f['step_s'] / g['step_s']:.2f}x (goal >= 1.3x)")
-    gx, px, fx = (results.get(f"{s}-compiled") for s in ("graft-lora", "peft-lora", "graft-full"))
-    if gx and p:
-        print(f"graftlm with --train.compile true vs PEFT as used (eager): tokens/s "
-              f"{gx['tokens_per_s'] / p['tokens_per_s']:.2f}x (goal >= 1.5x), "
-              f"peak RSS {gx['peak_rss_mib'] / p['peak_rss_mib']:.2f}x (goal <= 0.6x)")
-    if gx and px:
-        print(f"both compiled: tokens/s {gx['tokens_per_s'] / px['tokens_per_s']:.2f}x, "
-              f"peak RSS {gx['peak_rss_mib'] / px['peak_rss_mib']:.2f}x")
-    if gx and fx:
-        print(f"graftlm compiled LoRA / compiled full fine-tuning step speed: {fx['step_s'] / gx['step_s']:.2f}x "
-              f"(goal >= 1.3x)")
+    def compare(label, ours, peer, speed_goal=None, memory_goal=None, memory=True):
+        """One line: `ours` against `peer` (result names), when both ran."""
+        a, b = results.get(ours), results.get(peer)
+        if not (a and b):
+            return
+        line = f"{label}: tokens/s {a['tokens_per_s'] / b['tokens_per_s']:.2f}x"
+        line += f" (goal >= {speed_goal}x)" if speed_goal else ""
+        if memory:
+            line += f", peak RSS {a['peak_rss_mib'] / b['peak_rss_mib']:.2f}x"
+            line += f" (goal <= {memory_goal}x)" if memory_goal else ""
+        print(line)
+
+    compare("graftlm / PEFT", "graft-lora", "peft-lora", 1.5, 0.6)
+    compare("with gradient checkpointing on both sides", "graft-lora-ckpt", "peft-lora-ckpt")
+    compare("graftlm checkpointed vs PEFT default", "graft-lora-ckpt", "peft-lora")
+    compare("graftlm LoRA / full fine-tuning step", "graft-lora", "graft-full", 1.3, memory=False)
+    compare("graftlm with --train.compile true vs PEFT as used (eager)", "graft-lora-compiled", "peft-lora", 1.5, 0.6)
+    compare("both compiled", "graft-lora-compiled", "peft-lora-compiled")
+    compare("graftlm compiled LoRA / compiled full fine-tuning step", "graft-lora-compiled", "graft-full-compiled",
+            1.3, memory=False)
+    g = results.get("graft-lora")
     q = results.get("graft-qlora")
     if g and q:
         print(f"QLoRA frozen linear weights: {q['frozen_linear_bytes'] / 2**20:.1f} MiB NF4 vs "
