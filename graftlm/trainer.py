@@ -117,8 +117,7 @@ class Trainer:
         model.gradient_checkpointing = cfg.activation_checkpointing
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(model, optim_cfg)
-        forward_model = forward_model if forward_model is not None else model
-        self.forward_model = forward_model
+        self.forward_model = forward_model if forward_model is not None else model
         if cfg.compile:
             # With adapters the activations are most of the memory (the base is frozen,
             # without gradients or optimizer state), so recomputing half of them pays:

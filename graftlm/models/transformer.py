@@ -181,7 +181,8 @@ class Decoder(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.gradient_checkpointing = False
-        self.compiled_layers: list | None = None  # set by compile_layers(), with compiled_output
+        self.compiled_layers: list | None = None  # both set by compile_layers()
+        self.compiled_output = None
         self._rope_device = None
         self.reset_rope()
 
