@@ -66,7 +66,8 @@ def graft_model(side: str):
         base = [m.base_layer.weight for m in model.modules() if hasattr(m, "base_layer")]
         info["frozen_linear_bytes"] = sum(qlora.storage_bytes(w) for w in base)
     if side.endswith("-compiled"):  # what `--train.compile true` does, with its default budget
-        model.compile_layers(activation_budget=1.0 if side.startswith("graft-full") else 0.5)
+        from graftlm.trainer import TrainConfig
+        model.compile_layers(TrainConfig().activation_budget(adapters=not side.startswith("graft-full")))
     params = [p for p in model.parameters() if p.requires_grad]
     return model.train(), params, info
 
