@@ -2,14 +2,24 @@
 
 The model is the `30m` preset (hidden 512, 8 layers, vocabulary 8192) as a random
 transformers LlamaForCausalLM, saved and loaded into graftlm, so both sides run the
-same weights. Greedy, CPU float32, 64-token prompts, 128 new tokens, batch 1 and 8.
-Neither side stops early (no EOS id), so both produce exactly 128 tokens per row; the
-token ids are checked equal. Each figure is the best of `--repeats` timed runs after a
-warm-up (the CPU may be shared; the best run is the least disturbed one).
+same weights. Greedy, CPU, 64-token prompts, 128 new tokens, batch 1 and 8. Neither
+side stops early (no EOS id), so both produce exactly 128 tokens per row.
 
-It also prints the floor: the time of one decode step's matrix products alone (every
-weight read once, q/k/v and gate/up already concatenated), which no float32 engine on
-this CPU can beat; the ratio of transformers' step time to it bounds any speed-up.
+Sides, each timed on the same prompts:
+- transformers `generate` in float32 (its default) and in bfloat16;
+- graftlm's engine in float32, eager and with `compile=True` (`graft generate
+  --compile`), and in bfloat16 with `compile=True`.
+Each graftlm side is compared with transformers in the same dtype, and its token ids
+with transformers' (float32 must match exactly; in bfloat16 the two round differently,
+so the table shows how many of the 128 tokens agree before the first difference).
+
+Each figure is the best of `--repeats` timed runs after a warm-up run (the CPU may be
+shared; the best run is the least disturbed one). The warm-up of a compiled side
+includes compiling its decode step: its time is printed too.
+
+It also prints the float32 floor: one decode step's matrix products alone (every weight
+read once, q/k/v and gate/up concatenated), which no float32 engine on this CPU can
+beat; the ratio of transformers' step time to it bounds any float32 speed-up.
 
     python bench/generate.py [--repeats 3] [--threads N]
 """
@@ -17,6 +27,7 @@ this CPU can beat; the ratio of transformers' step time to it bounds any speed-u
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
 import time
 
@@ -25,11 +36,10 @@ import torch
 PROMPT_TOKENS, NEW_TOKENS = 64, 128
 
 
-def build_models(out_dir):
+def build_hf_model(out_dir):
+    """A random 30m-preset LlamaForCausalLM, saved to `out_dir` for graftlm to load."""
     import transformers
-    from graftlm.engine import Engine
     from graftlm.models.config import preset, to_hf_config
-    from graftlm.models.hf import load_model
 
     cfg = preset("30m")
     hf_cfg = transformers.LlamaConfig(**{k: v for k, v in to_hf_config(cfg).items()
@@ -39,11 +49,11 @@ def build_models(out_dir):
     hf.save_pretrained(out_dir)
     print(f"model: 30m preset, {sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M parameters, "
           f"vocabulary {cfg.vocab_size}")
-    return hf, Engine(load_model(out_dir))
+    return hf
 
 
 def matmul_floor_s(model, batch: int, repeats: int = 20) -> float:
-    """Seconds of one decode step's matmuls alone, at `batch` rows (best of `repeats`)."""
+    """Seconds of one float32 decode step's matmuls alone, at `batch` rows (best of `repeats`)."""
     import torch.nn.functional as F
 
     weights = []
@@ -52,23 +62,35 @@ def matmul_floor_s(model, batch: int, repeats: int = 20) -> float:
         weights += [torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]), attn.o_proj.weight,
                     torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), mlp.down_proj.weight]
     weights.append(model.lm_head.weight)
+    weights = [w.float() for w in weights]
     inputs = {w.shape[1]: torch.randn(batch, w.shape[1]) for w in weights}
 
     def step():
         for w in weights:
             F.linear(inputs[w.shape[1]], w)
     with torch.inference_mode():
-        return best_time(step, repeats)[0]
+        return timed(step, repeats)[0]
 
 
-def best_time(fn, repeats):
-    fn()  # warm-up
+def timed(fn, repeats):
+    """(best seconds of `repeats` runs, last output, seconds of the warm-up run)."""
+    start = time.perf_counter()
+    fn()
+    warm_up = time.perf_counter() - start
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - start)
-    return min(times), out
+    return min(times), out, warm_up
+
+
+def agreement(ours: list[list[int]], reference: list[list[int]]) -> str:
+    if ours == reference:
+        return "same ids"
+    prefix = min(next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), len(o))
+                 for o, r in zip(ours, reference))
+    return f"first {prefix} of {NEW_TOKENS} tokens agree in every row"
 
 
 def main() -> None:
@@ -78,35 +100,42 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from graftlm.engine import SamplingParams
+    from graftlm.engine import Engine, SamplingParams
+    from graftlm.models.hf import load_model
 
     with tempfile.TemporaryDirectory() as tmp:
-        hf, engine = build_models(tmp)
+        hf = build_hf_model(tmp)
+        engines = {"graftlm float32": Engine(load_model(tmp)),
+                   "graftlm float32 compile": Engine(load_model(tmp), compile=True),
+                   "graftlm bfloat16 compile": Engine(load_model(tmp, dtype=torch.bfloat16), compile=True)}
+    hf_by_dtype = {"float32": hf, "bfloat16": copy.deepcopy(hf).to(torch.bfloat16)}
     greedy = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0, stop_ids=())
-    print(f"CPU float32, {torch.get_num_threads()} threads, {PROMPT_TOKENS}-token prompts, "
-          f"{NEW_TOKENS} new tokens, greedy\n")
-    print(f"{'batch':>5}  {'transformers tok/s':>18}  {'graftlm tok/s':>13}  {'ratio':>6}  "
-          f"{'matmul floor tok/s':>18}  {'bound':>6}")
+    print(f"CPU, {torch.get_num_threads()} threads, {PROMPT_TOKENS}-token prompts, "
+          f"{NEW_TOKENS} new tokens, greedy, best of {args.repeats}\n")
     for batch in (1, 8):
         ids = torch.randint(3, 8192, (batch, PROMPT_TOKENS), generator=torch.Generator().manual_seed(batch))
-
-        def run_hf():
-            with torch.inference_mode():
-                out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                                  do_sample=False, eos_token_id=None, pad_token_id=0)
-            return out[:, PROMPT_TOKENS:].tolist()
-
-        def run_ours():
-            return [c.token_ids for c in engine.generate(ids.tolist(), greedy)]
-
-        hf_s, hf_ids = best_time(run_hf, args.repeats)
-        ours_s, our_ids = best_time(run_ours, args.repeats)
-        same = "same ids" if hf_ids == our_ids else "IDS DIFFER"
-        hf_tps, our_tps = batch * NEW_TOKENS / hf_s, batch * NEW_TOKENS / ours_s
-        floor_tps = batch / matmul_floor_s(engine.model, batch)
-        print(f"{batch:>5}  {hf_tps:>18.1f}  {our_tps:>13.1f}  {our_tps / hf_tps:>5.2f}x  "
-              f"{floor_tps:>18.1f}  {floor_tps / hf_tps:>5.2f}x  ({same})")
-    print("\nbound: the largest ratio any float32 engine could reach here (matmuls alone vs transformers)")
+        print(f"batch {batch}")
+        print(f"  {'side':<36} {'tokens/s':>9}  {'vs transformers':>15}  {'warm-up s':>9}  token ids")
+        reference = {}
+        for dtype, model in hf_by_dtype.items():
+            def run_hf(model=model):
+                with torch.inference_mode():
+                    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                                         do_sample=False, eos_token_id=None, pad_token_id=0)
+                return out[:, PROMPT_TOKENS:].tolist()
+            seconds, out, _ = timed(run_hf, args.repeats)
+            reference[dtype] = (batch * NEW_TOKENS / seconds, out)
+            print(f"  {'transformers generate ' + dtype:<36} {reference[dtype][0]:>9.1f}")
+        for name, engine in engines.items():
+            seconds, out, warm_up = timed(
+                lambda engine=engine: [c.token_ids for c in engine.generate(ids.tolist(), greedy)], args.repeats)
+            ref_tps, ref_ids = reference["bfloat16" if "bfloat16" in name else "float32"]
+            tps = batch * NEW_TOKENS / seconds
+            print(f"  {name:<36} {tps:>9.1f}  {tps / ref_tps:>14.2f}x  {warm_up:>9.1f}  "
+                  f"{agreement(out, ref_ids)}")
+        floor_tps = batch / matmul_floor_s(engines["graftlm float32"].model, batch)
+        print(f"  {'float32 matmul floor':<36} {floor_tps:>9.1f}  {floor_tps / reference['float32'][0]:>14.2f}x"
+              f"  (the bound of any float32 engine)\n")
 
 
 if __name__ == "__main__":

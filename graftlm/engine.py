@@ -31,6 +31,14 @@ Design choices:
 - Every forward runs under `torch.inference_mode` and asks for the last position's
   logits only. With `adapters`, each forward runs inside
   `graftlm.adapters.row_adapters(model, names of the rows in this forward)`.
+- `Engine(compile=True)` decodes with `torch.compile(model.decode_step)`: the token's
+  cache slot is a tensor and attention reads the cache's whole capacity (masked), so
+  one graph serves every step and, with dynamic shapes, every batch size and capacity
+  (batch 1 is its own graph). Inductor's `freezing` folds the weights into the graph
+  as constants, prepacked for oneDNN / MKL (this is most of the gain over eager, and
+  it copies the weights once), and `cpp_wrapper` calls the kernels from C++, not Python.
+  Prefills stay eager (one per request). Frozen weights are why it is for inference
+  only: an engine that must see weights change (RL rollouts) keeps `compile=False`.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ from typing import Hashable, Iterator, Sequence as Seq
 import torch
 
 from graftlm.errors import GraftError
-from graftlm.models.transformer import KVCache
+from graftlm.models.transformer import DecodeSlot, KVCache
 
 
 @dataclass
@@ -198,6 +206,9 @@ class Batch:
         """Prefill `requests` (one forward), sample their first token, join the batch."""
         return self.add_sequences([self.engine.new_sequence(r, self.want_text) for r in requests])
 
+    # Batch's own tensors are made under inference mode too: a compiled decode step
+    # guards on whether its inputs are inference tensors, and mixing would recompile.
+    @torch.inference_mode()
     def add_sequences(self, rows: list[Sequence]) -> list[TokenEvent]:
         if not rows:
             return []
@@ -225,6 +236,7 @@ class Batch:
         self._drop_finished()
         return events
 
+    @torch.inference_mode()
     def step(self) -> list[TokenEvent]:
         """Decode one token for every row; rows that finish leave the batch."""
         if not self.rows:
@@ -238,6 +250,7 @@ class Batch:
         self._drop_finished()
         return events
 
+    @torch.inference_mode()
     def remove(self, keys) -> None:
         """Drop the rows of `keys` (e.g. cancelled requests); unknown keys are ignored."""
         keys = set(keys)
@@ -257,17 +270,19 @@ class Batch:
             return
         index = torch.tensor(kept, device=self.engine.device)
         self.rows = [self.rows[i] for i in kept]
-        self.cache.select_rows(index)
-        self.next_input = self.next_input.index_select(0, index)
-        self.positions = self.positions.index_select(0, index)
-        # Slots before every remaining row's first real token are dead: trim them.
-        first = int(self.cache.key_valid[:, :self.cache.length].int().argmax(1).min())
+        c = self.cache
+        # Slots before every remaining row's first real token are dead: trim them, before
+        # selecting the rows, so the cache is one contiguous copy (a compiled decode step
+        # would otherwise meet new strides).
+        first = int(c.key_valid[index, :c.length].int().argmax(1).min())
         if first > 0:
-            c = self.cache
             c.keys = [k[:, :, first:] for k in c.keys]
             c.values = [v[:, :, first:] for v in c.values]
             c.key_valid = c.key_valid[:, first:]
             c.length -= first
+        c.select_rows(index)
+        self.next_input = self.next_input.index_select(0, index)
+        self.positions = self.positions.index_select(0, index)
 
     def _merge(self, rows, cache: KVCache, next_input, positions) -> None:
         """Copy both caches, right-aligned, into one new cache with room for every row."""
@@ -304,10 +319,13 @@ class Engine:
         c.token_ids, c.text, c.finish_reason
         for events in engine.stream(prompts, params): ...   # TokenEvent per row per step
 
-    `device` / `dtype` move the model (in place) before generating.
+    `device` / `dtype` move the model (in place) before generating. `compile=True`
+    compiles the decode step at its first use (tens of seconds; once for batch 1 and
+    once for larger batches): for a model whose weights no longer change, without
+    adapters (merge them first).
     """
 
-    def __init__(self, model, tokenizer=None, device=None, dtype=None):
+    def __init__(self, model, tokenizer=None, device=None, dtype=None, compile: bool = False):
         if device is not None or dtype is not None:
             model.to(device=device, dtype=dtype)
         # The embedding's dtype is the compute dtype (a quantized base keeps it too).
@@ -321,6 +339,7 @@ class Engine:
             self.pad_id, self.default_stop_ids = tokenizer.pad_id, tokenizer.stop_ids or cfg.eos_ids
         else:
             self.pad_id, self.default_stop_ids = cfg.pad_token_id or 0, cfg.eos_ids
+        self.compiled_decode = _compile_decode_step(model) if compile else None
 
     # -- the high-level API -----------------------------------------------------------
 
@@ -385,6 +404,11 @@ class Engine:
     @torch.inference_mode()
     def forward(self, ids, positions, cache, rows=None) -> torch.Tensor:
         """Last-position logits [B, V] for `ids` [B, T] written into `cache`."""
+        if self.compiled_decode is not None and ids.shape[1] == 1 and rows is None:
+            slot = DecodeSlot(cache, torch.tensor([cache.length], device=ids.device))
+            logits = self.compiled_decode(ids, positions, slot)
+            cache.length += 1
+            return logits
         if rows is None:
             return self.model(ids, position_ids=positions, cache=cache, last_token_only=True)[:, -1]
         from graftlm.adapters import row_adapters
@@ -402,6 +426,35 @@ class Engine:
             if row.generator is not None:
                 tokens[i] = _sample_row(logits[i], row.params, row.generator)
         return tokens, torch.tensor(tokens, device=logits.device)[:, None]
+
+
+def _compile_decode_step(model):
+    from graftlm.adapters import has_adapters
+
+    if has_adapters(model):
+        raise GraftError("compiled decoding needs a model without adapters: merge them into the "
+                         "base first (graft merge, or graftlm.adapters.merge_and_unload)")
+    compiled = torch.compile(_DecodeStep(model), dynamic=True, fullgraph=True)
+
+    def decode_step(input_ids, position_ids, slot):
+        # Set while tracing and compiling, i.e. at the call: dynamo must already treat the
+        # parameters as constants for inductor to freeze them (a compile `options` entry
+        # reaches inductor only). Scoped, so training's compiled blocks never freeze.
+        with torch._inductor.config.patch(freezing=True, cpp_wrapper=True):
+            return compiled(input_ids, position_ids, slot)
+    return decode_step
+
+
+class _DecodeStep(torch.nn.Module):
+    """Compiled as a module, not as the bound method: inductor freezes the parameters
+    of the module it compiles."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids, slot):
+        return self.model.decode_step(input_ids, position_ids, slot)
 
 
 def _sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:

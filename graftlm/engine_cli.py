@@ -33,6 +33,10 @@ def register(subparsers) -> None:
     chat.add_argument("--system", default=None, help="system message")
     _add_sampling_arguments(chat, max_new_tokens=512, temperature=0.7)
     chat.set_defaults(handler=chat_command)
+    for parser in (gen, chat):
+        parser.add_argument("--compile", action="store_true",
+                            help="compile the decode step (torch.compile, once at the first "
+                                 "token, tens of seconds): faster decoding after that")
 
 
 def _add_sampling_arguments(parser, max_new_tokens: int, temperature: float) -> None:
@@ -60,7 +64,9 @@ def _load_engine(args):
     model = load_model(model_dir, dtype=dtype, device=device)  # checks the directory, one-line errors
     if not (Path(model_dir) / "tokenizer.json").exists():
         raise GraftError(f"{model_dir}: no tokenizer.json, so text prompts cannot be encoded")
-    return Engine(model, load_tokenizer(model_dir))
+    if args.compile:
+        print("compiling the decode step at the first token (once; tens of seconds)", file=sys.stderr)
+    return Engine(model, load_tokenizer(model_dir), compile=args.compile)
 
 
 def generate_command(args) -> int:
