@@ -13,9 +13,12 @@ Each graftlm side is compared with transformers in the same dtype, and its token
 with transformers' (float32 must match exactly; in bfloat16 the two round differently,
 so the table shows how many of the 128 tokens agree before the first difference).
 
-Each figure is the best of `--repeats` timed runs after a warm-up run (the CPU may be
-shared; the best run is the least disturbed one). The warm-up of a compiled side
-includes compiling its decode step: its time is printed too.
+Each figure is the best of `--repeats` timed rounds, after a warm-up run; a round runs
+every side once, so a drift of the (possibly shared) CPU's speed reaches all sides
+alike, and the best run is the least disturbed one. The warm-up of a compiled side
+includes compiling its decode step: its time is printed too. In bfloat16, token ids
+part early: the random weights give nearly tied logits, so a rounding difference
+flips a greedy choice.
 
 It also prints the float32 floor: one decode step's matrix products alone (every weight
 read once, q/k/v and gate/up concatenated), which no float32 engine on this CPU can
@@ -69,20 +72,25 @@ def matmul_floor_s(model, batch: int, repeats: int = 20) -> float:
         for w in weights:
             F.linear(inputs[w.shape[1]], w)
     with torch.inference_mode():
-        return timed(step, repeats)[0]
+        return best_of_rounds({"floor": step}, repeats)["floor"][0]
 
 
-def timed(fn, repeats):
-    """(best seconds of `repeats` runs, last output, seconds of the warm-up run)."""
-    start = time.perf_counter()
-    fn()
-    warm_up = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
+def best_of_rounds(sides: dict, repeats: int) -> dict:
+    """{name: (best seconds, last output, seconds of the warm-up run)} of `sides`
+    ({name: fn}), timed in `repeats` rounds that each run every side once, so a drift
+    of the host's speed reaches every side alike."""
+    results = {}
+    for name, fn in sides.items():
         start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), out, warm_up
+        fn()
+        results[name] = [float("inf"), None, time.perf_counter() - start]
+    for _ in range(repeats):
+        for name, fn in sides.items():
+            start = time.perf_counter()
+            out = fn()
+            results[name][0] = min(results[name][0], time.perf_counter() - start)
+            results[name][1] = out
+    return {name: tuple(r) for name, r in results.items()}
 
 
 def agreement(ours: list[list[int]], reference: list[list[int]]) -> str:
@@ -116,25 +124,29 @@ def main() -> None:
         ids = torch.randint(3, 8192, (batch, PROMPT_TOKENS), generator=torch.Generator().manual_seed(batch))
         print(f"batch {batch}")
         print(f"  {'side':<36} {'tokens/s':>9}  {'vs transformers':>15}  {'warm-up s':>9}  token ids")
-        reference = {}
+        sides = {}
         for dtype, model in hf_by_dtype.items():
             def run_hf(model=model):
                 with torch.inference_mode():
                     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
                                          do_sample=False, eos_token_id=None, pad_token_id=0)
                 return out[:, PROMPT_TOKENS:].tolist()
-            seconds, out, _ = timed(run_hf, args.repeats)
-            reference[dtype] = (batch * NEW_TOKENS / seconds, out)
-            print(f"  {'transformers generate ' + dtype:<36} {reference[dtype][0]:>9.1f}")
+            sides[f"transformers generate {dtype}"] = run_hf
         for name, engine in engines.items():
-            seconds, out, warm_up = timed(
-                lambda engine=engine: [c.token_ids for c in engine.generate(ids.tolist(), greedy)], args.repeats)
-            ref_tps, ref_ids = reference["bfloat16" if "bfloat16" in name else "float32"]
+            sides[name] = lambda engine=engine: [c.token_ids for c in engine.generate(ids.tolist(), greedy)]
+        results = best_of_rounds(sides, args.repeats)
+        for name, (seconds, out, warm_up) in results.items():
             tps = batch * NEW_TOKENS / seconds
-            print(f"  {name:<36} {tps:>9.1f}  {tps / ref_tps:>14.2f}x  {warm_up:>9.1f}  "
+            if name.startswith("transformers"):
+                print(f"  {name:<36} {tps:>9.1f}")
+                continue
+            dtype = "bfloat16" if "bfloat16" in name else "float32"
+            ref_seconds, ref_ids, _ = results[f"transformers generate {dtype}"]
+            print(f"  {name:<36} {tps:>9.1f}  {ref_seconds / seconds:>14.2f}x  {warm_up:>9.1f}  "
                   f"{agreement(out, ref_ids)}")
+        hf_tps = batch * NEW_TOKENS / results["transformers generate float32"][0]
         floor_tps = batch / matmul_floor_s(engines["graftlm float32"].model, batch)
-        print(f"  {'float32 matmul floor':<36} {floor_tps:>9.1f}  {floor_tps / reference['float32'][0]:>14.2f}x"
+        print(f"  {'float32 matmul floor':<36} {floor_tps:>9.1f}  {floor_tps / hf_tps:>14.2f}x"
               f"  (the bound of any float32 engine)\n")
 
 

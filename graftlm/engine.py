@@ -405,8 +405,7 @@ class Engine:
     def forward(self, ids, positions, cache, rows=None) -> torch.Tensor:
         """Last-position logits [B, V] for `ids` [B, T] written into `cache`."""
         if self.compiled_decode is not None and ids.shape[1] == 1 and rows is None:
-            slot = DecodeSlot(cache, torch.tensor([cache.length], device=ids.device))
-            logits = self.compiled_decode(ids, positions, slot)
+            logits = self.compiled_decode(ids, positions, DecodeSlot.next_of(cache))
             cache.length += 1
             return logits
         if rows is None:

@@ -119,39 +119,34 @@ class KVCache:
 
 @dataclass
 class DecodeSlot:
-    """A `KVCache` as one compiled decode step sees it: each row's new token goes to
-    slot `slot` (a [1] tensor, so the compiled graph does not depend on the step) and
-    attention reads the whole capacity, with padding and unwritten slots masked."""
+    """A `KVCache` as one compiled decode step sees it: views of its written slots plus
+    the slot of the token being decoded (the last one), so attention reads exactly what
+    eager decoding reads. The slot count is a dynamic dimension of the compiled graph:
+    it grows every step without recompiling."""
 
-    cache: KVCache
-    slot: torch.Tensor
+    keys: list[torch.Tensor]  # [B, KV, L, D] views, L = written slots + 1
+    values: list[torch.Tensor]
+    key_valid: torch.Tensor  # [B, L]
+
+    @classmethod
+    def next_of(cls, cache: KVCache) -> "DecodeSlot":
+        end = cache.length + 1
+        return cls([k[:, :, :end] for k in cache.keys], [v[:, :, :end] for v in cache.values],
+                   cache.key_valid[:, :end])
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = self.cache.keys[layer], self.cache.values[layer]
-        keys.index_copy_(2, self.slot, k)
-        values.index_copy_(2, self.slot, v)
+        keys, values = self.keys[layer], self.values[layer]
+        keys[:, :, -1:] = k
+        values[:, :, -1:] = v
         return keys, values
 
     def mask(self, window: int | None) -> torch.Tensor:
-        """[B, 1, 1, capacity] bool: the slots the new token may attend to."""
-        slots = torch.arange(self.cache.capacity, device=self.slot.device)
-        allowed = self.cache.key_valid & (slots <= self.slot)
+        """[B, 1, 1, L] bool: the slots the new token may attend to."""
+        allowed = self.key_valid
         if window is not None:
-            allowed = allowed & (self.slot - slots < window)
+            slots = torch.arange(allowed.shape[1], device=allowed.device)
+            allowed = allowed & (allowed.shape[1] - 1 - slots < window)
         return allowed[:, None, None, :]
-
-
-def single_query_attention(q, k, v, mask) -> torch.Tensor:
-    """Attention of one query per row (q [B, H, 1, D]) over k, v [B, KV, S, D] with a
-    bool mask [B, 1, 1, S]: two matmuls and a float32 softmax, which inductor fuses. The
-    CPU flash kernel costs about 0.4 ms per layer here at batch 8 once it takes a mask,
-    most of a compiled decode step."""
-    b, heads, _, d = q.shape
-    kv_heads = k.shape[1]
-    q = q.reshape(b, kv_heads, heads // kv_heads, d)  # the query heads sharing a kv head
-    scores = (q @ k.transpose(2, 3)) * d ** -0.5  # [B, KV, heads per kv, S]
-    probs = scores.float().masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype)
-    return (probs @ v).reshape(b, heads, 1, d)
 
 
 class Attention(nn.Module):
@@ -182,9 +177,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.write(layer, k, v)
         gqa = self.num_heads != self.num_kv_heads
-        if isinstance(cache, DecodeSlot):
-            out = single_query_attention(q, k, v, mask)
-        elif isinstance(mask, str):  # "causal": the fast path, no mask tensor
+        if isinstance(mask, str):  # "causal": the fast path, no mask tensor
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
@@ -333,7 +326,7 @@ class Decoder(nn.Module):
     def decode_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                     slot: DecodeSlot) -> torch.Tensor:
         """Logits [B, V] of one new token per row (input_ids, position_ids [B, 1]) written
-        at `slot.slot` of its cache. Every shape is fixed by the batch and the cache's
+        at the last slot of `slot`. Every shape is fixed by the batch and the cache's
         capacity, so `torch.compile` (the engine's `compile=True`) compiles it once."""
         x, cos, sin = self._embed(input_ids, position_ids)
         mask = slot.mask(self.config.sliding_window)
