@@ -31,10 +31,10 @@ Design choices:
 - Every forward runs under `torch.inference_mode` and asks for the last position's
   logits only. With `adapters`, each forward runs inside
   `graftlm.adapters.row_adapters(model, names of the rows in this forward)`.
-- `Engine(compile=True)` decodes with `torch.compile(model.decode_step)`: the token's
-  cache slot is a tensor and attention reads the cache's whole capacity (masked), so
-  one graph serves every step and, with dynamic shapes, every batch size and capacity
-  (batch 1 is its own graph). Inductor's `freezing` folds the weights into the graph
+- `Engine(compile=True)` decodes with `torch.compile(model.decode_step)` over
+  `DecodeSlot` views of the cache (written slots plus the new one); with dynamic
+  shapes one graph serves every step, batch size and capacity (batch 1 is its own
+  graph). Inductor's `freezing` folds the weights into the graph
   as constants, prepacked for oneDNN / MKL (this is most of the gain over eager, and
   it copies the weights once), and `cpp_wrapper` calls the kernels from C++, not Python.
   Prefills stay eager (one per request). Frozen weights are why it is for inference
@@ -271,9 +271,8 @@ class Batch:
         index = torch.tensor(kept, device=self.engine.device)
         self.rows = [self.rows[i] for i in kept]
         c = self.cache
-        # Slots before every remaining row's first real token are dead: trim them, before
-        # selecting the rows, so the cache is one contiguous copy (a compiled decode step
-        # would otherwise meet new strides).
+        # Slots before every remaining row's first real token are dead: trim them before
+        # selecting the rows, so that the rows' one copy holds only live slots.
         first = int(c.key_valid[index, :c.length].int().argmax(1).min())
         if first > 0:
             c.keys = [k[:, :, first:] for k in c.keys]
@@ -433,13 +432,15 @@ def _compile_decode_step(model):
     if has_adapters(model):
         raise GraftError("compiled decoding needs a model without adapters: merge them into the "
                          "base first (graft merge, or graftlm.adapters.merge_and_unload)")
+    import torch._inductor.config as inductor_config
+
     compiled = torch.compile(_DecodeStep(model), dynamic=True, fullgraph=True)
 
     def decode_step(input_ids, position_ids, slot):
         # Set while tracing and compiling, i.e. at the call: dynamo must already treat the
         # parameters as constants for inductor to freeze them (a compile `options` entry
         # reaches inductor only). Scoped, so training's compiled blocks never freeze.
-        with torch._inductor.config.patch(freezing=True, cpp_wrapper=True):
+        with inductor_config.patch(freezing=True, cpp_wrapper=True):
             return compiled(input_ids, position_ids, slot)
     return decode_step
 

@@ -18,9 +18,10 @@ Design choices:
   logits of a long batch out of memory.
 - A `KVCache` preallocates keys and values for generation; `engine.py` owns decoding.
   Attention only calls `cache.write(layer, k, v)`: the eager cache writes at a Python
-  offset and returns the written slots; `DecodeSlot` (one compiled decode step) writes
-  at a tensor slot and returns the whole capacity, masked, so no shape changes as
-  decoding advances and `torch.compile` compiles `Decoder.decode_step` once.
+  offset and returns the written slots; `DecodeSlot` (one compiled decode step) holds
+  views of the written slots plus the new token's and writes the last one, so the
+  slot count is a dynamic dimension and `torch.compile` compiles
+  `Decoder.decode_step` once for every step.
 """
 
 from __future__ import annotations
@@ -326,8 +327,8 @@ class Decoder(nn.Module):
     def decode_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                     slot: DecodeSlot) -> torch.Tensor:
         """Logits [B, V] of one new token per row (input_ids, position_ids [B, 1]) written
-        at the last slot of `slot`. Every shape is fixed by the batch and the cache's
-        capacity, so `torch.compile` (the engine's `compile=True`) compiles it once."""
+        at the last slot of `slot`. Only the batch and the slot count vary, both dynamic
+        dimensions, so `torch.compile` (the engine's `compile=True`) compiles it once."""
         x, cos, sin = self._embed(input_ids, position_ids)
         mask = slot.mask(self.config.sliding_window)
         for i, block in enumerate(self.layers):

@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from graftlm.adapters import AdapterConfig, apply_adapters
+from graftlm.cli import main
 from graftlm.engine import Engine, SamplingParams
 from graftlm.errors import GraftError
 from graftlm.models.config import preset
 from graftlm.models.transformer import Decoder
+from tests.unit.test_engine import model_dir  # noqa: F401 (a fixture: a tiny model with a tokenizer)
 
 pytestmark = pytest.mark.slow  # compiling takes tens of seconds
 
@@ -53,3 +55,14 @@ def test_compile_refuses_a_model_with_adapters(model):
     apply_adapters(with_lora, AdapterConfig(r=4, target_modules=["q_proj"]))
     with pytest.raises(GraftError, match="merge them"):
         Engine(with_lora, compile=True)
+
+
+def test_graft_generate_compile_prints_the_eager_text(model_dir, capsys):
+    args = ["generate", "--model", str(model_dir), "--prompt", "ROMEO: what light",
+            "--prompt", "KING:", "--max-new-tokens", "12", "--temperature", "0"]
+    assert main(args) == 0
+    eager = capsys.readouterr().out
+    assert main([*args, "--compile"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == eager
+    assert "compiling the decode step" in captured.err
