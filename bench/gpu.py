@@ -5,7 +5,10 @@ from the network (random weights and tokens). Measures:
 - graftlm pre-training step (bf16 autocast, fp32 master weights, fused AdamW,
   torch.compile, sequence 2048): tokens/s, MFU, peak GPU memory;
 - graftlm LoRA step (r=16, all linear layers, bf16 frozen base) and the same step with
-  transformers + PEFT when both are importable: tokens/s, MFU, peak GPU memory.
+  transformers + PEFT when both are importable: tokens/s, MFU, peak GPU memory;
+- generation in bf16 on the same weights (64-token prompts, 128 new tokens, greedy,
+  batch 1 and 8): transformers' `generate`, graftlm's engine eager and with
+  `compile=True`: new tokens/s, and the ratio to transformers.
 
 Design choices:
 - FLOPs and peaks are graftlm's own (`plan.compute.train_flops_per_token`,
@@ -177,6 +180,56 @@ def bench_lora_peft(cfg, args, device):
     return measure(f"transformers + PEFT LoRA r={LORA_R}", make_step, cfg, args, device, "lora")
 
 
+def bench_generation(cfg, args, device) -> None:
+    """Print new tokens/s of transformers' `generate` and graftlm's engine (eager and
+    compiled) on the same bf16 weights, one row per side and batch size."""
+    import tempfile
+
+    import transformers
+
+    from graftlm.engine import Engine, SamplingParams
+    from graftlm.models.config import to_hf_config
+    from graftlm.models.hf import load_model
+
+    reset_memory(device)
+    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in to_hf_config(cfg).items()
+                                         if k not in ("architectures", "model_type")})
+    with torch.device(device):
+        hf = transformers.LlamaForCausalLM(hf_cfg).to(torch.bfloat16).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        ours = load_model(tmp, dtype=torch.bfloat16, device=device)
+    prompt_len, new_tokens = (8, 8) if args.smoke else (64, 128)
+    greedy = SamplingParams(max_new_tokens=new_tokens, temperature=0, stop_ids=())
+    engines = {"graftlm engine (eager)": Engine(ours)}
+    if not args.no_compile:
+        engines["graftlm engine (compiled)"] = Engine(ours, compile=True)
+    print(f"\n{'generate, bf16, ' + str(new_tokens) + ' new tokens':42s} {'tokens/s':>12s} {'vs HF':>7s}",
+          flush=True)
+    for batch in (1, 8):
+        ids = torch.randint(3, cfg.vocab_size, (batch, prompt_len), device=device)
+
+        def run_hf():
+            with torch.inference_mode():
+                return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                   do_sample=False, eos_token_id=None, pad_token_id=0).tolist()
+        sides = {"transformers generate": run_hf}
+        sides.update({name: (lambda e=engine: e.generate(ids.tolist(), greedy))
+                      for name, engine in engines.items()})
+        hf_tps = None
+        for name, run in sides.items():
+            try:
+                run()  # warm-up (and the compiled side's compile)
+            except Exception as e:  # one side's failure must not hide the others
+                print(f"{name} batch {batch}: failed ({type(e).__name__}: "
+                      f"{str(e).strip().splitlines()[0][:160]})", flush=True)
+                continue
+            seconds = timed_steps(run, 0, 2, device)
+            tps = batch * new_tokens / seconds
+            hf_tps = hf_tps or tps
+            print(f"{name + ' batch ' + str(batch):42s} {tps:12,.1f} {tps / hf_tps:6.2f}x", flush=True)
+
+
 def print_row(row) -> None:
     name, tps, mfu, mem = row
     print(f"{name:42s} {tps:12,.0f} {mfu:7.1%} {mem:9.1f}", flush=True)
@@ -209,6 +262,7 @@ def main(argv=None) -> None:
         print("transformers + PEFT not installed: their LoRA step is not measured")
     except Exception as e:  # the peer's failure must not hide graftlm's rows
         print(f"transformers + PEFT LoRA step failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}")
+    bench_generation(cfg, args, device)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One prepared GPU benchmark: installs nothing from the network, checks CUDA, and in
-# under 8 minutes prints one table (pre-training tokens/s and MFU of the ~1B preset at
+# under 8 minutes prints two tables (pre-training tokens/s and MFU of the ~1B preset at
 # sequence 2048 with torch.compile; the LoRA step against transformers + PEFT when
-# present; peak GPU memory). Usage: bench/gpu.sh [extra args for bench/gpu.py]
+# present; peak GPU memory; then bf16 generation, graftlm's engine eager and compiled
+# against transformers' generate). Usage: bench/gpu.sh [extra args for bench/gpu.py]
 # The Python used is $PY if set, else the first of .venv/bin/python and python3 whose
 # torch sees a CUDA device (a CPU-only virtualenv next to a CUDA system install is skipped).
 set -euo pipefail

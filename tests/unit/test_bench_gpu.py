@@ -71,6 +71,10 @@ def test_smoke_run_prints_every_row_of_the_table():
     assert set(rows) == {"graftlm pre-training (eager)", "graftlm LoRA r=16 (eager)",
                          "transformers + PEFT LoRA r=16 (eager)"}, result.stdout
     assert all(tps > 0 and math.isfinite(mfu) for tps, mfu in rows.values()), rows
+    generation = re.findall(r"^(.+ batch [18])\s+([\d,.]+)\s+([\d.]+)x$", result.stdout, re.M)
+    assert {name for name, _, _ in generation} == {
+        f"{side} batch {b}" for side in ("transformers generate", "graftlm engine (eager)") for b in (1, 8)}
+    assert all(float(tps.replace(",", "")) > 0 for _, tps, _ in generation)
 
 
 def test_gpu_sh_refuses_to_run_without_cuda():
