@@ -43,6 +43,7 @@ Design choices:
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass, replace
 from typing import Hashable, Iterator, Sequence as Seq
 
@@ -288,7 +289,10 @@ class Batch:
         old = self.cache
         length = max(old.length, cache.length)
         everyone = self.rows + rows
-        capacity = length + max(r.remaining for r in everyone)
+        # One slot more than the rows will write, as in `add_sequences` (whose rows have
+        # not sampled yet): the written slots plus the next are then never the whole
+        # buffer, whose contiguity a compiled decode step would specialize on.
+        capacity = length + max(r.remaining for r in everyone) + 1
         merged = KVCache.allocate(self.engine.model.config, len(everyone), capacity,
                                   self.engine.device, self.engine.dtype)
         merged.key_valid.fill_(True)
@@ -338,7 +342,14 @@ class Engine:
             self.pad_id, self.default_stop_ids = tokenizer.pad_id, tokenizer.stop_ids or cfg.eos_ids
         else:
             self.pad_id, self.default_stop_ids = cfg.pad_token_id or 0, cfg.eos_ids
-        self.compiled_decode = _compile_decode_step(model) if compile else None
+        self.compiled_decode = CompiledDecodeStep(model) if compile else None
+
+    def warm_up(self) -> None:
+        """Compile the decode step's graphs (batch 1 and larger batches) now rather than
+        at the first requests (a server does this before it listens)."""
+        greedy = SamplingParams(max_new_tokens=2, temperature=0, stop_ids=())
+        for rows in (1, 2):
+            self.generate([[self.pad_id]] * rows, greedy)
 
     # -- the high-level API -----------------------------------------------------------
 
@@ -403,7 +414,9 @@ class Engine:
     @torch.inference_mode()
     def forward(self, ids, positions, cache, rows=None) -> torch.Tensor:
         """Last-position logits [B, V] for `ids` [B, T] written into `cache`."""
-        if self.compiled_decode is not None and ids.shape[1] == 1 and rows is None:
+        # A one-token prompt's prefill stays eager too: a single slot would be a graph of
+        # its own (dimensions of size 1 are specialized).
+        if self.compiled_decode is not None and ids.shape[1] == 1 and cache.length > 0 and rows is None:
             logits = self.compiled_decode(ids, positions, DecodeSlot.next_of(cache))
             cache.length += 1
             return logits
@@ -426,23 +439,31 @@ class Engine:
         return tokens, torch.tensor(tokens, device=logits.device)[:, None]
 
 
-def _compile_decode_step(model):
-    from graftlm.adapters import has_adapters
+class CompiledDecodeStep:
+    """`model.decode_step` through `torch.compile`, with the inductor settings that make
+    it fast (see the module's docstring); called as `model.decode_step` is."""
 
-    if has_adapters(model):
-        raise GraftError("compiled decoding needs a model without adapters: merge them into the "
-                         "base first (graft merge, or graftlm.adapters.merge_and_unload)")
-    import torch._inductor.config as inductor_config
+    def __init__(self, model):
+        from graftlm.adapters import has_adapters
 
-    compiled = torch.compile(_DecodeStep(model), dynamic=True, fullgraph=True)
+        if has_adapters(model):
+            raise GraftError("compiled decoding needs a model without adapters: merge them into the "
+                             "base first (graft merge, or graftlm.adapters.merge_and_unload)")
+        self.module = _DecodeStep(model)
+        self.compiled = torch.compile(self.module, dynamic=True, fullgraph=True)
 
-    def decode_step(input_ids, position_ids, slot):
+    def __call__(self, input_ids, position_ids, slot: DecodeSlot) -> torch.Tensor:
+        import torch._inductor.config as inductor_config
+        import torch.fx.experimental._config as shapes_config
+
         # Set while tracing and compiling, i.e. at the call: dynamo must already treat the
         # parameters as constants for inductor to freeze them (a compile `options` entry
         # reaches inductor only). Scoped, so training's compiled blocks never freeze.
-        with inductor_config.patch(freezing=True, cpp_wrapper=True):
-            return compiled(input_ids, position_ids, slot)
-    return decode_step
+        # Without duck shaping, a batch or slot count that happens to equal another size
+        # at the first call (the kv heads, the other) stays its own dynamic dimension.
+        with inductor_config.patch(freezing=True, cpp_wrapper=True), \
+                shapes_config.patch(use_duck_shape=False):
+            return self.compiled(input_ids, position_ids, slot)
 
 
 class _DecodeStep(torch.nn.Module):
@@ -452,6 +473,13 @@ class _DecodeStep(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
+        # A code object of its own for this engine's `forward`: dynamo keeps compiled
+        # graphs per code object, so engines sharing one would pile graphs (and their
+        # frozen weights) up to dynamo's recompile limit and then fail; these go with
+        # the engine.
+        shared = type(self).forward
+        own = types.FunctionType(shared.__code__.replace(), shared.__globals__, shared.__name__)
+        self.forward = types.MethodType(own, self)
 
     def forward(self, input_ids, position_ids, slot):
         return self.model.decode_step(input_ids, position_ids, slot)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from graftlm.errors import GraftError
 from graftlm.placement import add_placement_arguments, placement
@@ -30,6 +31,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="rows per decode step")
     p.add_argument("--max-queue", type=int, default=256, help="waiting sequences before 429")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step before serving (tens of seconds): faster "
+                        "decoding; the base model alone (no --adapter, --adapter-root)")
     add_placement_arguments(p)
     p.set_defaults(handler=serve)
 
@@ -44,8 +48,10 @@ def serve(args) -> int:
     names = [name for name, _ in args.adapter]
     if len(set(names)) != len(names):
         raise GraftError("--adapter: a name is given twice")
+    if args.compile:
+        print("compiling the decode step before serving (tens of seconds)", file=sys.stderr)
     backend = build_backend(args.model, dict(args.adapter), args.adapter_root, args.max_batch,
-                            args.max_queue, args.served_model_name, *placement(args))
+                            args.max_queue, args.served_model_name, *placement(args), compile=args.compile)
     app = create_app(backend, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
     backend.scheduler.start()
     try:

@@ -78,9 +78,10 @@ class ServeBackend:
 def build_backend(model_dir: str | Path, adapters: dict[str, str] | None = None,
                   adapter_root: str | Path | None = None, max_batch: int = 16,
                   max_queue: int = 256, base_name: str | None = None, device="cpu",
-                  dtype=None) -> ServeBackend:
+                  dtype=None, compile: bool = False) -> ServeBackend:
     """Load the base model and tokenizer, and the operator's adapters; start nothing yet.
-    `dtype` None: float32."""
+    `dtype` None: float32. `compile`: decode with the engine's compiled step (compiled
+    here, before serving); the base model alone, since its weights are frozen into it."""
     import torch
 
     from graftlm.engine import Batch, Engine
@@ -89,9 +90,15 @@ def build_backend(model_dir: str | Path, adapters: dict[str, str] | None = None,
     model_dir = Path(model_dir)
     if adapter_root is not None and not Path(adapter_root).is_dir():
         raise GraftError(f"--adapter-root {adapter_root}: not a directory")
+    if compile and (adapters or adapter_root is not None):
+        raise GraftError("--compile serves the base model alone: drop --adapter and --adapter-root "
+                         "(or serve a model with the adapter merged in: graft merge)")
     model = load_model(model_dir, dtype=dtype or torch.float32, device=device)
     tokenizer = load_tokenizer(model_dir)
-    batch = Batch(Engine(model, tokenizer), row_adapters=True, want_text=True)
+    engine = Engine(model, tokenizer, compile=compile)
+    if compile:
+        engine.warm_up()
+    batch = Batch(engine, row_adapters=not compile, want_text=True)
     backend = ServeBackend(model, tokenizer, batch,
                            base_name or model_dir.resolve().name, adapter_root, max_batch, max_queue)
     for name, path in (adapters or {}).items():

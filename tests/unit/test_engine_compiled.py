@@ -50,6 +50,13 @@ def test_compiled_decoding_matches_eager_without_recompiling(model):
     assert counters["stats"]["unique_graphs"] - graphs == 2
 
 
+def test_each_engine_compiles_its_own_code(model):
+    # Dynamo keeps graphs per code object up to a limit (8): engines sharing one code
+    # object would fail from the fifth on, and keep the dead ones' frozen weights.
+    first, second = (Engine(copy.deepcopy(model), compile=True).compiled_decode for _ in range(2))
+    assert first.module.forward.__code__ is not second.module.forward.__code__
+
+
 def test_compile_refuses_a_model_with_adapters(model):
     with_lora = copy.deepcopy(model)
     apply_adapters(with_lora, AdapterConfig(r=4, target_modules=["q_proj"]))

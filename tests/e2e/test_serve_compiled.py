@@ -1,0 +1,52 @@
+"""`graft serve --compile`: the server decodes with the engine's compiled step, compiled
+before it listens, and answers concurrent requests as the eager engine does."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+from torch._dynamo.utils import counters
+
+from graftlm.engine import Engine, SamplingParams
+from graftlm.errors import GraftError
+from graftlm.models.hf import load_model
+from graftlm.serve import build_backend
+from graftlm.tokenizer import load_tokenizer
+from serve_support import model_with_adapters, thread_server
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["ROMEO: what light", "KING:", "First Citizen:\nBefore we proceed", "O", "To be, or not"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return model_with_adapters(tmp_path_factory.mktemp("serve_compiled"))
+
+
+def test_compiled_server_answers_concurrent_requests_as_the_eager_engine(files):
+    backend = build_backend(files["model"], max_batch=8, compile=True)
+    graphs = counters["stats"]["unique_graphs"]  # both graphs are compiled by now
+    eager = Engine(load_model(files["model"]), load_tokenizer(files["model"]))
+    want = {(p, n): eager.generate([p], SamplingParams(max_new_tokens=n, temperature=0))[0].text
+            for p in PROMPTS for n in (5, 17)}
+    with thread_server(backend) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+        def complete(key):
+            prompt, n = key
+            r = client.completions.create(model=backend.registry.base_name, prompt=prompt,
+                                          max_tokens=n, temperature=0)
+            return r.choices[0].text
+        # Rows join and leave the running batch at different steps.
+        with ThreadPoolExecutor(len(want)) as pool:
+            got = dict(zip(want, pool.map(complete, want)))
+    assert got == want
+    assert counters["stats"]["unique_graphs"] == graphs  # no recompiling while serving
+
+
+def test_compile_refuses_adapters(files):
+    with pytest.raises(GraftError, match="--compile serves the base model alone"):
+        build_backend(files["model"], {"a1": str(files["root"] / "a1")}, compile=True)
+    with pytest.raises(GraftError, match="--compile serves the base model alone"):
+        build_backend(files["model"], adapter_root=files["root"], compile=True)
