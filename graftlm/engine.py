@@ -43,7 +43,9 @@ Design choices:
 
 from __future__ import annotations
 
+import sys
 import types
+import weakref
 from dataclasses import dataclass, replace
 from typing import Hashable, Iterator, Sequence as Seq
 
@@ -451,6 +453,11 @@ class CompiledDecodeStep:
                              "base first (graft merge, or graftlm.adapters.merge_and_unload)")
         self.module = _DecodeStep(model)
         self.compiled = torch.compile(self.module, dynamic=True, fullgraph=True)
+        # Dynamo keeps the graphs on the code object, and inductor keeps every module it
+        # generated (the frozen weights are those modules' globals), past the engine's
+        # life: both are let go with the engine.
+        self._generated: list = []  # inductor's modules made by this engine's compiles
+        weakref.finalize(self, _forget_graphs, self.module.forward.__code__, self._generated)
 
     def __call__(self, input_ids, position_ids, slot: DecodeSlot) -> torch.Tensor:
         import torch._inductor.config as inductor_config
@@ -461,9 +468,28 @@ class CompiledDecodeStep:
         # reaches inductor only). Scoped, so training's compiled blocks never freeze.
         # Without duck shaping, a batch or slot count that happens to equal another size
         # at the first call (the kv heads, the other) stays its own dynamic dimension.
+        from torch._inductor.codecache import PyCodeCache
+
+        known = len(PyCodeCache.modules)
         with inductor_config.patch(freezing=True, cpp_wrapper=True), \
                 shapes_config.patch(use_duck_shape=False):
-            return self.compiled(input_ids, position_ids, slot)
+            logits = self.compiled(input_ids, position_ids, slot)
+        if len(PyCodeCache.modules) != known:  # this call compiled a graph
+            self._generated.extend(PyCodeCache.modules[known:])
+        return logits
+
+
+def _forget_graphs(code, generated: list) -> None:
+    from torch._dynamo.eval_frame import remove_from_cache
+    from torch._inductor.codecache import PyCodeCache
+
+    remove_from_cache(code)
+    mine = {id(module) for module in generated}
+    PyCodeCache.modules[:] = [m for m in PyCodeCache.modules if id(m) not in mine]
+    for module in generated:  # inductor also registers them as modules of the process
+        if sys.modules.get(module.__name__) is module:
+            del sys.modules[module.__name__]
+    generated.clear()
 
 
 class _DecodeStep(torch.nn.Module):
@@ -474,9 +500,8 @@ class _DecodeStep(torch.nn.Module):
         super().__init__()
         self.model = model
         # A code object of its own for this engine's `forward`: dynamo keeps compiled
-        # graphs per code object, so engines sharing one would pile graphs (and their
-        # frozen weights) up to dynamo's recompile limit and then fail; these go with
-        # the engine.
+        # graphs per code object, so engines sharing one would pile graphs up to
+        # dynamo's recompile limit and then fail.
         shared = type(self).forward
         own = types.FunctionType(shared.__code__.replace(), shared.__globals__, shared.__name__)
         self.forward = types.MethodType(own, self)

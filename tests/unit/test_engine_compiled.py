@@ -1,6 +1,8 @@
 """`Engine(compile=True)`: the compiled decode step gives the eager engine's tokens."""
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -55,6 +57,18 @@ def test_each_engine_compiles_its_own_code(model):
     # object would fail from the fifth on, and keep the dead ones' frozen weights.
     first, second = (Engine(copy.deepcopy(model), compile=True).compiled_decode for _ in range(2))
     assert first.module.forward.__code__ is not second.module.forward.__code__
+
+
+def test_a_dropped_engine_lets_go_of_its_graphs(model):
+    # Inductor's generated modules hold the frozen weights; without the engine's
+    # finalizer they would stay in sys.modules for the life of the process.
+    engine = Engine(copy.deepcopy(model), compile=True)
+    engine.warm_up()
+    generated = [weakref.ref(module) for module in engine.compiled_decode._generated]
+    assert generated
+    del engine
+    gc.collect()
+    assert all(ref() is None for ref in generated)
 
 
 def test_compile_refuses_a_model_with_adapters(model):
