@@ -462,15 +462,14 @@ class CompiledDecodeStep:
     def __call__(self, input_ids, position_ids, slot: DecodeSlot) -> torch.Tensor:
         import torch._inductor.config as inductor_config
         import torch.fx.experimental._config as shapes_config
+        from torch._inductor.codecache import PyCodeCache
 
+        known = len(PyCodeCache.modules)
         # Set while tracing and compiling, i.e. at the call: dynamo must already treat the
         # parameters as constants for inductor to freeze them (a compile `options` entry
         # reaches inductor only). Scoped, so training's compiled blocks never freeze.
         # Without duck shaping, a batch or slot count that happens to equal another size
         # at the first call (the kv heads, the other) stays its own dynamic dimension.
-        from torch._inductor.codecache import PyCodeCache
-
-        known = len(PyCodeCache.modules)
         with inductor_config.patch(freezing=True, cpp_wrapper=True), \
                 shapes_config.patch(use_duck_shape=False):
             logits = self.compiled(input_ids, position_ids, slot)
