@@ -333,7 +333,7 @@ class Decoder(nn.Module):
         mask = slot.mask(self.config.sliding_window)
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, mask, slot, i)
-        return self.lm_head(self.norm(x))[:, -1]
+        return self._output(x, None, False)[:, -1]
 
     def _embed(self, input_ids, position_ids):
         """Token embeddings and the RoPE cos / sin [B, 1, T, D] of their positions, in
