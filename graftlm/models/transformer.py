@@ -179,7 +179,7 @@ class Attention(nn.Module):
             k, v = cache.write(layer, k, v)
         gqa = self.num_heads != self.num_kv_heads
         if isinstance(mask, str):  # "causal": the fast path, no mask tensor
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            out = kernels.causal_attention(q, k, v, gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
