@@ -200,3 +200,21 @@ def test_compiled_causal_attention_backward_matches_float64(kv_heads):
     assert "flash_attention_for_cpu" in "\n".join(codes)  # the forward is the flash kernel
     for mine, theirs in zip(grouped, flash):
         assert mine < 2 * theirs, (grouped, flash)
+
+
+def test_grouped_attention_backward_does_not_recompile_per_length():
+    """Batches of changing length (DPO pads to each batch's longest) make one dynamic
+    graph after the first change, not a graph per length."""
+    from torch._inductor.compile_fx import compile_fx
+
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return compile_fx(gm, example_inputs)
+
+    compiled = torch.compile(lambda q, k, v: kernels.causal_attention(q, k, v, False).sin(), backend=counting)
+    for length in (256, 192, 128, 160, 96, 224):
+        q, k, v = (torch.randn(2, 4, length, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        compiled(q, k, v).sum().backward()
+    assert len(graphs) == 2
