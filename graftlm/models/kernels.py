@@ -22,8 +22,8 @@ Design choices:
   weights saved no time on the CPU, neither in training (the concatenation every step
   costs what the fewer matmul calls save) nor in decoding with a concatenated copy
   kept (a decode step streams the same bytes of weights either way).
-- Causal attention in the compiled training blocks on the CPU, in bf16 / fp16
-  (`causal_attention`): the forward is PyTorch's flash kernel, the backward is written
+- Attention in the compiled training blocks on the CPU, in bf16 / fp16 (`attention`,
+  causal or with a boolean mask such as packed rows' documents): the forward is PyTorch's flash kernel, the backward is written
   out per group of heads (bmm, then the softmax gradient) so that inductor fuses the
   element-wise chain between the bmm calls and each group's [heads, S, S] scores stay
   in cache. Measured on the pre-training benchmark's shape (8 x 8 heads, S = 256, bf16):
@@ -196,48 +196,66 @@ def _score_groups(heads: int, seq: int) -> int:
     return -(-heads // max(1, _SCORE_ELEMENTS_PER_GROUP // (seq * seq)))
 
 
-class _CausalAttention(Function):
-    """Causal softmax(q kᵀ / √d) v: the flash kernel forward, a grouped backward."""
+class _GroupedAttention(Function):
+    """softmax(q kᵀ / √d + mask) v: the flash kernel forward, a grouped backward.
+
+    `allowed` is None for the causal mask, else a boolean [B or 1, 1, S, S] (True = may
+    attend): packed rows' document masks, sliding windows.
+    """
 
     @staticmethod
-    def forward(ctx, q, k, v):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)[:2]
-        ctx.save_for_backward(q, k, v, out, lse)
+    def forward(ctx, q, k, v, allowed):
+        additive = None
+        if allowed is not None:
+            additive = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, allowed is None, attn_mask=additive)[:2]
+        ctx.save_for_backward(q, k, v, out, lse, allowed)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, allowed = ctx.saved_tensors
         b, h, s, d = q.shape
         n, scale = b * h, d ** -0.5
         q, k, v, grad = (t.reshape(n, s, d) for t in (q, k, v, grad))
         lse = lse.reshape(n, s, 1)
+        if allowed is None:
+            allowed = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+        else:  # one [S, S] mask per (row, head)
+            allowed = allowed.expand(b, h, s, s).reshape(n, s, s)
         # Σ_j p_ij dp_ij = dO_i · O_i, one float per query row.
         delta = (grad.float() * out.reshape(n, s, d).float()).sum(-1, keepdim=True)
-        future = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
         group = -(-n // _score_groups(n, s))
         grads = [], [], []
         for start in range(0, n, group):
             rows = slice(start, start + group)
             scores = torch.bmm(q[rows], k[rows].transpose(1, 2)).float() * scale - lse[rows]
-            p = scores.masked_fill(future, float("-inf")).exp()
+            # `where`, not masked exp: a query that may attend to nothing gets zeros, not NaN.
+            p = torch.where(allowed if allowed.dim() == 2 else allowed[rows], scores.exp(), 0.0)
             dp = torch.bmm(grad[rows], v[rows].transpose(1, 2)).float()
             ds = ((dp - delta[rows]) * p * scale).to(q.dtype)
             grads[0].append(torch.bmm(ds, k[rows]))
             grads[1].append(torch.bmm(ds.transpose(1, 2), q[rows]))
             grads[2].append(torch.bmm(p.to(q.dtype).transpose(1, 2), grad[rows]))
-        return tuple(torch.cat(g).view(b, h, s, d) for g in grads)
+        return *(torch.cat(g).view(b, h, s, d) for g in grads), None
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool) -> torch.Tensor:
-    """Causal scaled-dot-product attention of q [B, H, S, D] over k, v [B, H_kv, S, D]."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: str | torch.Tensor | None,
+              enable_gqa: bool) -> torch.Tensor:
+    """Scaled-dot-product attention of q [B, H, T, D] over k, v [B, H_kv, S, D]; `mask` is
+    "causal", None (attend to all) or a boolean [B or 1, 1, T, S] (True = may attend)."""
     b, h, s, _ = q.shape
-    if (torch.compiler.is_compiling() and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
-            and _needs_grad(q, k, v) and k.shape[2] == s and _score_groups(b * h, s) <= _MAX_GROUPS):
+    grouped_mask = isinstance(mask, str) or (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool)
+    if (grouped_mask and torch.compiler.is_compiling() and q.device.type == "cpu"
+            and q.dtype in (torch.bfloat16, torch.float16) and _needs_grad(q, k, v) and k.shape[2] == s
+            and _score_groups(b * h, s) <= _MAX_GROUPS):
         if enable_gqa:  # the expansion's backward sums each kv head's gradient over its queries
             k, v = (t.repeat_interleave(h // t.shape[1], dim=1) for t in (k, v))
-        return _CausalAttention.apply(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+        return _GroupedAttention.apply(q, k, v, None if isinstance(mask, str) else mask)
+    if isinstance(mask, str):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
 
 
 class _ChunkBuffers:

@@ -4,7 +4,8 @@ Design choices:
 - Module and parameter names follow Hugging Face's Llama (`embed_tokens`,
   `layers.N.self_attn.q_proj`, `mlp.gate_proj`, `lm_head`, ...), so checkpoints map
   one to one (`hf.py` only adds the `model.` prefix) and LoRA targets read the same.
-- Attention is `F.scaled_dot_product_attention` with native grouped-query attention.
+- Attention is `F.scaled_dot_product_attention` with native grouped-query attention
+  (`kernels.attention`; compiled bf16 training on the CPU swaps in a faster backward).
   Without padding or packing it takes the `is_causal` fast path; packed rows get a
   block-diagonal causal mask built from document ids; left-padded generation gets a
   key-padding mask.
@@ -30,7 +31,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -178,10 +178,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.write(layer, k, v)
         gqa = self.num_heads != self.num_kv_heads
-        if isinstance(mask, str):  # "causal": the fast path, no mask tensor
-            out = kernels.causal_attention(q, k, v, gqa)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        out = kernels.attention(q, k, v, mask, gqa)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 

@@ -169,11 +169,19 @@ def test_decoder_training_gradients_match_plain_composition():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kv_heads", [4, 2])
-def test_compiled_causal_attention_backward_matches_float64(kv_heads):
+def _document_mask(length: int) -> torch.Tensor:
+    """Packed rows' mask [2, 1, S, S]: causal within documents of 3 uneven lengths."""
+    documents = torch.stack([torch.arange(length) * 3 // length, (torch.arange(length) + length // 5) * 3 // length])
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    return (causal & (documents[:, :, None] == documents[:, None, :])).unsqueeze(1)
+
+
+@pytest.mark.parametrize("kv_heads, masked", [(4, False), (2, False), (4, True)])
+def test_compiled_attention_backward_matches_float64(kv_heads, masked):
     """In a compiled bf16 training graph on the CPU, attention's backward is the grouped
     one (several groups at this size: 2 x 4 heads of S = 512 make 4 groups of 2); its
-    gradients are as close to float64 as the flash kernel's, with and without GQA."""
+    gradients are as close to float64 as the flash kernel's: causal, with GQA, and with
+    packed rows' document mask."""
     from torch._inductor.utils import run_and_get_code
 
     g = torch.Generator().manual_seed(0)
@@ -181,25 +189,40 @@ def test_compiled_causal_attention_backward_matches_float64(kv_heads):
     k, v = (torch.randn(2, kv_heads, 512, 16, generator=g, dtype=torch.float64) for _ in range(2))
     grad_out = torch.randn(2, 4, 512, 16, generator=g, dtype=torch.float64)
     gqa = kv_heads != 4
+    mask = _document_mask(512) if masked else "causal"
+
+    def sdpa(q, k, v):
+        if masked:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
 
     def grads(fn, dtype):
         inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
         (fn(*inputs).double() * grad_out).sum().backward()
         return [t.grad.double() for t in inputs]
 
-    exact = grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa),
-                  torch.float64)
+    exact = grads(sdpa, torch.float64)
 
     def errors(fn):
         return [((got - e).abs().max() / e.abs().max()).item() for got, e in zip(grads(fn, torch.bfloat16), exact)]
 
-    flash = errors(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa))
-    compiled = torch.compile(lambda q, k, v: kernels.causal_attention(q, k, v, gqa), fullgraph=True)
+    flash = errors(sdpa)
+    compiled = torch.compile(lambda q, k, v: kernels.attention(q, k, v, mask, gqa), fullgraph=True)
     grouped, codes = run_and_get_code(lambda: errors(compiled))
     assert "flash_attention_for_cpu_backward" not in "\n".join(codes)
     assert "flash_attention_for_cpu" in "\n".join(codes)  # the forward is the flash kernel
     for mine, theirs in zip(grouped, flash):
         assert mine < 2 * theirs, (grouped, flash)
+
+
+def test_grouped_attention_backward_gives_zeros_to_a_query_that_sees_nothing():
+    mask = torch.ones(1, 1, 256, 256, dtype=torch.bool).tril()
+    mask[..., 5, :] = False
+    q, k, v = (torch.randn(1, 2, 256, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    compiled = torch.compile(lambda q, k, v: kernels.attention(q, k, v, mask, False), fullgraph=True)
+    compiled(q, k, v).float().sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    assert (q.grad[:, :, 5] == 0).all()
 
 
 def test_grouped_attention_backward_does_not_recompile_per_length():
@@ -213,7 +236,7 @@ def test_grouped_attention_backward_does_not_recompile_per_length():
         graphs.append(gm)
         return compile_fx(gm, example_inputs)
 
-    compiled = torch.compile(lambda q, k, v: kernels.causal_attention(q, k, v, False).sin(), backend=counting)
+    compiled = torch.compile(lambda q, k, v: kernels.attention(q, k, v, "causal", False).sin(), backend=counting)
     for length in (256, 192, 128, 160, 96, 224):
         q, k, v = (torch.randn(2, 4, length, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         compiled(q, k, v).sum().backward()
