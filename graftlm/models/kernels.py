@@ -22,14 +22,21 @@ Design choices:
   weights saved no time on the CPU, neither in training (the concatenation every step
   costs what the fewer matmul calls save) nor in decoding with a concatenated copy
   kept (a decode step streams the same bytes of weights either way).
-- Attention in the compiled training blocks on the CPU, in bf16 / fp16 (`attention`,
-  causal or with a boolean mask such as packed rows' documents): the forward is PyTorch's flash kernel, the backward is written
-  out per group of heads (bmm, then the softmax gradient) so that inductor fuses the
-  element-wise chain between the bmm calls and each group's [heads, S, S] scores stay
-  in cache. Measured on the pre-training benchmark's shape (8 x 8 heads, S = 256, bf16):
-  28 -> 18 ms per layer forward + backward; at S = 512, 76 -> 58 ms. It is slower than
-  flash at S = 1024, in float32 (no bf16 matrix units) and run eagerly (the chain
-  is then ten passes over memory), so those keep SDPA.
+- Attention in the compiled training blocks on the CPU, in bf16 (`attention`, causal
+  or with a boolean mask such as packed rows' documents): the forward is PyTorch's
+  flash kernel, the backward is written out per group of heads (bmm, then the softmax
+  gradient) so that inductor fuses the element-wise chain between the bmm calls and
+  each group's [heads, S, S] scores stay in cache. Measured on the pre-training
+  benchmark's shape (8 x 8 heads, S = 256): 28 -> 18 ms per layer forward + backward;
+  at S = 512, 76 -> 58 ms. It is slower than flash at S = 1024, in float32 (no bf16
+  matrix units) and run eagerly (the chain is then ten passes over memory), so those
+  keep SDPA. Compiling only this kernel into eager training saves about 9% of the eager
+  LoRA step, for 5–13 s of compiling at the first step: not done.
+- Measured and dropped for the LoRA linear: the forward on a merged weight W + s·BA
+  (no faster, and rounds W + s·BA to bf16); the fused LoRA linear as a torch.library
+  custom op, which spares compiled graphs the copy that a functionalized addmm_ makes
+  (about 30 ms a step) but loses as much elsewhere; glibc malloc thresholds (fewer page
+  faults, no faster).
 - Without autograd (generation, reference forwards) the wrappers call the forward
   math directly: `Function.apply` costs tens of microseconds of Python per call.
 """
@@ -248,7 +255,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: str | tor
     b, h, s, _ = q.shape
     grouped_mask = isinstance(mask, str) or (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool)
     if (grouped_mask and torch.compiler.is_compiling() and q.device.type == "cpu"
-            and q.dtype in (torch.bfloat16, torch.float16) and _needs_grad(q, k, v) and k.shape[2] == s
+            and q.dtype == torch.bfloat16 and _needs_grad(q, k, v) and k.shape[2] == s
             and _score_groups(b * h, s) <= _MAX_GROUPS):
         if enable_gqa:  # the expansion's backward sums each kv head's gradient over its queries
             k, v = (t.repeat_interleave(h // t.shape[1], dim=1) for t in (k, v))
