@@ -10,6 +10,11 @@ Design choices:
 - Rows of one batch can use different adapters (`routing`, set by `multi.row_adapters`):
   the base runs once on the whole batch, then each adapter runs only on its rows,
   which are gathered by index and scattered back with `index_add`.
+- Measured and dropped for the fused LoRA linear (`_FusedLoraLinear`): the forward on
+  a merged weight W + s·BA (no faster, and it rounds W + s·BA to bf16); the same as
+  torch.library custom ops, which spare compiled graphs the copy a functionalized
+  addmm_ makes (about 30 ms a step) but lose as much elsewhere; glibc malloc
+  thresholds against page faults (fewer faults, no faster step).
 - `weight` is the effective weight (base + active update) so that code that reads
   `model.lm_head.weight` directly (the chunked losses) sees the adapter.
 """

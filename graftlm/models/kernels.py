@@ -32,11 +32,6 @@ Design choices:
   matrix units) and run eagerly (the chain is then ten passes over memory), so those
   keep SDPA. Compiling only this kernel into eager training saves about 9% of the eager
   LoRA step, for 5–13 s of compiling at the first step: not done.
-- Measured and dropped for the LoRA linear: the forward on a merged weight W + s·BA
-  (no faster, and rounds W + s·BA to bf16); the fused LoRA linear as a torch.library
-  custom op, which spares compiled graphs the copy that a functionalized addmm_ makes
-  (about 30 ms a step) but loses as much elsewhere; glibc malloc thresholds (fewer page
-  faults, no faster).
 - Without autograd (generation, reference forwards) the wrappers call the forward
   math directly: `Function.apply` costs tens of microseconds of Python per call.
 """
