@@ -28,6 +28,28 @@ def test_compiled_model_trains_like_eager(tmp_path):
     assert got == pytest.approx(want, rel=1e-4, abs=1e-4)
 
 
+@pytest.mark.slow
+def test_compiled_bf16_training_with_the_grouped_attention_backward_trains_like_eager(tmp_path):
+    """bf16 autocast compiled: the blocks' attention backward is graftlm's grouped one
+    (kernels.attention), not the flash kernel's; the losses follow eager bf16's within
+    bf16 rounding."""
+    from torch.profiler import profile
+
+    options = dict(max_steps=4, save_every=0, precision="bf16-autocast", learnable=True)
+    eager = build_trainer(tmp_path / "eager", **options)
+    eager.fit()
+    compiled = build_trainer(tmp_path / "compiled", compile=True, **options)
+    with profile() as run:
+        compiled.fit()
+    ops = {event.name for event in run.events()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops  # the forward
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward" not in ops
+    want, got = train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")
+    assert sorted(got) == [1, 2, 3, 4]
+    assert got == pytest.approx(want, rel=2e-2)
+    assert got[4] < got[1]
+
+
 def test_compiled_layers_serve_training_and_scoring_but_never_generation():
     """Generation's cache length changes every step: compiled blocks would recompile each
     step, so forwards with a KV cache must take the eager modules."""
