@@ -260,25 +260,70 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: str | tor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
 
 
-class _ChunkBuffers:
-    """One chunk's logits (compute dtype) and their float32 copy, made once per call.
+class _Chunk:
+    """One chunk's log-probabilities and logit gradients, each from a fresh matmul.
 
-    Every chunk writes into the same two buffers through `out=` ops. A fresh [rows,
-    vocab] tensor per op and chunk costs more than the op itself on a CPU: new pages
-    fault in, and the buffer is cold in cache (measured on the pre-training benchmark's
-    head: 85–115 ms for forward and backward with fresh tensors, 65 ms reused).
+    Eagerly, every chunk writes into the same buffers (logits in the compute dtype, a
+    float32 copy, a float32 scratch) through `out=` ops. A fresh [rows, vocab] tensor per
+    op and chunk costs more than the op itself on a CPU: new pages fault in, and the
+    tensor is cold in cache (measured on the pre-training benchmark's head: 85–115 ms
+    for forward and backward with fresh tensors, 65 ms reused). Under torch.compile the
+    plain ops are traced instead: inductor plans its own buffers, and `out=` views of a
+    dynamic size cannot be traced.
     """
 
     def __init__(self, rows: int, vocab: int, dtype: torch.dtype, acc: torch.dtype, device: torch.device):
-        self.logits = torch.empty(rows, vocab, dtype=dtype, device=device)
-        self.acc = self.logits if dtype == acc else torch.empty(rows, vocab, dtype=acc, device=device)
-        self.scratch = torch.empty(rows, vocab, dtype=acc, device=device)
+        self.acc = acc
+        self.buffered = not torch.compiler.is_compiling()
+        self.weight_part = None  # the compute-dtype weight-gradient product, made at first use
+        if self.buffered:
+            self.logits = torch.empty(rows, vocab, dtype=dtype, device=device)
+            self.acc_logits = self.logits if dtype == acc else torch.empty(rows, vocab, dtype=acc, device=device)
+            self.scratch = torch.empty(rows, vocab, dtype=acc, device=device)
 
-    def logits_of(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """hidden Wᵀ in the accumulation dtype, in the buffers (a view of their first rows)."""
+    def _logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """hidden Wᵀ in the accumulation dtype (in the buffers: a view of their first rows)."""
         rows = hidden.shape[0]
         logits = torch.mm(hidden, weight.t(), out=self.logits[:rows])
-        return logits if self.acc is self.logits else self.acc[:rows].copy_(logits)
+        return logits if self.acc_logits is self.logits else self.acc_logits[:rows].copy_(logits)
+
+    def logprobs(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log p(targets) [rows] in the accumulation dtype."""
+        if not self.buffered:
+            logp = torch.log_softmax(hidden @ weight.t(), -1, dtype=self.acc)
+        else:
+            logits = self._logits(hidden, weight)
+            logp = torch.log_softmax(logits, -1, out=self.scratch[:logits.shape[0]])
+        return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+    def grad_logits(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                    grad: torch.Tensor) -> torch.Tensor:
+        """d(grad · log p(targets)) / d logits [rows, vocab] in hidden's dtype:
+        grad · (onehot(target) − softmax(logits))."""
+        g = grad.unsqueeze(-1)
+        if not self.buffered:
+            out = torch.softmax(hidden @ weight.t(), -1, dtype=self.acc).mul_(g.neg())
+            return out.scatter_add_(-1, targets.unsqueeze(-1), g).to(hidden.dtype)
+        logits = self._logits(hidden, weight)
+        out = torch.softmax(logits, -1, out=self.scratch[:logits.shape[0]]).mul_(g.neg())
+        out.scatter_add_(-1, targets.unsqueeze(-1), g)
+        return out if self.acc_logits is self.logits else self.logits[:logits.shape[0]].copy_(out)
+
+
+    def add_weight_grad(self, total: torch.Tensor | None, grad_logits: torch.Tensor,
+                        hidden: torch.Tensor) -> torch.Tensor:
+        """total + grad_logitsᵀ hidden, summed over the chunks in the accumulation dtype
+        (eagerly in place, the compute-dtype product in a buffer made once)."""
+        if not self.buffered:
+            part = (grad_logits.t() @ hidden).to(self.acc)
+            return part if total is None else total + part
+        if total is None:
+            total = torch.zeros(grad_logits.shape[1], hidden.shape[1], dtype=self.acc, device=hidden.device)
+        if hidden.dtype == self.acc:
+            return total.addmm_(grad_logits.t(), hidden)
+        if self.weight_part is None:
+            self.weight_part = torch.empty(total.shape, dtype=hidden.dtype, device=hidden.device)
+        return total.add_(torch.mm(grad_logits.t(), hidden, out=self.weight_part))
 
 
 class _LinearLogprobs(Function):
@@ -292,14 +337,9 @@ class _LinearLogprobs(Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size):
         acc = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64 in tests
-        out = torch.empty(targets.shape, dtype=acc, device=hidden.device)
-        chunk = min(chunk_size, targets.numel())
-        buffers = _ChunkBuffers(chunk, weight.shape[0], hidden.dtype, acc, hidden.device)
-        for start in range(0, targets.numel(), chunk_size):
-            rows = slice(start, start + chunk_size)
-            logits = buffers.logits_of(hidden[rows], weight)
-            logp = torch.log_softmax(logits, -1, out=buffers.scratch[:logits.shape[0]])
-            torch.gather(logp, -1, targets[rows].unsqueeze(-1), out=out[rows].unsqueeze(-1))
+        chunk = _Chunk(min(chunk_size, targets.numel()), weight.shape[0], hidden.dtype, acc, hidden.device)
+        out = torch.cat([chunk.logprobs(hidden[start:start + chunk_size], weight, targets[start:start + chunk_size])
+                         for start in range(0, targets.numel(), chunk_size)])
         ctx.save_for_backward(hidden, weight, targets)
         ctx.chunk_size = chunk_size
         return out
@@ -308,31 +348,22 @@ class _LinearLogprobs(Function):
     def backward(ctx, grad):
         hidden, weight, targets = ctx.saved_tensors
         want_hidden, want_weight = ctx.needs_input_grad[:2]
-        grad_hidden = torch.empty_like(hidden) if want_hidden else None
         acc = grad.dtype
-        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_weight else None
-        weight_part = torch.empty_like(weight) if want_weight and weight.dtype != acc else None
-        buffers = _ChunkBuffers(min(ctx.chunk_size, targets.numel()), weight.shape[0], hidden.dtype, acc,
-                                hidden.device)
+        chunk = _Chunk(min(ctx.chunk_size, targets.numel()), weight.shape[0], hidden.dtype, acc, hidden.device)
+        grad_hidden = torch.empty_like(hidden) if want_hidden and chunk.buffered else None
+        hidden_parts, grad_weight = [], None
         for start in range(0, targets.numel(), ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
-            g = grad[rows].unsqueeze(-1)
-            logits = buffers.logits_of(hidden[rows], weight)
-            # d log p[t] / d logits = onehot(t) − softmax(logits)
-            grad_logits = torch.softmax(logits, -1, out=buffers.scratch[:logits.shape[0]]).mul_(g.neg())
-            grad_logits.scatter_add_(-1, targets[rows].unsqueeze(-1), g)
-            if buffers.acc is not buffers.logits:
-                grad_logits = buffers.logits[:logits.shape[0]].copy_(grad_logits)
-            if want_hidden:
+            grad_logits = chunk.grad_logits(hidden[rows], weight, targets[rows], grad[rows])
+            if want_hidden and chunk.buffered:
                 torch.mm(grad_logits, weight, out=grad_hidden[rows])
+            elif want_hidden:
+                hidden_parts.append(grad_logits @ weight)
             if want_weight:
-                if weight_part is None:
-                    grad_weight.addmm_(grad_logits.t(), hidden[rows])
-                else:  # a bf16 product, summed over the chunks in float32
-                    grad_weight += torch.mm(grad_logits.t(), hidden[rows], out=weight_part)
-        if want_weight:
-            grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None
+                grad_weight = chunk.add_weight_grad(grad_weight, grad_logits, hidden[rows])
+        if want_hidden and not chunk.buffered:
+            grad_hidden = torch.cat(hidden_parts)
+        return grad_hidden, grad_weight.to(weight.dtype) if want_weight else None, None, None
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
