@@ -78,3 +78,21 @@ def test_compiled_layers_serve_training_and_scoring_but_never_generation():
     with torch.no_grad():
         model(torch.tensor([[1, 2, 3]]))
     assert len(calls) == len(model.layers) + 1
+
+
+@pytest.mark.slow
+def test_compiled_layers_take_a_second_shape():
+    """A batch of another shape (the last, smaller one; validation) makes the compiled
+    blocks and log-prob head dynamic: they must still trace, forward and backward."""
+    import torch
+
+    from graftlm.models.config import preset
+    from graftlm.models.transformer import Decoder
+
+    torch.manual_seed(0)
+    model = Decoder(preset("tiny", vocab_size=128))
+    model.compile_layers()
+    for shape in ((4, 16), (3, 12)):
+        ids = torch.randint(0, 128, shape)
+        model(ids[:, :-1], targets=ids[:, 1:]).sum().backward()
+        assert torch.isfinite(model.lm_head.weight.grad).all()
