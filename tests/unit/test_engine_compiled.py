@@ -52,6 +52,21 @@ def test_compiled_decoding_matches_eager_without_recompiling(model):
     assert counters["stats"]["unique_graphs"] - graphs == 2
 
 
+def test_bfloat16_decoding_with_generated_gemms_matches_eager(model):
+    # In bf16 on the CPU inductor also benchmarks its own C++ GEMMs per shape: whichever
+    # it picks, the tokens are the eager engine's (the sharpened head keeps greedy
+    # choices away from bf16 ties).
+    from torch._inductor import config as inductor_config
+
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    eager, compiled = Engine(copy.deepcopy(bf16)), Engine(copy.deepcopy(bf16), compile=True)
+    assert compiled.compiled_decode._gemm_options()["max_autotune"]
+    greedy = SamplingParams(max_new_tokens=16, temperature=0, stop_ids=())  # rows end together: one graph
+    got = [c.token_ids for c in compiled.generate(_prompts(), greedy)]
+    assert got == [c.token_ids for c in eager.generate(_prompts(), greedy)]
+    assert not inductor_config.max_autotune  # scoped to the decode step's compile
+    assert Engine(copy.deepcopy(model), compile=True).compiled_decode._gemm_options() == {}  # float32
+
 def test_each_engine_compiles_its_own_code(model):
     # Dynamo keeps graphs per code object up to a limit (8): engines sharing one code
     # object would fail from the fifth on, and keep the dead ones' frozen weights.
