@@ -34,11 +34,14 @@ def _tables(batch, seq, dim, dtype):
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def _grads(fn, *inputs):
-    inputs = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+def _grads(fn, *inputs, frozen=()):
+    """fn's output and the gradients of its floating-point inputs (but those at the
+    positions in `frozen`, which get none) for a fixed, uneven upstream gradient."""
+    inputs = [t.detach().clone().requires_grad_(t.is_floating_point() and i not in frozen)
+              for i, t in enumerate(inputs)]
     out = fn(*inputs)
     out.backward(torch.ones_like(out) if out.ndim == 0 else torch.linspace(-1, 1, out.numel()).view_as(out).to(out.dtype))
-    return out, [t.grad for t in inputs if t.is_floating_point()]
+    return out, [t.grad for t in inputs if t.requires_grad]
 
 
 def test_rope_gradcheck_float64():
@@ -105,31 +108,55 @@ def test_rms_norm_bf16_under_autocast_matches_float64():
         assert (a.double() - b).abs().max() <= 1e-2 * scale
 
 
-def test_linear_logprobs_gradcheck_float64_across_chunks():
+# A frozen weight (adapters) takes the path that makes d log p / d hidden in forward.
+@pytest.mark.parametrize("weight_trained", [True, False], ids=["trained-head", "frozen-head"])
+def test_linear_logprobs_gradcheck_float64_across_chunks(weight_trained):
     g = torch.Generator().manual_seed(6)
     hidden = torch.randn(7, 5, dtype=torch.float64, generator=g, requires_grad=True)
-    weight = torch.randn(11, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(11, 5, dtype=torch.float64, generator=g, requires_grad=weight_trained)
     targets = torch.randint(0, 11, (7,), generator=g)
     assert torch.autograd.gradcheck(lambda h, w: kernels.linear_logprobs(h, w, targets, 3), (hidden, weight))
 
 
-def test_linear_logprobs_float32_and_autocast_match_composition():
+@pytest.mark.parametrize("weight_trained", [True, False], ids=["trained-head", "frozen-head"])
+def test_linear_logprobs_float32_and_autocast_match_composition(weight_trained):
     g = torch.Generator().manual_seed(7)
     hidden, weight = torch.randn(10, 16, generator=g), torch.randn(40, 16, generator=g) * 0.3
     targets = torch.randint(0, 40, (10,), generator=g)
-    got, got_grads = _grads(lambda h, w: kernels.linear_logprobs(h, w, targets, 4), hidden, weight)
-    want, want_grads = _grads(lambda h, w: _plain_logprobs(h, w, targets), hidden, weight)
+    frozen = () if weight_trained else (1,)
+    got, got_grads = _grads(lambda h, w: kernels.linear_logprobs(h, w, targets, 4), hidden, weight, frozen=frozen)
+    want, want_grads = _grads(lambda h, w: _plain_logprobs(h, w, targets), hidden, weight, frozen=frozen)
+    assert len(got_grads) == len(want_grads) == 2 - len(frozen)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got, got_grads = _grads(lambda h, w: kernels.linear_logprobs(h, w, targets, 4), hidden, weight)
-        want, want_grads = _grads(lambda h, w: _plain_logprobs(h, w, targets), hidden, weight)
-    assert got.dtype == torch.float32 and got_grads[1].dtype == torch.float32
+        got, got_grads = _grads(lambda h, w: kernels.linear_logprobs(h, w, targets, 4), hidden, weight, frozen=frozen)
+        want, want_grads = _grads(lambda h, w: _plain_logprobs(h, w, targets), hidden, weight, frozen=frozen)
+    assert got.dtype == torch.float32 and all(grad.dtype == torch.float32 for grad in got_grads)
     torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
 
+
+
+@pytest.mark.slow  # compiles
+@pytest.mark.parametrize("weight_trained", [True, False], ids=["trained-head", "frozen-head"])
+def test_compiled_linear_logprobs_match_eager(weight_trained):
+    # Under torch.compile the chunks run as plain ops (no buffers); two batch sizes, so
+    # the second call runs a dynamic graph.
+    g = torch.Generator().manual_seed(9)
+    weight = torch.randn(40, 16, generator=g) * 0.3
+    frozen = () if weight_trained else (1,)
+    compiled = torch.compile(kernels.linear_logprobs)
+    for rows in (10, 7):
+        hidden, targets = torch.randn(rows, 16, generator=g), torch.randint(0, 40, (rows,), generator=g)
+        got, got_grads = _grads(lambda h, w: compiled(h, w, targets, 4), hidden, weight, frozen=frozen)
+        want, want_grads = _grads(lambda h, w: kernels.linear_logprobs(h, w, targets, 4), hidden, weight, frozen=frozen)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert len(got_grads) == 2 - len(frozen)
+        for a, b in zip(got_grads, want_grads):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 def test_decoder_training_gradients_match_plain_composition():
     """The whole decoder with kernels vs the same decoder with plain functions swapped in."""
