@@ -2,7 +2,7 @@
 
 Same model as the pre-training benchmark (hidden 512, 8 layers, 8 heads, intermediate
 1408, vocab 8192), LoRA r=16 on every linear layer but the output, batch 8 x 256, bf16
-autocast on CPU, AdamW over the trainable parameters. The frozen base is stored in
+autocast on CPU, fused AdamW over the trainable parameters. The frozen base is stored in
 bf16 on both sides (PEFT users load with `dtype=torch.bfloat16`; graftlm's
 `AdapterConfig(base_dtype="bfloat16")`); adapters stay float32 on both sides.
 
@@ -116,7 +116,9 @@ def run_side(side: str, steps: int) -> dict:
     peft_side = side.startswith("peft")
     model, params, info = peft_model(side) if peft_side else graft_model(side)
     step = peft_step if peft_side else graft_step
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    # Fused AdamW on every side: graftlm's trainer uses it on the CPU (graftlm.optim), and
+    # transformers' Trainer defaults to it (optim="adamw_torch_fused" with torch >= 2.8).
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
     ids = batch()
     rss_built = peak_rss_mib()
     times = []
