@@ -20,6 +20,7 @@ Design choices:
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import random
@@ -301,5 +302,11 @@ def run_training(cfg: RunConfig, resume: bool | None = None, fresh: bool = False
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         _write_report(run_dir)
     parallel.barrier(d)
+    # Let go of what holds the process group's pending work (FSDP's modules and their
+    # last collectives' buffers, the sharded optimizer state) while the interpreter is
+    # whole: freed later, at exit, by gloo's threads, they can abort a finished rank
+    # with SIGABRT ("terminate called without an active exception", pytorch#179291).
+    del trainer, wrapped, model, objective, loader
+    gc.collect()
     parallel.shutdown(d)
     return summary or {}
