@@ -18,7 +18,7 @@ on top is counted here:
   for G completions per prompt, training on prompt + completion, and a reference forward.
 
 Model FLOPs leave out recomputation (the chunked log-probs recompute each chunk's logits
-in backward; activation checkpointing recomputes every block): MFU is defined on model
+in backward when the head trains; activation checkpointing recomputes every block): MFU is defined on model
 FLOPs, so time uses them; `executed_flops` adds recomputation, what a FLOP counter sees.
 
 Time = FLOPs / (devices x peak x MFU), the MFU a device typically reaches (catalogue).
@@ -61,11 +61,13 @@ def train_flops_per_token(shape: RunShape) -> float:
 def recompute_flops_per_token(shape: RunShape) -> float:
     """FLOPs that run twice: not model FLOPs (MFU ignores them) but executed all the same.
 
-    The chunked log-probs recompute each chunk's logits in backward (2 V h per token);
-    activation checkpointing recomputes every block's forward.
+    The chunked log-probs recompute each chunk's logits in backward (2 V h per token)
+    when the head trains; with a frozen head (adapter runs) forward makes the hidden
+    states' gradient from the logits it has, and nothing is recomputed. Activation
+    checkpointing recomputes every block's forward.
     """
     cfg = shape.model
-    flops = 2 * cfg.vocab_size * cfg.hidden_size
+    flops = 0 if shape.adapted else 2 * cfg.vocab_size * cfg.hidden_size
     if shape.activation_checkpointing:
         flops += inference_flops_per_token(shape) - 2 * cfg.vocab_size * cfg.hidden_size
     return flops
