@@ -480,7 +480,6 @@ class CompiledDecodeStep:
             self._generated.extend(PyCodeCache.modules[known:])
         return logits
 
-
     def _gemm_options(self) -> dict:
         """bf16 / fp16 on the CPU: let inductor generate the matrix products (its C++ GEMM
         template) where its benchmark finds them faster than oneDNN's. At batch 1 a decode
