@@ -456,6 +456,7 @@ class CompiledDecodeStep:
                              "base first (graft merge, or graftlm.adapters.merge_and_unload)")
         self.module = _DecodeStep(model)
         self.compiled = torch.compile(self.module, dynamic=True, fullgraph=True)
+        self.inductor_options = {"freezing": True, "cpp_wrapper": True, **self._gemm_options()}
         # Dynamo keeps the graphs on the code object, and inductor keeps every module it
         # generated (the frozen weights are those modules' globals), past the engine's
         # life: both are let go with the engine.
@@ -473,7 +474,7 @@ class CompiledDecodeStep:
         # reaches inductor only). Scoped, so training's compiled blocks never freeze.
         # Without duck shaping, a batch or slot count that happens to equal another size
         # at the first call (the kv heads, the other) stays its own dynamic dimension.
-        with inductor_config.patch(freezing=True, cpp_wrapper=True, **self._gemm_options()), \
+        with inductor_config.patch(**self.inductor_options), \
                 shapes_config.patch(use_duck_shape=False):
             logits = self.compiled(input_ids, position_ids, slot)
         if len(PyCodeCache.modules) != known:  # this call compiled a graph

@@ -290,14 +290,22 @@ class _Chunk:
         logits = torch.mm(hidden, weight.t(), out=self.logits[:rows])
         return logits if self.acc_logits is self.logits else self.acc_logits[:rows].copy_(logits)
 
+    def _log_softmax(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """log_softmax(hidden Wᵀ) [rows, vocab] in the accumulation dtype (eagerly: in the scratch)."""
+        if not self.buffered:
+            return torch.log_softmax(hidden @ weight.t(), -1, dtype=self.acc)
+        logits = self._logits(hidden, weight)
+        return torch.log_softmax(logits, -1, out=self.scratch[:logits.shape[0]])
+
+    def _in_compute_dtype(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """t [rows, vocab] from the accumulation dtype into `dtype` (eagerly: the logits buffer)."""
+        if not self.buffered:
+            return t.to(dtype)
+        return t if self.acc_logits is self.logits else self.logits[:t.shape[0]].copy_(t)
+
     def logprobs(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """log p(targets) [rows] in the accumulation dtype."""
-        if not self.buffered:
-            logp = torch.log_softmax(hidden @ weight.t(), -1, dtype=self.acc)
-        else:
-            logits = self._logits(hidden, weight)
-            logp = torch.log_softmax(logits, -1, out=self.scratch[:logits.shape[0]])
-        return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        return self._log_softmax(hidden, weight).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
     def logprobs_and_grad_hidden(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                  out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -305,19 +313,10 @@ class _Chunk:
         [rows, H] in hidden's dtype): the latter is (onehot(target) − p) W, made from this
         chunk's log-probs while they are at hand. `out`: where the latter goes (buffered)."""
         index = targets.unsqueeze(-1)
-        if not self.buffered:
-            logp = torch.log_softmax(hidden @ weight.t(), -1, dtype=self.acc)
-            picked = logp.gather(-1, index)
-            onehot_minus_p = logp.exp().neg_().scatter_add_(-1, index, torch.ones_like(picked))
-            return picked.squeeze(-1), onehot_minus_p.to(hidden.dtype) @ weight
-        logits = self._logits(hidden, weight)
-        rows = logits.shape[0]
-        logp = torch.log_softmax(logits, -1, out=self.scratch[:rows])
-        picked = logp.gather(-1, index).squeeze(-1)
-        onehot_minus_p = logp.exp_().neg_().scatter_add_(-1, index, picked.new_ones(rows, 1))
-        if self.acc_logits is not self.logits:
-            onehot_minus_p = self.logits[:rows].copy_(onehot_minus_p)
-        return picked, torch.mm(onehot_minus_p, weight, out=out)
+        logp = self._log_softmax(hidden, weight)
+        picked = logp.gather(-1, index)
+        onehot_minus_p = logp.exp_().neg_().scatter_add_(-1, index, torch.ones_like(picked))
+        return picked.squeeze(-1), torch.mm(self._in_compute_dtype(onehot_minus_p, hidden.dtype), weight, out=out)
 
     def grad_logits(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                     grad: torch.Tensor) -> torch.Tensor:
@@ -325,12 +324,12 @@ class _Chunk:
         grad · (onehot(target) − softmax(logits))."""
         g = grad.unsqueeze(-1)
         if not self.buffered:
-            out = torch.softmax(hidden @ weight.t(), -1, dtype=self.acc).mul_(g.neg())
-            return out.scatter_add_(-1, targets.unsqueeze(-1), g).to(hidden.dtype)
-        logits = self._logits(hidden, weight)
-        out = torch.softmax(logits, -1, out=self.scratch[:logits.shape[0]]).mul_(g.neg())
-        out.scatter_add_(-1, targets.unsqueeze(-1), g)
-        return out if self.acc_logits is self.logits else self.logits[:logits.shape[0]].copy_(out)
+            out = torch.softmax(hidden @ weight.t(), -1, dtype=self.acc)
+        else:
+            logits = self._logits(hidden, weight)
+            out = torch.softmax(logits, -1, out=self.scratch[:logits.shape[0]])
+        out.mul_(g.neg()).scatter_add_(-1, targets.unsqueeze(-1), g)
+        return self._in_compute_dtype(out, hidden.dtype)
 
     def add_weight_grad(self, total: torch.Tensor | None, grad_logits: torch.Tensor,
                         hidden: torch.Tensor) -> torch.Tensor:
@@ -367,24 +366,22 @@ class _LinearLogprobs(Function):
     def forward(ctx, hidden, weight, targets, chunk_size):
         acc = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64 in tests
         chunk = _Chunk(min(chunk_size, targets.numel()), weight.shape[0], hidden.dtype, acc, hidden.device)
+        chunks = [slice(start, start + chunk_size) for start in range(0, targets.numel(), chunk_size)]
         ctx.chunk_size = chunk_size
-        starts = range(0, targets.numel(), chunk_size)
-        if ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]:
+        ctx.grad_made_in_forward = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
+        if ctx.grad_made_in_forward:
             d_hidden = torch.empty_like(hidden) if chunk.buffered else None
-            parts = [chunk.logprobs_and_grad_hidden(hidden[start:start + chunk_size], weight,
-                                                    targets[start:start + chunk_size],
-                                                    None if d_hidden is None else d_hidden[start:start + chunk_size])
-                     for start in starts]
+            parts = [chunk.logprobs_and_grad_hidden(hidden[rows], weight, targets[rows],
+                                                    None if d_hidden is None else d_hidden[rows])
+                     for rows in chunks]
             ctx.save_for_backward(d_hidden if chunk.buffered else torch.cat([part[1] for part in parts]))
             return torch.cat([part[0] for part in parts])
-        out = torch.cat([chunk.logprobs(hidden[start:start + chunk_size], weight, targets[start:start + chunk_size])
-                         for start in starts])
         ctx.save_for_backward(hidden, weight, targets)
-        return out
+        return torch.cat([chunk.logprobs(hidden[rows], weight, targets[rows]) for rows in chunks])
 
     @staticmethod
     def backward(ctx, grad):
-        if len(ctx.saved_tensors) == 1:  # frozen W: d log p / d hidden was made in forward
+        if ctx.grad_made_in_forward:  # frozen W: d log p / d hidden was made in forward
             (d_hidden,) = ctx.saved_tensors
             return (d_hidden * grad.unsqueeze(-1)).to(d_hidden.dtype), None, None, None
         hidden, weight, targets = ctx.saved_tensors

@@ -18,8 +18,9 @@ on top is counted here:
   for G completions per prompt, training on prompt + completion, and a reference forward.
 
 Model FLOPs leave out recomputation (the chunked log-probs recompute each chunk's logits
-in backward when the head trains; activation checkpointing recomputes every block): MFU is defined on model
-FLOPs, so time uses them; `executed_flops` adds recomputation, what a FLOP counter sees.
+in backward when the head trains; activation checkpointing recomputes every block): MFU
+is defined on model FLOPs, so time uses them; `executed_flops` adds recomputation, what a
+FLOP counter sees.
 
 Time = FLOPs / (devices x peak x MFU), the MFU a device typically reaches (catalogue).
 """
