@@ -12,6 +12,7 @@ Usage: python -m torch.distributed.run ... tests/distributed/rank_digest.py <gra
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -59,6 +60,11 @@ def hashing_shutdown(d: parallel.Dist) -> None:
         out = {key: [g[key] for g in gathered] for key in mine}
         with open(os.environ["GRAFTLM_TEST_DIGESTS"], "w") as f:
             json.dump(out, f)
+    # As run_training does: nothing that holds the group's pending work may outlive it
+    # (kept until interpreter exit, gloo's threads free it there and can abort the rank).
+    del trainer, critic
+    _trainers.clear()
+    gc.collect()
     _shutdown(d)
 
 
