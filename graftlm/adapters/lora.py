@@ -67,11 +67,82 @@ class _FusedLoraLinear(torch.autograd.Function):
 
 def fused_lora_linear(x, weight, bias, lora_a, lora_b, scale):
     """The fused LoRA linear in the compute dtype (autocast's, else x's)."""
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    dtype = _compute_dtype(x)
     bias = bias.to(dtype) if bias is not None else None
     with torch.autocast(x.device.type, enabled=False):
         return _FusedLoraLinear.apply(x.to(dtype), weight.to(dtype), bias, lora_a.to(dtype),
                                       lora_b.to(dtype), scale)
+
+
+class _GroupedLoraLinear(torch.autograd.Function):
+    """Several fused LoRA linears on one input (q/k/v, gate/up): `_FusedLoraLinear` per
+    layer, but x is read once for all their A products (one matmul with the A's stacked),
+    and backward writes one input gradient: each layer's g·W added in place, then one
+    product for all the adapters, where separate layers made a gradient each for
+    autograd to sum (two extra passes over [N, H] per sum). Saves x once, not per layer.
+    """
+
+    @staticmethod
+    def forward(ctx, x, lora_a, ranks, scales, *layers):
+        # layers: (weight, bias, lora_b) per layer; lora_a: the layers' A's stacked [Σr, in]
+        flat = x.reshape(-1, x.shape[-1])
+        xa = flat @ lora_a.t()  # [N, Σr]
+        outs, saved, start = [], [], 0
+        for (weight, bias, lora_b), rank, scale in zip(_triples(layers), ranks, scales):
+            b_scaled = lora_b * scale
+            out = torch.addmm(bias, flat, weight.t()) if bias is not None else flat @ weight.t()
+            out.addmm_(xa[:, start:start + rank], b_scaled.t())
+            outs.append(out.view(*x.shape[:-1], out.shape[-1]))
+            saved += [weight, b_scaled]
+            start += rank
+        ctx.save_for_backward(flat, xa, lora_a, *saved)
+        ctx.ranks, ctx.scales, ctx.x_shape = ranks, scales, x.shape
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        flat, xa, lora_a, *saved = ctx.saved_tensors
+        grads = [g.reshape(-1, g.shape[-1]) for g in grads]
+        pairs = list(zip(saved[0::2], saved[1::2]))  # (weight, b_scaled) per layer
+        gb = torch.cat([g @ b_scaled for g, (_, b_scaled) in zip(grads, pairs)], dim=1)  # [N, Σr]
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grads[0] @ pairs[0][0]
+            for g, (weight, _) in zip(grads[1:], pairs[1:]):
+                grad_x.addmm_(g, weight)
+            grad_x = grad_x.addmm_(gb, lora_a).view(*ctx.x_shape)
+        grad_a = gb.t() @ flat if ctx.needs_input_grad[1] else None
+        grad_layers, start = [], 0
+        for i, (g, rank, scale) in enumerate(zip(grads, ctx.ranks, ctx.scales)):
+            needs_b = ctx.needs_input_grad[4 + 3 * i + 2]
+            grad_layers += [None, None, (g.t() @ xa[:, start:start + rank]) * scale if needs_b else None]
+            start += rank
+        return grad_x, grad_a, None, None, *grad_layers
+
+
+def _triples(flat: tuple) -> list[tuple]:
+    return [flat[i:i + 3] for i in range(0, len(flat), 3)]
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """autocast's dtype when it is on, else x's."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+def grouped_lora_linear(x: torch.Tensor, layers: list[LoraLinear]) -> tuple[torch.Tensor, ...]:
+    """Each layer's fused LoRA output for the same x, as one `_GroupedLoraLinear`."""
+    dtype = _compute_dtype(x)
+    names = [layer.active for layer in layers]
+    lora_a = torch.cat([layer.lora_A[name].to(dtype) for layer, name in zip(layers, names)])
+    flat = []
+    for layer, name in zip(layers, names):
+        bias = layer.base_layer.bias
+        flat += [layer.base_layer.weight.to(dtype), bias.to(dtype) if bias is not None else None,
+                 layer.lora_B[name].to(dtype)]
+    ranks = tuple(layer.lora_A[name].shape[0] for layer, name in zip(layers, names))
+    scales = tuple(layer.scaling[name] for layer, name in zip(layers, names))
+    with torch.autocast(x.device.type, enabled=False):
+        return _GroupedLoraLinear.apply(x.to(dtype), lora_a, ranks, scales, *flat)
 
 
 class LoraLinear(nn.Module):
@@ -174,6 +245,19 @@ class LoraLinear(nn.Module):
                                      self.lora_B[name], self.scaling[name])
         base_out = self._base(x)
         return base_out + self._delta(x, base_out, name)
+
+    @staticmethod
+    def forward_group(x: torch.Tensor, layers: list[LoraLinear]) -> tuple[torch.Tensor, ...] | None:
+        """Layers that share the input x, run as one group (see `_GroupedLoraLinear`);
+        None when they cannot be: not all on the fused path with an active adapter."""
+        if not all(isinstance(layer, LoraLinear) and layer._runs_fused() for layer in layers):
+            return None
+        return grouped_lora_linear(x, layers)
+
+    def _runs_fused(self) -> bool:
+        """Whether `forward` takes the fused path (one active, unmerged, unrouted adapter)."""
+        return (self.merged is None and self.routing is None and not self.disabled
+                and self.active is not None and self.active in self.lora_A and self._fusable(self.active))
 
     def _fusable(self, name: str) -> bool:
         """Plain LoRA on an unquantized base without active dropout takes the fused path."""

@@ -53,10 +53,9 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _scaled(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """t·scale as a new `dtype` tensor. On the CPU a mixed-dtype multiply first makes a
-    converted copy of each input anyway, so convert once and scale in place."""
-    return t * scale if t.dtype == dtype else t.to(dtype).mul_(scale)
+def _norm_chunk_rows(dim: int) -> int:
+    """Rows per chunk of the eager RMSNorm backward: a float32 [rows, dim] of 512 KiB."""
+    return max(1, 2**19 // (4 * dim))
 
 
 def _rms_norm_forward(x, weight, eps, out_dtype):
@@ -85,19 +84,33 @@ class _RMSNorm(Function):
     def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
         acc = rstd.dtype  # float32 (float64 in gradient checks)
-        normed = _scaled(x, rstd, acc)
-        grad = grad.to(acc)  # may be the incoming tensor itself: never modified in place
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            rows = (grad * normed).reshape(-1, x.shape[-1])
-            # A sum over rows as ones @ rows: the CPU's column reduction is several times slower.
-            grad_weight = (rows.new_ones(rows.shape[0]) @ rows).to(weight.dtype)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            g = grad * weight.to(acc)
-            # d/dx of x·rstd applied to g: rstd · (g − x̂ · mean(g · x̂))
-            mean = torch.linalg.vecdot(g, normed).unsqueeze(-1).div_(x.shape[-1])
-            grad_x = g.sub_(normed.mul_(mean)).mul_(rstd).to(x.dtype)
+        shape, dim = x.shape, x.shape[-1]
+        need_x, need_weight = ctx.needs_input_grad[:2]
+        x, grad, rstd = x.reshape(-1, dim), grad.reshape(-1, dim), rstd.reshape(-1, 1)
+        gain = weight.to(acc)
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_weight = torch.zeros(dim, dtype=acc, device=x.device) if need_weight else None
+        rows = x.shape[0]
+        # Eagerly, rows go in chunks whose float32 temporaries stay in L2 cache: one pass
+        # over [rows, H] in float32 per operation, with fresh full-size temporaries,
+        # made this backward 4x slower (2048 x 512 in bf16: 7.8 -> 1.9 ms). Inductor
+        # fuses the chain itself, so a compiled graph takes all rows at once.
+        step = rows if torch.compiler.is_compiling() else _norm_chunk_rows(dim)
+        for start in range(0, rows, step):
+            part = slice(start, start + step)
+            r = rstd[part]
+            normed = x[part].to(acc, copy=True).mul_(r)  # x̂ = x · rstd
+            g = grad[part].to(acc, copy=True)
+            if need_weight:
+                # A sum over rows as ones @ rows: the CPU's column reduction is several times slower.
+                grad_weight += g.new_ones(g.shape[0]) @ (g * normed)
+            if need_x:
+                g.mul_(gain)
+                # d/dx of x·rstd applied to g: rstd · (g − x̂ · mean(g · x̂))
+                mean = torch.linalg.vecdot(g, normed).unsqueeze(-1).div_(dim)
+                grad_x[part] = g.sub_(normed.mul_(mean)).mul_(r)
+        grad_x = grad_x.view(shape) if need_x else None
+        grad_weight = grad_weight.to(weight.dtype) if need_weight else None
         return grad_x, grad_weight, None, None
 
 

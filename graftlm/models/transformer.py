@@ -150,6 +150,14 @@ class DecodeSlot:
         return allowed[:, None, None, :]
 
 
+def project(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...]:
+    """Each layer applied to the same x. A layer type with a `forward_group` may run them
+    as one (LoRA layers: one read of x for all their adapters, one input gradient)."""
+    forward_group = getattr(type(layers[0]), "forward_group", None)
+    out = forward_group(x, layers) if forward_group is not None else None
+    return out if out is not None else tuple(layer(x) for layer in layers)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -167,9 +175,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: KVCache | DecodeSlot | None = None, layer: int = 0):
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(b, t, self.num_heads, self.head_dim)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q = kernels.apply_rope(q.transpose(1, 2), cos, sin)
@@ -190,7 +199,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(kernels.swiglu(*project(x, (self.gate_proj, self.up_proj))))
 
 
 class Block(nn.Module):

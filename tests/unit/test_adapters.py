@@ -259,3 +259,55 @@ def test_fused_lora_linear_gradients_are_exact():
     a = torch.randn(3, 8, dtype=torch.float64, generator=g, requires_grad=True)
     b = torch.randn(6, 3, dtype=torch.float64, generator=g, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, a, b: _FusedLoraLinear.apply(x, weight, bias, a, b, 0.7), (x, a, b))
+
+
+def test_grouped_lora_linear_gradients_are_exact():
+    """q/k/v-style layers on one input, of different widths, ranks and scales, one with
+    a bias: float64 gradient check of the grouped Function."""
+    from graftlm.adapters.lora import _GroupedLoraLinear
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    widths, ranks, scales = (6, 4, 4), (3, 2, 3), (0.7, 2.0, 0.5)
+    weights = [torch.randn(w, 8, dtype=torch.float64, generator=g) for w in widths]
+    biases = [torch.randn(6, dtype=torch.float64, generator=g), None, None]
+    a = torch.randn(sum(ranks), 8, dtype=torch.float64, generator=g, requires_grad=True)
+    bs = [torch.randn(w, r, dtype=torch.float64, generator=g, requires_grad=True) for w, r in zip(widths, ranks)]
+
+    def grouped(x, a, *bs):
+        flat = [t for w, bias, b in zip(weights, biases, bs) for t in (w, bias, b)]
+        return _GroupedLoraLinear.apply(x, a, ranks, scales, *flat)
+
+    assert torch.autograd.gradcheck(grouped, (x, a, *bs))
+
+
+def _grads_of_adapters(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(ids)
+    (out.float().square().mean()).backward()
+    return out.detach(), [p.grad.clone() for p in A.adapter_params(model)]
+
+
+def test_grouped_projections_equal_layer_by_layer(monkeypatch):
+    """The model's q/k/v and gate/up run as one group when all are plain LoRA layers on
+    the fused path; the result equals calling each layer, and a layer off the fused path
+    (here: disabled) sends its group back to layer by layer."""
+    from graftlm.adapters import lora
+    from graftlm.models import transformer
+    model = tiny(attention_bias=True).train()
+    A.apply_adapters(model, A.AdapterConfig(r=4, alpha=8))
+    randomize(model)
+    calls = []
+    real = lora.grouped_lora_linear
+    monkeypatch.setattr(lora, "grouped_lora_linear", lambda x, layers: calls.append(len(layers)) or real(x, layers))
+    grouped = _grads_of_adapters(model, IDS)
+    assert calls == [3, 2] * 2  # q/k/v and gate/up in each of the two blocks
+    with monkeypatch.context() as m:
+        m.setattr(transformer, "project", lambda x, layers: tuple(layer(x) for layer in layers))
+        single = _grads_of_adapters(model, IDS)
+    torch.testing.assert_close(grouped[0], single[0], rtol=0, atol=0)
+    for a, b in zip(grouped[1], single[1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    calls.clear()
+    model.layers[0].self_attn.k_proj.disabled = True
+    model(IDS)
+    assert calls == [2, 3, 2]  # block 0's q/k/v went layer by layer
