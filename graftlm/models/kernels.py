@@ -9,7 +9,8 @@ Design choices:
 - RMSNorm saves its input and one float32 statistic per row (not float32 copies of the
   activation); it can write its output straight in the compute dtype, which under bf16
   autocast spares each following linear its own cast (and the matching cast-backward).
-  The statistic is always float32; under autocast the big tensor never is.
+  The statistic is always float32; under autocast the big tensor never is. Its eager
+  backward takes the rows in chunks whose float32 temporaries stay in L2 cache.
 - RoPE saves nothing but the shared cos/sin tables: its backward is the rotation by
   the opposite angle, g·cos + rotate_halfᵀ(g·sin).
 - SwiGLU saves the gate and up projections and recomputes silu in backward instead of
@@ -134,13 +135,15 @@ def _rope_forward(x, cos, sin):
         # The same operations; inductor fuses them itself and cannot trace `out=` views.
         return torch.cat((x1 * cos[..., :half] - x2 * sin[..., :half],
                           x2 * cos[..., half:] + x1 * sin[..., half:]), dim=-1)
-    out = torch.empty_like(x)
-    o1, o2 = out[..., :half], out[..., half:]
-    # rotate_half(x) = [-x2, x1]; negation is exact, so x1·c − x2·s equals x1·c + (−x2)·s.
-    torch.mul(x1, cos[..., :half], out=o1)
-    o1.sub_(x2 * sin[..., :half])
-    torch.mul(x2, cos[..., half:], out=o2)
-    o2.add_(x1 * sin[..., half:])
+    # The tables repeat their first half (as the decoder makes them), so x·cos and x·sin
+    # are one product each over whole rows; then each half takes the other's sine term.
+    # The same roundings as rotate_half's form (x1·c − x2·s, x2·c + x1·s), in four
+    # operations instead of six on half rows (bf16 [8, 8, 256, 64], forward + backward:
+    # 2.75 -> 2.6 ms).
+    out = x * cos
+    x_sin = x * sin
+    out[..., :half] -= x_sin[..., half:]
+    out[..., half:] += x_sin[..., :half]
     return out
 
 
@@ -160,18 +163,17 @@ class _Rope(Function):
         if torch.compiler.is_compiling():
             return torch.cat((g1 * cos[..., :half] + g2 * sin[..., half:],
                               g2 * cos[..., half:] - g1 * sin[..., :half]), dim=-1), None, None
-        out = torch.empty_like(grad)
-        o1, o2 = out[..., :half], out[..., half:]
-        # The transpose of rotate_half maps [a, b] to [b, -a].
-        torch.mul(g1, cos[..., :half], out=o1)
-        o1.add_(g2 * sin[..., half:])
-        torch.mul(g2, cos[..., half:], out=o2)
-        o2.sub_(g1 * sin[..., :half])
+        # The transpose of rotate_half maps [a, b] to [b, -a]; tables as in the forward.
+        out = grad * cos
+        g_sin = grad * sin
+        out[..., :half] += g_sin[..., half:]
+        out[..., half:] -= g_sin[..., :half]
         return out, None, None
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of x [B, H, T, D] by cos, sin [B, 1, T, D] (no gradient to the tables)."""
+    """Rotary embedding of x [B, H, T, D] by cos, sin [B, 1, T, D] (no gradient to the
+    tables), whose two halves along D are equal, as the decoder's tables are."""
     if not _needs_grad(x):
         return _rope_forward(x, cos, sin)
     return _Rope.apply(x, cos, sin)
