@@ -7,7 +7,7 @@ Design choices:
 - A and B are bare `nn.Parameter`s in `ParameterDict`s (`lora_A.<name>` [r, in],
   `lora_B.<name>` [out, r]); DoRA adds `lora_magnitude.<name>` [out]. The update is
   computed as two skinny matmuls `s · B(A(x))`, never as a dense [out, in] matrix.
-- Layers that share an input (q/k/v, gate/up) run as one `_GroupedLoraLinear` when all
+- Layers that share an input (q/k/v, gate/up) run as one `_FusedLoraLinear` when all
   take the fused path (`LoraLinear.forward_group`, called by the decoder's `project`):
   x is read once for all A products and backward makes one input gradient, where
   separate layers made one each for autograd to sum. On the LoRA benchmark's step, about
@@ -16,10 +16,11 @@ Design choices:
   the base runs once on the whole batch, then each adapter runs only on its rows,
   which are gathered by index and scattered back with `index_add`.
 - Measured and dropped for the fused LoRA linear (`_FusedLoraLinear`): the forward on
-  a merged weight W + s·BA (no faster, and it rounds W + s·BA to bf16); the same as
-  torch.library custom ops, which spare compiled graphs the copy a functionalized
-  addmm_ makes (about 30 ms a step) but lose as much elsewhere; glibc malloc
-  thresholds against page faults (fewer faults, no faster step).
+  a merged weight W + s·BA (no faster, and it rounds W + s·BA to bf16); the adapter's
+  product first with the base matmul accumulated into it (faster alone, no faster in
+  the step); the same as torch.library custom ops, which spare compiled graphs the
+  copy a functionalized addmm_ makes (about 30 ms a step) but lose as much elsewhere;
+  glibc malloc thresholds against page faults (fewer faults, no faster step).
 - `weight` is the effective weight (base + active update) so that code that reads
   `model.lm_head.weight` directly (the chunked losses) sees the adapter.
 """
@@ -39,57 +40,20 @@ from graftlm.errors import GraftError
 
 
 class _FusedLoraLinear(torch.autograd.Function):
-    """y = x Wᵀ + b + (x Aᵀ)(s·B)ᵀ with a hand-written backward.
+    """y_i = x W_iᵀ + b_i + (x A_iᵀ)(s_i·B_i)ᵀ for one or more frozen linears on the same
+    input x (one layer, or q/k/v, or gate/up), with a hand-written backward.
 
-    Autograd would keep a separate product, scale and sum per term; here the update is
-    added inside the matmul (addmm) in both directions, the scale is folded into the
-    small B, and only x and x·Aᵀ (r columns) are saved. The frozen W gets no gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale):
-        flat = x.reshape(-1, x.shape[-1])
-        b_scaled = lora_b * scale
-        xa = flat @ lora_a.t()
-        out = torch.addmm(bias, flat, weight.t()) if bias is not None else flat @ weight.t()
-        out.addmm_(xa, b_scaled.t())
-        ctx.save_for_backward(flat, xa, weight, lora_a, b_scaled)
-        ctx.scale = scale
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-    @staticmethod
-    def backward(ctx, grad):
-        flat, xa, weight, lora_a, b_scaled = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])
-        gb = g @ b_scaled  # [N, r]
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (g @ weight).addmm_(gb, lora_a).view(*grad.shape[:-1], weight.shape[1])
-        grad_a = gb.t() @ flat if ctx.needs_input_grad[3] else None
-        grad_b = (g.t() @ xa) * ctx.scale if ctx.needs_input_grad[4] else None
-        return grad_x, None, None, grad_a, grad_b, None
-
-
-def fused_lora_linear(x, weight, bias, lora_a, lora_b, scale):
-    """The fused LoRA linear in the compute dtype (autocast's, else x's)."""
-    dtype = _compute_dtype(x)
-    bias = bias.to(dtype) if bias is not None else None
-    with torch.autocast(x.device.type, enabled=False):
-        return _FusedLoraLinear.apply(x.to(dtype), weight.to(dtype), bias, lora_a.to(dtype),
-                                      lora_b.to(dtype), scale)
-
-
-class _GroupedLoraLinear(torch.autograd.Function):
-    """Several fused LoRA linears on one input (q/k/v, gate/up): `_FusedLoraLinear` per
-    layer, but x is read once for all their A products (one matmul with the A's stacked),
-    and backward writes one input gradient: each layer's g·W added in place, then one
-    product for all the adapters, where separate layers made a gradient each for
-    autograd to sum (two extra passes over [N, H] per sum). Saves x once, not per layer.
+    Autograd would keep a separate product, scale and sum per term. Here the update is
+    added inside a matmul (addmm_) in both directions and the scale is folded into the
+    small B; x is read once for every layer's A product (one matmul with the A's
+    stacked, [Σr, in]); and backward makes one input gradient for all the layers, where
+    separate layers made one each for autograd to sum. Only x and x·Aᵀ (Σr columns) are
+    saved; the frozen W's get no gradient.
     """
 
     @staticmethod
     def forward(ctx, x, lora_a, ranks, scales, *layers):
-        # layers: (weight, bias, lora_b) per layer; lora_a: the layers' A's stacked [Σr, in]
+        # layers: (weight, bias, lora_b) per layer; lora_a: the layers' A's stacked.
         flat = x.reshape(-1, x.shape[-1])
         xa = flat @ lora_a.t()  # [N, Σr]
         outs, saved, start = [], [], 0
@@ -129,14 +93,10 @@ def _triples(flat: tuple) -> list[tuple]:
     return [flat[i:i + 3] for i in range(0, len(flat), 3)]
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """autocast's dtype when it is on, else x's."""
-    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-
-
-def grouped_lora_linear(x: torch.Tensor, layers: list[LoraLinear]) -> tuple[torch.Tensor, ...]:
-    """Each layer's fused LoRA output for the same x, as one `_GroupedLoraLinear`."""
-    dtype = _compute_dtype(x)
+def fused_lora_linear(x: torch.Tensor, layers: list[LoraLinear]) -> tuple[torch.Tensor, ...]:
+    """Each layer's output (base + active adapter) for the same x, as one
+    `_FusedLoraLinear`, in the compute dtype (autocast's, else x's)."""
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     names = [layer.active for layer in layers]
     lora_a = torch.cat([layer.lora_A[name].to(dtype) for layer, name in zip(layers, names)])
     flat = []
@@ -147,7 +107,7 @@ def grouped_lora_linear(x: torch.Tensor, layers: list[LoraLinear]) -> tuple[torc
     ranks = tuple(layer.lora_A[name].shape[0] for layer, name in zip(layers, names))
     scales = tuple(layer.scaling[name] for layer, name in zip(layers, names))
     with torch.autocast(x.device.type, enabled=False):
-        return _GroupedLoraLinear.apply(x.to(dtype), lora_a, ranks, scales, *flat)
+        return _FusedLoraLinear.apply(x.to(dtype), lora_a, ranks, scales, *flat)
 
 
 class LoraLinear(nn.Module):
@@ -246,18 +206,17 @@ class LoraLinear(nn.Module):
             return self._base(x)
         name = self.active
         if self._fusable(name):
-            return fused_lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A[name],
-                                     self.lora_B[name], self.scaling[name])
+            return fused_lora_linear(x, [self])[0]
         base_out = self._base(x)
         return base_out + self._delta(x, base_out, name)
 
     @staticmethod
     def forward_group(x: torch.Tensor, layers: list[LoraLinear]) -> tuple[torch.Tensor, ...] | None:
-        """Layers that share the input x, run as one group (see `_GroupedLoraLinear`);
-        None when they cannot be: not all on the fused path with an active adapter."""
+        """Layers that share the input x, run as one `_FusedLoraLinear`; None when they
+        cannot be: not all on the fused path with an active adapter."""
         if not all(isinstance(layer, LoraLinear) and layer._runs_fused() for layer in layers):
             return None
-        return grouped_lora_linear(x, layers)
+        return fused_lora_linear(x, layers)
 
     def _runs_fused(self) -> bool:
         """Whether `forward` takes the fused path (one active, unmerged, unrouted adapter)."""

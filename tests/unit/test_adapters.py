@@ -252,19 +252,21 @@ def test_qlora_merge_and_unload_dequantizes(tmp_path):
 
 
 def test_fused_lora_linear_gradients_are_exact():
+    """One layer with a bias: float64 gradient check of the fused Function."""
     from graftlm.adapters.lora import _FusedLoraLinear
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 8, dtype=torch.float64, generator=g, requires_grad=True)
     weight, bias = torch.randn(6, 8, dtype=torch.float64, generator=g), torch.randn(6, dtype=torch.float64, generator=g)
     a = torch.randn(3, 8, dtype=torch.float64, generator=g, requires_grad=True)
     b = torch.randn(6, 3, dtype=torch.float64, generator=g, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, a, b: _FusedLoraLinear.apply(x, weight, bias, a, b, 0.7), (x, a, b))
+    assert torch.autograd.gradcheck(
+        lambda x, a, b: _FusedLoraLinear.apply(x, a, (3,), (0.7,), weight, bias, b)[0], (x, a, b))
 
 
 def test_grouped_lora_linear_gradients_are_exact():
     """q/k/v-style layers on one input, of different widths, ranks and scales, one with
-    a bias: float64 gradient check of the grouped Function."""
-    from graftlm.adapters.lora import _GroupedLoraLinear
+    a bias: float64 gradient check of the fused Function for a group."""
+    from graftlm.adapters.lora import _FusedLoraLinear
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 8, dtype=torch.float64, generator=g, requires_grad=True)
     widths, ranks, scales = (6, 4, 4), (3, 2, 3), (0.7, 2.0, 0.5)
@@ -275,7 +277,7 @@ def test_grouped_lora_linear_gradients_are_exact():
 
     def grouped(x, a, *bs):
         flat = [t for w, bias, b in zip(weights, biases, bs) for t in (w, bias, b)]
-        return _GroupedLoraLinear.apply(x, a, ranks, scales, *flat)
+        return _FusedLoraLinear.apply(x, a, ranks, scales, *flat)
 
     assert torch.autograd.gradcheck(grouped, (x, a, *bs))
 
@@ -297,10 +299,10 @@ def test_grouped_projections_equal_layer_by_layer(monkeypatch):
     A.apply_adapters(model, A.AdapterConfig(r=4, alpha=8))
     randomize(model)
     calls = []
-    real = lora.grouped_lora_linear
-    monkeypatch.setattr(lora, "grouped_lora_linear", lambda x, layers: calls.append(len(layers)) or real(x, layers))
+    real = lora.fused_lora_linear
+    monkeypatch.setattr(lora, "fused_lora_linear", lambda x, layers: calls.append(len(layers)) or real(x, layers))
     grouped = _grads_of_adapters(model, IDS)
-    assert calls == [3, 2] * 2  # q/k/v and gate/up in each of the two blocks
+    assert calls == [3, 1, 2, 1] * 2  # q/k/v, o, gate/up and down in each of the two blocks
     with monkeypatch.context() as m:
         m.setattr(transformer, "project", lambda x, layers: tuple(layer(x) for layer in layers))
         single = _grads_of_adapters(model, IDS)
@@ -310,4 +312,4 @@ def test_grouped_projections_equal_layer_by_layer(monkeypatch):
     calls.clear()
     model.layers[0].self_attn.k_proj.disabled = True
     model(IDS)
-    assert calls == [2, 3, 2]  # block 0's q/k/v went layer by layer
+    assert calls == [1, 1, 1, 2, 1, 3, 1, 2, 1]  # block 0's q/k/v went layer by layer (k unadapted)
