@@ -212,6 +212,12 @@ _SCORE_ELEMENTS_PER_GROUP = 2**19
 _MAX_GROUPS = 32
 
 
+# Eagerly: each group's bf16 scores take at most 2 MiB, and the grouped backward is used up
+# to this length.
+_EAGER_SCORE_ELEMENTS_PER_GROUP = 2**20
+_EAGER_MAX_SEQ = 512
+
+
 def _score_groups(heads: int, seq: int) -> int:
     return -(-heads // max(1, _SCORE_ELEMENTS_PER_GROUP // (seq * seq)))
 
@@ -237,28 +243,72 @@ class _GroupedAttention(Function):
     def backward(ctx, grad):
         q, k, v, out, lse, allowed = ctx.saved_tensors
         b, h, s, d = q.shape
-        n, scale = b * h, d ** -0.5
+        n = b * h
         q, k, v, grad = (t.reshape(n, s, d) for t in (q, k, v, grad))
-        lse = lse.reshape(n, s, 1)
         if allowed is None:
             allowed = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
         else:  # one [S, S] mask per (row, head)
             allowed = allowed.expand(b, h, s, s).reshape(n, s, s)
-        # Σ_j p_ij dp_ij = dO_i · O_i, one float per query row.
-        delta = (grad.float() * out.reshape(n, s, d).float()).sum(-1, keepdim=True)
-        group = -(-n // _score_groups(n, s))
-        grads = [], [], []
-        for start in range(0, n, group):
-            rows = slice(start, start + group)
-            scores = torch.bmm(q[rows], k[rows].transpose(1, 2)).float() * scale - lse[rows]
-            # `where`, not masked exp: a query that may attend to nothing gets zeros, not NaN.
-            p = torch.where(allowed if allowed.dim() == 2 else allowed[rows], scores.exp(), 0.0)
-            dp = torch.bmm(grad[rows], v[rows].transpose(1, 2)).float()
-            ds = ((dp - delta[rows]) * p * scale).to(q.dtype)
-            grads[0].append(torch.bmm(ds, k[rows]))
-            grads[1].append(torch.bmm(ds.transpose(1, 2), q[rows]))
-            grads[2].append(torch.bmm(p.to(q.dtype).transpose(1, 2), grad[rows]))
-        return *(torch.cat(g).view(b, h, s, d) for g in grads), None
+        if torch.compiler.is_compiling():
+            grads = _fused_backward(q, k, v, grad, out.reshape(n, s, d), lse.reshape(n, s, 1), allowed)
+        else:
+            grads = _softmax_backward(q, k, v, grad, allowed)
+        return *(g.view(b, h, s, d) for g in grads), None
+
+
+def _fused_backward(q, k, v, grad, out, lse, allowed):
+    """The backward for inductor to fuse: p from the forward's log-sum-exp, the softmax
+    gradient as plain float32 element-wise operations between the bmm calls."""
+    n, s, d = q.shape
+    scale = d ** -0.5
+    # Σ_j p_ij dp_ij = dO_i · O_i, one float per query row.
+    delta = (grad.float() * out.float()).sum(-1, keepdim=True)
+    group = -(-n // _score_groups(n, s))
+    grads = [], [], []
+    for start in range(0, n, group):
+        rows = slice(start, start + group)
+        scores = torch.bmm(q[rows], k[rows].transpose(1, 2)).float() * scale - lse[rows]
+        # `where`, not masked exp: a query that may attend to nothing gets zeros, not NaN.
+        p = torch.where(allowed if allowed.dim() == 2 else allowed[rows], scores.exp(), 0.0)
+        dp = torch.bmm(grad[rows], v[rows].transpose(1, 2)).float()
+        ds = ((dp - delta[rows]) * p * scale).to(q.dtype)
+        grads[0].append(torch.bmm(ds, k[rows]))
+        grads[1].append(torch.bmm(ds.transpose(1, 2), q[rows]))
+        grads[2].append(torch.bmm(p.to(q.dtype).transpose(1, 2), grad[rows]))
+    return [torch.cat(g) for g in grads]
+
+
+def _softmax_backward(q, k, v, grad, allowed):
+    """The eager backward: per group of heads, p remade by one softmax and its gradient
+    by softmax's own backward, each one fused ATen kernel (float32 inside, bf16 out),
+    where each element-wise step as its own operation was another pass over the scores.
+    Every query must see at least one key (else softmax gives NaN; `attention` checks)."""
+    n, s, d = q.shape
+    scale = d ** -0.5
+    masked = ~allowed
+    grad_q, grad_k, grad_v = (torch.empty_like(q) for _ in range(3))
+    group = max(1, _EAGER_SCORE_ELEMENTS_PER_GROUP // (s * s))
+    for start in range(0, n, group):
+        rows = slice(start, start + group)
+        q_scaled = q[rows] * scale
+        scores = torch.bmm(q_scaled, k[rows].transpose(1, 2))
+        p = torch.softmax(scores.masked_fill_(masked if masked.dim() == 2 else masked[rows], float("-inf")), -1)
+        dp = torch.bmm(grad[rows], v[rows].transpose(1, 2))
+        ds = torch.ops.aten._softmax_backward_data(dp, p, -1, q.dtype)
+        torch.bmm(ds, k[rows], out=grad_q[rows]).mul_(scale)
+        torch.bmm(ds.transpose(1, 2), q_scaled, out=grad_k[rows])
+        torch.bmm(p.transpose(1, 2), grad[rows], out=grad_v[rows])
+    return grad_q, grad_k, grad_v
+
+
+def _grouped_backward_pays(mask: str | torch.Tensor, heads: int, seq: int) -> bool:
+    """Whether `_GroupedAttention` beats the flash kernel's backward here."""
+    if torch.compiler.is_compiling():
+        return _score_groups(heads, seq) <= _MAX_GROUPS
+    # Eagerly every group's scores are made whole, the masked half included, so past
+    # S = 512 the flash kernel's skipping of masked blocks wins (8 x 8 heads of 64, bf16,
+    # forward + backward: S = 256, 19 -> 12.7 ms; 512, 58 -> 44 ms; 1024, 139 -> 169 ms).
+    return seq <= _EAGER_MAX_SEQ and (isinstance(mask, str) or bool(mask.any(-1).all()))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: str | torch.Tensor | None,
@@ -267,9 +317,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: str | tor
     "causal", None (attend to all) or a boolean [B or 1, 1, T, S] (True = may attend)."""
     b, h, s, _ = q.shape
     grouped_mask = isinstance(mask, str) or (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool)
-    if (grouped_mask and torch.compiler.is_compiling() and q.device.type == "cpu"
-            and q.dtype == torch.bfloat16 and _needs_grad(q, k, v) and k.shape[2] == s
-            and _score_groups(b * h, s) <= _MAX_GROUPS):
+    if (grouped_mask and q.device.type == "cpu" and q.dtype == torch.bfloat16 and _needs_grad(q, k, v)
+            and k.shape[2] == s and _grouped_backward_pays(mask, b * h, s)):
         if enable_gqa:  # the expansion's backward sums each kv head's gradient over its queries
             k, v = (t.repeat_interleave(h // t.shape[1], dim=1) for t in (k, v))
         return _GroupedAttention.apply(q, k, v, None if isinstance(mask, str) else mask)

@@ -250,6 +250,53 @@ def test_compiled_attention_backward_matches_float64(kv_heads, masked):
         assert mine < 2 * theirs, (grouped, flash)
 
 
+@pytest.mark.parametrize("kv_heads, masked", [(4, False), (2, False), (4, True)])
+def test_eager_attention_backward_matches_float64(kv_heads, masked):
+    """Run eagerly in bf16 on the CPU, attention's backward is the softmax-remade one (two
+    groups of 4 heads at S = 512), not the flash kernel's, and as close to float64 as
+    it: causal, with GQA, and with packed rows' document mask."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 512, 16, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, kv_heads, 512, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    grad_out = torch.randn(2, 4, 512, 16, generator=g, dtype=torch.float64)
+    gqa = kv_heads != 4
+    mask = _document_mask(512) if masked else "causal"
+
+    def grads(fn, dtype):
+        inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        (fn(*inputs).double() * grad_out).sum().backward()
+        return [t.grad.double() for t in inputs]
+
+    def sdpa(q, k, v):
+        if masked:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+
+    exact = grads(sdpa, torch.float64)
+
+    def errors(fn):
+        return [((got - e).abs().max() / e.abs().max()).item() for got, e in zip(grads(fn, torch.bfloat16), exact)]
+
+    flash = errors(sdpa)
+    with torch.profiler.profile() as prof:
+        mine = errors(lambda q, k, v: kernels.attention(q, k, v, mask, gqa))
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward" not in ops
+    assert "aten::_softmax_backward_data" in ops
+    for ours, theirs in zip(mine, flash):
+        assert ours < 2 * theirs, (mine, flash)
+
+
+def test_eager_attention_keeps_flash_for_a_query_that_sees_nothing():
+    """Softmax over a row with no allowed key is NaN: such a mask keeps the flash kernel."""
+    mask = torch.ones(1, 1, 256, 256, dtype=torch.bool).tril()
+    mask[..., 5, :] = False
+    q, k, v = (torch.randn(1, 2, 256, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    with torch.profiler.profile() as prof:
+        kernels.attention(q, k, v, mask, False).float().nan_to_num().sum().backward()
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward" in {e.key for e in prof.key_averages()}
+
+
 def test_grouped_attention_backward_gives_zeros_to_a_query_that_sees_nothing():
     mask = torch.ones(1, 1, 256, 256, dtype=torch.bool).tril()
     mask[..., 5, :] = False
