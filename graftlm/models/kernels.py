@@ -26,16 +26,20 @@ Design choices:
   weights saved no time on the CPU, neither in training (the concatenation every step
   costs what the fewer matmul calls save) nor in decoding with a concatenated copy
   kept (a decode step streams the same bytes of weights either way).
-- Attention in the compiled training blocks on the CPU, in bf16 (`attention`, causal
-  or with a boolean mask such as packed rows' documents): the forward is PyTorch's
-  flash kernel, the backward is written out per group of heads (bmm, then the softmax
-  gradient) so that inductor fuses the element-wise chain between the bmm calls and
-  each group's [heads, S, S] scores stay in cache. Measured on the pre-training
-  benchmark's shape (8 x 8 heads, S = 256): 28 -> 18 ms per layer forward + backward;
-  at S = 512, 76 -> 58 ms. It is slower than flash at S = 1024, in float32 (no bf16
-  matrix units) and run eagerly (the chain is then ten passes over memory), so those
-  keep SDPA. Compiling only this kernel into eager training saves about 9% of the eager
-  LoRA step, for 5–13 s of compiling at the first step: not done.
+- Attention in bf16 training on the CPU (`attention`, causal or with a boolean mask
+  such as packed rows' documents): the forward is PyTorch's flash kernel, the backward
+  is written out per group of heads, whose [heads, S, S] scores stay in cache, because
+  the flash kernel's backward is about 7x its forward here.
+  In compiled blocks it is bmm calls with the softmax gradient as plain element-wise
+  operations, which inductor fuses (pre-training benchmark's shape, 8 x 8 heads,
+  S = 256: 28 -> 18 ms per layer forward + backward; S = 512: 76 -> 58 ms; up to 32
+  groups, past which compiling is too slow). Eagerly, those ten element-wise passes
+  over the scores cost what they save, so there p is remade by one softmax and its
+  gradient is softmax's own backward, two fused ATen kernels (19 -> 12.7 ms at
+  S = 256; 58 -> 44 ms at S = 512; slower than flash at S = 1024, where flash's
+  skipping of masked blocks wins). Float32 (no bf16 matrix units) keeps SDPA. The
+  softmax-remade form in compiled blocks too was slower there (the compiled LoRA step
+  0.43 -> 0.46 s): inductor's exp(s − lse) beats its softmax.
 - Without autograd (generation, reference forwards) the wrappers call the forward
   math directly: `Function.apply` costs tens of microseconds of Python per call.
 """
