@@ -96,10 +96,11 @@ class _RMSNorm(Function):
         grad_x = torch.empty_like(x) if need_x else None
         grad_weight = torch.zeros(dim, dtype=acc, device=x.device) if need_weight else None
         rows = x.shape[0]
-        # Eagerly, rows go in chunks whose float32 temporaries stay in L2 cache: one pass
-        # over [rows, H] in float32 per operation, with fresh full-size temporaries,
-        # made this backward 4x slower (2048 x 512 in bf16: 7.8 -> 1.9 ms). Inductor
-        # fuses the chain itself, so a compiled graph takes all rows at once.
+        # Eagerly, rows go in chunks whose float32 temporaries stay in L2 cache, where one
+        # pass over [rows, H] in float32 per operation, into fresh full-size temporaries,
+        # was slower (2048 x 512 in bf16, alone: 7.8 -> 1.9 ms; the LoRA bench's 16 norms,
+        # profiled in the step: 96 -> 63 ms). Inductor fuses the chain itself, so a
+        # compiled graph takes all rows at once.
         step = rows if torch.compiler.is_compiling() else _norm_chunk_rows(dim)
         for start in range(0, rows, step):
             part = slice(start, start + step)
@@ -217,9 +218,9 @@ _MAX_GROUPS = 32
 
 
 # Eagerly: each group's bf16 scores take at most 2 MiB, and the grouped backward is used up
-# to this length.
+# to this length (the planner counts its extra FLOPs: plan/compute.py).
 _EAGER_SCORE_ELEMENTS_PER_GROUP = 2**20
-_EAGER_MAX_SEQ = 512
+EAGER_GROUPED_MAX_SEQ = 512
 
 
 def _score_groups(heads: int, seq: int) -> int:
@@ -312,7 +313,7 @@ def _grouped_backward_pays(mask: str | torch.Tensor, heads: int, seq: int) -> bo
     # Eagerly every group's scores are made whole, the masked half included, so past
     # S = 512 the flash kernel's skipping of masked blocks wins (8 x 8 heads of 64, bf16,
     # forward + backward: S = 256, 19 -> 12.7 ms; 512, 58 -> 44 ms; 1024, 139 -> 169 ms).
-    return seq <= _EAGER_MAX_SEQ and (isinstance(mask, str) or bool(mask.any(-1).all()))
+    return seq <= EAGER_GROUPED_MAX_SEQ and (isinstance(mask, str) or bool(mask.any(-1).all()))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: str | torch.Tensor | None,

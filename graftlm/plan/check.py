@@ -72,7 +72,8 @@ def run_shape(run_dir: Path) -> tuple[RunShape, dict]:
         activation_checkpointing=bool(train.get("activation_checkpointing", False)),
         lora_r=int(adapter.get("r", 16)), lora_targets=adapter.get("target_modules", "all-linear"),
         lora_base_dtype=adapter.get("base_dtype", "float32"),
-        devices=int(summary.get("world_size", 1)), sharding="fsdp" if parallel.get("mode") == "fsdp" else "ddp")
+        devices=int(summary.get("world_size", 1)), sharding="fsdp" if parallel.get("mode") == "fsdp" else "ddp",
+        device_type=str(summary.get("device") or "cuda").split(":")[0])
     if shape.parameterization == "dora":
         shape = replace(shape, parameterization="lora")
     return shape, summary

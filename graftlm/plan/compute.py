@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from graftlm.metrics import forward_flops_per_token, matmul_params, training_flops_per_token
+from graftlm.models.kernels import EAGER_GROUPED_MAX_SEQ
 from graftlm.plan.hardware import Hardware
 from graftlm.plan.memory import LINEAR_NAMES, RunShape, adapter_params, linear_shapes, lora_targets
 
@@ -60,18 +61,30 @@ def train_flops_per_token(shape: RunShape) -> float:
 
 
 def recompute_flops_per_token(shape: RunShape) -> float:
-    """FLOPs that run twice: not model FLOPs (MFU ignores them) but executed all the same.
+    """FLOPs beyond the model's: not model FLOPs (MFU ignores them) but executed all the same.
 
     The chunked log-probs recompute each chunk's logits in backward (2 V h per token)
     when the head trains; with a frozen head (adapter runs) forward makes the hidden
     states' gradient from the logits it has, and nothing is recomputed. Activation
-    checkpointing recomputes every block's forward.
+    checkpointing recomputes every block's forward. On a CPU in bf16 the attention
+    backward makes whole score matrices (below).
     """
     cfg = shape.model
     flops = 0 if shape.adapted else 2 * cfg.vocab_size * cfg.hidden_size
     if shape.activation_checkpointing:
         flops += inference_flops_per_token(shape) - 2 * cfg.vocab_size * cfg.hidden_size
-    return flops
+    return flops + _cpu_attention_backward_extra(shape)
+
+
+def _cpu_attention_backward_extra(shape: RunShape) -> float:
+    """On a CPU in bf16, up to S = 512, graftlm's attention backward remakes each group
+    of heads' whole S x S scores, the masked half included (models/kernels.py): five bmm
+    of 2 S d per token and head, where the causal model counts 4 d (S + 1)."""
+    cfg = shape.model
+    bf16 = shape.precision != "fp32" or (shape.adapted and shape.lora_base_dtype == "bfloat16")
+    if shape.device_type != "cpu" or not bf16 or shape.seq_len > EAGER_GROUPED_MAX_SEQ:
+        return 0.0
+    return cfg.num_layers * cfg.num_heads * cfg.head_dim * (10 * shape.seq_len - 4 * (shape.seq_len + 1))
 
 
 def executed_flops_per_token(shape: RunShape) -> float:

@@ -80,6 +80,7 @@ class RunShape:
     grpo_completion_len: int = 256  # of seq_len, the generated part
     devices: int = 1
     sharding: str = "fsdp"  # fsdp | ddp (with devices > 1)
+    device_type: str = "cuda"  # cuda | cpu: which kernels run (see compute.recompute_flops_per_token)
 
     @property
     def adapted(self) -> bool:

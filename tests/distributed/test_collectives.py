@@ -6,6 +6,7 @@ outside the wrapper, stays the same on every rank."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from pathlib import Path
@@ -62,6 +63,10 @@ def _worker(rank: int, store: str, out: str, task: str, mode: str) -> None:
         result = TASKS[task](rank, mode)
         Path(out, f"{rank}.json").write_text(json.dumps(result))
     finally:
+        # The task's trainer and FSDP modules sit in reference cycles: collect them while
+        # the group lives, as run_training does, not at interpreter exit, where gloo
+        # freeing their pending work aborted a finished rank (pytorch#179291).
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -96,7 +96,7 @@ def measure(size: str, regime: str, precision: str, batch: int = 4, seq_len: int
     with counter:
         trainer.train_step()
     shape = RunShape(model=cfg, objective="sft", parameterization=regime, precision=precision,
-                     batch_size=batch, seq_len=seq_len, lora_r=8, lora_base_dtype="bfloat16")
+                     batch_size=batch, seq_len=seq_len, lora_r=8, lora_base_dtype="bfloat16", device_type="cpu")
     return shape, tracker.peak, counter.get_total_flops()
 
 
