@@ -211,12 +211,14 @@ def _document_mask(length: int) -> torch.Tensor:
     return (causal & (documents[:, :, None] == documents[:, None, :])).unsqueeze(1)
 
 
+@pytest.mark.parametrize("run", ["compiled", "eager"])
 @pytest.mark.parametrize("kv_heads, masked", [(4, False), (2, False), (4, True)])
-def test_compiled_attention_backward_matches_float64(kv_heads, masked):
-    """In a compiled bf16 training graph on the CPU, attention's backward is the grouped
-    one (several groups at this size: 2 x 4 heads of S = 512 make 4 groups of 2); its
-    gradients are as close to float64 as the flash kernel's: causal, with GQA, and with
-    packed rows' document mask."""
+def test_attention_backward_matches_float64(kv_heads, masked, run):
+    """In bf16 training on the CPU, attention's backward is graftlm's grouped one, not the
+    flash kernel's, and its gradients are as close to float64 as flash's: causal, with
+    GQA, and with packed rows' document mask. Compiled: bmm with the softmax gradient for
+    inductor to fuse (2 x 4 heads of S = 512 make 4 groups of 2). Eager: softmax and its
+    backward remade per group (2 groups of 4)."""
     from torch._inductor.utils import run_and_get_code
 
     g = torch.Generator().manual_seed(0)
@@ -242,49 +244,19 @@ def test_compiled_attention_backward_matches_float64(kv_heads, masked):
         return [((got - e).abs().max() / e.abs().max()).item() for got, e in zip(grads(fn, torch.bfloat16), exact)]
 
     flash = errors(sdpa)
-    compiled = torch.compile(lambda q, k, v: kernels.attention(q, k, v, mask, gqa), fullgraph=True)
-    grouped, codes = run_and_get_code(lambda: errors(compiled))
-    assert "flash_attention_for_cpu_backward" not in "\n".join(codes)
-    assert "flash_attention_for_cpu" in "\n".join(codes)  # the forward is the flash kernel
+    if run == "compiled":
+        compiled = torch.compile(lambda q, k, v: kernels.attention(q, k, v, mask, gqa), fullgraph=True)
+        grouped, codes = run_and_get_code(lambda: errors(compiled))
+        assert "flash_attention_for_cpu_backward" not in "\n".join(codes)
+        assert "flash_attention_for_cpu" in "\n".join(codes)  # the forward is the flash kernel
+    else:
+        with torch.profiler.profile() as prof:
+            grouped = errors(lambda q, k, v: kernels.attention(q, k, v, mask, gqa))
+        ops = {e.key for e in prof.key_averages()}
+        assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward" not in ops
+        assert "aten::_softmax_backward_data" in ops
     for mine, theirs in zip(grouped, flash):
         assert mine < 2 * theirs, (grouped, flash)
-
-
-@pytest.mark.parametrize("kv_heads, masked", [(4, False), (2, False), (4, True)])
-def test_eager_attention_backward_matches_float64(kv_heads, masked):
-    """Run eagerly in bf16 on the CPU, attention's backward is the softmax-remade one (two
-    groups of 4 heads at S = 512), not the flash kernel's, and as close to float64 as
-    it: causal, with GQA, and with packed rows' document mask."""
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 4, 512, 16, generator=g, dtype=torch.float64)
-    k, v = (torch.randn(2, kv_heads, 512, 16, generator=g, dtype=torch.float64) for _ in range(2))
-    grad_out = torch.randn(2, 4, 512, 16, generator=g, dtype=torch.float64)
-    gqa = kv_heads != 4
-    mask = _document_mask(512) if masked else "causal"
-
-    def grads(fn, dtype):
-        inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-        (fn(*inputs).double() * grad_out).sum().backward()
-        return [t.grad.double() for t in inputs]
-
-    def sdpa(q, k, v):
-        if masked:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-
-    exact = grads(sdpa, torch.float64)
-
-    def errors(fn):
-        return [((got - e).abs().max() / e.abs().max()).item() for got, e in zip(grads(fn, torch.bfloat16), exact)]
-
-    flash = errors(sdpa)
-    with torch.profiler.profile() as prof:
-        mine = errors(lambda q, k, v: kernels.attention(q, k, v, mask, gqa))
-    ops = {e.key for e in prof.key_averages()}
-    assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward" not in ops
-    assert "aten::_softmax_backward_data" in ops
-    for ours, theirs in zip(mine, flash):
-        assert ours < 2 * theirs, (mine, flash)
 
 
 def test_eager_attention_keeps_flash_for_a_query_that_sees_nothing():
