@@ -81,8 +81,7 @@ def _cpu_attention_backward_extra(shape: RunShape) -> float:
     of heads' whole S x S scores, the masked half included (models/kernels.py): five bmm
     of 2 S d per token and head, where the causal model counts 4 d (S + 1)."""
     cfg = shape.model
-    bf16 = shape.precision != "fp32" or (shape.adapted and shape.lora_base_dtype == "bfloat16")
-    if shape.device_type != "cpu" or not bf16 or shape.seq_len > EAGER_GROUPED_MAX_SEQ:
+    if shape.device_type != "cpu" or not shape.computes_bf16 or shape.seq_len > EAGER_GROUPED_MAX_SEQ:
         return 0.0
     return cfg.num_layers * cfg.num_heads * cfg.head_dim * (10 * shape.seq_len - 4 * (shape.seq_len + 1))
 

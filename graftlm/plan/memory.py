@@ -87,6 +87,11 @@ class RunShape:
         return self.parameterization in ("lora", "qlora")
 
     @property
+    def computes_bf16(self) -> bool:
+        """Whether activations are bf16: bf16 precision, or a bf16-stored adapted base."""
+        return self.precision != "fp32" or (self.adapted and self.lora_base_dtype == "bfloat16")
+
+    @property
     def sequences(self) -> int:
         """Sequences one micro-batch runs through the trained model."""
         return self.batch_size * (2 if self.objective == "dpo" else 1)
@@ -178,7 +183,7 @@ def activation_bytes_per_token(shape: RunShape) -> tuple[float, float, float]:
              + a_nh * cfg.num_heads + a_r * shape.lora_r * targets + a_0)
     b_h, b_hd, b_0 = c["rest"]
     rest = b_h * cfg.hidden_size + b_hd * cfg.head_dim + b_0
-    stream_bytes = 4 if shape.precision == "fp32" and not (shape.adapted and shape.lora_base_dtype == "bfloat16") else 2
+    stream_bytes = 2 if shape.computes_bf16 else 4
     return layer, rest, cfg.hidden_size * stream_bytes
 
 
@@ -201,8 +206,7 @@ def memory_breakdown(shape: RunShape) -> MemoryBreakdown:
         weights += trainable * 4
         grads, optimizer = trainable * 4, trainable * 8
         reference = 0  # the base with adapters disabled
-        computes_bf16 = shape.precision != "fp32" or base_bytes == 2
-        copies = 2 * trainable if computes_bf16 else 0
+        copies = 2 * trainable if shape.computes_bf16 else 0
         if shape.parameterization == "lora" and shape.precision == "bf16-autocast" and base_bytes == 4:
             copies += 2 * block_linear  # autocast casts each float32 base weight; backward keeps it
     else:
