@@ -9,8 +9,10 @@ bf16 on both sides (PEFT users load with `dtype=torch.bfloat16`; graftlm's
 Each configuration runs in its own subprocess so that peak resident memory (ru_maxrss)
 is its own: graftlm LoRA, PEFT LoRA, both again with gradient checkpointing (activations
 recomputed per block: less memory for more compute), graftlm QLoRA, graftlm full
-fine-tuning (float32 weights, same batch), and graftlm LoRA, PEFT LoRA and graftlm full
-fine-tuning compiled (graftlm: each block, as `--train.compile true` does; PEFT: the
+fine-tuning (float32 weights, same batch), graftlm's frozen base alone (the LoRA model
+with its adapters disabled, backward still through every block: the floor under any
+LoRA step, so that LoRA's own cost and the full step's extra cost are printed apart),
+and graftlm LoRA, PEFT LoRA and graftlm full fine-tuning compiled (graftlm: each block, as `--train.compile true` does; PEFT: the
 whole model with `torch.compile`; the first, compiling step is not timed but its memory
 counts in the peak). Printed: tokens/s, peak RSS, and the ratios against the goals
 (graftlm >= 1.5x PEFT tokens/s, <= 0.6x its memory; LoRA >= 1.3x faster than full
@@ -37,7 +39,7 @@ DIMS = dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers
             num_kv_heads=8, max_seq_len=256)
 BATCH, SEQ, RANK, ALPHA = 8, 256, 16, 32
 SIDES = ("graft-lora", "peft-lora", "graft-lora-ckpt", "peft-lora-ckpt", "graft-qlora", "graft-full",
-         "graft-lora-compiled", "peft-lora-compiled", "graft-full-compiled")
+         "graft-frozen", "graft-lora-compiled", "peft-lora-compiled", "graft-full-compiled")
 
 
 def peak_rss_mib() -> float:
@@ -62,13 +64,20 @@ def graft_model(side: str):
         kind = "qlora" if side == "graft-qlora" else "lora"
         model.gradient_checkpointing = side.endswith("-ckpt")
         A.apply_adapters(model, A.AdapterConfig(kind=kind, r=RANK, alpha=ALPHA, base_dtype="bfloat16"))
+        if side == "graft-frozen":
+            from graftlm.adapters.inject import adapter_layers
+            for layer in adapter_layers(model):
+                layer.disabled = True
+            # Nothing is trainable, so the embedding's output is made to require grad:
+            # backward then runs through every block, as in a LoRA step.
+            model.embed_tokens.register_forward_hook(lambda module, args, out: out.requires_grad_())
         from graftlm.adapters import qlora
         base = [m.base_layer.weight for m in model.modules() if hasattr(m, "base_layer")]
         info["frozen_linear_bytes"] = sum(qlora.storage_bytes(w) for w in base)
     if side.endswith("-compiled"):  # what `--train.compile true` does, with its default budget
         from graftlm.trainer import TrainConfig
         model.compile_layers(TrainConfig().activation_budget(adapters=not side.startswith("graft-full")))
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [] if side == "graft-frozen" else [p for p in model.parameters() if p.requires_grad]
     return model.train(), params, info
 
 
@@ -118,15 +127,16 @@ def run_side(side: str, steps: int) -> dict:
     step = peft_step if peft_side else graft_step
     # Fused AdamW on every side: graftlm's trainer uses it on the CPU (graftlm.optim), and
     # transformers' Trainer defaults to it (optim="adamw_torch_fused" with torch >= 2.8).
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True) if params else None
     ids = batch()
     rss_built = peak_rss_mib()
     times = []
     for i in range(steps + 1):  # the first step warms up (allocator, optimizer state, compiling)
         start = time.perf_counter()
         step(model, ids)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if optimizer:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         if i:
             times.append(time.perf_counter() - start)
     seconds = sorted(times)[len(times) // 2]
@@ -187,6 +197,11 @@ def main() -> None:
     compare("both compiled", "graft-lora-compiled", "peft-lora-compiled")
     compare("graftlm compiled LoRA / compiled full fine-tuning step", "graft-lora-compiled", "graft-full-compiled",
             1.3, memory=False)
+    lora, full, frozen = (results.get(side) for side in ("graft-lora", "graft-full", "graft-frozen"))
+    if lora and full and frozen:
+        print(f"over the frozen base alone ({frozen['step_s'] * 1e3:.0f} ms): LoRA adds "
+              f"{(lora['step_s'] - frozen['step_s']) * 1e3:.0f} ms (its matmuls, casts, optimizer), full fine-tuning "
+              f"{(full['step_s'] - frozen['step_s']) * 1e3:.0f} ms (weight gradients, casts, AdamW)")
     g = results.get("graft-lora")
     q = results.get("graft-qlora")
     if g and q:

@@ -40,6 +40,12 @@ Design choices:
   skipping of masked blocks wins). Float32 (no bf16 matrix units) keeps SDPA. The
   softmax-remade form in compiled blocks too was slower there (the compiled LoRA step
   0.43 -> 0.46 s): inductor's exp(s − lse) beats its softmax.
+- Also measured and dropped (bf16, the benchmarks' shapes): the causal eager backward
+  split into query halves, the first half scoring only the first half of the keys
+  (3/4 of the work; 8.8 -> 8.6 ms a layer: the extra calls cost what the masked
+  quarter saved); RMSNorm's forward in cache-sized row chunks (0.56 vs 0.59 ms: a
+  single pass already); the trained head's float32 weight-gradient sum over chunks in
+  row pieces (-1.3 ms of 92).
 - Without autograd (generation, reference forwards) the wrappers call the forward
   math directly: `Function.apply` costs tens of microseconds of Python per call.
 """
