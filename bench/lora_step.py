@@ -12,13 +12,19 @@ recomputed per block: less memory for more compute), graftlm QLoRA, graftlm full
 fine-tuning (float32 weights, same batch), graftlm's frozen base alone (the LoRA model
 with its adapters disabled, backward still through every block: the floor under any
 LoRA step, so that LoRA's own cost and the full step's extra cost are printed apart),
-and graftlm LoRA, PEFT LoRA and graftlm full fine-tuning compiled (graftlm: each block, as `--train.compile true` does; PEFT: the
-whole model with `torch.compile`; the first, compiling step is not timed but its memory
-counts in the peak). Printed: tokens/s, peak RSS, and the ratios against the goals
-(graftlm >= 1.5x PEFT tokens/s, <= 0.6x its memory; LoRA >= 1.3x faster than full
-fine-tuning) for eager and compiled graftlm, plus QLoRA's frozen base size vs bf16.
+and graftlm LoRA, PEFT LoRA and graftlm full fine-tuning compiled (graftlm: each block,
+as `--train.compile true` does; PEFT: the whole model with `torch.compile`; the first,
+compiling step is not timed but its memory counts in the peak). Printed: tokens/s, peak
+RSS, and the ratios against the goals (graftlm >= 1.5x PEFT tokens/s, <= 0.6x its
+memory; LoRA >= 1.3x faster than full fine-tuning) for eager and compiled graftlm, plus
+QLoRA's frozen base size vs bf16.
 
     .venv/bin/python bench/lora_step.py [--steps 3] [--repeats 2] [--threads N] [--only SIDE ...]
+                                        [--hidden H]
+
+`--hidden` widens the model (intermediate 2.75x, heads of 64; the goals are set at 512):
+LoRA's saving (weight gradients, optimizer) grows with the weights, its own cost with
+the activations, so the LoRA / full ratio grows with width.
 """
 
 from __future__ import annotations
@@ -38,6 +44,12 @@ sys.path.insert(0, str(ROOT))
 DIMS = dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8,
             num_kv_heads=8, max_seq_len=256)
 BATCH, SEQ, RANK, ALPHA = 8, 256, 16, 32
+
+
+def set_width(hidden: int) -> None:
+    """The same model at another width, in the pre-training preset's proportions."""
+    DIMS.update(hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_heads=hidden // 64,
+                num_kv_heads=hidden // 64)
 SIDES = ("graft-lora", "peft-lora", "graft-lora-ckpt", "peft-lora-ckpt", "graft-qlora", "graft-full",
          "graft-frozen", "graft-lora-compiled", "peft-lora-compiled", "graft-full-compiled")
 
@@ -149,9 +161,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2, help="rounds over all sides; each side's fastest counts")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--hidden", type=int, default=DIMS["hidden_size"], help="model width (a multiple of 64)")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # one subprocess's job
     parser.add_argument("--only", nargs="+", choices=SIDES, default=list(SIDES))
     args = parser.parse_args()
+    if args.hidden % 64:
+        parser.error(f"--hidden must be a multiple of 64, got {args.hidden}")
+    set_width(args.hidden)
     if args.side:
         import torch
         torch.set_num_threads(args.threads)
@@ -161,7 +177,8 @@ def main() -> None:
     for _ in range(args.repeats):  # rounds over every side, so a slow spell hits all alike
         for side in args.only:
             out = subprocess.run([sys.executable, __file__, "--side", side, "--steps", str(args.steps),
-                                  "--threads", str(args.threads)], capture_output=True, text=True, cwd=ROOT)
+                                  "--threads", str(args.threads), "--hidden", str(args.hidden)],
+                                 capture_output=True, text=True, cwd=ROOT)
             if out.returncode:
                 sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
             run = json.loads(out.stdout.strip().splitlines()[-1])
@@ -171,7 +188,8 @@ def main() -> None:
             if run["tokens_per_s"] > best["tokens_per_s"]:
                 results[side] = best = run
             best["peak_rss_mib"] = peak
-    print(f"LoRA step, batch {BATCH}x{SEQ}, r={RANK} all-linear, bf16 autocast, CPU x{args.threads} threads, "
+    print(f"LoRA step, hidden {DIMS['hidden_size']} x {DIMS['num_layers']} layers, batch {BATCH}x{SEQ}, "
+          f"r={RANK} all-linear, bf16 autocast, CPU x{args.threads} threads, "
           f"median of {args.steps} steps, fastest of {args.repeats} rounds")
     print(f"{'side':<20} {'tokens/s':>9} {'step s':>7} {'peak RSS MiB':>13} {'RSS built':>10} {'trainable':>10}")
     for r in results.values():
@@ -205,8 +223,9 @@ def main() -> None:
     g = results.get("graft-lora")
     q = results.get("graft-qlora")
     if g and q:
-        print(f"QLoRA frozen linear weights: {q['frozen_linear_bytes'] / 2**20:.1f} MiB NF4 vs "
-              f"{g['frozen_linear_bytes'] / 2**20:.1f} MiB bf16 ({q['frozen_linear_bytes'] / g['frozen_linear_bytes']:.2f}x)")
+        nf4, bf16 = q["frozen_linear_bytes"], g["frozen_linear_bytes"]
+        print(f"QLoRA frozen linear weights: {nf4 / 2**20:.1f} MiB NF4 vs {bf16 / 2**20:.1f} MiB bf16 "
+              f"({nf4 / bf16:.2f}x)")
 
 
 if __name__ == "__main__":
