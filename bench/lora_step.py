@@ -44,14 +44,14 @@ sys.path.insert(0, str(ROOT))
 DIMS = dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8,
             num_kv_heads=8, max_seq_len=256)
 BATCH, SEQ, RANK, ALPHA = 8, 256, 16, 32
+SIDES = ("graft-lora", "peft-lora", "graft-lora-ckpt", "peft-lora-ckpt", "graft-qlora", "graft-full",
+         "graft-frozen", "graft-lora-compiled", "peft-lora-compiled", "graft-full-compiled")
 
 
 def set_width(hidden: int) -> None:
     """The same model at another width, in the pre-training preset's proportions."""
     DIMS.update(hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_heads=hidden // 64,
                 num_kv_heads=hidden // 64)
-SIDES = ("graft-lora", "peft-lora", "graft-lora-ckpt", "peft-lora-ckpt", "graft-qlora", "graft-full",
-         "graft-frozen", "graft-lora-compiled", "peft-lora-compiled", "graft-full-compiled")
 
 
 def peak_rss_mib() -> float:
@@ -220,10 +220,9 @@ def main() -> None:
         print(f"over the frozen base alone ({frozen['step_s'] * 1e3:.0f} ms): LoRA adds "
               f"{(lora['step_s'] - frozen['step_s']) * 1e3:.0f} ms (its matmuls, casts, optimizer), full fine-tuning "
               f"{(full['step_s'] - frozen['step_s']) * 1e3:.0f} ms (weight gradients, casts, AdamW)")
-    g = results.get("graft-lora")
-    q = results.get("graft-qlora")
-    if g and q:
-        nf4, bf16 = q["frozen_linear_bytes"], g["frozen_linear_bytes"]
+    qlora = results.get("graft-qlora")
+    if lora and qlora:
+        nf4, bf16 = qlora["frozen_linear_bytes"], lora["frozen_linear_bytes"]
         print(f"QLoRA frozen linear weights: {nf4 / 2**20:.1f} MiB NF4 vs {bf16 / 2**20:.1f} MiB bf16 "
               f"({nf4 / bf16:.2f}x)")
 
