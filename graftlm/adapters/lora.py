@@ -19,7 +19,10 @@ Design choices:
   a merged weight W + s·BA (no faster, and it rounds W + s·BA to bf16); the adapter's
   product first with the base matmul accumulated into it (faster alone, no faster in
   the step); the same as torch.library custom ops, which spare compiled graphs the
-  copy a functionalized addmm_ makes (about 30 ms a step) but lose as much elsewhere;
+  copy a functionalized addmm_ makes (about 30 ms a step) but lose as much elsewhere
+  (measured again with only the in-place addmm_ as a mutable op, which inductor
+  re-inplaces: the copies go, but the recomputed forward inside backward gets clones
+  of its own; 0.45 s either way);
   glibc malloc thresholds against page faults (fewer faults, no faster step); A and B
   cast inside the Function with float32 gradients returned from it, sparing autograd
   four cast and stacking nodes per layer (no faster: paired A/B +6 ms of 0.49 s); the
