@@ -3,8 +3,8 @@
 Same model as the pre-training benchmark (hidden 512, 8 layers, 8 heads, intermediate
 1408, vocab 8192), LoRA r=16 on every linear layer but the output, batch 8 x 256, bf16
 autocast on CPU, fused AdamW over the trainable parameters. The frozen base is stored in
-bf16 on both sides (PEFT users load with `dtype=torch.bfloat16`; graftlm's
-`AdapterConfig(base_dtype="bfloat16")`); adapters stay float32 on both sides.
+bf16 on both sides (PEFT users load with `dtype=torch.bfloat16`; a graftlm run under
+bf16 autocast does it by default, `adapter.base_dtype: auto`); adapters stay float32.
 
 Each configuration runs in its own subprocess so that peak resident memory (ru_maxrss)
 is its own: graftlm LoRA, PEFT LoRA, both again with gradient checkpointing (activations

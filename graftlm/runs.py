@@ -171,7 +171,7 @@ def apply_parameterization(model, cfg: RunConfig):
     if cfg.adapter is None:
         return model
     from graftlm.adapters import apply_adapters
-    return apply_adapters(model, cfg.adapter) or model
+    return apply_adapters(model, cfg.adapter, precision=cfg.train.precision) or model
 
 
 def flops_per_token_at(cfg: RunConfig, model_config) -> Callable[[int], float]:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from graftlm.adapters import qlora
-from graftlm.adapters.config import OUTPUT_LAYER, AdapterConfig, name_matches, select_targets
+from graftlm.adapters.config import OUTPUT_LAYER, AdapterConfig, base_storage_dtype, name_matches, select_targets
 from graftlm.adapters.identity import base_identity
 from graftlm.adapters.lora import LoraLinear, ModulesToSave
 from graftlm.errors import GraftError
@@ -51,8 +51,12 @@ def active_adapter(model: nn.Module) -> str | None:
     return getattr(model, "active_adapter", None)
 
 
-def apply_adapters(model: nn.Module, cfg: AdapterConfig, name: str = "default") -> nn.Module:
-    """Add adapter `name` to `model` (in place), freeze the base, make `name` active."""
+def apply_adapters(model: nn.Module, cfg: AdapterConfig, name: str = "default",
+                   precision: str | None = None) -> nn.Module:
+    """Add adapter `name` to `model` (in place), freeze the base, make `name` active.
+
+    `precision` is the run's (`train.precision`); it decides where `base_dtype: auto`
+    stores the frozen base (`base_storage_dtype`)."""
     cfg.validate()
     if name in loaded_adapters(model):
         raise GraftError(f"adapters: the model already has an adapter named '{name}'")
@@ -64,7 +68,7 @@ def apply_adapters(model: nn.Module, cfg: AdapterConfig, name: str = "default") 
     for param in model.parameters():
         if id(param) not in adapter_ids:
             param.requires_grad_(False)
-    if cfg.base_dtype == "bfloat16":
+    if base_storage_dtype(cfg.base_dtype, precision) == "bfloat16":
         _cast_base(model, torch.bfloat16)
     if cfg.kind == "qlora":
         _quantize_base(model, cfg)

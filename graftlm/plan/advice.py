@@ -44,7 +44,7 @@ def recommend(goal: str | None, tokens: float, params: int, has_base: bool, fits
     def cheapest_adapter(why: str) -> tuple[str, list[str]]:
         regime = "lora" if fits.get("lora") and "lora" not in over_budget else "qlora"
         if regime == "qlora":
-            why += "; LoRA with a bf16 base does not fit, so the base goes to 4-bit (QLoRA)"
+            why += "; LoRA with its base unquantized does not fit, so the base goes to 4-bit (QLoRA)"
         if not fits.get(regime):
             why += "; even QLoRA does not fit this hardware: use more or larger devices, or a smaller base"
         return regime, reasons + [why]

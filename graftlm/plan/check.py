@@ -64,14 +64,17 @@ def run_shape(run_dir: Path) -> tuple[RunShape, dict]:
     if seq_len > cfg.max_seq_len:
         cfg = replace(cfg, max_seq_len=seq_len)
     parallel = config.get("parallel", {})
+    precision = train.get("precision", "bf16-autocast")
+    from graftlm.adapters.config import base_storage_dtype
     shape = RunShape(
         model=cfg, objective=_OBJECTIVES.get(config.get("objective", "sft"), "sft"),
         parameterization=adapter.get("kind", "full") if adapter else "full",
-        precision=train.get("precision", "bf16-autocast"), batch_size=int(train.get("batch_size", 1)),
+        precision=precision, batch_size=int(train.get("batch_size", 1)),
         seq_len=seq_len, grad_accum=int(train.get("grad_accum", 1)),
         activation_checkpointing=bool(train.get("activation_checkpointing", False)),
         lora_r=int(adapter.get("r", 16)), lora_targets=adapter.get("target_modules", "all-linear"),
-        lora_base_dtype=adapter.get("base_dtype", "float32"),
+        # Runs from before "auto" recorded float32, the default then.
+        lora_base_dtype=base_storage_dtype(adapter.get("base_dtype", "float32"), precision),
         devices=int(summary.get("world_size", 1)), sharding="fsdp" if parallel.get("mode") == "fsdp" else "ddp",
         device_type=str(summary.get("device") or "cuda").split(":")[0])
     if shape.parameterization == "dora":

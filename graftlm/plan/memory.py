@@ -13,7 +13,8 @@ Design choices, each matching what the trainer and the adapters do:
   the weights' dtype, and fused AdamW's two states in the weights' dtype (no step
   temporaries). Gradients are set to None between steps, so with one micro-batch they
   never coexist with a whole forward's activations.
-- LoRA keeps the frozen base in `adapter.base_dtype`; QLoRA stores every block linear
+- LoRA keeps the frozen base in its storage dtype (`adapters.config.base_storage_dtype`:
+  `base_dtype: auto` is bf16 when the run computes in bf16); QLoRA stores every block linear
   weight as torchao NF4 (half a byte per weight, an int8 scaler per 64 weights, a bf16
   factor per scaler block); adapters are float32 and trained like full weights.
 - Under bf16 autocast, the bf16 copies autocast makes of float32 weights are saved for

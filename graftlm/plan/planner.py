@@ -32,7 +32,7 @@ REGIMES = {
     "sft": ("full fine-tuning (SFT)", "sft", "full"),
     "dpo": ("full fine-tuning (DPO)", "dpo", "full"),
     "grpo": ("full fine-tuning (GRPO)", "grpo", "full"),
-    "lora": ("LoRA (SFT, bf16 base)", "sft", "lora"),
+    "lora": ("LoRA (SFT, {base} base)", "sft", "lora"),  # the base's storage dtype filled in
     "qlora": ("QLoRA (SFT, NF4 base)", "sft", "qlora"),
 }
 _SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
@@ -99,10 +99,12 @@ class PlanOptions:
 
 
 def regime_shape(cfg: ModelConfig, regime: str, hardware: Hardware, options: PlanOptions) -> RunShape:
+    from graftlm.adapters.config import base_storage_dtype
     _, objective, parameterization = REGIMES[regime]
     return RunShape(model=cfg, objective=objective, parameterization=parameterization,
                     precision=options.precision, batch_size=options.batch_size, seq_len=options.seq_len,
                     activation_checkpointing=options.activation_checkpointing, lora_r=options.lora_r,
+                    lora_base_dtype=base_storage_dtype("auto", options.precision),  # what the trainer does
                     devices=hardware.count, sharding=options.sharding)
 
 
@@ -121,7 +123,7 @@ def plan_regime(cfg: ModelConfig, regime: str, tokens: float, hardware: Hardware
     compute = compute_cost(shape, tokens, hardware, options.price_per_hour, options.epochs)
     return {
         "regime": regime,
-        "description": REGIMES[regime][0],
+        "description": REGIMES[regime][0].format(base="bf16" if shape.lora_base_dtype == "bfloat16" else "fp32"),
         "objective": shape.objective,
         "parameterization": shape.parameterization,
         "params_total": cfg.num_params(),
@@ -164,5 +166,5 @@ def make_plan(cfg: ModelConfig, tokens: float, hardware: Hardware, options: Plan
         "hardware": {"name": hardware.label, "count": hardware.count, **asdict(hardware.device)},
         "options": asdict(options),
         "regimes": regimes,
-        "recommendation": {"regime": choice, "description": REGIMES[choice][0], "reasons": reasons},
+        "recommendation": {"regime": choice, "description": regimes[choice]["description"], "reasons": reasons},
     }

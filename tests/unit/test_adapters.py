@@ -208,6 +208,25 @@ def test_merge_refuses_non_finite_and_leaves_the_base():
         assert torch.allclose(model(IDS), before, atol=1e-6)
 
 
+@pytest.mark.parametrize("base_dtype, precision, stored", [
+    ("auto", "bf16-autocast", torch.bfloat16), ("auto", "bf16", torch.bfloat16), ("auto", "fp32", torch.float32),
+    ("auto", None, torch.float32), ("float32", "bf16-autocast", torch.float32), ("bfloat16", "fp32", torch.bfloat16)])
+def test_frozen_base_storage_follows_the_runs_precision(base_dtype, precision, stored):
+    """`base_dtype: auto` (the default) keeps the frozen base in bf16 when the run computes
+    in bf16, and in float32 otherwise or outside a run; an explicit dtype is kept. The
+    run passes its precision (runs.apply_parameterization); the adapters stay float32."""
+    from graftlm.runs import RunConfig, apply_parameterization
+    from graftlm.trainer import TrainConfig
+    model = tiny()
+    cfg = A.AdapterConfig(r=4, base_dtype=base_dtype)
+    if precision is None:
+        A.apply_adapters(model, cfg)
+    else:
+        apply_parameterization(model, RunConfig(train=TrainConfig(precision=precision), adapter=cfg))
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {stored}
+    assert {p.dtype for p in A.adapter_params(model)} == {torch.float32}
+
+
 def test_qlora_base_is_nf4_small_close_and_only_adapters_get_gradients():
     bf16_model = tiny(hidden_size=128, intermediate_size=256)
     A.apply_adapters(bf16_model, A.AdapterConfig(r=4, base_dtype="bfloat16"))

@@ -194,6 +194,29 @@ def test_check_sets_prediction_beside_measurement(tmp_path, capsys):
     assert main(["plan", "--check", str(tmp_path / "missing")]) == 2
 
 
+@pytest.mark.parametrize("adapter, precision, base", [
+    ({"base_dtype": "auto"}, "bf16-autocast", "bfloat16"), ({"base_dtype": "auto"}, "fp32", "float32"),
+    ({"base_dtype": "float32"}, "bf16-autocast", "float32"), ({}, "bf16-autocast", "float32")])
+def test_check_reads_the_base_dtype_the_run_stored(tmp_path, adapter, precision, base):
+    """`plan --check` resolves `base_dtype: auto` by the run's precision as the trainer
+    did; a run recorded before "auto" existed (no field) stored float32."""
+    import yaml
+    from graftlm.plan.check import run_shape
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({
+        "objective": "sft", "model": "small", "train": {"precision": precision},
+        "adapter": {"kind": "lora", "r": 8, **adapter}}))
+    (tmp_path / "summary.json").write_text(json.dumps({"device": "cpu", "world_size": 1}))
+    assert run_shape(tmp_path)[0].lora_base_dtype == base
+
+
+def test_plan_assumes_the_base_dtype_the_trainer_picks():
+    hardware = resolve_hardware("A100-80GB", load_catalogue())
+    for precision, words, base_bytes in (("bf16-autocast", "bf16 base", 2), ("fp32", "fp32 base", 4)):
+        lora = make_plan(LLAMA_7B, 5e7, hardware, PlanOptions(precision=precision))["regimes"]["lora"]
+        assert words in lora["description"]
+        assert lora["memory"]["weights"] / LLAMA_7B.num_params() == pytest.approx(base_bytes, rel=0.03)
+
+
 @pytest.mark.parametrize("targets", [["all-linear"], ["q_proj", "v_proj"]])
 def test_runs_count_training_flops_as_the_plan_does(targets):
     """summary.json's FLOPs come from the planner's formula: the base's forward and input
