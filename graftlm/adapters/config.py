@@ -36,9 +36,9 @@ BASE_DTYPES = ("auto", "float32", "bfloat16")
 def base_storage_dtype(base_dtype: str, precision: str | None) -> str:
     """The dtype the frozen base is stored in: `base_dtype`, with "auto" resolved by the
     run's precision. A run that computes in bf16 (bf16 autocast, or a bf16 model) keeps
-    the base in bf16: it gets no gradient, autocast would cast every weight to bf16 on
-    every step anyway, and it takes half the memory (PEFT users load the same way).
-    Elsewhere (float32 runs; adapters applied outside a run) it stays float32."""
+    the base in bf16: it gets no gradient, autocast would cast each linear weight to
+    bf16 on every step anyway, and it takes half the memory (PEFT users load the same
+    way). Elsewhere (float32 runs; adapters applied outside a run) it stays float32."""
     if base_dtype != "auto":
         return base_dtype
     return "bfloat16" if precision in ("bf16-autocast", "bf16") else "float32"
