@@ -14,9 +14,9 @@ Design choices, each matching what the trainer and the adapters do:
   temporaries). Gradients are set to None between steps, so with one micro-batch they
   never coexist with a whole forward's activations.
 - LoRA keeps the frozen base in its storage dtype (`adapters.config.base_storage_dtype`:
-  `base_dtype: auto` is bf16 when the run computes in bf16); QLoRA stores every block linear
-  weight as torchao NF4 (half a byte per weight, an int8 scaler per 64 weights, a bf16
-  factor per scaler block); adapters are float32 and trained like full weights.
+  `base_dtype: auto` is bf16 when the run computes in bf16); QLoRA stores every block
+  linear weight as torchao NF4 (half a byte per weight, an int8 scaler per 64 weights, a
+  bf16 factor per scaler block); adapters are float32 and trained like full weights.
 - Under bf16 autocast, the bf16 copies autocast makes of float32 weights are saved for
   backward and live until it ends ("weight copies").
 - Activations are what autograd saves during forward, per token. The coefficients are
