@@ -11,7 +11,9 @@ is its own: graftlm LoRA, PEFT LoRA, both again with gradient checkpointing (act
 recomputed per block: less memory for more compute), graftlm QLoRA, graftlm full
 fine-tuning (float32 weights, same batch), graftlm's frozen base alone (the LoRA model
 with its adapters disabled, backward still through every block: the floor under any
-LoRA step, so that LoRA's own cost and the full step's extra cost are printed apart),
+LoRA step, so that LoRA's own cost and the full step's extra cost are printed apart;
+it also makes the first block's input gradient, which a LoRA step skips, so LoRA's
+share comes out a few ms low),
 and graftlm LoRA, PEFT LoRA and graftlm full fine-tuning compiled (graftlm: each block,
 as `--train.compile true` does; PEFT: the whole model with `torch.compile`; the first,
 compiling step is not timed but its memory counts in the peak). Printed: tokens/s, peak
