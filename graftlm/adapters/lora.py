@@ -76,11 +76,11 @@ class _FusedLoraLinear(torch.autograd.Function):
         for (weight, bias, lora_b), rank, scale in zip(_triples(layers), ranks, scales):
             b_scaled = lora_b * scale
             if joined is None:
-                out = _linear(flat, weight, bias)
+                out = F.linear(flat, weight, bias)
                 out.addmm_(xa[:, start:start + rank], b_scaled.t())
             else:  # s·B in this layer's rank columns of x·Aᵀ, zeros in the others'
                 b_columns = F.pad(b_scaled, (start, xa.shape[1] - start - rank))
-                out = _linear(joined, torch.cat([weight, b_columns], dim=1), bias)
+                out = F.linear(joined, torch.cat([weight, b_columns], dim=1), bias)
             outs.append(out.view(*x.shape[:-1], out.shape[-1]))
             saved += [weight, b_scaled]
             start += rank
@@ -111,10 +111,6 @@ class _FusedLoraLinear(torch.autograd.Function):
 
 def _triples(flat: tuple) -> list[tuple]:
     return [flat[i:i + 3] for i in range(0, len(flat), 3)]
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
 
 
 def fused_lora_linear(x: torch.Tensor, layers: list[LoraLinear]) -> tuple[torch.Tensor, ...]:
