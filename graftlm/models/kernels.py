@@ -233,6 +233,11 @@ def _score_groups(heads: int, seq: int) -> int:
     return -(-heads // max(1, _SCORE_ELEMENTS_PER_GROUP // (seq * seq)))
 
 
+def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where `allowed`, -inf elsewhere: a boolean mask as a bias added to the scores."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
 class _GroupedAttention(Function):
     """softmax(q kᵀ / √d + mask) v: the flash kernel forward, a grouped backward.
 
@@ -244,7 +249,7 @@ class _GroupedAttention(Function):
     def forward(ctx, q, k, v, allowed):
         additive = None
         if allowed is not None:
-            additive = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
+            additive = _additive_mask(allowed, q.dtype)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, allowed is None, attn_mask=additive)[:2]
         ctx.save_for_backward(q, k, v, out, lse, allowed)
@@ -296,14 +301,16 @@ def _softmax_backward(q, k, v, grad, allowed):
     Every query must see at least one key (else softmax gives NaN; `attention` checks)."""
     n, s, d = q.shape
     scale = d ** -0.5
-    masked = ~allowed
+    # The mask as an additive bias that the scores' matmul starts from (baddbmm), where a
+    # masked_fill_ after it was one more pass over the scores (16 x 256 x 256: 0.84 -> 0.64 ms).
+    bias = _additive_mask(allowed, q.dtype)
     grad_q, grad_k, grad_v = (torch.empty_like(q) for _ in range(3))
     group = max(1, _EAGER_SCORE_ELEMENTS_PER_GROUP // (s * s))
     for start in range(0, n, group):
         rows = slice(start, start + group)
         q_scaled = q[rows] * scale
-        scores = torch.bmm(q_scaled, k[rows].transpose(1, 2))
-        p = torch.softmax(scores.masked_fill_(masked if masked.dim() == 2 else masked[rows], float("-inf")), -1)
+        scores = torch.baddbmm(bias if bias.dim() == 2 else bias[rows], q_scaled, k[rows].transpose(1, 2))
+        p = torch.softmax(scores, -1)
         dp = torch.bmm(grad[rows], v[rows].transpose(1, 2))
         ds = torch.ops.aten._softmax_backward_data(dp, p, -1, q.dtype)
         torch.bmm(ds, k[rows], out=grad_q[rows]).mul_(scale)
