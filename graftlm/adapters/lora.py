@@ -31,6 +31,15 @@ Design choices:
   reductions over rows (gradients of A and B) as a bmm over row halves, one per thread
   (no faster); in compiled blocks, the update as a plain add for inductor to fuse into
   the next element-wise kernel (+15 ms of 0.43 s: its functionalized addmm_ wins).
+- Where the eager LoRA step's extra time goes (over the same step with adapters
+  disabled; alternating steps, 2 CPU threads): about 28 ms does not grow with the batch
+  (batch 1, 2, 8: +38, +56, +106 ms). Most of it is the ~270 extra bf16 matmul calls, each
+  at least ~25 us in oneDNN (float32 MKL: 4 us). A and B's casts and stacking cost ~1 ms
+  (paired A/B against cached bf16 copies). Skipping the forward B-add and the g·sB
+  products altogether (wrong results, an upper bound) saves 26 ms: keeping q/k/v and
+  gate/up as one persistent weight joined with the B columns, so that both ride inside
+  the base matmuls, could at best win part of that, at the price of base weights that
+  are views into a shared buffer (merge, FSDP, saving); not done.
 - `weight` is the effective weight (base + active update) so that code that reads
   `model.lm_head.weight` directly (the chunked losses) sees the adapter.
 """

@@ -45,7 +45,10 @@ Design choices:
   (3/4 of the work; 8.8 -> 8.6 ms a layer: the extra calls cost what the masked
   quarter saved); RMSNorm's forward in cache-sized row chunks (0.56 vs 0.59 ms: a
   single pass already); the trained head's float32 weight-gradient sum over chunks in
-  row pieces (-1.3 ms of 92).
+  row pieces (-1.3 ms of 92); SwiGLU forward and backward in cache-sized row chunks
+  (slower alone, paired A/B in the LoRA step -11 / +18 ms: noise); the eager attention
+  backward's groups at 4, 8, 32 or 64 heads instead of 16 (+31, +19, -12, -4 ms: noise
+  or worse).
 - Without autograd (generation, reference forwards) the wrappers call the forward
   math directly: `Function.apply` costs tens of microseconds of Python per call.
 """
