@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
+from graftlm.console import table_console
 from graftlm.errors import GraftError
 
 
@@ -134,7 +135,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
     from graftlm.report import compare_runs
 
     size = QUICK if quick else FULL
-    console = Console()
+    console = table_console()
     started = time.perf_counter()
     out = Path(out)
     runs = out / "runs"

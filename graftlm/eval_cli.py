@@ -54,8 +54,9 @@ def eval_command(args: argparse.Namespace) -> int:
 
 
 def print_table(result: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from graftlm.console import table_console
 
     columns = sorted({k for m in result["metrics"].values() for k in m})
     table = Table(title=f"{result['model']} on {result['data']} ({result['rows']} rows, {result['kind']})")
@@ -64,7 +65,7 @@ def print_table(result: dict) -> None:
         table.add_column(c, justify="right")
     for variant, metrics in result["metrics"].items():
         table.add_row(variant, *[_fmt(metrics.get(c)) for c in columns])
-    Console().print(table)
+    table_console().print(table)
 
 
 def _fmt(value) -> str:

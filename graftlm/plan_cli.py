@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from graftlm.console import table_console
 from graftlm.errors import GraftError
 
 GOALS = ("format", "domain", "deep", "variants", "from-scratch")
@@ -81,11 +82,6 @@ def fmt_count(n: float | None) -> str:
     return f"{n:.3g}"
 
 
-def _console():
-    from rich.console import Console
-    return Console(width=max(120, Console().width))
-
-
 # -- graft plan ------------------------------------------------------------------------------
 
 def plan_command(args) -> int:
@@ -117,7 +113,7 @@ def plan_command(args) -> int:
 
 def print_plan(result: dict) -> None:
     from rich.table import Table
-    console = _console()
+    console = table_console()
     hw = result["hardware"]
     opts = result["options"]
     console.print(f"[bold]model[/] {result['model']['source']}: {fmt_count(result['model']['params'])} parameters"
@@ -180,7 +176,7 @@ def check_command(args, catalogue) -> int:
         print()
         return 0
     from rich.table import Table
-    console = _console()
+    console = table_console()
     for result in results:
         table = Table(title=f"{result['run']}: {result['objective']} / {result['parameterization']} on "
                             f"{result['device']} (time assumes {result['assumed']})")
@@ -217,7 +213,7 @@ def compare_command(args) -> int:
                       "-" if row["cost_usd"] is None else f"{row['cost_usd']:.4f}",
                       "-" if row["final_train_loss"] is None else f"{row['final_train_loss']:.4f}",
                       "-" if row["final_val_loss"] is None else f"{row['final_val_loss']:.4f}")
-    _console().print(table)
+    table_console().print(table)
     return 0
 
 
