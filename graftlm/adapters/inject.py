@@ -201,20 +201,29 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], na
 
 
 @contextmanager
+def layers_set(layers: list[nn.Module], attribute: str, value):
+    """Within the block every layer's `attribute` is `value`; each gets its own back after."""
+    before = [getattr(layer, attribute) for layer in layers]
+    for layer in layers:
+        setattr(layer, attribute, value)
+    try:
+        yield
+    finally:
+        for layer, was in zip(layers, before):
+            setattr(layer, attribute, was)
+
+
+@contextmanager
 def disable_adapters(model: nn.Module):
     """Within the block the model computes as its base alone."""
     layers = adapter_layers(model)
     merged = [layer for layer in layers if getattr(layer, "merged", None) is not None]
     for layer in merged:
         layer.unmerge()
-    before = [layer.disabled for layer in layers]
-    for layer in layers:
-        layer.disabled = True
     try:
-        yield model
+        with layers_set(layers, "disabled", True):
+            yield model
     finally:
-        for layer, was in zip(layers, before):
-            layer.disabled = was
         for layer in merged:
             layer.merge()
 

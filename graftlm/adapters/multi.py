@@ -53,7 +53,7 @@ class RowRouting:
 @contextmanager
 def row_adapters(model: nn.Module, names: list[str | None]):
     """Within the block, row i of every forward of `model` uses adapter names[i]."""
-    from graftlm.adapters.inject import adapter_layers, loaded_adapters
+    from graftlm.adapters.inject import adapter_layers, layers_set, loaded_adapters
     known = set(loaded_adapters(model))
     for i, name in enumerate(names):
         if name is not None and name not in known:
@@ -62,12 +62,5 @@ def row_adapters(model: nn.Module, names: list[str | None]):
     layers = adapter_layers(model)
     if any(getattr(layer, "merged", None) is not None for layer in layers):
         raise GraftError("row_adapters: an adapter is merged into the base; call graftlm.adapters.unmerge(model) first")
-    routing = RowRouting(names)
-    previous = [layer.routing for layer in layers]
-    for layer in layers:
-        layer.routing = routing
-    try:
+    with layers_set(layers, "routing", RowRouting(names)):
         yield model
-    finally:
-        for layer, before in zip(layers, previous):
-            layer.routing = before
