@@ -18,7 +18,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-from graftlm.errors import ConfigError
+from graftlm.errors import ConfigError, read_yaml
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -161,16 +161,7 @@ def _set_dotted(target: dict, dotted: str, value: Any) -> None:
 
 def read_recipe(path: str | Path) -> dict:
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read recipe ({e.strerror})") from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    data = read_yaml(path, ConfigError) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of config fields")
     return data

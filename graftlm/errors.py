@@ -4,6 +4,11 @@ The CLI catches `GraftError` and prints its message as one line with a non-zero 
 instead of a traceback. Raise it with a message that names the file, line or field.
 """
 
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
 
 class GraftError(Exception):
     """An error caused by the user's input (files, config, data), shown as one line."""
@@ -11,3 +16,37 @@ class GraftError(Exception):
 
 class ConfigError(GraftError):
     """A config field is missing, unknown, of the wrong type or out of range."""
+
+
+def _read_text(path: Path, error: type[GraftError]) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not a UTF-8 text file") from None
+
+
+def read_json(path: str | Path):
+    """The value in a JSON file. A file that cannot be read, is not UTF-8 or does not
+    parse is one `GraftError` naming it (and the line, for a parse error)."""
+    path = Path(path)
+    text = _read_text(path, GraftError)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise GraftError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def read_yaml(path: str | Path, error: type[GraftError] = GraftError):
+    """The value in a YAML file, with the same errors as `read_json` (raised as `error`)."""
+    import yaml
+
+    path = Path(path)
+    text = _read_text(path, error)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise error(f"{where}: invalid YAML ({getattr(e, 'problem', None) or e})") from None

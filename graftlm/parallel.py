@@ -156,7 +156,7 @@ def wrap_model(model: nn.Module, d: Dist, cfg: ParallelConfig) -> nn.Module:
         ids = [d.device.index] if d.device.type == "cuda" else None
         _sync_nf4_outside_ddp(model)
         return DistributedDataParallel(model, device_ids=ids)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy
     kwargs = {}
     if cfg.fsdp_mixed_precision and d.device.type == "cuda":
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

@@ -20,8 +20,8 @@ import io
 import json
 from pathlib import Path
 
-import yaml
 
+from graftlm import errors
 from graftlm.errors import GraftError
 
 
@@ -45,20 +45,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def read_json(path: Path) -> dict:
     if not path.exists():
         return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise GraftError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    return errors.read_json(path)
 
 
 def read_config(run_dir: Path) -> dict:
     path = run_dir / "config.yaml"
     if not path.exists():
         return {}
-    try:
-        return yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise GraftError(f"{path}: invalid YAML ({e})") from None
+    return errors.read_yaml(path) or {}
 
 
 def series(records: list[dict], key: str) -> tuple[list, list]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from graftlm.errors import GraftError
+from graftlm.errors import GraftError, read_json
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -180,10 +180,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     config = {}
     config_file = directory / "tokenizer_config.json"
     if config_file.exists():
-        try:
-            config = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
-            raise GraftError(f"{config_file}:{e.lineno}: invalid JSON ({e.msg})") from None
+        config = read_json(config_file)
     template = config.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}

@@ -27,7 +27,7 @@ from graftlm.adapters.config import AdapterConfig, graft_module_name, hf_module_
 from graftlm.adapters import identity
 from graftlm.adapters.inject import active_adapter, apply_adapters, loaded_adapters, set_active_adapter
 from graftlm.adapters.lora import LoraLinear, ModulesToSave
-from graftlm.errors import GraftError
+from graftlm.errors import GraftError, read_json
 from graftlm.models.hf import read_safetensors
 
 CONFIG_FILE = "adapter_config.json"
@@ -97,10 +97,7 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     path = Path(adapter_dir) / CONFIG_FILE
     if not path.exists():
         raise GraftError(f"{adapter_dir}: no {CONFIG_FILE} (not a PEFT adapter directory)")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise GraftError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    config = read_json(path)
     if config.get("peft_type", "LORA") != "LORA":
         raise GraftError(f"{path}: field 'peft_type' is {config.get('peft_type')!r}; graftlm loads LORA adapters")
     for field, ok in (("bias", "none"), ("fan_in_fan_out", False), ("rank_pattern", {}), ("alpha_pattern", {})):

@@ -36,7 +36,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from graftlm.errors import GraftError
+from graftlm.errors import GraftError, read_json
 
 FORMAT = "graftlm-shards-v1"
 CHUNK_CHARS = 1 << 16
@@ -305,10 +305,7 @@ def open_shards(directory: str | Path) -> ShardSet:
     meta_path = directory / "meta.json"
     if not meta_path.exists():
         raise GraftError(f"{directory}: no meta.json (make shards with `graft prepare`)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise GraftError(f"{meta_path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    meta = read_json(meta_path)
     if meta.get("format") != FORMAT:
         raise GraftError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     meta["_dir"] = str(directory)

@@ -15,12 +15,11 @@ few switches only:
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from graftlm.errors import ConfigError, GraftError
+from graftlm.errors import ConfigError, GraftError, read_json
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -278,12 +277,7 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 
 def read_hf_config(path: str | Path) -> ModelConfig:
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except OSError as e:
-        raise GraftError(f"{path}: cannot read ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise GraftError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    data = read_json(path)
     if not isinstance(data, dict):
         raise GraftError(f"{path}: expected a JSON object")
     return from_hf_config(data, source=str(path))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from graftlm.errors import GraftError
+from graftlm.errors import GraftError, read_yaml
 
 GIB = 2 ** 30
 _FIELDS = {"memory_gb": float, "reserved_gb": float, "bf16_tflops": float, "mfu": float,
@@ -95,15 +95,7 @@ def load_catalogue(extra_file: str | Path | None = None) -> dict[str, Device]:
     catalogue = _parse_entries(yaml.safe_load(text), "graftlm/hardware.yaml")
     if extra_file is not None:
         path = Path(extra_file)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except OSError as e:
-            raise GraftError(f"{path}: cannot read ({e.strerror})") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise GraftError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
-        catalogue.update(_parse_entries(data, str(path)))
+        catalogue.update(_parse_entries(read_yaml(path), str(path)))
     return catalogue
 
 

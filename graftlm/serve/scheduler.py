@@ -27,7 +27,7 @@ import asyncio
 import itertools
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from graftlm.engine import Request, TokenEvent

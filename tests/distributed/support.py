@@ -24,7 +24,6 @@ COMMON = ["--train.precision", "fp32", "--train.seq-len", "32", "--tensorboard",
 def build_data(root: Path) -> dict[str, Path]:
     """Token shards, a ChatML tokenizer, SFT rows and preference pairs."""
     from graftlm.cli import main
-    from graftlm.tokenizer import train_tokenizer
 
     (root / "text.txt").write_text(SHAKESPEARE.read_text()[:30_000])
     assert main(["tokenizer", "train", "--data", str(root / "text.txt"), "--vocab-size", "320",

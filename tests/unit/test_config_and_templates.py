@@ -63,6 +63,15 @@ def test_invalid_yaml_names_the_line(tmp_path):
         build_config(Run, recipe)
 
 
+def test_unreadable_recipes_name_the_file(tmp_path):
+    recipe = tmp_path / "weights.yaml"
+    recipe.write_bytes(b"\x80\x81\xfe binary")
+    with pytest.raises(ConfigError, match=r"weights.yaml: not a UTF-8 text file"):
+        build_config(Run, recipe)
+    with pytest.raises(ConfigError, match=r"missing.yaml: cannot read"):
+        build_config(Run, tmp_path / "missing.yaml")
+
+
 def test_chat_template_with_generation_markers_renders_like_plain():
     from graftlm.tokenizer import _compile_template
     marked = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}"

@@ -6,6 +6,7 @@ import pickle
 import pytest
 import torch
 
+from graftlm.adapters.peft_format import read_adapter_config
 from graftlm.errors import GraftError
 from graftlm.models.hf import load_model, read_safetensors, save_model
 from graftlm.models.config import preset
@@ -58,6 +59,18 @@ def test_invalid_json_names_the_line(saved):
     (saved / "config.json").write_text('{\n "model_type": "llama",\n oops\n}')
     with pytest.raises(GraftError, match=r"config.json:3: invalid JSON"):
         load_model(saved)
+
+
+def test_binary_json_files_are_named_not_decoded(saved, tmp_path):
+    # A weights file copied over a JSON one: one line naming it, not a UnicodeDecodeError.
+    (saved / "config.json").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(GraftError, match=r"config.json: not a UTF-8 text file"):
+        load_model(saved)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(GraftError, match=r"adapter_config.json: not a UTF-8 text file"):
+        read_adapter_config(adapter)
 
 
 def test_truncated_safetensors(saved):

@@ -118,6 +118,9 @@ def test_bad_catalogue_entry_names_the_field(tmp_path):
     bad.write_text("X1:\n  memory_gb: 10\n  bf16_tflops: fast\n  mfu: 0.3\n  usd_per_hour: 1\n")
     with pytest.raises(GraftError, match="bad.yaml: device 'X1': field 'bf16_tflops'"):
         load_catalogue(bad)
+    bad.write_text("X1:\n  memory_gb: [10\n")
+    with pytest.raises(GraftError, match=r"bad.yaml:\d+: invalid YAML"):
+        load_catalogue(bad)
 
 
 def test_json_output_for_scripts(capsys):
