@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from graftlm.errors import GraftError
+from graftlm.errors import GraftError, read_json
 from graftlm.models.config import ModelConfig, read_hf_config, to_hf_config
 from graftlm.models.transformer import Decoder
 
@@ -113,8 +113,8 @@ def is_scalar_model_dir(path: str | Path) -> bool:
     if not config.exists():
         return False
     try:
-        architectures = json.loads(config.read_text()).get("architectures") or []
-    except (json.JSONDecodeError, AttributeError):
+        architectures = read_json(config).get("architectures") or []
+    except (GraftError, AttributeError):  # unreadable or not an object: not one of ours to claim
         return False
     return any(a.endswith("ForSequenceClassification") for a in architectures)
 
@@ -125,7 +125,7 @@ def load_scalar_model(path: str | Path, dtype: torch.dtype = torch.float32,
     from graftlm.models.hf import check_model_dir, load_state_dict
 
     model_dir = check_model_dir(path)
-    raw = json.loads((model_dir / "config.json").read_text())
+    raw = read_json(model_dir / "config.json")
     labels = raw.get("num_labels", len(raw.get("id2label") or {}) or 2)
     if not is_scalar_model_dir(model_dir) or labels != 1:
         raise GraftError(f"{model_dir}: not a reward model (expected a *ForSequenceClassification "

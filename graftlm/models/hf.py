@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from graftlm.errors import GraftError
+from graftlm.errors import GraftError, read_json
 from graftlm.models.config import ModelConfig, PRESETS, preset, read_hf_config, to_hf_config
 from graftlm.models.transformer import Decoder
 
@@ -36,10 +36,10 @@ def weight_files(model_dir: Path) -> list[Path]:
     """The safetensors files of a model directory, checking the shard index."""
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise GraftError(f"{index}: not a valid shard index ({e})") from None
+        content = read_json(index)
+        weight_map = content.get("weight_map") if isinstance(content, dict) else None
+        if not isinstance(weight_map, dict):
+            raise GraftError(f"{index}: not a valid shard index (no 'weight_map' object)")
         files = sorted({model_dir / name for name in weight_map.values()})
         for f in files:
             if not f.exists():

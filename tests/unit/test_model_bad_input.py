@@ -124,3 +124,17 @@ def test_round_trip_is_exact(saved):
     again = load_model(save_model(model, saved.parent / "again"))
     ids = torch.randint(0, 512, (2, 9))
     assert torch.equal(model(ids), again(ids))
+
+
+def test_bad_shard_index_names_the_file(tmp_path):
+    model = Decoder(preset("tiny"))
+    model.init_weights()
+    out = save_model(model, tmp_path / "sharded", max_shard_bytes=64 * 1024)
+    index = out / "model.safetensors.index.json"
+    assert len(json.loads(index.read_text())["weight_map"]) > 1 and load_model(out) is not None
+    index.write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(GraftError, match=r"index.json: not a valid shard index \(no 'weight_map' object\)"):
+        load_model(out)
+    index.write_bytes(b"\xff\xfe\x00\x01")
+    with pytest.raises(GraftError, match=r"index.json: not a UTF-8 text file"):
+        load_model(out)
