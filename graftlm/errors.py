@@ -18,9 +18,10 @@ class ConfigError(GraftError):
     """A config field is missing, unknown, of the wrong type or out of range."""
 
 
-def _read_text(path: Path, error: type[GraftError]) -> str:
+def read_text(path: str | Path, error: type[GraftError] = GraftError) -> str:
+    """A UTF-8 text file's content; unreadable or not UTF-8 is one `error` naming the file."""
     try:
-        return path.read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise error(f"{path}: cannot read ({e.strerror})") from None
     except UnicodeDecodeError:
@@ -31,7 +32,7 @@ def read_json(path: str | Path):
     """The value in a JSON file. A file that cannot be read, is not UTF-8 or does not
     parse is one `GraftError` naming it (and the line, for a parse error)."""
     path = Path(path)
-    text = _read_text(path, GraftError)
+    text = read_text(path)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -43,7 +44,7 @@ def read_yaml(path: str | Path, error: type[GraftError] = GraftError):
     import yaml
 
     path = Path(path)
-    text = _read_text(path, error)
+    text = read_text(path, error)
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:

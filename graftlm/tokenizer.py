@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from graftlm.errors import GraftError, read_json
+from graftlm.errors import GraftError, read_json, read_text
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -187,7 +187,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         template = named.get("default") or next(iter(named.values()), None)
     jinja_file = directory / "chat_template.jinja"
     if template is None and jinja_file.exists():
-        template = jinja_file.read_text()
+        template = read_text(jinja_file)
     return Tokenizer(
         backend=backend,
         bos_token=_token_content(config.get("bos_token")),
