@@ -71,6 +71,9 @@ def test_smoke_run_prints_every_row_of_the_table():
     assert set(rows) == {"graftlm pre-training (eager)", "graftlm LoRA r=16 (eager)",
                          "transformers + PEFT LoRA r=16 (eager)"}, result.stdout
     assert all(tps > 0 and math.isfinite(mfu) for tps, mfu in rows.values()), rows
+    ratio = re.search(r"^graftlm LoRA step / full step\s+([\d.]+)x", result.stdout, re.M)
+    assert ratio and float(ratio[1]) == pytest.approx(
+        rows["graftlm LoRA r=16 (eager)"][0] / rows["graftlm pre-training (eager)"][0], rel=0.02)
     generation = re.findall(r"^(.+ batch [18])\s+([\d,.]+)\s+([\d.]+)x$", result.stdout, re.M)
     assert {name for name, _, _ in generation} == {
         f"{side} batch {b}" for side in ("transformers generate", "graftlm engine (eager)") for b in (1, 8)}
