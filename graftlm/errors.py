@@ -28,15 +28,19 @@ def read_text(path: str | Path, error: type[GraftError] = GraftError) -> str:
         raise error(f"{path}: not a UTF-8 text file") from None
 
 
-def read_json(path: str | Path):
-    """The value in a JSON file. A file that cannot be read, is not UTF-8 or does not
-    parse is one `GraftError` naming it (and the line, for a parse error)."""
+def read_json(path: str | Path) -> dict:
+    """The object in a JSON file (every JSON file graftlm reads holds one). A file that
+    cannot be read, is not UTF-8, does not parse or holds something other than an object
+    is one `GraftError` naming it (and the line, for a parse error)."""
     path = Path(path)
     text = read_text(path)
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as e:
         raise GraftError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise GraftError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def read_yaml(path: str | Path, error: type[GraftError] = GraftError):

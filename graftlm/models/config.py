@@ -277,7 +277,4 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 
 def read_hf_config(path: str | Path) -> ModelConfig:
     path = Path(path)
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise GraftError(f"{path}: expected a JSON object")
-    return from_hf_config(data, source=str(path))
+    return from_hf_config(read_json(path), source=str(path))

@@ -114,7 +114,7 @@ def is_scalar_model_dir(path: str | Path) -> bool:
         return False
     try:
         architectures = read_json(config).get("architectures") or []
-    except (GraftError, AttributeError):  # unreadable or not an object: not one of ours to claim
+    except GraftError:  # unreadable or not an object: not one of ours to claim
         return False
     return any(a.endswith("ForSequenceClassification") for a in architectures)
 

@@ -36,8 +36,7 @@ def weight_files(model_dir: Path) -> list[Path]:
     """The safetensors files of a model directory, checking the shard index."""
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        content = read_json(index)
-        weight_map = content.get("weight_map") if isinstance(content, dict) else None
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise GraftError(f"{index}: not a valid shard index (no 'weight_map' object)")
         files = sorted({model_dir / name for name in weight_map.values()})

@@ -61,6 +61,17 @@ def test_invalid_json_names_the_line(saved):
         load_model(saved)
 
 
+def test_json_that_is_not_an_object_is_named(saved, tmp_path):
+    (saved / "config.json").write_text("[1, 2]")
+    with pytest.raises(GraftError, match=r"config.json: expected a JSON object, got list"):
+        load_model(saved)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('"lora"')
+    with pytest.raises(GraftError, match=r"adapter_config.json: expected a JSON object, got str"):
+        read_adapter_config(adapter)
+
+
 def test_binary_json_files_are_named_not_decoded(saved, tmp_path):
     # A weights file copied over a JSON one: one line naming it, not a UnicodeDecodeError.
     (saved / "config.json").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
