@@ -195,7 +195,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
     variant_accuracy = {"base": accuracy.get("base+3-shot"), "sft": accuracy["sft"], "dpo": accuracy["dpo"],
                         "lora": accuracy["lora"], "qlora": accuracy["qlora"], "lora-mood": mood_acc["mood"]}
     bill = Table(title="what each regime bought, and what it cost (plan's prediction in brackets)")
-    for column in ("run", "regime", "accuracy", "trained", "time s", "peak RSS MB", "GFLOP", "saved"):
+    for column in ("run", "regime", "accuracy", "trained", "time s", "peak MB", "GFLOP", "saved"):
         bill.add_column(column, justify="right" if column not in ("run", "regime") else "left")
     summary_rows = []
     for run_dir, row in zip(run_dirs, rows):
@@ -214,12 +214,13 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
                      f"{(flops['measured'] or 0) / 1e9:,.0f} ({(flops['predicted'] or 0) / 1e9:,.0f})",
                      f"{summary['artifact_bytes'] / 1e3:,.0f} kB")
         summary_rows.append({"run": name, "accuracy": acc, **{k: summary.get(k) for k in (
-            "params_trainable", "params_total", "wall_time_s", "artifact_bytes", "peak_memory_bytes")},
+            "params_trainable", "params_total", "wall_time_s", "artifact_bytes", "peak_tensor_bytes",
+            "peak_memory_bytes")},
             "plan_peak_memory_bytes": memory["predicted"], "plan_flops": flops["predicted"]})
     console.print(bill)
-    console.print("  trained: share of parameters that get gradients; peak RSS is the whole process "
-                  "(interpreter and libraries too), while the plan counts the tensors of the training "
-                  "state it predicts; on a GPU both are device memory and agree closely")
+    console.print("  trained: share of parameters that get gradients; peak: the most tensor memory "
+                  "live in a training step (weights, gradients, optimizer states, activations), what the "
+                  "plan predicts; the process's RSS (interpreter and libraries too) is in summary.json")
     console.print(f"  `where` held-out accuracy of the base prompted with 3 examples: "
                   f"{accuracy.get('base+3-shot', 0):.0%}; `mood`: {mood_acc.get('base+3-shot', 0):.0%} "
                   f"(base) -> {mood_acc['mood']:.0%} (LoRA adapter)")

@@ -19,6 +19,11 @@ Design choices:
   without padding: an objective reports them as the metric `tokens` (RL: its rollouts'
   prompt + completion tokens), with `context`, the padded length they ran at (attention
   FLOPs grow with it); else every `*input_ids` token of the batch counts, at its width.
+- Peak memory, as `graft plan` predicts it (live tensor bytes), is measured on one step:
+  a CUDA allocator keeps that statistic itself, a CPU has none, so there the second
+  step of the process runs under `plan.measure.TensorMemoryTracker` (once the optimizer
+  states exist) and the summary records `peak_tensor_bytes` beside the process's RSS.
+  Not under torch.compile or several ranks, where a dispatch mode does not belong.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from graftlm.errors import ConfigError, GraftError
 from graftlm.metrics import MetricsLogger, peak_device_memory_bytes, peak_host_memory_bytes
 from graftlm.models.transformer import Decoder
 from graftlm.optim import OptimConfig, build_optimizer, lr_at, set_lr
+from graftlm.plan.measure import TensorMemoryTracker
 
 
 class Objective(Protocol):
@@ -139,6 +145,7 @@ class Trainer:
         self.bad_streak = 0
         self.last_loss: float | None = None
         self.last_val: dict = {}
+        self.peak_tensor_bytes: int | None = None  # measured on CPU (`_tracked_step`)
         self.checkpoint_root = run_dir / "checkpoints" if run_dir is not None else None
         self.logger: MetricsLogger | None = None  # set by fit()
 
@@ -220,6 +227,18 @@ class Trainer:
         return {"step": self.step, "loss": self.last_loss, "lr": lr, "grad_norm": grad_norm.item(),
                 "tokens": self.tokens, "step_tokens": step_tokens, "epoch": self.loader.epoch_progress,
                 **{f"train_{k}": v for k, v in objective_metrics.items()}}
+
+    def _tracked_step(self) -> dict | None:
+        """`train_step` while counting live tensor bytes; records their peak."""
+        tracker = TensorMemoryTracker()
+        with tracker:
+            tracker.track(list(self.model.parameters()), self.optimizer.state_dict()["state"])
+            record = self.train_step()
+        self.peak_tensor_bytes = tracker.peak
+        return record
+
+    def _tracks_tensor_memory(self) -> bool:
+        return self.device.type == "cpu" and not self.cfg.compile and self.world_size == 1
 
     def _skip(self, loss: torch.Tensor, grad_norm: torch.Tensor, sample_ids: list[int]) -> None:
         self.bad_streak += 1
@@ -335,10 +354,12 @@ class Trainer:
         if self.checkpoint_root is not None and self.is_main:
             ckpt.sweep_partial(self.checkpoint_root)
         saved_at = self.step if self.step > 0 else None
+        # The second step of this process: the first has made the optimizer states.
+        tracked_step = self.step + 2 if self._tracks_tensor_memory() else None
         try:
             while self.step < cfg.max_steps:
                 start = time.perf_counter()
-                record = self.train_step()
+                record = self._tracked_step() if self.step + 1 == tracked_step else self.train_step()
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 elapsed = time.perf_counter() - start
@@ -376,6 +397,7 @@ class Trainer:
                 "flops": self.flops,
                 "peak_memory_bytes": peak_device_memory_bytes(self.device),
                 "peak_host_memory_bytes": peak_host_memory_bytes(),
+                **({"peak_tensor_bytes": self.peak_tensor_bytes} if self.peak_tensor_bytes is not None else {}),
                 "final_train_loss": self.last_loss,
                 "final_val_loss": self.last_val.get("val_loss"), "val_bpb": self.last_val.get("val_bpb"),
                 **({"final_val_reward": self.last_val["val_reward"]} if "val_reward" in self.last_val else {})}

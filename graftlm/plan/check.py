@@ -7,9 +7,11 @@ when the run saved a model, else from the model spec, with the vocabulary solved
 the recorded parameter count (a preset takes the tokenizer's vocabulary).
 
 Measured peak memory is `peak_tensor_bytes` when the run recorded it (live tensor bytes,
-the plan's own definition), else `peak_memory_bytes`: on CUDA the allocator's peak,
-which agrees; on CPU the process's peak RSS, which also holds the interpreter and
-libraries, so expect the prediction to fall short there by a few hundred MB.
+the plan's own definition: the trainer counts them on one step of a CPU run), else
+`peak_memory_bytes`: on CUDA the allocator's peak, which agrees; on CPU (a compiled or
+multi-rank run, or one before the tracked step existed) the process's peak RSS, which
+also holds the interpreter and libraries, so the prediction falls short by a few
+hundred MB.
 """
 
 from __future__ import annotations

@@ -224,3 +224,24 @@ def test_recipes_are_just_the_commands_config(recipe):
     from graftlm.runs import run_config_class
     cfg = build_config(run_config_class("clm"), recipe, {"data": "shards", "train.max_steps": 3})
     assert cfg.model and cfg.train.max_steps == 3 and cfg.objective == "clm"
+
+
+def test_a_cpu_run_measures_the_peak_the_plan_predicts(tmp_path):
+    """On the CPU (no allocator statistic) the second step runs under the tensor tracker:
+    summary's `peak_tensor_bytes` is the plan's quantity, within its tested 15%, where
+    the process RSS is an order of magnitude off; tracking changes no result."""
+    from graftlm.plan.memory import RunShape, memory_breakdown
+
+    tracked = build_trainer(tmp_path / "tracked", max_steps=3, save_every=0)
+    summary = tracked.fit()
+    shape = RunShape(model=tracked.model.config, objective="clm", parameterization="full", precision="fp32",
+                     batch_size=4, seq_len=SEQ, device_type="cpu")
+    predicted = memory_breakdown(shape).peak
+    assert abs(summary["peak_tensor_bytes"] - predicted) / predicted < 0.15, (summary["peak_tensor_bytes"], predicted)
+    assert summary["peak_host_memory_bytes"] > 5 * summary["peak_tensor_bytes"]
+
+    untracked = build_trainer(tmp_path / "untracked", max_steps=3, save_every=0)
+    untracked._tracks_tensor_memory = lambda: False
+    assert "peak_tensor_bytes" not in untracked.fit()
+    assert train_losses(tmp_path / "tracked") == train_losses(tmp_path / "untracked")
+    assert "peak_tensor_bytes" not in build_trainer(None, max_steps=1, save_every=0).fit()  # no second step
