@@ -189,6 +189,9 @@ def check_command(args, catalogue) -> int:
         console.print(table)
         if result["memory_measured_as"] == "peak_memory_bytes" and result["device"] == "cpu":
             console.print("  note: on CPU the measured peak is the process's RSS (interpreter and libraries included)")
+        if result["memory_seq_len"] != result["seq_len"]:
+            console.print(f"  note: peak memory at the measured step's width, {result['memory_seq_len']} tokens "
+                          f"(seq_len {result['seq_len']}: rows are padded to the longest in their batch)")
     return 0
 
 

@@ -22,7 +22,9 @@ Design choices:
 - Peak memory, as `graft plan` predicts it (live tensor bytes), is measured on one step:
   a CUDA allocator keeps that statistic itself, a CPU has none, so there the second
   step of the process runs under `plan.measure.TensorMemoryTracker` (once the optimizer
-  states exist) and the summary records `peak_tensor_bytes` beside the process's RSS.
+  states exist) and the summary records `peak_tensor_bytes` beside the process's RSS,
+  with `peak_tensor_seq_len`, the width that step's batches were padded to (SFT and DPO
+  batches are as wide as their longest row, often less than `seq_len`).
   Not under torch.compile or several ranks, where a dispatch mode does not belong.
 """
 
@@ -146,6 +148,8 @@ class Trainer:
         self.last_loss: float | None = None
         self.last_val: dict = {}
         self.peak_tensor_bytes: int | None = None  # measured on CPU (`_tracked_step`)
+        self.peak_tensor_context = 0  # the widest micro-batch of that step
+        self.last_step_context = 0
         self.checkpoint_root = run_dir / "checkpoints" if run_dir is not None else None
         self.logger: MetricsLogger | None = None  # set by fit()
 
@@ -159,8 +163,9 @@ class Trainer:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
-    def _work(self, batch: dict, metrics: dict) -> tuple[int, float]:
-        """(tokens, model FLOPs) of one micro-batch; pops the objective's `tokens` / `context`."""
+    def _work(self, batch: dict, metrics: dict) -> tuple[int, float, int]:
+        """(tokens, model FLOPs, context) of one micro-batch; pops the objective's `tokens` /
+        `context`."""
         tokens, context = metrics.pop("tokens", None), metrics.pop("context", None)
         # Every objective names its token inputs `*input_ids` (input_ids, chosen_input_ids...).
         inputs = [v for k, v in batch.items() if k.endswith("input_ids") and torch.is_tensor(v)]
@@ -168,7 +173,7 @@ class Trainer:
             tokens = sum(v.numel() for v in inputs)
         if context is None:
             context = max((v.shape[-1] for v in inputs), default=self.cfg.seq_len)
-        return int(tokens), float(tokens) * self.flops_per_token(int(context))
+        return int(tokens), float(tokens) * self.flops_per_token(int(context)), int(context)
 
     # -- one optimizer step ---------------------------------------------------------------
 
@@ -186,8 +191,9 @@ class Trainer:
                 with self.autocast():
                     part_sum, part_count, metrics = self.objective.loss(self.forward_model, batch)
                 part_sum.backward()
-            part_tokens, part_flops = self._work(batch, metrics)
+            part_tokens, part_flops, context = self._work(batch, metrics)
             tokens, flops = tokens + part_tokens, flops + part_flops
+            self.last_step_context = max(self.last_step_context, context) if micro else context
             loss_sum += part_sum.detach().float()
             count += part_count.detach().float()
             for k, v in metrics.items():
@@ -234,7 +240,7 @@ class Trainer:
         with tracker:
             tracker.track(list(self.model.parameters()), self.optimizer.state_dict()["state"])
             record = self.train_step()
-        self.peak_tensor_bytes = tracker.peak
+        self.peak_tensor_bytes, self.peak_tensor_context = tracker.peak, self.last_step_context
         return record
 
     def _tracks_tensor_memory(self) -> bool:
@@ -397,7 +403,8 @@ class Trainer:
                 "flops": self.flops,
                 "peak_memory_bytes": peak_device_memory_bytes(self.device),
                 "peak_host_memory_bytes": peak_host_memory_bytes(),
-                **({"peak_tensor_bytes": self.peak_tensor_bytes} if self.peak_tensor_bytes is not None else {}),
+                **({"peak_tensor_bytes": self.peak_tensor_bytes, "peak_tensor_seq_len": self.peak_tensor_context}
+                   if self.peak_tensor_bytes is not None else {}),
                 "final_train_loss": self.last_loss,
                 "final_val_loss": self.last_val.get("val_loss"), "val_bpb": self.last_val.get("val_bpb"),
                 **({"final_val_reward": self.last_val["val_reward"]} if "val_reward" in self.last_val else {})}

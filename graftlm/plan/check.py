@@ -91,7 +91,10 @@ def check_run(run_dir: Path, hardware: Hardware | None, typical_mfu: float = 0.4
     peak FLOP/s the run recorded for its device and `typical_mfu`.
     """
     shape, summary = run_shape(run_dir)
-    memory = memory_breakdown(shape)
+    # A counted peak comes with the width its step's batches were padded to (SFT / DPO
+    # rows are often shorter than seq_len): the memory is predicted for that width.
+    memory_seq_len = summary.get("peak_tensor_seq_len") if summary.get("peak_tensor_bytes") else None
+    memory = memory_breakdown(replace(shape, seq_len=memory_seq_len) if memory_seq_len else shape)
     tokens = float(summary.get("tokens", 0))
     flops = train_flops_per_token(shape) * tokens
     measured_peak = summary.get("peak_tensor_bytes") or summary.get("peak_memory_bytes")
@@ -115,4 +118,5 @@ def check_run(run_dir: Path, hardware: Hardware | None, typical_mfu: float = 0.4
     return {"run": str(run_dir), "objective": shape.objective, "parameterization": shape.parameterization,
             "device": summary.get("device"), "assumed": assumed,
             "memory_measured_as": "peak_tensor_bytes" if summary.get("peak_tensor_bytes") else "peak_memory_bytes",
+            "memory_seq_len": memory_seq_len or shape.seq_len, "seq_len": shape.seq_len,
             "figures": figures}

@@ -195,6 +195,15 @@ def test_check_sets_prediction_beside_measurement(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "predicted" in out and "error" in out and "%" in out
     assert main(["plan", "--check", str(tmp_path / "missing")]) == 2
+    # A counted peak of a step whose rows were padded to 48 tokens is predicted at 48.
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "peak_tensor_seq_len": 48}))
+    result = check_run(run, None)
+    from dataclasses import replace
+    assert result["figures"]["peak memory (bytes)"]["predicted"] == memory_breakdown(replace(shape, seq_len=48)).peak
+    assert (result["memory_seq_len"], result["seq_len"]) == (48, 128)
+    assert main(["plan", "--check", str(run)]) == 0
+    assert "measured step's width, 48 tokens (seq_len 128" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.parametrize("adapter, precision, base", [

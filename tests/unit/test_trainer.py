@@ -239,6 +239,7 @@ def test_a_cpu_run_measures_the_peak_the_plan_predicts(tmp_path):
     predicted = memory_breakdown(shape).peak
     assert abs(summary["peak_tensor_bytes"] - predicted) / predicted < 0.15, (summary["peak_tensor_bytes"], predicted)
     assert summary["peak_host_memory_bytes"] > 5 * summary["peak_tensor_bytes"]
+    assert summary["peak_tensor_seq_len"] == SEQ  # token windows: every batch is seq_len wide
 
     untracked = build_trainer(tmp_path / "untracked", max_steps=3, save_every=0)
     untracked._tracks_tensor_memory = lambda: False
