@@ -40,19 +40,24 @@ def _read(path: Path, loader):
         raise GraftError(f"{path}: not valid ({e})") from None
 
 
-def _model_config(run_dir: Path, config: dict, params_total: int | None) -> ModelConfig:
+def _model_config(run_dir: Path, config: dict, summary: dict) -> ModelConfig:
     final = run_dir / "final" / "config.json"
     if final.exists():
         from graftlm.models.config import read_hf_config
         return read_hf_config(final)
     from graftlm.models.hf import resolve_model_config
-    cfg = resolve_model_config(str(config.get("model", "")))
-    if params_total:
-        per_vocab = cfg.hidden_size * (1 if cfg.tie_embeddings else 2)
-        vocab = (params_total - cfg.num_params(include_embeddings=False)) // per_vocab
-        if vocab > 0:
-            cfg = replace(cfg, vocab_size=int(vocab))
-    return cfg
+    spec = str(config.get("model", ""))
+    cfg = resolve_model_config(spec)
+    if Path(spec).is_dir() or spec.endswith(".json"):
+        return cfg  # an HF model: its config holds the vocabulary the run used
+    # A preset or a YAML spec takes the tokenizer's vocabulary: solved from the count of
+    # the base's parameters (an adapter run's total also holds what it trained).
+    params = summary.get("params_total") or 0
+    if config.get("adapter"):
+        params -= summary.get("params_trainable") or 0
+    per_vocab = cfg.hidden_size * (1 if cfg.tie_embeddings else 2)
+    vocab = (params - cfg.num_params(include_embeddings=False)) // per_vocab
+    return replace(cfg, vocab_size=int(vocab)) if vocab > 0 else cfg
 
 
 def run_shape(run_dir: Path) -> tuple[RunShape, dict]:
@@ -61,7 +66,7 @@ def run_shape(run_dir: Path) -> tuple[RunShape, dict]:
     summary = _read(run_dir / "summary.json", json.loads)
     train = config.get("train", {})
     adapter = config.get("adapter") or {}
-    cfg = _model_config(run_dir, config, summary.get("params_total"))
+    cfg = _model_config(run_dir, config, summary)
     seq_len = int(train.get("seq_len", 256))
     if seq_len > cfg.max_seq_len:
         cfg = replace(cfg, max_seq_len=seq_len)

@@ -199,11 +199,34 @@ def test_check_sets_prediction_beside_measurement(tmp_path, capsys):
     summary = json.loads((run / "summary.json").read_text())
     (run / "summary.json").write_text(json.dumps({**summary, "peak_tensor_seq_len": 48}))
     result = check_run(run, None)
-    from dataclasses import replace
     assert result["figures"]["peak memory (bytes)"]["predicted"] == memory_breakdown(replace(shape, seq_len=48)).peak
     assert (result["memory_seq_len"], result["seq_len"]) == (48, 128)
     assert main(["plan", "--check", str(run)]) == 0
     assert "measured step's width, 48 tokens (seq_len 128" in " ".join(capsys.readouterr().out.split())
+
+
+def test_check_finds_an_adapter_runs_vocabulary(tmp_path):
+    """An adapter run's parameter count holds its adapters: the vocabulary comes from the
+    base model's config when the run named a model directory, and is solved from the
+    base's own parameters for a preset (it used to be solved from the total: 3x off)."""
+    import yaml
+    from graftlm.models.config import preset
+    from graftlm.models.hf import save_model
+    from graftlm.models.transformer import Decoder
+    from graftlm.plan.check import run_shape
+
+    base = Decoder(preset("tiny", vocab_size=300))
+    base_dir = save_model(base, tmp_path / "base")
+    trained = 40_000  # A and B of the adapters
+    for model, vocab in ((str(base_dir), 300), ("small", 700)):
+        run = tmp_path / f"run-{vocab}"
+        run.mkdir()
+        (run / "config.yaml").write_text(yaml.safe_dump({
+            "objective": "sft", "model": model, "adapter": {"kind": "lora", "r": 8}}))
+        total = preset("tiny" if vocab == 300 else "small", vocab_size=vocab).num_params() + trained
+        (run / "summary.json").write_text(json.dumps({
+            "device": "cpu", "world_size": 1, "params_total": total, "params_trainable": trained}))
+        assert run_shape(run)[0].model.vocab_size == vocab
 
 
 @pytest.mark.parametrize("adapter, precision, base", [
