@@ -237,8 +237,15 @@ class Trainer:
     def _tracked_step(self) -> dict | None:
         """`train_step` while counting live tensor bytes; records their peak."""
         tracker = TensorMemoryTracker()
+        # What exists before the step: the model, the optimizer states, and what the
+        # objective holds (PPO's critic and its optimizer, a reward model).
+        held = [self.model, self.optimizer, *getattr(self.objective, "__dict__", {}).values()]
         with tracker:
-            tracker.track(list(self.model.parameters()), self.optimizer.state_dict()["state"])
+            for thing in held:
+                if isinstance(thing, nn.Module):
+                    tracker.track(list(thing.parameters()))
+                elif isinstance(thing, torch.optim.Optimizer):
+                    tracker.track(thing.state_dict()["state"])
             record = self.train_step()
         self.peak_tensor_bytes, self.peak_tensor_context = tracker.peak, self.last_step_context
         return record
