@@ -308,7 +308,8 @@ class Trainer:
         state = {"step": self.step, "tokens": self.tokens, "flops": self.flops, "train_time_s": self.train_time_s,
                  "bad_streak": self.bad_streak, "last_loss": self.last_loss, "last_val": self.last_val,
                  "loader": self.loader.state_dict(), "identity": self.identity,
-                 "trainable_only": self.trainable_only}
+                 "trainable_only": self.trainable_only,
+                 "peak_tensor": [self.peak_tensor_bytes, self.peak_tensor_context]}
         if self.sharded:
             from graftlm import dcp
             return dcp.save_sharded(self.checkpoint_root, self.step, self.model, self.optimizer, state,
@@ -344,6 +345,8 @@ class Trainer:
         self.flops = state.get("flops", self.tokens * self.flops_per_token(self.cfg.seq_len))
         self.train_time_s, self.bad_streak = state["train_time_s"], state["bad_streak"]
         self.last_loss, self.last_val = state["last_loss"], state["last_val"]
+        # Kept for a resumed process too short to count its own (it counts on its second step).
+        self.peak_tensor_bytes, self.peak_tensor_context = state.get("peak_tensor", [None, 0])
 
     def _load_single(self, directory: Path, state: dict) -> None:
         ckpt.load_model_tensors(self.model, ckpt.read_tensors(directory, "model.safetensors"),

@@ -246,3 +246,7 @@ def test_a_cpu_run_measures_the_peak_the_plan_predicts(tmp_path):
     assert "peak_tensor_bytes" not in untracked.fit()
     assert train_losses(tmp_path / "tracked") == train_losses(tmp_path / "untracked")
     assert "peak_tensor_bytes" not in build_trainer(None, max_steps=1, save_every=0).fit()  # no second step
+    # A resumed process with one step left keeps the count its checkpoint carries.
+    resumed = build_trainer(tmp_path / "resumed", max_steps=4, save_every=0)
+    resumed.resume(tmp_path / "tracked" / "checkpoints" / "step-3")
+    assert resumed.fit()["peak_tensor_bytes"] == summary["peak_tensor_bytes"]
