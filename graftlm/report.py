@@ -20,7 +20,6 @@ import io
 import json
 from pathlib import Path
 
-
 from graftlm import errors
 from graftlm.errors import GraftError
 

@@ -183,7 +183,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
         count = torch.zeros((), device=self.device, dtype=torch.float32)
         objective_metrics: dict[str, float] = {}
-        sample_ids, tokens, flops = [], 0, 0.0
+        sample_ids, tokens, flops, widest = [], 0, 0.0, 0
         for micro in range(self.cfg.grad_accum):
             batch = self._to_device(self.loader.next_batch())
             sample_ids.extend(batch["sample_ids"].tolist())
@@ -193,7 +193,7 @@ class Trainer:
                 part_sum.backward()
             part_tokens, part_flops, context = self._work(batch, metrics)
             tokens, flops = tokens + part_tokens, flops + part_flops
-            self.last_step_context = max(self.last_step_context, context) if micro else context
+            widest = max(widest, context)
             loss_sum += part_sum.detach().float()
             count += part_count.detach().float()
             for k, v in metrics.items():
@@ -214,6 +214,7 @@ class Trainer:
                 p.grad.mul_(scale.to(p.grad.dtype))
         max_norm = self.optim_cfg.grad_clip or math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
+        self.last_step_context = widest  # the width this step's batches were padded to
         loss = loss_sum / count.clamp_min(1)
         if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
