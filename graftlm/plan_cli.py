@@ -165,12 +165,7 @@ def check_command(args, catalogue) -> int:
     from graftlm.plan.check import check_run
     from graftlm.plan.hardware import resolve_hardware
     hardware = resolve_hardware(args.hardware, catalogue) if args.hardware else None
-    results = []
-    for run in args.check:
-        device = str(json.loads((Path(run) / "summary.json").read_text()).get("device", "")) \
-            if (Path(run) / "summary.json").exists() else ""
-        typical = catalogue["cpu"].mfu if device.startswith("cpu") else catalogue["h100"].mfu
-        results.append(check_run(Path(run), hardware, typical))
+    results = [check_run(Path(run), hardware, catalogue) for run in args.check]
     if args.json:
         json.dump(results, sys.stdout, indent=2)
         print()

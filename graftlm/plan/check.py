@@ -25,7 +25,7 @@ import yaml
 from graftlm.errors import GraftError
 from graftlm.models.config import ModelConfig
 from graftlm.plan.compute import train_flops_per_token
-from graftlm.plan.hardware import Hardware
+from graftlm.plan.hardware import Device, Hardware, load_catalogue
 from graftlm.plan.memory import RunShape, memory_breakdown
 
 _OBJECTIVES = {"clm": "clm", "sft": "sft", "dpo": "dpo", "grpo": "grpo", "reward": "sft", "ppo": "grpo"}
@@ -89,11 +89,12 @@ def run_shape(run_dir: Path) -> tuple[RunShape, dict]:
     return shape, summary
 
 
-def check_run(run_dir: Path, hardware: Hardware | None, typical_mfu: float = 0.4) -> dict:
+def check_run(run_dir: Path, hardware: Hardware | None, catalogue: dict[str, Device] | None = None) -> dict:
     """Predicted and measured figures of one run, with relative errors.
 
     Time is predicted from `hardware` (catalogue peak and MFU) when given, else from the
-    peak FLOP/s the run recorded for its device and `typical_mfu`.
+    peak FLOP/s the run recorded for its device at the MFU the catalogue expects of such
+    a device (its `cpu` entry for a CPU run, `h100` for a GPU run).
     """
     shape, summary = run_shape(run_dir)
     # A counted peak comes with the width its step's batches were padded to (SFT / DPO
@@ -107,6 +108,8 @@ def check_run(run_dir: Path, hardware: Hardware | None, typical_mfu: float = 0.4
         rate = hardware.device.peak_flops(shape.precision) * hardware.device.mfu * hardware.count
         assumed = f"{hardware.label} at MFU {hardware.device.mfu:.0%}"
     else:  # the device's peak FLOP/s as the run recorded it, at the catalogue's typical MFU
+        catalogue = catalogue or load_catalogue()
+        typical_mfu = catalogue["cpu" if shape.device_type == "cpu" else "h100"].mfu
         rate = float(summary.get("peak_flops") or 0) * typical_mfu * shape.devices
         assumed = f"the run's recorded peak FLOP/s at MFU {typical_mfu:.0%}"
     time_s = flops / rate if rate else None

@@ -184,13 +184,19 @@ def test_check_sets_prediction_beside_measurement(tmp_path, capsys):
     shape, _ = run_shape(run)
     assert (shape.parameterization, shape.batch_size, shape.seq_len, shape.lora_r) == ("qlora", 4, 128, 8)
     assert shape.model.vocab_size == 2048  # solved from the recorded parameter count
-    result = check_run(run, None, typical_mfu=0.3)
+    result = check_run(run, None)
     memory = result["figures"]["peak memory (bytes)"]
     assert memory["predicted"] == memory_breakdown(shape).peak
     assert memory["error"] == pytest.approx(memory["predicted"] / 4e6 - 1)
     flops = result["figures"]["FLOPs"]
     assert flops["predicted"] == pytest.approx(train_flops_per_token(shape) * 5120)
-    assert result["figures"]["time (s)"]["predicted"] == pytest.approx(flops["predicted"] / (1e11 * 0.3))
+    # A CPU run's time: its recorded peak at the MFU the catalogue's `cpu` entry expects.
+    catalogue = load_catalogue()
+    cpu_mfu = catalogue["cpu"].mfu
+    assert result["figures"]["time (s)"]["predicted"] == pytest.approx(flops["predicted"] / (1e11 * cpu_mfu))
+    catalogue["cpu"] = replace(catalogue["cpu"], mfu=cpu_mfu / 2)  # as a --hardware-file would
+    assert check_run(run, None, catalogue)["figures"]["time (s)"]["predicted"] == \
+        pytest.approx(flops["predicted"] / (1e11 * cpu_mfu / 2))
     assert main(["plan", "--check", str(run)]) == 0
     out = capsys.readouterr().out
     assert "predicted" in out and "error" in out and "%" in out
