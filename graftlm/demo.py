@@ -174,7 +174,9 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
     first = json.loads(data["where_test"].open().readline())["prompt"].split(": ", 1)[1]
     swaps = swap_and_mix(base_model, {"where": lora / "final", "mood": mood / "final"},
                          {"where": f"where: {first}", "mood": f"mood: {first}"})
-    table = Table(title=f"one base, two adapters: '{first}'")
+    # The prompt on its own line: as a title it wrapped to the narrow table's width.
+    console.print(f"  one base, two adapters, one prompt: '{first}'")
+    table = Table()
     for column in ("adapter", "task", "answer"):
         table.add_column(column)
     for row in swaps:
