@@ -137,12 +137,33 @@ def find_tokenizer(cfg: RunConfig, data_dir: Path):
     return None
 
 
+def _from_weights(cfg: RunConfig) -> bool:
+    return Path(cfg.model).is_dir() and any(Path(cfg.model).glob("*.safetensors"))
+
+
+def loaded_context(cfg: RunConfig) -> int | None:
+    """The context (max_position_embeddings) of a model loaded from weights; None for a
+    new model, whose context is made to fit the run (`build_model`)."""
+    if not _from_weights(cfg):
+        return None
+    from graftlm.models.hf import resolve_model_config
+    return resolve_model_config(cfg.model).max_seq_len
+
+
+def _requested_length(cfg: RunConfig) -> int:
+    """The longest row the run asks for: train.seq_len, or the objective's max_length."""
+    section = getattr(cfg, cfg.objective, None)
+    return getattr(section, "max_length", None) or cfg.train.seq_len
+
+
 def build_model(cfg: RunConfig, vocab_size: int | None, tokenizer, device: torch.device):
     from graftlm.models.hf import load_model, resolve_model_config
     from graftlm.models.transformer import Decoder
 
     model_cfg = resolve_model_config(cfg.model)
-    from_weights = Path(cfg.model).is_dir() and any(Path(cfg.model).glob("*.safetensors"))
+    from_weights = _from_weights(cfg)
+    if not from_weights:  # a new model's context is what it is trained at, at least
+        model_cfg = dataclasses.replace(model_cfg, max_seq_len=max(model_cfg.max_seq_len, _requested_length(cfg)))
     if cfg.model in PRESETS and vocab_size:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab_size)
     elif vocab_size and vocab_size > model_cfg.vocab_size:
@@ -238,6 +259,14 @@ def run_training(cfg: RunConfig, resume: bool | None = None, fresh: bool = False
         resume_from = ckpt.latest_valid(run_dir / "checkpoints", warn=lambda _: None)
 
     seed_everything(cfg.seed)
+    from graftlm.models.hf import resolve_model_config
+    resolve_model_config(cfg.model)  # a wrong --model is named before the tokenizer is looked for
+    context = loaded_context(cfg)
+    if cfg.objective == "clm" and context is not None and cfg.train.seq_len > context:
+        # Pre-training windows are all seq_len long; fine-tuning rows are cut at the
+        # context instead (`sft.renderer_for`), and counted.
+        raise ConfigError(f"config field 'train.seq_len': {cfg.train.seq_len} tokens exceed the context of "
+                          f"model {cfg.model} (max_position_embeddings {context})")
     tokenizer = find_tokenizer(cfg, Path(cfg.data))
     data = spec.build_dataset(cfg, tokenizer)
     if d.is_main and data.stats:

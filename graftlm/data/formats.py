@@ -242,8 +242,12 @@ class RowCounts:
         return {"rows": self.rows, "valid": self.valid, "bad": self.bad, "errors": list(self.errors)}
 
 
+class TooManyBadRows(GraftError):
+    """More than `max_bad_fraction` of the rows are bad: the run stops before training."""
+
+
 def _too_many_bad(counts: RowCounts, max_bad_fraction: float) -> GraftError:
-    return GraftError(
+    return TooManyBadRows(
         f"{counts.bad} of {counts.rows} rows are bad ({counts.bad / counts.rows:.1%} > "
         f"max_bad_fraction {max_bad_fraction:.1%}); first: {counts.errors[0]}")
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from graftlm.errors import ConfigError, GraftError
 from graftlm.objectives import DataSplits, ObjectiveSpec
 from graftlm.objectives.logprobs import IGNORE_INDEX, shift_targets
-from graftlm.objectives.sft import FineTuneData, load_splits, model_logprobs, renderer_for
+from graftlm.objectives.sft import FineTuneData, left_out, load_splits, model_logprobs, renderer_for
 
 REFERENCE_FREE = ("simpo", "orpo")
 
@@ -202,7 +202,7 @@ class PreferencePairs:
 def build_pair_splits(cfg, section: FineTuneData, tokenizer, objective: str, pad_id: int | None = None) -> DataSplits:
     """Train / validation preference pairs for `dpo` and `reward`."""
     renderer = renderer_for(cfg, section, tokenizer)
-    train_rows, val_rows = load_splits(cfg, section, objective)
+    train_rows, val_rows, read = load_splits(cfg, section, objective)
     train = [p for p in map(renderer.render_pair, train_rows) if p is not None]
     val = [p for p in map(renderer.render_pair, val_rows) if p is not None]
     if not train:
@@ -210,7 +210,8 @@ def build_pair_splits(cfg, section: FineTuneData, tokenizer, objective: str, pad
     pad = tokenizer.pad_id if pad_id is None else pad_id
     return DataSplits(train=PreferencePairs(train, pad), val=PreferencePairs(val, pad) if val else None,
                       vocab_size=tokenizer.vocab_size,
-                      identity={"data": cfg.data, "pairs": len(train), "render": renderer.counts.to_dict()})
+                      identity={"data": cfg.data, "pairs": len(train), "render": renderer.counts.to_dict()},
+                      stats=left_out(read, renderer))
 
 
 SPEC = ObjectiveSpec(

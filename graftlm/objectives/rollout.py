@@ -185,14 +185,15 @@ class PromptDataset:
 def build_prompt_splits(cfg, section, tokenizer, objective: str):
     """Train / validation RL prompts (`grpo`, `ppo`), rendered up to the reply."""
     from graftlm.objectives import DataSplits
-    from graftlm.objectives.sft import load_splits, renderer_for
+    from graftlm.objectives.sft import left_out, load_splits, renderer_for
 
     renderer = renderer_for(cfg, section, tokenizer)
-    train, val = load_splits(cfg, section, objective)
+    train, val, read = load_splits(cfg, section, objective)
     # Validated by held-out reward (`held_out_reward`), not loss: an RL loss on held-out
     # prompts means little (its advantages are centred).
     return DataSplits(train=PromptDataset(train, renderer), val=PromptDataset(val, renderer) if val else None,
-                      vocab_size=tokenizer.vocab_size, identity={"data": cfg.data, "prompts": len(train)})
+                      vocab_size=tokenizer.vocab_size, identity={"data": cfg.data, "prompts": len(train)},
+                      stats=left_out(read))
 
 
 def run_tokenizer(cfg):

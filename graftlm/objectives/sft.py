@@ -28,6 +28,7 @@ from typing import Literal
 
 import torch
 
+from graftlm.data.formats import RowCounts
 from graftlm.errors import ConfigError, GraftError
 from graftlm.objectives import DataSplits, ObjectiveSpec
 from graftlm.objectives.logprobs import IGNORE_INDEX, shift_targets
@@ -73,29 +74,65 @@ class FineTuneData:
             raise ConfigError(f"config field 'val_fraction': must be in [0, 1), got {self.val_fraction}")
 
 
-def load_splits(cfg, section: FineTuneData, objective: str) -> tuple[list[dict], list[dict]]:
-    """(train, val) normalised rows; val is `val_data`, or a seeded `val_fraction` of the data."""
-    from graftlm.data.formats import load_examples
-
-    rows, _ = load_examples(cfg.data, objective, errors=section.errors, max_bad_fraction=section.max_bad_fraction)
+def load_splits(cfg, section: FineTuneData, objective: str) -> tuple[list[dict], list[dict], RowCounts]:
+    """(train, val) normalised rows, and what reading them found (bad rows skipped, over
+    every file read); val is `val_data`, or a seeded `val_fraction` of the data."""
+    counts = RowCounts()
+    rows = _load_rows(cfg, cfg.data, section, objective, counts)
     if section.val_data:
-        val, _ = load_examples(section.val_data, objective, errors=section.errors,
-                               max_bad_fraction=section.max_bad_fraction)
-        return rows, val
+        return rows, _load_rows(cfg, section.val_data, section, objective, counts), counts
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     held = int(len(rows) * section.val_fraction)
     if held == 0 or len(rows) - held < 1:
-        return rows, []
-    return [rows[i] for i in order[held:]], [rows[i] for i in order[:held]]
+        return rows, [], counts
+    return [rows[i] for i in order[held:]], [rows[i] for i in order[:held]], counts
+
+
+def _load_rows(cfg, data, section: FineTuneData, objective: str, total: RowCounts) -> list[dict]:
+    from graftlm.data.formats import TooManyBadRows, load_examples
+
+    try:
+        rows, counts = load_examples(data, objective, errors=section.errors,
+                                     max_bad_fraction=section.max_bad_fraction)
+    except TooManyBadRows as e:
+        # Name the flags that change the policy, under the command's own section.
+        flag = f"--{cfg.objective}"
+        raise GraftError(f"{e} (raise the share with {flag}.max_bad_fraction, or stop at the first bad "
+                         f"row with {flag}.errors raise)") from None
+    total.rows, total.bad = total.rows + counts.rows, total.bad + counts.bad
+    total.errors += counts.errors
+    return rows
+
+
+def left_out(read: RowCounts, renderer=None) -> dict:
+    """What the run will not train on as given: bad rows skipped, rows cut at or dropped
+    for the length limit. Printed when the run starts and kept in summary.json (under
+    "data"), so that no row is left out silently. Empty when nothing was."""
+    stats = {}
+    if read.bad:
+        stats["bad_rows_skipped"] = {"bad": read.bad, "of": read.rows, "first": read.errors[0]}
+    if renderer is not None:
+        counts = {k: v for k, v in renderer.counts.to_dict().items() if k != "rows" and v}
+        if counts:
+            stats["length_limit"] = {"max_length": renderer.config.max_length, "of": renderer.counts.rows, **counts}
+    return stats
 
 
 def renderer_for(cfg, section: FineTuneData, tokenizer):
     from graftlm.data.render import RenderConfig, Renderer
 
+    from graftlm.runs import loaded_context
+
     if tokenizer is None:
         raise GraftError("fine-tuning needs a tokenizer: pass --tokenizer DIR or a model directory with tokenizer.json")
-    return Renderer(tokenizer, RenderConfig(max_length=section.max_length or cfg.train.seq_len,
-                                            overflow=section.overflow, train_on=section.train_on))
+    max_length = section.max_length or cfg.train.seq_len
+    # Rows past a loaded model's context are cut there (or dropped), and counted in the
+    # run's data stats ("length_limit"), rather than failing inside its forward.
+    context = loaded_context(cfg)
+    if context is not None:
+        max_length = min(max_length, context)
+    return Renderer(tokenizer, RenderConfig(max_length=max_length, overflow=section.overflow,
+                                            train_on=section.train_on))
 
 
 class RenderedRows:
@@ -188,16 +225,16 @@ class SFTObjective:
 def build_dataset(cfg, tokenizer) -> DataSplits:
     section = cfg.sft
     renderer = renderer_for(cfg, section, tokenizer)
-    train_rows, val_rows = load_splits(cfg, section, "sft")
+    train_rows, val_rows, read = load_splits(cfg, section, "sft")
     rendered = [r for r in map(renderer.render, train_rows) if r is not None]
     val = [r for r in map(renderer.render, val_rows) if r is not None]
     if not rendered:
         raise GraftError(f"{cfg.data}: no row has a token to train after rendering ({renderer.counts.to_dict()})")
     identity = {"data": cfg.data, "rows": len(rendered), "render": renderer.counts.to_dict()}
-    train, stats = RenderedRows(rendered, tokenizer.pad_id), {}
+    train, stats = RenderedRows(rendered, tokenizer.pad_id), left_out(read, renderer)
     if section.packing:
-        train, packing = pack_rendered(rendered, section.max_length or cfg.train.seq_len, tokenizer.pad_id)
-        stats, identity["packing"] = {"packing": packing}, True
+        train, stats["packing"] = pack_rendered(rendered, renderer.config.max_length, tokenizer.pad_id)
+        identity["packing"] = True
     return DataSplits(train=train, val=RenderedRows(val, tokenizer.pad_id) if val else None,
                       val_bytes_per_token=rendered_bytes_per_token(val, tokenizer) if val else None,
                       vocab_size=tokenizer.vocab_size, identity=identity, stats=stats)

@@ -103,6 +103,6 @@ def test_tokenizer_that_does_not_match_is_refused(shards, tmp_path, capsys):
 def test_model_smaller_than_the_vocabulary_is_refused(shards, tmp_path, tiny_hf_dir, capsys):
     # tiny_hf_dir has a 256-token vocabulary; the shards need 384.
     assert main(["pretrain", "--model", str(tiny_hf_dir), "--data", str(shards / "shards"),
-                 "--tokenizer", str(shards / "tok"), "--out", str(tmp_path)]) == 2
+                 "--tokenizer", str(shards / "tok"), "--out", str(tmp_path), "--train.seq_len", "64"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "384" in err and "256" in err

@@ -1,0 +1,76 @@
+"""Nothing is left out silently: bad rows skipped and rows cut at the length limit are
+counted, printed when a run starts and kept in summary.json; rows longer than a loaded
+model's context are cut there (counted) instead of failing inside its forward; a new
+model's context grows to the run's seq_len; a pre-training run longer than a loaded
+model's context is refused before it starts."""
+
+from __future__ import annotations
+
+import json
+
+from graftlm.cli import main
+from graftlm.models.hf import load_model
+from tests.unit.test_sft_packing import _data
+
+SFT = ["--train.max-steps", "1", "--train.batch-size", "2", "--train.precision", "fp32", "--train.eval-batches", "1",
+       "--train.save-every", "0", "--tensorboard", "false"]
+
+
+def _summary(run_dir) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def test_a_skipped_bad_row_and_cut_rows_are_counted_and_printed(tmp_path, capsys):
+    path, _ = _data(tmp_path, n=150)
+    lines = path.read_text().splitlines()
+    lines.insert(7, '{"prompt": "broken"')  # one bad row of 151: under the 1% that stops a run
+    path.write_text("\n".join(lines) + "\n")
+    assert main(["sft", "--model", "tiny", "--tokenizer", str(tmp_path / "tok"), "--data", str(path),
+                 "--out", str(tmp_path), "--name", "run", "--train.seq-len", "40", *SFT]) == 0
+    data = _summary(tmp_path / "run")["data"]
+    assert data["bad_rows_skipped"]["bad"] == 1 and data["bad_rows_skipped"]["of"] == 151
+    assert "sft.jsonl:8" in data["bad_rows_skipped"]["first"]
+    cut = data["length_limit"]
+    assert cut["max_length"] == 40 and cut["truncated"] + cut.get("dropped_untrained", 0) > 0
+    out = capsys.readouterr().out
+    assert "bad_rows_skipped" in out and "length_limit" in out
+
+
+def test_too_many_bad_rows_name_the_flags(tmp_path, capsys):
+    path, _ = _data(tmp_path, n=20)
+    path.write_text(path.read_text() + "not json\n")
+    assert main(["sft", "--model", "tiny", "--tokenizer", str(tmp_path / "tok"), "--data", str(path),
+                 "--out", str(tmp_path), *SFT]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--sft.max_bad_fraction" in err and "--sft.errors raise" in err
+
+
+def test_contexts_grow_for_new_models_cut_loaded_ones_and_refuse_long_pretraining(tmp_path, capsys):
+    path, _ = _data(tmp_path, n=40)
+    tok = str(tmp_path / "tok")
+    # A new model trained at 600 tokens gets a context of 600 (the tiny preset's is 512).
+    assert main(["sft", "--model", "tiny", "--tokenizer", tok, "--data", str(path), "--out", str(tmp_path),
+                 "--name", "new", "--train.seq-len", "600", *SFT]) == 0
+    base = load_model(tmp_path / "new" / "final")
+    assert base.config.max_seq_len == 600
+    # Rows of a loaded model are cut at its context, however long seq_len asks.
+    small = tmp_path / "small"
+    config = json.loads((tmp_path / "new" / "final" / "config.json").read_text())
+    (tmp_path / "new" / "final" / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 40}))
+    small_dir = tmp_path / "new" / "final"
+    assert main(["sft", "--model", str(small_dir), "--data", str(path), "--out", str(tmp_path),
+                 "--name", "cut", "--train.seq-len", "4096", *SFT]) == 0
+    assert _summary(tmp_path / "cut")["data"]["length_limit"]["max_length"] == 40
+    capsys.readouterr()
+    # Pre-training windows are all seq_len long: past a loaded model's context, refused.
+    assert main(["pretrain", "--model", str(small_dir), "--data", str(small), "--out", str(tmp_path),
+                 "--train.seq-len", "64"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "train.seq_len" in err and "max_position_embeddings 40" in err
+
+
+def test_a_missing_model_directory_is_named_before_the_tokenizer(tmp_path, capsys):
+    path, _ = _data(tmp_path, n=10)
+    assert main(["sft", "--model", str(tmp_path / "nope"), "--data", str(path), "--out", str(tmp_path), *SFT]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "tokenizer" not in err
