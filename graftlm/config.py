@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -139,10 +140,30 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     if missing:
         raise ConfigError(f"config field '{prefix}{missing[0]}' is required")
     instance = cls(**kwargs)
+    # A section left at its defaults is checked too: it may require a field (ppo.reward).
+    for name in fields.keys() - kwargs.keys():
+        if dataclasses.is_dataclass(getattr(instance, name)):
+            _validate(getattr(instance, name), f"{prefix}{name}.")
+    _validate(instance, prefix)
+    return instance
+
+
+def _validate(instance: Any, prefix: str) -> None:
     validate = getattr(instance, "validate", None)
     if validate is not None:
-        validate()
-    return instance
+        try:
+            validate()
+        except ConfigError as e:
+            raise ConfigError(_qualified(str(e), prefix, {f.name for f in dataclasses.fields(instance)})) from None
+
+
+def _qualified(message: str, prefix: str, names) -> str:
+    """A section's validator names its own fields ('val_fraction'); the user set them
+    under the section's path ('sft.val_fraction'), so that is what the error names."""
+    if not prefix:
+        return message
+    return re.sub(r"'([A-Za-z_][\w.]*)'",
+                  lambda m: f"'{prefix}{m[1]}'" if m[1].split(".")[0] in names else m[0], message)
 
 
 def to_dict(instance: Any) -> dict:

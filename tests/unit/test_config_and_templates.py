@@ -51,6 +51,17 @@ def test_bad_values_name_the_field(overrides, message):
         build_config(Run, None, {"model": "tiny", **overrides})
 
 
+def test_a_sections_own_check_names_the_field_by_its_path_even_left_at_defaults():
+    from graftlm.runs import run_config_class
+    with pytest.raises(ConfigError, match=r"^config field 'sft\.val_fraction': must be in \[0, 1\), got 1\.5$"):
+        build_config(run_config_class("sft"), None, {"model": "tiny", "data": "d", "sft.val_fraction": "1.5"})
+    with pytest.raises(ConfigError, match=r"^config field 'grpo\.sampling\.temperature'"):
+        build_config(run_config_class("grpo"), None, {"model": "tiny", "data": "d", "grpo.sampling.temperature": "0"})
+    # Never set on the command line, the ppo section is still checked: its reward is required.
+    with pytest.raises(ConfigError, match=r"^config field 'ppo\.reward' is required"):
+        build_config(run_config_class("ppo"), None, {"model": "tiny", "data": "d"})
+
+
 def test_missing_required_field():
     with pytest.raises(ConfigError, match="config field 'model' is required"):
         build_config(Run, None, {})
