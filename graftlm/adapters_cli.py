@@ -6,7 +6,8 @@ base's tokenizer copied. Merging a QLoRA adapter dequantizes the NF4 base first,
 merged model is the model the adapter was trained with, in full precision; the command
 reports the held-out loss before and after merging so that any change is visible.
 Without `--eval-data` the loss is measured on a short built-in English passage
-(`DEFAULT_EVAL_TEXT`), and the command says so.
+(`DEFAULT_EVAL_TEXT`), and the command says so. `--out` is never the base or the
+adapter directory, and a non-empty one is written into only with `--overwrite`.
 """
 
 from __future__ import annotations
@@ -38,8 +39,11 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="directory for the merged model")
     p.add_argument("--eval-data", help="held-out text for the loss check: .txt, or .jsonl with a 'text' field "
                                        "(default: a short built-in English passage)")
-    p.add_argument("--eval-tokens", type=int, default=8192, help="tokens of held-out text to use (default 8192)")
+    p.add_argument("--eval-tokens", type=int, default=8192,
+                   help="tokens of held-out text to use (default 8192; 0: no loss check)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the written weights")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into --out although it is a non-empty directory (its model files are replaced)")
     p.set_defaults(handler=merge_command)
 
 
@@ -79,20 +83,44 @@ def heldout_loss(model, token_ids: list[int], seq_len: int) -> float:
     return total / max(count, 1)
 
 
+def check_out_dir(out: Path, base_dir: Path, adapter_dir: Path, overwrite: bool) -> None:
+    """Refuse an --out that would destroy the inputs, or another directory's files unasked."""
+    resolved, adapter = out.resolve(), adapter_dir.resolve()
+    if resolved == base_dir.resolve():
+        # Replacing the base would make every adapter trained on it refuse to load.
+        raise GraftError(f"--out {out}: is the base model directory (--model); write the merged model elsewhere")
+    if resolved == adapter or adapter in resolved.parents:
+        raise GraftError(f"--out {out}: is the adapter directory (--adapter) or inside it; "
+                         "write the merged model elsewhere")
+    if resolved.exists() and not resolved.is_dir():
+        raise GraftError(f"--out {out}: exists and is not a directory")
+    if resolved.is_dir() and any(resolved.iterdir()) and not overwrite:
+        raise GraftError(f"--out {out}: directory is not empty; pass --overwrite to write the merged model into it")
+
+
 def merge_command(args) -> int:
     from graftlm.models.hf import load_model, save_model
     from graftlm.tokenizer import load_tokenizer
 
     base_dir = Path(args.model)
+    if args.eval_tokens < 0 or args.eval_tokens == 1:  # a loss needs a token to predict from and one to predict
+        raise GraftError(f"--eval-tokens: must be 0 (no loss check) or >= 2, got {args.eval_tokens}")
+    check_out_dir(Path(args.out), base_dir, Path(args.adapter), args.overwrite)
     model = load_model(base_dir, dtype=torch.float32)
     kind = adapters.read_adapter_config(args.adapter).get("graftlm_kind")
     adapters.load_adapter(model, args.adapter)
-    token_ids, what = None, None
-    if (base_dir / "tokenizer.json").exists():
+    token_ids, what, not_measured = None, None, None
+    if args.eval_tokens == 0:
+        not_measured = "--eval-tokens 0 turns the check off"
+    elif (base_dir / "tokenizer.json").exists():
         text, what = read_eval_text(args.eval_data)
         token_ids = load_tokenizer(base_dir).encode(text)[: args.eval_tokens]
+        if len(token_ids) < 2:
+            raise GraftError(f"{what}: under 2 tokens of held-out text to measure the loss on")
     elif args.eval_data:
         raise GraftError(f"{base_dir}: no tokenizer.json, so --eval-data cannot be tokenized")
+    else:
+        not_measured = "the base model directory has no tokenizer.json"
     seq_len = min(model.config.max_seq_len, 512)
     before = heldout_loss(model, token_ids, seq_len) if token_ids else None
     merged = adapters.merge_and_unload(model, dtype=torch.float32)
@@ -101,7 +129,7 @@ def merge_command(args) -> int:
     base_note = " (NF4 base dequantized before merging)" if kind == "qlora" else ""
     print(f"merged {args.adapter} into {base_dir}{base_note} -> {out}")
     if before is None:
-        print("held-out loss: not measured (the base model directory has no tokenizer.json)")
+        print(f"held-out loss: not measured ({not_measured})")
     else:
         print(f"held-out loss on {what}, {len(token_ids)} tokens: adapter as trained {before:.4f}, "
               f"merged {after:.4f} (change {after - before:+.4f})")

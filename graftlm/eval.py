@@ -197,6 +197,8 @@ def evaluate(model_dir: str | Path, data: str | Path, adapters: dict[str, str] |
         rows = _answer_rows(data)
         shots, rows = rows[:few_shot], rows[few_shot:]
         rows = rows[:max_rows]
+        if not rows:
+            raise GraftError(f"{data}: no row left to score after the {few_shot} few-shot example row(s)")
         result["rows"] = len(rows)
         reward_fn = build_reward(reward, device=device) if reward else None
         prompts = [r["prompt"] for r in rows]

@@ -40,6 +40,10 @@ def eval_command(args: argparse.Namespace) -> int:
 
     if args.few_shot < 0:
         raise GraftError("--few-shot: must be >= 0")
+    # Checked here for every kind of data: some kinds would only fail deep in the loop.
+    for flag, value in (("--batch-size", args.batch_size), ("--max-rows", args.max_rows)):
+        if value is not None and value < 1:
+            raise GraftError(f"{flag}: must be >= 1, got {value}")
     names = [n for n, _ in args.adapter]
     if len(set(names)) != len(names) or "base" in names:
         raise GraftError("--adapter: names must be distinct and not 'base'")

@@ -8,6 +8,7 @@ Each handler computes with a plain function (`plan.make_plan`, `plan.check.check
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -92,11 +93,17 @@ def plan_command(args) -> int:
     hardware = resolve_hardware(args.hardware or DEFAULT_HARDWARE, catalogue)
     if not args.model or not args.data:
         raise GraftError("graft plan needs --model and --data (or --check RUN_DIR ...)")
-    cfg, has_weights, source = resolve_model(args.model)
-    tokens, stats = resolve_data(args.data)
     for name in ("seq_len", "batch", "lora_r"):
         if getattr(args, name) < 1:
             raise GraftError(f"--{name.replace('_', '-')} must be at least 1")
+    # Written to refuse NaN and infinity too (argparse's float takes both): every figure would be one.
+    if not (math.isfinite(args.epochs) and args.epochs > 0):
+        raise GraftError(f"--epochs: must be > 0, got {args.epochs:g}")
+    for flag, value in (("--price-per-hour", args.price_per_hour), ("--budget", args.budget)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise GraftError(f"{flag}: must be >= 0, got {value:g}")
+    cfg, has_weights, source = resolve_model(args.model)
+    tokens, stats = resolve_data(args.data)
     options = PlanOptions(seq_len=args.seq_len, batch_size=args.batch, precision=args.precision,
                           activation_checkpointing=args.activation_checkpointing, lora_r=args.lora_r,
                           epochs=args.epochs, price_per_hour=args.price_per_hour, goal=args.goal,

@@ -53,9 +53,36 @@ def serve(args) -> int:
     backend = build_backend(args.model, dict(args.adapter), args.adapter_root, args.max_batch,
                             args.max_queue, args.served_model_name, *placement(args), compile=args.compile)
     app = create_app(backend, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+    adapters = ", ".join(names) or "none"
+    if args.adapter_root:
+        adapters += f"; more from {args.adapter_root}"
+
+    def ready(url: str) -> None:
+        print(f"serving {backend.registry.base_name} on {url} (adapters: {adapters})", file=sys.stderr, flush=True)
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
+    server = _server_class(uvicorn)(config, ready)
     backend.scheduler.start()
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        server.run()
     finally:
         backend.scheduler.stop()
     return 0
+
+
+def _server_class(uvicorn):
+    """uvicorn's Server, calling `ready(url)` once it accepts requests: at log level
+    warning, uvicorn itself says nothing when it is up. (uvicorn is imported only to serve.)"""
+
+    class Server(uvicorn.Server):
+        def __init__(self, config, ready):
+            super().__init__(config)
+            self.ready = ready
+
+        async def startup(self, sockets=None):
+            await super().startup(sockets)  # returns once listening; it exits when it cannot bind
+            port = self.servers[0].sockets[0].getsockname()[1]  # the port bound, for --port 0 too
+            host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+            self.ready(f"http://{host}:{port}")
+
+    return Server

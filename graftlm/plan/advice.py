@@ -8,6 +8,7 @@ The rules (in order):
 - Full fine-tuning for a deep change of behaviour when memory allows.
 - LoRA when memory or money is short, or when several specialised variants are wanted
   (adapters are megabytes and swap on one base); QLoRA when even LoRA does not fit.
+- When every regime that fits is over the budget, the cheapest of them, said to be over it.
 """
 
 from __future__ import annotations
@@ -40,11 +41,18 @@ def recommend(goal: str | None, tokens: float, params: int, has_base: bool, fits
     """(regime, reasons). `fits` and `costs` are keyed by regime name."""
     reasons = []
     over_budget = {r for r, c in costs.items() if budget is not None and c > budget}
+    fitting = [r for r in costs if fits.get(r)]
+    if fitting and all(r in over_budget for r in fitting):
+        # No choice of regime keeps to the budget: say so, rather than a reason for the one picked.
+        cheapest = min(fitting, key=costs.__getitem__)
+        return cheapest, [f"every regime that fits costs more than the budget of ${budget:,.2f}; this is the "
+                          f"cheapest, at ${costs[cheapest]:,.2f}: raise the budget or train on fewer tokens"]
 
     def cheapest_adapter(why: str) -> tuple[str, list[str]]:
         regime = "lora" if fits.get("lora") and "lora" not in over_budget else "qlora"
         if regime == "qlora":
-            why += "; LoRA with its base unquantized does not fit, so the base goes to 4-bit (QLoRA)"
+            lora = "is over the budget" if fits.get("lora") else "does not fit"
+            why += f"; LoRA with its base unquantized {lora}, so the base goes to 4-bit (QLoRA)"
         if not fits.get(regime):
             why += "; even QLoRA does not fit this hardware: use more or larger devices, or a smaller base"
         return regime, reasons + [why]

@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from graftlm.serve import build_backend
-from serve_support import model_with_adapters, thread_server
+from serve_support import model_with_adapters, process_server, thread_server
 
 pytestmark = pytest.mark.slow
 
@@ -147,3 +147,12 @@ def test_mixed_batch_equals_each_request_alone(client, server):
             break
     assert backend.scheduler.max_rows_seen >= 3, "the requests never shared a batch"
     assert httpx.delete(url + "/v1/adapters/a2").status_code == 200
+
+
+def test_graft_serve_says_when_it_is_ready(files, tmp_path):
+    args = ["--model", str(files["model"]), "--adapter", f"a1={files['root'] / 'a1'}",
+            "--adapter-root", str(files["root"])]
+    with process_server(args, tmp_path / "server.log") as (url, _):
+        # Printed before the first request is answered: by now it is in the log.
+        said = (tmp_path / "server.log").read_text().strip().splitlines()
+    assert f"serving model on {url} (adapters: a1; more from {files['root']})" in said

@@ -62,3 +62,39 @@ def test_graft_merge_default_text_and_wrong_base(base_dir, tmp_path, capsys):
     assert main(["merge", "--model", str(tmp_path / "other"), "--adapter", str(tmp_path / "ad"),
                  "--out", str(tmp_path / "m2")]) == 2
     assert "weights_sha256" in capsys.readouterr().err
+
+
+def test_graft_merge_refuses_to_write_over_its_inputs_or_a_full_directory(base_dir, tmp_path, capsys):
+    _adapter(base_dir, tmp_path / "ad", "lora")
+    base_files = {p.name: p.read_bytes() for p in base_dir.iterdir()}
+    merge = ["merge", "--model", str(base_dir), "--adapter", str(tmp_path / "ad"), "--eval-tokens", "0"]
+    for out, said in ((base_dir, "is the base model directory"), (tmp_path / "ad", "adapter directory"),
+                      (tmp_path / "ad" / "merged", "adapter directory")):
+        assert main([*merge, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "--out" in err and said in err and len(err.strip().splitlines()) == 1
+        assert main([*merge, "--out", str(out), "--overwrite"]) == 2  # never, even when asked
+        capsys.readouterr()
+    assert {p.name: p.read_bytes() for p in base_dir.iterdir()} == base_files
+    assert not (tmp_path / "ad" / "merged").exists()
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "notes.txt").write_text("mine")
+    assert main([*merge, "--out", str(full)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and not (full / "config.json").exists()
+    assert main([*merge, "--out", str(full), "--overwrite"]) == 0
+    assert (full / "model.safetensors").exists() and (full / "notes.txt").read_text() == "mine"
+
+
+def test_graft_merge_says_why_the_loss_is_not_measured(base_dir, tmp_path, capsys):
+    _adapter(base_dir, tmp_path / "ad", "lora")
+    merge = ["merge", "--model", str(base_dir), "--adapter", str(tmp_path / "ad")]
+    assert main([*merge, "--out", str(tmp_path / "m"), "--eval-tokens", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "not measured (--eval-tokens 0" in printed and "tokenizer.json" not in printed
+    assert main([*merge, "--out", str(tmp_path / "m2"), "--eval-tokens", "-1"]) == 2
+    assert "--eval-tokens: must be 0 (no loss check) or >= 2, got -1" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main([*merge, "--out", str(tmp_path / "m3"), "--eval-data", str(empty)]) == 2
+    assert "empty.txt: under 2 tokens" in capsys.readouterr().err

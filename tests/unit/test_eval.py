@@ -79,3 +79,22 @@ def test_bad_rows_are_one_line_errors(model_dir, tmp_path, capsys):
     bad = _write(tmp_path / "bad.jsonl", [{"foo": 1}])
     assert main(["eval", "--model", str(model_dir / "model"), "--data", str(bad)]) == 2
     assert "bad.jsonl:1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["answers", "pairs", "text"])
+@pytest.mark.parametrize("flag", ["--batch-size", "--max-rows"])
+def test_batch_size_and_max_rows_below_one_name_the_flag(model_dir, tmp_path, capsys, kind, flag):
+    rows = {"answers": [{"prompt": "copy: 1", "answer": "1"}],
+            "pairs": [{"prompt": "copy: 1", "chosen": "1", "rejected": "2"}],
+            "text": [{"text": "hello world"}]}[kind]
+    data = _write(tmp_path / f"{kind}.jsonl", rows)
+    assert main(["eval", "--model", str(model_dir / "model"), "--data", str(data), flag, "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag}: must be >= 1, got 0" in err and len(err.strip().splitlines()) == 1
+
+
+def test_few_shot_taking_every_row_is_one_line_error(model_dir, tmp_path, capsys):
+    data = _write(tmp_path / "answers.jsonl", [{"prompt": f"copy: {i}", "answer": f"{i}"} for i in range(2)])
+    assert main(["eval", "--model", str(model_dir / "model"), "--data", str(data), "--few-shot", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "no row left to score" in err and len(err.strip().splitlines()) == 1

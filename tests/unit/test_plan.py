@@ -12,6 +12,7 @@ from graftlm.errors import GraftError
 from graftlm.models.config import ModelConfig
 from graftlm.plan import (PlanOptions, RunShape, largest_batch, load_catalogue, make_plan, memory_breakdown,
                           resolve_hardware)
+from graftlm.plan.advice import recommend
 from graftlm.plan.compute import train_flops_per_token
 from graftlm.plan.planner import config_for_param_count, parse_count
 
@@ -283,3 +284,29 @@ def test_runs_count_training_flops_as_the_plan_does(targets):
     assert flops_per_token_at(run, cfg)(96) == pytest.approx(expected)
     assert flops_per_token_at(run, cfg)(96) == pytest.approx(train_flops_per_token(
         RunShape(cfg, parameterization="lora", lora_r=4, lora_targets=adapter.targets, seq_len=96)))
+
+
+def test_over_budget_everywhere_is_said_plainly(capsys):
+    assert main(["plan", "--model", "1b", "--data", "1e9", "--budget", "5", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    regimes, rec = result["regimes"], result["recommendation"]
+    cheapest = min(r["cost_usd"] for r in regimes.values() if r["fits"] or r["fits_with_checkpointing"])
+    assert regimes["lora"]["fits"] and regimes[rec["regime"]]["cost_usd"] == cheapest > 5
+    reasons = " ".join(rec["reasons"])
+    assert "every regime that fits costs more than the budget of $5.00" in reasons
+    assert f"${cheapest:,.2f}" in reasons and "does not fit" not in reasons
+    # LoRA fits but is over the budget, QLoRA is not: the reason says so, not that LoRA does not fit.
+    fits = dict.fromkeys(("pretrain", "cpt", "sft", "dpo", "grpo", "lora", "qlora"), True)
+    costs = {**dict.fromkeys(fits, 20.0), "lora": 10.0, "qlora": 7.0}
+    regime, reasons = recommend("format", 1e7, 10**9, True, fits, costs, budget=8)
+    assert regime == "qlora" and "unquantized is over the budget" in reasons[-1]
+
+
+@pytest.mark.parametrize("flag, value, said", [("--price-per-hour", "-1", "must be >= 0, got -1"),
+                                               ("--budget", "-3", "must be >= 0, got -3"),
+                                               ("--epochs", "0", "must be > 0, got 0"),
+                                               ("--epochs", "nan", "must be > 0, got nan")])
+def test_nonsense_costs_name_the_flag(capsys, flag, value, said):
+    assert main(["plan", "--model", "tiny", "--data", "1M", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag}: {said}" in err and len(err.strip().splitlines()) == 1
