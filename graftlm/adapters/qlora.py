@@ -11,6 +11,8 @@ cast back to the caller's dtype; the backward pass needs only the quantized weig
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -21,9 +23,19 @@ COMPUTE_DTYPE = torch.bfloat16
 
 
 def _nf4():
-    # torchao's import is slow and chatty; only QLoRA pays for it.
-    from torchao.quantization import NF4Tensor
-    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
+    # torchao's import is slow, so only QLoRA pays for it, and chatty: it warns about
+    # compiled kernels it cannot load (builds for CUDA or another Python, which NF4 does
+    # not use) and about its own enum registrations. Those warnings are silenced for it.
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        from torchao.quantization import NF4Tensor
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
     return NF4Tensor, linear_nf4
 
 

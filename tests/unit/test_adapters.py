@@ -349,3 +349,13 @@ def test_grouped_projections_equal_layer_by_layer(monkeypatch):
     model.layers[0].self_attn.k_proj.disabled = True
     model(IDS)
     assert calls == [1, 1, 1, 2, 1, 3, 1, 2, 1]  # block 0's q/k/v went layer by layer (k unadapted)
+
+
+def test_qlora_imports_torchao_without_its_warnings():
+    """torchao warns on import about kernels NF4 never uses; a QLoRA run's log must not
+    open with them. A fresh interpreter, since torchao imports once per process."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", "from graftlm.adapters import qlora; qlora._nf4()"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == "" and done.stdout == ""
