@@ -250,3 +250,24 @@ def test_a_cpu_run_measures_the_peak_the_plan_predicts(tmp_path):
     resumed = build_trainer(tmp_path / "resumed", max_steps=4, save_every=0)
     resumed.resume(tmp_path / "tracked" / "checkpoints" / "step-3")
     assert resumed.fit()["peak_tensor_bytes"] == summary["peak_tensor_bytes"]
+
+
+def test_throughput_leaves_out_the_first_and_the_counted_step():
+    """tokens/s and MFU describe the steady steps: not each process's first (compiling,
+    making optimizer states) nor the CPU step whose tensors are counted."""
+    import time
+    trainer = build_trainer(None, max_steps=4)
+    step, calls = trainer.train_step, []
+
+    def slow_first_step():  # as a compiling first step is
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(0.5)
+        return step()
+
+    trainer.train_step = slow_first_step
+    stats = trainer.fit()
+    # Steps 1 (slow) and 2 (counted, on this CPU) are left out; 3 and 4 make the rate.
+    assert trainer.steady["tokens"] == stats["tokens"] / 2
+    assert stats["train_time_s"] - trainer.steady["time_s"] >= 0.5  # the sleep is in the total only
+    assert stats["tokens_per_s"] == pytest.approx(trainer.steady["tokens"] / trainer.steady["time_s"])
