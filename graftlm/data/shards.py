@@ -207,10 +207,16 @@ def write_shards(documents: Iterable[tuple[str, str]], tokenizer, out: str | Pat
 
 def assign_splits(texts: Iterable[str], val_fraction: float = 0.1,
                   val_docs: int | None = None) -> Iterator[tuple[str, str]]:
-    """(split, text) for each document, by the policy in the module docstring."""
+    """(split, text) for each document, by the policy in the module docstring. The
+    arguments are checked here, before anything is read or written (`--out` made)."""
     if val_docs is None and not 0 <= val_fraction < 1:
         raise GraftError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    texts = iter(texts)
+    if val_docs is not None and val_docs < 0:
+        raise GraftError(f"val_docs must be >= 0, got {val_docs}")
+    return _assigned(iter(texts), val_fraction, val_docs)
+
+
+def _assigned(texts: Iterator[str], val_fraction: float, val_docs: int | None) -> Iterator[tuple[str, str]]:
     first = next(texts, None)
     if first is None:
         raise GraftError("no documents to prepare")

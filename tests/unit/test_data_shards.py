@@ -78,6 +78,15 @@ def test_val_docs_takes_the_last_documents():
     assert [s for s, _ in assign_splits(iter(["x", "y"]), val_fraction=0.1)].count("val") == 1
 
 
+def test_bad_split_arguments_are_refused_before_out_is_made(tmp_path, shakespeare, capsys):
+    root, _ = shakespeare
+    for flag, value in (("--val-fraction", "2"), ("--val-docs", "-1")):
+        out = tmp_path / f"s{value}"
+        assert main(["prepare", "--data", str(root / "ts.txt"), "--tokenizer", str(root / "tok"),
+                     "--out", str(out), flag, value]) == 2
+        assert flag[2:].replace("-", "_") in capsys.readouterr().err and not out.exists()
+
+
 def test_prepare_from_jsonl_and_uint32_for_big_vocabularies(tmp_path, shakespeare):
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps({"body": f"row {i} " * 5}) + "\n" for i in range(30)))
