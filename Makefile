@@ -1,6 +1,7 @@
 # Two commands for a fresh machine: `make demo` and `make test`.
-# Each creates .venv when missing, installs torch first and explicitly (the CPU wheel
-# where no GPU is present; a CUDA torch that is already there is kept), then graftlm.
+# Each creates .venv when missing, installs torch first and explicitly (PyTorch's CPU
+# build where no NVIDIA GPU is present: PyPI's Linux wheel pulls gigabytes of CUDA
+# libraries; a torch that is already there is kept), then graftlm.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -14,8 +15,11 @@ $(BIN)/python:
 $(VENV)/.torch: | $(BIN)/python
 	@if $(BIN)/python -c "import torch" 2>/dev/null; then \
 		echo "keeping torch $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
-	else \
+	elif command -v nvidia-smi >/dev/null 2>&1; then \
 		$(BIN)/pip install -q "torch==$(TORCH_VERSION)"; \
+	else \
+		echo "no NVIDIA GPU: installing the CPU build of torch $(TORCH_VERSION)"; \
+		$(BIN)/pip install -q --retries 1 --index-url https://download.pytorch.org/whl/cpu "torch==$(TORCH_VERSION)"; \
 	fi
 	@touch $@
 
