@@ -42,6 +42,10 @@ Design choices:
   faster (`CompiledDecodeStep._gemm_options`), for about twice the compile time.
   Prefills stay eager (one per request). Frozen weights are why it is for inference
   only: an engine that must see weights change (RL rollouts) keeps `compile=False`.
+  With adapters loaded, the compiled step computes the base alone (their layers
+  disabled while it runs) and serves the steps whose rows all ask for no adapter; a
+  step with an adapter row runs eagerly, since per-row routing is Python data that
+  would recompile the graph for every mix of rows.
 """
 
 from __future__ import annotations
@@ -329,8 +333,8 @@ class Engine:
 
     `device` / `dtype` move the model (in place) before generating. `compile=True`
     compiles the decode step at its first use (tens of seconds; once for batch 1 and
-    once for larger batches): for a model whose weights no longer change, without
-    adapters (merge them first).
+    once for larger batches): for a model whose weights no longer change. With
+    adapters, only steps whose rows (per-row `adapters`) all ask for none run compiled.
     """
 
     def __init__(self, model, tokenizer=None, device=None, dtype=None, compile: bool = False):
@@ -354,7 +358,8 @@ class Engine:
         at the first requests (a server does this before it listens)."""
         greedy = SamplingParams(max_new_tokens=2, temperature=0, stop_ids=())
         for rows in (1, 2):
-            self.generate([[self.pad_id]] * rows, greedy)
+            # Rows that name no adapter: the compiled step serves them with adapters loaded too.
+            self.generate([[self.pad_id]] * rows, greedy, adapters=[None] * rows)
 
     # -- the high-level API -----------------------------------------------------------
 
@@ -421,7 +426,8 @@ class Engine:
         """Last-position logits [B, V] for `ids` [B, T] written into `cache`."""
         # A one-token prompt's prefill stays eager too: a single slot would be a graph of
         # its own (dimensions of size 1 are specialized).
-        if self.compiled_decode is not None and ids.shape[1] == 1 and cache.length > 0 and rows is None:
+        if (self.compiled_decode is not None and ids.shape[1] == 1 and cache.length > 0
+                and self.compiled_decode.serves(rows)):
             logits = self.compiled_decode(ids, positions, DecodeSlot.next_of(cache))
             cache.length += 1
             return logits
@@ -444,16 +450,21 @@ class Engine:
         return tokens, torch.tensor(tokens, device=logits.device)[:, None]
 
 
+def check_generative(model_dir) -> None:
+    """Refuse a reward model directory (`graft reward`) before loading it as a decoder,
+    whose error (no lm_head.weight) would not say what the directory is."""
+    from graftlm.models.heads import is_scalar_model_dir
+
+    if is_scalar_model_dir(model_dir):
+        raise GraftError(f"{model_dir}: a reward model (graft reward) scores text and cannot generate; "
+                         f"score preference pairs with: graft eval --model {model_dir} --data PAIRS.jsonl")
+
+
 class CompiledDecodeStep:
     """`model.decode_step` through `torch.compile`, with the inductor settings that make
     it fast (see the module's docstring); called as `model.decode_step` is."""
 
     def __init__(self, model):
-        from graftlm.adapters import has_adapters
-
-        if has_adapters(model):
-            raise GraftError("compiled decoding needs a model without adapters: merge them into the "
-                             "base first (graft merge, or graftlm.adapters.merge_and_unload)")
         self.module = _DecodeStep(model)
         self.compiled = torch.compile(self.module, dynamic=True, fullgraph=True)
         self.inductor_options = {"freezing": True, "cpp_wrapper": True, **self._gemm_options()}
@@ -463,10 +474,21 @@ class CompiledDecodeStep:
         self._generated: list = []  # inductor's modules made by this engine's compiles
         weakref.finalize(self, _forget_graphs, self.module.forward.__code__, self._generated)
 
+    def serves(self, rows) -> bool:
+        """Whether a decode step of `rows` (None: no per-row adapters) runs compiled: the
+        graph computes the base, so not when a row, or the model's active adapter, adds one."""
+        from graftlm.adapters import has_adapters
+
+        if rows is None:
+            return not has_adapters(self.module.model)
+        return all(row.adapter is None for row in rows)
+
     def __call__(self, input_ids, position_ids, slot: DecodeSlot) -> torch.Tensor:
         import torch._inductor.config as inductor_config
         import torch.fx.experimental._config as shapes_config
         from torch._inductor.codecache import PyCodeCache
+
+        from graftlm.adapters.inject import adapter_layers, layers_set
 
         known = len(PyCodeCache.modules)
         # Set while tracing and compiling, i.e. at the call: dynamo must already treat the
@@ -474,8 +496,10 @@ class CompiledDecodeStep:
         # reaches inductor only). Scoped, so training's compiled blocks never freeze.
         # Without duck shaping, a batch or slot count that happens to equal another size
         # at the first call (the kv heads, the other) stays its own dynamic dimension.
+        # Adapter layers are disabled while the graph runs: it is the base's (see `serves`).
         with inductor_config.patch(**self.inductor_options), \
-                shapes_config.patch(use_duck_shape=False):
+                shapes_config.patch(use_duck_shape=False), \
+                layers_set(adapter_layers(self.module.model), "disabled", True):
             logits = self.compiled(input_ids, position_ids, slot)
         if len(PyCodeCache.modules) != known:  # this call compiled a graph
             self._generated.extend(PyCodeCache.modules[known:])

@@ -55,12 +55,13 @@ def _sampling_params(args):
 
 
 def _load_engine(args):
-    from graftlm.engine import Engine
+    from graftlm.engine import Engine, check_generative
     from graftlm.models.hf import load_model
     from graftlm.tokenizer import load_tokenizer
 
     model_dir = args.model
     device, dtype = placement(args)
+    check_generative(model_dir)
     model = load_model(model_dir, dtype=dtype, device=device)  # checks the directory, one-line errors
     if not (Path(model_dir) / "tokenizer.json").exists():
         raise GraftError(f"{model_dir}: no tokenizer.json, so text prompts cannot be encoded")
@@ -78,6 +79,13 @@ def generate_command(args) -> int:
         prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}],
                                                       add_generation_prompt=True))
                    for p in prompts]
+    prompts = [engine.encode(p) for p in prompts]
+    # Refused as serve refuses max_tokens past the context, rather than cut short at it
+    # unsaid; a prompt that alone fills the context is the engine's error.
+    longest, context = max(map(len, prompts)), engine.model.config.max_seq_len
+    if longest < context < longest + params.max_new_tokens:
+        raise GraftError(f"--max-new-tokens {params.max_new_tokens} + the longest prompt's {longest} tokens "
+                         f"exceeds the model's context of {context} (at most {context - longest} new tokens fit)")
     completions = engine.generate(prompts, params)
     for i, c in enumerate(completions):
         if len(completions) > 1:

@@ -4,7 +4,8 @@
 `{"kind", "rows", "metrics": {variant: {metric: value}}}` where the variants are
 `base`, each adapter's name, and `base+{K}-shot`. What is measured follows the data:
 - text rows (`{"text"}`): mean token loss and bits per byte (nats / ln 2 over the UTF-8
-  bytes of the predicted tokens);
+  bytes of the predicted tokens); a text longer than the context is scored whole, in
+  context-length windows;
 - prompts with answers (`prompt`/`question` + `answer`/`completion`): greedy generation
   with the engine, then exact-match accuracy (numeric final-answer match when the
   answers are numbers or GSM8K-style `#### N`, exact string match otherwise) and, with
@@ -27,6 +28,7 @@ import torch
 
 from graftlm.data.formats import load_examples
 from graftlm.errors import GraftError
+from graftlm.objectives.logprobs import IGNORE_INDEX
 from graftlm.rewards import build_reward, exact_match, final_number, numeric_match
 
 
@@ -118,22 +120,36 @@ def _pair_margins(model, pairs, pad_id: int, batch_size: int) -> torch.Tensor:
     return torch.cat(margins)
 
 
+def _windows(ids: list[int], max_len: int) -> list[list[int]]:
+    """Windows of at most `max_len` tokens, each starting on the previous one's last
+    token, so that every token after the first is predicted exactly once."""
+    return [ids[start:start + max_len] for start in range(0, max(len(ids) - 1, 1), max_len - 1)]
+
+
 @torch.no_grad()
-def _text_metrics(model, tokenizer, texts: list[str], max_len: int) -> dict:
-    total_nll, tokens, n_bytes = 0.0, 0, 0
+def _text_metrics(model, tokenizer, texts: list[str], max_len: int, batch_size: int) -> dict:
+    # A text longer than the context is scored in context-length windows (each starts
+    # afresh), as held-out loss is measured, rather than cut at the context.
+    windows, n_bytes = [], 0
     for text in texts:
-        ids = tokenizer.encode(text, add_bos=tokenizer.bos_id is not None)[:max_len]
+        ids = tokenizer.encode(text, add_bos=tokenizer.bos_id is not None)
         if len(ids) < 2:
             continue
-        x = torch.tensor([ids], device=next(model.parameters()).device)
-        targets = torch.full_like(x, -100)
-        targets[:, :-1] = x[:, 1:]
-        logp = model(x, targets=targets)[:, :-1]
-        total_nll -= logp.sum().item()
-        tokens += len(ids) - 1
+        windows += _windows(ids, max_len)
         n_bytes += len(tokenizer.decode(ids[1:]).encode("utf-8"))
-    if not tokens:
+    if not windows:
         raise GraftError("no text row has two tokens to evaluate")
+    device = next(model.parameters()).device
+    total_nll, tokens = 0.0, 0
+    for start in range(0, len(windows), batch_size):
+        group = windows[start:start + batch_size]
+        width = max(map(len, group))
+        # Right padding: a causal model's real positions never see it, and its targets are ignored.
+        x = torch.tensor([w + [tokenizer.pad_id or 0] * (width - len(w)) for w in group], device=device)
+        targets = torch.tensor([w[1:] + [IGNORE_INDEX] * (width - len(w) + 1) for w in group], device=device)
+        valid = targets != IGNORE_INDEX
+        total_nll -= (model(x, targets=targets) * valid).sum().item()
+        tokens += int(valid.sum())
     return {"loss": total_nll / tokens, "bpb": total_nll / math.log(2) / max(n_bytes, 1), "tokens": tokens}
 
 
@@ -192,7 +208,8 @@ def evaluate(model_dir: str | Path, data: str | Path, adapters: dict[str, str] |
         result["rows"] = len(texts)
         for name in variants:
             use(name)
-            result["metrics"][name] = _text_metrics(model, tokenizer, texts, model.config.max_seq_len)
+            result["metrics"][name] = _text_metrics(model, tokenizer, texts, model.config.max_seq_len,
+                                                       batch_size)
     elif kind == "answers":
         rows = _answer_rows(data)
         shots, rows = rows[:few_shot], rows[few_shot:]

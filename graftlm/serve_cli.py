@@ -33,7 +33,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step before serving (tens of seconds): faster "
-                        "decoding; the base model alone (no --adapter, --adapter-root)")
+                        "decoding of base-model requests (adapter requests decode eagerly); "
+                        "adapters only with --adapter, not --adapter-root")
     add_placement_arguments(p)
     p.set_defaults(handler=serve)
 
@@ -48,8 +49,6 @@ def serve(args) -> int:
     names = [name for name, _ in args.adapter]
     if len(set(names)) != len(names):
         raise GraftError("--adapter: a name is given twice")
-    if args.compile:
-        print("compiling the decode step before serving (tens of seconds)", file=sys.stderr)
     backend = build_backend(args.model, dict(args.adapter), args.adapter_root, args.max_batch,
                             args.max_queue, args.served_model_name, *placement(args), compile=args.compile)
     app = create_app(backend, api_key=args.api_key, max_body_bytes=args.max_body_bytes)

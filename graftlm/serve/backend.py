@@ -10,6 +10,7 @@ Design choices:
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -81,26 +82,32 @@ def build_backend(model_dir: str | Path, adapters: dict[str, str] | None = None,
                   dtype=None, compile: bool = False) -> ServeBackend:
     """Load the base model and tokenizer, and the operator's adapters; start nothing yet.
     `dtype` None: float32. `compile`: decode with the engine's compiled step (compiled
-    here, before serving); the base model alone, since its weights are frozen into it."""
+    here, before serving, with the adapters already loaded): steps whose rows all ask for
+    the base run compiled, steps with an adapter row eagerly (see `graftlm.engine`)."""
     import torch
 
-    from graftlm.engine import Batch, Engine
+    from graftlm.engine import Batch, Engine, check_generative
     from graftlm.models.hf import load_model
     from graftlm.tokenizer import load_tokenizer
     model_dir = Path(model_dir)
     if adapter_root is not None and not Path(adapter_root).is_dir():
         raise GraftError(f"--adapter-root {adapter_root}: not a directory")
-    if compile and (adapters or adapter_root is not None):
-        raise GraftError("--compile serves the base model alone: drop --adapter and --adapter-root "
-                         "(or serve a model with the adapter merged in: graft merge)")
+    if compile and adapter_root is not None:
+        # The graph holds the model's structure and a copy of its weights: an adapter loaded
+        # later would recompile it (tens of seconds) while requests wait.
+        raise GraftError("--compile takes adapters at start only: give them with --adapter NAME=DIR, "
+                         "not --adapter-root")
+    check_generative(model_dir)
     model = load_model(model_dir, dtype=dtype or torch.float32, device=device)
     tokenizer = load_tokenizer(model_dir)
     engine = Engine(model, tokenizer, compile=compile)
-    if compile:
-        engine.warm_up()
-    batch = Batch(engine, row_adapters=not compile, want_text=True)
+    batch = Batch(engine, row_adapters=True, want_text=True)
     backend = ServeBackend(model, tokenizer, batch,
                            base_name or model_dir.resolve().name, adapter_root, max_batch, max_queue)
     for name, path in (adapters or {}).items():
         backend.load_adapter_now(name, path)
+    if compile:  # after the adapters: the graph is traced over the model as it will serve
+        eager = "; requests for an adapter decode eagerly" if adapters else ""
+        print(f"compiling the decode step before serving (tens of seconds){eager}", file=sys.stderr)
+        engine.warm_up()
     return backend

@@ -215,3 +215,31 @@ def test_model_without_tokenizer_and_a_text_prompt_is_one_error(model_dir, tmp_p
     rc = main(["generate", "--model", str(tmp_path / "bare"), "--prompt", "hi"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "tokenizer.json" in err
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve"])
+def test_reward_model_is_refused_in_one_line_pointing_to_eval(model_dir, tmp_path, capsys, monkeypatch,
+                                                              command):
+    from graftlm.models.heads import ScalarHeadModel, save_scalar_model
+    reward = ScalarHeadModel.from_decoder(load_model(model_dir), generator=torch.Generator().manual_seed(0))
+    rm = save_scalar_model(reward, tmp_path / "rm", tokenizer_dir=model_dir)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    args = ["--prompt", "hi"] if command == "generate" else []
+    assert main([command, "--model", str(rm), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a reward model" in err and "graft eval" in err
+    assert "lm_head" not in err
+
+
+def test_generate_past_the_context_names_max_new_tokens(model_dir, capsys):
+    context = load_model(model_dir).config.max_seq_len
+    tok = load_tokenizer(model_dir)
+    longest = len(tok.encode(PROMPTS[1], add_bos=tok.add_bos))
+    args = ["generate", "--model", str(model_dir), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1]]
+    assert main([*args, "--max-new-tokens", "100000"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--max-new-tokens 100000" in err
+    assert f"context of {context} (at most {context - longest} new tokens fit)" in err
+    # What fits is generated in full: no row stops at the context.
+    assert main([*args, "--max-new-tokens", str(context - longest), "--temperature", "0"]) == 0
+    assert "Traceback" not in capsys.readouterr().err

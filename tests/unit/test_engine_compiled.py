@@ -10,7 +10,6 @@ import torch
 from graftlm.adapters import AdapterConfig, apply_adapters
 from graftlm.cli import main
 from graftlm.engine import Engine, SamplingParams
-from graftlm.errors import GraftError
 from graftlm.models.config import preset
 from graftlm.models.transformer import Decoder
 from tests.unit.test_engine import model_dir  # noqa: F401 (a fixture: a tiny model with a tokenizer)
@@ -86,11 +85,27 @@ def test_a_dropped_engine_lets_go_of_its_graphs(model):
     assert all(ref() is None for ref in generated)
 
 
-def test_compile_refuses_a_model_with_adapters(model):
+def test_compiled_decoding_with_adapters_matches_eager(model):
+    from torch._dynamo.utils import counters
+
     with_lora = copy.deepcopy(model)
-    apply_adapters(with_lora, AdapterConfig(r=4, target_modules=["q_proj"]))
-    with pytest.raises(GraftError, match="merge them"):
-        Engine(with_lora, compile=True)
+    apply_adapters(with_lora, AdapterConfig(r=4, target_modules=["v_proj", "down_proj"]))
+    with torch.no_grad():  # an adapter that visibly changes the tokens
+        for name, p in with_lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 2.0, generator=torch.Generator().manual_seed(0))
+    eager, compiled = Engine(copy.deepcopy(with_lora)), Engine(copy.deepcopy(with_lora), compile=True)
+    greedy = [SamplingParams(max_new_tokens=n, temperature=0, stop_ids=()) for n in (20, 7, 33)]
+    graphs = counters["stats"]["unique_graphs"]
+    # Base rows decode compiled (the adapter disabled in the graph), a step with an
+    # adapter row eagerly; the model's active adapter without per-row names, eagerly.
+    for adapters in ([None, None, None], [None, "default", None], None):
+        want = [c.token_ids for c in eager.generate(_prompts(), greedy, adapters)]
+        assert [c.token_ids for c in compiled.generate(_prompts(), greedy, adapters)] == want
+    base = [c.token_ids for c in Engine(copy.deepcopy(model)).generate(_prompts(), greedy)]
+    assert [c.token_ids for c in compiled.generate(_prompts(), greedy, [None] * 3)] == base
+    assert [c.token_ids for c in compiled.generate(_prompts(), greedy, ["default"] * 3)] != base
+    assert counters["stats"]["unique_graphs"] - graphs == 2  # batch 1 and larger, nothing more
 
 
 def test_graft_generate_compile_prints_the_eager_text(model_dir, capsys):

@@ -98,3 +98,25 @@ def test_few_shot_taking_every_row_is_one_line_error(model_dir, tmp_path, capsys
     assert main(["eval", "--model", str(model_dir / "model"), "--data", str(data), "--few-shot", "2"]) == 2
     err = capsys.readouterr().err
     assert "no row left to score" in err and len(err.strip().splitlines()) == 1
+
+
+def test_text_longer_than_the_context_is_scored_whole_in_windows(model_dir, tmp_path):
+    from graftlm.models.hf import load_model
+    from graftlm.tokenizer import load_tokenizer
+    text = " ".join(f"copy: {i % 10} hello world" for i in range(120))
+    data = tmp_path / "corpus.txt"  # a plain text file is one row
+    data.write_text(text)
+    model, tok = load_model(model_dir / "model"), load_tokenizer(model_dir / "model")
+    ids = tok.encode(text, add_bos=True)
+    assert len(ids) > 3 * model.config.max_seq_len
+    got = evaluate(model_dir / "model", data, batch_size=2)
+    assert got["rows"] == 1 and got["metrics"]["base"]["tokens"] == len(ids) - 1
+    # By hand: windows of the context's length, each starting on the last one's last token.
+    nll, step = 0.0, model.config.max_seq_len - 1
+    for start in range(0, len(ids) - 1, step):
+        window = torch.tensor([ids[start:start + model.config.max_seq_len]])
+        logp = torch.log_softmax(model(window)[0, :-1], -1).gather(-1, window[0, 1:, None])
+        nll -= logp.sum().item()
+    assert got["metrics"]["base"]["loss"] == pytest.approx(nll / (len(ids) - 1), rel=1e-4)
+    assert got["metrics"]["base"]["bpb"] == pytest.approx(
+        nll / math.log(2) / len(tok.decode(ids[1:]).encode()), rel=1e-4)
