@@ -260,9 +260,8 @@ def run_training(cfg: RunConfig, resume: bool | None = None, fresh: bool = False
 
     seed_everything(cfg.seed)
     from graftlm.models.hf import resolve_model_config
-    resolve_model_config(cfg.model)  # a wrong --model is named before the tokenizer is looked for
-    context = loaded_context(cfg)
-    if cfg.objective == "clm" and context is not None and cfg.train.seq_len > context:
+    context = resolve_model_config(cfg.model).max_seq_len  # a wrong --model is named before the tokenizer
+    if cfg.objective == "clm" and _from_weights(cfg) and cfg.train.seq_len > context:
         # Pre-training windows are all seq_len long; fine-tuning rows are cut at the
         # context instead (`sft.renderer_for`), and counted.
         raise ConfigError(f"config field 'train.seq_len': {cfg.train.seq_len} tokens exceed the context of "

@@ -28,7 +28,7 @@ from typing import Literal
 
 import torch
 
-from graftlm.data.formats import RowCounts
+from graftlm.data.formats import RowCounts, TooManyBadRows, load_examples
 from graftlm.errors import ConfigError, GraftError
 from graftlm.objectives import DataSplits, ObjectiveSpec
 from graftlm.objectives.logprobs import IGNORE_INDEX, shift_targets
@@ -89,8 +89,6 @@ def load_splits(cfg, section: FineTuneData, objective: str) -> tuple[list[dict],
 
 
 def _load_rows(cfg, data, section: FineTuneData, objective: str, total: RowCounts) -> list[dict]:
-    from graftlm.data.formats import TooManyBadRows, load_examples
-
     try:
         rows, counts = load_examples(data, objective, errors=section.errors,
                                      max_bad_fraction=section.max_bad_fraction)
