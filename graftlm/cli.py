@@ -29,10 +29,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="graft",
         description="Pre-train, fine-tune or LoRA a language model, and know what each costs.")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser
+
+
+def _version() -> str:
+    """graftlm's version and torch's (what a bug report needs first), without importing torch."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from graftlm import __version__
+    try:
+        torch = version("torch")
+    except PackageNotFoundError:
+        torch = "not installed"
+    return f"graftlm {__version__} (torch {torch})"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -106,3 +106,12 @@ def test_model_smaller_than_the_vocabulary_is_refused(shards, tmp_path, tiny_hf_
                  "--tokenizer", str(shards / "tok"), "--out", str(tmp_path), "--train.seq_len", "64"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "384" in err and "256" in err
+
+
+def test_version_names_graftlm_and_torch(capsys):
+    import graftlm
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"graftlm {graftlm.__version__} (torch {torch.__version__.split('+')[0]}")
