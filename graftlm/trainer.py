@@ -148,7 +148,7 @@ class Trainer:
         # The run's tokens/s and MFU leave out each process's first step (compiling,
         # allocating the optimizer states: with compile, 38 tok/s against 22,000 in every
         # later step) and the step whose tensors are counted (a Python call per operator).
-        self.steady = {"time_s": 0.0, "tokens": 0, "flops": 0.0}
+        self.steady = {"steps": 0, "time_s": 0.0, "tokens": 0, "flops": 0.0}
         self.bad_streak = 0
         self.last_loss: float | None = None
         self.last_val: dict = {}
@@ -351,7 +351,7 @@ class Trainer:
         self.step, self.tokens = state["step"], state["tokens"]
         self.flops = state.get("flops", self.tokens * self.flops_per_token(self.cfg.seq_len))
         self.train_time_s, self.bad_streak = state["train_time_s"], state["bad_streak"]
-        self.steady = dict(state.get("steady", self.steady))
+        self.steady = {**self.steady, **state.get("steady", {})}
         self.last_loss, self.last_val = state["last_loss"], state["last_val"]
         # Kept for a resumed process too short to count its own (it counts on its second step).
         self.peak_tensor_bytes, self.peak_tensor_context = state.get("peak_tensor", [None, 0])
@@ -393,13 +393,14 @@ class Trainer:
                 if record is None:
                     continue
                 if self.step != first_step and not tracked:
+                    self.steady["steps"] += 1
                     self.steady["time_s"] += elapsed
                     self.steady["tokens"] += record["step_tokens"]
                     self.steady["flops"] += self.last_step_flops
                 tokens_per_s = record["step_tokens"] / max(elapsed, 1e-9)
                 record.update(tokens_per_s=tokens_per_s, mfu=self._mfu(self.last_step_flops / max(elapsed, 1e-9)),
                               memory_bytes=peak_device_memory_bytes(self.device),
-                              eta_s=(cfg.max_steps - self.step) * self.train_time_s / max(self.step, 1))
+                              eta_s=(cfg.max_steps - self.step) * self._seconds_per_step())
                 self.logger.log(record)
                 last = self.step == cfg.max_steps
                 if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
@@ -414,6 +415,13 @@ class Trainer:
         finally:
             self.logger.close()
         return self.stats()
+
+    def _seconds_per_step(self) -> float:
+        """For the ETA: the steady steps' pace once there is one (a compiling first step
+        would stretch every estimate of a short run)."""
+        if self.steady["steps"]:
+            return self.steady["time_s"] / self.steady["steps"]
+        return self.train_time_s / max(self.step, 1)
 
     def _mfu(self, flops_per_s: float) -> float:
         if not self.peak_flops:

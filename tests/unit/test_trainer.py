@@ -268,6 +268,7 @@ def test_throughput_leaves_out_the_first_and_the_counted_step():
     trainer.train_step = slow_first_step
     stats = trainer.fit()
     # Steps 1 (slow) and 2 (counted, on this CPU) are left out; 3 and 4 make the rate.
-    assert trainer.steady["tokens"] == stats["tokens"] / 2
+    assert trainer.steady["tokens"] == stats["tokens"] / 2 and trainer.steady["steps"] == 2
+    assert trainer._seconds_per_step() == pytest.approx(trainer.steady["time_s"] / 2)  # the ETA's pace
     assert stats["train_time_s"] - trainer.steady["time_s"] >= 0.5  # the sleep is in the total only
     assert stats["tokens_per_s"] == pytest.approx(trainer.steady["tokens"] / trainer.steady["time_s"])
