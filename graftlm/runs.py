@@ -251,8 +251,6 @@ def run_training(cfg: RunConfig, resume: bool | None = None, fresh: bool = False
     spec: ObjectiveSpec = get_spec(cfg.objective)
     d = parallel.init_distributed(cfg.parallel, cfg.device)
     run_dir = run_directory(cfg)
-    if d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
     resume_from = prepare_run_directory(run_dir, cfg, resume, fresh) if d.is_main else None
     parallel.barrier(d)
     if not d.is_main:  # every rank resumes from the checkpoint rank 0 chose
@@ -283,6 +281,8 @@ def run_training(cfg: RunConfig, resume: bool | None = None, fresh: bool = False
     dtype = torch.float32 if cfg.train.precision == "fp32" else torch.bfloat16
     loader = ResumableLoader(data.train, cfg.train.batch_size, seed=cfg.seed, rank=d.rank,
                              world_size=d.world_size)
+    if d.is_main:  # only now: a run refused for its data or model leaves no directory behind
+        run_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(
         model, objective, loader, cfg.train, cfg.optim, device=d.device, forward_model=wrapped,
         val_dataset=data.val, val_bytes_per_token=data.val_bytes_per_token, run_dir=run_dir,

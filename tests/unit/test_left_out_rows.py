@@ -43,6 +43,7 @@ def test_too_many_bad_rows_name_the_flags(tmp_path, capsys):
                  "--out", str(tmp_path), *SFT]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--sft.max_bad_fraction" in err and "--sft.errors raise" in err
+    assert not (tmp_path / "sft-tiny").exists()  # a refused run leaves no directory behind
 
 
 def test_contexts_grow_for_new_models_cut_loaded_ones_and_refuse_long_pretraining(tmp_path, capsys):
