@@ -6,6 +6,8 @@
 - text rows (`{"text"}`): mean token loss and bits per byte (nats / ln 2 over the UTF-8
   bytes of the predicted tokens); a text longer than the context is scored whole, in
   context-length windows;
+- chat rows (`{"messages"}`, what `graft sft` trains on): mean loss of the assistant
+  turns' tokens, rendered as SFT renders them (a row longer than the context is cut);
 - prompts with answers (`prompt`/`question` + `answer`/`completion`): greedy generation
   with the engine, then exact-match accuracy (numeric final-answer match when the
   answers are numbers or GSM8K-style `#### N`, exact string match otherwise) and, with
@@ -44,9 +46,11 @@ def _data_kind(path) -> str:
             return "preference"
         if ("prompt" in fields or "question" in fields) and any(k in fields for k in ("answer", "completion")):
             return "answers"
+        if "messages" in fields:
+            return "chat"
         if "text" in fields:
             return "text"
-        raise GraftError(f"{row.source}: eval needs text rows, prompts with answers, or preference pairs "
+        raise GraftError(f"{row.source}: eval needs text rows, chat rows, prompts with answers, or preference pairs "
                          f"(fields: {', '.join(sorted(fields))})")
     raise GraftError(f"{path}: no valid row to evaluate")
 
@@ -210,6 +214,12 @@ def evaluate(model_dir: str | Path, data: str | Path, adapters: dict[str, str] |
             use(name)
             result["metrics"][name] = _text_metrics(model, tokenizer, texts, model.config.max_seq_len,
                                                        batch_size)
+    elif kind == "chat":
+        chats = _chats(data, renderer, max_rows, tokenizer.pad_id)
+        result["rows"] = len(chats)
+        for name in variants:
+            use(name)
+            result["metrics"][name] = _chat_loss(model, chats, batch_size)
     elif kind == "answers":
         rows = _answer_rows(data)
         shots, rows = rows[:few_shot], rows[few_shot:]
@@ -243,6 +253,30 @@ def evaluate(model_dir: str | Path, data: str | Path, adapters: dict[str, str] |
             margin = _pair_margins(model, pairs, tokenizer.pad_id, batch_size) - base
             result["metrics"][name] = {"pairwise_accuracy": (margin > 0).float().mean().item()}
     return result
+
+
+def _chats(data, renderer, max_rows, pad_id):
+    from graftlm.objectives.sft import RenderedRows
+
+    rows, _ = load_examples(data, "sft")
+    rendered = [r for r in map(renderer.render, rows[:max_rows]) if r is not None]
+    if not rendered:
+        raise GraftError(f"{data}: no chat row has an assistant token to score")
+    return RenderedRows(rendered, pad_id)
+
+
+@torch.no_grad()
+def _chat_loss(model, chats, batch_size: int) -> dict:
+    """Mean loss per assistant token: SFT's own loss, summed over the rows."""
+    from graftlm.objectives.sft import SFTObjective
+
+    device, objective = next(model.parameters()).device, SFTObjective()
+    total, tokens = 0.0, 0
+    for start in range(0, len(chats), batch_size):
+        batch = chats.collate([chats[i] for i in range(start, min(start + batch_size, len(chats)))])
+        nll, count, _ = objective.loss(model, {k: v.to(device) for k, v in batch.items()})
+        total, tokens = total + nll.item(), tokens + int(count)
+    return {"loss": total / tokens, "tokens": tokens}
 
 
 def _pairs(data, renderer, max_rows, pad_id):

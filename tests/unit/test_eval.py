@@ -51,6 +51,30 @@ def test_text_loss_and_bits_per_byte_by_hand(model_dir, tmp_path):
     assert got["bpb"] == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-4)
 
 
+def test_chat_rows_score_the_assistant_tokens_by_hand(model_dir, tmp_path, capsys):
+    """Chat rows, what `graft sft` trains on, get the mean loss of their assistant tokens."""
+    from graftlm.data.render import RenderConfig, Renderer
+    from graftlm.models.hf import load_model
+    from graftlm.tokenizer import load_tokenizer
+    chats = [{"messages": [{"role": "user", "content": f"copy: {i}"}, {"role": "assistant", "content": f"{i} {i}"}]}
+             for i in range(5)]
+    data = _write(tmp_path / "chats.jsonl", chats)
+    got = evaluate(model_dir / "model", data, batch_size=2)
+    model, tok = load_model(model_dir / "model"), load_tokenizer(model_dir / "model")
+    renderer = Renderer(tok, RenderConfig(max_length=128))
+    nll, tokens = 0.0, 0
+    for chat in chats:  # one row at a time, no padding: log p of each trained token
+        row = renderer.render({"messages": chat["messages"], "source": "x"})
+        ids, mask = torch.tensor([row.input_ids]), torch.tensor(row.loss_mask[1:], dtype=torch.bool)
+        logp = torch.log_softmax(model(ids)[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
+        nll -= logp[mask].sum().item()
+        tokens += int(mask.sum())
+    assert (got["kind"], got["rows"]) == ("chat", 5) and got["metrics"]["base"]["tokens"] == tokens
+    assert got["metrics"]["base"]["loss"] == pytest.approx(nll / tokens, rel=1e-4)
+    assert main(["eval", "--model", str(model_dir / "model"), "--data", str(data)]) == 0
+    assert "chat" in capsys.readouterr().out
+
+
 def test_adapters_side_by_side_with_few_shot_baseline(model_dir, tmp_path, capsys):
     from graftlm.adapters import AdapterConfig, apply_adapters, save_adapter
     from graftlm.models.hf import load_model
