@@ -39,7 +39,7 @@ from graftlm import checkpoint as ckpt
 from graftlm.adapters.config import AdapterConfig
 from graftlm.config import to_dict
 from graftlm.data.loader import ResumableLoader
-from graftlm.errors import ConfigError, GraftError
+from graftlm.errors import ConfigError, GraftError, read_json
 from graftlm.metrics import peak_flops
 from graftlm.models.config import PRESETS
 from graftlm.objectives import ObjectiveSpec, get_spec
@@ -106,7 +106,7 @@ def prepare_run_directory(run_dir: Path, cfg: RunConfig, resume: bool | None, fr
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         return None
     if summary.exists():
-        done = json.loads(summary.read_text()).get("steps", 0)
+        done = read_json(summary).get("steps", 0)
         if done >= cfg.train.max_steps:
             raise GraftError(f"{run_dir}: the run is finished ({done} steps); pass --fresh to train it "
                              "again, --name for a new run, or a larger --train.max-steps to continue")

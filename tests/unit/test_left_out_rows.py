@@ -75,3 +75,12 @@ def test_a_missing_model_directory_is_named_before_the_tokenizer(tmp_path, capsy
     assert main(["sft", "--model", str(tmp_path / "nope"), "--data", str(path), "--out", str(tmp_path), *SFT]) == 2
     err = capsys.readouterr().err
     assert "nope" in err and "tokenizer" not in err
+
+
+def test_an_unreadable_summary_in_the_run_directory_is_named(tmp_path, capsys):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "summary.json").write_bytes(b"\xff\xfe\x00garbage")
+    assert main(["pretrain", "--model", "tiny", "--data", str(tmp_path / "shards"), "--out", str(tmp_path),
+                 "--name", "r"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "summary.json" in err and "UTF-8" in err
