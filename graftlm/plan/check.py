@@ -72,11 +72,16 @@ def run_shape(run_dir: Path) -> tuple[RunShape, dict]:
         cfg = replace(cfg, max_seq_len=seq_len)
     parallel = config.get("parallel", {})
     precision = train.get("precision", "bf16-autocast")
+    # An RL micro-batch trains group_size sampled completions of each of its prompts:
+    # the plan's batch counts those sequences.
+    sampling = (config.get(config.get("objective", "")) or {}).get("sampling") or {}
+    group = int(sampling.get("group_size", 1))
+    rl = {"grpo_group": group, "grpo_completion_len": int(sampling.get("max_new_tokens", 256))} if sampling else {}
     from graftlm.adapters.config import base_storage_dtype
     shape = RunShape(
         model=cfg, objective=_OBJECTIVES.get(config.get("objective", "sft"), "sft"),
         parameterization=adapter.get("kind", "full") if adapter else "full",
-        precision=precision, batch_size=int(train.get("batch_size", 1)),
+        precision=precision, batch_size=int(train.get("batch_size", 1)) * group, **rl,
         seq_len=seq_len, grad_accum=int(train.get("grad_accum", 1)),
         activation_checkpointing=bool(train.get("activation_checkpointing", False)),
         lora_r=int(adapter.get("r", 16)), lora_targets=adapter.get("target_modules", "all-linear"),

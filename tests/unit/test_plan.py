@@ -212,6 +212,22 @@ def test_check_sets_prediction_beside_measurement(tmp_path, capsys):
     assert "measured step's width, 48 tokens (seq_len 128" in " ".join(capsys.readouterr().out.split())
 
 
+def test_check_counts_an_rl_batch_in_sampled_sequences(tmp_path):
+    """A GRPO micro-batch of 2 prompts trains 2 x group_size completions: the plan's batch
+    (sequences) is that, with the completion length the run sampled (-57% -> -8% on a
+    measured GRPO run's peak)."""
+    import yaml
+    from graftlm.plan.check import run_shape
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({
+        "objective": "grpo", "model": "small", "train": {"batch_size": 2, "seq_len": 128},
+        "grpo": {"sampling": {"group_size": 4, "max_new_tokens": 48}}}))
+    (run / "summary.json").write_text(json.dumps({"device": "cpu", "world_size": 1}))
+    shape, _ = run_shape(run)
+    assert (shape.objective, shape.batch_size, shape.grpo_group, shape.grpo_completion_len) == ("grpo", 8, 4, 48)
+
+
 def test_check_finds_an_adapter_runs_vocabulary(tmp_path):
     """An adapter run's parameter count holds its adapters: the vocabulary comes from the
     base model's config when the run named a model directory, and is solved from the
