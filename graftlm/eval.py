@@ -28,9 +28,10 @@ from pathlib import Path
 
 import torch
 
-from graftlm.data.formats import load_examples
+from graftlm.data.formats import RowCounts, load_examples
 from graftlm.errors import GraftError
 from graftlm.objectives.logprobs import IGNORE_INDEX
+from graftlm.objectives.sft import left_out
 from graftlm.rewards import build_reward, exact_match, final_number, numeric_match
 
 
@@ -55,9 +56,16 @@ def _data_kind(path) -> str:
     raise GraftError(f"{path}: no valid row to evaluate")
 
 
-def _answer_rows(path) -> list[dict]:
+def _valid_rows(data, objective: str, read: RowCounts) -> list[dict]:
+    """The valid rows of `data`; bad ones are skipped (up to 1% of them) and counted in `read`."""
+    rows, counts = load_examples(data, objective)
+    read.add(counts)
+    return rows
+
+
+def _answer_rows(path, read: RowCounts) -> list[dict]:
     """Prompts with their answers, and the row's other fields for a reward function."""
-    rows, _ = load_examples(path, "rl")
+    rows = _valid_rows(path, "rl", read)
     out = []
     for r in rows:
         extra = r["extra"]
@@ -173,6 +181,7 @@ def evaluate(model_dir: str | Path, data: str | Path, adapters: dict[str, str] |
     context = load_config(model_dir).max_seq_len
     renderer = Renderer(tokenizer, RenderConfig(max_length=context))
     result = {"kind": kind, "model": str(model_dir), "data": str(data), "metrics": {}}
+    read = RowCounts()  # bad rows skipped: reported beside the metrics, never silently
 
     if is_scalar_model_dir(model_dir):
         if kind != "preference":
@@ -181,7 +190,7 @@ def evaluate(model_dir: str | Path, data: str | Path, adapters: dict[str, str] |
         from graftlm.objectives.reward import pair_scores
 
         scorer = load_scalar_model(model_dir, device=device)
-        pairs = _pairs(data, renderer, max_rows, scorer.pad_token_id)
+        pairs = _pairs(data, renderer, max_rows, scorer.pad_token_id, read)
         wins = []
         with torch.no_grad():
             for start in range(0, len(pairs), batch_size):
@@ -190,7 +199,7 @@ def evaluate(model_dir: str | Path, data: str | Path, adapters: dict[str, str] |
                 wins.append(c > r)
         result["rows"] = len(pairs)
         result["metrics"]["reward model"] = {"pairwise_accuracy": torch.cat(wins).float().mean().item()}
-        return result
+        return {**result, **left_out(read)}
 
     from graftlm.models.hf import load_model
 
@@ -207,21 +216,20 @@ def evaluate(model_dir: str | Path, data: str | Path, adapters: dict[str, str] |
             set_active_adapter(model, None if name == "base" else name)
 
     if kind == "text":
-        from graftlm.data.formats import load_examples as load
-        texts = [r["text"] for r in load(data, "text")[0]][:max_rows]
+        texts = [r["text"] for r in _valid_rows(data, "text", read)][:max_rows]
         result["rows"] = len(texts)
         for name in variants:
             use(name)
             result["metrics"][name] = _text_metrics(model, tokenizer, texts, model.config.max_seq_len,
                                                        batch_size)
     elif kind == "chat":
-        chats = _chats(data, renderer, max_rows, tokenizer.pad_id)
+        chats = _chats(data, renderer, max_rows, tokenizer.pad_id, read)
         result["rows"] = len(chats)
         for name in variants:
             use(name)
             result["metrics"][name] = _chat_loss(model, chats, batch_size)
     elif kind == "answers":
-        rows = _answer_rows(data)
+        rows = _answer_rows(data, read)
         shots, rows = rows[:few_shot], rows[few_shot:]
         rows = rows[:max_rows]
         if not rows:
@@ -239,7 +247,7 @@ def evaluate(model_dir: str | Path, data: str | Path, adapters: dict[str, str] |
             result["metrics"][f"base+{few_shot}-shot"] = _answers(
                 model, tokenizer, renderer, rows, shot_prompts, max_new_tokens, reward_fn, batch_size)
     else:
-        pairs = _pairs(data, renderer, max_rows, tokenizer.pad_id)
+        pairs = _pairs(data, renderer, max_rows, tokenizer.pad_id, read)
         result["rows"] = len(pairs)
         use("base")
         base = _pair_margins(model, pairs, tokenizer.pad_id, batch_size)
@@ -252,13 +260,13 @@ def evaluate(model_dir: str | Path, data: str | Path, adapters: dict[str, str] |
             # implicit DPO reward margin: the adapter's log-ratio gain over the base
             margin = _pair_margins(model, pairs, tokenizer.pad_id, batch_size) - base
             result["metrics"][name] = {"pairwise_accuracy": (margin > 0).float().mean().item()}
-    return result
+    return {**result, **left_out(read)}
 
 
-def _chats(data, renderer, max_rows, pad_id):
+def _chats(data, renderer, max_rows, pad_id, read: RowCounts):
     from graftlm.objectives.sft import RenderedRows
 
-    rows, _ = load_examples(data, "sft")
+    rows = _valid_rows(data, "sft", read)
     rendered = [r for r in map(renderer.render, rows[:max_rows]) if r is not None]
     if not rendered:
         raise GraftError(f"{data}: no chat row has an assistant token to score")
@@ -279,10 +287,10 @@ def _chat_loss(model, chats, batch_size: int) -> dict:
     return {"loss": total / tokens, "tokens": tokens}
 
 
-def _pairs(data, renderer, max_rows, pad_id):
+def _pairs(data, renderer, max_rows, pad_id, read: RowCounts):
     from graftlm.objectives.dpo import PreferencePairs
 
-    rows, _ = load_examples(data, "dpo")
+    rows = _valid_rows(data, "dpo", read)
     pairs = [p for p in map(renderer.render_pair, rows[:max_rows]) if p is not None]
     if not pairs:
         raise GraftError(f"{data}: no preference pair to evaluate")

@@ -70,6 +70,9 @@ def print_table(result: dict) -> None:
     for variant, metrics in result["metrics"].items():
         table.add_row(variant, *[_fmt(metrics.get(c)) for c in columns])
     table_console().print(table)
+    if "bad_rows_skipped" in result:
+        skipped = result["bad_rows_skipped"]
+        print(f"skipped {skipped['bad']} bad row(s) of {skipped['of']}; first: {skipped['first']}")
 
 
 def _fmt(value) -> str:

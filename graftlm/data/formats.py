@@ -238,6 +238,11 @@ class RowCounts:
     def valid(self) -> int:
         return self.rows - self.bad
 
+    def add(self, other: RowCounts) -> None:
+        """Count another file's reading in too."""
+        self.rows, self.bad = self.rows + other.rows, self.bad + other.bad
+        self.errors += other.errors
+
     def to_dict(self) -> dict:
         return {"rows": self.rows, "valid": self.valid, "bad": self.bad, "errors": list(self.errors)}
 

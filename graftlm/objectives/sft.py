@@ -97,8 +97,7 @@ def _load_rows(cfg, data, section: FineTuneData, objective: str, total: RowCount
         flag = f"--{cfg.objective}"
         raise GraftError(f"{e} (raise the share with {flag}.max_bad_fraction, or stop at the first bad "
                          f"row with {flag}.errors raise)") from None
-    total.rows, total.bad = total.rows + counts.rows, total.bad + counts.bad
-    total.errors += counts.errors
+    total.add(counts)
     return rows
 
 

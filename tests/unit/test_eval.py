@@ -144,3 +144,13 @@ def test_text_longer_than_the_context_is_scored_whole_in_windows(model_dir, tmp_
     assert got["metrics"]["base"]["loss"] == pytest.approx(nll / (len(ids) - 1), rel=1e-4)
     assert got["metrics"]["base"]["bpb"] == pytest.approx(
         nll / math.log(2) / len(tok.decode(ids[1:]).encode()), rel=1e-4)
+
+
+def test_a_skipped_bad_row_is_reported_beside_the_metrics(model_dir, tmp_path, capsys):
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": f"copy: {i % 10}"}) + "\n" for i in range(120)) + "not json\n")
+    result = evaluate(model_dir / "model", data)
+    assert result["rows"] == 120
+    assert result["bad_rows_skipped"]["bad"] == 1 and "text.jsonl:121" in result["bad_rows_skipped"]["first"]
+    assert main(["eval", "--model", str(model_dir / "model"), "--data", str(data)]) == 0
+    assert "skipped 1 bad row(s) of 121" in capsys.readouterr().out
