@@ -263,14 +263,20 @@ def evaluate(model_dir: str | Path, data: str | Path, adapters: dict[str, str] |
     return {**result, **left_out(read)}
 
 
+def _rendered(data, objective: str, render, max_rows, read: RowCounts, none_left: str) -> list:
+    """The first `max_rows` valid rows of `data`, rendered; those that render to nothing
+    (no token to score) are left out, and none at all is an error."""
+    rendered = [r for r in map(render, _valid_rows(data, objective, read)[:max_rows]) if r is not None]
+    if not rendered:
+        raise GraftError(f"{data}: {none_left}")
+    return rendered
+
+
 def _chats(data, renderer, max_rows, pad_id, read: RowCounts):
     from graftlm.objectives.sft import RenderedRows
 
-    rows = _valid_rows(data, "sft", read)
-    rendered = [r for r in map(renderer.render, rows[:max_rows]) if r is not None]
-    if not rendered:
-        raise GraftError(f"{data}: no chat row has an assistant token to score")
-    return RenderedRows(rendered, pad_id)
+    return RenderedRows(_rendered(data, "sft", renderer.render, max_rows, read,
+                                  "no chat row has an assistant token to score"), pad_id)
 
 
 @torch.no_grad()
@@ -290,8 +296,5 @@ def _chat_loss(model, chats, batch_size: int) -> dict:
 def _pairs(data, renderer, max_rows, pad_id, read: RowCounts):
     from graftlm.objectives.dpo import PreferencePairs
 
-    rows = _valid_rows(data, "dpo", read)
-    pairs = [p for p in map(renderer.render_pair, rows[:max_rows]) if p is not None]
-    if not pairs:
-        raise GraftError(f"{data}: no preference pair to evaluate")
-    return PreferencePairs(pairs, pad_id)
+    return PreferencePairs(_rendered(data, "dpo", renderer.render_pair, max_rows, read,
+                                     "no preference pair to evaluate"), pad_id)
