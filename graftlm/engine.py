@@ -517,7 +517,9 @@ class CompiledDecodeStep:
         weight = next(self.module.parameters())
         if weight.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float16):
             return {}
-        return {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+        # Its tables of benchmarked choices (dozens of lines per shape) are not printed:
+        # a user sees "compiling...", then text.
+        return {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN", "autotune_num_choices_displayed": 0}
 
 
 def _forget_graphs(code, generated: list) -> None:
