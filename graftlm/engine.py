@@ -334,7 +334,8 @@ class Engine:
     `device` / `dtype` move the model (in place) before generating. `compile=True`
     compiles the decode step at its first use (tens of seconds; once for batch 1 and
     once for larger batches): for a model whose weights no longer change. With
-    adapters, only steps whose rows (per-row `adapters`) all ask for none run compiled.
+    adapters (loaded before its first generation), only steps whose rows (per-row
+    `adapters`) all ask for none run compiled.
     """
 
     def __init__(self, model, tokenizer=None, device=None, dtype=None, compile: bool = False):
@@ -466,6 +467,7 @@ class CompiledDecodeStep:
 
     def __init__(self, model):
         self.module = _DecodeStep(model)
+        self._adapter_layers: list | None = None  # see `adapter_layers`
         self.compiled = torch.compile(self.module, dynamic=True, fullgraph=True)
         self.inductor_options = {"freezing": True, "cpp_wrapper": True, **self._gemm_options()}
         # Dynamo keeps the graphs on the code object, and inductor keeps every module it
@@ -474,13 +476,22 @@ class CompiledDecodeStep:
         self._generated: list = []  # inductor's modules made by this engine's compiles
         weakref.finalize(self, _forget_graphs, self.module.forward.__code__, self._generated)
 
+    @property
+    def adapter_layers(self) -> list:
+        """The model's adapter layers, found at the first decode step and kept: a walk of
+        every module costs ~70 us of a 3 ms step. The graph is traced then too, so the
+        adapters a compiled engine serves are those loaded before its first generation
+        (a server loads its own before warming up)."""
+        if self._adapter_layers is None:
+            from graftlm.adapters.inject import adapter_layers
+            self._adapter_layers = adapter_layers(self.module.model)
+        return self._adapter_layers
+
     def serves(self, rows) -> bool:
         """Whether a decode step of `rows` (None: no per-row adapters) runs compiled: the
         graph computes the base, so not when a row, or the model's active adapter, adds one."""
-        from graftlm.adapters import has_adapters
-
         if rows is None:
-            return not has_adapters(self.module.model)
+            return not any(layer.adapter_names for layer in self.adapter_layers)
         return all(row.adapter is None for row in rows)
 
     def __call__(self, input_ids, position_ids, slot: DecodeSlot) -> torch.Tensor:
@@ -488,7 +499,7 @@ class CompiledDecodeStep:
         import torch.fx.experimental._config as shapes_config
         from torch._inductor.codecache import PyCodeCache
 
-        from graftlm.adapters.inject import adapter_layers, layers_set
+        from graftlm.adapters.inject import layers_set
 
         known = len(PyCodeCache.modules)
         # Set while tracing and compiling, i.e. at the call: dynamo must already treat the
@@ -499,7 +510,7 @@ class CompiledDecodeStep:
         # Adapter layers are disabled while the graph runs: it is the base's (see `serves`).
         with inductor_config.patch(**self.inductor_options), \
                 shapes_config.patch(use_duck_shape=False), \
-                layers_set(adapter_layers(self.module.model), "disabled", True):
+                layers_set(self.adapter_layers, "disabled", True):
             logits = self.compiled(input_ids, position_ids, slot)
         if len(PyCodeCache.modules) != known:  # this call compiled a graph
             self._generated.extend(PyCodeCache.modules[known:])
