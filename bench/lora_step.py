@@ -19,9 +19,12 @@ as `--train.compile true` does; PEFT: the whole model with `torch.compile`; the 
 compiling step is not timed but its memory counts in the peak). Printed: tokens/s, peak
 RSS, and the ratios against the goals (graftlm >= 1.5x PEFT tokens/s, <= 0.6x its
 memory; LoRA >= 1.3x faster than full fine-tuning) for eager and compiled graftlm, plus
-QLoRA's frozen base size vs bf16.
+QLoRA's frozen base size vs bf16. A ratio is each side's fastest round against the
+other's, then the same ratio within each round and the median of those: a shared host's
+speed drifts by 10-30% over minutes, which moves a ratio of two sides timed in the
+same round less.
 
-    .venv/bin/python bench/lora_step.py [--steps 3] [--repeats 2] [--threads N] [--only SIDE ...]
+    .venv/bin/python bench/lora_step.py [--steps 3] [--repeats 3] [--threads N] [--only SIDE ...]
                                         [--hidden H]
 
 `--hidden` widens the model (intermediate 2.75x, heads of 64; the goals are set at 512):
@@ -35,6 +38,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -161,7 +165,9 @@ def run_side(side: str, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=2, help="rounds over all sides; each side's fastest counts")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds over all sides; each side's fastest counts, and each ratio is also "
+                             "printed per round")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--hidden", type=int, default=DIMS["hidden_size"], help="model width (a multiple of 64)")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # one subprocess's job
@@ -175,8 +181,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         print(json.dumps(run_side(args.side, args.steps)))
         return
-    results = {}
+    results, rounds = {}, []
     for _ in range(args.repeats):  # rounds over every side, so a slow spell hits all alike
+        rounds.append({})
         for side in args.only:
             out = subprocess.run([sys.executable, __file__, "--side", side, "--steps", str(args.steps),
                                   "--threads", str(args.threads), "--hidden", str(args.hidden)],
@@ -184,6 +191,7 @@ def main() -> None:
             if out.returncode:
                 sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
             run = json.loads(out.stdout.strip().splitlines()[-1])
+            rounds[-1][side] = run["tokens_per_s"]
             best = results.setdefault(side, run)
             # The fastest round (the least disturbed), and the largest peak memory of all.
             peak = max(best["peak_rss_mib"], run["peak_rss_mib"])
@@ -204,6 +212,9 @@ def main() -> None:
             return
         line = f"{label}: tokens/s {a['tokens_per_s'] / b['tokens_per_s']:.2f}x"
         line += f" (goal >= {speed_goal}x)" if speed_goal else ""
+        if len(rounds) > 1:  # the same ratio within each round: how far the host's drift moves it
+            per_round = sorted(r[ours] / r[peer] for r in rounds)
+            line += f" [rounds: {' '.join(f'{x:.2f}' for x in per_round)}; median {statistics.median(per_round):.2f}x]"
         if memory:
             line += f", peak RSS {a['peak_rss_mib'] / b['peak_rss_mib']:.2f}x"
             line += f" (goal <= {memory_goal}x)" if memory_goal else ""
