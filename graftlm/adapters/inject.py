@@ -140,8 +140,10 @@ def _adapter_of(param_name: str) -> str:
     raise KeyError(param_name)
 
 
-def unload_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter `name` from memory; with the last one gone, layers are unwrapped."""
+def unload_adapter(model: nn.Module, name: str, unwrap: bool = True) -> None:
+    """Remove adapter `name` from memory; with the last one gone, layers are unwrapped
+    unless `unwrap` is False (a compiled graph traced through the wrappers, e.g. a
+    compiled server's decode step, stays valid only while they are there)."""
     if name not in loaded_adapters(model):
         raise GraftError(f"adapters: no adapter named '{name}' to unload")
     for layer in adapter_layers(model):
@@ -150,7 +152,7 @@ def unload_adapter(model: nn.Module, name: str) -> None:
     if active_adapter(model) == name:
         remaining = loaded_adapters(model)
         set_active_adapter(model, remaining[0] if remaining else None)
-    if not loaded_adapters(model):
+    if unwrap and not loaded_adapters(model):
         _unwrap(model)
 
 

@@ -21,8 +21,12 @@ from graftlm.serve.scheduler import Scheduler
 
 class ServeBackend:
     def __init__(self, model, tokenizer, stepper, base_name: str, adapter_root: str | Path | None,
-                 max_batch: int, max_queue: int):
+                 max_batch: int, max_queue: int, compiled: bool = False):
         self.model, self.tokenizer = model, tokenizer
+        # A compiled decode step is traced through the adapter layers' wrappers: they stay
+        # when the last adapter is unloaded, or the next base step would recompile (tens of
+        # seconds) while requests wait.
+        self.compiled = compiled
         self.context_length = model.config.max_seq_len
         self.registry = AdapterRegistry(base_name)
         self.adapter_root = adapter_root
@@ -73,7 +77,8 @@ class ServeBackend:
     async def unload_adapter(self, name: str) -> None:
         from graftlm.adapters import unload_adapter
         self.registry.remove(name)  # new requests for it now get 404
-        await self.scheduler.run_control(lambda: unload_adapter(self.model, name), when_unused=name)
+        await self.scheduler.run_control(lambda: unload_adapter(self.model, name, unwrap=not self.compiled),
+                                         when_unused=name)
 
 
 def build_backend(model_dir: str | Path, adapters: dict[str, str] | None = None,
@@ -103,7 +108,8 @@ def build_backend(model_dir: str | Path, adapters: dict[str, str] | None = None,
     engine = Engine(model, tokenizer, compile=compile)
     batch = Batch(engine, row_adapters=True, want_text=True)
     backend = ServeBackend(model, tokenizer, batch,
-                           base_name or model_dir.resolve().name, adapter_root, max_batch, max_queue)
+                           base_name or model_dir.resolve().name, adapter_root, max_batch, max_queue,
+                           compiled=compile)
     for name, path in (adapters or {}).items():
         backend.load_adapter_now(name, path)
     if compile:  # after the adapters: the graph is traced over the model as it will serve
