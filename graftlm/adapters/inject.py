@@ -86,6 +86,9 @@ def apply_adapters(model: nn.Module, cfg: AdapterConfig, name: str = "default",
         wrapper.add_adapter(name)
     model.adapter_configs[name] = cfg
     set_active_adapter(model, name)
+    # New modules start in training mode; they take the model's (an adapter loaded for
+    # inference must not keep its dropout on).
+    model.train(model.training)
     return model
 
 

@@ -189,7 +189,14 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
     if previous is not None:
         set_active_adapter(model, previous)
     _fill(model, name, by_module, weights_path)
+    for module_name in saved:  # trained in float32; served in the model's own dtype
+        wrapper = model.get_submodule(module_name)
+        wrapper.modules_to_save[name].to(_float_dtype(wrapper.original_module))
     return model
+
+
+def _float_dtype(module: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _check_lora_shapes(layer, parts, cfg, module_name, weights_path) -> None:

@@ -1,5 +1,6 @@
 """Adapters in memory: routing rows, refusing wrong bases, QLoRA, references, resume."""
 
+import copy
 import json
 
 import pytest
@@ -192,6 +193,22 @@ def test_adapter_round_trips_with_several_named(tmp_path):
     assert A.active_adapter(fresh) == "first"  # loading does not switch
     A.set_active_adapter(fresh, "x")
     assert torch.allclose(fresh(IDS), want, atol=1e-6)
+
+
+def test_an_adapter_loaded_for_inference_runs_in_the_models_mode_and_dtype(tmp_path):
+    # Trained with dropout and a fully trained head (float32 copy): loaded onto a model in
+    # eval mode, dropout is off; onto a bfloat16 model, the head computes in bfloat16.
+    model = tiny().train()
+    A.apply_adapters(model, A.AdapterConfig(r=4, dropout=0.5, modules_to_save=["lm_head"]))
+    randomize(model)
+    A.save_adapter(model, tmp_path / "a")
+    served = tiny()
+    A.load_adapter(served, tmp_path / "a")
+    assert not any(m.training for m in served.modules())
+    assert torch.equal(served(IDS), served(IDS))
+    half = tiny().to(torch.bfloat16)
+    A.load_adapter(half, tmp_path / "a")
+    assert torch.equal(half(IDS), copy.deepcopy(served).to(torch.bfloat16)(IDS))
 
 
 def test_merge_refuses_non_finite_and_leaves_the_base():
