@@ -51,6 +51,17 @@ def _type_name(tp: Any) -> str:
     return name + (" or null" if optional else "")
 
 
+_NAME = re.compile(r"[\w.-]+")
+
+
+def _split_names(text: str) -> list[str]:
+    """One string given for a list field (a command-line word, or a YAML string):
+    comma-separated names (`lm_head,embed_tokens`) are that list. Anything else stays
+    one entry, so that a regex with a `{1,2}` quantifier is not cut at its comma."""
+    pieces = [p.strip() for p in text.split(",") if p.strip()]
+    return pieces if all(_NAME.fullmatch(p) for p in pieces) else [text]
+
+
 def coerce(value: Any, tp: Any, field: str) -> Any:
     """Convert `value` (from YAML or the command line) to type `tp`, or raise ConfigError."""
     inner, optional = _unwrap_optional(tp)
@@ -68,9 +79,10 @@ def coerce(value: Any, tp: Any, field: str) -> Any:
     if origin is list:
         (item_tp,) = get_args(inner)
         if isinstance(value, str):
-            value = [v for v in value.split(",") if v != ""]
+            value = [value]
         if not isinstance(value, (list, tuple)):
             raise bad
+        value = [piece for v in value for piece in (_split_names(v) if isinstance(v, str) else [v])]
         return [coerce(v, item_tp, f"{field}[{i}]") for i, v in enumerate(value)]
     if origin is dict or inner is dict:
         if isinstance(value, dict):

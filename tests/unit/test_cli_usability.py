@@ -1,0 +1,39 @@
+"""What a user sees on the command line: list values, unknown options, refused combinations
+and the one-line errors of `graft sft|eval|serve` (no run longer than a parse or a load)."""
+
+import pytest
+import torch
+
+from graftlm.adapters.config import select_targets
+from graftlm.cli import build_parser
+from graftlm.models import Decoder, ModelConfig
+from graftlm.train_cli import config_for
+
+
+def sft_config(*flags):
+    args = build_parser().parse_args(["sft", "--model", "tiny", "--data", "d.jsonl", *flags])
+    return config_for(args)
+
+
+def tiny_model():
+    return Decoder(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                               num_heads=4, num_kv_heads=2, max_seq_len=32))
+
+
+@pytest.mark.parametrize("flags", [["q_proj,v_proj"], ["q_proj", "v_proj"], ["q_proj,", "v_proj"]])
+def test_a_comma_separated_list_of_names_is_that_list(flags):
+    cfg = sft_config("--adapter", "lora", "--adapter.target_modules", *flags,
+                     "--adapter.modules_to_save", "lm_head,embed_tokens")
+    assert cfg.adapter.modules_to_save == ["lm_head", "embed_tokens"]
+    assert cfg.adapter.target_modules == ["q_proj", "v_proj"]
+    chosen = select_targets(tiny_model(), cfg.adapter)
+    assert chosen == [f"layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qv"]
+
+
+def test_a_regex_with_a_comma_stays_one_regex(tmp_path):
+    regex = r"model\.layers\.[0-9]{1,2}\.self_attn\.(q|v)_proj"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"adapter:\n  target_modules: '{regex}'\n")
+    for cfg in (sft_config("--adapter.target-modules", regex), sft_config("--recipe", str(recipe))):
+        assert cfg.adapter.targets == regex
+        assert len(select_targets(tiny_model(), cfg.adapter)) == 4
