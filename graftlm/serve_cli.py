@@ -43,9 +43,15 @@ def serve(args) -> int:
     import uvicorn
 
     from graftlm.serve import build_backend, create_app
+    from graftlm.serve.registry import AdapterRequestError, check_adapter_name
     for flag in ("max_batch", "max_queue", "max_body_bytes"):
         if getattr(args, flag) <= 0:
             raise GraftError(f"--{flag.replace('_', '-')} must be positive")
+    for name, path in args.adapter:  # before the model loads: a bad name is the operator's, not a client's
+        try:
+            check_adapter_name(name)
+        except AdapterRequestError as e:
+            raise GraftError(f"--adapter {name}={path}: {e.message}") from None
     names = [name for name, _ in args.adapter]
     if len(set(names)) != len(names):
         raise GraftError("--adapter: a name is given twice")

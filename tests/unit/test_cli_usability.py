@@ -37,3 +37,11 @@ def test_a_regex_with_a_comma_stays_one_regex(tmp_path):
     for cfg in (sft_config("--adapter.target-modules", regex), sft_config("--recipe", str(recipe))):
         assert cfg.adapter.targets == regex
         assert len(select_targets(tiny_model(), cfg.adapter)) == 4
+
+
+def test_serve_refuses_a_bad_adapter_name_in_one_line_naming_the_flag(capsys):
+    from graftlm.cli import main
+    assert main(["serve", "--model", "no-such-model", "--adapter", "a/b=some/adapter"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("graft serve: error: --adapter a/b=some/adapter: adapter name must be")
+    assert err.count("\n") == 1
