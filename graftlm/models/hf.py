@@ -88,8 +88,22 @@ def check_model_dir(path: str | Path) -> Path:
     if not model_dir.is_dir():
         raise GraftError(f"{model_dir}: is not a directory")
     if not (model_dir / "config.json").exists():
+        if (model_dir / "adapter_config.json").exists():  # a run's final/ after LoRA: a common mix-up
+            raise GraftError(f"{model_dir}: is a PEFT adapter (adapter_config.json), not a model{_base_of(model_dir)}; "
+                             "to evaluate or serve it, give the base with --model and this directory with "
+                             "--adapter NAME=DIR (graft eval, graft serve); to train from it or use it as a "
+                             "reward model, merge it into the base first with `graft merge`")
         raise GraftError(f"{model_dir}: no config.json (not a Hugging Face model directory)")
     return model_dir
+
+
+def _base_of(adapter_dir: Path) -> str:
+    """' (its base: DIR)' as the adapter records it; nothing when it cannot be read."""
+    try:
+        base = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return f" (its base: {base})" if isinstance(base, str) and base else ""
 
 
 def load_config(path: str | Path) -> ModelConfig:

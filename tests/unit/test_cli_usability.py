@@ -45,3 +45,16 @@ def test_serve_refuses_a_bad_adapter_name_in_one_line_naming_the_flag(capsys):
     err = capsys.readouterr().err
     assert err.startswith("graft serve: error: --adapter a/b=some/adapter: adapter name must be")
     assert err.count("\n") == 1
+
+
+def test_an_adapter_directory_given_as_a_model_says_how_to_use_it(tmp_path):
+    import json
+
+    from graftlm.errors import GraftError
+    from graftlm.models.hf import load_model, resolve_model_config
+    adapter = tmp_path / "final"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "b"}))
+    for load in (resolve_model_config, load_model):
+        with pytest.raises(GraftError, match=r"is a PEFT adapter .*its base: b.*--adapter NAME=DIR.*graft merge"):
+            load(str(adapter))
