@@ -8,6 +8,7 @@ function to call. Any `GraftError` becomes one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import sys
 
@@ -48,9 +49,34 @@ def _version() -> str:
     return f"graftlm {__version__} (torch {torch})"
 
 
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)parser of the command that was given (`graft sft`, `graft data inspect`)."""
+    while True:
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        chosen = getattr(args, sub.dest, None) if sub else None
+        if chosen not in (sub.choices if sub else {}):
+            return parser
+        parser = sub.choices[chosen]
+
+
+def _unknown_argument(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """The first unknown option, and the closest one the command has."""
+    option = next((word for word in extras if word.startswith("-")), None)
+    if option is None:
+        return f"unexpected argument {extras[0]!r}"
+    option = option.split("=", 1)[0]
+    known = [flag for action in parser._actions for flag in action.option_strings]
+    close = difflib.get_close_matches(option, known, n=1)
+    return f"unknown option {option}" + (f" (did you mean {close[0]}?)" if close else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # argparse would blame the top-level `graft` with its usage and no hint
+        command = _command_parser(parser, args)
+        print(f"{command.prog}: error: {_unknown_argument(command, extras)}", file=sys.stderr)
+        return 2
     handler = getattr(args, "handler", None)
     if handler is None:
         parser.print_help()

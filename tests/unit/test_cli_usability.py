@@ -58,3 +58,16 @@ def test_an_adapter_directory_given_as_a_model_says_how_to_use_it(tmp_path):
     for load in (resolve_model_config, load_model):
         with pytest.raises(GraftError, match=r"is a PEFT adapter .*its base: b.*--adapter NAME=DIR.*graft merge"):
             load(str(adapter))
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["sft", "--model", "m", "--data", "d", "--adapter.rr", "8"],
+     "graft sft: error: unknown option --adapter.rr (did you mean --adapter.r?)"),
+    (["data", "inspect", "--data", "d", "--model", "m", "--rwo=3"],
+     "graft data inspect: error: unknown option --rwo (did you mean --row?)"),
+    (["eval", "--model", "m", "--data", "d", "extra"], "graft eval: error: unexpected argument 'extra'"),
+])
+def test_an_unknown_option_is_named_by_its_command_with_the_closest_one(argv, line, capsys):
+    from graftlm.cli import main
+    assert main(argv) == 2
+    assert capsys.readouterr().err == line + "\n"
