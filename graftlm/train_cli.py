@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-from graftlm.config import add_config_arguments, build_config
-from graftlm.errors import GraftError
+from graftlm.config import add_config_arguments, build_config, read_recipe
+from graftlm.errors import ConfigError, GraftError
 
 # command -> objective (graftlm/objectives/<objective>.py with a SPEC)
 TRAINING_COMMANDS = {"pretrain": "clm", "sft": "sft", "dpo": "dpo", "reward": "reward",
@@ -48,10 +48,24 @@ def config_for(args: argparse.Namespace):
     from graftlm.runs import run_config_class
 
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:")}
-    if str(overrides.get("adapter.kind", "")).lower() in FULL:
+    recipe = getattr(args, "recipe", None)
+    given = [f"--{k}" for k in overrides if k.startswith("adapter.") and k != "adapter.kind"]
+    if "adapter.kind" in overrides:
+        full = str(overrides["adapter.kind"]).lower() in FULL  # replaces the recipe's section, if any
+    else:
+        section = read_recipe(recipe).get("adapter") if recipe else None
+        full = isinstance(section, dict) and str(section.get("kind", "")).lower() in FULL
+        if full:
+            given += [f"adapter.{k} in {recipe}" for k in section if k != "kind"]
+    if full:
+        # Full training has no adapter: a rank or target given with it would be silently ignored.
+        if given:
+            raise ConfigError(f"adapter kind 'full' trains every weight and takes no adapter field, but "
+                              f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} given: drop "
+                              f"{'it' if len(given) == 1 else 'them'}, or choose lora, qlora or dora")
         overrides = {k: v for k, v in overrides.items() if not k.startswith("adapter.")}
         overrides["adapter"] = None
-    return build_config(run_config_class(args.objective), getattr(args, "recipe", None), overrides)
+    return build_config(run_config_class(args.objective), recipe, overrides)
 
 
 def train_command(args: argparse.Namespace) -> int:

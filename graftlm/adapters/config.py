@@ -47,8 +47,8 @@ def base_storage_dtype(base_dtype: str, precision: str | None) -> str:
 @dataclass
 class AdapterConfig:
     kind: str = field(default="lora", metadata={
-        "help": "lora, qlora (4-bit NF4 frozen base) or dora; the default once any --adapter* flag is "
-                "given: without one, the run trains every weight"})
+        "help": "lora (the default once any --adapter* flag is given), qlora (4-bit NF4 frozen base), dora, "
+                "or full (no adapter: the run trains every weight, as without any --adapter* flag)"})
     r: int = field(default=16, metadata={"help": "rank of the low-rank update"})
     alpha: float = field(default=32.0, metadata={"help": "scale numerator: alpha / r (or / sqrt(r) with rslora)"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter's input"})

@@ -71,3 +71,25 @@ def test_an_unknown_option_is_named_by_its_command_with_the_closest_one(argv, li
     from graftlm.cli import main
     assert main(argv) == 2
     assert capsys.readouterr().err == line + "\n"
+
+
+def test_adapter_kind_full_with_adapter_fields_is_refused(tmp_path):
+    from graftlm.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"kind 'full' .* --adapter\.r is given"):
+        sft_config("--adapter", "full", "--adapter.r", "8")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("adapter:\n  kind: full\n  r: 8\n")
+    with pytest.raises(ConfigError, match=r"kind 'full' .* adapter\.r in .*recipe\.yaml is given"):
+        sft_config("--recipe", str(recipe))
+    recipe.write_text("adapter:\n  kind: full\n")
+    assert sft_config("--recipe", str(recipe)).adapter is None
+    # The command line wins over a recipe: a LoRA recipe is run in full with --adapter full.
+    recipe.write_text("adapter:\n  kind: lora\n  r: 8\n")
+    assert sft_config("--recipe", str(recipe), "--adapter", "full").adapter is None
+    assert sft_config("--recipe", str(recipe)).adapter.r == 8
+
+
+def test_help_lists_full_as_an_adapter_kind():
+    sft = build_parser()._subparsers._group_actions[0].choices["sft"]
+    kind = next(a for a in sft._actions if "--adapter.kind" in a.option_strings)
+    assert "or full" in kind.help
