@@ -98,7 +98,21 @@ def check_out_dir(out: Path, base_dir: Path, adapter_dir: Path, overwrite: bool)
         raise GraftError(f"--out {out}: directory is not empty; pass --overwrite to write the merged model into it")
 
 
+def _merge_reward_model(base_dir: Path, adapter_dir: Path, out: Path) -> int:
+    """A reward model's adapter (`graft reward --adapter ...`) merged into its base: a
+    reward model directory (`--ppo.reward`, `graft eval`)."""
+    from graftlm.models.heads import load_scalar_adapter, save_scalar_model
+
+    model = adapters.merge_and_unload(load_scalar_adapter(adapter_dir, base_dir), dtype=torch.float32)
+    tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer.json").exists() else base_dir
+    save_scalar_model(model, out, tokenizer_dir=tokenizer_dir)
+    print(f"merged {adapter_dir} into {base_dir} -> {out} (a reward model)")
+    print("held-out loss: not measured (a reward model has no language-model head)")
+    return 0
+
+
 def merge_command(args) -> int:
+    from graftlm.models.heads import is_scalar_adapter_dir
     from graftlm.models.hf import load_model, save_model
     from graftlm.tokenizer import load_tokenizer
 
@@ -106,6 +120,8 @@ def merge_command(args) -> int:
     if args.eval_tokens < 0 or args.eval_tokens == 1:  # a loss needs a token to predict from and one to predict
         raise GraftError(f"--eval-tokens: must be 0 (no loss check) or >= 2, got {args.eval_tokens}")
     check_out_dir(Path(args.out), base_dir, Path(args.adapter), args.overwrite)
+    if is_scalar_adapter_dir(args.adapter):
+        return _merge_reward_model(base_dir, Path(args.adapter), Path(args.out))
     model = load_model(base_dir, dtype=torch.float32)
     kind = adapters.read_adapter_config(args.adapter).get("graftlm_kind")
     adapters.load_adapter(model, args.adapter)

@@ -30,6 +30,7 @@ def _lora_linear():
 KINDS = ("lora", "qlora", "dora")
 ALL_LINEAR = "all-linear"
 OUTPUT_LAYER = "lm_head"
+SCALAR_HEAD = "score"  # a reward model's head (models/heads.py), trained in full with adapters
 BASE_DTYPES = ("auto", "float32", "bfloat16")
 
 
@@ -107,8 +108,11 @@ class AdapterConfig:
 
 
 def hf_module_name(name: str) -> str:
-    """graftlm's module name as Hugging Face (and PEFT) spell it."""
-    return name if name == OUTPUT_LAYER or name.startswith(OUTPUT_LAYER + ".") else "model." + name
+    """graftlm's module name as Hugging Face (and PEFT) spell it. A decoder's modules
+    lack the backbone's `model.` prefix; a scalar head's (`model.layers...`, `score`)
+    already are Hugging Face's."""
+    own = (OUTPUT_LAYER, "model", SCALAR_HEAD)
+    return name if any(name == top or name.startswith(top + ".") for top in own) else "model." + name
 
 
 def graft_module_name(hf_name: str) -> str:

@@ -60,7 +60,8 @@ def apply_adapters(model: nn.Module, cfg: AdapterConfig, name: str = "default",
     cfg.validate()
     if name in loaded_adapters(model):
         raise GraftError(f"adapters: the model already has an adapter named '{name}'")
-    if not hasattr(model, "adapter_base_identity"):
+    if not hasattr(model, "adapter_configs"):
+        # Kept if already set: a reward model's is that of the language model it was made from.
         model.adapter_base_identity = base_identity(model)
         model.adapter_configs = {}
     targets = select_targets(model, cfg)
@@ -302,7 +303,8 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype = torch.float32, safe:
             module.weight = nn.Parameter(qlora.dequantize(module.weight, dtype), requires_grad=False)
     model.to(dtype)
     config = getattr(model, "config", None)
-    if getattr(config, "tie_embeddings", False) and model.lm_head.weight is not model.embed_tokens.weight:
+    head = getattr(model, "lm_head", None)  # a scalar head (reward model) has none
+    if getattr(config, "tie_embeddings", False) and head is not None and head.weight is not model.embed_tokens.weight:
         config.tie_embeddings = False  # an adapter trained one of the two in full
     for attr in ("adapter_configs", "active_adapter", "adapter_base_identity"):
         if hasattr(model, attr):

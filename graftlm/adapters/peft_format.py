@@ -28,6 +28,7 @@ from graftlm.adapters import identity
 from graftlm.adapters.inject import active_adapter, apply_adapters, loaded_adapters, set_active_adapter
 from graftlm.adapters.lora import LoraLinear, ModulesToSave
 from graftlm.errors import GraftError, read_json
+from graftlm.models.heads import ScalarHeadModel
 from graftlm.models.hf import read_safetensors
 
 CONFIG_FILE = "adapter_config.json"
@@ -65,9 +66,14 @@ def save_adapter(model: nn.Module, out_dir: str | Path, name: str | None = None,
         raise GraftError(f"save_adapter: no adapter named '{name}' on the model")
     cfg: AdapterConfig = model.adapter_configs[name]
     targets = cfg.targets
+    if base_model_name_or_path and Path(base_model_name_or_path).is_dir():
+        # Absolute: the adapter is read from other directories than the run's.
+        base_model_name_or_path = str(Path(base_model_name_or_path).resolve())
     config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        # A scalar head (reward model) is PEFT's sequence classification: its base loads
+        # as `AutoModelForSequenceClassification`, `score` among the modules to save.
+        "task_type": "SEQ_CLS" if isinstance(model, ScalarHeadModel) else "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
         "r": cfg.r,
         "lora_alpha": cfg.alpha,
@@ -119,6 +125,16 @@ def config_from_peft(config: dict, path: Path, kind: str | None = None) -> Adapt
     return cfg
 
 
+def _check_task(model: nn.Module, task_type: str | None, adapter_dir: Path) -> None:
+    scalar = isinstance(model, ScalarHeadModel)
+    if task_type == "SEQ_CLS" and not scalar:
+        raise GraftError(f"{adapter_dir}: a reward-model adapter (task_type SEQ_CLS), not a language model's: "
+                         f"use it as a reward (--ppo.reward {adapter_dir}), or merge it into its base with "
+                         "`graft merge`, which writes a reward model")
+    if scalar and task_type not in ("SEQ_CLS", None):
+        raise GraftError(f"{adapter_dir}: task_type {task_type}; a reward model takes SEQ_CLS adapters")
+
+
 def _check_identity(model: nn.Module, recorded: dict | None, path: Path) -> None:
     if not recorded:
         return  # an adapter made by PEFT: shapes are still checked tensor by tensor
@@ -139,10 +155,17 @@ def _split_key(key: str, weights_path: Path) -> tuple[str, str]:
     for suffix, what in ((".lora_A.weight", "lora_A"), (".lora_B.weight", "lora_B"),
                          (".lora_magnitude_vector", "magnitude"), (".lora_magnitude_vector.weight", "magnitude")):
         if rest.endswith(suffix):
-            return graft_module_name(rest[:-len(suffix)]), what
+            return rest[:-len(suffix)], what
     module, _, param = rest.rpartition(".")
     module = module.removesuffix(".modules_to_save")  # older PEFT spelling
-    return graft_module_name(module), "saved." + param
+    return module, "saved." + param
+
+
+def _own_module_name(modules: dict, hf_name: str) -> str:
+    """The model's name for a module PEFT names `hf_name`. A decoder's modules are
+    Hugging Face's without the backbone's `model.` prefix; a scalar head (reward model)
+    keeps Hugging Face's names (`model.layers...`, `score`)."""
+    return hf_name if hf_name in modules else graft_module_name(hf_name)
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default",
@@ -160,13 +183,14 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
                              "re-save it with PEFT's save_pretrained(safe_serialization=True)")
         raise GraftError(f"{adapter_dir}: no {WEIGHTS_FILE}")
     cfg = config_from_peft(config, adapter_dir / CONFIG_FILE, kind)
+    _check_task(model, config.get("task_type"), adapter_dir)
     _check_identity(model, config.get("graftlm_base_identity"), adapter_dir / CONFIG_FILE)
     state = read_safetensors(weights_path)
+    modules = dict(model.named_modules())
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         module, what = _split_key(key, weights_path)
-        by_module.setdefault(module, {})[what] = (key, tensor)
-    modules = dict(model.named_modules())
+        by_module.setdefault(_own_module_name(modules, module), {})[what] = (key, tensor)
     lora_targets, saved = [], []
     for module_name, parts in sorted(by_module.items()):
         layer = modules.get(module_name)

@@ -57,8 +57,15 @@ class ScalarHeadModel(nn.Module):
 
     @classmethod
     def from_decoder(cls, decoder: Decoder, pad_token_id: int | None = None, std: float = 0.02,
-                     generator: torch.Generator | None = None) -> "ScalarHeadModel":
-        """A fresh head on a (pre-trained) decoder; the decoder's weights are shared, not copied."""
+                     generator: torch.Generator | None = None, record_base: bool = False) -> "ScalarHeadModel":
+        """A fresh head on a (pre-trained) decoder; the decoder's weights are shared, not copied.
+
+        `record_base`: adapters added to this model name the decoder, as loaded, as their
+        base (`adapters.identity`), so that they load back onto it."""
+        identity = None
+        if record_base:
+            from graftlm.adapters.identity import base_identity
+            identity = base_identity(decoder)  # before the decoder's LM head is dropped
         with torch.device("meta"):
             out = cls(decoder.config, pad_token_id)
         out.model = decoder
@@ -66,6 +73,8 @@ class ScalarHeadModel(nn.Module):
         weight = decoder.embed_tokens.weight
         out.score = nn.Linear(decoder.config.hidden_size, 1, bias=False, device=weight.device, dtype=weight.dtype)
         nn.init.normal_(out.score.weight, 0.0, std, generator=generator)
+        if identity is not None:
+            out.adapter_base_identity = identity
         return out
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
@@ -108,7 +117,19 @@ def save_scalar_model(model: ScalarHeadModel, out: str | Path, tokenizer_dir: st
     return out
 
 
+def is_scalar_adapter_dir(path: str | Path) -> bool:
+    """A PEFT adapter of a reward model (task_type SEQ_CLS), e.g. `graft reward --adapter lora`'s."""
+    config = Path(path) / "adapter_config.json"
+    try:
+        return config.exists() and read_json(config).get("task_type") == "SEQ_CLS"
+    except GraftError:
+        return False
+
+
 def is_scalar_model_dir(path: str | Path) -> bool:
+    """A reward model: a sequence-classification directory, or a reward model's adapter."""
+    if is_scalar_adapter_dir(path):
+        return True
     config = Path(path) / "config.json"
     if not config.exists():
         return False
@@ -121,9 +142,13 @@ def is_scalar_model_dir(path: str | Path) -> bool:
 
 def load_scalar_model(path: str | Path, dtype: torch.dtype = torch.float32,
                       device: str | torch.device = "cpu") -> ScalarHeadModel:
-    """Load a sequence-classification directory with one label (ours or transformers')."""
+    """Load a sequence-classification directory with one label (ours or transformers'),
+    or a reward model's adapter merged into its base."""
     from graftlm.models.hf import check_model_dir, load_state_dict
 
+    if is_scalar_adapter_dir(path):
+        from graftlm.adapters import merge_and_unload
+        return merge_and_unload(load_scalar_adapter(path, dtype=dtype, device=device), dtype=dtype).eval()
     model_dir = check_model_dir(path)
     raw = read_json(model_dir / "config.json")
     labels = raw.get("num_labels", len(raw.get("id2label") or {}) or 2)
@@ -145,3 +170,26 @@ def load_scalar_model(path: str | Path, dtype: torch.dtype = torch.float32,
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
     model.model.reset_rope(torch.device(device))
     return model.eval()
+
+
+def load_scalar_adapter(adapter_dir: str | Path, base_dir: str | Path | None = None,
+                        dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> ScalarHeadModel:
+    """A reward model's adapter on its base language model (`base_dir`, else the base the
+    adapter records), unmerged; the head comes from the adapter."""
+    from graftlm.adapters import load_adapter
+    from graftlm.models.hf import load_model
+
+    adapter_dir = Path(adapter_dir)
+    base = base_dir or read_json(adapter_dir / "adapter_config.json").get("base_model_name_or_path")
+    if base_dir is None and not (base and (Path(base) / "config.json").exists()):
+        raise GraftError(f"{adapter_dir}: a reward-model adapter whose base model ({base!r}) is not a model "
+                         f"directory here: merge it with `graft merge --model BASE --adapter {adapter_dir} "
+                         "--out DIR` and use DIR")
+    decoder = load_model(base, dtype=dtype, device=device)
+    pad = decoder.config.pad_token_id
+    if (adapter_dir / "tokenizer.json").exists():  # the run's tokenizer, saved beside the adapter
+        from graftlm.tokenizer import load_tokenizer
+        pad = load_tokenizer(adapter_dir).pad_id
+    head = ScalarHeadModel.from_decoder(decoder, pad_token_id=pad if pad is not None else 0, record_base=True)
+    load_adapter(head, adapter_dir)
+    return head.eval()

@@ -62,12 +62,19 @@ class RewardObjective:
 
 
 def scalar_head(cfg, model, tokenizer):
-    """The base decoder with a fresh score head; pads with the tokenizer's pad id."""
+    """The base decoder with a fresh score head; pads with the tokenizer's pad id.
+
+    With adapters the fresh head trains in full beside them (as PEFT does for sequence
+    classification): a low-rank update of a random head would leave the head unsaved."""
+    from graftlm.adapters.config import SCALAR_HEAD
     from graftlm.models.heads import ScalarHeadModel
 
     pad = tokenizer.pad_id if tokenizer is not None else model.config.pad_token_id
-    return ScalarHeadModel.from_decoder(model, pad_token_id=pad,
-                                        generator=torch.Generator().manual_seed(cfg.seed)).train()
+    adapted = cfg.adapter is not None
+    if adapted and SCALAR_HEAD not in cfg.adapter.modules_to_save:
+        cfg.adapter.modules_to_save = [*cfg.adapter.modules_to_save, SCALAR_HEAD]
+    return ScalarHeadModel.from_decoder(model, pad_token_id=pad, generator=torch.Generator().manual_seed(cfg.seed),
+                                        record_base=adapted).train()
 
 
 def save_reward_model(model, out, tokenizer) -> None:

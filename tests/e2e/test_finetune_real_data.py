@@ -47,6 +47,16 @@ def test_sft_dpo_reward_grpo_on_real_data(tokenizer_dir):
     assert classifier.config.num_labels == 1
     with torch.no_grad():
         assert classifier(torch.tensor([[5, 6, 7]])).logits.shape == (1, 1)
+    # With an adapter the head trains in full beside it; the adapter is a reward as it is.
+    rm_lora = _run(root, "reward", "--model", sft / "final", "--data", hh, "--name", "rm-lora", "--adapter", "lora")
+    config = json.loads((rm_lora / "final" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and "score" in config["modules_to_save"]
+    from graftlm.rewards import build_reward
+    scores = build_reward(str(rm_lora / "final"))(["Sure.", "No."], ["Hi", "Hi"], [{}, {}])
+    assert main(["merge", "--model", str(sft / "final"), "--adapter", str(rm_lora / "final"),
+                 "--out", str(root / "rm-merged")]) == 0
+    merged = build_reward(str(root / "rm-merged"))(["Sure.", "No."], ["Hi", "Hi"], [{}, {}])
+    assert scores == pytest.approx(merged, abs=1e-4)
     grpo = _run(root, "grpo", "--model", sft / "final", "--data", SHARED_DATA / "gsm8k_train.jsonl",
                 "--name", "grpo", "--grpo.reward", "gsm8k", "--grpo.sampling.group-size", 2,
                 "--grpo.sampling.max-new-tokens", 8)

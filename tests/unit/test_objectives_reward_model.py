@@ -50,3 +50,43 @@ def test_saved_reward_model_loads_in_transformers_with_equal_scores(tmp_path):
     again = load_scalar_model(tmp_path / "rm")
     with torch.no_grad():
         assert torch.equal(again(ids), ours)
+
+
+def test_reward_adapter_is_peft_sequence_classification_and_merges(tmp_path):
+    # LoRA on the backbone, the fresh score head trained in full: PEFT loads the adapter
+    # onto the base language model as a sequence classifier with equal scores, and the
+    # adapter, its merge and the merged reward model agree.
+    import json
+
+    import peft
+    import pytest
+    import transformers
+
+    import graftlm.adapters as A
+    from graftlm.cli import main
+    from graftlm.errors import GraftError
+
+    make_hf_model("llama", tmp_path / "base")
+    head = ScalarHeadModel.from_decoder(load_model(tmp_path / "base"), pad_token_id=0, record_base=True)
+    A.apply_adapters(head, A.AdapterConfig(r=4, modules_to_save=["score"]))
+    with torch.no_grad():
+        for p in A.adapter_params(head):
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.1)
+    A.save_adapter(head, tmp_path / "rm", base_model_name_or_path=str(tmp_path / "base"))
+    config = json.loads((tmp_path / "rm" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
+    ids = torch.tensor([[5, 6, 7, 8, 9], [11, 12, 0, 0, 0]])
+    with torch.no_grad():
+        ours = head.eval()(ids)
+        base = transformers.AutoModelForSequenceClassification.from_pretrained(
+            tmp_path / "base", num_labels=1, pad_token_id=0, dtype=torch.float32)
+        theirs = peft.PeftModel.from_pretrained(base, tmp_path / "rm").eval()(
+            input_ids=ids, attention_mask=(ids != 0).long()).logits.squeeze(-1)
+        assert (ours - theirs).abs().max().item() <= 1e-4
+        assert torch.allclose(load_scalar_model(tmp_path / "rm")(ids), ours, atol=1e-5)  # as --ppo.reward reads it
+    assert main(["merge", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "rm"),
+                 "--out", str(tmp_path / "merged")]) == 0
+    with torch.no_grad():
+        assert torch.allclose(load_scalar_model(tmp_path / "merged")(ids), ours, atol=1e-5)
+    with pytest.raises(GraftError, match="a reward-model adapter"):
+        A.load_adapter(load_model(tmp_path / "base"), tmp_path / "rm")
