@@ -219,14 +219,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _identity(cfg: RunConfig, data_identity: dict, world_size: int) -> dict:
+def _identity(cfg: RunConfig, data_identity: dict, world_size: int, saved: dict | None = None) -> dict:
+    """What a resume must find unchanged. A section (the adapter) is one entry per field,
+    so that a refused resume names the field that changed (`adapter.r: 8 -> 4`); a
+    checkpoint that recorded the section whole (`saved`, written before) is compared whole."""
     flat = {}
     for dotted in IDENTITY_FIELDS:
         value = cfg
         for part in dotted.split("."):
             value = getattr(value, part)
-        flat[dotted] = to_dict(value) if dataclasses.is_dataclass(value) else value
+        if not dataclasses.is_dataclass(value):
+            flat[dotted] = value
+        elif isinstance((saved or {}).get(dotted), dict):
+            flat[dotted] = to_dict(value)
+        else:
+            flat.update({f"{dotted}.{name}": v for name, v in to_dict(value).items()})
     return {"objective": cfg.objective, "world_size": world_size, **flat, **data_identity}
+
+
+def _saved_identity(checkpoint: Path | None) -> dict:
+    if checkpoint is None:
+        return {}
+    try:
+        return ckpt.read_json(checkpoint, "trainer.json").get("identity") or {}
+    except (GraftError, AttributeError):
+        return {}  # the resume itself names what is wrong with the checkpoint
 
 
 def _dir_bytes(path: Path) -> int:
@@ -286,7 +303,7 @@ def run_training(cfg: RunConfig, resume: bool | None = None, fresh: bool = False
     trainer = Trainer(
         model, objective, loader, cfg.train, cfg.optim, device=d.device, forward_model=wrapped,
         val_dataset=data.val, val_bytes_per_token=data.val_bytes_per_token, run_dir=run_dir,
-        identity=_identity(cfg, data.identity, d.world_size), trainable_only=cfg.adapter is not None,
+        identity=_identity(cfg, data.identity, d.world_size, _saved_identity(resume_from)), trainable_only=cfg.adapter is not None,
         flops_per_token=flops_per_token_at(cfg, model.config), peak_flops=peak_flops(d.device, dtype), rank=d.rank,
         world_size=d.world_size, all_reduce=lambda t: parallel.all_reduce_sum(t, d),
         grad_sync=lambda last: parallel.gradient_sync(wrapped, last), tensorboard=cfg.tensorboard,

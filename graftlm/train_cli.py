@@ -40,7 +40,8 @@ def register(subparsers) -> None:
         mode.add_argument("--fresh", action="store_true",
                           help="start over, deleting the run directory's checkpoints and results")
         parser.add_argument("--allow-config-change", action="store_true",
-                            help="resume although batch size, world size or data changed")
+                            help="resume although the model, seed, batch size, gradient accumulation, "
+                                 "adapter settings, world size or data changed")
         parser.set_defaults(handler=train_command, objective=objective)
 
 

@@ -93,3 +93,27 @@ def test_help_lists_full_as_an_adapter_kind():
     sft = build_parser()._subparsers._group_actions[0].choices["sft"]
     kind = next(a for a in sft._actions if "--adapter.kind" in a.option_strings)
     assert "or full" in kind.help
+
+
+def test_a_refused_resume_names_only_the_adapter_fields_that_changed():
+    from pathlib import Path
+
+    from graftlm import checkpoint as ckpt
+    from graftlm.runs import _identity
+    saved = _identity(sft_config("--adapter.r", "8"), {"data": "d"}, 1)
+    current = _identity(sft_config("--adapter.r", "4", "--adapter.alpha", "8"), {"data": "d"}, 1)
+    with pytest.raises(ckpt.CheckpointError) as refused:
+        ckpt.check_identity(saved, current, False, Path("step-2"))
+    assert "(adapter.alpha: 32.0 -> 8.0; adapter.r: 8 -> 4)" in str(refused.value)
+    # A checkpoint that recorded the whole section (older graftlm) still resumes.
+    old = {**{k: v for k, v in saved.items() if not k.startswith("adapter")},
+           "adapter": {k.removeprefix("adapter."): v for k, v in saved.items() if k.startswith("adapter.")}}
+    ckpt.check_identity(old, _identity(sft_config("--adapter.r", "8"), {"data": "d"}, 1, old), False, Path("s"))
+    # A full run's identity is what it always was.
+    assert _identity(sft_config(), {}, 1)["adapter"] is None
+
+
+def test_allow_config_change_help_names_the_adapter():
+    sft = build_parser()._subparsers._group_actions[0].choices["sft"]
+    allow = next(a for a in sft._actions if "--allow-config-change" in a.option_strings)
+    assert "adapter" in allow.help
