@@ -8,10 +8,12 @@ module>.weight`. Which layers an adapter covers is read from the tensors themsel
 so `target_modules` in any of PEFT's spellings (names, a regex, expanded full names)
 never has to be re-matched.
 
-Beyond PEFT's fields the config records `graftlm_kind` (lora / qlora / dora) and
-`graftlm_base_identity` (see identity.py); PEFT ignores both. Loading refuses, with one
-line naming the field or tensor: pickle weights (`adapter_model.bin`), a base whose
-recorded identity differs, and a tensor whose shape does not fit the base.
+Beyond PEFT's fields, the weights file's metadata records `graftlm_kind` (lora / qlora
+/ dora) and `graftlm_base_identity` (see identity.py), where PEFT does not look (in the
+config it would warn of unknown fields on every load). Loading refuses, with one line
+naming the field or tensor: pickle weights (`adapter_model.bin`), a base whose
+recorded identity differs, a tensor whose shape does not fit the base, and PEFT
+features graftlm lacks (LoRA biases, LoRA on embeddings).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -89,14 +92,35 @@ def save_adapter(model: nn.Module, out_dir: str | Path, name: str | None = None,
         "inference_mode": True,
         "rank_pattern": {},
         "alpha_pattern": {},
-        "graftlm_kind": cfg.kind,
-        "graftlm_base_identity": base_identity or identity.base_identity(model),
     }
+    # graftlm's own fields go in the weights file's metadata: in the config PEFT would
+    # warn of unknown fields on every load (and advise upgrading PEFT).
+    metadata = {"format": "pt", "graftlm_kind": cfg.kind,
+                "graftlm_base_identity": json.dumps(base_identity or identity.base_identity(model))}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(adapter_tensors(model, name), out / WEIGHTS_FILE, metadata={"format": "pt"})
+    save_file(adapter_tensors(model, name), out / WEIGHTS_FILE, metadata=metadata)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return out
+
+
+def _graftlm_fields(adapter_dir: Path) -> dict:
+    """`graftlm_kind` and `graftlm_base_identity` from the weights file's metadata (none
+    for PEFT's adapters; an unreadable file is reported when its tensors are read)."""
+    try:
+        with safe_open(str(adapter_dir / WEIGHTS_FILE), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (OSError, SafetensorError):
+        return {}
+    fields = {}
+    if "graftlm_kind" in metadata:
+        fields["graftlm_kind"] = metadata["graftlm_kind"]
+    if "graftlm_base_identity" in metadata:
+        try:
+            fields["graftlm_base_identity"] = json.loads(metadata["graftlm_base_identity"])
+        except ValueError:
+            raise GraftError(f"{adapter_dir / WEIGHTS_FILE}: metadata 'graftlm_base_identity' is not JSON") from None
+    return fields
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict:
@@ -106,10 +130,12 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     config = read_json(path)
     if config.get("peft_type", "LORA") != "LORA":
         raise GraftError(f"{path}: field 'peft_type' is {config.get('peft_type')!r}; graftlm loads LORA adapters")
-    for field, ok in (("bias", "none"), ("fan_in_fan_out", False), ("rank_pattern", {}), ("alpha_pattern", {})):
+    for field, ok in (("bias", "none"), ("lora_bias", False), ("fan_in_fan_out", False), ("rank_pattern", {}),
+                      ("alpha_pattern", {})):
         if config.get(field) not in (ok, None):
             raise GraftError(f"{path}: field '{field}' is {config[field]!r}; graftlm supports only {ok!r}")
-    return config
+    # Adapters saved before these fields moved to the weights' metadata kept them here.
+    return {**config, **_graftlm_fields(Path(adapter_dir))}
 
 
 def config_from_peft(config: dict, path: Path, kind: str | None = None) -> AdapterConfig:
@@ -142,7 +168,7 @@ def _check_identity(model: nn.Module, recorded: dict | None, path: Path) -> None
     for field in ("config_sha256", "weights_sha256"):
         if field in recorded and recorded[field] != actual.get(field):
             what = "architecture" if field == "config_sha256" else "weights"
-            raise GraftError(f"{path}: field 'graftlm_base_identity.{field}' does not match this base model "
+            raise GraftError(f"{path}: the recorded 'graftlm_base_identity.{field}' does not match this base model "
                              f"(the adapter was trained on a base with different {what}: "
                              f"{recorded[field][:12]} vs {actual[field][:12]})")
 
@@ -152,6 +178,10 @@ def _split_key(key: str, weights_path: Path) -> tuple[str, str]:
     if not key.startswith(PREFIX):
         raise GraftError(f"{weights_path}: tensor '{key}' is not a PEFT adapter tensor (no '{PREFIX}' prefix)")
     rest = key[len(PREFIX):]
+    if rest.endswith((".lora_embedding_A", ".lora_embedding_B")) or ".base_layer." in rest:
+        raise GraftError(f"{weights_path}: tensor '{key}' is PEFT's LoRA on an embedding layer (or the "
+                         "embedding it saves beside one), which graftlm does not support: its LoRA targets "
+                         "linear layers; train the embedding in full instead (modules_to_save)")
     for suffix, what in ((".lora_A.weight", "lora_A"), (".lora_B.weight", "lora_B"),
                          (".lora_magnitude_vector", "magnitude"), (".lora_magnitude_vector.weight", "magnitude")):
         if rest.endswith(suffix):
@@ -184,7 +214,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
         raise GraftError(f"{adapter_dir}: no {WEIGHTS_FILE}")
     cfg = config_from_peft(config, adapter_dir / CONFIG_FILE, kind)
     _check_task(model, config.get("task_type"), adapter_dir)
-    _check_identity(model, config.get("graftlm_base_identity"), adapter_dir / CONFIG_FILE)
+    _check_identity(model, config.get("graftlm_base_identity"), adapter_dir)
     state = read_safetensors(weights_path)
     modules = dict(model.named_modules())
     by_module: dict[str, dict[str, torch.Tensor]] = {}

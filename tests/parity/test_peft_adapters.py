@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import graftlm.adapters as A
+from graftlm.errors import GraftError
 from graftlm.models.hf import load_model
 from tests.conftest import make_hf_model
 
@@ -52,7 +53,9 @@ def test_graftlm_adapter_loads_in_peft(cfg, tmp_path):
     A.save_adapter(ours, tmp_path / "ad", base_model_name_or_path=str(tmp_path / "hf"))
     saved = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert saved["peft_type"] == "LORA" and saved["task_type"] == "CAUSAL_LM"
-    assert saved["graftlm_base_identity"]["weights_sha256"]
+    # graftlm's own fields are in the weights' metadata, not among PEFT's (which warns of unknown ones)
+    assert not [key for key in saved if key.startswith("graftlm")]
+    assert A.read_adapter_config(tmp_path / "ad")["graftlm_base_identity"]["weights_sha256"]
     theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "ad").eval()
     assert (_logits(theirs) - _logits(ours)).abs().max().item() <= 1e-4
     # Same layers targeted as PEFT's own matching of the saved target_modules.
@@ -108,3 +111,14 @@ def test_merge_matches_peft_merge_and_unmerge_restores(kind, tmp_path):
     assert not A.has_adapters(merged_ours) and type(merged_ours).__name__ == "Decoder"
     assert (_logits(merged_ours) - adapted).abs().max().item() <= 1e-4
     assert (_logits(merged_peft) - _logits(merged_ours)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("extra, message", [
+    (dict(target_modules=["q_proj"], lora_bias=True), "field 'lora_bias' is True; graftlm supports only False"),
+    (dict(target_modules=["q_proj", "embed_tokens"]), "LoRA on an embedding layer"),
+], ids=["lora_bias", "embedding"])
+def test_peft_features_graftlm_lacks_are_named(extra, message, tmp_path):
+    hf = make_hf_model("llama", tmp_path / "hf")
+    peft.get_peft_model(hf, peft.LoraConfig(r=4, task_type="CAUSAL_LM", **extra)).save_pretrained(tmp_path / "ad")
+    with pytest.raises(GraftError, match=message):
+        A.load_adapter(load_model(tmp_path / "hf"), tmp_path / "ad")

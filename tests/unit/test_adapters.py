@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import graftlm.adapters as A
 from graftlm.adapters import qlora
@@ -171,9 +172,8 @@ def test_wrong_base_and_pickle_are_refused(tmp_path):
     with pytest.raises(GraftError, match="config_sha256"):
         A.load_adapter(tiny(intermediate_size=192), tmp_path / "ad")
     # without a recorded identity (as from PEFT), the shapes still catch it
-    config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
-    del config["graftlm_base_identity"]
-    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(config))
+    weights = tmp_path / "ad" / "adapter_model.safetensors"
+    save_file(load_file(weights), weights, metadata={"format": "pt"})
     with pytest.raises(GraftError, match=r"down_proj.lora_A.weight' has shape \(4, 128\).*needs \(4, 192\)"):
         A.load_adapter(tiny(intermediate_size=192), tmp_path / "ad")
     (tmp_path / "ad" / "adapter_model.safetensors").rename(tmp_path / "ad" / "adapter_model.bin")
