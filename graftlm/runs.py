@@ -303,7 +303,8 @@ def run_training(cfg: RunConfig, resume: bool | None = None, fresh: bool = False
     trainer = Trainer(
         model, objective, loader, cfg.train, cfg.optim, device=d.device, forward_model=wrapped,
         val_dataset=data.val, val_bytes_per_token=data.val_bytes_per_token, run_dir=run_dir,
-        identity=_identity(cfg, data.identity, d.world_size, _saved_identity(resume_from)), trainable_only=cfg.adapter is not None,
+        identity=_identity(cfg, data.identity, d.world_size, _saved_identity(resume_from)),
+        trainable_only=cfg.adapter is not None,
         flops_per_token=flops_per_token_at(cfg, model.config), peak_flops=peak_flops(d.device, dtype), rank=d.rank,
         world_size=d.world_size, all_reduce=lambda t: parallel.all_reduce_sum(t, d),
         grad_sync=lambda last: parallel.gradient_sync(wrapped, last), tensorboard=cfg.tensorboard,

@@ -2,7 +2,6 @@
 and the one-line errors of `graft sft|eval|serve` (no run longer than a parse or a load)."""
 
 import pytest
-import torch
 
 from graftlm.adapters.config import select_targets
 from graftlm.cli import build_parser
