@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from graftlm.data.formats import RowCounts, load_examples
-from graftlm.errors import GraftError
+from graftlm.errors import GraftError, read_json
 from graftlm.objectives.logprobs import IGNORE_INDEX
 from graftlm.objectives.sft import left_out
 from graftlm.rewards import build_reward, exact_match, final_number, numeric_match
@@ -165,6 +165,18 @@ def _text_metrics(model, tokenizer, texts: list[str], max_len: int, batch_size: 
     return {"loss": total_nll / tokens, "bpb": total_nll / math.log(2) / max(n_bytes, 1), "tokens": tokens}
 
 
+def _context_length(model_dir: Path) -> int:
+    from graftlm.models.heads import is_scalar_adapter_dir, load_scalar_adapter
+    from graftlm.models.hf import load_config
+
+    if is_scalar_adapter_dir(model_dir):  # a reward model's adapter: its base's context
+        base = read_json(Path(model_dir) / "adapter_config.json").get("base_model_name_or_path")
+        if not (base and (Path(base) / "config.json").exists()):
+            load_scalar_adapter(model_dir)  # says which base is missing and what to do
+        return load_config(base).max_seq_len
+    return load_config(model_dir).max_seq_len
+
+
 def evaluate(model_dir: str | Path, data: str | Path, adapters: dict[str, str] | None = None,
              few_shot: int = 0, max_rows: int | None = None, max_new_tokens: int = 64,
              reward: str | None = None, reference: str | Path | None = None, batch_size: int = 16,
@@ -177,8 +189,7 @@ def evaluate(model_dir: str | Path, data: str | Path, adapters: dict[str, str] |
     adapters = adapters or {}
     kind = _data_kind(data)
     tokenizer = load_tokenizer(model_dir)
-    from graftlm.models.hf import load_config
-    context = load_config(model_dir).max_seq_len
+    context = _context_length(model_dir)
     renderer = Renderer(tokenizer, RenderConfig(max_length=context))
     result = {"kind": kind, "model": str(model_dir), "data": str(data), "metrics": {}}
     read = RowCounts()  # bad rows skipped: reported beside the metrics, never silently

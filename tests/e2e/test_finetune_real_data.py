@@ -57,6 +57,9 @@ def test_sft_dpo_reward_grpo_on_real_data(tokenizer_dir):
                  "--out", str(root / "rm-merged")]) == 0
     merged = build_reward(str(root / "rm-merged"))(["Sure.", "No."], ["Hi", "Hi"], [{}, {}])
     assert scores == pytest.approx(merged, abs=1e-4)
+    from graftlm.eval import evaluate
+    accuracy = evaluate(rm_lora / "final", hh, max_rows=4)["metrics"]["reward model"]["pairwise_accuracy"]
+    assert accuracy == evaluate(root / "rm-merged", hh, max_rows=4)["metrics"]["reward model"]["pairwise_accuracy"]
     grpo = _run(root, "grpo", "--model", sft / "final", "--data", SHARED_DATA / "gsm8k_train.jsonl",
                 "--name", "grpo", "--grpo.reward", "gsm8k", "--grpo.sampling.group-size", 2,
                 "--grpo.sampling.max-new-tokens", 8)
