@@ -91,8 +91,8 @@ def check_model_dir(path: str | Path) -> Path:
         if (model_dir / "adapter_config.json").exists():  # a run's final/ after LoRA: a common mix-up
             raise GraftError(f"{model_dir}: is a PEFT adapter (adapter_config.json), not a model{_base_of(model_dir)}; "
                              "to evaluate or serve it, give the base with --model and this directory with "
-                             "--adapter NAME=DIR (graft eval, graft serve); to train from it or use it as a "
-                             "reward model, merge it into the base first with `graft merge`")
+                             "--adapter NAME=DIR (graft eval, graft serve); to train from it, merge it into "
+                             "the base first with `graft merge`")
         raise GraftError(f"{model_dir}: no config.json (not a Hugging Face model directory)")
     return model_dir
 
