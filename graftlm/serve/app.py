@@ -17,6 +17,7 @@ Design choices:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import time
@@ -139,6 +140,17 @@ async def _parse(request: Request, model):
         raise APIError(400, "request body is nested too deeply", code="invalid_json")
 
 
+def choice_seed(seed: int, i: int) -> int:
+    """The seed of choice `i` of a request with `seed`: choice 0 samples with `seed` itself
+    (n=1 equals `graft generate --seed S`); later choices with a hash of (seed, i), so that
+    nearby seeds do not share samples (with `seed + i`, seed=1,n=3 and seed=2,n=3 would
+    share two of three)."""
+    if i == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}:{i}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+
+
 def _now() -> int:
     return int(time.time())
 
@@ -227,7 +239,7 @@ def create_app(backend, api_key: str | None = None, max_body_bytes: int = DEFAUL
         for prompt in prompts:
             params = sampling(req, budget, len(prompt))
             for i in range(req.n):
-                seeded = params if params.seed is None else replace(params, seed=params.seed + i)
+                seeded = params if params.seed is None else replace(params, seed=choice_seed(params.seed, i))
                 requests.append(EngineRequest(prompt, seeded, adapter=adapter))
         if len(requests) > scheduler.max_queue:
             raise APIError(400, f"the request asks for {len(requests)} sequences; the server "

