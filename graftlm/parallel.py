@@ -92,7 +92,12 @@ def init_distributed(cfg: ParallelConfig, device: str | None = None) -> Dist:
         if cfg.mode != "none" and launched_by_torchrun() is False:
             raise GraftError(f"--parallel.mode {cfg.mode} needs torchrun "
                              f"(torchrun --nproc-per-node N -m graftlm ...)")
-        return Dist(device=pick_device(0, device), mode="none")
+        target = pick_device(0, device)
+        if cfg.mode != "none":  # torchrun with one process: the run is a plain one-device run
+            print(f"note: --parallel {cfg.mode} with one process: nothing to "
+                  f"{'shard' if cfg.mode == 'fsdp' else 'replicate'}, the model trains unsharded on {target}",
+                  flush=True)
+        return Dist(device=target, mode="none")
     if cfg.mode == "none":
         raise GraftError("launched by torchrun with several processes: choose --parallel.mode ddp or fsdp")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

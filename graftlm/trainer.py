@@ -336,13 +336,11 @@ class Trainer:
         """Restore everything from a checkpoint directory (verified first)."""
         ckpt.verify(directory)
         state = ckpt.read_json(directory, "trainer.json")
+        self._check_layout(directory, state)
         ckpt.check_identity(state.get("identity", {}), self.identity, allow_config_change, directory,
                             warn=self._message)
         if self.sharded or state.get("sharded"):
             from graftlm import dcp
-            if not (self.sharded and state.get("sharded")):
-                raise ckpt.CheckpointError(f"{directory}: written {'with' if state.get('sharded') else 'without'} "
-                                           "--parallel.mode fsdp; resume it the same way")
             dcp.load_sharded(directory, self.model, self.optimizer, rank=self.rank,
                              trainable_only=self.trainable_only)
         else:
@@ -355,6 +353,25 @@ class Trainer:
         self.last_loss, self.last_val = state["last_loss"], state["last_val"]
         # Kept for a resumed process too short to count its own (it counts on its second step).
         self.peak_tensor_bytes, self.peak_tensor_context = state.get("peak_tensor", [None, 0])
+
+    def _check_layout(self, directory: Path, state: dict) -> None:
+        """Refuse, before any other check, a checkpoint whose files this run cannot load:
+        FSDP shards of another number of ranks, or shards against a whole model (and back).
+        No --allow-config-change can help there, so none is offered."""
+        if not (self.sharded or state.get("sharded")):
+            return
+        if state.get("sharded"):
+            ranks = state.get("world_size") or (state.get("identity") or {}).get("world_size")
+            if ranks != self.world_size or not self.sharded:
+                now = (f"not {self.world_size} process{'es' if self.world_size > 1 else ''}"
+                       if ranks != self.world_size else "not without --parallel fsdp")
+                raise ckpt.CheckpointError(
+                    f"{directory}: checkpoint sharded over {ranks} ranks (fsdp); resume with "
+                    f"`torchrun --nproc-per-node {ranks} -m graftlm ... --parallel fsdp` ({now}), "
+                    "or --fresh to start over")
+            return
+        raise ckpt.CheckpointError(f"{directory}: written without --parallel fsdp (one unsharded model); "
+                                   "resume it the way it was written, or --fresh to start over")
 
     def _load_single(self, directory: Path, state: dict) -> None:
         ckpt.load_model_tensors(self.model, ckpt.read_tensors(directory, "model.safetensors"),

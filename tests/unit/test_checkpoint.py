@@ -181,3 +181,22 @@ def test_sigkill_during_save_resumes_from_previous_and_matches(tmp_path):
     assert sorted(got) == list(range(1, 9))
     for step in range(1, 9):
         assert got[step] == pytest.approx(reference[step], abs=1e-6)
+
+
+@pytest.mark.parametrize("allow", [False, True])
+@pytest.mark.parametrize("identity", [{"train.batch_size": 4, "world_size": 1},
+                                      {"train.batch_size": 8, "world_size": 1}])
+def test_sharded_checkpoint_resumed_with_another_world_size_is_one_refusal(tmp_path, allow, identity):
+    """An FSDP checkpoint of 2 ranks resumed by 1 process (torchrun turns --parallel fsdp
+    into no sharding then): one refusal naming the ranks and the command, whatever else
+    changed, and no --allow-config-change, which cannot load shards into another layout."""
+    saved = {"train.batch_size": 4, "world_size": 2}
+    ckpt.save_checkpoint(tmp_path, 4, tensors={}, documents={"trainer.json": {
+        "step": 4, "identity": saved, "sharded": True, "world_size": 2}})
+    trainer = build_trainer(None, identity=identity)
+    with pytest.raises(ckpt.CheckpointError) as refused:
+        trainer.resume(tmp_path / "step-4", allow_config_change=allow)
+    message = str(refused.value)
+    assert "sharded over 2 ranks (fsdp)" in message
+    assert "torchrun --nproc-per-node 2" in message and "--parallel fsdp" in message
+    assert "allow-config-change" not in message and "mode fsdp; resume it the same way" not in message
