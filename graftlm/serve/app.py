@@ -299,13 +299,28 @@ def create_app(backend, api_key: str | None = None, max_body_bytes: int = DEFAUL
     async def health():
         return {"status": "ok", **scheduler.stats()}
 
+    def base_model() -> dict:
+        return {"id": registry.base_name, "object": "model", "created": backend.created,
+                "owned_by": "graftlm", "root": registry.base_name, "parent": None}
+
+    def adapter_model(entry) -> dict:
+        return {"id": entry.name, "object": "model", "created": entry.created, "owned_by": "graftlm",
+                "root": str(entry.name), "parent": registry.base_name}
+
     @app.get("/v1/models")
     async def list_models():
-        data = [{"id": registry.base_name, "object": "model", "created": backend.created,
-                 "owned_by": "graftlm", "root": registry.base_name, "parent": None}]
-        data += [{"id": e.name, "object": "model", "created": e.created, "owned_by": "graftlm",
-                  "root": str(e.name), "parent": registry.base_name} for e in registry.entries()]
+        data = [base_model()] + [adapter_model(e) for e in registry.entries()]
         return {"object": "list", "data": data}
+
+    @app.get("/v1/models/{name:path}")
+    async def retrieve_model(name: str):
+        if name == registry.base_name:
+            return base_model()
+        for entry in registry.entries():
+            if entry.name == name:
+                return adapter_model(entry)
+        raise APIError(404, f"model '{name}' does not exist; GET /v1/models lists the base and "
+                            "its adapters", param="model", code="model_not_found")
 
     @app.post("/v1/completions")
     async def completions(request: Request):

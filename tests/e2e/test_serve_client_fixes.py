@@ -39,3 +39,12 @@ def test_nearby_seeds_share_no_samples_and_choice_0_is_the_seed_itself(client):
     assert [c.text for c in client.completions.create(**kw, seed=1, n=3).choices] == one
     assert client.completions.create(**kw, seed=1).choices[0].text == one[0]
     assert client.completions.create(**kw, seed=2).choices[0].text == two[0]
+
+
+def test_models_retrieve_base_and_adapter_and_unknown(client):
+    listed = {m.id: m for m in client.models.list().data}
+    for name in ("model", "a1"):
+        assert client.models.retrieve(name) == listed[name]
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("nope")
+    assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
