@@ -2,7 +2,8 @@
 
 Feature modules own their subcommands: each module listed in `COMMAND_MODULES` has a
 `register(subparsers)` function that adds its parsers and sets `handler` to the plain
-function to call. Any `GraftError` becomes one line on stderr and exit status 2.
+function to call. Any `GraftError` becomes one line on stderr and exit status 2 (under
+torchrun: printed by rank 0 alone, unless it is a rank's own collective failure).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import os
 import sys
 
 from graftlm.errors import GraftError
@@ -84,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = handler(args)
     except GraftError as e:
-        print(f"graft {args.command}: error: {e}", file=sys.stderr)
+        # Under torchrun every rank meets the same refusal: rank 0 prints it, the others
+        # leave quietly with the same status, unless the error is this rank's own (a
+        # collective that failed here names its rank).
+        if os.environ.get("RANK", "0") == "0" or getattr(e, "rank_local", False):
+            print(f"graft {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"graft {args.command}: interrupted", file=sys.stderr)

@@ -52,6 +52,13 @@ from graftlm.errors import ConfigError, GraftError
 from graftlm.placement import pick_device
 
 
+class CollectiveError(GraftError):
+    """A collective failed or timed out on this rank. Unlike errors every rank meets (a
+    config, a finished run: rank 0 alone prints those), each rank prints its own."""
+
+    rank_local = True
+
+
 @dataclass
 class ParallelConfig:
     mode: Literal["none", "ddp", "fsdp"] = "none"
@@ -356,7 +363,7 @@ def all_reduce_sum(value: torch.Tensor, d: Dist) -> torch.Tensor:
     try:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
     except RuntimeError as e:
-        raise GraftError(f"rank {d.rank}: a collective failed or timed out ({str(e).splitlines()[0]}); "
+        raise CollectiveError(f"rank {d.rank}: a collective failed or timed out ({str(e).splitlines()[0]}); "
                          "another rank may have died or hung") from None
     return value
 
@@ -373,11 +380,32 @@ def average_gradients(parameters) -> None:
     try:
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)  # gloo has no AVG
     except RuntimeError as e:
-        raise GraftError(f"rank {dist.get_rank()}: a gradient all-reduce failed or timed out "
+        raise CollectiveError(f"rank {dist.get_rank()}: a gradient all-reduce failed or timed out "
                          f"({str(e).splitlines()[0]}); another rank may have died or hung") from None
     flat /= dist.get_world_size()
     for g, averaged in zip(grads, flat.split([g.numel() for g in grads])):
         g.copy_(averaged.view_as(g))
+
+
+def decide_on_main(decide, d: Dist):
+    """`decide()` on rank 0, its result (or its GraftError) on every rank.
+
+    For what only rank 0 looks at (the run directory): every rank then takes the same
+    branch. A refusal is raised on every rank (rank 0 alone prints it, `cli.main`)
+    instead of leaving the others waiting in a collective that rank 0 never joins."""
+    verdict, refusal = [None, None], None
+    if d.is_main:
+        try:
+            verdict = [decide(), None]
+        except GraftError as e:
+            if not d.enabled:
+                raise
+            verdict, refusal = [None, str(e)], e
+    if d.enabled:
+        dist.broadcast_object_list(verdict, src=0)
+    if verdict[1] is not None:
+        raise refusal or GraftError(verdict[1])
+    return verdict[0]
 
 
 def barrier(d: Dist) -> None:

@@ -268,10 +268,9 @@ def run_training(cfg: RunConfig, resume: bool | None = None, fresh: bool = False
     spec: ObjectiveSpec = get_spec(cfg.objective)
     d = parallel.init_distributed(cfg.parallel, cfg.device)
     run_dir = run_directory(cfg)
-    resume_from = prepare_run_directory(run_dir, cfg, resume, fresh) if d.is_main else None
-    parallel.barrier(d)
-    if not d.is_main:  # every rank resumes from the checkpoint rank 0 chose
-        resume_from = ckpt.latest_valid(run_dir / "checkpoints", warn=lambda _: None)
+    # Rank 0 looks at the run directory; every rank resumes from the checkpoint it chose,
+    # or meets its refusal (a finished run...) at the same point.
+    resume_from = parallel.decide_on_main(lambda: prepare_run_directory(run_dir, cfg, resume, fresh), d)
 
     seed_everything(cfg.seed)
     from graftlm.models.hf import resolve_model_config

@@ -17,3 +17,35 @@ def test_fsdp_with_one_process_says_it_trains_unsharded(monkeypatch, capsys):
     assert len(out) == 1 and "one process" in out[0] and "unsharded" in out[0], out
     parallel.init_distributed(parallel.ParallelConfig(mode="none"), "cpu")
     assert capsys.readouterr().out == ""
+
+
+def test_an_error_every_rank_meets_is_printed_by_rank_0_alone(monkeypatch, capsys):
+    from graftlm.cli import main
+
+    argv = ["pretrain", "--data", "shards"]  # no --model: every rank refuses the same way
+    for rank, printed in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert ("error: config field 'model' is required" in err) is printed, (rank, err)
+
+
+def test_a_collective_failure_is_printed_by_the_rank_it_happened_on(monkeypatch, capsys):
+    from graftlm import cli
+
+    def fail(args):
+        raise parallel.CollectiveError("rank 1: a collective failed or timed out")
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(cli, "build_parser", lambda: _parser_with(fail))
+    assert cli.main(["x"]) == 2
+    assert "rank 1: a collective failed" in capsys.readouterr().err
+
+
+def _parser_with(handler):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="graft")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("x").set_defaults(handler=handler)
+    return parser
