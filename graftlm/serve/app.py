@@ -35,7 +35,7 @@ from graftlm.serve.registry import AdapterRequestError, check_adapter_name
 from graftlm.engine import Request as EngineRequest, SamplingParams
 from graftlm.serve.scheduler import QueueFull
 from graftlm.serve.schemas import (ChatCompletionRequest, CompletionRequest, LoadAdapterRequest,
-                                   error_body)
+                                   error_body, validation_error)
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt that fits a context
 
@@ -133,9 +133,8 @@ async def _parse(request: Request, model):
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        first = e.errors(include_url=False, include_input=False)[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        raise APIError(400, f"{param or 'body'}: {first['msg']}", param=param, code="invalid_value")
+        param, message = validation_error(e.errors(include_url=False, include_input=False))
+        raise APIError(400, message, param=param, code="invalid_value")
     except RecursionError:
         raise APIError(400, "request body is nested too deeply", code="invalid_json")
 
@@ -186,10 +185,10 @@ def create_app(backend, api_key: str | None = None, max_body_bytes: int = DEFAUL
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        param = ".".join(str(p) for p in first["loc"]) or None
-        return JSONResponse(error_body(f"{param}: {first['msg']}", param=param, code="invalid_value"),
-                            status_code=400)
+        # FastAPI's locations start with where the value came from ("path", "query", "body").
+        errors = [{**e, "loc": tuple(e["loc"])[1:]} for e in exc.errors()]
+        param, message = validation_error(errors)
+        return JSONResponse(error_body(message, param=param, code="invalid_value"), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request, exc: StarletteHTTPException):

@@ -10,6 +10,9 @@ Design choices:
   silently ignored (`UNSUPPORTED`).
 - Every error leaves as `{"error": {"message", "type", "param", "code"}}`, the shape
   the official `openai` client parses.
+- A refused body names its top-level field as `param`, and the message says what the
+  field must be in plain words (`validation_error`, the one place pydantic's errors
+  become API errors): no pydantic union tags ("constrained-str") or phrasings.
 """
 
 from __future__ import annotations
@@ -103,6 +106,93 @@ class LoadAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=256)
     path: str = Field(min_length=1, max_length=4096)
+
+
+# What a field of several shapes accepts, said when a value fits none of them.
+UNION_HINTS = {
+    "prompt": "a string, a non-empty list of strings or a non-empty list of token ids",
+    "stop": f"a string or a list of at most {MAX_STOP} strings",
+    "content": 'a string or a list of text parts ({"type": "text", "text": ...})',
+}
+# Error types that say the value is not of the expected kind at all.
+_KIND_ERRORS = {"string_type", "list_type", "int_type", "int_parsing", "int_from_float", "float_type",
+                "float_parsing", "bool_type", "bool_parsing", "dict_type", "model_type",
+                "model_attributes_type", "is_instance_of", "none_required"}
+
+
+def _is_union_tag(part) -> bool:
+    """pydantic names a union member in `loc` by its type ('str', 'list[str]',
+    'constrained-str', 'TextPart'); field names here are lowercase identifiers."""
+    return isinstance(part, str) and (any(c in part for c in "[-") or part[:1].isupper()
+                                      or part in {"str", "int", "float", "bool"})
+
+
+def _path(loc) -> str:
+    out = ""
+    for part in loc:
+        if _is_union_tag(part):
+            continue
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _plain(error: dict) -> str:
+    kind, ctx = error["type"], error.get("ctx") or {}
+    words = {"missing": "is required", "extra_forbidden": "is not a known field",
+             "string_type": "must be a string", "list_type": "must be a list",
+             "int_type": "must be an integer", "int_parsing": "must be an integer",
+             "int_from_float": "must be an integer", "float_type": "must be a number",
+             "float_parsing": "must be a number", "finite_number": "must be a finite number",
+             "bool_type": "must be true or false", "bool_parsing": "must be true or false",
+             "dict_type": "must be an object", "model_type": "must be an object",
+             "model_attributes_type": "must be an object"}
+    if kind in words:
+        return words[kind]
+    if kind == "string_too_short":
+        return ("must not be an empty string" if ctx.get("min_length") == 1
+                else f"must have at least {ctx.get('min_length')} characters")
+    if kind == "string_too_long":
+        return f"must have at most {ctx.get('max_length')} characters"
+    if kind == "too_short":
+        return ("must not be an empty list" if ctx.get("min_length") == 1
+                else f"must have at least {ctx.get('min_length')} items")
+    if kind == "too_long":
+        return f"must have at most {ctx.get('max_length')} items (it has {ctx.get('actual_length')})"
+    for key, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+        if key in ctx and kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+            return f"must be {sign} {ctx[key]}"
+    if kind == "literal_error":
+        return f"must be {ctx.get('expected')}"
+    msg = error.get("msg") or "is not valid"
+    return msg[:1].lower() + msg[1:]
+
+
+def validation_error(errors: list[dict]) -> tuple[str | None, str]:
+    """(param, message) for pydantic's `errors()`: `param` is the top-level field, the
+    message names the field and says what it must be, in plain words. A value checked
+    against several shapes (a union: `prompt`, `stop`, a message's `content`) gets the
+    error of the shape it fits, else the shapes it may take (`UNION_HINTS`)."""
+    if not errors:
+        return None, "the request is not valid"
+    first = errors[0]
+    loc = tuple(first["loc"])
+    param = loc[0] if loc and isinstance(loc[0], str) else None
+    tag = next((k for k, part in enumerate(loc) if _is_union_tag(part)), None)
+    if tag is None:
+        return param, f"{_path(loc) or 'body'}: {_plain(first)}"
+    site = loc[:tag]
+    branches = [e for e in errors if tuple(e["loc"])[:tag] == site and len(e["loc"]) > tag
+                and _is_union_tag(e["loc"][tag])]
+    # A kind error at a member's top says the value is not of that shape: drop it.
+    fitting = [e for e in branches if not (len(e["loc"]) == tag + 1 and e["type"] in _KIND_ERRORS)]
+    chosen = next((e for e in fitting if e["type"] not in _KIND_ERRORS), None)
+    if chosen is None and len({e["loc"][tag] for e in fitting}) == 1:
+        chosen = fitting[0]
+    if chosen is not None:
+        return param, f"{_path(chosen['loc'])}: {_plain(chosen)}"
+    field = _path(site)
+    hint = UNION_HINTS.get(str(site[-1]) if site else "", "of another type")
+    return param, f"{field or 'body'}: must be {hint}"
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,

@@ -48,3 +48,31 @@ def test_models_retrieve_base_and_adapter_and_unknown(client):
     with pytest.raises(openai.NotFoundError) as e:
         client.models.retrieve("nope")
     assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+
+
+C = {"model": "model", "prompt": "hi", "max_tokens": 2}
+M = {"model": "model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+PLAIN = [
+    ("/v1/completions", {**C, "stop": ["a", "b", "c", "d", "e"]}, "stop", "stop: must have at most 4 items"),
+    ("/v1/completions", {**C, "stop": ""}, "stop", "stop: must not be an empty string"),
+    ("/v1/completions", {**C, "stop": ["a", ""]}, "stop", "stop[1]: must not be an empty string"),
+    ("/v1/completions", {**C, "prompt": []}, "prompt", "prompt: must not be an empty list"),
+    ("/v1/completions", {**C, "prompt": 5}, "prompt", "prompt: must be a string, a non-empty list of strings"),
+    ("/v1/completions", {**C, "temperature": "hot"}, "temperature", "temperature: must be a number"),
+    ("/v1/completions", {"prompt": "hi"}, "model", "model: is required"),
+    ("/v1/chat/completions", {**M, "messages": [{"role": "user", "content": 5}]}, "messages",
+     "messages[0].content: must be a string or a list of text parts"),
+    ("/v1/chat/completions", {**M, "messages": [{"role": "robot", "content": "x"}]}, "messages",
+     "messages[0].role: must be 'system', 'developer', 'user' or 'assistant'"),
+]
+
+
+@pytest.mark.parametrize("path,body,param,message", PLAIN, ids=[str(i) for i in range(len(PLAIN))])
+def test_validation_errors_name_the_field_in_plain_words(server, path, body, param, message):
+    r = httpx.post(server[0] + path, json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["code"] == "invalid_value"
+    assert err["message"].startswith(message), err["message"]
+    for internal in ("constrained", "Input should", "list[", "str."):
+        assert internal not in err["message"], err["message"]
