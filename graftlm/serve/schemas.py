@@ -51,8 +51,9 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
-    frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
+    # Not implemented: any value but 0 is refused as unsupported (`unsupported_option`).
+    presence_penalty: float | None = Field(default=None, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(default=None, allow_inf_nan=False)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -61,6 +62,9 @@ class SamplingFields(BaseModel):
 
     def unsupported_option(self) -> str | None:
         """The first option set to a value graftlm does not implement, else None."""
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0):
+                return name
         extra = self.model_extra or {}
         for name, allowed in UNSUPPORTED.items():
             if name in extra and extra[name] not in allowed:

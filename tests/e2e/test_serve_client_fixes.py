@@ -76,3 +76,15 @@ def test_validation_errors_name_the_field_in_plain_words(server, path, body, par
     assert err["message"].startswith(message), err["message"]
     for internal in ("constrained", "Input should", "list[", "str."):
         assert internal not in err["message"], err["message"]
+
+
+@pytest.mark.parametrize("name", ["presence_penalty", "frequency_penalty"])
+def test_a_penalty_is_an_unsupported_parameter(client, name):
+    for value in (1.0, -0.5):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="model", prompt="hi", max_tokens=2, **{name: value})
+        assert e.value.body["code"] == "unsupported_parameter" and e.value.body["param"] == name
+        assert e.value.body["message"] == f"'{name}' is not supported by this server"
+    for value in (0, 0.0):  # the default is accepted
+        client.chat.completions.create(model="model", messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=2, **{name: value})
