@@ -272,3 +272,16 @@ def test_throughput_leaves_out_the_first_and_the_counted_step():
     assert trainer._seconds_per_step() == pytest.approx(trainer.steady["time_s"] / 2)  # the ETA's pace
     assert stats["train_time_s"] - trainer.steady["time_s"] >= 0.5  # the sleep is in the total only
     assert stats["tokens_per_s"] == pytest.approx(trainer.steady["tokens"] / trainer.steady["time_s"])
+
+
+def test_warmup_longer_than_the_run_is_one_warning(tmp_path, capsys):
+    short = build_trainer(tmp_path / "short", max_steps=3)
+    short.optim_cfg = OptimConfig(lr=3e-4, warmup_steps=100)
+    short.fit()
+    captured = capsys.readouterr()
+    warnings = [line for line in (captured.out + captured.err).splitlines() if "warmup" in line]
+    assert len(warnings) == 1, warnings
+    assert "--optim.warmup-steps 100" in warnings[0] and "--train.max-steps 3" in warnings[0]
+    assert "9e-06" in warnings[0] and "0.0003" in warnings[0], warnings[0]
+    build_trainer(tmp_path / "reached", max_steps=3).fit()  # warmup 2 of 3 steps: the peak is reached
+    assert "warmup" not in capsys.readouterr().out
