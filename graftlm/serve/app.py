@@ -23,6 +23,7 @@ import json
 import time
 import uuid
 from dataclasses import replace
+from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -191,8 +192,16 @@ def create_app(backend, api_key: str | None = None, max_body_bytes: int = DEFAUL
         return JSONResponse(error_body(message, param=param, code="invalid_value"), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request, exc: StarletteHTTPException):
-        return JSONResponse(error_body(str(exc.detail), code=str(exc.status_code)),
+    async def http_error(request, exc: StarletteHTTPException):
+        # A word for a code, as OpenAI's are ("not_found", "method_not_allowed"), not "404".
+        try:
+            code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
+        except ValueError:
+            code = None
+        message = str(exc.detail)
+        if exc.status_code in (404, 405):
+            message = f"{message}: {request.method} {request.url.path}"
+        return JSONResponse(error_body(message, code=code),
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)

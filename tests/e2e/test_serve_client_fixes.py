@@ -88,3 +88,11 @@ def test_a_penalty_is_an_unsupported_parameter(client, name):
     for value in (0, 0.0):  # the default is accepted
         client.chat.completions.create(model="model", messages=[{"role": "user", "content": "hi"}],
                                        max_tokens=2, **{name: value})
+
+
+def test_unknown_route_and_method_have_word_codes(server):
+    r = httpx.get(server[0] + "/v1/no/such/route", timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    assert "GET /v1/no/such/route" in r.json()["error"]["message"]
+    r = httpx.put(server[0] + "/v1/completions", timeout=30)
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
