@@ -63,7 +63,7 @@ class CollectiveError(GraftError):
 class ParallelConfig:
     mode: Literal["none", "ddp", "fsdp"] = "none"
     timeout_s: int = 600  # a collective that waits longer fails, naming the rank
-    fsdp_mixed_precision: bool = True  # bf16 params in compute, fp32 reductions (CUDA)
+    fsdp_mixed_precision: bool = True  # bf16 params in compute, fp32 reductions (CUDA only; fsdp only)
 
     def validate(self) -> None:
         if self.timeout_s <= 0:

@@ -66,7 +66,25 @@ def config_for(args: argparse.Namespace):
                               f"{'it' if len(given) == 1 else 'them'}, or choose lora, qlora or dora")
         overrides = {k: v for k, v in overrides.items() if not k.startswith("adapter.")}
         overrides["adapter"] = None
-    return build_config(run_config_class(args.objective), recipe, overrides)
+    cfg = build_config(run_config_class(args.objective), recipe, overrides)
+    _refuse_fsdp_fields_outside_fsdp(cfg, overrides, recipe)
+    return cfg
+
+
+def _refuse_fsdp_fields_outside_fsdp(cfg, overrides: dict, recipe: str | None) -> None:
+    """An FSDP-only field (`parallel.fsdp_*`) set by the user under another mode would be
+    silently ignored: refuse it, as full training refuses adapter fields."""
+    if cfg.parallel.mode == "fsdp":
+        return
+    given = [f"--{k.replace('_', '-')}" for k in overrides if k.startswith("parallel.fsdp_")]
+    section = read_recipe(recipe).get("parallel") if recipe else None
+    if isinstance(section, dict):
+        given += [f"parallel.{k} in {recipe}" for k in section
+                  if str(k).startswith("fsdp_") and f"parallel.{k}" not in overrides]
+    if given:
+        raise ConfigError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to --parallel fsdp "
+                          f"only, but the parallel mode is {cfg.parallel.mode}: drop "
+                          f"{'it' if len(given) == 1 else 'them'}, or choose --parallel fsdp")
 
 
 def train_command(args: argparse.Namespace) -> int:

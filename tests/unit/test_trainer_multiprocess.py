@@ -49,3 +49,28 @@ def _parser_with(handler):
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("x").set_defaults(handler=handler)
     return parser
+
+
+def _config(argv):
+    from graftlm.cli import build_parser
+    from graftlm.train_cli import config_for
+
+    return config_for(build_parser().parse_args(["pretrain", "--model", "tiny", "--data", "shards", *argv]))
+
+
+def test_an_fsdp_option_outside_fsdp_is_refused_naming_it(tmp_path):
+    import pytest
+
+    from graftlm.errors import ConfigError
+
+    for mode in (["--parallel", "ddp"], []):
+        with pytest.raises(ConfigError, match=r"--parallel\.fsdp-mixed-precision.*fsdp"):
+            _config([*mode, "--parallel.fsdp-mixed-precision", "false"])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("parallel:\n  mode: ddp\n  fsdp_mixed_precision: false\n")
+    with pytest.raises(ConfigError, match=r"parallel\.fsdp_mixed_precision in .*r\.yaml"):
+        _config(["--recipe", str(recipe)])
+    # Given with fsdp, or not given at all: accepted.
+    assert _config(["--parallel", "fsdp", "--parallel.fsdp-mixed-precision", "false"]).parallel.mode == "fsdp"
+    assert _config(["--parallel", "ddp"]).parallel.fsdp_mixed_precision is True
+    assert _config(["--recipe", str(recipe), "--parallel", "fsdp"]).parallel.fsdp_mixed_precision is False
