@@ -420,6 +420,8 @@ def create_app(backend, api_key: str | None = None, max_body_bytes: int = DEFAUL
 
     @app.delete("/v1/adapters/{name}")
     async def unload_adapter(name: str):
+        if name == registry.base_name:
+            raise APIError(400, "the base model cannot be unloaded", param="name", code="base_model")
         check_adapter_name(name)
         if name not in registry:
             raise APIError(404, f"adapter '{name}' is not loaded", param="name", code="adapter_not_found")

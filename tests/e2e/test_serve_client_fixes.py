@@ -96,3 +96,12 @@ def test_unknown_route_and_method_have_word_codes(server):
     assert "GET /v1/no/such/route" in r.json()["error"]["message"]
     r = httpx.put(server[0] + "/v1/completions", timeout=30)
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_deleting_the_base_model_is_refused_as_such(server):
+    r = httpx.delete(server[0] + "/v1/adapters/model", timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["message"] == "the base model cannot be unloaded"
+    assert err["param"] == "name" and err["code"] == "base_model"
+    assert httpx.get(server[0] + "/v1/models/model", timeout=30).status_code == 200
