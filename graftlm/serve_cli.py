@@ -24,7 +24,8 @@ def register(subparsers) -> None:
     p.add_argument("--adapter", action="append", type=_adapter_arg, default=[], metavar="NAME=DIR",
                    help="load a PEFT adapter at start (repeatable)")
     p.add_argument("--adapter-root", help="directory under which POST /v1/adapters may load adapters")
-    p.add_argument("--served-model-name", help="the base model's id (default: the directory name)")
+    p.add_argument("--served-model-name", help="the base model's id (default: the directory name; for a run's "
+                        "final/ directory, the run's name: runs/sft/final -> sft)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health")

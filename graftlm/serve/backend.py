@@ -81,6 +81,16 @@ class ServeBackend:
                                          when_unused=name)
 
 
+def default_served_name(model_dir: str | Path) -> str:
+    """The base model's id without --served-model-name: the directory's name, or, for a
+    run's `final/` (a summary.json or config.yaml beside it), the run's name
+    (`runs/sft/final` -> "sft"), since every run's model directory is named `final`."""
+    real = Path(model_dir).resolve()
+    if real.name == "final" and any((real.parent / f).is_file() for f in ("summary.json", "config.yaml")):
+        return real.parent.name
+    return real.name
+
+
 def build_backend(model_dir: str | Path, adapters: dict[str, str] | None = None,
                   adapter_root: str | Path | None = None, max_batch: int = 16,
                   max_queue: int = 256, base_name: str | None = None, device="cpu",
@@ -108,7 +118,7 @@ def build_backend(model_dir: str | Path, adapters: dict[str, str] | None = None,
     engine = Engine(model, tokenizer, compile=compile)
     batch = Batch(engine, row_adapters=True, want_text=True)
     backend = ServeBackend(model, tokenizer, batch,
-                           base_name or model_dir.resolve().name, adapter_root, max_batch, max_queue,
+                           base_name or default_served_name(model_dir), adapter_root, max_batch, max_queue,
                            compiled=compile)
     for name, path in (adapters or {}).items():
         backend.load_adapter_now(name, path)

@@ -105,3 +105,15 @@ def test_deleting_the_base_model_is_refused_as_such(server):
     assert err["message"] == "the base model cannot be unloaded"
     assert err["param"] == "name" and err["code"] == "base_model"
     assert httpx.get(server[0] + "/v1/models/model", timeout=30).status_code == 200
+
+
+def test_a_runs_final_directory_is_served_under_the_runs_name(files, tmp_path):
+    import shutil
+    final = tmp_path / "runs" / "sft" / "final"
+    shutil.copytree(files["model"], final)
+    lone = tmp_path / "elsewhere" / "final"  # no run beside it: the directory's name
+    shutil.copytree(files["model"], lone)
+    (final.parent / "summary.json").write_text("{}\n")
+    assert build_backend(final, max_batch=1).registry.base_name == "sft"
+    assert build_backend(final, max_batch=1, base_name="mine").registry.base_name == "mine"
+    assert build_backend(lone, max_batch=1).registry.base_name == "final"
