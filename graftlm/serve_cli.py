@@ -23,7 +23,11 @@ def register(subparsers) -> None:
     p.add_argument("--model", required=True, help="base model directory (Hugging Face layout)")
     p.add_argument("--adapter", action="append", type=_adapter_arg, default=[], metavar="NAME=DIR",
                    help="load a PEFT adapter at start (repeatable)")
-    p.add_argument("--adapter-root", help="directory under which POST /v1/adapters may load adapters")
+    p.add_argument("--adapter-root", metavar="DIR",
+                   help='directory under which clients may load adapters: POST /v1/adapters with '
+                        'the JSON body {"name": NAME, "path": PATH}, PATH relative to DIR; '
+                        "DELETE /v1/adapters/NAME returns once the requests still using it have "
+                        "finished (new requests for it get 404 at once)")
     p.add_argument("--served-model-name", help="the base model's id (default: the directory name; for a run's "
                         "final/ directory, the run's name: runs/sft/final -> sft)")
     p.add_argument("--host", default="127.0.0.1")

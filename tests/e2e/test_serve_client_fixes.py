@@ -117,3 +117,15 @@ def test_a_runs_final_directory_is_served_under_the_runs_name(files, tmp_path):
     assert build_backend(final, max_batch=1).registry.base_name == "sft"
     assert build_backend(final, max_batch=1, base_name="mine").registry.base_name == "mine"
     assert build_backend(lone, max_batch=1).registry.base_name == "final"
+
+
+def test_serve_help_says_how_to_load_and_unload_adapters():
+    import os
+    import subprocess
+    import sys
+    from serve_support import ROOT
+    out = subprocess.run([sys.executable, "-m", "graftlm", "serve", "--help"], capture_output=True,
+                         text=True, check=True, cwd=ROOT, env={**os.environ, "COLUMNS": "200"}).stdout
+    text = " ".join(out.split())
+    assert 'POST /v1/adapters with the JSON body {"name": NAME, "path": PATH}' in text
+    assert "DELETE /v1/adapters/NAME returns once the requests still using it have finished" in text
