@@ -86,11 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = handler(args)
     except GraftError as e:
-        # Under torchrun every rank meets the same refusal: rank 0 prints it, the others
-        # leave quietly with the same status, unless the error is this rank's own (a
-        # collective that failed here names its rank).
-        if os.environ.get("RANK", "0") == "0" or getattr(e, "rank_local", False):
+        # Under torchrun on one machine every rank meets the same refusal: rank 0 prints it,
+        # the others leave quietly with the same status, unless the error is this rank's own
+        # (a collective that failed here names its rank). Across machines a rank may meet
+        # its own (a file missing on its node): each prints, naming its rank.
+        rank = os.environ.get("RANK", "0")
+        one_machine = os.environ.get("LOCAL_WORLD_SIZE", "1") == os.environ.get("WORLD_SIZE", "1")
+        if rank == "0" or getattr(e, "rank_local", False):
             print(f"graft {args.command}: error: {e}", file=sys.stderr)
+        elif not one_machine:
+            print(f"graft {args.command}: error (rank {rank}): {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"graft {args.command}: interrupted", file=sys.stderr)

@@ -23,11 +23,17 @@ def test_an_error_every_rank_meets_is_printed_by_rank_0_alone(monkeypatch, capsy
     from graftlm.cli import main
 
     argv = ["pretrain", "--data", "shards"]  # no --model: every rank refuses the same way
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # one machine
     for rank, printed in (("0", True), ("1", False)):
         monkeypatch.setenv("RANK", rank)
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert ("error: config field 'model' is required" in err) is printed, (rank, err)
+    # Across machines a rank may meet an error of its own node: it prints, naming itself.
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert main(argv) == 2
+    assert "error (rank 1): config field 'model' is required" in capsys.readouterr().err
 
 
 def test_a_collective_failure_is_printed_by_the_rank_it_happened_on(monkeypatch, capsys):
