@@ -21,7 +21,7 @@ Design choices:
   (up to float rounding in the batched matmuls). Leading slots that no row uses any
   more are trimmed when rows leave, so the cache does not grow without bound.
 - Each row samples with its own `torch.Generator` (seeded from `SamplingParams.seed`,
-  `seed + i` for the i-th prompt sharing one params object), so a row's samples do not
+  `row_seed(seed, i)` for the i-th prompt sharing one params object), so a row's samples do not
   depend on which other rows share the batch. Greedy rows are one batched argmax;
   top-k uses `topk` and top-p sorts only when it is on.
 - Stop: any of `stop_ids` (default: the tokenizer's `stop_ids`, else the config's EOS
@@ -50,6 +50,7 @@ Design choices:
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import types
 import weakref
@@ -60,6 +61,18 @@ import torch
 
 from graftlm.errors import GraftError
 from graftlm.models.transformer import DecodeSlot, KVCache
+
+
+def row_seed(seed: int, i: int) -> int:
+    """The seed of row `i` of many sampled with one `seed` (prompts sharing one params
+    object, a server request's `n` choices): row 0 samples with `seed` itself (one row
+    equals a lone generation with that seed); later rows with a hash of (seed, i), so
+    that nearby seeds share no samples (with `seed + i`, seeds 1 and 2 with three rows
+    each would share two)."""
+    if i == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}:{i}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
 
 
 @dataclass
@@ -386,8 +399,8 @@ class Engine:
             raise GraftError("prompts: expected a non-empty list of strings or token id lists")
         params = params or SamplingParams()
         if isinstance(params, SamplingParams):
-            # One params object for many prompts: offset the seed so rows differ.
-            params = [params if params.seed is None else replace(params, seed=params.seed + i)
+            # One params object for many prompts: a seed per row, so rows differ.
+            params = [params if params.seed is None else replace(params, seed=row_seed(params.seed, i))
                       for i in range(len(prompts))]
         if len(params) != len(prompts) or (adapters is not None and len(adapters) != len(prompts)):
             raise GraftError("generate: params and adapters need one entry per prompt")

@@ -17,7 +17,6 @@ Design choices:
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import json
 import time
@@ -33,7 +32,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from graftlm.serve.registry import AdapterRequestError, check_adapter_name
-from graftlm.engine import Request as EngineRequest, SamplingParams
+from graftlm.engine import Request as EngineRequest, SamplingParams, row_seed
 from graftlm.serve.scheduler import QueueFull
 from graftlm.serve.schemas import (ChatCompletionRequest, CompletionRequest, LoadAdapterRequest,
                                    error_body, validation_error)
@@ -140,17 +139,6 @@ async def _parse(request: Request, model):
         raise APIError(400, "request body is nested too deeply", code="invalid_json")
 
 
-def choice_seed(seed: int, i: int) -> int:
-    """The seed of choice `i` of a request with `seed`: choice 0 samples with `seed` itself
-    (n=1 equals `graft generate --seed S`); later choices with a hash of (seed, i), so that
-    nearby seeds do not share samples (with `seed + i`, seed=1,n=3 and seed=2,n=3 would
-    share two of three)."""
-    if i == 0:
-        return seed
-    digest = hashlib.sha256(f"{seed}:{i}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
-
-
 def _now() -> int:
     return int(time.time())
 
@@ -247,7 +235,7 @@ def create_app(backend, api_key: str | None = None, max_body_bytes: int = DEFAUL
         for prompt in prompts:
             params = sampling(req, budget, len(prompt))
             for i in range(req.n):
-                seeded = params if params.seed is None else replace(params, seed=choice_seed(params.seed, i))
+                seeded = params if params.seed is None else replace(params, seed=row_seed(params.seed, i))
                 requests.append(EngineRequest(prompt, seeded, adapter=adapter))
         if len(requests) > scheduler.max_queue:
             raise APIError(400, f"the request asks for {len(requests)} sequences; the server "

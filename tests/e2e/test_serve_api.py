@@ -58,7 +58,7 @@ def test_seeded_sampling_repeats_and_n_choices_differ(client):
     first, second = client.completions.create(**kw), client.completions.create(**kw)
     assert [c.text for c in first.choices] == [c.text for c in second.choices]
     assert [c.index for c in first.choices] == [0, 1, 2]
-    assert len({c.text for c in first.choices}) > 1  # a seed per choice (choice_seed)
+    assert len({c.text for c in first.choices}) > 1  # a seed per choice (engine.row_seed)
 
 
 def test_stop_string_cuts_text(client):
