@@ -108,12 +108,13 @@ class RolloutSampler:
             params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
         else:
             # Row i of rank r is row r·n + i of the global batch, seeded as one process
-            # would seed it: ranks never share random draws, and the samples do not
-            # depend on the world size.
+            # would seed it (seed + its global index, in a range of its own per rollout):
+            # ranks never share random draws, and the samples do not depend on the world size.
             rank, world = _rank_and_world()
-            params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                    top_p=cfg.top_p, top_k=cfg.top_k,
-                                    seed=cfg.seed + (self.rollouts * world * 7919 + rank) * len(prompt_ids))
+            first = cfg.seed + (self.rollouts * world * 7919 + rank) * len(prompt_ids)
+            params = [SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                     top_p=cfg.top_p, top_k=cfg.top_k, seed=first + i)
+                      for i in range(len(prompt_ids))]
             self.rollouts += 1
         start = time.perf_counter()
         try:
