@@ -132,3 +132,4 @@ def model_with_adapters(tmp: Path, context: int | None = None) -> dict:
     for i, name in enumerate(("a1", "a2", "a3"), start=1):
         make_peft_adapter(model, root / name, seed=i)
     return {"model": model, "root": root}
+

@@ -7,27 +7,8 @@ import openai
 import pytest
 
 from graftlm.serve import build_backend
-from serve_support import model_with_adapters, thread_server
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    return model_with_adapters(tmp_path_factory.mktemp("serve_client"))
-
-
-@pytest.fixture(scope="module")
-def server(files):
-    backend = build_backend(files["model"], {"a1": str(files["root"] / "a1")},
-                            adapter_root=files["root"], max_batch=8)
-    with thread_server(backend) as url:
-        yield url, backend
-
-
-@pytest.fixture
-def client(server):
-    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0)
 
 
 def test_nearby_seeds_share_no_samples_and_choice_0_is_the_seed_itself(client):
