@@ -1,7 +1,6 @@
 """Adapters in memory: routing rows, refusing wrong bases, QLoRA, references, resume."""
 
 import copy
-import json
 
 import pytest
 import torch
