@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from graftlm.data.formats import RowCounts, load_examples
-from graftlm.errors import GraftError, read_json
+from graftlm.errors import GraftError
 from graftlm.objectives.logprobs import IGNORE_INDEX
 from graftlm.objectives.sft import left_out
 from graftlm.rewards import build_reward, exact_match, final_number, numeric_match
@@ -166,14 +166,11 @@ def _text_metrics(model, tokenizer, texts: list[str], max_len: int, batch_size: 
 
 
 def _context_length(model_dir: Path) -> int:
-    from graftlm.models.heads import is_scalar_adapter_dir, load_scalar_adapter
+    from graftlm.models.heads import is_scalar_adapter_dir, scalar_adapter_base
     from graftlm.models.hf import load_config
 
     if is_scalar_adapter_dir(model_dir):  # a reward model's adapter: its base's context
-        base = read_json(Path(model_dir) / "adapter_config.json").get("base_model_name_or_path")
-        if not (base and (Path(base) / "config.json").exists()):
-            load_scalar_adapter(model_dir)  # says which base is missing and what to do
-        return load_config(base).max_seq_len
+        return load_config(scalar_adapter_base(model_dir)).max_seq_len
     return load_config(model_dir).max_seq_len
 
 

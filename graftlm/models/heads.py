@@ -172,6 +172,19 @@ def load_scalar_model(path: str | Path, dtype: torch.dtype = torch.float32,
     return model.eval()
 
 
+def scalar_adapter_base(adapter_dir: str | Path) -> Path:
+    """The base language model a reward model's adapter records, which must be a model
+    directory here."""
+    from graftlm.models.hf import recorded_base
+
+    base = recorded_base(adapter_dir)
+    if not (base and (Path(base) / "config.json").exists()):
+        raise GraftError(f"{adapter_dir}: a reward-model adapter whose base model ({base!r}) is not a model "
+                         f"directory here: merge it with `graft merge --model BASE --adapter {adapter_dir} "
+                         "--out DIR` and use DIR")
+    return Path(base)
+
+
 def load_scalar_adapter(adapter_dir: str | Path, base_dir: str | Path | None = None,
                         dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> ScalarHeadModel:
     """A reward model's adapter on its base language model (`base_dir`, else the base the
@@ -180,12 +193,7 @@ def load_scalar_adapter(adapter_dir: str | Path, base_dir: str | Path | None = N
     from graftlm.models.hf import load_model
 
     adapter_dir = Path(adapter_dir)
-    base = base_dir or read_json(adapter_dir / "adapter_config.json").get("base_model_name_or_path")
-    if base_dir is None and not (base and (Path(base) / "config.json").exists()):
-        raise GraftError(f"{adapter_dir}: a reward-model adapter whose base model ({base!r}) is not a model "
-                         f"directory here: merge it with `graft merge --model BASE --adapter {adapter_dir} "
-                         "--out DIR` and use DIR")
-    decoder = load_model(base, dtype=dtype, device=device)
+    decoder = load_model(base_dir or scalar_adapter_base(adapter_dir), dtype=dtype, device=device)
     pad = decoder.config.pad_token_id
     if (adapter_dir / "tokenizer.json").exists():  # the run's tokenizer, saved beside the adapter
         from graftlm.tokenizer import load_tokenizer

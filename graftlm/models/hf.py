@@ -97,13 +97,20 @@ def check_model_dir(path: str | Path) -> Path:
     return model_dir
 
 
+def recorded_base(adapter_dir: str | Path) -> str | None:
+    """The base model a PEFT adapter records (`base_model_name_or_path`); None when it
+    records none or its config cannot be read."""
+    try:
+        base = read_json(Path(adapter_dir) / "adapter_config.json").get("base_model_name_or_path")
+    except (GraftError, AttributeError):
+        return None
+    return base if isinstance(base, str) and base else None
+
+
 def _base_of(adapter_dir: Path) -> str:
     """' (its base: DIR)' as the adapter records it; nothing when it cannot be read."""
-    try:
-        base = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError):
-        return ""
-    return f" (its base: {base})" if isinstance(base, str) and base else ""
+    base = recorded_base(adapter_dir)
+    return f" (its base: {base})" if base else ""
 
 
 def load_config(path: str | Path) -> ModelConfig:
