@@ -24,6 +24,9 @@ It also prints the float32 floor: one decode step's matrix products alone (every
 read once, q/k/v and gate/up concatenated), which no float32 engine on this CPU can
 beat; the ratio of transformers' step time to it bounds any float32 speed-up.
 
+On a CPU without fast bfloat16 (AVX2 only: no AVX-512 / AMX) the bfloat16 sides are
+left out, and the run says so: both sides would time PyTorch's scalar fallback.
+
     python bench/generate.py [--repeats 3] [--threads N]
 """
 
@@ -110,13 +113,18 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from graftlm.engine import Engine, SamplingParams
     from graftlm.models.hf import load_model
+    from graftlm.placement import fast_bfloat16
 
+    bf16 = fast_bfloat16("cpu")
     with tempfile.TemporaryDirectory() as tmp:
         hf = build_hf_model(tmp)
         engines = {"graftlm float32": Engine(load_model(tmp)),
-                   "graftlm float32 compile": Engine(load_model(tmp), compile=True),
-                   "graftlm bfloat16 compile": Engine(load_model(tmp, dtype=torch.bfloat16), compile=True)}
-    hf_by_dtype = {"float32": hf, "bfloat16": copy.deepcopy(hf).to(torch.bfloat16)}
+                   "graftlm float32 compile": Engine(load_model(tmp), compile=True)}
+        if bf16:
+            engines["graftlm bfloat16 compile"] = Engine(load_model(tmp, dtype=torch.bfloat16), compile=True)
+    hf_by_dtype = {"float32": hf, **({"bfloat16": copy.deepcopy(hf).to(torch.bfloat16)} if bf16 else {})}
+    if not bf16:
+        print("this CPU has no fast bfloat16 (no AVX-512 / AMX): the bfloat16 sides are left out")
     greedy = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0, stop_ids=())
     print(f"CPU, {torch.get_num_threads()} threads, {PROMPT_TOKENS}-token prompts, "
           f"{NEW_TOKENS} new tokens, greedy, best of {args.repeats}\n")

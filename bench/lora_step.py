@@ -25,7 +25,12 @@ speed drifts by 10-30% over minutes, which moves a ratio of two sides timed in t
 same round less.
 
     .venv/bin/python bench/lora_step.py [--steps 3] [--repeats 3] [--threads N] [--only SIDE ...]
-                                        [--hidden H]
+                                        [--hidden H] [--precision auto|bf16-autocast|fp32]
+
+`--precision auto` (the default) is what `--train.precision auto` picks here: bf16
+autocast, the goals' setting, on a CPU with AVX-512 or AMX, and float32 (weights, base
+and compute, on both sides) on one without, where a bf16 matmul is ~50x slower than a
+float32 one and a bf16 run would measure that fallback, not the step.
 
 `--hidden` widens the model (intermediate 2.75x, heads of 64; the goals are set at 512):
 LoRA's saving (weight gradients, optimizer) grows with the weights, its own cost with
@@ -50,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 DIMS = dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8,
             num_kv_heads=8, max_seq_len=256)
 BATCH, SEQ, RANK, ALPHA = 8, 256, 16, 32
+BF16 = True  # bf16 autocast and a bf16 frozen base (the goals' setting); False: float32 throughout
 SIDES = ("graft-lora", "peft-lora", "graft-lora-ckpt", "peft-lora-ckpt", "graft-qlora", "graft-full",
          "graft-frozen", "graft-lora-compiled", "peft-lora-compiled", "graft-full-compiled")
 
@@ -81,7 +87,8 @@ def graft_model(side: str):
     if not side.startswith("graft-full"):
         kind = "qlora" if side == "graft-qlora" else "lora"
         model.gradient_checkpointing = side.endswith("-ckpt")
-        A.apply_adapters(model, A.AdapterConfig(kind=kind, r=RANK, alpha=ALPHA, base_dtype="bfloat16"))
+        A.apply_adapters(model, A.AdapterConfig(kind=kind, r=RANK, alpha=ALPHA,
+                                                base_dtype="bfloat16" if BF16 else "float32"))
         if side == "graft-frozen":
             from graftlm.adapters.inject import adapter_layers
             for layer in adapter_layers(model):
@@ -105,7 +112,7 @@ def graft_step(model, ids):
     from graftlm.objectives.logprobs import IGNORE_INDEX, shift_targets
     targets = shift_targets(ids)
     valid = targets != IGNORE_INDEX
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=BF16):
         logp = model(ids, targets=targets)  # log-probs inside forward, as the objectives ask
     (-(logp * valid).sum() / valid.sum()).backward()
 
@@ -120,7 +127,8 @@ def peft_model(side: str):
                                    num_hidden_layers=DIMS["num_layers"], num_attention_heads=DIMS["num_heads"],
                                    num_key_value_heads=DIMS["num_kv_heads"], max_position_embeddings=SEQ,
                                    tie_word_embeddings=False)
-    base = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+    base = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if BF16 else torch.float32,
+                                                         attn_implementation="sdpa")
     model = peft.get_peft_model(base, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules="all-linear",
                                                       lora_dropout=0.0, task_type="CAUSAL_LM"))
     if side.endswith("-ckpt"):
@@ -133,7 +141,7 @@ def peft_model(side: str):
 
 def peft_step(model, ids):
     import torch
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=BF16):
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
 
@@ -170,12 +178,20 @@ def main() -> None:
                              "printed per round")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--hidden", type=int, default=DIMS["hidden_size"], help="model width (a multiple of 64)")
+    parser.add_argument("--precision", choices=("auto", "bf16-autocast", "fp32"), default="auto",
+                        help="auto: bf16 autocast where this CPU computes bf16 fast, else fp32")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # one subprocess's job
     parser.add_argument("--only", nargs="+", choices=SIDES, default=list(SIDES))
     args = parser.parse_args()
     if args.hidden % 64:
         parser.error(f"--hidden must be a multiple of 64, got {args.hidden}")
     set_width(args.hidden)
+    global BF16
+    import torch
+
+    from graftlm.placement import resolve_precision
+    precision = resolve_precision(args.precision, torch.device("cpu"))
+    BF16 = precision == "bf16-autocast"
     if args.side:
         import torch
         torch.set_num_threads(args.threads)
@@ -186,7 +202,8 @@ def main() -> None:
         rounds.append({})
         for side in args.only:
             out = subprocess.run([sys.executable, __file__, "--side", side, "--steps", str(args.steps),
-                                  "--threads", str(args.threads), "--hidden", str(args.hidden)],
+                                  "--threads", str(args.threads), "--hidden", str(args.hidden),
+                                  "--precision", precision],
                                  capture_output=True, text=True, cwd=ROOT)
             if out.returncode:
                 sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
@@ -199,7 +216,8 @@ def main() -> None:
                 results[side] = best = run
             best["peak_rss_mib"] = peak
     print(f"LoRA step, hidden {DIMS['hidden_size']} x {DIMS['num_layers']} layers, batch {BATCH}x{SEQ}, "
-          f"r={RANK} all-linear, bf16 autocast, CPU x{args.threads} threads, "
+          f"r={RANK} all-linear, {'bf16 autocast' if BF16 else 'float32'}, "
+          f"CPU x{args.threads} threads, "
           f"median of {args.steps} steps, fastest of {args.repeats} rounds")
     print(f"{'side':<20} {'tokens/s':>9} {'step s':>7} {'peak RSS MiB':>13} {'RSS built':>10} {'trainable':>10}")
     for r in results.values():
@@ -235,9 +253,9 @@ def main() -> None:
               f"{(full['step_s'] - frozen['step_s']) * 1e3:.0f} ms (weight gradients, casts, AdamW)")
     qlora = results.get("graft-qlora")
     if lora and qlora:
-        nf4, bf16 = qlora["frozen_linear_bytes"], lora["frozen_linear_bytes"]
-        print(f"QLoRA frozen linear weights: {nf4 / 2**20:.1f} MiB NF4 vs {bf16 / 2**20:.1f} MiB bf16 "
-              f"({nf4 / bf16:.2f}x)")
+        nf4, base = qlora["frozen_linear_bytes"], lora["frozen_linear_bytes"]
+        print(f"QLoRA frozen linear weights: {nf4 / 2**20:.1f} MiB NF4 vs {base / 2**20:.1f} MiB "
+              f"{'bf16' if BF16 else 'float32'} ({nf4 / base:.2f}x; goal <= 0.3x of bf16)")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 with torch.optim.AdamW, same model shape, same batch, bf16 autocast.
 
 Each side runs in its own subprocess so that peak resident memory is its own; the
-parent measures a bf16 matmul peak on the spot for MFU, and prints one table.
-    .venv/bin/python bench/train_step.py [--steps 5] [--warmup 2]
-Goals: graftlm tokens/s >= 1.3x, peak memory <= 0.8x.
+parent measures a matmul peak on the spot for MFU, and prints one table.
+    .venv/bin/python bench/train_step.py [--steps 5] [--warmup 2] [--precision auto|bf16-autocast|fp32]
+Goals: graftlm tokens/s >= 1.3x, peak memory <= 0.8x. `--precision auto` is what
+`--train.precision auto` picks here: bf16 autocast (the goals' setting) on a CPU with
+AVX-512 or AMX, float32 on both sides on one without (a bf16 matmul is ~50x slower there).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ SHAPE = dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layer
 BATCH, SEQ = 8, 256
 
 
-def graftlm_side(steps: int, warmup: int, compile: bool = False) -> dict:
+def graftlm_side(steps: int, warmup: int, precision: str, compile: bool = False) -> dict:
     import numpy as np
     import torch
 
@@ -37,7 +39,7 @@ def graftlm_side(steps: int, warmup: int, compile: bool = False) -> dict:
     model.init_weights()
     tokens = np.random.default_rng(0).integers(0, SHAPE["vocab_size"], BATCH * SEQ * (steps + warmup) + 1)
     loader = ResumableLoader(TokenWindows(tokens.astype(np.uint16), SEQ), BATCH, shuffle=False)
-    cfg = TrainConfig(max_steps=steps + warmup, batch_size=BATCH, seq_len=SEQ, precision="bf16-autocast",
+    cfg = TrainConfig(max_steps=steps + warmup, batch_size=BATCH, seq_len=SEQ, precision=precision,
                       compile=compile)
     trainer = Trainer(model, CausalLM(), loader, cfg, OptimConfig(lr=1e-4, warmup_steps=0),
                       device=torch.device("cpu"), tensorboard=False)
@@ -49,7 +51,7 @@ def graftlm_side(steps: int, warmup: int, compile: bool = False) -> dict:
     return {"seconds_per_step": (time.perf_counter() - start) / steps, "loss": loss}
 
 
-def hf_side(steps: int, warmup: int, compile: bool = False) -> dict:
+def hf_side(steps: int, warmup: int, precision: str, compile: bool = False) -> dict:
     import torch
     import transformers
 
@@ -68,7 +70,7 @@ def hf_side(steps: int, warmup: int, compile: bool = False) -> dict:
 
     def step():
         ids = torch.randint(0, SHAPE["vocab_size"], (BATCH, SEQ + 1), generator=gen)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-autocast"):
             loss = forward(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
@@ -86,13 +88,14 @@ def hf_side(steps: int, warmup: int, compile: bool = False) -> dict:
 
 SIDES = {"graftlm": graftlm_side, "transformers": hf_side,
          # One more warm-up step there: the first compiles the forward and the backward.
-         "graftlm compiled": lambda steps, warmup: graftlm_side(steps, warmup + 1, compile=True),
-         "transformers compiled": lambda steps, warmup: hf_side(steps, warmup + 1, compile=True)}
+         "graftlm compiled": lambda steps, warmup, precision: graftlm_side(steps, warmup + 1, precision, compile=True),
+         "transformers compiled": lambda steps, warmup, precision: hf_side(steps, warmup + 1, precision, compile=True)}
 
 
-def run_side(side: str, steps: int, warmup: int) -> dict:
+def run_side(side: str, steps: int, warmup: int, precision: str) -> dict:
     out = subprocess.run([sys.executable, __file__, "--side", side, "--steps", str(steps),
-                          "--warmup", str(warmup)], capture_output=True, text=True, check=True)
+                          "--warmup", str(warmup), "--precision", precision], capture_output=True, text=True,
+                         check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -100,25 +103,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--precision", choices=("auto", "bf16-autocast", "fp32"), default="auto",
+                        help="auto: bf16 autocast where this CPU computes bf16 fast, else fp32")
     parser.add_argument("--side", choices=SIDES)
     args = parser.parse_args()
+    import torch
+
+    from graftlm.placement import resolve_precision
+    precision = resolve_precision(args.precision, torch.device("cpu"))
     if args.side:
-        import torch
         torch.set_num_threads(torch.get_num_threads())
-        result = SIDES[args.side](args.steps, args.warmup)
+        result = SIDES[args.side](args.steps, args.warmup, precision)
         from graftlm.metrics import peak_host_memory_bytes
         print(json.dumps({**result, "peak_rss": peak_host_memory_bytes()}))
         return
 
-    import torch
-
     from graftlm.metrics import measure_matmul_peak, training_flops_per_token
     from graftlm.models.config import ModelConfig
-    peak = measure_matmul_peak(torch.device("cpu"), torch.bfloat16)
+    bf16 = precision == "bf16-autocast"
+    peak = measure_matmul_peak(torch.device("cpu"), torch.bfloat16 if bf16 else torch.float32)
     flops_per_step = training_flops_per_token(ModelConfig(**SHAPE), SEQ) * BATCH * SEQ
-    rows = {side: run_side(side, args.steps, args.warmup) for side in SIDES}
-    print(f"CPU, {torch.get_num_threads()} threads, batch {BATCH} x {SEQ}, bf16 autocast; "
-          f"matmul peak {peak / 1e9:.0f} GFLOP/s (bf16, measured now)")
+    rows = {side: run_side(side, args.steps, args.warmup, precision) for side in SIDES}
+    print(f"CPU, {torch.get_num_threads()} threads, batch {BATCH} x {SEQ}, {'bf16 autocast' if bf16 else 'float32'}; "
+          f"matmul peak {peak / 1e9:.0f} GFLOP/s ({'bf16' if bf16 else 'float32'}, measured now)")
     print("both: fused AdamW, grad clip 1.0, float32 weights. Differences: transformers predicts "
           "255 tokens a row (labels = inputs, shifted inside), graftlm 256; graftlm skips weight "
           "decay on norms and embeddings")

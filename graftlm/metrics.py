@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from graftlm.models.config import ModelConfig
+from graftlm.placement import fast_bfloat16, fast_float16_on_cpu
 
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s.
 CUDA_PEAK_BF16 = {
@@ -108,7 +109,12 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> flo
     except (OSError, ValueError, TypeError, AttributeError):
         known, cached = {}, 0.0
     # Later runs measure briefly (about 0.3 s in all): the best figure of past runs backs them up.
-    measured = measure_matmul_peak(device, dtype, seconds=0.08 if cached else 0.25)
+    # A half dtype this CPU has no kernel for runs a scalar loop (placement.fast_bfloat16):
+    # one 2048^3 product would take seconds there, so the fallback is timed on small ones.
+    slow = (dtype == torch.bfloat16 and not fast_bfloat16("cpu")) or (dtype == torch.float16
+                                                                       and not fast_float16_on_cpu())
+    measured = measure_matmul_peak(device, dtype, sizes=(256,) if slow else (1024, 2048),
+                                   seconds=0.08 if cached else 0.25)
     if measured > cached:
         known[key] = measured
         try:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from graftlm.console import table_console
 from graftlm.errors import GraftError
+from graftlm.placement import PRECISIONS
 
 GOALS = ("format", "domain", "deep", "variants", "from-scratch")
 DEFAULT_HARDWARE = "A100-80GB"
@@ -32,7 +33,9 @@ def register(subparsers) -> None:
     plan.add_argument("--price-per-hour", type=float, help="USD per device-hour (default: the catalogue's)")
     plan.add_argument("--budget", type=float, help="USD you can spend; costlier regimes are not advised")
     plan.add_argument("--goal", choices=GOALS, help="what the training is for")
-    plan.add_argument("--precision", default="bf16-autocast", choices=("fp32", "bf16-autocast", "bf16"))
+    plan.add_argument("--precision", default="auto", choices=PRECISIONS,
+                      help="as --train.precision (auto: what a run on --hardware picks: bf16 autocast, or "
+                           "fp32 where bf16 is slow)")
     plan.add_argument("--activation-checkpointing", action="store_true")
     plan.add_argument("--lora-r", type=int, default=16)
     plan.add_argument("--epochs", type=float, default=1.0)
@@ -104,7 +107,8 @@ def plan_command(args) -> int:
             raise GraftError(f"{flag}: must be >= 0, got {value:g}")
     cfg, has_weights, source = resolve_model(args.model)
     tokens, stats = resolve_data(args.data)
-    options = PlanOptions(seq_len=args.seq_len, batch_size=args.batch, precision=args.precision,
+    options = PlanOptions(seq_len=args.seq_len, batch_size=args.batch,
+                          precision=hardware.device.training_precision(args.precision),
                           activation_checkpointing=args.activation_checkpointing, lora_r=args.lora_r,
                           epochs=args.epochs, price_per_hour=args.price_per_hour, goal=args.goal,
                           budget=args.budget, sharding=args.sharding)
@@ -128,7 +132,8 @@ def print_plan(result: dict) -> None:
     console.print(f"[bold]data[/] {fmt_count(result['data']['tokens'])} tokens x {opts['epochs']:g} epoch(s); "
                   f"[bold]batch[/] {opts['batch_size']} x {opts['seq_len']} tokens per device; {opts['precision']}")
     console.print(f"[bold]hardware[/] {hw['name']}: {fmt_bytes(hw['memory_gb'] * 2**30)} per device "
-                  f"({hw['reserved_gb']:g} GiB reserved), {hw['bf16_tflops']:g} TFLOP/s bf16, MFU {hw['mfu']:.0%}")
+                  f"({hw['reserved_gb']:g} GiB reserved), {hw['peak_tflops']:g} TFLOP/s "
+                  f"{'fp32' if opts['precision'] == 'fp32' else 'bf16'}, MFU {hw['mfu']:.0%}")
 
     memory = Table(title="memory per device (peak = what must fit)", show_lines=False)
     rows = [("weights", "weights"), ("gradients", "gradients"), ("optimizer", "optimizer"),

@@ -45,6 +45,7 @@ from graftlm.models.config import PRESETS
 from graftlm.objectives import ObjectiveSpec, get_spec
 from graftlm.optim import OptimConfig
 from graftlm.parallel import ParallelConfig
+from graftlm.placement import resolve_precision
 from graftlm.trainer import TrainConfig, Trainer
 
 # Fields that define the data stream and the model; a resume refuses a change in them.
@@ -108,7 +109,10 @@ def prepare_run_directory(run_dir: Path, cfg: RunConfig, resume: bool | None, fr
     if summary.exists():
         done = read_json(summary).get("steps", 0)
         if done >= cfg.train.max_steps:
-            raise GraftError(f"{run_dir}: the run is finished ({done} steps); pass --fresh to train it "
+            written = ""
+            if not (run_dir / "report.html").exists():  # stopped between summary.json and its report
+                written = "; its report.html was missing and is written now" if _write_report(run_dir) else ""
+            raise GraftError(f"{run_dir}: the run is finished ({done} steps){written}; pass --fresh to train it "
                              "again, --name for a new run, or a larger --train.max-steps to continue")
     root = run_dir / "checkpoints"
     latest = ckpt.latest_valid(root, warn=warn) if resume is not False else None
@@ -250,12 +254,14 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _write_report(run_dir: Path) -> None:
+def _write_report(run_dir: Path) -> bool:
     from graftlm.report import write_report
     try:
         write_report(run_dir)
+        return True
     except Exception as e:  # the run is saved; a plotting failure must not turn it into a failed run
         print(f"warning: {run_dir}/report.html not written ({e}); retry with `graft report {run_dir}`", flush=True)
+        return False
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -267,6 +273,10 @@ def run_training(cfg: RunConfig, resume: bool | None = None, fresh: bool = False
     started = time.perf_counter()
     spec: ObjectiveSpec = get_spec(cfg.objective)
     d = parallel.init_distributed(cfg.parallel, cfg.device)
+    # `auto` made concrete here, so that config.yaml, the resume check and the plan see it;
+    # rank 0's choice, so that ranks on machines of different kinds compute alike.
+    cfg.train.precision = parallel.decide_on_main(
+        lambda: resolve_precision(cfg.train.precision, d.device, warn=lambda message: print(message, flush=True)), d)
     run_dir = run_directory(cfg)
     # Rank 0 looks at the run directory; every rank resumes from the checkpoint it chose,
     # or meets its refusal (a finished run...) at the same point.

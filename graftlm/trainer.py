@@ -48,6 +48,7 @@ from graftlm.metrics import MetricsLogger, peak_device_memory_bytes, peak_host_m
 from graftlm.models.transformer import Decoder
 from graftlm.optim import OptimConfig, build_optimizer, lr_at, set_lr
 from graftlm.plan.measure import TensorMemoryTracker
+from graftlm.placement import resolve_precision
 
 
 class Objective(Protocol):
@@ -63,8 +64,9 @@ class TrainConfig:
     batch_size: int = field(default=8, metadata={"help": "samples per micro-batch, per rank"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     seq_len: int = field(default=256, metadata={"help": "tokens per sample"})
-    precision: Literal["fp32", "bf16-autocast", "bf16"] = field(
-        default="bf16-autocast", metadata={"help": "fp32, bf16 autocast over fp32 weights, or pure bf16"})
+    precision: Literal["auto", "fp32", "bf16-autocast", "bf16"] = field(
+        default="auto", metadata={"help": "fp32, bf16 autocast over fp32 weights, or pure bf16 (auto: bf16 "
+                                          "autocast where the device computes bf16 fast, else fp32)"})
     activation_checkpointing: bool = False
     compile: bool = field(default=False, metadata={"help": "torch.compile each decoder block"})
     compile_activation_budget: float | None = field(default=None, metadata={
@@ -121,6 +123,8 @@ class Trainer:
         length it is trained at."""
         self.model, self.objective, self.loader = model, objective, loader
         self.cfg, self.optim_cfg, self.device = cfg, optim_cfg, device
+        # A run resolves `auto` (and warns) before it builds the model; here for direct use.
+        self.precision = resolve_precision(cfg.precision, device, warn=lambda message: None)
         self.val_dataset, self.val_bytes_per_token = val_dataset, val_bytes_per_token
         self.run_dir, self.identity, self.trainable_only = run_dir, identity or {}, trainable_only
         self.flops_per_token = flops_per_token if callable(flops_per_token) else (lambda _: flops_per_token)
@@ -161,7 +165,7 @@ class Trainer:
     # -- precision ----------------------------------------------------------------------
 
     def autocast(self):
-        if self.cfg.precision == "bf16-autocast":
+        if self.precision == "bf16-autocast":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -309,8 +313,28 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path | None:
-        if self.checkpoint_root is None or not (self.is_main or self.sharded):
+        if self.checkpoint_root is None:
             return None
+        if self.sharded or self.world_size == 1:  # every rank writes its part (DCP's own collectives)
+            return self._write_checkpoint()
+        # Unsharded under torchrun rank 0 writes alone, and the others hear whether it did:
+        # a failed write (a full disk) then stops every rank at once, instead of leaving
+        # them in the next step's all-reduce until --parallel.timeout-s.
+        path, failure = None, None
+        if self.is_main:
+            try:
+                path = self._write_checkpoint()
+            except Exception as e:
+                failure = e
+        failed = self.all_reduce(torch.tensor([float(failure is not None)], device=self.device)).item() > 0
+        if failure is not None:
+            raise failure
+        if failed:
+            raise GraftError(f"rank 0 could not write the checkpoint of step {self.step} (its error is printed "
+                             "there); every rank stops")
+        return path
+
+    def _write_checkpoint(self) -> Path:
         state = {"step": self.step, "tokens": self.tokens, "flops": self.flops, "train_time_s": self.train_time_s,
                  "steady": self.steady,
                  "bad_streak": self.bad_streak, "last_loss": self.last_loss, "last_val": self.last_val,

@@ -1,11 +1,12 @@
-"""QLoRA's frozen base: linear weights stored in 4-bit NF4, computed in bf16.
+"""QLoRA's frozen base: linear weights stored in 4-bit NF4, computed in bf16 (float32 on
+a device without fast bf16: `placement.fast_bfloat16`).
 
 We use torchao's `NF4Tensor` (the NF4 of the QLoRA paper: 64-value blocks with
 absmax scalers, the scalers double-quantized to int8), which is plain PyTorch and so
 runs on CPU and CUDA alike; bitsandbytes is CUDA-oriented and not needed. The weight
 stays an `nn.Parameter` (requires_grad=False) holding an `NF4Tensor`, so `F.linear`,
-`.to(device)` and FSDP2 work through torchao's overrides. The input is cast to bf16,
-the weight is dequantized block by block to bf16 inside the matmul, and the result is
+`.to(device)` and FSDP2 work through torchao's overrides. The input is cast to the
+compute dtype, the weight is dequantized to it inside the matmul, and the result is
 cast back to the caller's dtype; the backward pass needs only the quantized weight.
 """
 
@@ -17,9 +18,10 @@ import torch
 from torch import nn
 
 from graftlm.errors import GraftError
+from graftlm.placement import fast_bfloat16
 
 NF4_BLOCK = 64
-COMPUTE_DTYPE = torch.bfloat16
+STORED_DTYPE = torch.bfloat16  # what the NF4 codes dequantize to, as in the QLoRA paper
 
 
 def _nf4():
@@ -75,14 +77,17 @@ def quantize_linear_(linear: nn.Linear, name: str = "") -> None:
         raise GraftError(f"qlora: layer '{name}' has {weight.numel()} weights, not a multiple of the "
                          f"NF4 block of {NF4_BLOCK}; leave it out of adapter.target_modules")
     n_blocks = weight.numel() // NF4_BLOCK
-    quantized = NF4Tensor.from_tensor(weight.to(COMPUTE_DTYPE).contiguous(), NF4_BLOCK, _scaler_block(n_blocks))
+    quantized = NF4Tensor.from_tensor(weight.to(STORED_DTYPE).contiguous(), NF4_BLOCK, _scaler_block(n_blocks))
     linear.weight = nn.Parameter(quantized, requires_grad=False)
 
 
 def nf4_linear(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-    """`linear(x)` with an NF4 weight: bf16 compute, output in x's dtype."""
+    """`linear(x)` with an NF4 weight: bf16 compute (float32 where bf16 is slow: QLoRA's
+    [2048, 512] x [512, 1408] forward and backward took 4.7 s in bf16 on an AVX2 CPU,
+    0.33 s in float32), output in x's dtype."""
     _, linear_nf4 = _nf4()
-    out = linear_nf4(x.to(COMPUTE_DTYPE), linear.weight)
+    compute = STORED_DTYPE if fast_bfloat16(x.device.type) else torch.float32
+    out = linear_nf4(x.to(compute), linear.weight)
     if linear.bias is not None:
         out = out + linear.bias.to(out.dtype)
     return out.to(x.dtype)

@@ -19,8 +19,8 @@ import yaml
 from graftlm.errors import GraftError, read_yaml
 
 GIB = 2 ** 30
-_FIELDS = {"memory_gb": float, "reserved_gb": float, "bf16_tflops": float, "mfu": float,
-           "usd_per_hour": float, "description": str, "interconnect": str}
+_FIELDS = {"memory_gb": float, "reserved_gb": float, "bf16_tflops": float, "fp32_tflops": float, "mfu": float,
+           "usd_per_hour": float, "fast_bf16": bool, "description": str, "interconnect": str}
 _REQUIRED = ("memory_gb", "bf16_tflops", "mfu", "usd_per_hour")
 
 
@@ -32,6 +32,8 @@ class Device:
     mfu: float
     usd_per_hour: float
     reserved_gb: float = 0.0
+    fp32_tflops: float | None = None  # None: half of bf16_tflops
+    fast_bf16: bool = True  # False: `train.precision auto` trains in fp32 on it (placement.fast_bfloat16)
     description: str = ""
     interconnect: str = ""
 
@@ -41,8 +43,15 @@ class Device:
         return int((self.memory_gb - self.reserved_gb) * GIB)
 
     def peak_flops(self, precision: str) -> float:
-        tflops = self.bf16_tflops if precision != "fp32" else self.bf16_tflops / 2
-        return tflops * 1e12
+        if precision == "fp32":
+            return (self.fp32_tflops if self.fp32_tflops is not None else self.bf16_tflops / 2) * 1e12
+        return self.bf16_tflops * 1e12
+
+    def training_precision(self, requested: str) -> str:
+        """`requested` with `auto` resolved as a run on this device resolves it."""
+        if requested != "auto":
+            return requested
+        return "bf16-autocast" if self.fast_bf16 else "fp32"
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,8 @@ def _parse_entries(data, source: str) -> dict[str, Device]:
             kind = _FIELDS[key]
             if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
                 raise GraftError(f"{source}: device '{name}': field '{key}' must be a non-negative number, got {value!r}")
+            if kind is bool and not isinstance(value, bool):
+                raise GraftError(f"{source}: device '{name}': field '{key}' must be true or false, got {value!r}")
             values[key] = kind(value)
         if not 0 < values["mfu"] <= 1:
             raise GraftError(f"{source}: device '{name}': field 'mfu' must be in (0, 1], got {values['mfu']}")

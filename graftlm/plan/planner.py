@@ -163,7 +163,8 @@ def make_plan(cfg: ModelConfig, tokens: float, hardware: Hardware, options: Plan
         "model": {"source": model_source, "params": cfg.num_params(), "has_weights": has_base,
                   "config": cfg.to_dict()},
         "data": {"tokens": tokens, "stats": data_stats},
-        "hardware": {"name": hardware.label, "count": hardware.count, **asdict(hardware.device)},
+        "hardware": {"name": hardware.label, "count": hardware.count, **asdict(hardware.device),
+                     "peak_tflops": hardware.device.peak_flops(options.precision) / 1e12},  # at the plan's precision
         "options": asdict(options),
         "regimes": regimes,
         "recommendation": {"regime": choice, "description": regimes[choice]["description"], "reasons": reasons},

@@ -234,8 +234,11 @@ def create_app(backend, api_key: str | None = None, max_body_bytes: int = DEFAUL
         requests = []
         for prompt in prompts:
             params = sampling(req, budget, len(prompt))
-            for i in range(req.n):
-                seeded = params if params.seed is None else replace(params, seed=row_seed(params.seed, i))
+            for _ in range(req.n):
+                # Row k of the whole request (prompt p's choice i is row p * n + i), as
+                # `graft generate` seeds its prompts: two prompts share no random stream.
+                row = len(requests)
+                seeded = params if params.seed is None else replace(params, seed=row_seed(params.seed, row))
                 requests.append(EngineRequest(prompt, seeded, adapter=adapter))
         if len(requests) > scheduler.max_queue:
             raise APIError(400, f"the request asks for {len(requests)} sequences; the server "

@@ -70,6 +70,11 @@ def test_pretrain_end_to_end(shards, tmp_path, capsys):
     capsys.readouterr()
     assert pretrain(shards, tmp_path) == 2
     assert "finished" in capsys.readouterr().err
+    # One stopped after summary.json but before its report gets the report when next asked.
+    (run / "report.html").unlink()
+    assert pretrain(shards, tmp_path) == 2
+    assert "report.html was missing and is written now" in capsys.readouterr().err
+    assert (run / "report.html").read_text().startswith("<!DOCTYPE html>")
     assert pretrain(shards, tmp_path, "--train.max-steps", "7") == 0
     assert "resuming from" in capsys.readouterr().out
     assert json.loads((run / "summary.json").read_text())["steps"] == 7

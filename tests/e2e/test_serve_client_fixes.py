@@ -1,5 +1,5 @@
-"""What a user of the official `openai` client sees: seeds of n > 1 choices that do not
-repeat across requests, GET /v1/models/{id}, plain validation messages, the base model
+"""What a user of the official `openai` client sees: seeds of n > 1 choices and of
+several prompts that do not repeat across requests or rows, GET /v1/models/{id}, plain validation messages, the base model
 refused by DELETE /v1/adapters, and the served id of a run's `final/` directory."""
 
 import httpx
@@ -20,6 +20,15 @@ def test_nearby_seeds_share_no_samples_and_choice_0_is_the_seed_itself(client):
     assert [c.text for c in client.completions.create(**kw, seed=1, n=3).choices] == one
     assert client.completions.create(**kw, seed=1).choices[0].text == one[0]
     assert client.completions.create(**kw, seed=2).choices[0].text == two[0]
+
+
+def test_prompts_of_one_request_take_their_own_seeds(client):
+    """A list of prompts with a seed: each row of the request has its own stream (the same
+    prompt twice gives two samples), and the first row is the seed itself."""
+    kw = dict(model="model", max_tokens=12, temperature=1.0, seed=5)
+    texts = [c.text for c in client.completions.create(**kw, prompt=["To be", "To be"], n=2).choices]
+    assert len(set(texts)) == 4, texts
+    assert client.completions.create(**kw, prompt="To be").choices[0].text == texts[0]
 
 
 def test_models_retrieve_base_and_adapter_and_unknown(client):

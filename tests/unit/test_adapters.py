@@ -89,7 +89,11 @@ def test_mixed_batch_rows_match_each_row_alone():
     for row, name in enumerate(names):
         A.set_active_adapter(model, name)
         alone = model(IDS[row:row + 1])
-        assert (mixed[row] - alone[0]).abs().max().item() <= 1e-5, (row, name)
+        # Float32 rounding only: a batch of 4 rows and one row take different matmul
+        # blockings on some CPUs (AVX2: up to 1.4e-5 on logits of ~5); the wrong adapter
+        # moves them by tenths.
+        scale = alone[0].abs().max().item()
+        assert (mixed[row] - alone[0]).abs().max().item() <= 1e-5 * max(1.0, scale), (row, name)
     # the batch of hidden states [B, T, H] through one layer, too
     layer = model.layers[0].self_attn.q_proj
     x = torch.randn(3, 5, 64)
@@ -358,7 +362,9 @@ def test_grouped_projections_equal_layer_by_layer(monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(transformer, "project", lambda x, layers: tuple(layer(x) for layer in layers))
         single = _grads_of_adapters(model, IDS)
-    torch.testing.assert_close(grouped[0], single[0], rtol=0, atol=0)
+    # Equal up to float32 rounding (bit for bit where stacking the A's keeps the kernels'
+    # summation order, as on AMX CPUs; AVX2 differs by ~3e-6).
+    torch.testing.assert_close(grouped[0], single[0], rtol=1e-5, atol=1e-5)
     for a, b in zip(grouped[1], single[1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     calls.clear()

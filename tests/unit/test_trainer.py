@@ -285,3 +285,32 @@ def test_warmup_longer_than_the_run_is_one_warning(tmp_path, capsys):
     assert "9e-06" in warnings[0] and "0.0003" in warnings[0], warnings[0]
     build_trainer(tmp_path / "reached", max_steps=3).fit()  # warmup 2 of 3 steps: the peak is reached
     assert "warmup" not in capsys.readouterr().out
+
+
+def test_a_checkpoint_rank_0_cannot_write_stops_every_rank(tmp_path, monkeypatch):
+    """Unsharded under torchrun rank 0 writes alone. When its write fails (here: the
+    checkpoint module refuses, as on a full disk) it raises its own error and the other
+    ranks hear of it in one all-reduce, instead of waiting for rank 0 in the next step
+    until the collective times out. The ranks are simulated on a trained trainer: rank
+    0's all-reduce adds what rank 1 sends (no failure), rank 1's what rank 0 sends."""
+    from graftlm import checkpoint as ckpt
+    from graftlm.errors import GraftError
+
+    trainer = build_trainer(tmp_path, max_steps=1, save_every=0)
+    trainer.fit()
+
+    def refuse(*args, **kwargs):
+        raise ckpt.CheckpointError("checkpoints/step-1: no space left on device")
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", refuse)
+    sent = []
+    for rank, received in ((0, 0.0), (1, 1.0)):
+        trainer.rank, trainer.world_size, trainer.is_main = rank, 2, rank == 0
+        trainer.all_reduce = lambda t, received=received: sent.append(t.item()) or t + received
+        with pytest.raises(GraftError) as e:
+            trainer.save_checkpoint()
+        expected = "no space left" if rank == 0 else "rank 0 could not write the checkpoint of step 1"
+        assert expected in str(e.value)
+    assert sent == [1.0, 0.0]  # rank 0 sent its failure, rank 1 that it had none
+    trainer.all_reduce = lambda t: sent.append(t.item()) or t  # nobody failed: rank 1 goes on
+    assert trainer.save_checkpoint() is None and sent[-1] == 0.0
