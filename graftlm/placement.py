@@ -3,8 +3,8 @@
 - Device `auto` is the local CUDA device when there is one (`cuda:local_rank`), else
   the CPU; anything else is passed to `torch.device` and checked here, so a typo is
   one line naming the flag rather than a traceback.
-- Inference dtype `auto` is bfloat16 on CUDA (every recent GPU computes it at full
-  speed and it halves the weights' memory) and float32 elsewhere (on the CPU, float32
+- Inference dtype `auto` is bfloat16 on CUDA (every GPU since Ampere computes it at full
+  speed and it halves the weights' memory; float16 on older cards) and float32 elsewhere (on the CPU, float32
   decoding matches transformers' token for token and is not slower at batch 1).
   Training keeps its own precision policy (`train.precision`), whose `auto` is bf16
   autocast where the device computes bf16 fast and float32 elsewhere (`fast_bfloat16`).
@@ -48,7 +48,9 @@ def pick_dtype(device: "torch.device", requested: str = "auto") -> "torch.dtype"
     import torch
 
     if requested == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":  # a card without bf16 units (T4, V100) computes float16 at speed
+            return torch.bfloat16 if fast_bfloat16("cuda") else torch.float16
+        return torch.float32
     return getattr(torch, requested)
 
 
@@ -96,7 +98,8 @@ def resolve_precision(requested: str, device: "torch.device", warn=print) -> str
 def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPE_NAMES),
-                        help="weights and compute dtype (auto: bfloat16 on CUDA, float32 on the CPU)")
+                        help="weights and compute dtype (auto: bfloat16 on CUDA, float16 on CUDA cards "
+                             "before Ampere, float32 on the CPU)")
 
 
 def placement(args: argparse.Namespace, warn=None) -> tuple["torch.device", "torch.dtype"]:
@@ -109,6 +112,7 @@ def placement(args: argparse.Namespace, warn=None) -> tuple["torch.device", "tor
     slow = device.type == "cpu" and ((dtype == torch.bfloat16 and not fast_bfloat16("cpu"))
                                      or (dtype == torch.float16 and not fast_float16_on_cpu()))
     if slow:
-        (warn or (lambda message: print(message, file=sys.stderr, flush=True)))(f"warning: --dtype {args.dtype}: this CPU has no fast {args.dtype} matrix products (it lacks "
+        warn = warn or (lambda message: print(message, file=sys.stderr, flush=True))
+        warn(f"warning: --dtype {args.dtype}: this CPU has no fast {args.dtype} matrix products (it lacks "
              "AVX-512/AMX), so every step runs many times slower than float32; --dtype auto runs in float32")
     return device, dtype

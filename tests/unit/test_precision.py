@@ -125,3 +125,10 @@ def test_inference_in_a_half_dtype_the_cpu_lacks_warns_on_stderr(monkeypatch, ca
         out, err = capsys.readouterr()
         assert not out
         assert (f"--dtype {name}: this CPU has no fast {name}" in err) == (not fast and name != "auto"), err
+
+
+@pytest.mark.parametrize("fast, expected", [(True, torch.bfloat16), (False, torch.float16)])
+def test_inference_on_a_card_without_bf16_units_takes_float16(monkeypatch, fast, expected):
+    monkeypatch.setattr(placement, "fast_bfloat16", lambda device_type: fast)
+    assert placement.pick_dtype(torch.device("cuda"), "auto") == expected
+    assert placement.pick_dtype(CPU, "auto") == torch.float32
