@@ -101,6 +101,11 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> flo
             if key in name:
                 return value if dtype in (torch.bfloat16, torch.float16) else value / 2
         return measure_matmul_peak(device, dtype, sizes=(4096, 8192))
+    if (dtype == torch.bfloat16 and not fast_bfloat16("cpu")) or (dtype == torch.float16 and not fast_float16_on_cpu()):
+        # A half dtype this CPU has no kernel for runs a scalar loop (placement.fast_bfloat16):
+        # the CPU's peak is its float32 one (MFU then shows the waste; timing the loop itself
+        # took seconds and gave a "peak" below what a mixed autocast step reaches, MFU > 100%).
+        dtype = torch.float32
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "graftlm" / "peak_flops.json"
     key = cpu_peak_key(dtype)
     try:
@@ -109,12 +114,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> flo
     except (OSError, ValueError, TypeError, AttributeError):
         known, cached = {}, 0.0
     # Later runs measure briefly (about 0.3 s in all): the best figure of past runs backs them up.
-    # A half dtype this CPU has no kernel for runs a scalar loop (placement.fast_bfloat16):
-    # one 2048^3 product would take seconds there, so the fallback is timed on small ones.
-    slow = (dtype == torch.bfloat16 and not fast_bfloat16("cpu")) or (dtype == torch.float16
-                                                                       and not fast_float16_on_cpu())
-    measured = measure_matmul_peak(device, dtype, sizes=(256,) if slow else (1024, 2048),
-                                   seconds=0.08 if cached else 0.25)
+    measured = measure_matmul_peak(device, dtype, seconds=0.08 if cached else 0.25)
     if measured > cached:
         known[key] = measured
         try:

@@ -113,6 +113,7 @@ def placement(args: argparse.Namespace, warn=None) -> tuple["torch.device", "tor
                                      or (dtype == torch.float16 and not fast_float16_on_cpu()))
     if slow:
         warn = warn or (lambda message: print(message, file=sys.stderr, flush=True))
+        units = "AVX-512 or AMX" if dtype == torch.bfloat16 else "AVX512-FP16 or AMX-FP16"
         warn(f"warning: --dtype {args.dtype}: this CPU has no fast {args.dtype} matrix products (it lacks "
-             "AVX-512/AMX), so every step runs many times slower than float32; --dtype auto runs in float32")
+             f"{units}), so every step runs many times slower than float32; --dtype auto runs in float32")
     return device, dtype

@@ -107,8 +107,12 @@ def plan_command(args) -> int:
             raise GraftError(f"{flag}: must be >= 0, got {value:g}")
     cfg, has_weights, source = resolve_model(args.model)
     tokens, stats = resolve_data(args.data)
-    options = PlanOptions(seq_len=args.seq_len, batch_size=args.batch,
-                          precision=hardware.device.training_precision(args.precision),
+    precision = hardware.device.training_precision(args.precision)
+    if precision != "fp32" and not hardware.device.fast_bf16:
+        print(f"warning: --precision {precision} on {hardware.device.name}, which has no fast bf16: its time is "
+              "planned at the catalogue's bf16 figure, but a bf16 run there is many times slower than fp32 "
+              "(50x on an AVX2 CPU); --precision auto plans fp32, as a run trains", file=sys.stderr)
+    options = PlanOptions(seq_len=args.seq_len, batch_size=args.batch, precision=precision,
                           activation_checkpointing=args.activation_checkpointing, lora_r=args.lora_r,
                           epochs=args.epochs, price_per_hour=args.price_per_hour, goal=args.goal,
                           budget=args.budget, sharding=args.sharding)

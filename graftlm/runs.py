@@ -294,6 +294,12 @@ def run_training(cfg: RunConfig, resume: bool | None = None, fresh: bool = False
     data = spec.build_dataset(cfg, tokenizer)
     if d.is_main and data.stats:
         print(f"data: {json.dumps(data.stats)}", flush=True)
+        cut = data.stats.get("length_limit")
+        if cut:  # the JSON counts, in words: what share is lost and which flag keeps it
+            lost = sum(v for k, v in cut.items() if k not in ("max_length", "of"))
+            print(f"warning: {lost} of {cut['of']} rows ({lost / cut['of']:.0%}) were cut or dropped at "
+                  f"{cut['max_length']} tokens; --{cfg.objective}.max-length raises the limit (up to the "
+                  "model's context)", flush=True)
     vocab = max(v for v in (tokenizer.vocab_size if tokenizer else 0, data.vocab_size or 0))
     model = build_model(cfg, vocab or None, tokenizer, d.device)
     if spec.prepare_model is not None:

@@ -113,6 +113,10 @@ def _text(row: Row, text_field: str) -> dict:
 
 
 def _sft(row: Row, text_field: str) -> dict:
+    if row.from_text_file:  # one row of a whole file: sft would keep its first max_length tokens
+        raise GraftError(f"{row.source}: a .txt file is one document, and sft trains on rows (it would keep the "
+                         "first --sft.max-length tokens); give a .jsonl of rows (messages, prompt + completion, "
+                         f"or '{text_field}'), or train on the text with `graft prepare` + `graft pretrain`")
     f = row.fields
     if "messages" in f:
         messages = _messages(f["messages"], "messages")
@@ -127,7 +131,7 @@ def _sft(row: Row, text_field: str) -> dict:
         return {"prompt": _string(f, "prompt"), "completion": _string(f, "completion")}
     if "question" in f and "answer" in f:
         return {"prompt": _string(f, "question"), "completion": _string(f, "answer")}
-    if text_field in f or row.from_text_file:
+    if text_field in f:
         return _text(row, text_field)
     raise RowError("missing fields: expected 'messages', 'prompt' + 'completion', "
                    f"'question' + 'answer' or '{text_field}'")

@@ -143,3 +143,13 @@ def test_text_field_option_and_txt_files(tmp_path):
     (tmp_path / "b.txt").write_text("whole file")
     examples, _ = load_examples([path, tmp_path / "b.txt"], "text", text_field="content")
     assert [e["text"] for e in examples] == ["doc one", "whole file"]
+
+
+def test_a_txt_file_given_to_sft_is_refused_naming_what_to_use(tmp_path):
+    """A .txt file is one document: as one sft row it would train on its first
+    max_length tokens only (and repeat them); refused, naming the file and the way."""
+    path = tmp_path / "book.txt"
+    path.write_text("a long book " * 1000)
+    with pytest.raises(GraftError, match=r"book\.txt: a \.txt file is one document, and sft trains on rows.*"
+                                          r"graft prepare` \+ `graft pretrain"):
+        load_examples([path], "sft")

@@ -132,3 +132,25 @@ def test_inference_on_a_card_without_bf16_units_takes_float16(monkeypatch, fast,
     monkeypatch.setattr(placement, "fast_bfloat16", lambda device_type: fast)
     assert placement.pick_dtype(torch.device("cuda"), "auto") == expected
     assert placement.pick_dtype(CPU, "auto") == torch.float32
+
+
+def test_a_bf16_run_on_a_cpu_without_bf16_is_measured_against_its_float32_peak(monkeypatch, tmp_path):
+    """MFU of a bf16 run on an AVX2 CPU: against what the CPU can do (float32), not
+    against the scalar bf16 loop (which a mixed autocast step outran: MFU 223%)."""
+    from graftlm import metrics
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the fake figure stays out of the real cache
+    timed = []
+    monkeypatch.setattr(metrics, "measure_matmul_peak", lambda device, dtype, **kw: timed.append(dtype) or 1e11)
+    for fast, dtype, expected in ((False, torch.bfloat16, torch.float32), (True, torch.bfloat16, torch.bfloat16),
+                                  (False, torch.float32, torch.float32)):
+        monkeypatch.setattr(metrics, "fast_bfloat16", lambda device_type, fast=fast: fast)
+        metrics.peak_flops(CPU, dtype)
+        assert timed[-1] == expected
+
+
+def test_planning_bf16_on_a_device_without_it_warns(capsys):
+    assert main(["plan", "--model", "tiny", "--data", "1M", "--hardware", "cpu", "--precision", "bf16-autocast"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --precision bf16-autocast on cpu, which has no fast bf16" in err
+    assert main(["plan", "--model", "tiny", "--data", "1M", "--hardware", "cpu"]) == 0
+    assert "warning" not in capsys.readouterr().err
