@@ -196,7 +196,8 @@ def check_command(args, catalogue) -> int:
         for name, fig in result["figures"].items():
             show = fmt_bytes if "memory" in name else (lambda v: "-" if v is None else f"{v:.4g}")
             error = "-" if fig["error"] is None else f"{fig['error']:+.1%}"
-            table.add_row(name, show(fig["predicted"]), show(fig["measured"]), error)
+            # The JSON key names its unit (bytes); the table's cells carry theirs ("168.4 MB").
+            table.add_row(name.removesuffix(" (bytes)"), show(fig["predicted"]), show(fig["measured"]), error)
         console.print(table)
         if result["memory_measured_as"] == "peak_memory_bytes" and result["device"] == "cpu":
             console.print("  note: on CPU the measured peak is the process's RSS (interpreter and libraries included)")
