@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from graftlm.models.config import ModelConfig
-from graftlm.placement import fast_bfloat16, fast_float16_on_cpu
+from graftlm.placement import slow_on_cpu
 
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s.
 CUDA_PEAK_BF16 = {
@@ -101,7 +101,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> flo
             if key in name:
                 return value if dtype in (torch.bfloat16, torch.float16) else value / 2
         return measure_matmul_peak(device, dtype, sizes=(4096, 8192))
-    if (dtype == torch.bfloat16 and not fast_bfloat16("cpu")) or (dtype == torch.float16 and not fast_float16_on_cpu()):
+    if slow_on_cpu(dtype):
         # A half dtype this CPU has no kernel for runs a scalar loop (placement.fast_bfloat16):
         # the CPU's peak is its float32 one (MFU then shows the waste; timing the loop itself
         # took seconds and gave a "peak" below what a mixed autocast step reaches, MFU > 100%).

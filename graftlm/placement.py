@@ -82,6 +82,15 @@ def fast_float16_on_cpu() -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_fp16_supported()
 
 
+def slow_on_cpu(dtype: "torch.dtype") -> bool:
+    """Whether this CPU multiplies `dtype` in PyTorch's scalar fallback (a half dtype it has
+    no kernel for): the one test behind the dtype warning and the CPU's measured peak."""
+    import torch
+
+    return (dtype == torch.bfloat16 and not fast_bfloat16("cpu")) or (dtype == torch.float16
+                                                                       and not fast_float16_on_cpu())
+
+
 def resolve_precision(requested: str, device: "torch.device", warn=print) -> str:
     """`train.precision` with `auto` made concrete for `device`: bf16 autocast where bf16 is
     fast, else fp32. An explicit bf16 choice on a device without fast bf16 is kept, with one
@@ -109,9 +118,7 @@ def placement(args: argparse.Namespace, warn=None) -> tuple["torch.device", "tor
 
     device = pick_device(0, args.device)
     dtype = pick_dtype(device, args.dtype)
-    slow = device.type == "cpu" and ((dtype == torch.bfloat16 and not fast_bfloat16("cpu"))
-                                     or (dtype == torch.float16 and not fast_float16_on_cpu()))
-    if slow:
+    if device.type == "cpu" and slow_on_cpu(dtype):
         warn = warn or (lambda message: print(message, file=sys.stderr, flush=True))
         units = "AVX-512 or AMX" if dtype == torch.bfloat16 else "AVX512-FP16 or AMX-FP16"
         warn(f"warning: --dtype {args.dtype}: this CPU has no fast {args.dtype} matrix products (it lacks "

@@ -275,8 +275,7 @@ def run_training(cfg: RunConfig, resume: bool | None = None, fresh: bool = False
     d = parallel.init_distributed(cfg.parallel, cfg.device)
     # `auto` made concrete here, so that config.yaml, the resume check and the plan see it;
     # rank 0's choice, so that ranks on machines of different kinds compute alike.
-    cfg.train.precision = parallel.decide_on_main(
-        lambda: resolve_precision(cfg.train.precision, d.device, warn=lambda message: print(message, flush=True)), d)
+    cfg.train.precision = parallel.decide_on_main(lambda: resolve_precision(cfg.train.precision, d.device), d)
     run_dir = run_directory(cfg)
     # Rank 0 looks at the run directory; every rank resumes from the checkpoint it chose,
     # or meets its refusal (a finished run...) at the same point.

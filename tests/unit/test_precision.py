@@ -143,7 +143,7 @@ def test_a_bf16_run_on_a_cpu_without_bf16_is_measured_against_its_float32_peak(m
     monkeypatch.setattr(metrics, "measure_matmul_peak", lambda device, dtype, **kw: timed.append(dtype) or 1e11)
     for fast, dtype, expected in ((False, torch.bfloat16, torch.float32), (True, torch.bfloat16, torch.bfloat16),
                                   (False, torch.float32, torch.float32)):
-        monkeypatch.setattr(metrics, "fast_bfloat16", lambda device_type, fast=fast: fast)
+        monkeypatch.setattr(placement, "fast_bfloat16", lambda device_type, fast=fast: fast)
         metrics.peak_flops(CPU, dtype)
         assert timed[-1] == expected
 
