@@ -73,6 +73,10 @@ def _unknown_argument(parser: argparse.ArgumentParser, extras: list[str]) -> str
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else argv) == ["--version"]:
+        # Answered before the parser is built: the command modules import torch (4 s).
+        print(_version())
+        return 0
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     if extras:  # argparse would blame the top-level `graft` with its usage and no hint
