@@ -218,17 +218,23 @@ def compare_command(args) -> int:
         return 0
     from rich.table import Table
     table = Table(title=f"{len(rows)} runs (plot: {args.out})")
-    columns = ("run", "regime", "trainable", "tokens", "time", "peak memory", "cost (USD)",
-               "train loss", "val loss")
+    priced = args.price_per_hour is not None  # no price, no cost column: it would be dashes
+    columns = ("run", "regime", "precision", "trainable", "tokens", "time", "peak tensors", "peak RSS",
+               *(["cost (USD)"] if priced else []), "train loss", "val loss")
     for column in columns:
-        table.add_column(column, justify="left" if column in ("run", "regime") else "right")
+        text = column in ("run", "regime", "precision")  # whole names, never cut to "lora-mo…"
+        table.add_column(column, justify="left" if text else "right", no_wrap=text)
     for row in rows:
-        table.add_row(row["run"], row["regime"], fmt_count(row["params_trainable"]), fmt_count(row["tokens"]),
-                      fmt_time(row["time_s"]), fmt_bytes(row["peak_memory_bytes"]),
-                      "-" if row["cost_usd"] is None else f"{row['cost_usd']:.4f}",
+        cost = ["-" if row["cost_usd"] is None else f"{row['cost_usd']:.4f}"] if priced else []
+        table.add_row(row["run"], row["regime"], row["precision"] or "-", fmt_count(row["params_trainable"]),
+                      fmt_count(row["tokens"]), fmt_time(row["time_s"]), fmt_bytes(row["peak_tensor_bytes"]),
+                      fmt_bytes(row["peak_rss_bytes"]), *cost,
                       "-" if row["final_train_loss"] is None else f"{row['final_train_loss']:.4f}",
                       "-" if row["final_val_loss"] is None else f"{row['final_val_loss']:.4f}")
-    table_console().print(table)
+    console = table_console()
+    console.print(table)
+    console.print("  peak tensors: the most live tensor bytes in a training step (what `graft plan` predicts); "
+                  "peak RSS: the process's resident memory on the host (interpreter and libraries too)")
     return 0
 
 

@@ -178,14 +178,22 @@ def run_row(run_dir: Path, price_per_hour: float | None) -> dict:
     time_s = summary.get("wall_time_s") or summary.get("train_time_s")
     devices = summary.get("world_size", 1)
     cost = None if price_per_hour is None or time_s is None else time_s / 3600 * price_per_hour * devices
+    # Two memories, named apart: the live tensors of a step (what `graft plan` predicts:
+    # CUDA's allocator peak, or on a CPU the trainer's count) and the process's RSS (CPU).
+    # A summary's `peak_memory_bytes` is the one or the other, by device.
+    on_cuda = str(summary.get("device", "cpu")).startswith("cuda")
+    tensors = summary.get("peak_tensor_bytes") or (summary.get("peak_memory_bytes") if on_cuda else None)
+    rss = summary.get("peak_host_memory_bytes") or (None if on_cuda else summary.get("peak_memory_bytes"))
     known = {"objective", "parameterization", "params_trainable", "params_total", "tokens", "flops",
-             "peak_memory_bytes", "final_train_loss", "final_val_loss", "val_bpb"}
+             "peak_memory_bytes", "peak_host_memory_bytes", "peak_tensor_bytes", "final_train_loss",
+             "final_val_loss", "val_bpb"}
     return {
         "run": run_dir.name, "path": str(run_dir),
         "regime": f"{summary.get('objective', '?')}/{summary.get('parameterization', '?')}",
+        "precision": summary.get("precision"), "device": summary.get("device"),
         "params_trainable": summary.get("params_trainable"), "params_total": summary.get("params_total"),
         "tokens": summary.get("tokens"), "time_s": time_s, "flops": summary.get("flops"),
-        "peak_memory_bytes": summary.get("peak_memory_bytes"), "cost_usd": cost,
+        "peak_tensor_bytes": tensors, "peak_rss_bytes": rss, "cost_usd": cost,
         "final_train_loss": summary.get("final_train_loss"), "final_val_loss": summary.get("final_val_loss"),
         "val_bpb": summary.get("val_bpb"),
         "metrics": {k: v for k, v in summary.items() if k not in known and isinstance(v, (int, float))
@@ -211,8 +219,8 @@ def comparison_plot(run_dirs: list[Path], rows: list[dict]) -> str:
     names = [row["run"] for row in rows]
     time_ax.bar(names, [row["time_s"] or 0 for row in rows], color="#4c72b0")
     time_ax.set_title("wall time (s)")
-    memory_ax.bar(names, [(row["peak_memory_bytes"] or 0) / 1e9 for row in rows], color="#dd8452")
-    memory_ax.set_title("peak memory (GB)")
+    memory_ax.bar(names, [(row["peak_tensor_bytes"] or 0) / 1e9 for row in rows], color="#dd8452")
+    memory_ax.set_title("peak live tensors in a step (GB)")
     for ax in (time_ax, memory_ax):
         ax.tick_params(axis="x", rotation=30)
     return _png(fig)
@@ -222,12 +230,12 @@ def compare_runs(run_dirs: list[Path], out: Path, price_per_hour: float | None =
     """One row per run, and `out` (HTML): the table and the comparison plot."""
     run_dirs = [Path(r) for r in run_dirs]
     rows = [run_row(r, price_per_hour) for r in run_dirs]
-    columns = ["run", "regime", "params_trainable", "tokens", "time_s", "peak_memory_bytes", "cost_usd",
-               "final_train_loss", "final_val_loss", "val_bpb"]
+    columns = ["run", "regime", "precision", "params_trainable", "tokens", "time_s", "peak_tensor_bytes",
+               "peak_rss_bytes", "cost_usd", "final_train_loss", "final_val_loss", "val_bpb"]
     head = "".join(f"<th>{c}</th>" for c in columns)
     body_rows = "".join("<tr>" + "".join(_cell(row[c]) for c in columns) + "</tr>" for row in rows)
     body = (f"<h1>comparison of {len(rows)} runs</h1><table><tr>{head}</tr>{body_rows}</table>"
-            f"<img alt='loss curves, wall time and peak memory' "
+            f"<img alt='loss curves, wall time and peak live tensors' "
             f"src='data:image/png;base64,{comparison_plot(run_dirs, rows)}'>")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page("graftlm comparison", body))

@@ -34,7 +34,8 @@ def make_run(root: Path, name: str, loss_start: float = 5.0, steps: int = 20, ad
         "objective": "sft", "parameterization": "lora" if adapter else "full", "params_total": 100000,
         "params_trainable": 5000 if adapter else 100000, "tokens": 512 * steps, "flops": 1e12,
         "wall_time_s": 12.5 if adapter else 20.0, "tokens_per_s": 1100.0, "mfu": 0.01,
-        "peak_memory_bytes": 3e8 if adapter else 6e8, "peak_host_memory_bytes": 9e8,
+        "peak_memory_bytes": 9e8, "peak_host_memory_bytes": 9e8, "peak_tensor_bytes": 3e8 if adapter else 6e8,
+        "device": "cpu", "precision": "fp32",
         "artifact_bytes": 20000, "final_train_loss": loss_start / steps ** 0.3, "final_val_loss": 2.0,
         "val_bpb": 1.5, "world_size": 1}))
     return run
@@ -70,11 +71,27 @@ def test_graft_report_and_compare(tmp_path, capsys):
     assert main(["compare", str(full), str(lora), "--out", str(out), "--price-per-hour", "3.6"]) == 0
     printed = capsys.readouterr().out
     assert "full" in printed and "lora" in printed and "sft/lora" in printed
+    # The step's live tensors and the process's RSS, each under its own name.
+    assert "peak tensors" in printed and "peak RSS" in printed and "fp32" in printed
+    assert "600.0 MB" in printed and "300.0 MB" in printed and "900.0 MB" in printed
     html = out.read_text()
     assert len(embedded_pngs(html)) == 1 and "sft/full" in html
     rows = compare_runs([full, lora], tmp_path / "again.html", price_per_hour=3.6)
     assert rows[0]["cost_usd"] == 20.0 / 3600 * 3.6
     assert rows[1]["params_trainable"] == 5000
+    assert [(r["peak_tensor_bytes"], r["peak_rss_bytes"]) for r in rows] == [(6e8, 9e8), (3e8, 9e8)]
+    assert main(["compare", str(full), str(lora), "--out", str(out)]) == 0
+    assert "cost" not in capsys.readouterr().out  # no price: no column of dashes
+
+
+def test_compare_reads_a_cuda_runs_allocator_peak_as_its_tensors(tmp_path):
+    run = make_run(tmp_path, "gpu")
+    summary = json.loads((run / "summary.json").read_text())
+    del summary["peak_tensor_bytes"]
+    summary.update(device="cuda:0", peak_memory_bytes=5e9, peak_host_memory_bytes=2e9)
+    (run / "summary.json").write_text(json.dumps(summary))
+    row = compare_runs([run], tmp_path / "cmp.html")[0]
+    assert (row["peak_tensor_bytes"], row["peak_rss_bytes"]) == (5e9, 2e9)
 
 
 def test_compare_names_an_unfinished_run(tmp_path, capsys):
