@@ -10,6 +10,7 @@ traceback. The resolved config is written back to the run directory as YAML.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import re
 import types
@@ -200,10 +201,11 @@ def read_recipe(path: str | Path) -> dict:
     return data
 
 
-def build_config(cls: type, recipe: str | Path | None = None,
+def build_config(cls: type, recipe: str | Path | dict | None = None,
                  overrides: dict[str, Any] | None = None) -> Any:
-    """Recipe values first, then command-line overrides (dotted keys), then type checks."""
-    data = read_recipe(recipe) if recipe else {}
+    """Recipe values first (a YAML file, or the mapping `read_recipe` made of it), then
+    command-line overrides (dotted keys), then type checks."""
+    data = copy.deepcopy(recipe) if isinstance(recipe, dict) else read_recipe(recipe) if recipe else {}
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value)
     return from_dict(cls, data)

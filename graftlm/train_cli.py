@@ -50,11 +50,12 @@ def config_for(args: argparse.Namespace):
 
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:")}
     recipe = getattr(args, "recipe", None)
+    recipe_data = read_recipe(recipe) if recipe else {}
     given = [f"--{k}" for k in overrides if k.startswith("adapter.") and k != "adapter.kind"]
     if "adapter.kind" in overrides:
         full = str(overrides["adapter.kind"]).lower() in FULL  # replaces the recipe's section, if any
     else:
-        section = read_recipe(recipe).get("adapter") if recipe else None
+        section = recipe_data.get("adapter")
         full = isinstance(section, dict) and str(section.get("kind", "")).lower() in FULL
         if full:
             given += [f"adapter.{k} in {recipe}" for k in section if k != "kind"]
@@ -66,18 +67,18 @@ def config_for(args: argparse.Namespace):
                               f"{'it' if len(given) == 1 else 'them'}, or choose lora, qlora or dora")
         overrides = {k: v for k, v in overrides.items() if not k.startswith("adapter.")}
         overrides["adapter"] = None
-    cfg = build_config(run_config_class(args.objective), recipe, overrides)
-    _refuse_fsdp_fields_outside_fsdp(cfg, overrides, recipe)
+    cfg = build_config(run_config_class(args.objective), recipe_data, overrides)
+    _refuse_fsdp_fields_outside_fsdp(cfg, overrides, recipe, recipe_data)
     return cfg
 
 
-def _refuse_fsdp_fields_outside_fsdp(cfg, overrides: dict, recipe: str | None) -> None:
+def _refuse_fsdp_fields_outside_fsdp(cfg, overrides: dict, recipe: str | None, recipe_data: dict) -> None:
     """An FSDP-only field (`parallel.fsdp_*`) set by the user under another mode would be
     silently ignored: refuse it, as full training refuses adapter fields."""
     if cfg.parallel.mode == "fsdp":
         return
     given = [f"--{k.replace('_', '-')}" for k in overrides if k.startswith("parallel.fsdp_")]
-    section = read_recipe(recipe).get("parallel") if recipe else None
+    section = recipe_data.get("parallel")
     if isinstance(section, dict):
         given += [f"parallel.{k} in {recipe}" for k in section
                   if str(k).startswith("fsdp_") and f"parallel.{k}" not in overrides]
