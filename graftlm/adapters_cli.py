@@ -12,6 +12,7 @@ adapter directory, and a non-empty one is written into only with `--overwrite`.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
@@ -31,6 +32,20 @@ DEFAULT_EVAL_TEXT = (
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def named_adapter(text: str) -> tuple[str, str]:
+    """An `--adapter NAME=DIR` value (graft eval, graft serve)."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {text!r}")
+    return name, path
+
+
+def add_allow_other_base(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-other-base", action="store_true",
+                        help="load adapters although the base weights they record differ from this model's "
+                             "(a fine-tuned variant of their base); the architecture must still match")
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("merge", help="merge a LoRA / QLoRA / DoRA adapter into its base model",
                               description=__doc__.split("\n\n")[0])
@@ -44,6 +59,7 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the written weights")
     p.add_argument("--overwrite", action="store_true",
                    help="write into --out although it is a non-empty directory (its model files are replaced)")
+    add_allow_other_base(p)
     p.set_defaults(handler=merge_command)
 
 
@@ -98,12 +114,12 @@ def check_out_dir(out: Path, base_dir: Path, adapter_dir: Path, overwrite: bool)
         raise GraftError(f"--out {out}: directory is not empty; pass --overwrite to write the merged model into it")
 
 
-def _merge_reward_model(base_dir: Path, adapter_dir: Path, out: Path) -> int:
+def _merge_reward_model(base_dir: Path, adapter_dir: Path, out: Path, allow_other_base: bool) -> int:
     """A reward model's adapter (`graft reward --adapter ...`) merged into its base: a
     reward model directory (`--ppo.reward`, `graft eval`)."""
     from graftlm.models.heads import load_scalar_adapter, save_scalar_model
 
-    model = adapters.merge_and_unload(load_scalar_adapter(adapter_dir, base_dir), dtype=torch.float32)
+    model = adapters.merge_and_unload(load_scalar_adapter(adapter_dir, base_dir, allow_other_base=allow_other_base), dtype=torch.float32)
     tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer.json").exists() else base_dir
     save_scalar_model(model, out, tokenizer_dir=tokenizer_dir)
     print(f"merged {adapter_dir} into {base_dir} -> {out} (a reward model)")
@@ -121,10 +137,10 @@ def merge_command(args) -> int:
         raise GraftError(f"--eval-tokens: must be 0 (no loss check) or >= 2, got {args.eval_tokens}")
     check_out_dir(Path(args.out), base_dir, Path(args.adapter), args.overwrite)
     if is_scalar_adapter_dir(args.adapter):
-        return _merge_reward_model(base_dir, Path(args.adapter), Path(args.out))
+        return _merge_reward_model(base_dir, Path(args.adapter), Path(args.out), args.allow_other_base)
     model = load_model(base_dir, dtype=torch.float32)
     kind = adapters.read_adapter_config(args.adapter).get("graftlm_kind")
-    adapters.load_adapter(model, args.adapter)
+    adapters.load_adapter(model, args.adapter, allow_other_base=args.allow_other_base)
     token_ids, what, not_measured = None, None, None
     if args.eval_tokens == 0:
         not_measured = "--eval-tokens 0 turns the check off"

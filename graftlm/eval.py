@@ -177,7 +177,7 @@ def _context_length(model_dir: Path) -> int:
 def evaluate(model_dir: str | Path, data: str | Path, adapters: dict[str, str] | None = None,
              few_shot: int = 0, max_rows: int | None = None, max_new_tokens: int = 64,
              reward: str | None = None, reference: str | Path | None = None, batch_size: int = 16,
-             device: str = "cpu") -> dict:
+             device: str = "cpu", allow_other_base: bool = False) -> dict:
     """Evaluate the base model and each adapter on `data`; see the module docstring."""
     from graftlm.data.render import RenderConfig, Renderer
     from graftlm.models.heads import is_scalar_model_dir
@@ -215,7 +215,7 @@ def evaluate(model_dir: str | Path, data: str | Path, adapters: dict[str, str] |
     if adapters:
         from graftlm.adapters import load_adapter
         for name, path in adapters.items():
-            load_adapter(model, path, name)
+            load_adapter(model, path, name, allow_other_base=allow_other_base)
     variants = ["base", *adapters]
 
     def use(name):

@@ -5,23 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 
+from graftlm.adapters_cli import add_allow_other_base, named_adapter
 from graftlm.errors import GraftError
 from graftlm.placement import pick_device
-
-
-def _adapter_spec(text: str) -> tuple[str, str]:
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {text!r}")
-    return name, path
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="held-out loss / bpb, answer accuracy or pairwise accuracy, "
                                            "base and adapters side by side")
     p.add_argument("--model", required=True, help="model directory (or a reward model from graft reward)")
-    p.add_argument("--adapter", action="append", type=_adapter_spec, default=[], metavar="NAME=DIR",
+    p.add_argument("--adapter", action="append", type=named_adapter, default=[], metavar="NAME=DIR",
                    help="an adapter to compare (repeatable)")
+    add_allow_other_base(p)
     p.add_argument("--data", required=True, help="held-out rows: text, prompts with answers, or pairs")
     p.add_argument("--few-shot", type=int, default=0, metavar="K",
                    help="also score the base prompted with the first K rows as examples")
@@ -49,7 +44,8 @@ def eval_command(args: argparse.Namespace) -> int:
         raise GraftError("--adapter: names must be distinct and not 'base'")
     result = evaluate(args.model, args.data, dict(args.adapter), few_shot=args.few_shot,
                       max_rows=args.max_rows, max_new_tokens=args.max_new_tokens, reward=args.reward,
-                      reference=args.reference, batch_size=args.batch_size, device=pick_device(0, args.device))
+                      reference=args.reference, batch_size=args.batch_size, device=pick_device(0, args.device),
+                      allow_other_base=args.allow_other_base)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

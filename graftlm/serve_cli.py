@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from graftlm.adapters_cli import add_allow_other_base, named_adapter
 from graftlm.errors import GraftError
 from graftlm.placement import add_placement_arguments, placement
-
-
-def _adapter_arg(text: str) -> tuple[str, str]:
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"'{text}': expected NAME=DIR")
-    return name, path
 
 
 def register(subparsers) -> None:
@@ -21,8 +14,9 @@ def register(subparsers) -> None:
                               description="Serve /v1/completions, /v1/chat/completions and /v1/models; "
                                           "load and unload adapters at run time.")
     p.add_argument("--model", required=True, help="base model directory (Hugging Face layout)")
-    p.add_argument("--adapter", action="append", type=_adapter_arg, default=[], metavar="NAME=DIR",
+    p.add_argument("--adapter", action="append", type=named_adapter, default=[], metavar="NAME=DIR",
                    help="load a PEFT adapter at start (repeatable)")
+    add_allow_other_base(p)
     p.add_argument("--adapter-root", metavar="DIR",
                    help='directory under which clients may load adapters: POST /v1/adapters with '
                         'the JSON body {"name": NAME, "path": PATH}, PATH relative to DIR; '
@@ -61,7 +55,8 @@ def serve(args) -> int:
     if len(set(names)) != len(names):
         raise GraftError("--adapter: a name is given twice")
     backend = build_backend(args.model, dict(args.adapter), args.adapter_root, args.max_batch,
-                            args.max_queue, args.served_model_name, *placement(args), compile=args.compile)
+                            args.max_queue, args.served_model_name, *placement(args), compile=args.compile,
+                            allow_other_base=args.allow_other_base)
     app = create_app(backend, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
     adapters = ", ".join(names) or "none"
     if args.adapter_root:

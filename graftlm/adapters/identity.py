@@ -1,15 +1,20 @@
 """The identity of a base model, recorded in every adapter saved from it.
 
-Two numbers: `config_sha256` over the architecture fields of the model config, and
-`weights_sha256` over a fixed sample of every base weight (64 evenly spaced values per
-tensor, rounded to bf16 so that a base stored in float32 and the same base loaded in
-bf16 agree). Sampling keeps it cheap on large models while any retrained, fine-tuned
-or different base changes it. It is taken before QLoRA quantizes or a cast changes
-the base, and kept on the model, so it always names the base as loaded.
+Two parts: `config_sha256` over the architecture fields of the model config (compared
+exactly), and `weights_sample`, 32 evenly spaced values of every base weight in name
+order (float32, base64), compared within half-precision rounding. A tolerance, not a
+hash: the same base stored or loaded in float32, bf16 or float16 rounds its values
+differently, and a hash of rounded values told an adapter trained on a float32 base
+that the same base loaded in float16 (`--dtype float16`, a GPU without bf16) was
+another model. Any retrained, fine-tuned or different base still moves some of the
+thousands of sampled values by more than rounding does. The sample is taken before
+QLoRA quantizes or a cast changes the base, and kept on the model, so it always names
+the base as loaded.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import json
@@ -20,7 +25,10 @@ from torch import nn
 ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                        "num_kv_heads", "head_dim", "rope_theta", "rope_scaling", "rms_norm_eps",
                        "tie_embeddings", "attention_bias", "qk_norm", "sliding_window", "model_type")
-SAMPLES_PER_TENSOR = 64
+SAMPLES_PER_TENSOR = 32
+# Two half-precision roundings apart at most (bf16 keeps 8 significant bits, float16 11,
+# and float16 flushes values under 6e-5 to coarser subnormal steps); with room to spare.
+RELATIVE_TOLERANCE, ABSOLUTE_TOLERANCE = 2.0 ** -6, 1e-6
 
 
 def config_sha256(config) -> str:
@@ -29,22 +37,49 @@ def config_sha256(config) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
+def _named_weights(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return sorted(model.named_parameters(), key=lambda item: item[0])
+
+
 @torch.no_grad()
-def weights_sha256(model: nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+def _sample(model: nn.Module) -> torch.Tensor:
+    samples = []
+    for _, param in _named_weights(model):
         flat = param.detach().reshape(-1)
         index = torch.linspace(0, flat.numel() - 1, min(SAMPLES_PER_TENSOR, flat.numel())).long()
-        sample = flat[index.to(flat.device)].to(torch.bfloat16).view(torch.int16).cpu()
-        digest.update(name.encode())
-        digest.update(str(tuple(param.shape)).encode())
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()
+        samples.append(flat[index.to(flat.device)].float().cpu())
+    return torch.cat(samples) if samples else torch.zeros(0)
+
+
+def weights_sample(model: nn.Module) -> str:
+    return base64.b64encode(_sample(model).numpy().tobytes()).decode()
 
 
 def base_identity(model: nn.Module) -> dict:
-    """{"config_sha256", "weights_sha256"} of a model that has no adapters yet."""
+    """{"config_sha256", "weights_sample"} of a model that has no adapters yet."""
     stored = getattr(model, "adapter_base_identity", None)
     if stored is not None:
         return stored
-    return {"config_sha256": config_sha256(model.config), "weights_sha256": weights_sha256(model)}
+    return {"config_sha256": config_sha256(model.config), "weights_sample": weights_sample(model)}
+
+
+def weights_difference(recorded: str, model: nn.Module) -> str | None:
+    """None when `model`'s base weights are the recorded ones up to half-precision
+    rounding; else what differs first, in words."""
+    try:
+        before = torch.frombuffer(bytearray(base64.b64decode(recorded, validate=True)), dtype=torch.float32)
+    except ValueError:
+        return "the recorded sample is not base64 of float32 values"
+    identity = getattr(model, "adapter_base_identity", None)
+    now = (torch.frombuffer(bytearray(base64.b64decode(identity["weights_sample"])), dtype=torch.float32)
+           if identity and "weights_sample" in identity else _sample(model))
+    if before.numel() != now.numel():
+        return f"{before.numel()} sampled values recorded, {now.numel()} here (other tensors)"
+    off = (before - now).abs() > RELATIVE_TOLERANCE * torch.maximum(before.abs(), now.abs()) + ABSOLUTE_TOLERANCE
+    if not off.any():
+        return None
+    first = int(off.nonzero()[0])
+    names = [name for name, param in _named_weights(model) for _ in range(min(SAMPLES_PER_TENSOR, param.numel()))]
+    where = f" (first in '{names[first]}')" if len(names) == now.numel() else ""
+    return (f"{int(off.sum())} of {now.numel()} sampled values differ{where}: "
+            f"{before[first].item():.6g} recorded, {now[first].item():.6g} here")

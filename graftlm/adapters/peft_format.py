@@ -161,16 +161,20 @@ def _check_task(model: nn.Module, task_type: str | None, adapter_dir: Path) -> N
         raise GraftError(f"{adapter_dir}: task_type {task_type}; a reward model takes SEQ_CLS adapters")
 
 
-def _check_identity(model: nn.Module, recorded: dict | None, path: Path) -> None:
+def _check_identity(model: nn.Module, recorded: dict | None, path: Path, allow_other_base: bool) -> None:
     if not recorded:
         return  # an adapter made by PEFT: shapes are still checked tensor by tensor
     actual = identity.base_identity(model)
-    for field in ("config_sha256", "weights_sha256"):
-        if field in recorded and recorded[field] != actual.get(field):
-            what = "architecture" if field == "config_sha256" else "weights"
-            raise GraftError(f"{path}: the recorded 'graftlm_base_identity.{field}' does not match this base model "
-                             f"(the adapter was trained on a base with different {what}: "
-                             f"{recorded[field][:12]} vs {actual[field][:12]})")
+    if "config_sha256" in recorded and recorded["config_sha256"] != actual["config_sha256"]:
+        raise GraftError(f"{path}: the recorded 'graftlm_base_identity.config_sha256' does not match this base "
+                         f"model (the adapter was trained on a base with a different architecture: "
+                         f"{recorded['config_sha256'][:12]} vs {actual['config_sha256'][:12]})")
+    if "weights_sample" in recorded and not allow_other_base:
+        difference = identity.weights_difference(recorded["weights_sample"], model)
+        if difference is not None:
+            raise GraftError(f"{path}: the adapter was trained on a base with other weights "
+                             f"('graftlm_base_identity.weights_sample': {difference}); if this base is "
+                             "meant (a fine-tuned variant of it), pass --allow-other-base")
 
 
 def _split_key(key: str, weights_path: Path) -> tuple[str, str]:
@@ -199,10 +203,12 @@ def _own_module_name(modules: dict, hf_name: str) -> str:
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default",
-                 kind: str | None = None) -> nn.Module:
+                 kind: str | None = None, allow_other_base: bool = False) -> nn.Module:
     """Load a PEFT-format adapter as adapter `name`; it becomes active if it is the first.
 
     `kind="qlora"` loads a LoRA adapter onto an NF4-quantized base (QLoRA inference).
+    `allow_other_base`: load it although the base weights it records differ from the
+    model's (a fine-tuned variant of its base); the architecture and shapes still must fit.
     """
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir)
@@ -214,7 +220,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
         raise GraftError(f"{adapter_dir}: no {WEIGHTS_FILE}")
     cfg = config_from_peft(config, adapter_dir / CONFIG_FILE, kind)
     _check_task(model, config.get("task_type"), adapter_dir)
-    _check_identity(model, config.get("graftlm_base_identity"), adapter_dir)
+    _check_identity(model, config.get("graftlm_base_identity"), adapter_dir, allow_other_base)
     state = read_safetensors(weights_path)
     modules = dict(model.named_modules())
     by_module: dict[str, dict[str, torch.Tensor]] = {}

@@ -186,7 +186,8 @@ def scalar_adapter_base(adapter_dir: str | Path) -> Path:
 
 
 def load_scalar_adapter(adapter_dir: str | Path, base_dir: str | Path | None = None,
-                        dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> ScalarHeadModel:
+                        dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                        allow_other_base: bool = False) -> ScalarHeadModel:
     """A reward model's adapter on its base language model (`base_dir`, else the base the
     adapter records), unmerged; the head comes from the adapter."""
     from graftlm.adapters import load_adapter
@@ -199,5 +200,5 @@ def load_scalar_adapter(adapter_dir: str | Path, base_dir: str | Path | None = N
         from graftlm.tokenizer import load_tokenizer
         pad = load_tokenizer(adapter_dir).pad_id
     head = ScalarHeadModel.from_decoder(decoder, pad_token_id=pad if pad is not None else 0, record_base=True)
-    load_adapter(head, adapter_dir)
+    load_adapter(head, adapter_dir, allow_other_base=allow_other_base)
     return head.eval()

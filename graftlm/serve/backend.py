@@ -21,8 +21,9 @@ from graftlm.serve.scheduler import Scheduler
 
 class ServeBackend:
     def __init__(self, model, tokenizer, stepper, base_name: str, adapter_root: str | Path | None,
-                 max_batch: int, max_queue: int, compiled: bool = False):
+                 max_batch: int, max_queue: int, compiled: bool = False, allow_other_base: bool = False):
         self.model, self.tokenizer = model, tokenizer
+        self.allow_other_base = allow_other_base  # the operator's, for clients' loads too
         # A compiled decode step is traced through the adapter layers' wrappers: they stay
         # when the last adapter is unloaded, or the next base step would recompile (tens of
         # seconds) while requests wait.
@@ -46,7 +47,7 @@ class ServeBackend:
         check_adapter_name(name)
         if name == self.registry.base_name or name in self.registry:
             raise GraftError(f"--adapter {name}: the name is already taken")
-        load_adapter(self.model, Path(path), name)
+        load_adapter(self.model, Path(path), name, allow_other_base=self.allow_other_base)
         entry = AdapterEntry(name, Path(path), int(time.time()))
         self.registry.add(entry)
         return entry
@@ -64,7 +65,8 @@ class ServeBackend:
                            code="adapter_exists")
         self._loading.add(name)
         try:
-            await self.scheduler.run_control(lambda: load_adapter(self.model, real, name))
+            await self.scheduler.run_control(
+                lambda: load_adapter(self.model, real, name, allow_other_base=self.allow_other_base))
         except GraftError as e:
             raise APIError(400, f"adapter '{client_path}' cannot be loaded: {e}", param="path",
                            code="invalid_adapter")
@@ -94,7 +96,7 @@ def default_served_name(model_dir: str | Path) -> str:
 def build_backend(model_dir: str | Path, adapters: dict[str, str] | None = None,
                   adapter_root: str | Path | None = None, max_batch: int = 16,
                   max_queue: int = 256, base_name: str | None = None, device="cpu",
-                  dtype=None, compile: bool = False) -> ServeBackend:
+                  dtype=None, compile: bool = False, allow_other_base: bool = False) -> ServeBackend:
     """Load the base model and tokenizer, and the operator's adapters; start nothing yet.
     `dtype` None: float32. `compile`: decode with the engine's compiled step (compiled
     here, before serving, with the adapters already loaded): steps whose rows all ask for
@@ -119,7 +121,7 @@ def build_backend(model_dir: str | Path, adapters: dict[str, str] | None = None,
     batch = Batch(engine, row_adapters=True, want_text=True)
     backend = ServeBackend(model, tokenizer, batch,
                            base_name or default_served_name(model_dir), adapter_root, max_batch, max_queue,
-                           compiled=compile)
+                           compiled=compile, allow_other_base=allow_other_base)
     for name, path in (adapters or {}).items():
         backend.load_adapter_now(name, path)
     if compile:  # after the adapters: the graph is traced over the model as it will serve

@@ -203,3 +203,23 @@ def test_adapter_loading_disabled_without_root(files):
     with thread_server(backend) as url:
         r = httpx.post(url + "/v1/adapters", json={"name": "a2", "path": "a2"})
         assert_openai_error(r, 403)
+
+
+def test_an_adapter_of_another_base_loads_only_when_the_operator_allows_it(files, tmp_path):
+    import torch
+
+    from graftlm.adapters import AdapterConfig, apply_adapters, save_adapter
+    from graftlm.models.hf import load_model
+    tuned = load_model(files["model"])
+    with torch.no_grad():  # the same architecture, other weights: a fine-tuned variant
+        for param in tuned.parameters():
+            param.mul_(1.1)
+    save_adapter(apply_adapters(tuned, AdapterConfig(r=2)), tmp_path / "tuned")
+    for allow, status in ((False, 400), (True, 200)):
+        backend = build_backend(files["model"], adapter_root=tmp_path, max_batch=2, allow_other_base=allow)
+        with thread_server(backend) as url:
+            r = httpx.post(url + "/v1/adapters", json={"name": "tuned", "path": "tuned"})
+            assert r.status_code == status, r.text
+            if not allow:
+                assert_openai_error(r, 400)
+                assert "other weights" in r.json()["error"]["message"]

@@ -55,7 +55,7 @@ def test_graftlm_adapter_loads_in_peft(cfg, tmp_path):
     assert saved["peft_type"] == "LORA" and saved["task_type"] == "CAUSAL_LM"
     # graftlm's own fields are in the weights' metadata, not among PEFT's (which warns of unknown ones)
     assert not [key for key in saved if key.startswith("graftlm")]
-    assert A.read_adapter_config(tmp_path / "ad")["graftlm_base_identity"]["weights_sha256"]
+    assert A.read_adapter_config(tmp_path / "ad")["graftlm_base_identity"]["weights_sample"]
     theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "ad").eval()
     assert (_logits(theirs) - _logits(ours)).abs().max().item() <= 1e-4
     # Same layers targeted as PEFT's own matching of the saved target_modules.
