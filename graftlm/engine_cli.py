@@ -4,7 +4,7 @@
 `chat` is a REPL on stdin: each line is a user turn, the conversation is rendered with
 the tokenizer's chat template (add_generation_prompt) and the reply streams token by
 token; EOF or `/exit` ends it. Both read a Hugging Face model directory, whose
-`tokenizer.json` text prompts need.
+`tokenizer.json` text prompts need, and optionally an adapter on it (`--adapter DIR`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from graftlm.adapters_cli import add_allow_other_base
 from graftlm.errors import GraftError
 from graftlm.placement import add_placement_arguments, placement
 
@@ -34,6 +35,9 @@ def register(subparsers) -> None:
     _add_sampling_arguments(chat, max_new_tokens=512, temperature=0.7)
     chat.set_defaults(handler=chat_command)
     for parser in (gen, chat):
+        parser.add_argument("--adapter", metavar="DIR",
+                            help="a LoRA / QLoRA / DoRA adapter (PEFT layout) on --model, its base")
+        add_allow_other_base(parser)
         parser.add_argument("--compile", action="store_true",
                             help="compile the decode step (torch.compile, once at the first "
                                  "token, tens of seconds): faster decoding after that")
@@ -60,9 +64,17 @@ def _load_engine(args):
     from graftlm.tokenizer import load_tokenizer
 
     model_dir = args.model
+    if args.adapter and args.compile:
+        # The compiled step computes the base alone: every step would run eagerly after a
+        # compile of tens of seconds.
+        raise GraftError("--compile decodes the base model only, not an adapter: merge the adapter into its "
+                         "base with `graft merge` and compile the merged model")
     device, dtype = placement(args)
     check_generative(model_dir)
     model = load_model(model_dir, dtype=dtype, device=device)  # checks the directory, one-line errors
+    if args.adapter:
+        from graftlm.adapters import load_adapter
+        load_adapter(model, args.adapter, allow_other_base=args.allow_other_base)
     if not (Path(model_dir) / "tokenizer.json").exists():
         raise GraftError(f"{model_dir}: no tokenizer.json, so text prompts cannot be encoded")
     if args.compile:

@@ -90,9 +90,9 @@ def check_model_dir(path: str | Path) -> Path:
     if not (model_dir / "config.json").exists():
         if (model_dir / "adapter_config.json").exists():  # a run's final/ after LoRA: a common mix-up
             raise GraftError(f"{model_dir}: is a PEFT adapter (adapter_config.json), not a model{_base_of(model_dir)}; "
-                             "to evaluate or serve it, give the base with --model and this directory with "
-                             "--adapter NAME=DIR (graft eval, graft serve); to train from it, merge it into "
-                             "the base first with `graft merge`")
+                             "to use it, give the base with --model and this directory with --adapter DIR "
+                             "(graft generate, graft chat) or --adapter NAME=DIR (graft eval, graft serve); "
+                             "to train from it, merge it into the base first with `graft merge`")
         raise GraftError(f"{model_dir}: no config.json (not a Hugging Face model directory)")
     return model_dir
 

@@ -204,6 +204,32 @@ def test_graft_chat_answers_a_line_then_exits_on_eof(model_dir, capsys, monkeypa
     assert capsys.readouterr().out == want.text + "\n"
 
 
+def test_graft_generate_and_chat_with_an_adapter_on_the_base(model_dir, tmp_path, capsys, monkeypatch):
+    import graftlm.adapters as A
+    tuned = A.apply_adapters(load_model(model_dir), A.AdapterConfig(r=4))
+    with torch.no_grad():
+        for param in A.adapter_params(tuned):
+            param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(0)))
+    A.save_adapter(tuned, tmp_path / "ad")
+    greedy = SamplingParams(max_new_tokens=8, temperature=0)
+    tok = load_tokenizer(model_dir)
+    want = Engine(tuned.eval(), tok).generate([tok.encode(PROMPTS[0])], greedy)[0].text
+    base = Engine(load_model(model_dir), tok).generate([tok.encode(PROMPTS[0])], greedy)[0].text
+    assert want != base  # so that the adapter's text shows that it was used
+    assert main(["generate", "--model", str(model_dir), "--adapter", str(tmp_path / "ad"),
+                 "--prompt", PROMPTS[0], "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out == want + "\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello there\n"))
+    assert main(["chat", "--model", str(model_dir), "--adapter", str(tmp_path / "ad"), "--temperature", "0",
+                 "--max-new-tokens", "4"]) == 0
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "hello there"}], add_generation_prompt=True))
+    assert capsys.readouterr().out == Engine(tuned, tok).generate([ids], SamplingParams(
+        max_new_tokens=4, temperature=0))[0].text + "\n"
+    assert main(["generate", "--model", str(model_dir), "--adapter", str(tmp_path / "ad"), "--compile",
+                 "--prompt", "hi"]) == 2
+    assert "graft merge" in capsys.readouterr().err
+
+
 def test_missing_model_dir_exits_2_with_one_line(tmp_path, capsys):
     rc = main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "hi"])
     err = capsys.readouterr().err
