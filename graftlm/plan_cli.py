@@ -186,11 +186,14 @@ def check_command(args, catalogue) -> int:
         json.dump(results, sys.stdout, indent=2)
         print()
         return 0
+    from rich.markup import escape
     from rich.table import Table
     console = table_console()
     for result in results:
-        table = Table(title=f"{result['run']}: {result['objective']} / {result['parameterization']} on "
-                            f"{result['device']} (time assumes {result['assumed']})")
+        # A heading line, not the table's title: a title wraps at the narrow table's width.
+        console.print(f"[bold]{escape(str(result['run']))}[/bold]: {result['objective']} / {result['parameterization']} "
+                      f"on {result['device']}", highlight=False)
+        table = Table()
         for column in ("figure", "predicted", "measured", "error"):
             table.add_column(column, justify="left" if column == "figure" else "right")
         for name, fig in result["figures"].items():
@@ -199,6 +202,7 @@ def check_command(args, catalogue) -> int:
             # The JSON key names its unit (bytes); the table's cells carry theirs ("168.4 MB").
             table.add_row(name.removesuffix(" (bytes)"), show(fig["predicted"]), show(fig["measured"]), error)
         console.print(table)
+        console.print(f"  time assumes {result['assumed']}")
         if result["memory_measured_as"] == "peak_memory_bytes" and result["device"] == "cpu":
             console.print("  note: on CPU the measured peak is the process's RSS (interpreter and libraries included)")
         if result["memory_seq_len"] != result["seq_len"]:
