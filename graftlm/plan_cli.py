@@ -135,8 +135,9 @@ def print_plan(result: dict) -> None:
                   f"{'' if result['model']['has_weights'] else ' (no weights given)'}")
     console.print(f"[bold]data[/] {fmt_count(result['data']['tokens'])} tokens x {opts['epochs']:g} epoch(s); "
                   f"[bold]batch[/] {opts['batch_size']} x {opts['seq_len']} tokens per device; {opts['precision']}")
+    # The catalogue counts GiB; every figure printed here is in the tables' decimal units.
     console.print(f"[bold]hardware[/] {hw['name']}: {fmt_bytes(hw['memory_gb'] * 2**30)} per device "
-                  f"({hw['reserved_gb']:g} GiB reserved), {hw['peak_tflops']:g} TFLOP/s "
+                  f"({fmt_bytes(hw['reserved_gb'] * 2**30)} reserved), {hw['peak_tflops']:g} TFLOP/s "
                   f"{'fp32' if opts['precision'] == 'fp32' else 'bf16'}, MFU {hw['mfu']:.0%}")
 
     memory = Table(title="memory per device (peak = what must fit)", show_lines=False)

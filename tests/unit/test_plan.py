@@ -326,3 +326,11 @@ def test_nonsense_costs_name_the_flag(capsys, flag, value, said):
     assert main(["plan", "--model", "tiny", "--data", "1M", flag, value]) == 2
     err = capsys.readouterr().err
     assert f"{flag}: {said}" in err and len(err.strip().splitlines()) == 1
+
+
+def test_hardware_line_uses_one_unit(capsys):
+    """The catalogue's memory_gb / reserved_gb are GiB; the line printed them as "17.2 GB
+    per device (4 GiB reserved)". Both now come in the tables' decimal GB."""
+    assert main(["plan", "--model", "tiny", "--data", "1M", "--hardware", "cpu"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("hardware"))
+    assert "GiB" not in line and "17.2 GB per device (4.3 GB reserved)" in line
