@@ -164,8 +164,13 @@ def print_plan(result: dict) -> None:
     for column in ("regime", "trainable", "FLOPs", "time", "cost (USD)", "artefact"):
         compute.add_column(column, justify="left" if column == "regime" else "right")
     for r in regimes:
+        # The time is the FLOPs at this hardware's speed whether or not the run fits in its
+        # memory: marked as the memory table's "fits" row is, so no row reads as doable when it is not.
+        mark = ("" if r["fits"] else " [yellow](with ckpt)[/]" if r["fits_with_checkpointing"]
+                else " [red](does not fit)[/]")
         compute.add_row(r["description"], fmt_count(r["params_trainable"]), f"{r['flops']:.3g}",
-                        fmt_time(r["time_s"]), f"{r['cost_usd']:,.2f}", f"{r['artifact']} {fmt_bytes(r['artifact_bytes'])}")
+                        fmt_time(r["time_s"]) + mark, f"{r['cost_usd']:,.2f}",
+                        f"{r['artifact']} {fmt_bytes(r['artifact_bytes'])}")
     console.print(compute)
 
     rec = result["recommendation"]

@@ -334,3 +334,13 @@ def test_hardware_line_uses_one_unit(capsys):
     assert main(["plan", "--model", "tiny", "--data", "1M", "--hardware", "cpu"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("hardware"))
     assert "GiB" not in line and "17.2 GB per device (4.3 GB reserved)" in line
+
+
+def test_time_table_marks_regimes_that_do_not_fit(capsys):
+    """1b on a CPU: full SFT does not fit even with checkpointing, yet its time was listed
+    unmarked beside LoRA's, as if it could run."""
+    assert main(["plan", "--model", "1b", "--data", "1M", "--hardware", "cpu", "--seq-len", "2048"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") > 5}
+    assert "does not fit" in rows["full fine-tuning (SFT)"]
+    assert "does not fit" not in rows["LoRA (SFT, fp32 base)"] and "with ckpt" in rows["LoRA (SFT, fp32 base)"]
