@@ -344,3 +344,19 @@ def test_time_table_marks_regimes_that_do_not_fit(capsys):
     rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") > 5}
     assert "does not fit" in rows["full fine-tuning (SFT)"]
     assert "does not fit" not in rows["LoRA (SFT, fp32 base)"] and "with ckpt" in rows["LoRA (SFT, fp32 base)"]
+
+
+def test_check_labels_its_memory_row_peak_tensors(tmp_path, capsys):
+    """The row compares live tensor bytes: `graft compare` calls them "peak tensors" (and
+    RSS "peak RSS"), so `plan --check` does too; the JSON key, which demo.py reads, stays."""
+    import yaml
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({
+        "objective": "sft", "model": "tiny", "train": {"batch_size": 2, "seq_len": 64, "precision": "fp32"}}))
+    (tmp_path / "summary.json").write_text(json.dumps({
+        "device": "cpu", "world_size": 1, "tokens": 1000, "flops": 1e9, "train_time_s": 1.0,
+        "peak_flops": 1e11, "peak_tensor_bytes": 3_000_000}))
+    assert main(["plan", "--check", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "peak tensors" in out and "peak memory" not in out
+    assert main(["plan", "--check", str(tmp_path), "--json"]) == 0
+    assert "peak memory (bytes)" in json.loads(capsys.readouterr().out)[0]["figures"]
