@@ -250,6 +250,30 @@ def _saved_identity(checkpoint: Path | None) -> dict:
         return {}  # the resume itself names what is wrong with the checkpoint
 
 
+def changed_settings(previous: Path, config: dict) -> list[str]:
+    """`field: old -> new` for each setting of `config` that differs from the run's
+    previous config.yaml (none when there is none to compare with)."""
+    try:
+        before = yaml.safe_load(previous.read_text()) if previous.is_file() else None
+    except yaml.YAMLError:
+        return []
+    if not isinstance(before, dict):
+        return []
+
+    def flat(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    old, new = flat(before), flat(config)
+    return [f"{key}: {old.get(key)} -> {new.get(key)}" for key in dict.fromkeys([*new, *old])
+            if old.get(key) != new.get(key)]
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -322,14 +346,18 @@ def run_training(cfg: RunConfig, resume: bool | None = None, fresh: bool = False
         flops_per_token=flops_per_token_at(cfg, model.config), peak_flops=peak_flops(d.device, dtype), rank=d.rank,
         world_size=d.world_size, all_reduce=lambda t: parallel.all_reduce_sum(t, d),
         grad_sync=lambda last: parallel.gradient_sync(wrapped, last), tensorboard=cfg.tensorboard,
-        sharded=parallel.is_sharded(wrapped))
+        sharded=parallel.is_sharded(wrapped), started=started)
+    config = {"objective": cfg.objective, **to_dict(cfg)}
     if resume_from is not None:
         trainer.resume(resume_from, allow_config_change)
         if d.is_main:
             print(f"resuming from {resume_from} (step {trainer.step})", flush=True)
+            changed = changed_settings(run_dir / "config.yaml", config)
+            if changed:  # allowed (the learning rate, more steps...), but never unsaid
+                print(f"warning: resumed with changed settings: {', '.join(changed)} (config.yaml now records "
+                      "them; --fresh starts the run over)", flush=True)
     if d.is_main:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(
-            {"objective": cfg.objective, **to_dict(cfg)}, sort_keys=False))
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     stats = trainer.fit()
 
     summary = None
@@ -354,7 +382,7 @@ def run_training(cfg: RunConfig, resume: bool | None = None, fresh: bool = False
             "model": cfg.model, "device": str(d.device), "world_size": d.world_size,
             "precision": cfg.train.precision,
             "params_total": params_total, "params_trainable": params_trainable,
-            **stats, **({"data": data.stats} if data.stats else {}), "wall_time_s": time.perf_counter() - started,
+            **stats, **({"data": data.stats} if data.stats else {}), "wall_time_s": trainer.wall_time_s(),
             "flops_per_token": stats["flops"] / max(stats["tokens"], 1), "peak_flops": trainer.peak_flops,
             "artifact_bytes": _dir_bytes(final),
             "config_sha256": hashlib.sha256((run_dir / "config.yaml").read_bytes()).hexdigest(),

@@ -116,8 +116,9 @@ class Trainer:
                  rank: int = 0, world_size: int = 1,
                  all_reduce: Callable[[torch.Tensor], torch.Tensor] = _sum_locally,
                  grad_sync: Callable[[bool], contextlib.AbstractContextManager] | None = None,
-                 tensorboard: bool = True, sharded: bool = False):
-        """`model` is the module whose weights are trained and saved; `forward_model` the
+                 tensorboard: bool = True, sharded: bool = False, started: float | None = None):
+        """`started`: when the command began (`time.perf_counter()`), for the wall time.
+        `model` is the module whose weights are trained and saved; `forward_model` the
         one the objective calls (a DDP / FSDP2 wrapper of it; default the model).
         `flops_per_token`: model FLOPs to train one token, or a function of the context
         length it is trained at."""
@@ -149,6 +150,8 @@ class Trainer:
         self.flops = 0.0  # their model FLOPs
         self.last_step_flops = 0.0
         self.train_time_s = 0.0  # time in training steps, summed over resumes
+        self.started = time.perf_counter() if started is None else started
+        self.earlier_wall_time_s = 0.0  # the commands before a resume, up to their last checkpoint
         # The run's tokens/s and MFU leave out each process's first step (compiling,
         # allocating the optimizer states: with compile, 38 tok/s against 22,000 in every
         # later step) and the step whose tensors are counted (a Python call per operator).
@@ -336,7 +339,7 @@ class Trainer:
 
     def _write_checkpoint(self) -> Path:
         state = {"step": self.step, "tokens": self.tokens, "flops": self.flops, "train_time_s": self.train_time_s,
-                 "steady": self.steady,
+                 "wall_time_s": self.wall_time_s(), "steady": self.steady,
                  "bad_streak": self.bad_streak, "last_loss": self.last_loss, "last_val": self.last_val,
                  "loader": self.loader.state_dict(), "identity": self.identity,
                  "trainable_only": self.trainable_only,
@@ -373,6 +376,7 @@ class Trainer:
         self.step, self.tokens = state["step"], state["tokens"]
         self.flops = state.get("flops", self.tokens * self.flops_per_token(self.cfg.seq_len))
         self.train_time_s, self.bad_streak = state["train_time_s"], state["bad_streak"]
+        self.earlier_wall_time_s = state.get("wall_time_s", 0.0)
         self.steady = {**self.steady, **state.get("steady", {})}
         self.last_loss, self.last_val = state["last_loss"], state["last_val"]
         # Kept for a resumed process too short to count its own (it counts on its second step).
@@ -469,6 +473,10 @@ class Trainer:
         if self.steady["steps"]:
             return self.steady["time_s"] / self.steady["steps"]
         return self.train_time_s / max(self.step, 1)
+
+    def wall_time_s(self) -> float:
+        """The run's wall time: this command's so far, plus the earlier commands' it resumed."""
+        return self.earlier_wall_time_s + time.perf_counter() - self.started
 
     def _mfu(self, flops_per_s: float) -> float:
         if not self.peak_flops:

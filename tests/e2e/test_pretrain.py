@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from graftlm.cli import main
 
@@ -77,9 +78,18 @@ def test_pretrain_end_to_end(shards, tmp_path, capsys):
     assert pretrain(shards, tmp_path) == 2
     assert "report.html was missing and is written now" in capsys.readouterr().err
     assert (run / "report.html").read_text().startswith("<!DOCTYPE html>")
-    assert pretrain(shards, tmp_path, "--train.max-steps", "7") == 0
-    assert "resuming from" in capsys.readouterr().out
-    assert json.loads((run / "summary.json").read_text())["steps"] == 7
+    first = json.loads((run / "summary.json").read_text())
+    assert pretrain(shards, tmp_path, "--train.max-steps", "7", "--optim.lr", "2e-3") == 0
+    out = capsys.readouterr().out
+    # Continued, and what changed is said: the learning rate is allowed to, never silently.
+    assert "resuming from" in out
+    warning = next(line for line in out.splitlines() if line.startswith("warning: resumed with changed settings"))
+    assert "train.max_steps: 6 -> 7" in warning and "optim.lr: 0.003 -> 0.002" in warning, warning
+    assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["lr"] == 2e-3
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 7
+    # Times are the whole run's: the first command's with the resumed one's.
+    assert summary["wall_time_s"] > first["wall_time_s"] and summary["train_time_s"] > first["train_time_s"]
     assert pretrain(shards, tmp_path, "--fresh", "--train.max-steps", "2", "--train.eval-every", "0") == 0
     assert json.loads((run / "summary.json").read_text())["steps"] == 2
 
