@@ -61,14 +61,29 @@ def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser = sub.choices[chosen]
 
 
+# Other tools' names for a field: `--learning_rate` (transformers) is `--optim.lr` here.
+SYNONYMS = {"learning-rate": "lr", "per-device-train-batch-size": "batch-size",
+            "gradient-accumulation-steps": "grad-accum", "max-seq-length": "seq-len", "bf16": "precision",
+            "fp16": "precision"}
+
+
+def _leaf(flag: str) -> str:
+    """`--optim.warmup_steps` -> `warmup-steps`: the field's own name, in dashes."""
+    return flag.lstrip("-").rsplit(".", 1)[-1].replace("_", "-")
+
+
 def _unknown_argument(parser: argparse.ArgumentParser, extras: list[str]) -> str:
-    """The first unknown option, and the closest one the command has."""
+    """The first unknown option, and the closest one the command has: the one field of
+    that name under any section (`--lr` -> `--optim.lr`), else the nearest spelling."""
     option = next((word for word in extras if word.startswith("-")), None)
     if option is None:
         return f"unexpected argument {extras[0]!r}"
     option = option.split("=", 1)[0]
-    known = [flag for action in parser._actions for flag in action.option_strings]
-    close = difflib.get_close_matches(option, known, n=1)
+    known = [flag for action in parser._actions for flag in action.option_strings
+             if "_" not in flag and flag != "--help"]  # dashed spellings only; --help is never meant
+    leaf = SYNONYMS.get(_leaf(option), _leaf(option))
+    same_field = [flag for flag in known if _leaf(flag) == leaf and flag.startswith("--")]
+    close = same_field if len(same_field) == 1 else difflib.get_close_matches(option, known, n=1)
     return f"unknown option {option}" + (f" (did you mean {close[0]}?)" if close else "")
 
 

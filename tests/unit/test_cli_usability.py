@@ -65,6 +65,15 @@ def test_an_adapter_directory_given_as_a_model_says_how_to_use_it(tmp_path):
     (["data", "inspect", "--data", "d", "--model", "m", "--rwo=3"],
      "graft data inspect: error: unknown option --rwo (did you mean --row?)"),
     (["eval", "--model", "m", "--data", "d", "extra"], "graft eval: error: unexpected argument 'extra'"),
+    # a field's own name under another section, or another tool's name for it
+    (["sft", "--model", "m", "--data", "d", "--lr", "1e-4"],
+     "graft sft: error: unknown option --lr (did you mean --optim.lr?)"),
+    (["sft", "--model", "m", "--data", "d", "--optim.learning-rate", "1e-4"],
+     "graft sft: error: unknown option --optim.learning-rate (did you mean --optim.lr?)"),
+    (["sft", "--model", "m", "--data", "d", "--gradient_accumulation_steps", "4"],
+     "graft sft: error: unknown option --gradient_accumulation_steps (did you mean --train.grad-accum?)"),
+    (["sft", "--model", "m", "--data", "d", "--max-length", "512"],
+     "graft sft: error: unknown option --max-length (did you mean --sft.max-length?)"),
 ])
 def test_an_unknown_option_is_named_by_its_command_with_the_closest_one(argv, line, capsys):
     from graftlm.cli import main
