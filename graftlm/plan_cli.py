@@ -24,8 +24,11 @@ def register(subparsers) -> None:
     plan = subparsers.add_parser("plan", help="memory, FLOPs, time and money of each regime; which to use")
     plan.add_argument("--model", help="HF model dir, preset, config.json/.yaml, or a parameter count (7B)")
     plan.add_argument("--data", help="data files (counted with `graft data stats`) or a token count (2B, 500M)")
-    plan.add_argument("--seq-len", type=int, default=2048)
-    plan.add_argument("--batch", type=int, default=8, help="sequences per device and micro-batch (DPO: pairs)")
+    plan.add_argument("--seq-len", type=int, default=None,
+                      help="tokens per sequence (default: each regime's trainer default, train.seq_len)")
+    plan.add_argument("--batch", type=int, default=None,
+                      help="sequences per device and micro-batch (DPO: pairs; GRPO: completions; "
+                           "default: each regime's trainer default, train.batch_size)")
     plan.add_argument("--hardware", default=None,
                       help=f"catalogue name, NAMExN for N devices (default {DEFAULT_HARDWARE}; "
                            "with --check: the run's own device)")
@@ -97,7 +100,7 @@ def plan_command(args) -> int:
     if not args.model or not args.data:
         raise GraftError("graft plan needs --model and --data (or --check RUN_DIR ...)")
     for name in ("seq_len", "batch", "lora_r"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise GraftError(f"--{name.replace('_', '-')} must be at least 1")
     # Written to refuse NaN and infinity too (argparse's float takes both): every figure would be one.
     if not (math.isfinite(args.epochs) and args.epochs > 0):
@@ -126,6 +129,20 @@ def plan_command(args) -> int:
     return 0
 
 
+def batch_shapes(result: dict) -> str:
+    """'8 x 256 tokens (pretrain, cpt, ...); 32 x 256 tokens (grpo)', and where they came from."""
+    shapes: dict[tuple[int, int], list[str]] = {}
+    for name, r in result["regimes"].items():
+        shapes.setdefault((r["batch_size"], r["seq_len"]), []).append(name)
+    text = ", ".join(f"{b} x {s} tokens" + (f" ({', '.join(names)})" if len(shapes) > 1 else "")
+                     for (b, s), names in shapes.items())
+    opts = result["options"]
+    assumed = [flag for flag, key in (("--batch", "batch_size"), ("--seq-len", "seq_len")) if opts[key] is None]
+    if assumed:  # say which figures the plan chose, and how to change them
+        text += f"; {' and '.join(assumed)} not given: what each trainer uses by default"
+    return text
+
+
 def print_plan(result: dict) -> None:
     from rich.table import Table
     console = table_console()
@@ -134,7 +151,8 @@ def print_plan(result: dict) -> None:
     console.print(f"[bold]model[/] {result['model']['source']}: {fmt_count(result['model']['params'])} parameters"
                   f"{'' if result['model']['has_weights'] else ' (no weights given)'}")
     console.print(f"[bold]data[/] {fmt_count(result['data']['tokens'])} tokens x {opts['epochs']:g} epoch(s); "
-                  f"[bold]batch[/] {opts['batch_size']} x {opts['seq_len']} tokens per device; {opts['precision']}")
+                  f"{opts['precision']}")
+    console.print(f"[bold]batch[/] per device: {batch_shapes(result)}")
     # The catalogue counts GiB; every figure printed here is in the tables' decimal units.
     console.print(f"[bold]hardware[/] {hw['name']}: {fmt_bytes(hw['memory_gb'] * 2**30)} per device "
                   f"({fmt_bytes(hw['reserved_gb'] * 2**30)} reserved), {hw['peak_tflops']:g} TFLOP/s "
@@ -145,7 +163,7 @@ def print_plan(result: dict) -> None:
             ("weight copies (bf16)", "weight_copies"), ("activations", "activations"),
             ("activations, checkpointed", "activations_checkpointed"), ("logits (chunked)", "logits"),
             ("reference model", "reference_model"), ("KV cache (rollouts)", "kv_cache")]
-    memory.add_column("")
+    memory.add_column("", no_wrap=True)  # row names whole: narrow columns wrap their figures instead
     for name in result["regimes"]:
         memory.add_column(name, justify="right")
     regimes = list(result["regimes"].values())

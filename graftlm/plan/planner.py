@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 
 from graftlm.errors import GraftError
@@ -86,8 +87,8 @@ def resolve_data(spec: str, objective: str | None = None) -> tuple[float, dict |
 
 @dataclass
 class PlanOptions:
-    seq_len: int = 2048
-    batch_size: int = 8
+    seq_len: int | None = None  # None: what each regime's trainer uses by default
+    batch_size: int | None = None  # None: likewise (`trainer_defaults`)
     precision: str = "bf16-autocast"
     activation_checkpointing: bool = False
     lora_r: int = 16
@@ -98,12 +99,37 @@ class PlanOptions:
     sharding: str = "fsdp"
 
 
+@lru_cache(maxsize=None)
+def trainer_defaults(objective: str) -> dict:
+    """What `graft <objective>` trains at when not told otherwise, in the plan's units.
+
+    Read from the run's config dataclasses (`runs.run_config_class`: the train section and
+    the objective's own, whose max_length, when set, is the row length), so the plan
+    follows the trainer's defaults rather than keeping numbers of its own. An RL batch
+    counts sampled sequences: group_size completions of each of train.batch_size prompts.
+    """
+    from graftlm.runs import _requested_length, run_config_class
+    cfg = run_config_class(objective)()
+    defaults = {"batch_size": cfg.train.batch_size, "seq_len": _requested_length(cfg)}
+    sampling = getattr(getattr(cfg, objective, None), "sampling", None)
+    if sampling is not None:
+        defaults.update(batch_size=cfg.train.batch_size * sampling.group_size, grpo_group=sampling.group_size,
+                        grpo_completion_len=sampling.max_new_tokens)
+    return defaults
+
+
 def regime_shape(cfg: ModelConfig, regime: str, hardware: Hardware, options: PlanOptions) -> RunShape:
     from graftlm.adapters.config import base_storage_dtype
     _, objective, parameterization = REGIMES[regime]
+    defaults = trainer_defaults(objective)
+    seq_len = options.seq_len or defaults["seq_len"]
+    rl = {k: defaults[k] for k in ("grpo_group", "grpo_completion_len") if k in defaults}
+    if seq_len > cfg.max_seq_len:  # a new model's context is made to fit its run, as build_model does
+        cfg = replace(cfg, max_seq_len=seq_len)
     return RunShape(model=cfg, objective=objective, parameterization=parameterization,
-                    precision=options.precision, batch_size=options.batch_size, seq_len=options.seq_len,
-                    activation_checkpointing=options.activation_checkpointing, lora_r=options.lora_r,
+                    precision=options.precision, batch_size=options.batch_size or defaults["batch_size"],
+                    seq_len=seq_len, activation_checkpointing=options.activation_checkpointing,
+                    lora_r=options.lora_r, **rl,
                     lora_base_dtype=base_storage_dtype("auto", options.precision),  # what the trainer does
                     devices=hardware.count, sharding=options.sharding)
 
@@ -126,6 +152,8 @@ def plan_regime(cfg: ModelConfig, regime: str, tokens: float, hardware: Hardware
         "description": REGIMES[regime][0].format(base="bf16" if shape.lora_base_dtype == "bfloat16" else "fp32"),
         "objective": shape.objective,
         "parameterization": shape.parameterization,
+        "batch_size": shape.batch_size,
+        "seq_len": shape.seq_len,
         "params_total": cfg.num_params(),
         "params_trainable": trainable_params(shape),
         "memory": memory.as_dict(),
@@ -147,8 +175,6 @@ def plan_regime(cfg: ModelConfig, regime: str, tokens: float, hardware: Hardware
 
 def make_plan(cfg: ModelConfig, tokens: float, hardware: Hardware, options: PlanOptions,
               has_base: bool = True, data_stats: dict | None = None, model_source: str = "") -> dict:
-    if options.seq_len > cfg.max_seq_len:
-        cfg = replace(cfg, max_seq_len=options.seq_len)
     regimes = {name: plan_regime(cfg, name, tokens, hardware, options) for name in REGIMES}
     choice, reasons = recommend(options.goal, tokens, cfg.num_params(), has_base,
                                 {n: r["fits"] or r["fits_with_checkpointing"] for n, r in regimes.items()},

@@ -360,3 +360,26 @@ def test_check_labels_its_memory_row_peak_tensors(tmp_path, capsys):
     assert "peak tensors" in out and "peak memory" not in out
     assert main(["plan", "--check", str(tmp_path), "--json"]) == 0
     assert "peak memory (bytes)" in json.loads(capsys.readouterr().out)[0]["figures"]
+
+
+def test_plan_defaults_to_what_each_trainer_trains_at(capsys):
+    """Without --batch / --seq-len the plan assumed 8 x 2048 tokens while `graft sft` trains
+    at its config's defaults (256 tokens): 125m full SFT on a CPU read 8.2 GB, not 2.4 GB.
+    Each regime now takes its objective's defaults from the run config dataclasses, and
+    the printed plan says it assumed them."""
+    from graftlm.runs import run_config_class
+    assert main(["plan", "--model", "125m", "--data", "1M", "--hardware", "cpu", "--json"]) == 0
+    regimes = json.loads(capsys.readouterr().out)["regimes"]
+    for name, objective in (("pretrain", "clm"), ("sft", "sft"), ("dpo", "dpo"), ("lora", "sft")):
+        train = run_config_class(objective)().train
+        assert (regimes[name]["batch_size"], regimes[name]["seq_len"]) == (train.batch_size, train.seq_len)
+    grpo = run_config_class("grpo")()
+    assert regimes["grpo"]["batch_size"] == grpo.train.batch_size * grpo.grpo.sampling.group_size
+    assert main(["plan", "--model", "125m", "--data", "1M", "--hardware", "cpu", "--seq-len", "256",
+                 "--batch", "8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["regimes"]["sft"]["memory"] == regimes["sft"]["memory"]
+    assert main(["plan", "--model", "125m", "--data", "1M", "--hardware", "cpu"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--batch and --seq-len not given: what each trainer uses by default" in out
+    assert main(["plan", "--model", "125m", "--data", "1M", "--seq-len", "128", "--batch", "2"]) == 0
+    assert "batch per device: 2 x 128 tokens\n" in capsys.readouterr().out
