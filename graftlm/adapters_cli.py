@@ -33,10 +33,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def named_adapter(text: str) -> tuple[str, str]:
-    """An `--adapter NAME=DIR` value (graft eval, graft serve)."""
+    """An `--adapter NAME=DIR` value (graft eval, graft serve), or a bare DIR named as a
+    model directory is (`runs/lora/final` -> "lora"), as `graft generate --adapter` takes it."""
+    from graftlm.runs import name_of_model_dir
     name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {text!r}")
+    if not sep:
+        return name_of_model_dir(text), text
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR or DIR, got {text!r}")
     return name, path
 
 

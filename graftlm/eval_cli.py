@@ -14,8 +14,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="held-out loss / bpb, answer accuracy or pairwise accuracy, "
                                            "base and adapters side by side")
     p.add_argument("--model", required=True, help="model directory (or a reward model from graft reward)")
-    p.add_argument("--adapter", action="append", type=named_adapter, default=[], metavar="NAME=DIR",
-                   help="an adapter to compare (repeatable)")
+    p.add_argument("--adapter", action="append", type=named_adapter, default=[], metavar="[NAME=]DIR",
+                   help="an adapter to compare (repeatable); named NAME, else as its directory "
+                        "(runs/lora/final -> lora)")
     add_allow_other_base(p)
     p.add_argument("--data", required=True, help="held-out rows: text, prompts with answers, or pairs")
     p.add_argument("--few-shot", type=int, default=0, metavar="K",

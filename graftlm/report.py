@@ -172,6 +172,8 @@ def write_report(run_dir: str | Path) -> Path:
 # -- graft compare -------------------------------------------------------------------------------
 
 def run_row(run_dir: Path, price_per_hour: float | None) -> dict:
+    if not run_dir.is_dir():
+        raise GraftError(f"{run_dir}: run directory does not exist")
     summary = read_json(run_dir / "summary.json")
     if not summary:
         raise GraftError(f"{run_dir}: no summary.json (is the run finished?)")

@@ -274,6 +274,16 @@ def changed_settings(previous: Path, config: dict) -> list[str]:
             if old.get(key) != new.get(key)]
 
 
+def name_of_model_dir(directory: str | Path) -> str:
+    """How commands name a model or adapter directory they were given: the directory's
+    name, or for a run's `final/` (a summary.json or config.yaml beside it) the run's
+    (`runs/sft/final` -> "sft"), since every run's model directory is named `final`."""
+    real = Path(directory).resolve()
+    if real.name == "final" and any((real.parent / f).is_file() for f in ("summary.json", "config.yaml")):
+        return real.parent.name
+    return real.name
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 

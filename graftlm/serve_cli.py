@@ -14,8 +14,9 @@ def register(subparsers) -> None:
                               description="Serve /v1/completions, /v1/chat/completions and /v1/models; "
                                           "load and unload adapters at run time.")
     p.add_argument("--model", required=True, help="base model directory (Hugging Face layout)")
-    p.add_argument("--adapter", action="append", type=named_adapter, default=[], metavar="NAME=DIR",
-                   help="load a PEFT adapter at start (repeatable)")
+    p.add_argument("--adapter", action="append", type=named_adapter, default=[], metavar="[NAME=]DIR",
+                   help="load a PEFT adapter at start (repeatable); requests name it NAME, else as its "
+                        "directory (runs/lora/final -> lora)")
     add_allow_other_base(p)
     p.add_argument("--adapter-root", metavar="DIR",
                    help='directory under which clients may load adapters: POST /v1/adapters with '

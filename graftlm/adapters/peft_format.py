@@ -19,6 +19,7 @@ features graftlm lacks (LoRA biases, LoRA on embeddings).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -125,6 +126,8 @@ def _graftlm_fields(adapter_dir: Path) -> dict:
 
 def read_adapter_config(adapter_dir: str | Path) -> dict:
     path = Path(adapter_dir) / CONFIG_FILE
+    if not Path(adapter_dir).exists():
+        raise GraftError(f"{adapter_dir}: adapter directory does not exist")
     if not path.exists():
         raise GraftError(f"{adapter_dir}: no {CONFIG_FILE} (not a PEFT adapter directory)")
     config = read_json(path)
@@ -169,6 +172,10 @@ def _check_identity(model: nn.Module, recorded: dict | None, path: Path, allow_o
         raise GraftError(f"{path}: the recorded 'graftlm_base_identity.config_sha256' does not match this base "
                          f"model (the adapter was trained on a base with a different architecture: "
                          f"{recorded['config_sha256'][:12]} vs {actual['config_sha256'][:12]})")
+    if "weights_sample" not in recorded and "weights_sha256" in recorded:
+        # Recorded before the sample replaced the hash (which float16 rounding broke).
+        print(f"warning: {path}: saved by an earlier graftlm, whose record of the base weights cannot be "
+              "compared; only the architecture and the shapes are checked", file=sys.stderr, flush=True)
     if "weights_sample" in recorded and not allow_other_base:
         difference = identity.weights_difference(recorded["weights_sample"], model)
         if difference is not None:

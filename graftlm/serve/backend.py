@@ -83,16 +83,6 @@ class ServeBackend:
                                          when_unused=name)
 
 
-def default_served_name(model_dir: str | Path) -> str:
-    """The base model's id without --served-model-name: the directory's name, or, for a
-    run's `final/` (a summary.json or config.yaml beside it), the run's name
-    (`runs/sft/final` -> "sft"), since every run's model directory is named `final`."""
-    real = Path(model_dir).resolve()
-    if real.name == "final" and any((real.parent / f).is_file() for f in ("summary.json", "config.yaml")):
-        return real.parent.name
-    return real.name
-
-
 def build_backend(model_dir: str | Path, adapters: dict[str, str] | None = None,
                   adapter_root: str | Path | None = None, max_batch: int = 16,
                   max_queue: int = 256, base_name: str | None = None, device="cpu",
@@ -105,6 +95,7 @@ def build_backend(model_dir: str | Path, adapters: dict[str, str] | None = None,
 
     from graftlm.engine import Batch, Engine, check_generative
     from graftlm.models.hf import load_model
+    from graftlm.runs import name_of_model_dir
     from graftlm.tokenizer import load_tokenizer
     model_dir = Path(model_dir)
     if adapter_root is not None and not Path(adapter_root).is_dir():
@@ -120,7 +111,7 @@ def build_backend(model_dir: str | Path, adapters: dict[str, str] | None = None,
     engine = Engine(model, tokenizer, compile=compile)
     batch = Batch(engine, row_adapters=True, want_text=True)
     backend = ServeBackend(model, tokenizer, batch,
-                           base_name or default_served_name(model_dir), adapter_root, max_batch, max_queue,
+                           base_name or name_of_model_dir(model_dir), adapter_root, max_batch, max_queue,
                            compiled=compile, allow_other_base=allow_other_base)
     for name, path in (adapters or {}).items():
         backend.load_adapter_now(name, path)

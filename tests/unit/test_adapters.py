@@ -204,6 +204,19 @@ def test_the_same_base_in_any_precision_takes_the_adapter_and_a_fine_tuned_one_o
     assert not torch.equal(tuned(IDS), want) and torch.allclose(tuned(IDS), want, atol=0.1)
 
 
+def test_an_adapter_recorded_by_an_earlier_graftlm_says_its_base_weights_go_unchecked(tmp_path, capsys):
+    import json
+    model = A.apply_adapters(tiny(), A.AdapterConfig(r=4))
+    A.save_adapter(model, tmp_path / "ad")
+    weights = tmp_path / "ad" / "adapter_model.safetensors"
+    old = {"config_sha256": A.base_identity(model)["config_sha256"], "weights_sha256": "0" * 64}
+    save_file(load_file(weights), weights, metadata={"format": "pt", "graftlm_base_identity": json.dumps(old)})
+    A.load_adapter(tiny(seed=1), tmp_path / "ad")
+    assert "cannot be compared; only the architecture and the shapes are checked" in capsys.readouterr().err
+    with pytest.raises(GraftError, match="does not exist"):
+        A.load_adapter(tiny(), tmp_path / "nosuch")
+
+
 def test_adapter_round_trips_with_several_named(tmp_path):
     model = tiny()
     A.apply_adapters(model, A.AdapterConfig(kind="dora", r=4, target_modules=["q_proj", "v_proj"]), name="x")

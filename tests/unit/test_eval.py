@@ -97,6 +97,14 @@ def test_adapters_side_by_side_with_few_shot_baseline(model_dir, tmp_path, capsy
     assert set(printed["metrics"]) == {"base", "tuned"} and printed["rows"] == 2
     for metrics in printed["metrics"].values():
         assert 0.0 <= metrics["pairwise_accuracy"] <= 1.0
+    # A bare DIR, as `graft generate --adapter` takes it, is named by its run (or directory).
+    run = tmp_path / "runs" / "lora"
+    (run / "final").parent.mkdir(parents=True)
+    (tmp_path / "adapter").rename(run / "final")
+    (run / "summary.json").write_text("{}")
+    assert main(["eval", "--model", str(model_dir / "model"), "--adapter", str(run / "final"),
+                 "--data", str(pairs), "--json"]) == 0
+    assert set(json.loads(capsys.readouterr().out)["metrics"]) == {"base", "lora"}
 
 
 def test_bad_rows_are_one_line_errors(model_dir, tmp_path, capsys):

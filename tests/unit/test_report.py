@@ -99,6 +99,8 @@ def test_compare_names_an_unfinished_run(tmp_path, capsys):
     run.mkdir()
     assert main(["compare", str(run)]) == 2
     assert "empty: no summary.json" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path / "nosuch")]) == 2
+    assert "nosuch: run directory does not exist" in capsys.readouterr().err
 
 
 def test_rl_runs_plot_and_print_the_held_out_reward(tmp_path, capsys, monkeypatch):
