@@ -23,7 +23,12 @@ DEFAULT_HARDWARE = "A100-80GB"
 def register(subparsers) -> None:
     plan = subparsers.add_parser("plan", help="memory, FLOPs, time and money of each regime; which to use")
     plan.add_argument("--model", help="HF model dir, preset, config.json/.yaml, or a parameter count (7B)")
-    plan.add_argument("--data", help="data files (counted with `graft data stats`) or a token count (2B, 500M)")
+    plan.add_argument("--data", help="data files (counted with `graft data stats`), a `graft prepare` shard "
+                                     "directory, or a token count (2B, 500M)")
+    plan.add_argument("--tokenizer", metavar="DIR",
+                      help="tokenizer directory: its vocabulary sizes a preset model, and data files are counted "
+                           "with it (default: a shard directory's vocabulary)")
+    plan.add_argument("--vocab-size", type=int, help="the vocabulary a preset model is built with (as --tokenizer)")
     plan.add_argument("--seq-len", type=int, default=None,
                       help="tokens per sequence (default: each regime's trainer default, train.seq_len)")
     plan.add_argument("--batch", type=int, default=None,
@@ -108,8 +113,16 @@ def plan_command(args) -> int:
     for flag, value in (("--price-per-hour", args.price_per_hour), ("--budget", args.budget)):
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise GraftError(f"{flag}: must be >= 0, got {value:g}")
-    cfg, has_weights, source = resolve_model(args.model)
-    tokens, stats = resolve_data(args.data)
+    if args.vocab_size is not None and args.vocab_size < 1:
+        raise GraftError("--vocab-size must be at least 1")
+    tokenizer = None
+    if args.tokenizer:
+        from graftlm.tokenizer import load_tokenizer
+        tokenizer = load_tokenizer(args.tokenizer)
+    tokens, stats = resolve_data(args.data, tokenizer=tokenizer)
+    # The vocabulary a run would build a preset with: given, the tokenizer's, or the shards'.
+    vocab = args.vocab_size or (tokenizer.vocab_size if tokenizer else None) or (stats or {}).get("vocab_size")
+    cfg, has_weights, source = resolve_model(args.model, vocab)
     precision = hardware.device.training_precision(args.precision)
     if precision != "fp32" and not hardware.device.fast_bf16:
         print(f"warning: --precision {precision} on {hardware.device.name}, which has no fast bf16: its time is "

@@ -47,12 +47,12 @@ def parse_count(text: str) -> float | None:
     return float(match.group(1)) * _SUFFIX[match.group(2).lower()]
 
 
-def config_for_param_count(count: float) -> ModelConfig:
-    """A Llama-shaped config of about `count` parameters (layers ~ hidden / 128, 32k vocab)."""
+def config_for_param_count(count: float, vocab_size: int = 32000) -> ModelConfig:
+    """A Llama-shaped config of about `count` parameters (layers ~ hidden / 128)."""
     best = None
     for hidden in range(256, 16385, 128):
         heads = max(hidden // 128, 2)
-        cfg = ModelConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=256 * round(hidden * 8 / 3 / 256),
+        cfg = ModelConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=256 * round(hidden * 8 / 3 / 256),
                           num_layers=max(hidden // 128, 2), num_heads=heads, num_kv_heads=heads, max_seq_len=4096)
         gap = abs(cfg.num_params() - count)
         if best is None or gap < best[0]:
@@ -60,28 +60,62 @@ def config_for_param_count(count: float) -> ModelConfig:
     return best[1]
 
 
-def resolve_model(spec: str) -> tuple[ModelConfig, bool, str]:
-    """(config, has weights, how the shape was found) for --model."""
+def resolve_model(spec: str, vocab_size: int | None = None) -> tuple[ModelConfig, bool, str]:
+    """(config, has weights, how the shape was found) for --model.
+
+    `vocab_size` is the tokenizer's (or the data's): a preset takes it, as the trainer's
+    `runs.build_model` gives it one, so the parameter count is the built model's; a model
+    directory or config keeps its own vocabulary, which must hold the tokenizer's.
+    """
+    from graftlm.models.config import PRESETS
     count = parse_count(spec)
-    if count is not None and not Path(spec).exists():
-        cfg = config_for_param_count(count)
-        return cfg, False, f"a Llama-shaped model of {cfg.num_params() / 1e9:.2f}B parameters (approximating {spec})"
+    # A preset's name ("125m", "1b") is the preset the trainer builds, not a parameter count.
+    if count is not None and spec not in PRESETS and not Path(spec).exists():
+        cfg = config_for_param_count(count, vocab_size or 32000)
+        return cfg, False, (f"a Llama-shaped model of {cfg.num_params() / 1e9:.2f}B parameters (approximating "
+                            f"{spec}, vocabulary {cfg.vocab_size})")
     from graftlm.models.hf import resolve_model_config
     cfg = resolve_model_config(spec)
     path = Path(spec)
     has_weights = path.is_dir() and any(path.glob("*.safetensors"))
+    if vocab_size and spec in PRESETS:
+        return replace(cfg, vocab_size=vocab_size), has_weights, f"{spec} (vocabulary {vocab_size})"
+    if vocab_size and vocab_size > cfg.vocab_size:
+        raise GraftError(f"the tokenizer / data have {vocab_size} tokens but model '{spec}' has a "
+                         f"vocabulary of {cfg.vocab_size}: use the model's own tokenizer")
+    if spec in PRESETS:  # the preset's own vocabulary: say so, as a tokenizer's changes the count
+        return cfg, has_weights, f"{spec} (vocabulary {cfg.vocab_size}, the preset's; --vocab-size or --tokenizer for yours)"
     return cfg, has_weights, spec
 
 
-def resolve_data(spec: str, objective: str | None = None) -> tuple[float, dict | None]:
-    """(tokens, data-stats figures or None) for --data: a token count, or files."""
+def _shard_directory(path: Path) -> dict | None:
+    """A `graft prepare` directory's figures: its meta.json counts the tokens already."""
+    from graftlm.data.shards import FORMAT
+    from graftlm.errors import read_json
+    meta_path = path / "meta.json"
+    if not (path.is_dir() and meta_path.is_file()):
+        return None
+    meta = read_json(meta_path)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        return None
+    train = (meta.get("splits") or {}).get("train") or {}
+    return {"format": FORMAT, "tokens": int(train.get("tokens", 0)), "documents": train.get("documents"),
+            "vocab_size": meta.get("vocab_size"), "tokens_counted_with": "tokenizer (graft prepare)"}
+
+
+def resolve_data(spec: str, objective: str | None = None, tokenizer=None) -> tuple[float, dict | None]:
+    """(tokens, data-stats figures or None) for --data: a token count, a `graft prepare`
+    directory, or files (counted with `tokenizer`, else estimated from their bytes)."""
     count = parse_count(spec)
     if count is not None and not Path(spec).exists():
         return count, None
     if not Path(spec).exists():
         raise GraftError(f"--data '{spec}': neither a token count (e.g. 2B, 500M) nor an existing path")
+    shards = _shard_directory(Path(spec))
+    if shards is not None:  # pre-training shards: the train split's tokens, counted when prepared
+        return float(shards["tokens"]), shards
     from graftlm.data.stats import data_stats
-    stats = data_stats([spec], objective=objective)
+    stats = data_stats([spec], objective=objective, tokenizer=tokenizer)
     return float(stats["tokens"]), stats
 
 

@@ -383,3 +383,39 @@ def test_plan_defaults_to_what_each_trainer_trains_at(capsys):
     assert "--batch and --seq-len not given: what each trainer uses by default" in out
     assert main(["plan", "--model", "125m", "--data", "1M", "--seq-len", "128", "--batch", "2"]) == 0
     assert "batch per device: 2 x 128 tokens\n" in capsys.readouterr().out
+
+
+def _built_params(model: str, vocab_size: int | None) -> int:
+    """Parameters of the model `graft pretrain --model MODEL` builds for that vocabulary."""
+    import torch
+    from graftlm.runs import build_model, run_config_class
+    built = build_model(run_config_class("clm")(model=model, data="x"), vocab_size, None, torch.device("cpu"))
+    return sum(p.numel() for p in built.parameters())
+
+
+def test_plan_reads_a_shard_directory_and_its_vocabulary(tmp_path, capsys):
+    """`--data shards/` (from `graft prepare`) failed as if meta.json were rows; its train
+    tokens and vocabulary come from meta.json, and a preset is counted with that
+    vocabulary, as the trainer builds it (tiny read 125k parameters for a 354,624 model)."""
+    from graftlm.data.shards import write_shards
+    from graftlm.tokenizer import train_tokenizer
+    text = " ".join(f"word{i % 97} and more{i % 13}." for i in range(3000))
+    tokenizer = train_tokenizer(iter([text]), 300)
+    tokenizer.save(tmp_path / "tok")
+    meta = write_shards(iter([("train", text), ("val", text[:500])]), tokenizer, tmp_path / "shards")
+    assert main(["plan", "--model", "tiny", "--data", str(tmp_path / "shards"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["data"]["tokens"] == meta["splits"]["train"]["tokens"]
+    assert result["model"]["params"] == _built_params("tiny", tokenizer.vocab_size)
+    for flags, vocab in ((["--vocab-size", "4096"], 4096), (["--tokenizer", str(tmp_path / "tok")], 300)):
+        assert main(["plan", "--model", "tiny", "--data", "1M", *flags]) == 0
+        assert f"tiny (vocabulary {vocab}): {_built_params('tiny', vocab) / 1e3:.3g}k parameters" in \
+            capsys.readouterr().out
+    assert _built_params("tiny", 4096) == 354_624
+
+
+def test_a_preset_name_plans_the_preset_not_a_parameter_count(capsys):
+    """'125m' and '1b' are presets the trainer builds; the plan approximated them with
+    another shape of about that many parameters."""
+    assert main(["plan", "--model", "125m", "--data", "1M", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"]["params"] == _built_params("125m", None)
