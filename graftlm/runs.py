@@ -327,6 +327,10 @@ def run_training(cfg: RunConfig, resume: bool | None = None, fresh: bool = False
     data = spec.build_dataset(cfg, tokenizer)
     if d.is_main and data.stats:
         print(f"data: {json.dumps(data.stats)}", flush=True)
+        bad = data.stats.get("bad_rows_skipped")
+        if bad:  # in words too, not only in the JSON line
+            print(f"warning: skipped {bad['bad']} bad row{'s' if bad['bad'] > 1 else ''} of {bad['of']}; "
+                  f"the first: {bad['first']}", flush=True)
         cut = data.stats.get("length_limit")
         if cut:  # the JSON counts, in words: what share is lost and which flag keeps it
             lost = sum(v for k, v in cut.items() if k not in ("max_length", "of"))

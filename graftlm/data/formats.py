@@ -65,9 +65,17 @@ def format_for(objective: str) -> str:
 # -- field checks ---------------------------------------------------------------------
 
 
+def _found(fields: dict) -> str:
+    """What a row has instead, so that a misspelled field ('answr') shows beside the expected one."""
+    if not fields:
+        return " (the row has no fields)"
+    names = ", ".join(repr(name) for name in list(fields)[:8])
+    return f" (the row has {names}{', ...' if len(fields) > 8 else ''})"
+
+
 def _string(row: dict, name: str, allow_empty: bool = False) -> str:
     if name not in row or row[name] is None:
-        raise RowError(f"missing field '{name}'", name)
+        raise RowError(f"missing field '{name}'{_found(row)}", name)
     value = row[name]
     if not isinstance(value, str):
         raise RowError(f"field '{name}' must be a string, got {type(value).__name__}", name)
@@ -134,7 +142,7 @@ def _sft(row: Row, text_field: str) -> dict:
     if text_field in f:
         return _text(row, text_field)
     raise RowError("missing fields: expected 'messages', 'prompt' + 'completion', "
-                   f"'question' + 'answer' or '{text_field}'")
+                   f"'question' + 'answer' or '{text_field}'{_found(f)}")
 
 
 def parse_hh_transcript(text: str, name: str) -> list[dict]:
@@ -167,7 +175,7 @@ def _preference(row: Row, text_field: str) -> dict:
     f = row.fields
     for name in ("chosen", "rejected"):
         if f.get(name) is None:
-            raise RowError(f"missing field '{name}'", name)
+            raise RowError(f"missing field '{name}'{_found(f)}", name)
     if f["chosen"] == f["rejected"]:
         raise RowError("fields 'chosen' and 'rejected' are equal", "rejected")
     if "prompt" not in f:
@@ -206,7 +214,7 @@ def _rl(row: Row, text_field: str) -> dict:
         prompt = _string(f, "question")
         extra = {k: v for k, v in f.items() if k != "question"}
     else:
-        raise RowError("missing field 'prompt' (or GSM8K's 'question')", "prompt")
+        raise RowError(f"missing field 'prompt' (or GSM8K's 'question'){_found(f)}", "prompt")
     answer = extra.get("answer")
     if isinstance(answer, str) and "final_answer" not in extra:
         final = final_answer(answer)

@@ -34,6 +34,7 @@ def test_a_skipped_bad_row_and_cut_rows_are_counted_and_printed(tmp_path, capsys
     assert cut["max_length"] == 40 and cut["truncated"] + cut.get("dropped_untrained", 0) > 0
     out = capsys.readouterr().out
     assert "bad_rows_skipped" in out and "length_limit" in out
+    assert "warning: skipped 1 bad row of 151; the first: " in out and "sft.jsonl:8" in out
     lost = cut["truncated"] + cut.get("dropped_untrained", 0)
     assert f"warning: {lost} of 150 rows ({lost / 150:.0%}) were cut or dropped at 40 tokens; " \
            "--sft.max-length raises the limit" in out
