@@ -17,12 +17,20 @@ GOALS = ("format", "domain", "deep", "variants", "from-scratch")
 BILLION = 1e9
 
 
+def fmt_params(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:.0f}"
+
+
 def data_warnings(regime: str, tokens: float, params: int, stats: dict | None) -> list[str]:
     """Too little or too repetitive data for `regime`."""
     warnings = []
     if regime == "pretrain" and tokens < 20 * params:
         warnings.append(f"{tokens:.3g} tokens is under the ~20 tokens per parameter "
-                        f"({20 * params:.3g}) that compute-optimal pre-training wants")
+                        f"({20 * params:.3g}) that compute-optimal pre-training wants (a model of "
+                        f"~{fmt_params(tokens / 20)} parameters is the size for it)")
     if regime == "cpt" and tokens < 1e7:
         warnings.append(f"{tokens:.3g} tokens is little for continued pre-training (>= 10M helps)")
     if regime in ("sft", "dpo", "lora", "qlora", "grpo") and stats and stats.get("rows") is not None:
@@ -36,17 +44,37 @@ def data_warnings(regime: str, tokens: float, params: int, stats: dict | None) -
     return warnings
 
 
+def assumed_goal(goal: str | None, tokens: float, has_base: bool) -> str:
+    """The goal the advice follows: the one given, else a guess from the data and the model."""
+    if goal is not None:
+        return goal
+    if not has_base and tokens >= BILLION:
+        return "from-scratch"
+    return "deep" if tokens >= 1e8 else "format"
+
+
 def recommend(goal: str | None, tokens: float, params: int, has_base: bool, fits: dict[str, bool],
               costs: dict[str, float], budget: float | None) -> tuple[str, list[str]]:
-    """(regime, reasons). `fits` and `costs` are keyed by regime name."""
+    """(regime, reasons). `fits` and `costs` are keyed by regime name.
+
+    Without a goal the first reason says which was assumed, so the ones after it (which
+    follow that goal) read as a consequence of it, not as a claim about the data.
+    """
     reasons = []
+    if goal is None:
+        goal = assumed_goal(None, tokens, has_base)
+        why = {"from-scratch": f"no base weights and {tokens / BILLION:.1f}B tokens",
+               "deep": f"{tokens:.3g} tokens, enough to change much of a model",
+               "format": f"{tokens:.3g} tokens, a narrow task's worth"}[goal]
+        reasons.append(f"no --goal given: assumed '{goal}' ({why}); pass --goal to choose")
     over_budget = {r for r, c in costs.items() if budget is not None and c > budget}
     fitting = [r for r in costs if fits.get(r)]
     if fitting and all(r in over_budget for r in fitting):
         # No choice of regime keeps to the budget: say so, rather than a reason for the one picked.
         cheapest = min(fitting, key=costs.__getitem__)
-        return cheapest, [f"every regime that fits costs more than the budget of ${budget:,.2f}; this is the "
-                          f"cheapest, at ${costs[cheapest]:,.2f}: raise the budget or train on fewer tokens"]
+        return cheapest, reasons + [f"every regime that fits costs more than the budget of ${budget:,.2f}; this "
+                                    f"is the cheapest, at ${costs[cheapest]:,.2f}: raise the budget or train on "
+                                    "fewer tokens"]
 
     def cheapest_adapter(why: str) -> tuple[str, list[str]]:
         regime = "lora" if fits.get("lora") and "lora" not in over_budget else "qlora"
@@ -57,28 +85,38 @@ def recommend(goal: str | None, tokens: float, params: int, has_base: bool, fits
             why += "; even QLoRA does not fit this hardware: use more or larger devices, or a smaller base"
         return regime, reasons + [why]
 
-    if goal == "from-scratch" or not has_base and goal is None and tokens >= BILLION:
+    def full_or_adapter(why_full: str) -> tuple[str, list[str]]:
+        if fits.get("sft") and "sft" not in over_budget:
+            return "sft", reasons + [why_full + ", and full fine-tuning fits this hardware"]
+        why = "full fine-tuning " + ("does not fit this hardware" if not fits.get("sft") else "is over the budget")
+        return cheapest_adapter(why + ": an adapter gets most of the gain for a fraction of the memory")
+
+    if goal == "from-scratch":
         if tokens >= BILLION and fits.get("pretrain") and "pretrain" not in over_budget:
-            return "pretrain", [f"no base model to start from and {tokens / BILLION:.1f}B tokens of data: "
-                                "pre-training from scratch is justified"]
+            # Not "justified": under ~20 tokens per parameter the data warning that follows says
+            # a smaller model would use this data better, and the two must not contradict.
+            return "pretrain", reasons + [f"no base model to start from and {tokens / BILLION:.1f}B tokens of "
+                                          "data, enough to learn a language: pre-train from scratch"]
         if tokens < BILLION:
             reasons.append(f"pre-training needs billions of tokens; {tokens:.3g} is far too few to learn "
                            "a language, so start from a pre-trained base instead")
         elif not fits.get("pretrain"):
-            reasons.append("pre-training does not fit this hardware")
+            reasons.append("pre-training does not fit this hardware: start from a pre-trained base instead")
         else:
-            reasons.append(f"pre-training costs ${costs['pretrain']:.0f}, over the budget")
+            reasons.append(f"pre-training costs ${costs['pretrain']:.0f}, over the budget: start from a "
+                           "pre-trained base instead")
+        # The fallback fine-tunes a base: all of it when there is data enough, else an adapter.
+        if tokens >= 1e8:
+            return full_or_adapter(f"{tokens:.3g} tokens are enough to fine-tune every weight of a base")
+        return cheapest_adapter("with this little data, a low-rank adapter on the base trains ~1% of the "
+                                "weights, cheaply")
     if goal == "variants":
         return cheapest_adapter("several specialised variants: one adapter each (megabytes) on one shared "
                                 "base, swapped per request")
     if goal == "domain" and tokens >= 1e8 and fits.get("cpt") and "cpt" not in over_budget:
         return "cpt", reasons + [f"new domain and {tokens:.3g} tokens of raw text: continued pre-training "
                                  "moves the whole model to the domain"]
-    if goal in ("deep", "domain") or goal is None and tokens >= 1e8:
-        if fits.get("sft") and "sft" not in over_budget:
-            return "sft", reasons + ["a deep change of behaviour needs every weight, and full fine-tuning "
-                                     "fits this hardware"]
-        why = "full fine-tuning " + ("does not fit this hardware" if not fits.get("sft") else "is over the budget")
-        return cheapest_adapter(why + ": an adapter gets most of the gain for a fraction of the memory")
+    if goal in ("deep", "domain"):
+        return full_or_adapter("a deep change of behaviour needs every weight")
     return cheapest_adapter("teaching a format or a narrow task changes little of the model: a low-rank "
                             "adapter learns it with ~1% of the trainable weights, cheaply")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from graftlm.errors import GraftError
 from graftlm.models.config import ModelConfig
-from graftlm.plan.advice import data_warnings, recommend
+from graftlm.plan.advice import assumed_goal, data_warnings, recommend
 from graftlm.plan.compute import compute_cost
 from graftlm.plan.hardware import Hardware
 from graftlm.plan.memory import RunShape, adapter_params, largest_batch, memory_breakdown, trainable_params
@@ -227,5 +227,6 @@ def make_plan(cfg: ModelConfig, tokens: float, hardware: Hardware, options: Plan
                      "peak_tflops": hardware.device.peak_flops(options.precision) / 1e12},  # at the plan's precision
         "options": asdict(options),
         "regimes": regimes,
-        "recommendation": {"regime": choice, "description": regimes[choice]["description"], "reasons": reasons},
+        "recommendation": {"regime": choice, "description": regimes[choice]["description"], "reasons": reasons,
+                           "goal": assumed_goal(options.goal, tokens, has_base), "goal_given": options.goal is not None},
     }

@@ -419,3 +419,28 @@ def test_a_preset_name_plans_the_preset_not_a_parameter_count(capsys):
     another shape of about that many parameters."""
     assert main(["plan", "--model", "125m", "--data", "1M", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["model"]["params"] == _built_params("125m", None)
+
+
+def test_recommendation_agrees_with_itself_and_the_goal():
+    """2e9 tokens for 125m read "pre-training from scratch is justified" above a warning
+    that 2e9 is under compute-optimal; `--goal from-scratch` with too little data still
+    gave the "teaching a format" reason; and with no goal nothing said which was assumed."""
+    from graftlm.models.config import preset
+    hw = resolve_hardware("H100x8", load_catalogue())
+    model = preset("125m")
+
+    def advised(goal, tokens, has_base=False):
+        plan = make_plan(model, tokens, hw, PlanOptions(goal=goal), has_base=has_base)
+        return plan["recommendation"]["regime"], " ".join(plan["recommendation"]["reasons"])
+
+    regime, reasons = advised(None, 2e9)
+    assert regime == "pretrain" and "justified" not in reasons and "under the ~20 tokens" in reasons
+    assert "no --goal given: assumed 'from-scratch'" in reasons
+    regime, reasons = advised("from-scratch", 1e7)
+    assert regime == "lora" and "billions" in reasons and "format" not in reasons
+    assert "--goal" not in reasons  # the goal was given: nothing assumed
+    regime, reasons = advised("from-scratch", 5e8)
+    assert regime == "sft" and "format" not in reasons and "deep change" not in reasons
+    assert "assumed 'format'" in advised(None, 1e6, has_base=True)[1]
+    assert "assumed 'deep'" in advised(None, 5e8, has_base=True)[1]
+    assert make_plan(model, 5e8, hw, PlanOptions())["recommendation"]["goal"] == "deep"
