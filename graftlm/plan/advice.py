@@ -1,6 +1,8 @@
 """Which regime to use, with reasons, and what is wrong with the data for it.
 
-The rules (in order):
+The rules (in order), for the goal given, or else the one `assumed_goal` guesses
+(from-scratch with no base and billions of tokens, deep from 100M tokens, else format),
+which the first reason names:
 - Pre-train from scratch only when no suitable base exists (`--goal from-scratch`) and
   the data runs to billions of tokens; otherwise fine-tune a base.
 - Continued pre-training for a new domain when there is a lot of raw text (>= 100M
