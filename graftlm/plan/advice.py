@@ -30,9 +30,10 @@ def data_warnings(regime: str, tokens: float, params: int, stats: dict | None) -
     """Too little or too repetitive data for `regime`."""
     warnings = []
     if regime == "pretrain" and tokens < 20 * params:
+        # With billions of tokens pre-training is on the table: name the size that suits them.
+        size = f" (a model of ~{fmt_params(tokens / 20)} parameters is the size for it)" if tokens >= BILLION else ""
         warnings.append(f"{tokens:.3g} tokens is under the ~20 tokens per parameter "
-                        f"({20 * params:.3g}) that compute-optimal pre-training wants (a model of "
-                        f"~{fmt_params(tokens / 20)} parameters is the size for it)")
+                        f"({20 * params:.3g}) that compute-optimal pre-training wants{size}")
     if regime == "cpt" and tokens < 1e7:
         warnings.append(f"{tokens:.3g} tokens is little for continued pre-training (>= 10M helps)")
     if regime in ("sft", "dpo", "lora", "qlora", "grpo") and stats and stats.get("rows") is not None:
