@@ -88,8 +88,13 @@ def _is_numeric(rows: list[dict]) -> bool:
                for r in rows)
 
 
+def _progress_of(progress, variant: str):
+    return None if progress is None else lambda done, total: progress(variant, done, total)
+
+
 @torch.no_grad()
-def _answers(model, tokenizer, renderer, rows, prompts, max_new_tokens: int, reward, batch_size: int) -> dict:
+def _answers(model, tokenizer, renderer, rows, prompts, max_new_tokens: int, reward, batch_size: int,
+             progress=None) -> dict:
     from graftlm.engine import Engine, SamplingParams
 
     engine = Engine(model, tokenizer)
@@ -103,6 +108,8 @@ def _answers(model, tokenizer, renderer, rows, prompts, max_new_tokens: int, rew
         outs = engine.generate(ids[start:start + batch_size],
                                SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
         completions += [o.text or "" for o in outs]
+        if progress is not None:
+            progress(len(completions), len(ids))
     texts = [p if isinstance(p, str) else p[-1]["content"] for p in (r["prompt"] for r in rows)]
     match = numeric_match if _is_numeric(rows) else exact_match
     scores = match(completions, texts, rows)
@@ -177,8 +184,9 @@ def _context_length(model_dir: Path) -> int:
 def evaluate(model_dir: str | Path, data: str | Path, adapters: dict[str, str] | None = None,
              few_shot: int = 0, max_rows: int | None = None, max_new_tokens: int = 64,
              reward: str | None = None, reference: str | Path | None = None, batch_size: int = 16,
-             device: str = "cpu", allow_other_base: bool = False) -> dict:
-    """Evaluate the base model and each adapter on `data`; see the module docstring."""
+             device: str = "cpu", allow_other_base: bool = False, progress=None) -> dict:
+    """Evaluate the base model and each adapter on `data`; see the module docstring.
+    `progress(variant, rows done, rows)` is called as generated answers come in (the slow kind)."""
     from graftlm.data.render import RenderConfig, Renderer
     from graftlm.models.heads import is_scalar_model_dir
     from graftlm.tokenizer import load_tokenizer
@@ -248,12 +256,13 @@ def evaluate(model_dir: str | Path, data: str | Path, adapters: dict[str, str] |
         for name in variants:
             use(name)
             result["metrics"][name] = _answers(model, tokenizer, renderer, rows, prompts, max_new_tokens,
-                                               reward_fn, batch_size)
+                                               reward_fn, batch_size, _progress_of(progress, name))
         if few_shot:
             use("base")
             shot_prompts = [_few_shot_prompt(shots, p) for p in prompts]
-            result["metrics"][f"base+{few_shot}-shot"] = _answers(
-                model, tokenizer, renderer, rows, shot_prompts, max_new_tokens, reward_fn, batch_size)
+            name = f"base+{few_shot}-shot"
+            result["metrics"][name] = _answers(model, tokenizer, renderer, rows, shot_prompts, max_new_tokens,
+                                               reward_fn, batch_size, _progress_of(progress, name))
     else:
         pairs = _pairs(data, renderer, max_rows, tokenizer.pad_id, read)
         result["rows"] = len(pairs)

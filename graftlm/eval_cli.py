@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from graftlm.adapters_cli import add_allow_other_base, named_adapter
 from graftlm.errors import GraftError
@@ -46,12 +47,20 @@ def eval_command(args: argparse.Namespace) -> int:
     result = evaluate(args.model, args.data, dict(args.adapter), few_shot=args.few_shot,
                       max_rows=args.max_rows, max_new_tokens=args.max_new_tokens, reward=args.reward,
                       reference=args.reference, batch_size=args.batch_size, device=pick_device(0, args.device),
-                      allow_other_base=args.allow_other_base)
+                      allow_other_base=args.allow_other_base, progress=_print_progress)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print_table(result)
     return 0
+
+
+def _print_progress(variant: str, done: int, total: int) -> None:
+    """Answers are generated (minutes on a CPU): one line per batch on stderr, rewritten
+    in place on a terminal."""
+    last = done == total
+    end = ("\n" if last else "\r") if sys.stderr.isatty() else "\n"
+    print(f"  {variant}: {done}/{total} answers", end=end, file=sys.stderr, flush=True)
 
 
 def print_table(result: dict) -> None:
@@ -60,13 +69,17 @@ def print_table(result: dict) -> None:
     from graftlm.console import table_console
 
     columns = sorted({k for m in result["metrics"].values() for k in m})
-    table = Table(title=f"{result['model']} on {result['data']} ({result['rows']} rows, {result['kind']})")
+    console = table_console()
+    # A line, not the table's title, which wraps at the narrow table's width.
+    console.print(f"{result['model']} on {result['data']} ({result['rows']} rows, {result['kind']})",
+                  highlight=False, markup=False)
+    table = Table()
     table.add_column("variant")
     for c in columns:
         table.add_column(c, justify="right")
     for variant, metrics in result["metrics"].items():
         table.add_row(variant, *[_fmt(metrics.get(c)) for c in columns])
-    table_console().print(table)
+    console.print(table)
     if "bad_rows_skipped" in result:
         skipped = result["bad_rows_skipped"]
         print(f"skipped {skipped['bad']} bad row(s) of {skipped['of']}; first: {skipped['first']}")

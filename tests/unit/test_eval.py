@@ -86,9 +86,11 @@ def test_adapters_side_by_side_with_few_shot_baseline(model_dir, tmp_path, capsy
                 p.normal_(0, 0.5)
     save_adapter(model, tmp_path / "adapter")
     answers = _write(tmp_path / "answers.jsonl", [{"prompt": f"copy: {i} {i}", "answer": f"{i} {i}"} for i in range(6)])
+    seen = []
     result = evaluate(model_dir / "model", answers, adapters={"tuned": str(tmp_path / "adapter")},
-                      few_shot=2, max_new_tokens=4)
+                      few_shot=2, max_new_tokens=4, batch_size=3, progress=lambda *done: seen.append(done))
     assert result["rows"] == 4 and set(result["metrics"]) == {"base", "tuned", "base+2-shot"}
+    assert seen == [(name, done, 4) for name in ("base", "tuned", "base+2-shot") for done in (3, 4)]
     pairs = _write(tmp_path / "pairs.jsonl", [{"prompt": "copy: 1 2", "chosen": "1 2", "rejected": "2 1"},
                                              {"prompt": "copy: 3 4", "chosen": "3 4", "rejected": "4 3 3"}])
     assert main(["eval", "--model", str(model_dir / "model"), "--adapter", f"tuned={tmp_path / 'adapter'}",
