@@ -14,6 +14,7 @@ from pathlib import Path
 
 from graftlm.console import table_console
 from graftlm.errors import GraftError
+from graftlm.plan.hardware import THIS
 from graftlm.placement import PRECISIONS
 
 GOALS = ("format", "domain", "deep", "variants", "from-scratch")
@@ -35,8 +36,8 @@ def register(subparsers) -> None:
                       help="sequences per device and micro-batch (DPO: pairs; GRPO: completions; "
                            "default: each regime's trainer default, train.batch_size)")
     plan.add_argument("--hardware", default=None,
-                      help=f"catalogue name, NAMExN for N devices (default {DEFAULT_HARDWARE}; "
-                           "with --check: the run's own device)")
+                      help=f"catalogue name, NAMExN for N devices, or '{THIS}' for the machine at hand "
+                           f"(measured); default {DEFAULT_HARDWARE}; with --check: the run's own device")
     plan.add_argument("--hardware-file", help="a YAML file of extra devices (same layout as graftlm/hardware.yaml)")
     plan.add_argument("--price-per-hour", type=float, help="USD per device-hour (default: the catalogue's)")
     plan.add_argument("--budget", type=float, help="USD you can spend; costlier regimes are not advised")
@@ -168,7 +169,7 @@ def print_plan(result: dict) -> None:
     console.print(f"[bold]batch[/] per device: {batch_shapes(result)}")
     # The catalogue counts GiB; every figure printed here is in the tables' decimal units.
     console.print(f"[bold]hardware[/] {hw['name']}: {fmt_bytes(hw['memory_gb'] * 2**30)} per device "
-                  f"({fmt_bytes(hw['reserved_gb'] * 2**30)} reserved), {hw['peak_tflops']:g} TFLOP/s "
+                  f"({fmt_bytes(hw['reserved_gb'] * 2**30)} reserved), {hw['peak_tflops']:.3g} TFLOP/s "
                   f"{'fp32' if opts['precision'] == 'fp32' else 'bf16'}, MFU {hw['mfu']:.0%}")
 
     memory = Table(title="memory per device (peak = what must fit)", show_lines=False)

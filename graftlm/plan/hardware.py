@@ -4,11 +4,14 @@ The catalogue is data, not code: `graftlm/hardware.yaml` ships with the package 
 user adds or overrides entries with their own YAML file of the same layout
 (`--hardware-file`). A device is asked for as `NAME` or `NAMExN` (N devices of one
 machine); names match case-insensitively and ignore spaces, dashes and underscores, so
-`rtx 4090`, `RTX4090` and `a100-80gb x8` all resolve.
+`rtx 4090`, `RTX4090` and `a100-80gb x8` all resolve. `this` is the machine graft runs
+on, measured (`this_machine`), for a plan that is about the box at hand and not a
+catalogue's typical one.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -110,16 +113,57 @@ def load_catalogue(extra_file: str | Path | None = None) -> dict[str, Device]:
     return catalogue
 
 
+THIS = "this"
+CUDA_MFU = 0.35  # a GPU the catalogue does not name: a typical well-tuned run's
+
+
+def this_machine(catalogue: dict[str, Device]) -> Device:
+    """The machine graft runs on, as a run here would use it: its first CUDA card when
+    there is one (memory from the card, peak from the card's name as runs measure MFU,
+    the catalogue's MFU and price when it names the card), else its CPU, measured: RAM,
+    the float32 (and, where bf16 is fast, bf16) matmul peak that runs record (cached in
+    ~/.cache/graftlm), at the `cpu` entry's MFU."""
+    import torch
+
+    from graftlm.metrics import peak_flops
+    from graftlm.placement import fast_bfloat16
+    if torch.cuda.is_available():
+        card = torch.device("cuda", 0)
+        name = torch.cuda.get_device_name(card)
+        memory = torch.cuda.get_device_properties(card).total_memory / GIB
+        named = [device for key, device in catalogue.items() if key in _key(name)]
+        known = max(named, key=lambda device: len(_key(device.name)), default=None)
+        return Device(name=THIS, memory_gb=memory, reserved_gb=known.reserved_gb if known else 0.8,
+                      bf16_tflops=peak_flops(card, torch.bfloat16) / 1e12,
+                      fp32_tflops=peak_flops(card, torch.float32) / 1e12, fast_bf16=fast_bfloat16("cuda"),
+                      mfu=known.mfu if known else CUDA_MFU, usd_per_hour=known.usd_per_hour if known else 0.0,
+                      description=f"this machine's {name}, {memory:.1f} GiB")
+    cpu = torch.device("cpu")
+    fast = fast_bfloat16("cpu")
+    fp32 = peak_flops(cpu, torch.float32) / 1e12
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    laptop = catalogue.get("cpu")
+    return Device(name=THIS, memory_gb=ram, reserved_gb=min(4.0, ram / 4),
+                  bf16_tflops=peak_flops(cpu, torch.bfloat16) / 1e12 if fast else fp32, fp32_tflops=fp32,
+                  fast_bf16=fast, mfu=laptop.mfu if laptop else 0.3, usd_per_hour=0.0,
+                  description=f"this machine's CPU ({torch.get_num_threads()} threads), {ram:.1f} GiB RAM, "
+                              "measured matmul peak")
+
+
 def resolve_hardware(spec: str, catalogue: dict[str, Device]) -> Hardware:
-    """`NAME` or `NAMExN` -> Hardware; an unknown name lists the known ones."""
+    """`NAME` or `NAMExN` -> Hardware (`this`: the machine at hand); an unknown name
+    lists the known ones."""
     name, count = spec.strip(), 1
     match = re.fullmatch(r"(.+?)\s*[xX\*]\s*(\d+)", name)
     if match and _key(name) not in catalogue:  # "rtx 4090" is a name, "rtx4090 x2" a count
         name, count = match.group(1), int(match.group(2))
     if count < 1:
         raise GraftError(f"--hardware '{spec}': the device count must be at least 1")
+    if _key(name) == THIS and THIS not in catalogue:
+        return Hardware(this_machine(catalogue), count)
     device = catalogue.get(_key(name))
     if device is None:
         known = ", ".join(d.name for d in catalogue.values())
-        raise GraftError(f"--hardware: unknown device '{name}' (known: {known}; add yours with --hardware-file)")
+        raise GraftError(f"--hardware: unknown device '{name}' (known: {THIS} (the machine at hand), {known}; "
+                         "add yours with --hardware-file)")
     return Hardware(device, count)

@@ -444,3 +444,42 @@ def test_recommendation_agrees_with_itself_and_the_goal():
     assert "assumed 'format'" in advised(None, 1e6, has_base=True)[1]
     assert "assumed 'deep'" in advised(None, 5e8, has_base=True)[1]
     assert make_plan(model, 5e8, hw, PlanOptions())["recommendation"]["goal"] == "deep"
+
+
+def test_hardware_this_is_the_cpu_at_hand_measured_as_runs_measure_it():
+    import os
+
+    import torch
+
+    from graftlm.metrics import peak_flops
+    from graftlm.placement import fast_bfloat16
+    hardware = resolve_hardware("this", load_catalogue())
+    device = hardware.device
+    assert hardware.count == 1 and device.name == "this"
+    assert device.memory_gb == pytest.approx(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30)
+    assert device.fast_bf16 == fast_bfloat16("cpu")
+    # The best figure runs have recorded (the cache only rises), so a plan and a run agree.
+    assert device.peak_flops("fp32") == pytest.approx(peak_flops(torch.device("cpu"), torch.float32), rel=0.3)
+    assert device.usd_per_hour == 0.0 and device.mfu == load_catalogue()["cpu"].mfu
+
+
+def test_hardware_this_on_a_card_the_catalogue_names_takes_its_mfu_and_price(monkeypatch):
+    import types
+
+    import torch
+
+    import graftlm.metrics
+    import graftlm.placement
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: types.SimpleNamespace(total_memory=80 * 2**30))
+    monkeypatch.setattr(graftlm.metrics, "peak_flops", lambda device, dtype: 989e12 if dtype == torch.bfloat16 else 495e12)
+    monkeypatch.setattr(graftlm.placement, "fast_bfloat16", lambda device_type: True)
+    catalogue = load_catalogue()
+    device = resolve_hardware("this x2", catalogue)
+    h100 = catalogue["h100"]
+    assert device.count == 2 and device.device.memory_gb == 80
+    assert (device.device.mfu, device.device.usd_per_hour, device.device.reserved_gb) == \
+        (h100.mfu, h100.usd_per_hour, h100.reserved_gb)
+    assert device.device.peak_flops("bf16-autocast") == 989e12 and "H100" in device.device.description
