@@ -154,7 +154,7 @@ def loaded_context(cfg: RunConfig) -> int | None:
     return resolve_model_config(cfg.model).max_seq_len
 
 
-def _requested_length(cfg: RunConfig) -> int:
+def requested_length(cfg: RunConfig) -> int:
     """The longest row the run asks for: train.seq_len, or the objective's max_length."""
     section = getattr(cfg, cfg.objective, None)
     return getattr(section, "max_length", None) or cfg.train.seq_len
@@ -167,7 +167,7 @@ def build_model(cfg: RunConfig, vocab_size: int | None, tokenizer, device: torch
     model_cfg = resolve_model_config(cfg.model)
     from_weights = _from_weights(cfg)
     if not from_weights:  # a new model's context is what it is trained at, at least
-        model_cfg = dataclasses.replace(model_cfg, max_seq_len=max(model_cfg.max_seq_len, _requested_length(cfg)))
+        model_cfg = dataclasses.replace(model_cfg, max_seq_len=max(model_cfg.max_seq_len, requested_length(cfg)))
     if cfg.model in PRESETS and vocab_size:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab_size)
     elif vocab_size and vocab_size > model_cfg.vocab_size:

@@ -142,9 +142,9 @@ def trainer_defaults(objective: str) -> dict:
     follows the trainer's defaults rather than keeping numbers of its own. An RL batch
     counts sampled sequences: group_size completions of each of train.batch_size prompts.
     """
-    from graftlm.runs import _requested_length, run_config_class
+    from graftlm.runs import requested_length, run_config_class
     cfg = run_config_class(objective)()
-    defaults = {"batch_size": cfg.train.batch_size, "seq_len": _requested_length(cfg)}
+    defaults = {"batch_size": cfg.train.batch_size, "seq_len": requested_length(cfg)}
     sampling = getattr(getattr(cfg, objective, None), "sampling", None)
     if sampling is not None:
         defaults.update(batch_size=cfg.train.batch_size * sampling.group_size, grpo_group=sampling.group_size,
