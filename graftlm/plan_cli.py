@@ -215,6 +215,9 @@ def print_plan(result: dict) -> None:
                 console.print(f"  [yellow]{r['regime']}[/]: {warning}")
 
 
+CHECK_LABELS = {"peak memory (bytes)": "peak tensors", "time (s)": "time in steps (s)"}
+
+
 def check_command(args, catalogue) -> int:
     from graftlm.plan.check import check_run
     from graftlm.plan.hardware import resolve_hardware
@@ -238,9 +241,10 @@ def check_command(args, catalogue) -> int:
             show = fmt_bytes if "memory" in name else (lambda v: "-" if v is None else f"{v:.4g}")
             error = "-" if fig["error"] is None else f"{fig['error']:+.1%}"
             # The JSON key names its unit (bytes); the table's cells carry theirs ("168.4 MB").
-            # The memory row compares live tensor bytes: "peak tensors", as `graft compare`
-            # names them (the key stays "peak memory (bytes)": scripts and demo.py read it).
-            label = "peak tensors" if name == "peak memory (bytes)" else name.removesuffix(" (bytes)")
+            # Named for what is compared (the JSON keys stay: scripts and demo.py read them): the
+            # step's live tensors, as `graft compare` names them, and the time in training
+            # steps (summary.json's train_time_s), not the command's wall time.
+            label = CHECK_LABELS.get(name, name)
             table.add_row(label, show(fig["predicted"]), show(fig["measured"]), error)
         console.print(table)
         console.print(f"  time assumes {result['assumed']}")
@@ -264,7 +268,7 @@ def compare_command(args) -> int:
     from rich.table import Table
     table = Table(title=f"{len(rows)} runs (plot: {args.out})")
     priced = args.price_per_hour is not None  # no price, no cost column: it would be dashes
-    columns = ("run", "regime", "precision", "trainable", "tokens", "time", "peak tensors", "peak RSS",
+    columns = ("run", "regime", "precision", "trainable", "tokens", "wall time", "peak tensors", "peak RSS",
                *(["cost (USD)"] if priced else []), "train loss", "val loss")
     for column in columns:
         text = column in ("run", "regime", "precision")  # whole names, never cut to "lora-mo…"

@@ -358,6 +358,7 @@ def test_check_labels_its_memory_row_peak_tensors(tmp_path, capsys):
     assert main(["plan", "--check", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "peak tensors" in out and "peak memory" not in out
+    assert "time in steps (s)" in out  # train_time_s, which graft compare's wall time is not
     assert main(["plan", "--check", str(tmp_path), "--json"]) == 0
     assert "peak memory (bytes)" in json.loads(capsys.readouterr().out)[0]["figures"]
 

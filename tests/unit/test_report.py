@@ -72,7 +72,7 @@ def test_graft_report_and_compare(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "full" in printed and "lora" in printed and "sft/lora" in printed
     # The step's live tensors and the process's RSS, each under its own name.
-    assert "peak tensors" in printed and "peak RSS" in printed and "fp32" in printed
+    assert "peak tensors" in printed and "peak RSS" in printed and "fp32" in printed and "wall time" in printed
     assert "600.0 MB" in printed and "300.0 MB" in printed and "900.0 MB" in printed
     html = out.read_text()
     assert len(embedded_pngs(html)) == 1 and "sft/full" in html
