@@ -210,7 +210,7 @@ def flops_per_token_at(cfg: RunConfig, model_config) -> Callable[[int], float]:
     from graftlm.plan.memory import RunShape
 
     adapter = cfg.adapter
-    shape = RunShape(model=model_config, seq_len=cfg.train.seq_len)
+    shape = RunShape(model=model_config, seq_len=cfg.train.seq_len, scalar_head=cfg.objective == "reward")
     if adapter is not None:
         shape = dataclasses.replace(shape, parameterization="lora" if adapter.kind == "dora" else adapter.kind,
                                     lora_r=adapter.r, lora_targets=adapter.targets)

@@ -88,7 +88,8 @@ def run_shape(run_dir: Path) -> tuple[RunShape, dict]:
         # Runs from before "auto" recorded float32, the default then.
         lora_base_dtype=base_storage_dtype(adapter.get("base_dtype", "float32"), precision),
         devices=int(summary.get("world_size", 1)), sharding="fsdp" if parallel.get("mode") == "fsdp" else "ddp",
-        device_type=str(summary.get("device") or "cuda").split(":")[0])
+        device_type=str(summary.get("device") or "cuda").split(":")[0],
+        scalar_head=config.get("objective") == "reward")
     if shape.parameterization == "dora":
         shape = replace(shape, parameterization="lora")
     return shape, summary

@@ -27,7 +27,7 @@ Time = FLOPs / (devices x peak x MFU), the MFU a device typically reaches (catal
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from graftlm.metrics import forward_flops_per_token, matmul_params, training_flops_per_token
 from graftlm.models.kernels import EAGER_GROUPED_MAX_SEQ
@@ -45,9 +45,15 @@ def _first_block_skipped_input_grads(shape: RunShape) -> int:
     return sum(2 * shapes[name][0] * shapes[name][1] for name in LINEAR_NAMES[:3])
 
 
+def _counted_model(shape: RunShape):
+    """The model whose matmuls are counted: a scalar head is one output, not the vocabulary
+    (a reward model's FLOPs counted its base's LM head: 5x too many on a tiny model)."""
+    return replace(shape.model, vocab_size=1) if shape.scalar_head else shape.model
+
+
 def train_flops_per_token(shape: RunShape) -> float:
     """FLOPs to train on one token of a sequence of `shape.seq_len` (forward + backward)."""
-    cfg = shape.model
+    cfg = _counted_model(shape)
     if not shape.adapted:
         return training_flops_per_token(cfg, shape.seq_len, 1.0)
     adapters = adapter_params(shape)
@@ -69,8 +75,8 @@ def recompute_flops_per_token(shape: RunShape) -> float:
     checkpointing recomputes every block's forward. On a CPU in bf16 the attention
     backward makes whole score matrices (below).
     """
-    cfg = shape.model
-    flops = 0 if shape.adapted else 2 * cfg.vocab_size * cfg.hidden_size
+    cfg = _counted_model(shape)
+    flops = 0 if shape.adapted or shape.scalar_head else 2 * cfg.vocab_size * cfg.hidden_size
     if shape.activation_checkpointing:
         flops += inference_flops_per_token(shape) - 2 * cfg.vocab_size * cfg.hidden_size
     return flops + _cpu_attention_backward_extra(shape)

@@ -82,6 +82,7 @@ class RunShape:
     devices: int = 1
     sharding: str = "fsdp"  # fsdp | ddp (with devices > 1)
     device_type: str = "cuda"  # cuda | cpu: which kernels run (see compute.recompute_flops_per_token)
+    scalar_head: bool = False  # a reward model / critic: a [1, hidden] score in place of the LM head (FLOPs)
 
     @property
     def adapted(self) -> bool:

@@ -113,3 +113,21 @@ def test_predicted_peak_memory_and_flops_match_a_measured_step(size, regime):
     predicted_flops = executed_flops_per_token(shape) * shape.tokens
     assert abs(predicted_flops - counted_flops) / counted_flops < 0.05, \
         f"{regime}/{size}: predicted {predicted_flops:.4g} FLOPs vs counted {counted_flops:.4g}"
+
+
+def test_a_reward_models_flops_count_its_score_head_not_the_vocabulary():
+    # A vocabulary 4x the blocks' size: counting the LM head the reward model does not have
+    # (as runs and the plan did) reads several times the FLOPs, and MFU with them.
+    from graftlm.models.heads import ScalarHeadModel
+    cfg = ModelConfig(max_seq_len=64, **{**SIZES["xs"], "vocab_size": 4096})
+    decoder = Decoder(cfg)
+    decoder.init_weights()
+    model = ScalarHeadModel.from_decoder(decoder, pad_token_id=0, generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(1, cfg.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
+    counter = FlopCounterMode(display=False, custom_mapping=UNCOUNTED_BY_TORCH)
+    with counter:
+        model(ids).sum().backward()
+    shape = RunShape(model=cfg, seq_len=64, precision="fp32", device_type="cpu", scalar_head=True)
+    predicted = executed_flops_per_token(shape) * ids.numel()
+    counted = counter.get_total_flops()
+    assert abs(predicted - counted) / counted < 0.05, f"predicted {predicted:.4g} FLOPs vs counted {counted:.4g}"
