@@ -20,9 +20,11 @@ Design choices:
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import gc
 import hashlib
 import json
+import os
 import random
 import shutil
 import time
@@ -300,8 +302,53 @@ def _write_report(run_dir: Path) -> bool:
 
 # -- the run ------------------------------------------------------------------------------------
 
+class RunLock:
+    """One command trains a run directory at a time: rank 0 holds an exclusive flock on
+    `<run>/.lock` (holding its pid) until the run ends; the kernel lets go when the process
+    dies, so a killed or restarted run is never locked out. A second command on a run in
+    progress (another terminal, a requeued job) resumed beside the first, and both wrote
+    the same checkpoints, metrics.jsonl and summary.json."""
+
+    def __init__(self):
+        self._file = None
+
+    def acquire(self, run_dir: Path) -> None:
+        """Take the lock of `run_dir` if it exists and is not held yet (again after the
+        directory is made: a new run has none to lock at first)."""
+        if self._file is not None or not run_dir.is_dir():
+            return
+        file = open(run_dir / ".lock", "a+")
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip()
+            file.close()
+            raise GraftError(f"{run_dir}: another graft command{f' (pid {holder})' if holder else ''} is training "
+                             "this run; wait for it to end, or pass --name for a new run") from None
+        file.seek(0)
+        file.truncate()
+        file.write(f"{os.getpid()}\n")
+        file.flush()
+        self._file = file
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 def run_training(cfg: RunConfig, resume: bool | None = None, fresh: bool = False,
                  allow_config_change: bool = False) -> dict:
+    lock = RunLock()
+    try:
+        return _run_training(cfg, resume, fresh, allow_config_change, lock)
+    finally:
+        lock.release()
+
+
+def _run_training(cfg: RunConfig, resume: bool | None, fresh: bool, allow_config_change: bool,
+                  lock: RunLock) -> dict:
     from graftlm import parallel
 
     started = time.perf_counter()
@@ -313,7 +360,8 @@ def run_training(cfg: RunConfig, resume: bool | None = None, fresh: bool = False
     run_dir = run_directory(cfg)
     # Rank 0 looks at the run directory; every rank resumes from the checkpoint it chose,
     # or meets its refusal (a finished run...) at the same point.
-    resume_from = parallel.decide_on_main(lambda: prepare_run_directory(run_dir, cfg, resume, fresh), d)
+    resume_from = parallel.decide_on_main(
+        lambda: lock.acquire(run_dir) or prepare_run_directory(run_dir, cfg, resume, fresh), d)
 
     seed_everything(cfg.seed)
     from graftlm.models.hf import resolve_model_config
@@ -352,6 +400,7 @@ def run_training(cfg: RunConfig, resume: bool | None = None, fresh: bool = False
                              world_size=d.world_size)
     if d.is_main:  # only now: a run refused for its data or model leaves no directory behind
         run_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire(run_dir)
     trainer = Trainer(
         model, objective, loader, cfg.train, cfg.optim, device=d.device, forward_model=wrapped,
         val_dataset=data.val, val_bytes_per_token=data.val_bytes_per_token, run_dir=run_dir,

@@ -134,3 +134,21 @@ def test_version_names_graftlm_and_torch_without_importing_it(capsys):
     check = "import sys; from graftlm.cli import main; main(['--version']); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout
     assert out.splitlines()[-1] == "False"
+
+
+def test_a_run_in_progress_is_not_trained_by_a_second_command(shards, tmp_path, capsys):
+    import os
+
+    from graftlm.runs import RunLock
+    (tmp_path / "t").mkdir()
+    first = RunLock()  # as the first command holds it while it trains
+    first.acquire(tmp_path / "t")
+    assert pretrain(shards, tmp_path) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"another graft command (pid {os.getpid()}) is training this run; wait for it to end, "
+                        "or pass --name for a new run"), err
+    assert not (tmp_path / "t" / "checkpoints").exists()
+    first.release()  # the first ends (or dies: the kernel lets go of its lock)
+    assert pretrain(shards, tmp_path, "--train.max-steps", "2", "--train.eval-every", "0") == 0
+    # The run let go of its lock when it ended: the next command on it proceeds.
+    assert pretrain(shards, tmp_path, "--train.max-steps", "3", "--train.eval-every", "0") == 0
