@@ -149,6 +149,11 @@ def peak_device_memory_bytes(device: torch.device) -> int:
 
 # -- the run's metric streams ---------------------------------------------------------------
 
+# Objective metrics shown on the progress line when a step has them: (key, label, format).
+HEADLINE_METRICS = (("train_rewards/accuracy", "acc", ".0%"), ("train_rewards/margin", "margin", ".3f"),
+                    ("train_reward/mean", "reward", ".3f"), ("train_kl", "kl", ".3g"))
+
+
 class MetricsLogger:
     """metrics.jsonl + TensorBoard + a live progress bar (or log lines), on rank 0 only."""
 
@@ -200,7 +205,11 @@ class MetricsLogger:
             self.message(f"step {step}: val_reward {record['val_reward']:.4f} (held-out, greedy)")
 
     def _show_train(self, r: dict) -> None:
-        status = (f"loss {r['loss']:.4f}  {r['tokens_per_s']:,.0f} tok/s  "
+        # What tells a preference or RL run's progress, beside its loss (GRPO's sits near 0,
+        # IPO's starts at 1 / (2 beta)^2): every figure stays in metrics.jsonl.
+        headline = "".join(f"  {label} {format(r[key], spec)}" for key, label, spec in HEADLINE_METRICS
+                           if isinstance(r.get(key), (int, float)) and math.isfinite(r[key]))
+        status = (f"loss {r['loss']:.4f}{headline}  {r['tokens_per_s']:,.0f} tok/s  "
                   f"MFU {100 * r['mfu']:.1f}%")
         if self._progress is not None:
             self._progress.update(self._task, completed=r["step"], status=status)

@@ -109,10 +109,17 @@ def test_rl_runs_plot_and_print_the_held_out_reward(tmp_path, capsys, monkeypatc
     from graftlm.metrics import MetricsLogger
     from graftlm.report import run_plots
 
-    logger = MetricsLogger(tmp_path, 4, tensorboard=False)
+    logger = MetricsLogger(tmp_path, 4, tensorboard=False, log_every=1)
     logger.log({"step": 2, "val_reward": 0.375})
+    # The progress line shows what tells an RL or preference step apart, not only its loss.
+    train = {"loss": 0.0, "lr": 1e-5, "tokens_per_s": 100.0, "mfu": 0.01}
+    logger.log({"step": 3, **train, "train_reward/mean": 0.25, "train_kl": 0.0123})
+    logger.log({"step": 4, **train, "train_rewards/accuracy": 0.75, "train_rewards/margin": 0.12})
     logger.close()
-    assert "val_reward 0.3750" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "val_reward 0.3750" in out
+    assert "loss 0.0000  reward 0.250  kl 0.0123  100 tok/s" in out
+    assert "loss 0.0000  acc 75%  margin 0.120  100 tok/s" in out
 
     titles = []
     original = Axes.set_title
