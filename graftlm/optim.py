@@ -24,9 +24,18 @@ from torch import nn
 from graftlm.errors import ConfigError
 
 
+DEFAULT_LR = 3e-4  # a model trained from scratch, or adapters
+# Full fine-tuning of pre-trained weights moves every weight: TRL's default rates. At 3e-4
+# (300x TRL's) a full-weight DPO or GRPO run unlearns a real model's pre-training.
+FINE_TUNING_LR = {"sft": 2e-5, "reward": 1e-5, "ppo": 3e-6, "dpo": 1e-6, "grpo": 1e-6}
+
+
 @dataclass
 class OptimConfig:
-    lr: float = field(default=3e-4, metadata={"help": "peak learning rate"})
+    lr: float | None = field(default=None, metadata={
+        "help": "peak learning rate (default: 3e-4 for a model trained from scratch and for adapters; full "
+                "fine-tuning of pre-trained weights takes TRL's: sft 2e-5, reward 1e-5, ppo 3e-6, dpo and "
+                "grpo 1e-6)"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a fraction of the peak"})
     schedule: Literal["cosine", "wsd", "constant"] = field(
         default="cosine", metadata={"help": "warmup then cosine, warmup-stable-decay, or constant"})
@@ -39,8 +48,13 @@ class OptimConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm (0: no clipping)"})
     implementation: Literal["auto", "fused", "foreach"] = "auto"
 
+    @property
+    def peak_lr(self) -> float:
+        """`lr`, or the default where a run has not chosen one (`runs.default_lr` does)."""
+        return DEFAULT_LR if self.lr is None else self.lr
+
     def validate(self) -> None:
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"config field 'optim.lr': must be positive, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"config field 'optim.min_lr_ratio': must be in [0, 1], got {self.min_lr_ratio}")
@@ -91,12 +105,12 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     fused = cfg.implementation == "fused" or (
         cfg.implementation == "auto" and _fused_supported(device, {p.dtype for p in params}))
     kind = {"fused": True} if fused else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kind)
+    return torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kind)
 
 
 def lr_at(step: int, max_steps: int, cfg: OptimConfig) -> float:
     """Learning rate for optimizer step `step` (0-based) of `max_steps`."""
-    peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
+    peak, floor = cfg.peak_lr, cfg.peak_lr * cfg.min_lr_ratio
     if step < cfg.warmup_steps:
         return peak * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":

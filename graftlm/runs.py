@@ -45,7 +45,7 @@ from graftlm.errors import ConfigError, GraftError, read_json
 from graftlm.metrics import peak_flops
 from graftlm.models.config import PRESETS
 from graftlm.objectives import ObjectiveSpec, get_spec
-from graftlm.optim import OptimConfig
+from graftlm.optim import DEFAULT_LR, FINE_TUNING_LR, OptimConfig
 from graftlm.parallel import ParallelConfig
 from graftlm.placement import resolve_precision
 from graftlm.trainer import TrainConfig, Trainer
@@ -252,6 +252,22 @@ def _saved_identity(checkpoint: Path | None) -> dict:
         return {}  # the resume itself names what is wrong with the checkpoint
 
 
+def default_lr(cfg: RunConfig, run_dir: Path, resuming: bool) -> float:
+    """The learning rate of a run given no --optim.lr: a resumed run's own (config.yaml),
+    else TRL's rate for full fine-tuning of pre-trained weights, else 3e-4 (a model
+    trained from scratch, or adapters)."""
+    if resuming:
+        try:
+            recorded = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("optim", {}).get("lr")
+        except (OSError, yaml.YAMLError, AttributeError):
+            recorded = None
+        if isinstance(recorded, (int, float)) and recorded > 0:
+            return float(recorded)
+    if cfg.adapter is None and _from_weights(cfg) and cfg.objective in FINE_TUNING_LR:
+        return FINE_TUNING_LR[cfg.objective]
+    return DEFAULT_LR
+
+
 def changed_settings(previous: Path, config: dict) -> list[str]:
     """`field: old -> new` for each setting of `config` that differs from the run's
     previous config.yaml (none when there is none to compare with)."""
@@ -362,6 +378,8 @@ def _run_training(cfg: RunConfig, resume: bool | None, fresh: bool, allow_config
     # or meets its refusal (a finished run...) at the same point.
     resume_from = parallel.decide_on_main(
         lambda: lock.acquire(run_dir) or prepare_run_directory(run_dir, cfg, resume, fresh), d)
+    if cfg.optim.lr is None:  # concrete before config.yaml and the resume check read it
+        cfg.optim.lr = parallel.decide_on_main(lambda: default_lr(cfg, run_dir, resume_from is not None), d)
 
     seed_everything(cfg.seed)
     from graftlm.models.hf import resolve_model_config

@@ -426,7 +426,7 @@ class Trainer:
         if warmup and warmup >= cfg.max_steps and self.step < cfg.max_steps:
             reached = lr_at(cfg.max_steps - 1, cfg.max_steps, self.optim_cfg)
             self._message(f"warning: --optim.warmup-steps {warmup} >= --train.max-steps {cfg.max_steps}: the run "
-                          f"ends in its warmup, at lr {reached:.3g} (peak --optim.lr {self.optim_cfg.lr:g}); "
+                          f"ends in its warmup, at lr {reached:.3g} (peak --optim.lr {self.optim_cfg.peak_lr:g}); "
                           "lower --optim.warmup-steps to reach the peak")
         saved_at = self.step if self.step > 0 else None
         first_step = self.step + 1

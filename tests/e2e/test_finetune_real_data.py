@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from graftlm.cli import main
 from tests.conftest import SHARED_DATA
@@ -42,6 +43,8 @@ def test_sft_dpo_reward_grpo_on_real_data(tokenizer_dir):
     dpo = _run(root, "dpo", "--model", sft / "final", "--data", hh, "--name", "dpo")
     metrics = [json.loads(line) for line in (dpo / "metrics.jsonl").read_text().splitlines()]
     assert any("train_rewards/accuracy" in m and "train_logps/chosen" in m for m in metrics)
+    # No --optim.lr: a full-weight DPO of pre-trained weights takes TRL's rate, not 3e-4.
+    assert yaml.safe_load((dpo / "config.yaml").read_text())["optim"]["lr"] == 1e-6
     rm = _run(root, "reward", "--model", sft / "final", "--data", hh, "--name", "rm")
     classifier = transformers.AutoModelForSequenceClassification.from_pretrained(rm / "final")
     assert classifier.config.num_labels == 1
@@ -50,6 +53,7 @@ def test_sft_dpo_reward_grpo_on_real_data(tokenizer_dir):
     # With an adapter the head trains in full beside it; the adapter is a reward as it is.
     rm_lora = _run(root, "reward", "--model", sft / "final", "--data", hh, "--name", "rm-lora", "--adapter", "lora")
     config = json.loads((rm_lora / "final" / "adapter_config.json").read_text())
+    assert yaml.safe_load((rm_lora / "config.yaml").read_text())["optim"]["lr"] == 3e-4  # an adapter's
     assert config["task_type"] == "SEQ_CLS" and "score" in config["modules_to_save"]
     from graftlm.rewards import build_reward
     scores = build_reward(str(rm_lora / "final"))(["Sure.", "No."], ["Hi", "Hi"], [{}, {}])
