@@ -47,7 +47,7 @@ class DemoSize:
 FULL = DemoSize(pretrain_batch=16, pretrain_steps=600, sft_batch=32, sft_steps=150, dpo_steps=40,
                 lora_steps=500, qlora_steps=500, eval_rows=200)
 QUICK = DemoSize(pretrain_batch=8, pretrain_steps=60, sft_batch=32, sft_steps=150, dpo_steps=10,
-                 lora_steps=100, qlora_steps=40, eval_rows=40)
+                 lora_steps=60, qlora_steps=30, eval_rows=40)
 
 STAGES = {
     "data": ("Data", "graftlm writes a small world of sentences and two tasks about them: `where` "
