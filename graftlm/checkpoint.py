@@ -293,12 +293,29 @@ def identity_changes(saved: dict, current: dict) -> list[IdentityChange]:
     return [IdentityChange(k, saved.get(k), current.get(k)) for k in keys if saved.get(k) != current.get(k)]
 
 
+def _describe(changes: list[IdentityChange]) -> list[str]:
+    """`field: old -> new` per change; a section added or dropped whole (full training to
+    an adapter: every `adapter.*` field from None) is one `adapter: none -> lora`."""
+    sections: dict[str, list[IdentityChange]] = {}
+    for change in changes:
+        if "." in change.field:
+            sections.setdefault(change.field.split(".")[0], []).append(change)
+    whole = {}
+    for name, fields in sections.items():
+        kind = next((c for c in fields if c.field == f"{name}.kind"), None)
+        added, dropped = all(c.saved is None for c in fields), all(c.current is None for c in fields)
+        if kind is not None and (added or dropped):
+            whole[name] = f"{name}: {kind.saved or 'none'} -> {kind.current or 'none'}"
+    return [*whole.values(), *(f"{c.field}: {c.saved!r} -> {c.current!r}" for c in changes
+                               if c.field.split(".")[0] not in whole)]
+
+
 def check_identity(saved: dict, current: dict, allow_change: bool, source: Path, warn=print) -> None:
     """Refuse to resume when what defines the data stream or model changed."""
     changes = identity_changes(saved, current)
     if not changes:
         return
-    diff = "; ".join(f"{c.field}: {c.saved!r} -> {c.current!r}" for c in changes)
+    diff = "; ".join(_describe(changes))
     if allow_change:
         warn(f"resuming from {source} although the run changed ({diff})")
         return

@@ -105,6 +105,15 @@ def test_changed_run_is_refused_with_the_difference(two_checkpoints):
     assert allowed.step == 4
 
 
+def test_an_adapter_added_to_a_run_is_one_change_not_one_per_field():
+    saved = {"adapter": None, "seed": 0}
+    current = {"adapter.kind": "lora", "adapter.r": 16, "adapter.alpha": 32.0, "seed": 1}
+    assert ckpt._describe(ckpt.identity_changes(saved, current)) == ["adapter: none -> lora", "seed: 0 -> 1"]
+    assert ckpt._describe(ckpt.identity_changes(current, saved)) == ["adapter: lora -> none", "seed: 1 -> 0"]
+    # Within a section, each field that changed is named.
+    assert ckpt._describe(ckpt.identity_changes(current, {**current, "adapter.r": 8})) == ["adapter.r: 16 -> 8"]
+
+
 class Payload:
     def __init__(self, marker):
         self.marker = marker
