@@ -211,6 +211,18 @@ def build_config(cls: type, recipe: str | Path | dict | None = None,
     return from_dict(cls, data)
 
 
+def flatten(data: dict, prefix: str = "") -> dict:
+    """A nested mapping (a config) as dotted keys: {"optim": {"lr": 1}} -> {"optim.lr": 1}."""
+    out = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
 def save_config(instance: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(instance), sort_keys=False))
 

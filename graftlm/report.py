@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 
 from graftlm import errors
+from graftlm.config import flatten
 from graftlm.errors import GraftError
 
 
@@ -114,17 +115,6 @@ STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;col
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
 th{background:#f3f3f3}td.n{text-align:right;font-variant-numeric:tabular-nums}img{max-width:100%}
 h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.5em}"""
-
-
-def flatten(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
 
 
 def _cell(value) -> str:

@@ -39,7 +39,7 @@ import yaml
 
 from graftlm import checkpoint as ckpt
 from graftlm.adapters.config import AdapterConfig
-from graftlm.config import to_dict
+from graftlm.config import flatten, to_dict
 from graftlm.data.loader import ResumableLoader
 from graftlm.errors import ConfigError, GraftError, read_json
 from graftlm.metrics import peak_flops
@@ -252,44 +252,36 @@ def _saved_identity(checkpoint: Path | None) -> dict:
         return {}  # the resume itself names what is wrong with the checkpoint
 
 
-def default_lr(cfg: RunConfig, run_dir: Path, resuming: bool) -> float:
-    """The learning rate of a run given no --optim.lr: a resumed run's own (config.yaml),
+def recorded_config(run_dir: Path) -> dict:
+    """The settings a run recorded when it last ran (its config.yaml), as dotted keys;
+    empty when there are none to read."""
+    try:
+        recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return flatten(recorded) if isinstance(recorded, dict) else {}
+
+
+def default_lr(cfg: RunConfig, recorded: dict) -> float:
+    """The learning rate of a run given no --optim.lr: the one it `recorded` (resumed),
     else TRL's rate for full fine-tuning of pre-trained weights, else 3e-4 (a model
     trained from scratch, or adapters)."""
-    if resuming:
-        try:
-            recorded = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("optim", {}).get("lr")
-        except (OSError, yaml.YAMLError, AttributeError):
-            recorded = None
-        if isinstance(recorded, (int, float)) and recorded > 0:
-            return float(recorded)
+    lr = recorded.get("optim.lr")
+    if isinstance(lr, (int, float)) and lr > 0:
+        return float(lr)
     if cfg.adapter is None and _from_weights(cfg) and cfg.objective in FINE_TUNING_LR:
         return FINE_TUNING_LR[cfg.objective]
     return DEFAULT_LR
 
 
-def changed_settings(previous: Path, config: dict) -> list[str]:
-    """`field: old -> new` for each setting of `config` that differs from the run's
-    previous config.yaml (none when there is none to compare with)."""
-    try:
-        before = yaml.safe_load(previous.read_text()) if previous.is_file() else None
-    except yaml.YAMLError:
+def changed_settings(recorded: dict, config: dict) -> list[str]:
+    """`field: old -> new` for each setting of `config` that differs from the one the run
+    `recorded` (none when it recorded none)."""
+    if not recorded:
         return []
-    if not isinstance(before, dict):
-        return []
-
-    def flat(tree: dict, prefix: str = "") -> dict:
-        out = {}
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                out.update(flat(value, f"{prefix}{key}."))
-            else:
-                out[f"{prefix}{key}"] = value
-        return out
-
-    old, new = flat(before), flat(config)
-    return [f"{key}: {old.get(key)} -> {new.get(key)}" for key in dict.fromkeys([*new, *old])
-            if old.get(key) != new.get(key)]
+    new = flatten(config)
+    return [f"{key}: {recorded.get(key)} -> {new.get(key)}" for key in dict.fromkeys([*new, *recorded])
+            if recorded.get(key) != new.get(key)]
 
 
 def name_of_model_dir(directory: str | Path) -> str:
@@ -378,8 +370,10 @@ def _run_training(cfg: RunConfig, resume: bool | None, fresh: bool, allow_config
     # or meets its refusal (a finished run...) at the same point.
     resume_from = parallel.decide_on_main(
         lambda: lock.acquire(run_dir) or prepare_run_directory(run_dir, cfg, resume, fresh), d)
+    # What the resumed run recorded (rank 0 reads it, once): its learning rate, and what changed.
+    recorded = recorded_config(run_dir) if d.is_main and resume_from is not None else {}
     if cfg.optim.lr is None:  # concrete before config.yaml and the resume check read it
-        cfg.optim.lr = parallel.decide_on_main(lambda: default_lr(cfg, run_dir, resume_from is not None), d)
+        cfg.optim.lr = parallel.decide_on_main(lambda: default_lr(cfg, recorded), d)
 
     seed_everything(cfg.seed)
     from graftlm.models.hf import resolve_model_config
@@ -433,7 +427,7 @@ def _run_training(cfg: RunConfig, resume: bool | None, fresh: bool, allow_config
         trainer.resume(resume_from, allow_config_change)
         if d.is_main:
             print(f"resuming from {resume_from} (step {trainer.step})", flush=True)
-            changed = changed_settings(run_dir / "config.yaml", config)
+            changed = changed_settings(recorded, config)
             if changed:  # allowed (the learning rate, more steps...), but never unsaid
                 print(f"warning: resumed with changed settings: {', '.join(changed)} (config.yaml now records "
                       "them; --fresh starts the run over)", flush=True)

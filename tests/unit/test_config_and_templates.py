@@ -93,7 +93,7 @@ def test_chat_template_with_generation_markers_renders_like_plain():
 
 def test_the_default_learning_rate_follows_the_regime(tmp_path):
     from graftlm.adapters.config import AdapterConfig
-    from graftlm.runs import default_lr, run_config_class
+    from graftlm.runs import default_lr, recorded_config, run_config_class
     base = tmp_path / "base"
     base.mkdir()
     (base / "model.safetensors").write_bytes(b"")  # pre-trained weights
@@ -104,12 +104,12 @@ def test_the_default_learning_rate_follows_the_regime(tmp_path):
         return cfg
 
     # Full fine-tuning of pre-trained weights: TRL's rates.
-    assert [default_lr(run(o, base), tmp_path, False) for o in ("sft", "reward", "ppo", "dpo", "grpo")] == \
+    assert [default_lr(run(o, base), {}) for o in ("sft", "reward", "ppo", "dpo", "grpo")] == \
         [2e-5, 1e-5, 3e-6, 1e-6, 1e-6]
     # Adapters, a model from scratch, pre-training: 3e-4.
-    assert default_lr(run("dpo", base, AdapterConfig()), tmp_path, False) == 3e-4
-    assert default_lr(run("sft", "tiny"), tmp_path, False) == 3e-4
-    assert default_lr(run("clm", base), tmp_path, False) == 3e-4
+    assert default_lr(run("dpo", base, AdapterConfig()), {}) == 3e-4
+    assert default_lr(run("sft", "tiny"), {}) == 3e-4
+    assert default_lr(run("clm", base), {}) == 3e-4
     # A resumed run keeps the rate it recorded, whatever today's default.
     (tmp_path / "config.yaml").write_text("optim:\n  lr: 0.0003\n")
-    assert default_lr(run("dpo", base), tmp_path, True) == 3e-4
+    assert default_lr(run("dpo", base), recorded_config(tmp_path)) == 3e-4
