@@ -223,6 +223,30 @@ def flatten(data: dict, prefix: str = "") -> dict:
     return out
 
 
+def under_given(instance: Any, recorded: dict, given) -> Any:
+    """`instance` with each field the user did not give taken from `recorded` instead.
+
+    recorded: a flattened config of the same class (what a run wrote to config.yaml);
+    given: the dotted fields typed on the command line or set in a recipe. A field is
+    given when it, a section holding it, or a field inside it was (`--adapter full`
+    gives the whole `adapter` section). Recorded fields this class no longer has are
+    left out."""
+    given = list(given)
+    leaves = [name for name, _, _ in _walk_fields(type(instance))]
+
+    def touches(key: str, names) -> bool:
+        return any(key == n or key.startswith(n + ".") or n.startswith(key + ".") for n in names)
+
+    kept = {k: v for k, v in recorded.items() if touches(k, leaves) and not touches(k, given)}
+    data: dict = {}
+    for key, value in flatten(to_dict(instance)).items():
+        if touches(key, given) or not touches(key, kept):
+            _set_dotted(data, key, value)
+    for key, value in kept.items():
+        _set_dotted(data, key, value)
+    return from_dict(type(instance), data)
+
+
 def save_config(instance: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(instance), sort_keys=False))
 

@@ -39,7 +39,7 @@ import yaml
 
 from graftlm import checkpoint as ckpt
 from graftlm.adapters.config import AdapterConfig
-from graftlm.config import flatten, to_dict
+from graftlm.config import flatten, from_dict, to_dict, under_given
 from graftlm.data.loader import ResumableLoader
 from graftlm.errors import ConfigError, GraftError, read_json
 from graftlm.metrics import peak_flops
@@ -52,6 +52,9 @@ from graftlm.trainer import TrainConfig, Trainer
 
 # Fields that define the data stream and the model; a resume refuses a change in them.
 IDENTITY_FIELDS = ("model", "seed", "train.batch_size", "train.grad_accum", "adapter")
+# Where a run is and where it runs: a continued run takes these from the command that
+# continues it (the launcher decides the devices), never from what it recorded.
+FROM_THE_COMMAND = ("out", "name", "device", "parallel")
 
 
 @dataclass
@@ -96,8 +99,12 @@ def run_directory(cfg: RunConfig) -> Path:
 
 
 def prepare_run_directory(run_dir: Path, cfg: RunConfig, resume: bool | None, fresh: bool,
-                          warn=print) -> Path | None:
-    """The checkpoint to resume from (None: start fresh), after clearing what `fresh` drops.
+                          given=None, warn=print) -> tuple[Path | None, dict, RunConfig]:
+    """The checkpoint to resume from (None: start fresh), after clearing what `fresh` drops;
+    the settings the run recorded (empty when it starts fresh); and the config it trains
+    with: a continued run's recorded settings under those the command gave (`given`,
+    dotted fields; None: every field of `cfg` was given), so that a shorter command, or a
+    larger --train.max-steps alone, continues it as it was.
 
     resume: True (must resume), None (resume when there is a checkpoint), False (never).
     """
@@ -107,7 +114,12 @@ def prepare_run_directory(run_dir: Path, cfg: RunConfig, resume: bool | None, fr
                      "report.html"):
             target = run_dir / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-        return None
+        return None, {}, cfg
+    root = run_dir / "checkpoints"
+    latest = ckpt.latest_valid(root, warn=warn) if resume is not False else None
+    recorded = recorded_config(run_dir) if latest is not None or summary.exists() else {}
+    if recorded and given is not None:
+        cfg = under_given(cfg, recorded, [*given, *FROM_THE_COMMAND])
     if summary.exists():
         done = read_json(summary).get("steps", 0)
         if done >= cfg.train.max_steps:
@@ -116,13 +128,12 @@ def prepare_run_directory(run_dir: Path, cfg: RunConfig, resume: bool | None, fr
                 written = "; its report.html was missing and is written now" if _write_report(run_dir) else ""
             raise GraftError(f"{run_dir}: the run is finished ({done} steps){written}; pass --fresh to train it "
                              "again, --name for a new run, or a larger --train.max-steps to continue")
-    root = run_dir / "checkpoints"
-    latest = ckpt.latest_valid(root, warn=warn) if resume is not False else None
     if resume and latest is None:
         raise GraftError(f"{root}: no complete checkpoint to resume from")
-    if latest is None and (run_dir / "metrics.jsonl").exists():
-        (run_dir / "metrics.jsonl").unlink()  # a run that died before its first checkpoint
-    return latest
+    if latest is None:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a run that died before its first checkpoint
+        return None, {}, cfg  # its command alone says how it trains
+    return latest, recorded, cfg
 
 
 # -- model, tokenizer, adapters ---------------------------------------------------------------
@@ -347,31 +358,37 @@ class RunLock:
 
 
 def run_training(cfg: RunConfig, resume: bool | None = None, fresh: bool = False,
-                 allow_config_change: bool = False) -> dict:
+                 allow_config_change: bool = False, given=None) -> dict:
+    """Train the run `cfg` describes. given: the dotted fields the user set (command line,
+    recipe); a continued run takes the others from what it recorded. None: all of `cfg`."""
     lock = RunLock()
     try:
-        return _run_training(cfg, resume, fresh, allow_config_change, lock)
+        return _run_training(cfg, resume, fresh, allow_config_change, lock, given)
     finally:
         lock.release()
 
 
 def _run_training(cfg: RunConfig, resume: bool | None, fresh: bool, allow_config_change: bool,
-                  lock: RunLock) -> dict:
+                  lock: RunLock, given) -> dict:
     from graftlm import parallel
 
     started = time.perf_counter()
     spec: ObjectiveSpec = get_spec(cfg.objective)
     d = parallel.init_distributed(cfg.parallel, cfg.device)
+    run_dir = run_directory(cfg)
+
+    def look_at_run_directory():
+        lock.acquire(run_dir)
+        latest, recorded, continued = prepare_run_directory(run_dir, cfg, resume, fresh, given)
+        return latest, recorded, to_dict(continued)  # a plain mapping crosses to the other ranks
+
+    # Rank 0 looks at the run directory (once); every rank resumes from the checkpoint it
+    # chose, with the settings it continues with, or meets its refusal at the same point.
+    resume_from, recorded, settings = parallel.decide_on_main(look_at_run_directory, d)
+    cfg = from_dict(type(cfg), settings)
     # `auto` made concrete here, so that config.yaml, the resume check and the plan see it;
     # rank 0's choice, so that ranks on machines of different kinds compute alike.
     cfg.train.precision = parallel.decide_on_main(lambda: resolve_precision(cfg.train.precision, d.device), d)
-    run_dir = run_directory(cfg)
-    # Rank 0 looks at the run directory; every rank resumes from the checkpoint it chose,
-    # or meets its refusal (a finished run...) at the same point.
-    resume_from = parallel.decide_on_main(
-        lambda: lock.acquire(run_dir) or prepare_run_directory(run_dir, cfg, resume, fresh), d)
-    # What the resumed run recorded (rank 0 reads it, once): its learning rate, and what changed.
-    recorded = recorded_config(run_dir) if d.is_main and resume_from is not None else {}
     if cfg.optim.lr is None:  # concrete before config.yaml and the resume check read it
         cfg.optim.lr = parallel.decide_on_main(lambda: default_lr(cfg, recorded), d)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from graftlm.config import add_config_arguments, build_config, read_recipe
+from graftlm.config import add_config_arguments, build_config, flatten, read_recipe
 from graftlm.errors import ConfigError, GraftError
 
 # command -> objective (graftlm/objectives/<objective>.py with a SPEC)
@@ -46,6 +46,8 @@ def register(subparsers) -> None:
 
 
 def config_for(args: argparse.Namespace):
+    """The run config the command line and recipe make, and the dotted fields they gave
+    (a continued run takes the others from what it recorded)."""
     from graftlm.runs import run_config_class
 
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:")}
@@ -69,7 +71,7 @@ def config_for(args: argparse.Namespace):
         overrides["adapter"] = None
     cfg = build_config(run_config_class(args.objective), recipe_data, overrides)
     _refuse_fsdp_fields_outside_fsdp(cfg, overrides, recipe, recipe_data)
-    return cfg
+    return cfg, [*flatten(recipe_data), *overrides]
 
 
 def _refuse_fsdp_fields_outside_fsdp(cfg, overrides: dict, recipe: str | None, recipe_data: dict) -> None:
@@ -91,9 +93,9 @@ def _refuse_fsdp_fields_outside_fsdp(cfg, overrides: dict, recipe: str | None, r
 def train_command(args: argparse.Namespace) -> int:
     from graftlm.runs import run_training
 
-    cfg = config_for(args)
+    cfg, given = config_for(args)
     summary = run_training(cfg, resume=True if args.resume else None, fresh=args.fresh,
-                           allow_config_change=args.allow_config_change)
+                           allow_config_change=args.allow_config_change, given=given)
     if summary:
         val = summary.get("final_val_loss")
         bpb = summary.get("val_bpb")

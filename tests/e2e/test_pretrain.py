@@ -90,6 +90,17 @@ def test_pretrain_end_to_end(shards, tmp_path, capsys):
     assert summary["steps"] == 7
     # Times are the whole run's: the first command's with the resumed one's.
     assert summary["wall_time_s"] > first["wall_time_s"] and summary["train_time_s"] > first["train_time_s"]
+    # A shorter command continues it as it was: what it leaves out is what the run recorded
+    # (the recipe's batch, length and schedule, the fp32 and lr given before), not the defaults.
+    assert main(["pretrain", "--model", "tiny", "--data", str(shards / "shards"), "--out", str(tmp_path),
+                 "--name", "t", "--train.max-steps", "8"]) == 0
+    out = capsys.readouterr().out
+    warning = next(line for line in out.splitlines() if line.startswith("warning: resumed with changed settings"))
+    assert warning.split("settings: ", 1)[1].startswith("train.max_steps: 7 -> 8 (config.yaml"), warning
+    recorded = yaml.safe_load((run / "config.yaml").read_text())
+    assert recorded["train"]["batch_size"] == 4 and recorded["train"]["precision"] == "fp32"
+    assert recorded["optim"]["lr"] == 2e-3 and recorded["optim"]["schedule"] == "cosine"
+    assert json.loads((run / "summary.json").read_text())["steps"] == 8
     assert pretrain(shards, tmp_path, "--fresh", "--train.max-steps", "2", "--train.eval-every", "0") == 0
     assert json.loads((run / "summary.json").read_text())["steps"] == 2
 

@@ -11,7 +11,7 @@ from graftlm.train_cli import config_for
 
 def sft_config(*flags):
     args = build_parser().parse_args(["sft", "--model", "tiny", "--data", "d.jsonl", *flags])
-    return config_for(args)
+    return config_for(args)[0]
 
 
 def tiny_model():

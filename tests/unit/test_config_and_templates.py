@@ -113,3 +113,37 @@ def test_the_default_learning_rate_follows_the_regime(tmp_path):
     # A resumed run keeps the rate it recorded, whatever today's default.
     (tmp_path / "config.yaml").write_text("optim:\n  lr: 0.0003\n")
     assert default_lr(run("dpo", base), recorded_config(tmp_path)) == 3e-4
+
+
+def test_a_continued_run_takes_what_the_command_left_out_from_what_it_recorded():
+    from graftlm.adapters.config import AdapterConfig
+    from graftlm.config import flatten, to_dict, under_given
+    from graftlm.runs import run_config_class
+
+    cls = run_config_class("sft")
+    run = cls(model="m", data="d")
+    run.adapter = AdapterConfig(kind="lora", r=8)
+    run.train.batch_size, run.optim.lr = 2, 1e-3
+    recorded = {**flatten({"objective": "sft", **to_dict(run)}), "train.retired_field": 1}
+
+    def continued(given, **typed):
+        cfg = cls(model="m", data="d", **typed)
+        cfg.train.max_steps = 50
+        return under_given(cfg, recorded, given)
+
+    # Left out: the recorded adapter, batch and rate; given: the longer run. A field this
+    # version no longer has (and the `objective` line) is dropped, not refused.
+    cfg = continued(["model", "data", "train.max_steps"])
+    assert (cfg.adapter.kind, cfg.adapter.r, cfg.train.batch_size, cfg.optim.lr, cfg.train.max_steps) == \
+        ("lora", 8, 2, 1e-3, 50)
+    # One adapter field given: the others are still the recorded ones.
+    cfg = continued(["adapter.r"], adapter=AdapterConfig(kind="lora", r=4))
+    assert (cfg.adapter.r, cfg.adapter.alpha, cfg.train.batch_size) == (4, run.adapter.alpha, 2)
+    # `--adapter full` gives the whole section.
+    assert continued(["adapter"]).adapter is None
+    # A run recorded without an adapter, continued with one: the command's section.
+    recorded.update({"adapter": None})
+    recorded = {k: v for k, v in recorded.items() if not k.startswith("adapter.")}
+    cfg = continued(["adapter.kind"], adapter=AdapterConfig(kind="dora"))
+    assert cfg.adapter.kind == "dora" and cfg.adapter.r == AdapterConfig().r
+    assert continued([]).adapter is None

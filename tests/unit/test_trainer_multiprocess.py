@@ -61,7 +61,7 @@ def _config(argv):
     from graftlm.cli import build_parser
     from graftlm.train_cli import config_for
 
-    return config_for(build_parser().parse_args(["pretrain", "--model", "tiny", "--data", "shards", *argv]))
+    return config_for(build_parser().parse_args(["pretrain", "--model", "tiny", "--data", "shards", *argv]))[0]
 
 
 def test_an_fsdp_option_outside_fsdp_is_refused_naming_it(tmp_path):
