@@ -158,8 +158,9 @@ def _check_task(model: nn.Module, task_type: str | None, adapter_dir: Path) -> N
     scalar = isinstance(model, ScalarHeadModel)
     if task_type == "SEQ_CLS" and not scalar:
         raise GraftError(f"{adapter_dir}: a reward-model adapter (task_type SEQ_CLS), not a language model's: "
-                         f"use it as a reward (--ppo.reward {adapter_dir}), or merge it into its base with "
-                         "`graft merge`, which writes a reward model")
+                         f"it is a model on its own (it records its base): score pairs with `graft eval --model "
+                         f"{adapter_dir} --data PAIRS`, use it as a reward (--ppo.reward {adapter_dir}), or merge "
+                         "it into its base with `graft merge`, which writes a reward model")
     if scalar and task_type not in ("SEQ_CLS", None):
         raise GraftError(f"{adapter_dir}: task_type {task_type}; a reward model takes SEQ_CLS adapters")
 

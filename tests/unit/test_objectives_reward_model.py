@@ -88,5 +88,7 @@ def test_reward_adapter_is_peft_sequence_classification_and_merges(tmp_path):
                  "--out", str(tmp_path / "merged")]) == 0
     with torch.no_grad():
         assert torch.allclose(load_scalar_model(tmp_path / "merged")(ids), ours, atol=1e-5)
-    with pytest.raises(GraftError, match="a reward-model adapter"):
+    # Given as a language model's adapter, it is refused naming how it is used: as a model.
+    with pytest.raises(GraftError, match="a reward-model adapter") as refused:
         A.load_adapter(load_model(tmp_path / "base"), tmp_path / "rm")
+    assert f"graft eval --model {tmp_path / 'rm'}" in str(refused.value)
