@@ -10,6 +10,8 @@ Design choices:
 
 from __future__ import annotations
 
+import os
+
 import sys
 import time
 from pathlib import Path
@@ -68,7 +70,10 @@ class ServeBackend:
             await self.scheduler.run_control(
                 lambda: load_adapter(self.model, real, name, allow_other_base=self.allow_other_base))
         except GraftError as e:
-            raise APIError(400, f"adapter '{client_path}' cannot be loaded: {e}", param="path",
+            # The server's directories are not the client's to see: the adapter is named
+            # as the client named it, other paths under the root relative to it.
+            why = str(e).replace(str(real), client_path).replace(os.path.realpath(self.adapter_root) + os.sep, "")
+            raise APIError(400, f"adapter '{client_path}' cannot be loaded: {why}", param="path",
                            code="invalid_adapter")
         finally:
             self._loading.discard(name)
