@@ -1,29 +1,41 @@
 """Held-out evaluation of a model, its adapters side by side, and a few-shot baseline.
 
-`evaluate(model_dir, data, adapters={name: dir}, few_shot=K)` returns a plain dict:
-`{"kind", "rows", "metrics": {variant: {metric: value}}}` where the variants are
-`base`, each adapter's name, and `base+{K}-shot`. What is measured follows the data:
+`evaluate(model_dir, data, adapters={name: dir}, few_shot=K, name=...)` returns a plain
+dict: `{"kind", "rows", "rows_in_data", "rows_left_out", "metrics": {row: {metric:
+value}}, "definitions": {metric: meaning}}`. The rows of "metrics" are the model itself,
+labelled `name` (`graft eval`: its run's or directory's name, `runs/sft/final` -> `sft`;
+the default "base", or "reward model" for one), each adapter's name, and
+`{name}+{K}-shot`. What is measured follows the data:
 - text rows (`{"text"}`): mean token loss and bits per byte (nats / ln 2 over the UTF-8
   bytes of the predicted tokens); a text longer than the context is scored whole, in
   context-length windows;
 - chat rows (`{"messages"}`, what `graft sft` trains on): mean loss of the assistant
   turns' tokens, rendered as SFT renders them (a row longer than the context is cut);
 - prompts with answers (`prompt`/`question` + `answer`/`completion`): greedy generation
-  with the engine, then exact-match accuracy (numeric final-answer match when the
-  answers are numbers or GSM8K-style `#### N`, exact string match otherwise) and, with
-  `reward=`, the mean reward of any reward spec from `graftlm.rewards`;
-- preference pairs: pairwise accuracy. A policy prefers the chosen completion when its
-  implicit DPO reward, log pi(chosen) - log pi_base(chosen), beats the rejected one's;
-  the base itself compares plain log-probs, or, with `reference=DIR` (a fully
-  fine-tuned policy), its log-ratios against that reference. A reward model directory
-  (`graft reward`) compares its scores.
+  with the engine, then `exact_match` (numeric final-answer match when the answers are
+  numbers or GSM8K-style `#### N`, exact string match otherwise; lm-eval-harness's
+  name) and, with `reward=`, the mean reward of any reward spec from `graftlm.rewards`;
+- preference pairs: two accuracies, never one name for both. `logp_accuracy`: the
+  row's model gives the chosen completion the higher summed log-probability (every
+  policy row). `reward_accuracy`: the chosen completion has the higher implicit DPO
+  reward, log pi(y) - log pi_ref(y) (TRL's `rewards/accuracies`), where a reference
+  exists: an adapter's is the model without adapters, the model's own is `reference=DIR`
+  (a fully fine-tuned policy); without one the model's row has no reward_accuracy. A
+  reward model directory (`graft reward`) gets `pairwise_accuracy`: its score of the
+  chosen completion beats the rejected one's.
 The few-shot baseline ("prompting alone") prefixes each prompt with the first K rows
 as solved examples, and those rows are not scored.
+
+No row is left out silently: `rows_in_data` counts every row read, `rows` those
+evaluated, and `rows_left_out` says why the others were not (`bad`,
+`few_shot_examples`, `past_max_rows`, `too_long` for the context, `nothing_to_score`,
+`too_short`); `rows_cut` counts evaluated rows cut to fit the context.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,6 +45,32 @@ from graftlm.errors import GraftError
 from graftlm.objectives.logprobs import IGNORE_INDEX
 from graftlm.objectives.sft import left_out
 from graftlm.rewards import build_reward, exact_match, final_number, numeric_match
+
+# Why rows of the data were not evaluated, in the order `graft eval` lists them.
+LEFT_OUT_REASONS = ("bad", "few_shot_examples", "past_max_rows", "too_long", "nothing_to_score", "too_short")
+
+
+@dataclass
+class _Rows:
+    """Where every row of the data went: read (bad ones skipped), left out and why, cut."""
+
+    read: RowCounts = field(default_factory=RowCounts)
+    left_out: dict[str, int] = field(default_factory=dict)
+    cut: int = 0  # evaluated, but cut to fit the context
+    few_shot_cut: int = 0  # few-shot prompts whose first examples were cut to fit
+
+    def leave_out(self, reason: str, rows: int) -> None:
+        self.left_out[reason] = self.left_out.get(reason, 0) + rows
+
+    def report(self, evaluated: int, context: int) -> dict:
+        left = {"bad": self.read.bad, **self.left_out}
+        out = {"rows": evaluated, "rows_in_data": self.read.rows,
+               "rows_left_out": {k: left[k] for k in LEFT_OUT_REASONS if left.get(k)}, "context": context}
+        if self.cut:
+            out["rows_cut"] = self.cut
+        if self.few_shot_cut:
+            out["few_shot_prompts_cut"] = self.few_shot_cut
+        return {**out, **left_out(self.read)}
 
 
 def _data_kind(path) -> str:
@@ -56,18 +94,24 @@ def _data_kind(path) -> str:
     raise GraftError(f"{path}: no valid row to evaluate")
 
 
-def _valid_rows(data, objective: str, read: RowCounts) -> list[dict]:
-    """The valid rows of `data`; bad ones are skipped (up to 1% of them) and counted in `read`."""
-    rows, counts = load_examples(data, objective)
-    read.add(counts)
-    return rows
+def _valid_rows(data, objective: str, rows: _Rows) -> list[dict]:
+    """The valid rows of `data`; bad ones are skipped (up to 1% of them) and counted in `rows`."""
+    valid, counts = load_examples(data, objective)
+    rows.read.add(counts)
+    return valid
 
 
-def _answer_rows(path, read: RowCounts) -> list[dict]:
+def _first(items: list, max_rows: int | None, rows: _Rows) -> list:
+    """The first `max_rows` of `items`; the rest are counted as left out."""
+    kept = items[:max_rows]
+    rows.leave_out("past_max_rows", len(items) - len(kept))
+    return kept
+
+
+def _answer_rows(path, rows: _Rows) -> list[dict]:
     """Prompts with their answers, and the row's other fields for a reward function."""
-    rows = _valid_rows(path, "rl", read)
     out = []
-    for r in rows:
+    for r in _valid_rows(path, "rl", rows):
         extra = r["extra"]
         answer = extra.get("answer", extra.get("completion"))
         if not isinstance(answer, str):
@@ -92,17 +136,18 @@ def _progress_of(progress, variant: str):
     return None if progress is None else lambda done, total: progress(variant, done, total)
 
 
+def _prompt_ids(renderer, prompts, room: int) -> tuple[list[list[int]], int]:
+    """Each prompt's token ids, and how many were cut to fit. A prompt longer than the
+    context keeps its end (the question), not its first shots."""
+    ids = [renderer.render_prompt({"prompt": p}) for p in prompts]
+    return [i[-room:] for i in ids], sum(len(i) > room for i in ids)
+
+
 @torch.no_grad()
-def _answers(model, tokenizer, renderer, rows, prompts, max_new_tokens: int, reward, batch_size: int,
-             progress=None) -> dict:
+def _answers(model, tokenizer, rows, ids, max_new_tokens: int, reward, batch_size: int, progress=None) -> dict:
     from graftlm.engine import Engine, SamplingParams
 
     engine = Engine(model, tokenizer)
-    # A prompt longer than the context keeps its end (the question), not its first shots.
-    room = model.config.max_seq_len - max_new_tokens
-    if room < 1:
-        raise GraftError(f"--max-new-tokens {max_new_tokens} leaves no room in the context of {model.config.max_seq_len}")
-    ids = [renderer.render_prompt({"prompt": p})[-room:] for p in prompts]
     completions = []
     for start in range(0, len(ids), batch_size):
         outs = engine.generate(ids[start:start + batch_size],
@@ -139,32 +184,44 @@ def _pair_margins(model, pairs, pad_id: int, batch_size: int) -> torch.Tensor:
     return torch.cat(margins)
 
 
+def _share(wins: torch.Tensor) -> float:
+    return wins.float().mean().item()
+
+
 def _windows(ids: list[int], max_len: int) -> list[list[int]]:
     """Windows of at most `max_len` tokens, each starting on the previous one's last
     token, so that every token after the first is predicted exactly once."""
     return [ids[start:start + max_len] for start in range(0, max(len(ids) - 1, 1), max_len - 1)]
 
 
-@torch.no_grad()
-def _text_metrics(model, tokenizer, texts: list[str], max_len: int, batch_size: int) -> dict:
-    # A text longer than the context is scored in context-length windows (each starts
-    # afresh), as held-out loss is measured, rather than cut at the context.
-    windows, n_bytes = [], 0
+def _text_windows(tokenizer, texts: list[str], max_len: int, rows: _Rows) -> tuple[list[list[int]], int, int]:
+    """(windows, UTF-8 bytes of the predicted tokens, texts scored). A text longer than
+    the context is scored in context-length windows (each starts afresh), as held-out
+    loss is measured, rather than cut at the context; one of fewer than two tokens has
+    nothing to predict and is left out."""
+    windows, n_bytes, scored = [], 0, 0
     for text in texts:
         ids = tokenizer.encode(text, add_bos=tokenizer.bos_id is not None)
         if len(ids) < 2:
+            rows.leave_out("too_short", 1)
             continue
         windows += _windows(ids, max_len)
         n_bytes += len(tokenizer.decode(ids[1:]).encode("utf-8"))
+        scored += 1
     if not windows:
         raise GraftError("no text row has two tokens to evaluate")
+    return windows, n_bytes, scored
+
+
+@torch.no_grad()
+def _text_metrics(model, windows: list[list[int]], n_bytes: int, pad_id: int, batch_size: int) -> dict:
     device = next(model.parameters()).device
     total_nll, tokens = 0.0, 0
     for start in range(0, len(windows), batch_size):
         group = windows[start:start + batch_size]
         width = max(map(len, group))
         # Right padding: a causal model's real positions never see it, and its targets are ignored.
-        x = torch.tensor([w + [tokenizer.pad_id or 0] * (width - len(w)) for w in group], device=device)
+        x = torch.tensor([w + [pad_id] * (width - len(w)) for w in group], device=device)
         targets = torch.tensor([w[1:] + [IGNORE_INDEX] * (width - len(w) + 1) for w in group], device=device)
         valid = targets != IGNORE_INDEX
         total_nll -= (model(x, targets=targets) * valid).sum().item()
@@ -181,11 +238,36 @@ def _context_length(model_dir: Path) -> int:
     return load_config(model_dir).max_seq_len
 
 
+def _definitions(kind: str, model: str, adapters, reference, numeric: bool = False, reward=None) -> dict:
+    """What each metric column means, for this evaluation: printed under the table."""
+    if kind == "text":
+        return {"loss": "mean negative log-likelihood per predicted token (nats)",
+                "bpb": "bits per UTF-8 byte of the predicted text", "tokens": "tokens predicted"}
+    if kind == "chat":
+        return {"loss": "mean negative log-likelihood per assistant token (nats)", "tokens": "assistant tokens scored"}
+    if kind == "answers":
+        out = {"exact_match": "share of greedy answers whose final number equals the answer's" if numeric
+               else "share of greedy answers equal to the answer (surrounding whitespace ignored)"}
+        if reward:
+            out["reward"] = f"mean reward ({reward}) of the greedy answers"
+        return out
+    refs = [f"{model} without adapters for {', '.join(adapters)}"] if adapters else []
+    if reference is not None:
+        refs.insert(0, f"{reference} for {model}")
+    out = {"logp_accuracy": "share of pairs whose chosen completion has the higher summed log-probability "
+                            "under the row's model"}
+    if refs:
+        out["reward_accuracy"] = ("share of pairs whose chosen completion has the higher implicit DPO reward, "
+                                  "log p(y) - log p_ref(y); reference: " + "; ".join(refs))
+    return out
+
+
 def evaluate(model_dir: str | Path, data: str | Path, adapters: dict[str, str] | None = None,
              few_shot: int = 0, max_rows: int | None = None, max_new_tokens: int = 64,
              reward: str | None = None, reference: str | Path | None = None, batch_size: int = 16,
-             device: str = "cpu", allow_other_base: bool = False, progress=None) -> dict:
-    """Evaluate the base model and each adapter on `data`; see the module docstring.
+             device: str = "cpu", allow_other_base: bool = False, progress=None, name: str | None = None) -> dict:
+    """Evaluate the model and each adapter on `data`; see the module docstring. `name`
+    labels the model's own row (default "base", "reward model" for a reward model).
     `progress(variant, rows done, rows)` is called as generated answers come in (the slow kind)."""
     from graftlm.data.render import RenderConfig, Renderer
     from graftlm.models.heads import is_scalar_model_dir
@@ -197,7 +279,7 @@ def evaluate(model_dir: str | Path, data: str | Path, adapters: dict[str, str] |
     context = _context_length(model_dir)
     renderer = Renderer(tokenizer, RenderConfig(max_length=context))
     result = {"kind": kind, "model": str(model_dir), "data": str(data), "metrics": {}}
-    read = RowCounts()  # bad rows skipped: reported beside the metrics, never silently
+    rows = _Rows()  # where every row went: reported beside the metrics, never left out silently
 
     if is_scalar_model_dir(model_dir):
         if kind != "preference":
@@ -206,93 +288,113 @@ def evaluate(model_dir: str | Path, data: str | Path, adapters: dict[str, str] |
         from graftlm.objectives.reward import pair_scores
 
         scorer = load_scalar_model(model_dir, device=device)
-        pairs = _pairs(data, renderer, max_rows, scorer.pad_token_id, read)
+        pairs = _pairs(data, renderer, max_rows, scorer.pad_token_id, rows)
         wins = []
         with torch.no_grad():
             for start in range(0, len(pairs), batch_size):
                 batch = pairs.collate([pairs[i] for i in range(start, min(start + batch_size, len(pairs)))])
                 c, r = pair_scores(scorer, batch)
                 wins.append(c > r)
-        result["rows"] = len(pairs)
-        result["metrics"]["reward model"] = {"pairwise_accuracy": torch.cat(wins).float().mean().item()}
-        return {**result, **left_out(read)}
+        result["metrics"][name or "reward model"] = {"pairwise_accuracy": _share(torch.cat(wins))}
+        result["definitions"] = {"pairwise_accuracy": "share of pairs whose chosen completion the reward model "
+                                                      "scores higher"}
+        return {**result, **rows.report(len(pairs), context)}
 
     from graftlm.models.hf import load_model
 
+    name = name or "base"
+    if name in adapters:
+        raise GraftError(f"adapter name {name!r} is also the model's: name the adapter (--adapter NAME=DIR)")
     model = load_model(model_dir, device=device)
     if adapters:
         from graftlm.adapters import load_adapter
-        for name, path in adapters.items():
-            load_adapter(model, path, name, allow_other_base=allow_other_base)
-    variants = ["base", *adapters]
+        for adapter, path in adapters.items():
+            load_adapter(model, path, adapter, allow_other_base=allow_other_base)
+    variants = [name, *adapters]
 
-    def use(name):
+    def use(variant):
         if adapters:
             from graftlm.adapters import set_active_adapter
-            set_active_adapter(model, None if name == "base" else name)
+            set_active_adapter(model, None if variant == name else variant)
 
     if kind == "text":
-        texts = [r["text"] for r in _valid_rows(data, "text", read)][:max_rows]
-        result["rows"] = len(texts)
-        for name in variants:
-            use(name)
-            result["metrics"][name] = _text_metrics(model, tokenizer, texts, model.config.max_seq_len,
-                                                       batch_size)
-    elif kind == "chat":
-        chats = _chats(data, renderer, max_rows, tokenizer.pad_id, read)
-        result["rows"] = len(chats)
-        for name in variants:
-            use(name)
-            result["metrics"][name] = _chat_loss(model, chats, batch_size)
-    elif kind == "answers":
-        rows = _answer_rows(data, read)
-        shots, rows = rows[:few_shot], rows[few_shot:]
-        rows = rows[:max_rows]
-        if not rows:
+        texts = _first([r["text"] for r in _valid_rows(data, "text", rows)], max_rows, rows)
+        windows, n_bytes, scored = _text_windows(tokenizer, texts, model.config.max_seq_len, rows)
+        for variant in variants:
+            use(variant)
+            result["metrics"][variant] = _text_metrics(model, windows, n_bytes, tokenizer.pad_id or 0, batch_size)
+        result["definitions"] = _definitions(kind, name, adapters, reference)
+        return {**result, **rows.report(scored, context)}
+    if kind == "chat":
+        chats = _chats(data, renderer, max_rows, tokenizer.pad_id, rows)
+        for variant in variants:
+            use(variant)
+            result["metrics"][variant] = _chat_loss(model, chats, batch_size)
+        result["definitions"] = _definitions(kind, name, adapters, reference)
+        return {**result, **rows.report(len(chats), context)}
+    if kind == "answers":
+        answers = _answer_rows(data, rows)
+        shots, answers = answers[:few_shot], _first(answers[few_shot:], max_rows, rows)
+        rows.leave_out("few_shot_examples", len(shots))
+        if not answers:
             raise GraftError(f"{data}: no row left to score after the {few_shot} few-shot example row(s)")
-        result["rows"] = len(rows)
         reward_fn = build_reward(reward, device=device) if reward else None
-        prompts = [r["prompt"] for r in rows]
-        for name in variants:
-            use(name)
-            result["metrics"][name] = _answers(model, tokenizer, renderer, rows, prompts, max_new_tokens,
-                                               reward_fn, batch_size, _progress_of(progress, name))
+        room = model.config.max_seq_len - max_new_tokens
+        if room < 1:
+            raise GraftError(f"--max-new-tokens {max_new_tokens} leaves no room in the context of "
+                             f"{model.config.max_seq_len}")
+        prompts = [r["prompt"] for r in answers]
+        ids, rows.cut = _prompt_ids(renderer, prompts, room)
+        for variant in variants:
+            use(variant)
+            result["metrics"][variant] = _answers(model, tokenizer, answers, ids, max_new_tokens, reward_fn,
+                                                  batch_size, _progress_of(progress, variant))
         if few_shot:
-            use("base")
-            shot_prompts = [_few_shot_prompt(shots, p) for p in prompts]
-            name = f"base+{few_shot}-shot"
-            result["metrics"][name] = _answers(model, tokenizer, renderer, rows, shot_prompts, max_new_tokens,
-                                               reward_fn, batch_size, _progress_of(progress, name))
-    else:
-        pairs = _pairs(data, renderer, max_rows, tokenizer.pad_id, read)
-        result["rows"] = len(pairs)
-        use("base")
-        base = _pair_margins(model, pairs, tokenizer.pad_id, batch_size)
-        if reference is not None:  # a fully fine-tuned policy: implicit reward against its reference
-            ref = _pair_margins(load_model(reference, device=device), pairs, tokenizer.pad_id, batch_size)
-            result["metrics"]["base vs reference"] = {"pairwise_accuracy": (base - ref > 0).float().mean().item()}
-        result["metrics"]["base"] = {"pairwise_accuracy": (base > 0).float().mean().item()}
-        for name in adapters:
             use(name)
-            # implicit DPO reward margin: the adapter's log-ratio gain over the base
-            margin = _pair_margins(model, pairs, tokenizer.pad_id, batch_size) - base
-            result["metrics"][name] = {"pairwise_accuracy": (margin > 0).float().mean().item()}
-    return {**result, **left_out(read)}
+            shot_ids, rows.few_shot_cut = _prompt_ids(renderer, [_few_shot_prompt(shots, p) for p in prompts], room)
+            variant = f"{name}+{few_shot}-shot"
+            result["metrics"][variant] = _answers(model, tokenizer, answers, shot_ids, max_new_tokens, reward_fn,
+                                                  batch_size, _progress_of(progress, variant))
+        result["definitions"] = _definitions(kind, name, adapters, reference, _is_numeric(answers), reward)
+        return {**result, **rows.report(len(answers), context)}
+
+    # Preference pairs: each row's own log-prob preference, and where the row has a
+    # reference, its implicit DPO reward's, under their own names (one name for both
+    # hid that the model's row and the adapters' measured different things).
+    pairs = _pairs(data, renderer, max_rows, tokenizer.pad_id, rows)
+    use(name)
+    own = _pair_margins(model, pairs, tokenizer.pad_id, batch_size)
+    result["metrics"][name] = {"logp_accuracy": _share(own > 0)}
+    if reference is not None:  # a fully fine-tuned policy: implicit reward against its reference
+        ref = _pair_margins(load_model(reference, device=device), pairs, tokenizer.pad_id, batch_size)
+        result["metrics"][name]["reward_accuracy"] = _share(own - ref > 0)
+    for variant in adapters:
+        use(variant)
+        margin = _pair_margins(model, pairs, tokenizer.pad_id, batch_size)
+        # implicit DPO reward margin: the adapter's log-ratio gain over the model without it
+        result["metrics"][variant] = {"logp_accuracy": _share(margin > 0), "reward_accuracy": _share(margin - own > 0)}
+    result["definitions"] = _definitions(kind, name, adapters, reference)
+    return {**result, **rows.report(len(pairs), context)}
 
 
-def _rendered(data, objective: str, render, max_rows, read: RowCounts, none_left: str) -> list:
-    """The first `max_rows` valid rows of `data`, rendered; those that render to nothing
-    (no token to score) are left out, and none at all is an error."""
-    rendered = [r for r in map(render, _valid_rows(data, objective, read)[:max_rows]) if r is not None]
+def _rendered(data, objective: str, render, renderer, max_rows, rows: _Rows, none_left: str) -> list:
+    """The first `max_rows` valid rows of `data`, rendered; those too long for the context
+    or with no token to score are left out (and counted), and none at all is an error."""
+    before = renderer.counts.to_dict()
+    rendered = [r for r in map(render, _first(_valid_rows(data, objective, rows), max_rows, rows)) if r is not None]
+    counts = {k: v - before[k] for k, v in renderer.counts.to_dict().items()}
+    rows.leave_out("too_long", counts["dropped_too_long"])
+    rows.leave_out("nothing_to_score", counts["dropped_untrained"])
+    rows.cut += sum(r.truncated for r in rendered)  # the renderer also counts rows cut, then dropped
     if not rendered:
         raise GraftError(f"{data}: {none_left}")
     return rendered
 
 
-def _chats(data, renderer, max_rows, pad_id, read: RowCounts):
+def _chats(data, renderer, max_rows, pad_id, rows: _Rows):
     from graftlm.objectives.sft import RenderedRows
 
-    return RenderedRows(_rendered(data, "sft", renderer.render, max_rows, read,
+    return RenderedRows(_rendered(data, "sft", renderer.render, renderer, max_rows, rows,
                                   "no chat row has an assistant token to score"), pad_id)
 
 
@@ -310,8 +412,8 @@ def _chat_loss(model, chats, batch_size: int) -> dict:
     return {"loss": total / tokens, "tokens": tokens}
 
 
-def _pairs(data, renderer, max_rows, pad_id, read: RowCounts):
+def _pairs(data, renderer, max_rows, pad_id, rows: _Rows):
     from graftlm.objectives.dpo import PreferencePairs
 
-    return PreferencePairs(_rendered(data, "dpo", renderer.render_pair, max_rows, read,
+    return PreferencePairs(_rendered(data, "dpo", renderer.render_pair, renderer, max_rows, rows,
                                      "no preference pair to evaluate"), pad_id)

@@ -1,4 +1,9 @@
-"""`graft eval`: the base model and each adapter side by side on held-out data (one table)."""
+"""`graft eval`: a model and each adapter side by side on held-out data (one table).
+
+The model's row is named as `graft serve` names it, by its run or directory
+(`runs/sft/final` -> `sft`), not "base": a full fine-tune is not its base. The heading says
+how many rows were evaluated of how many read, and why the others were left out; under
+the table each metric column says what it measures."""
 
 from __future__ import annotations
 
@@ -12,8 +17,8 @@ from graftlm.placement import pick_device
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="held-out loss / bpb, answer accuracy or pairwise accuracy, "
-                                           "base and adapters side by side")
+    p = subparsers.add_parser("eval", help="held-out loss / bpb, answers' exact_match, or preference pairs' "
+                                           "logp_accuracy / reward_accuracy; a model and its adapters side by side")
     p.add_argument("--model", required=True, help="model directory (or a reward model from graft reward)")
     p.add_argument("--adapter", action="append", type=named_adapter, default=[], metavar="[NAME=]DIR",
                    help="an adapter to compare (repeatable); named NAME, else as its directory "
@@ -21,8 +26,9 @@ def register(subparsers) -> None:
     add_allow_other_base(p)
     p.add_argument("--data", required=True, help="held-out rows: text, prompts with answers, or pairs")
     p.add_argument("--few-shot", type=int, default=0, metavar="K",
-                   help="also score the base prompted with the first K rows as examples")
-    p.add_argument("--reference", help="preference data: reference model of a fully fine-tuned --model")
+                   help="also score the model prompted with the first K rows as examples")
+    p.add_argument("--reference", help="preference data: reference model of a fully fine-tuned --model, "
+                                       "for its reward_accuracy (implicit DPO reward)")
     p.add_argument("--reward", help="prompts: also report the mean of this reward (see graft grpo --grpo.reward)")
     p.add_argument("--max-rows", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -41,10 +47,14 @@ def eval_command(args: argparse.Namespace) -> int:
     for flag, value in (("--batch-size", args.batch_size), ("--max-rows", args.max_rows)):
         if value is not None and value < 1:
             raise GraftError(f"{flag}: must be >= 1, got {value}")
+    from graftlm.runs import name_of_model_dir
+
+    model_name = name_of_model_dir(args.model)
     names = [n for n, _ in args.adapter]
-    if len(set(names)) != len(names) or "base" in names:
-        raise GraftError("--adapter: names must be distinct and not 'base'")
-    result = evaluate(args.model, args.data, dict(args.adapter), few_shot=args.few_shot,
+    if len(set(names)) != len(names) or model_name in names:
+        raise GraftError(f"--adapter: names must be distinct and not the model's, {model_name!r} "
+                         f"(name one with --adapter NAME=DIR)")
+    result = evaluate(args.model, args.data, dict(args.adapter), name=model_name, few_shot=args.few_shot,
                       max_rows=args.max_rows, max_new_tokens=args.max_new_tokens, reward=args.reward,
                       reference=args.reference, batch_size=args.batch_size, device=pick_device(0, args.device),
                       allow_other_base=args.allow_other_base, progress=_print_progress)
@@ -63,6 +73,26 @@ def _print_progress(variant: str, done: int, total: int) -> None:
     print(f"  {variant}: {done}/{total} answers", end=end, file=sys.stderr, flush=True)
 
 
+def heading(result: dict) -> str:
+    """`MODEL on DATA (KIND): N of M rows evaluated; left out: ...`: every row of the data
+    is accounted for."""
+    line = (f"{result['model']} on {result['data']} ({result['kind']}): "
+            f"{result['rows']:,} of {result.get('rows_in_data', result['rows']):,} rows evaluated")
+    context = result.get("context")
+    reasons = {"bad": "bad", "few_shot_examples": "used as few-shot examples", "past_max_rows": "past --max-rows",
+               "too_long": f"too long for the {context}-token context", "nothing_to_score": "with no token to score",
+               "too_short": "shorter than 2 tokens"}
+    left = result.get("rows_left_out") or {}
+    if left:
+        line += "; left out: " + ", ".join(f"{n:,} {reasons.get(k, k)}" for k, n in left.items())
+    if result.get("rows_cut"):
+        kept = "end" if result["kind"] == "answers" else "start"
+        line += f"; {result['rows_cut']:,} cut to fit the {context}-token context (their {kept} kept)"
+    if result.get("few_shot_prompts_cut"):
+        line += f"; {result['few_shot_prompts_cut']:,} few-shot prompts cut to fit (their first examples lost)"
+    return line
+
+
 def print_table(result: dict) -> None:
     from rich.table import Table
 
@@ -70,19 +100,20 @@ def print_table(result: dict) -> None:
 
     columns = sorted({k for m in result["metrics"].values() for k in m})
     console = table_console()
-    # A line, not the table's title, which wraps at the narrow table's width.
-    console.print(f"{result['model']} on {result['data']} ({result['rows']} rows, {result['kind']})",
-                  highlight=False, markup=False)
+    # Lines, not the table's title, which wraps at the narrow table's width; a terminal wraps them.
+    console.print(heading(result), highlight=False, markup=False, soft_wrap=True)
+    if "bad_rows_skipped" in result:
+        console.print(f"first bad row: {result['bad_rows_skipped']['first']}", highlight=False, markup=False,
+                      soft_wrap=True)
     table = Table()
-    table.add_column("variant")
+    table.add_column("model")
     for c in columns:
         table.add_column(c, justify="right")
     for variant, metrics in result["metrics"].items():
         table.add_row(variant, *[_fmt(metrics.get(c)) for c in columns])
     console.print(table)
-    if "bad_rows_skipped" in result:
-        skipped = result["bad_rows_skipped"]
-        print(f"skipped {skipped['bad']} bad row(s) of {skipped['of']}; first: {skipped['first']}")
+    for column, meaning in result.get("definitions", {}).items():
+        console.print(f"{column}: {meaning}", highlight=False, markup=False, soft_wrap=True)
 
 
 def _fmt(value) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -96,9 +97,10 @@ def test_adapters_side_by_side_with_few_shot_baseline(model_dir, tmp_path, capsy
     assert main(["eval", "--model", str(model_dir / "model"), "--adapter", f"tuned={tmp_path / 'adapter'}",
                  "--data", str(pairs), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert set(printed["metrics"]) == {"base", "tuned"} and printed["rows"] == 2
+    # The model's row is named by its directory, as graft serve names it.
+    assert set(printed["metrics"]) == {"model", "tuned"} and printed["rows"] == 2
     for metrics in printed["metrics"].values():
-        assert 0.0 <= metrics["pairwise_accuracy"] <= 1.0
+        assert 0.0 <= metrics["logp_accuracy"] <= 1.0
     # A bare DIR, as `graft generate --adapter` takes it, is named by its run (or directory).
     run = tmp_path / "runs" / "lora"
     (run / "final").parent.mkdir(parents=True)
@@ -106,7 +108,7 @@ def test_adapters_side_by_side_with_few_shot_baseline(model_dir, tmp_path, capsy
     (run / "summary.json").write_text("{}")
     assert main(["eval", "--model", str(model_dir / "model"), "--adapter", str(run / "final"),
                  "--data", str(pairs), "--json"]) == 0
-    assert set(json.loads(capsys.readouterr().out)["metrics"]) == {"base", "lora"}
+    assert set(json.loads(capsys.readouterr().out)["metrics"]) == {"model", "lora"}
 
 
 def test_bad_rows_are_one_line_errors(model_dir, tmp_path, capsys):
@@ -160,7 +162,143 @@ def test_a_skipped_bad_row_is_reported_beside_the_metrics(model_dir, tmp_path, c
     data = tmp_path / "text.jsonl"
     data.write_text("".join(json.dumps({"text": f"copy: {i % 10}"}) + "\n" for i in range(120)) + "not json\n")
     result = evaluate(model_dir / "model", data)
-    assert result["rows"] == 120
+    assert (result["rows"], result["rows_in_data"], result["rows_left_out"]) == (120, 121, {"bad": 1})
     assert result["bad_rows_skipped"]["bad"] == 1 and "text.jsonl:121" in result["bad_rows_skipped"]["first"]
     assert main(["eval", "--model", str(model_dir / "model"), "--data", str(data)]) == 0
-    assert "skipped 1 bad row(s) of 121" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "(text): 120 of 121 rows evaluated; left out: 1 bad\n" in out
+    assert "first bad row: " in out and "text.jsonl:121" in out
+
+
+# -- preference pairs: what each row's accuracy measures ------------------------------------
+
+def _tuned_adapter(model_dir, out):
+    from graftlm.adapters import AdapterConfig, apply_adapters, save_adapter
+    from graftlm.models.hf import load_model
+    model = load_model(model_dir / "model")
+    apply_adapters(model, AdapterConfig(r=2))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    save_adapter(model, out)
+    return model
+
+
+def _completion_logps(model, renderer, rows):
+    """Summed log p of the chosen and of the rejected completion, one pair at a time, no padding."""
+    out = []
+    for row in rows:
+        pair = renderer.render_pair({**row, "source": "x"})
+        logps = []
+        for ids, mask in ((pair.chosen_ids, pair.chosen_mask), (pair.rejected_ids, pair.rejected_mask)):
+            x = torch.tensor([pair.prompt_ids + ids])
+            logp = torch.log_softmax(model(x)[0, :-1].float(), -1).gather(-1, x[0, 1:, None])[:, 0]
+            logps.append(logp[len(pair.prompt_ids) - 1:][torch.tensor(mask)].sum().item())
+        out.append(logps)
+    return torch.tensor(out)
+
+
+PAIRS = [{"prompt": f"copy: {i} {j}", "chosen": f"{i} {j}", "rejected": f"{j} {i} {i}"}
+         for i, j in ((1, 2), (3, 4), (5, 6), (7, 8), (9, 0), (2, 7))]
+
+
+def test_pairs_report_log_prob_and_implicit_reward_accuracy_under_their_own_names(model_dir, tmp_path, capsys):
+    """The model's row compared plain log-probs and the adapters' rows implicit DPO rewards,
+    both printed as `pairwise_accuracy`: each is now reported under its own name, by hand."""
+    from graftlm.adapters import set_active_adapter
+    from graftlm.data.render import RenderConfig, Renderer
+    from graftlm.models.hf import load_model
+    from graftlm.tokenizer import load_tokenizer
+    tuned = _tuned_adapter(model_dir, tmp_path / "adapter")
+    torch.manual_seed(1)  # a reference other than the model: another initialisation
+    ref_model = Decoder(load_model(model_dir / "model").config)
+    ref_model.init_weights(torch.Generator().manual_seed(1))
+    save_model(ref_model, tmp_path / "ref", tokenizer_dir=model_dir / "tok")
+    data = _write(tmp_path / "pairs.jsonl", PAIRS)
+
+    renderer = Renderer(load_tokenizer(model_dir / "model"), RenderConfig(max_length=128))
+    base, ref = load_model(model_dir / "model"), load_model(tmp_path / "ref")
+    set_active_adapter(tuned, "default")
+    with torch.no_grad():
+        own, adapted, reference = (_completion_logps(m, renderer, PAIRS) for m in (base, tuned, ref))
+    margin = {k: v[:, 0] - v[:, 1] for k, v in (("own", own), ("adapted", adapted), ("ref", reference))}
+    want = {"model": {"logp_accuracy": (margin["own"] > 0).float().mean().item(),
+                      "reward_accuracy": (margin["own"] - margin["ref"] > 0).float().mean().item()},
+            "tuned": {"logp_accuracy": (margin["adapted"] > 0).float().mean().item(),
+                      "reward_accuracy": (margin["adapted"] - margin["own"] > 0).float().mean().item()}}
+    # The two measures disagree on these pairs: one name for both hid which was meant.
+    assert want["tuned"]["logp_accuracy"] != want["tuned"]["reward_accuracy"]
+
+    result = evaluate(model_dir / "model", data, adapters={"tuned": str(tmp_path / "adapter")},
+                      reference=tmp_path / "ref", name="model", batch_size=3)
+    assert result["metrics"].keys() == want.keys()
+    for row, metrics in want.items():
+        assert result["metrics"][row] == pytest.approx(metrics, abs=1e-6)
+    assert "ref" in result["definitions"]["reward_accuracy"]
+    # Without a reference the model's own row has no implicit reward: no value in that column.
+    assert main(["eval", "--model", str(model_dir / "model"), "--adapter", f"tuned={tmp_path / 'adapter'}",
+                 "--data", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "pairwise_accuracy" not in out and "│ model " in out
+    table = {line.split()[1]: line.split()[3:-1:2] for line in out.splitlines() if line.startswith("│ ")}
+    assert table == {"model": [f"{want['model']['logp_accuracy']:.4f}", "-"],
+                     "tuned": [f"{want['tuned']['logp_accuracy']:.4f}", f"{want['tuned']['reward_accuracy']:.4f}"]}
+    for name in ("logp_accuracy", "reward_accuracy"):
+        assert f"\n{name}: " in out  # each column says what it measures
+
+
+def test_a_full_fine_tune_is_named_by_its_run_not_base(model_dir, tmp_path, capsys):
+    run = tmp_path / "runs" / "sft"
+    run.mkdir(parents=True)
+    shutil.copytree(model_dir / "model", run / "final")
+    (run / "summary.json").write_text("{}")
+    answers = _write(tmp_path / "answers.jsonl", [{"prompt": f"copy: {i}", "answer": f"{i}"} for i in range(4)])
+    assert main(["eval", "--model", str(run / "final"), "--data", str(answers), "--few-shot", "1",
+                 "--max-new-tokens", "2", "--json"]) == 0
+    assert list(json.loads(capsys.readouterr().out)["metrics"]) == ["sft", "sft+1-shot"]
+    pairs = _write(tmp_path / "pairs.jsonl", PAIRS[:2])
+    assert main(["eval", "--model", str(run / "final"), "--data", str(pairs)]) == 0
+    out = capsys.readouterr().out
+    assert "│ sft " in out and "base" not in out
+    # An adapter may not take the model's name: the rows would be one.
+    _tuned_adapter(model_dir, tmp_path / "sft")
+    assert main(["eval", "--model", str(run / "final"), "--adapter", str(tmp_path / "sft"), "--data", str(pairs)]) == 2
+    assert "not the model's, 'sft'" in capsys.readouterr().err
+
+
+# -- every row of the data is accounted for ------------------------------------------------
+
+def _accounted(result) -> bool:
+    return result["rows"] + sum(result["rows_left_out"].values()) == result["rows_in_data"]
+
+
+def test_pairs_too_long_for_the_context_are_counted_in_the_heading(model_dir, tmp_path, capsys):
+    long_prompt = "copy: " + " ".join(["1 2 3 hello world"] * 60)  # fills the 128-token context
+    rows = PAIRS[:3] + [{"prompt": long_prompt, "chosen": "1", "rejected": "2"}] + PAIRS[3:6]
+    data = _write(tmp_path / "pairs.jsonl", rows)
+    result = evaluate(model_dir / "model", data, max_rows=6)
+    assert (result["rows"], result["rows_in_data"]) == (5, 7)
+    assert result["rows_left_out"] == {"past_max_rows": 1, "too_long": 1} and _accounted(result)
+    assert main(["eval", "--model", str(model_dir / "model"), "--data", str(data), "--max-rows", "6"]) == 0
+    heading = capsys.readouterr().out.splitlines()[0]
+    assert heading.endswith("(preference): 5 of 7 rows evaluated; left out: 1 past --max-rows, "
+                            "1 too long for the 128-token context")
+
+
+def test_chats_cut_at_the_context_and_answers_used_as_shots_are_counted(model_dir, tmp_path, capsys):
+    long = " ".join(["hello world"] * 80)
+    chats = [{"messages": [{"role": "user", "content": "copy: 1"}, {"role": "assistant", "content": "1 1"}]},
+             {"messages": [{"role": "user", "content": "copy: 2"}, {"role": "assistant", "content": long}]},
+             {"messages": [{"role": "user", "content": long + long}, {"role": "assistant", "content": "3"}]}]
+    result = evaluate(model_dir / "model", _write(tmp_path / "chats.jsonl", chats))
+    # The second row's reply is cut at the context; the third's prompt fills it: nothing to score.
+    assert (result["rows"], result["rows_in_data"], result["rows_cut"]) == (2, 3, 1)
+    assert result["rows_left_out"] == {"nothing_to_score": 1} and _accounted(result)
+    answers = _write(tmp_path / "answers.jsonl", [{"prompt": f"copy: {i}", "answer": f"{i}"} for i in range(6)])
+    assert main(["eval", "--model", str(model_dir / "model"), "--data", str(answers), "--few-shot", "2",
+                 "--max-rows", "3", "--max-new-tokens", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["rows"], result["rows_in_data"]) == (3, 6) and _accounted(result)
+    assert result["rows_left_out"] == {"few_shot_examples": 2, "past_max_rows": 1}
+
