@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -302,3 +303,16 @@ def test_chats_cut_at_the_context_and_answers_used_as_shots_are_counted(model_di
     assert (result["rows"], result["rows_in_data"]) == (3, 6) and _accounted(result)
     assert result["rows_left_out"] == {"few_shot_examples": 2, "past_max_rows": 1}
 
+
+def test_readme_names_the_metrics_eval_reports(model_dir, tmp_path):
+    """README said "accuracy" where eval printed `exact_match`: it names each reported metric."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    answers = _write(tmp_path / "answers.jsonl", [{"prompt": f"copy: {i}", "answer": f"{i}"} for i in range(2)])
+    _tuned_adapter(model_dir, tmp_path / "adapter")
+    reported = set()
+    for data in (answers, _write(tmp_path / "pairs.jsonl", PAIRS[:2]),
+                 _write(tmp_path / "text.jsonl", [{"text": "hello world"}])):
+        result = evaluate(model_dir / "model", data, adapters={"a": str(tmp_path / "adapter")}, max_new_tokens=2)
+        reported |= {metric for metrics in result["metrics"].values() for metric in metrics}
+    assert {"exact_match", "logp_accuracy", "reward_accuracy", "loss", "bpb"} <= reported
+    assert [m for m in sorted(reported) if f"`{m}`" not in readme] == []
