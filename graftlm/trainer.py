@@ -453,6 +453,9 @@ class Trainer:
                               memory_bytes=peak_device_memory_bytes(self.device),
                               eta_s=(cfg.max_steps - self.step) * self._seconds_per_step())
                 self.logger.log(record)
+                # The objective may warn from its step's metrics (GRPO: rollouts that teach nothing).
+                for line in getattr(self.objective, "step_warnings", lambda record: [])(record):
+                    self._message(line)
                 last = self.step == cfg.max_steps
                 if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
                     val = self.evaluate()

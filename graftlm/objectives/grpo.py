@@ -15,6 +15,9 @@ engine and scored by a reward (`graftlm.rewards`). Design choices:
   and keeps its rollout and log-probs (pi_old, the policy at sampling time, which is
   the policy of pass 0's step), later passes reuse them. A reused rollout is matched
   by its slot and sample ids; after a resume mid-block it is sampled anew.
+- A step in which every group's completions got the same reward learns nothing: the
+  run logs `frac_reward_zero_std` (the share of such groups, TRL's metric) and warns
+  (`rollout.RolloutWarnings`), as it does when completions are cut at `max_new_tokens`.
 - Validation: greedy completions of the held-out prompts, scored by the same reward
   (`val_reward`, see `rollout.held_out_reward`).
 - KL to the reference policy with the k3 estimator exp(r - l) - (r - l) - 1 (r, l the
@@ -33,8 +36,8 @@ import torch
 from graftlm.errors import ConfigError
 from graftlm.objectives.logprobs import IGNORE_INDEX, shift_targets
 from graftlm.objectives import ObjectiveSpec
-from graftlm.objectives.rollout import (Rollout, RolloutSampler, SamplingConfig, build_prompt_splits,
-                                        held_out_reward, rollout_metrics, run_tokenizer)
+from graftlm.objectives.rollout import (Rollout, RolloutSampler, RolloutWarnings, SamplingConfig,
+                                        build_prompt_splits, held_out_reward, rollout_metrics, run_tokenizer)
 from graftlm.objectives.sft import FineTuneData, model_logprobs
 from graftlm.rewards import RewardPolicy, RewardScorer, build_reward
 
@@ -73,6 +76,14 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
     return (centered * valid).reshape(-1), valid.reshape(-1)
 
 
+def zero_std_fraction(rewards: torch.Tensor, group_size: int) -> float:
+    """Share of the scored groups whose rewards all agree (std 0: advantages 0), TRL's
+    `frac_reward_zero_std`; groups with a skipped reward are left out (`skipped_groups`)."""
+    grouped = rewards.view(-1, group_size)
+    std = grouped[~torch.isnan(grouped).any(-1)].std(-1)
+    return torch.isclose(std, torch.zeros_like(std)).float().mean().item() if std.numel() else 0.0
+
+
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Per-token KL(pi || ref) estimate, always >= 0 (Schulman's k3)."""
     delta = ref_logp - logp
@@ -107,6 +118,7 @@ class GRPOObjective:
         # slot -> (sample ids, rollout, pi_old log-probs) kept for the later passes
         self._kept: dict[int, tuple[list[int], Rollout, torch.Tensor]] = {}
         self._last_end: float | None = None
+        self.step_warnings = RolloutWarnings("grpo", config.sampling, groups=True)
 
     def _kept_rollout(self, batch: dict) -> tuple[Rollout, torch.Tensor] | None:
         if batch.get("reuse_pass", 0) == 0:
@@ -151,6 +163,7 @@ class GRPOObjective:
             "kl": (kl.detach() * trained).sum().item() / denominator,
             "clip_fraction": (clipped & trained).sum().item() / denominator,
             "skipped_groups": (~valid).sum().item() / rollout.group_size,
+            "frac_reward_zero_std": zero_std_fraction(rollout.rewards, rollout.group_size),
         }
         self._last_end = time.perf_counter()
         metrics["time/train_s"] = outside + (self._last_end - start - rollout.generation_s - rollout.scoring_s)

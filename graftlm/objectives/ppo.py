@@ -34,8 +34,8 @@ from graftlm.objectives.grpo import clipped_surrogate, reference_token_logps
 from graftlm.objectives.logprobs import IGNORE_INDEX, shift_targets
 from graftlm.objectives import ObjectiveSpec
 from graftlm.parallel import average_gradients
-from graftlm.objectives.rollout import (RolloutSampler, SamplingConfig, build_prompt_splits, held_out_reward,
-                                        rollout_metrics, run_tokenizer)
+from graftlm.objectives.rollout import (RolloutSampler, RolloutWarnings, SamplingConfig, build_prompt_splits,
+                                        held_out_reward, rollout_metrics, run_tokenizer)
 from graftlm.objectives.sft import FineTuneData, model_logprobs
 from graftlm.rewards import RewardPolicy, RewardScorer, build_reward
 
@@ -113,6 +113,8 @@ class PPOObjective:
         self.critic = build_critic(config, policy)
         trainable = [p for p in self.critic.parameters() if p.requires_grad]
         self.critic_optimizer = torch.optim.AdamW(trainable, lr=config.value_lr, weight_decay=0.0)
+        # Completions cut at max_new_tokens (PPO's advantages are not per group).
+        self.step_warnings = RolloutWarnings("ppo", config.sampling, groups=False)
 
     def evaluate_batch(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
         return held_out_reward(self.sampler, model, batch, self.pad_id)

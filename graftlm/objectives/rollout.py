@@ -13,6 +13,9 @@ Shared by GRPO and PPO. Design choices:
   and the row's extra fields; skipped scores (see `rewards.RewardScorer`) are NaN and
   their rows carry no loss.
 - Time in generation and in scoring is measured, so the run can report the split.
+- Rollouts that teach little are named as the run goes (`RolloutWarnings`): completions
+  cut at `max_new_tokens` (`completions/clipped_ratio`, as TRL logs it) and, for GRPO,
+  groups whose completions all got the same reward (`frac_reward_zero_std`).
 - Validation: the held-out prompts (the `val_fraction` / `val_data` split) are answered
   greedily, one completion each, and scored with the training reward; the trainer logs
   their mean as `val_reward` (`held_out_reward`). Greedy decoding makes it a property of
@@ -57,6 +60,7 @@ class Rollout:
     generation_s: float
     scoring_s: float
     lengths: torch.Tensor  # [N] prompt + completion tokens of each row, without padding
+    truncated: torch.Tensor  # [N] bool: stopped at max_new_tokens (or the context), not by a stop token
 
     @property
     def completion_lengths(self) -> torch.Tensor:
@@ -138,7 +142,8 @@ class RolloutSampler:
         device = next(policy.parameters()).device
         return Rollout(pad_right(sequences, pad_id).to(device), pad_right(masks, 0).bool().to(device),
                        rewards.to(device), completions, g, generation_s, scoring_s,
-                       torch.tensor([len(s) for s in sequences]))
+                       torch.tensor([len(s) for s in sequences]),
+                       torch.tensor([o.finish_reason == "length" for o in outputs]))
 
 
 def held_out_reward(sampler: RolloutSampler, model, batch: dict,
@@ -155,11 +160,62 @@ def rollout_metrics(rollout: Rollout) -> dict:
         "reward/mean": valid.mean().item() if valid.numel() else float("nan"),
         "reward/std": valid.std().item() if valid.numel() > 1 else 0.0,
         "completion_length": rollout.completion_lengths.float().mean().item(),
+        "completions/clipped_ratio": rollout.truncated.float().mean().item(),
         "time/generation_s": rollout.generation_s,
         "time/scoring_s": rollout.scoring_s,
         # What the policy trains on (the trainer's throughput and MFU): the rollout, not the batch.
         "tokens": int(rollout.lengths.sum()), "context": rollout.input_ids.shape[1],
     }
+
+
+class RolloutWarnings:
+    """Warning lines for rollouts that teach little, read from each step's logged metrics:
+    - every prompt's completions got the same reward (`train_frac_reward_zero_std` 1; GRPO,
+      `groups`): every advantage is 0, so the step learns nothing (but the KL);
+    - half or more of the completions stopped at `max_new_tokens`
+      (`train_completions/clipped_ratio`): a cut answer is scored as it stands.
+    Each is printed the first step that shows it, then at most once every `every` steps, with
+    how many steps since showed it: a line per step would bury a long run's progress lines."""
+
+    def __init__(self, section: str, sampling: SamplingConfig, groups: bool, every: int = 100):
+        self.section, self.sampling, self.groups, self.every = section, sampling, groups, every
+        self._seen = {"zero_std": 0, "clipped": 0}  # steps since the kind's last line
+        self._hits: dict[str, list[tuple[int, float, float]]] = {"zero_std": [], "clipped": []}
+        self._last: dict[str, int | None] = {"zero_std": None, "clipped": None}
+
+    def __call__(self, record: dict) -> list[str]:
+        checks = [("clipped", "train_completions/clipped_ratio", 0.5)]
+        if self.groups:  # a mean over micro-batches and ranks: 1 when every group agreed
+            checks.insert(0, ("zero_std", "train_frac_reward_zero_std", 0.999))
+        lines = []
+        for kind, key, threshold in checks:
+            value = record.get(key)
+            if not isinstance(value, (int, float)):
+                continue
+            self._seen[kind] += 1
+            if value >= threshold:
+                self._hits[kind].append((record["step"], value, record.get("train_reward/mean", float("nan"))))
+            last = self._last[kind]
+            if self._hits[kind] and (last is None or record["step"] - last >= self.every):
+                lines.append(self._line(kind, record["step"]))
+                self._seen[kind], self._hits[kind], self._last[kind] = 0, [], record["step"]
+        return lines
+
+    def _line(self, kind: str, step: int) -> str:
+        hits, option = self._hits[kind], f"--{self.section}.sampling"
+        first = step - self._seen[kind] + 1
+        span = f"step {hits[0][0]}" if len(hits) == 1 else f"{len(hits)} of steps {first}-{step}"
+        if kind == "zero_std":
+            mean = sum(h[2] for h in hits) / len(hits)
+            return (f"warning: {span}: every prompt's {self.sampling.group_size} completions got the same reward "
+                    f"(mean reward {mean:.3g}; train_frac_reward_zero_std 1), so every advantage was 0 and "
+                    f"nothing was learned; raise {option}.temperature or {option}.group-size for more varied "
+                    f"completions, or check --{self.section}.reward: does it tell these completions apart?")
+        ratio = sum(h[1] for h in hits) / len(hits)
+        return (f"warning: {span}: {ratio:.0%} of completions stopped at {option}.max-new-tokens "
+                f"{self.sampling.max_new_tokens} (train_completions/clipped_ratio) and were scored cut off; "
+                f"raise {option}.max-new-tokens, or fine-tune the model to end its answers (SFT on answers "
+                f"that end with EOS)")
 
 
 def prompt_text(prompt) -> str:
