@@ -316,3 +316,30 @@ def test_readme_names_the_metrics_eval_reports(model_dir, tmp_path):
         reported |= {metric for metrics in result["metrics"].values() for metric in metrics}
     assert {"exact_match", "logp_accuracy", "reward_accuracy", "loss", "bpb"} <= reported
     assert [m for m in sorted(reported) if f"`{m}`" not in readme] == []
+
+
+def test_a_reward_model_is_named_by_its_run_and_its_rows_accounted_for(model_dir, tmp_path, capsys):
+    from graftlm.data.render import RenderConfig, Renderer
+    from graftlm.models.heads import ScalarHeadModel, load_scalar_model, save_scalar_model
+    from graftlm.models.hf import load_model
+    from graftlm.objectives.dpo import PreferencePairs
+    from graftlm.objectives.reward import pair_scores
+    from graftlm.tokenizer import load_tokenizer
+    run = tmp_path / "runs" / "rm"
+    scorer = ScalarHeadModel.from_decoder(load_model(model_dir / "model"), generator=torch.Generator().manual_seed(0))
+    save_scalar_model(scorer, run / "final", tokenizer_dir=model_dir / "tok")
+    (run / "summary.json").write_text("{}")
+    long_prompt = "copy: " + " ".join(["1 2 3 hello world"] * 60)
+    data = _write(tmp_path / "pairs.jsonl", PAIRS[:4] + [{"prompt": long_prompt, "chosen": "1", "rejected": "2"}])
+    assert main(["eval", "--model", str(run / "final"), "--data", str(data), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["rows"], result["rows_in_data"], result["rows_left_out"]) == (4, 5, {"too_long": 1})
+    # By hand: the scores of each pair alone.
+    scorer, renderer = load_scalar_model(run / "final"), Renderer(load_tokenizer(run / "final"), RenderConfig(128))
+    wins = []
+    with torch.no_grad():
+        for row in PAIRS[:4]:
+            pairs = PreferencePairs([renderer.render_pair({**row, "source": "x"})], scorer.pad_token_id)
+            chosen, rejected = pair_scores(scorer, pairs.collate([pairs[0]]))
+            wins.append(float(chosen.item() > rejected.item()))
+    assert result["metrics"] == {"rm": {"pairwise_accuracy": pytest.approx(sum(wins) / 4)}}
