@@ -288,15 +288,21 @@ class Trainer:
         # RL objectives score held-out prompts instead (`evaluate_batch`, `val_reward`).
         measure = getattr(self.objective, "evaluate_batch", self.objective.loss)
         metric = getattr(self.objective, "val_metric", "loss")
+        # Metrics the objective names (`val_metrics`: DPO's reward accuracy and margin), each a
+        # mean over its batch's counted units, so weighted by that count: exact over the split.
+        names = tuple(getattr(self.objective, "val_metrics", ()))
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         count = torch.zeros((), device=self.device, dtype=torch.float64)
+        weighted = torch.zeros(len(names), dtype=torch.float64)
         batches = 0
         for batch in iterate_once(self.val_dataset, self.cfg.batch_size, self.rank, self.world_size,
                                   self.cfg.eval_batches or None):
             with self.autocast():
-                part_sum, part_count, _ = measure(self.forward_model, self._to_device(batch))
+                part_sum, part_count, metrics = measure(self.forward_model, self._to_device(batch))
             total += part_sum.double()
             count += part_count.double()
+            if names:
+                weighted += torch.tensor([float(metrics[k]) for k in names], dtype=torch.float64) * float(part_count)
             batches += 1
         # Ranks with one batch fewer repeat a forward and drop it, so that FSDP2's
         # all-gathers stay matched across ranks.
@@ -307,6 +313,9 @@ class Trainer:
                 measure(self.forward_model, self._to_device(batch))
         total, count = self.all_reduce(total), self.all_reduce(count)
         result = {"step": self.step, f"val_{metric}": (total / count.clamp_min(1)).item()}
+        if names:
+            weighted = self.all_reduce(weighted.to(self.device)) / count.clamp_min(1)
+            result.update({f"val_{k}": v.item() for k, v in zip(names, weighted)})
         if self.val_bytes_per_token and metric == "loss":
             # bits per byte: nats -> bits, over the UTF-8 bytes the predicted tokens cover.
             result["val_bpb"] = (total / math.log(2) / (count * self.val_bytes_per_token)).item()
@@ -500,4 +509,5 @@ class Trainer:
                    if self.peak_tensor_bytes is not None else {}),
                 "final_train_loss": self.last_loss,
                 "final_val_loss": self.last_val.get("val_loss"), "val_bpb": self.last_val.get("val_bpb"),
-                **({"final_val_reward": self.last_val["val_reward"]} if "val_reward" in self.last_val else {})}
+                # final_val_reward (RL), final_val_rewards/accuracy (DPO)...
+                **{f"final_{k}": v for k, v in self.last_val.items() if k not in ("step", "val_loss", "val_bpb")}}

@@ -152,6 +152,9 @@ def preference_losses(config: DPOConfig, chosen: torch.Tensor, rejected: torch.T
 
 
 class DPOObjective:
+    # Validation reports held-out preference accuracy and margin beside val_loss (TRL's eval_rewards/*).
+    val_metrics = ("rewards/accuracy", "rewards/margin")
+
     def __init__(self, config: DPOConfig | None = None):
         self.config = config or DPOConfig()
         self.name = "dpo"

@@ -42,6 +42,8 @@ def pair_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 class RewardObjective:
     name = "reward"
+    # Validation reports held-out pairwise accuracy and margin beside val_loss.
+    val_metrics = ("rewards/accuracy", "rewards/margin")
 
     def __init__(self, config: RewardModelConfig | None = None):
         self.config = config or RewardModelConfig()
