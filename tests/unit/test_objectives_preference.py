@@ -1,5 +1,5 @@
 """Preference objectives: DPO and reward-model validation report held-out reward accuracy and
-margin beside val_loss."""
+margin beside val_loss; SimPO's beta defaults to 2.0."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ import json
 import pytest
 import torch
 
+from graftlm.config import build_config
 from graftlm.data.loader import ResumableLoader
 from graftlm.data.render import RenderedPair
 from graftlm.models import Decoder, ModelConfig
 from graftlm.objectives.dpo import DPOConfig, DPOObjective, PreferencePairs
 from graftlm.optim import OptimConfig
+from graftlm.runs import run_config_class
 from graftlm.trainer import TrainConfig, Trainer
 
 from tests.conftest import SHARED_DATA
@@ -113,3 +115,26 @@ def test_graft_dpo_logs_validation_accuracy_in_metrics_and_summary(tmp_path):
     assert summary["final_val_rewards/accuracy"] == vals[-1]["val_rewards/accuracy"]
     assert summary["final_val_rewards/margin"] == vals[-1]["val_rewards/margin"]
 
+
+def test_simpo_beta_defaults_to_2_and_an_explicit_beta_wins():
+    def dpo(**overrides):
+        base = {"model": "tiny", "data": "pairs.jsonl"}
+        return build_config(run_config_class("dpo"), overrides={**base, **overrides}).dpo
+
+    assert dpo(**{"dpo.loss": "simpo"}).beta == 2.0
+    assert dpo(**{"dpo.loss": "simpo", "dpo.beta": "0.1"}).beta == 0.1  # given: kept, even at the old default
+    assert dpo(**{"dpo.loss": "simpo", "dpo.beta": "2.5"}).beta == 2.5
+    for loss in ("sigmoid", "ipo", "orpo"):
+        assert dpo(**{"dpo.loss": loss}).beta == 0.1
+    assert DPOConfig(loss="simpo").beta == 2.0 and DPOConfig().beta == 0.1  # the Python API too
+    assert build_config(run_config_class("dpo"), recipe={"model": "tiny", "data": "p.jsonl",
+                                                         "dpo": {"loss": "simpo", "beta": 0.5}}).dpo.beta == 0.5
+
+
+def test_dpo_help_names_the_simpo_default(capsys):
+    from graftlm.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["dpo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "2.0 for simpo" in text
