@@ -35,6 +35,7 @@ import platform
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -94,6 +95,37 @@ def cpu_peak_key(dtype: torch.dtype) -> str:
     return f"{platform.processor() or platform.machine()}|threads={torch.get_num_threads()}|{dtype}|fastest"
 
 
+def _cache_file(name: str) -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "graftlm" / name
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        known = json.loads(path.read_text())
+        return known if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(path: Path, known: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Replaced whole, so that a run starting meanwhile never reads half a file
+        # (it would take the cache for empty and could write a lower figure).
+        partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        partial.write_text(json.dumps(known, indent=1))
+        os.replace(partial, path)
+    except OSError:
+        pass  # a read-only home only loses the best figure for the next run
+
+
+def _cached_number(known: dict, key: str) -> float:
+    try:
+        return float(known.get(key, 0.0))
+    except (ValueError, TypeError):
+        return 0.0
+
+
 def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -106,27 +138,145 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> flo
         # the CPU's peak is its float32 one (MFU then shows the waste; timing the loop itself
         # took seconds and gave a "peak" below what a mixed autocast step reaches, MFU > 100%).
         dtype = torch.float32
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "graftlm" / "peak_flops.json"
+    cache = _cache_file("peak_flops.json")
     key = cpu_peak_key(dtype)
-    try:
-        known = json.loads(cache.read_text())
-        cached = float(known.get(key, 0.0))
-    except (OSError, ValueError, TypeError, AttributeError):
-        known, cached = {}, 0.0
+    known = _read_cache(cache)
+    cached = _cached_number(known, key)
     # Later runs measure briefly (about 0.3 s in all): the best figure of past runs backs them up.
     measured = measure_matmul_peak(device, dtype, seconds=0.08 if cached else 0.25)
     if measured > cached:
         known[key] = measured
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            # Replaced whole, so that a run starting meanwhile never reads half a file
-            # (it would take the cache for empty and could write a lower figure).
-            partial = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-            partial.write_text(json.dumps(known, indent=1))
-            os.replace(partial, cache)
-        except OSError:
-            pass  # a read-only home only loses the best figure for the next run
+        _write_cache(cache, known)
     return max(measured, cached)
+
+
+# -- NF4 dequantization (QLoRA) -------------------------------------------------------------
+#
+# QLoRA's frozen base linears hold NF4 weights (adapters/qlora.py), which torchao's
+# linear_nf4 dequantizes on every call, `weight.to(compute dtype)`: in forward, again in
+# backward for the input gradient, and in every reference forward and generated token.
+# That is elementwise work of no model FLOPs, so MFU cannot account for it, and it is
+# a large share of a QLoRA step (plan --check read a CPU QLoRA run's time 51% too low
+# without it). Its time per pass over the weights is modelled as
+#     weights x seconds_per_call + parameters / params_per_s
+# the per-call cost being the dozen eager operators torchao runs per weight (it dominates
+# on a small model), the rate their memory traffic. Both are measured together, from the
+# fastest NF4 linear forward + backward of a small and of a large weight, less the same
+# product with a plain weight; a GPU in the catalogue takes the rate from its bandwidth.
+
+# Bytes torchao's eager `get_original_weight` moves per parameter, to bf16: the two
+# nibble extractions and their int64 casts (11), two table lookups reading int64 and
+# writing bf16 (10), the repeated block scalers (2), two scalings (6) and the stack that
+# interleaves them (4). Casting on to float32 (no fast bf16) reads 2 and writes 4 more.
+NF4_DEQUANT_BYTES_BF16 = 33
+NF4_DEQUANT_BYTES_FP32 = NF4_DEQUANT_BYTES_BF16 + 6
+# Of the memory bandwidth, what a chain of simple elementwise kernels reaches on a GPU.
+NF4_DEQUANT_BANDWIDTH_FRACTION = 0.7
+
+
+@dataclass(frozen=True)
+class DequantRate:
+    """How fast this device dequantizes NF4 weights to the dtype QLoRA computes in."""
+
+    params_per_s: float
+    seconds_per_call: float = 0.0  # per weight and pass: the operators' fixed cost
+
+    def pass_seconds(self, params: float, weights: float) -> float:
+        """One dequantization of `weights` weights holding `params` parameters in all."""
+        return weights * self.seconds_per_call + params / self.params_per_s
+
+    @classmethod
+    def from_bandwidth(cls, bytes_per_s: float, fast_bf16: bool = True) -> DequantRate:
+        """A GPU's: its memory bandwidth over the bytes moved per parameter. The fixed cost
+        is left out: a GPU queues the kernels of one weight while it runs the last's."""
+        per_param = NF4_DEQUANT_BYTES_BF16 if fast_bf16 else NF4_DEQUANT_BYTES_FP32
+        return cls(bytes_per_s * NF4_DEQUANT_BANDWIDTH_FRACTION / per_param)
+
+    @classmethod
+    def from_dict(cls, recorded) -> DequantRate | None:
+        """From summary.json's `nf4_dequant` (None when absent or not numbers)."""
+        try:
+            rate = cls(float(recorded["params_per_s"]), float(recorded.get("seconds_per_call", 0.0)))
+        except (TypeError, KeyError, ValueError, AttributeError):
+            return None
+        return rate if rate.params_per_s > 0 and rate.seconds_per_call >= 0 else None
+
+    def as_dict(self) -> dict:
+        return {"params_per_s": self.params_per_s, "seconds_per_call": self.seconds_per_call}
+
+
+def nf4_compute_dtype(device: torch.device) -> torch.dtype:
+    """What `adapters.qlora.nf4_linear` dequantizes to on `device`."""
+    from graftlm.adapters.qlora import STORED_DTYPE
+    from graftlm.placement import fast_bfloat16
+    return STORED_DTYPE if fast_bfloat16(device.type) else torch.float32
+
+
+def measure_nf4_dequant(device: torch.device, seconds: float = 0.2) -> DequantRate:
+    """Time QLoRA's NF4 linear (`adapters.qlora.nf4_linear`: torchao's linear_nf4) forward
+    and backward on one row, against the same product with a plain weight: what is left is
+    two dequantizations, in the autograd context a step runs them in (about 1.3x a bare
+    `weight.to(dtype)`). Fastest of repeated calls at two weight sizes, over `seconds` in
+    all: their difference gives the rate per parameter, the small one the fixed cost."""
+    dtype = nf4_compute_dtype(device)
+    # Large enough on a GPU for the traffic to dominate; quantizing it is what costs on a CPU.
+    sizes = ((64, 64), (2048, 2048) if device.type == "cuda" else (256, 1024))
+    with torch.inference_mode(False), torch.enable_grad():  # whatever the caller's mode: backward runs
+        (small, t_small), (large, t_large) = [
+            (rows * cols, _nf4_pass_seconds(device, rows, cols, dtype, seconds / len(sizes))) for rows, cols in sizes]
+    per_param = max(t_large - t_small, 1e-9) / (large - small)
+    return DequantRate(1 / per_param, max(t_small - small * per_param, 0.0))
+
+
+def _nf4_pass_seconds(device: torch.device, rows: int, cols: int, dtype: torch.dtype, seconds: float) -> float:
+    """One dequantization of a [rows, cols] NF4 weight, as `measure_nf4_dequant` times it."""
+    from torch import nn
+
+    from graftlm.adapters.qlora import nf4_linear, quantize_linear_
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    linear = nn.Linear(cols, rows, bias=False, device=device)
+    plain = linear.weight.detach().to(dtype)
+    quantize_linear_(linear)
+    x = torch.randn(1, cols, device=device, dtype=dtype, requires_grad=True)
+    fastest = {}
+    for name, product in (("nf4", lambda: nf4_linear(x, linear)),
+                          ("plain", lambda: torch.nn.functional.linear(x, plain))):
+        product().sum().backward()  # warm-up: allocation, first touch
+        sync()
+        best = math.inf
+        started = time.perf_counter()
+        for _ in range(1000):
+            start = time.perf_counter()
+            product().sum().backward()
+            sync()
+            best = min(best, time.perf_counter() - start)
+            if time.perf_counter() - started > seconds / 2:
+                break
+        fastest[name] = best
+    return max(fastest["nf4"] - fastest["plain"], 0.0) / 2  # forward and backward each dequantize
+
+
+def nf4_dequant_rate(device: torch.device, measure: bool = True) -> DequantRate:
+    """This device's NF4 dequantization rate, measured briefly and cached in
+    ~/.cache/graftlm like the matmul peak: the cache keeps the fastest figures this device
+    has shown, as busy cores only slow a measurement down. `measure=False` takes the
+    cached figures when there are any (a plan need not import torchao); a run measures
+    again (about 0.15 s; 0.3 s the first time)."""
+    cache = _cache_file("nf4_dequant.json")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_peak_key(nf4_compute_dtype(device))
+    key = f"{device.type}|{name}"
+    known = _read_cache(cache)
+    cached = DequantRate.from_dict(known.get(key))
+    if cached is not None and not measure:
+        return cached
+    measured = measure_nf4_dequant(device, seconds=0.1 if cached else 0.25)
+    # The pair that dequantizes a typical weight (a million parameters) faster: a rate and
+    # a fixed cost from different measurements would make a figure no measurement showed.
+    best = min((r for r in (measured, cached) if r is not None), key=lambda r: r.pass_seconds(2 ** 20, 1))
+    if best != cached:
+        known[key] = best.as_dict()
+        _write_cache(cache, known)
+    return best
 
 
 # -- memory ---------------------------------------------------------------------------------

@@ -476,6 +476,9 @@ def _run_training(cfg: RunConfig, resume: bool | None, fresh: bool, allow_config
             "params_total": params_total, "params_trainable": params_trainable,
             **stats, **({"data": data.stats} if data.stats else {}), "wall_time_s": trainer.wall_time_s(),
             "flops_per_token": stats["flops"] / max(stats["tokens"], 1), "peak_flops": trainer.peak_flops,
+            # QLoRA: how fast this device dequantizes the NF4 base, which plan --check predicts the run's time with
+            **({"nf4_dequant": __import__("graftlm.metrics").metrics.nf4_dequant_rate(d.device).as_dict()}
+               if cfg.adapter is not None and cfg.adapter.kind == "qlora" else {}),
             "artifact_bytes": _dir_bytes(final),
             "config_sha256": hashlib.sha256((run_dir / "config.yaml").read_bytes()).hexdigest(),
         }
