@@ -204,6 +204,14 @@ def print_plan(result: dict) -> None:
                         fmt_time(r["time_s"]) + mark, f"{r['cost_usd']:,.2f}",
                         f"{r['artifact']} {fmt_bytes(r['artifact_bytes'])}")
     console.print(compute)
+    for r in regimes:  # QLoRA's time is not all FLOPs: say how much goes to dequantizing its base
+        dequant = r["time_detail"].get("NF4 dequantization")
+        if dequant:
+            rate = hw["nf4_dequant_rate"]["params_per_s"]
+            console.print(f"  {r['regime']}: {fmt_time(r['time_s'])} = {fmt_time(r['time_detail']['matmuls'])} of matmuls "
+                          f"+ {fmt_time(dequant)} ({dequant / r['time_s']:.0%}) dequantizing the NF4 base "
+                          f"in each micro-batch's {', '.join(r['dequant_detail'])}; "
+                          f"{fmt_count(rate)} params/s, {hw['nf4_dequant_source']}", highlight=False)
 
     rec = result["recommendation"]
     console.print(f"[bold green]recommendation:[/] {rec['description']}")
@@ -215,7 +223,8 @@ def print_plan(result: dict) -> None:
                 console.print(f"  [yellow]{r['regime']}[/]: {warning}")
 
 
-CHECK_LABELS = {"peak memory (bytes)": "peak tensors", "time (s)": "time in steps (s)"}
+CHECK_LABELS = {"peak memory (bytes)": "peak tensors", "time (s)": "time in steps (s)",
+                "time: NF4 dequantization (s)": "  of which NF4 dequantization (s)"}
 
 
 def check_command(args, catalogue) -> int:

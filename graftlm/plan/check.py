@@ -12,6 +12,11 @@ the plan's own definition: the trainer counts them on one step of a CPU run), el
 multi-rank run, or one before the tracked step existed) the process's peak RSS, which
 also holds the interpreter and libraries, so the prediction falls short by a few
 hundred MB.
+
+Predicted time is the FLOPs at a peak and MFU, plus, for QLoRA, the NF4 dequantization
+of the frozen base (`compute.dequant_seconds`) over the run's micro-batches (steps x
+grad_accum), at the rate the run recorded (summary.json `nf4_dequant`); a run from
+before that key is predicted at this machine's rate, as measured on it (and said so).
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import yaml
 
 from graftlm.errors import GraftError
 from graftlm.models.config import ModelConfig
-from graftlm.plan.compute import train_flops_per_token
+from graftlm.metrics import DequantRate
+from graftlm.plan.compute import DEQUANT, dequant_passes, dequant_seconds, train_flops_per_token
 from graftlm.plan.hardware import Device, Hardware, load_catalogue
 from graftlm.plan.memory import RunShape, memory_breakdown
 
@@ -95,6 +101,24 @@ def run_shape(run_dir: Path) -> tuple[RunShape, dict]:
     return shape, summary
 
 
+def _dequant_rate(summary: dict, shape: RunShape, hardware: Hardware | None,
+                  catalogue: dict[str, Device]) -> tuple[DequantRate, str]:
+    """The NF4 dequantization rate to predict a QLoRA run's time at, and where it came from."""
+    if hardware is not None:
+        return hardware.device.dequant_rate(), f"{hardware.label}'s, {hardware.device.dequant_source}"
+    recorded = DequantRate.from_dict(summary.get("nf4_dequant"))
+    if recorded is not None:
+        fixed = f", {recorded.seconds_per_call * 1e6:.0f} us per weight" if recorded.seconds_per_call else ""
+        return recorded, f"the run's recorded rate{fixed}"
+    import torch
+    from graftlm.metrics import nf4_dequant_rate
+    if shape.device_type == "cuda" and torch.cuda.is_available():
+        return nf4_dequant_rate(torch.device("cuda"), measure=False), "the run recorded none: this machine's GPU, as measured on it"
+    if shape.device_type != "cpu":  # a GPU run checked where there is none: a typical card's
+        return catalogue["h100"].dequant_rate(), "the run recorded none: an H100's, from its memory bandwidth"
+    return nf4_dequant_rate(torch.device("cpu"), measure=False), "the run recorded none: this CPU's, as measured on it"
+
+
 def check_run(run_dir: Path, hardware: Hardware | None, catalogue: dict[str, Device] | None = None) -> dict:
     """Predicted and measured figures of one run, with relative errors.
 
@@ -118,11 +142,18 @@ def check_run(run_dir: Path, hardware: Hardware | None, catalogue: dict[str, Dev
         typical_mfu = catalogue["cpu" if shape.device_type == "cpu" else "h100"].mfu
         rate = float(summary.get("peak_flops") or 0) * typical_mfu * shape.devices
         assumed = f"the run's recorded peak FLOP/s at MFU {typical_mfu:.0%}"
-    time_s = flops / rate if rate else None
+    dequant_s, dequant_assumed = None, ""
+    if dequant_passes(shape):
+        dequant_rate, source = _dequant_rate(summary, shape, hardware, catalogue or load_catalogue())
+        micro_batches = int(summary.get("steps", 0)) * shape.grad_accum
+        dequant_s = sum(dequant_seconds(shape, micro_batches, dequant_rate).values())
+        dequant_assumed = f", plus {DEQUANT} at {dequant_rate.params_per_s:.3g} params/s ({source})"
+    time_s = flops / rate + (dequant_s or 0.0) if rate else None
     rows = {
         "peak memory (bytes)": (memory.peak, measured_peak),
         "FLOPs": (flops, summary.get("flops")),
         "time (s)": (time_s, summary.get("train_time_s") or summary.get("wall_time_s")),
+        **({"time: NF4 dequantization (s)": (dequant_s, None)} if dequant_s is not None else {}),
         "tokens/s": (tokens / time_s if time_s else None, summary.get("tokens_per_s")),
     }
     figures = {}
@@ -130,7 +161,7 @@ def check_run(run_dir: Path, hardware: Hardware | None, catalogue: dict[str, Dev
         error = (predicted - measured) / measured if predicted is not None and measured else None
         figures[name] = {"predicted": predicted, "measured": measured, "error": error}
     return {"run": str(run_dir), "objective": shape.objective, "parameterization": shape.parameterization,
-            "device": summary.get("device"), "assumed": assumed,
+            "device": summary.get("device"), "assumed": assumed + dequant_assumed,
             "memory_measured_as": "peak_tensor_bytes" if summary.get("peak_tensor_bytes") else "peak_memory_bytes",
             "memory_seq_len": memory_seq_len or shape.seq_len, "seq_len": shape.seq_len,
             "figures": figures}

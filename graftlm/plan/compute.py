@@ -22,17 +22,26 @@ in backward when the head trains; activation checkpointing recomputes every bloc
 is defined on model FLOPs, so time uses them; `executed_flops` adds recomputation, what a
 FLOP counter sees.
 
-Time = FLOPs / (devices x peak x MFU), the MFU a device typically reaches (catalogue).
+Time = FLOPs / (devices x peak x MFU), the MFU a device typically reaches (catalogue),
+plus, for QLoRA, the time its NF4 base weights take to dequantize, which has no FLOPs
+for MFU to absorb: torchao's linear_nf4 dequantizes every base linear (every block
+linear, adapted or not) on each call. Per micro-batch that is a pass over them in the
+training forward, another in backward (all but the first block's q/k/v, whose input
+needs no gradient), one more with activation checkpointing (the recomputed forward),
+one per reference forward (DPO, GRPO), and for GRPO's rollouts one per generated token
+(the prefill makes the first). A pass takes weights x the per-call cost + parameters / the
+device's rate (`metrics.DequantRate`; `Device.dequant_rate`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from graftlm.metrics import forward_flops_per_token, matmul_params, training_flops_per_token
+from graftlm.metrics import DequantRate, forward_flops_per_token, matmul_params, training_flops_per_token
 from graftlm.models.kernels import EAGER_GROUPED_MAX_SEQ
 from graftlm.plan.hardware import Hardware
-from graftlm.plan.memory import LINEAR_NAMES, RunShape, adapter_params, linear_shapes, lora_targets
+from graftlm.plan.memory import (LINEAR_NAMES, RunShape, adapter_params, block_linear_params, linear_shapes,
+                                 lora_targets)
 
 
 def _first_block_skipped_input_grads(shape: RunShape) -> int:
@@ -111,6 +120,35 @@ def generation_flops_per_token(shape: RunShape, context: int) -> float:
     return 2 * matmul_params(cfg) + 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * context
 
 
+def dequant_passes(shape: RunShape) -> dict[str, tuple[float, float]]:
+    """QLoRA: (parameters, weights) that one micro-batch dequantizes, per part of the step
+    (see the module docstring); empty for other parameterizations."""
+    if shape.parameterization != "qlora":
+        return {}
+    cfg = shape.model
+    params, weights = block_linear_params(cfg), len(LINEAR_NAMES) * cfg.num_layers
+    first_qkv = sum(i * o for name, (i, o) in linear_shapes(cfg).items() if name in LINEAR_NAMES[:3])
+    skipped = (first_qkv, 3) if lora_targets(shape.lora_targets) else (0, 0)
+    forwards = 2 if shape.activation_checkpointing else 1
+    passes = {"train forward": (forwards * params, forwards * weights),
+              "train backward": (params - skipped[0], weights - skipped[1])}
+    if shape.objective in ("dpo", "grpo"):
+        passes["reference forward"] = (params, weights)
+    if shape.objective == "grpo":  # the prefill makes the first token, a decode step each of the others
+        steps = shape.grpo_completion_len
+        passes["generation"] = (steps * params, steps * weights)
+    return passes
+
+
+def dequant_seconds(shape: RunShape, micro_batches: float, rate: DequantRate) -> dict[str, float]:
+    """Seconds one device spends dequantizing NF4 weights over `micro_batches` micro-batches."""
+    return {part: micro_batches * rate.pass_seconds(params, weights)
+            for part, (params, weights) in dequant_passes(shape).items()}
+
+
+DEQUANT = "NF4 dequantization"
+
+
 @dataclass
 class Compute:
     train_tokens: float  # tokens the trained model processes (all epochs)
@@ -119,7 +157,9 @@ class Compute:
     flops_per_token: float
     time_s: float
     cost_usd: float
-    detail: dict
+    detail: dict  # FLOPs per part of the step
+    time_detail: dict  # seconds: the FLOPs at peak x MFU and, for QLoRA, the NF4 dequantization
+    dequant_detail: dict  # QLoRA: seconds of dequantization per part of the step
 
 
 def compute_cost(shape: RunShape, tokens: float, hardware: Hardware, price_per_hour: float | None = None,
@@ -145,7 +185,13 @@ def compute_cost(shape: RunShape, tokens: float, hardware: Hardware, price_per_h
     executed = flops + recompute_flops_per_token(shape) * seen
     device = hardware.device
     rate = device.peak_flops(shape.precision) * device.mfu * hardware.count
-    time_s = flops / rate
+    time_detail = {"matmuls": flops / rate}
+    # Each device dequantizes its own copy of the weights for each of its micro-batches.
+    dequant = dequant_seconds(shape, seen / max(shape.tokens * hardware.count, 1), device.dequant_rate())
+    if dequant:
+        time_detail[DEQUANT] = sum(dequant.values())
+    time_s = sum(time_detail.values())
     price = device.usd_per_hour if price_per_hour is None else price_per_hour
     return Compute(train_tokens=seen, flops=flops, executed_flops=executed, flops_per_token=flops / max(seen, 1), time_s=time_s,
-                   cost_usd=time_s / 3600 * price * hardware.count, detail=detail)
+                   cost_usd=time_s / 3600 * price * hardware.count, detail=detail, time_detail=time_detail,
+                   dequant_detail=dequant)

@@ -20,10 +20,16 @@ from pathlib import Path
 import yaml
 
 from graftlm.errors import GraftError, read_yaml
+from graftlm.metrics import DequantRate
 
 GIB = 2 ** 30
 _FIELDS = {"memory_gb": float, "reserved_gb": float, "bf16_tflops": float, "fp32_tflops": float, "mfu": float,
-           "usd_per_hour": float, "fast_bf16": bool, "description": str, "interconnect": str}
+           "usd_per_hour": float, "fast_bf16": bool, "memory_gbs": float, "nf4_gparams_per_s": float,
+           "description": str, "interconnect": str}
+# A device without `memory_gbs`: its bandwidth taken as its bf16 peak over this many FLOPs
+# per byte (an H100 SXM's ratio, 989 TFLOP/s over 3.35 TB/s; older and smaller cards have
+# less compute per byte, so their NF4 dequantization is planned slower than it is).
+FLOPS_PER_BYTE_FALLBACK = 295
 _REQUIRED = ("memory_gb", "bf16_tflops", "mfu", "usd_per_hour")
 
 
@@ -37,6 +43,9 @@ class Device:
     reserved_gb: float = 0.0
     fp32_tflops: float | None = None  # None: half of bf16_tflops
     fast_bf16: bool = True  # False: `train.precision auto` trains in fp32 on it (placement.fast_bfloat16)
+    memory_gbs: float | None = None  # memory bandwidth, GB/s (None: FLOPS_PER_BYTE_FALLBACK)
+    nf4_gparams_per_s: float | None = None  # NF4 dequantization, when not bandwidth-bound (CPUs)
+    nf4_dequant: DequantRate | None = None  # measured (`this` machine): rate and per-call cost
     description: str = ""
     interconnect: str = ""
 
@@ -49,6 +58,24 @@ class Device:
         if precision == "fp32":
             return (self.fp32_tflops if self.fp32_tflops is not None else self.bf16_tflops / 2) * 1e12
         return self.bf16_tflops * 1e12
+
+    def dequant_rate(self) -> DequantRate:
+        """How fast QLoRA's NF4 base weights dequantize here: measured for `this` machine,
+        else the catalogue's `nf4_gparams_per_s`, else derived from the memory bandwidth."""
+        if self.nf4_dequant is not None:
+            return self.nf4_dequant
+        if self.nf4_gparams_per_s:
+            return DequantRate(self.nf4_gparams_per_s * 1e9)
+        bandwidth = self.memory_gbs * 1e9 if self.memory_gbs else self.bf16_tflops * 1e12 / FLOPS_PER_BYTE_FALLBACK
+        return DequantRate.from_bandwidth(bandwidth, self.fast_bf16)
+
+    @property
+    def dequant_source(self) -> str:
+        if self.nf4_dequant is not None:
+            return "measured here"
+        if self.nf4_gparams_per_s:
+            return "catalogue nf4_gparams_per_s"
+        return "memory bandwidth" if self.memory_gbs else f"bandwidth assumed as bf16 peak / {FLOPS_PER_BYTE_FALLBACK}"
 
     def training_precision(self, requested: str) -> str:
         """`requested` with `auto` resolved as a run on this device resolves it."""
@@ -122,10 +149,11 @@ def this_machine(catalogue: dict[str, Device]) -> Device:
     there is one (memory from the card, peak from the card's name as runs measure MFU,
     the catalogue's MFU and price when it names the card), else its CPU, measured: RAM,
     the float32 (and, where bf16 is fast, bf16) matmul peak that runs record (cached in
-    ~/.cache/graftlm), at the `cpu` entry's MFU."""
+    ~/.cache/graftlm), at the `cpu` entry's MFU. Either way QLoRA's NF4 dequantization
+    rate is the one QLoRA runs record (measured once, then cached)."""
     import torch
 
-    from graftlm.metrics import peak_flops
+    from graftlm.metrics import nf4_dequant_rate, peak_flops
     from graftlm.placement import fast_bfloat16
     if torch.cuda.is_available():
         card = torch.device("cuda", 0)
@@ -137,6 +165,8 @@ def this_machine(catalogue: dict[str, Device]) -> Device:
                       bf16_tflops=peak_flops(card, torch.bfloat16) / 1e12,
                       fp32_tflops=peak_flops(card, torch.float32) / 1e12, fast_bf16=fast_bfloat16("cuda"),
                       mfu=known.mfu if known else CUDA_MFU, usd_per_hour=known.usd_per_hour if known else 0.0,
+                      memory_gbs=known.memory_gbs if known else None,
+                      nf4_dequant=nf4_dequant_rate(card, measure=False),
                       description=f"this machine's {name}, {memory:.1f} GiB")
     cpu = torch.device("cpu")
     fast = fast_bfloat16("cpu")
@@ -146,6 +176,7 @@ def this_machine(catalogue: dict[str, Device]) -> Device:
     return Device(name=THIS, memory_gb=ram, reserved_gb=min(4.0, ram / 4),
                   bf16_tflops=peak_flops(cpu, torch.bfloat16) / 1e12 if fast else fp32, fp32_tflops=fp32,
                   fast_bf16=fast, mfu=laptop.mfu if laptop else 0.3, usd_per_hour=0.0,
+                  nf4_dequant=nf4_dequant_rate(cpu, measure=False),
                   description=f"this machine's CPU ({torch.get_num_threads()} threads), {ram:.1f} GiB RAM, "
                               "measured matmul peak")
 

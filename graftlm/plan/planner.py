@@ -10,7 +10,7 @@ Regimes share one cost model and differ in what they train and what they run bes
 | dpo      | dpo       | every weight    | chosen + rejected; frozen reference copy |
 | grpo     | grpo      | every weight    | rollouts (KV cache), reference copy     |
 | lora     | sft       | adapters        | bf16 frozen base                        |
-| qlora    | sft       | adapters        | NF4 frozen base                         |
+| qlora    | sft       | adapters        | NF4 frozen base, dequantized each pass  |
 """
 
 from __future__ import annotations
@@ -201,6 +201,8 @@ def plan_regime(cfg: ModelConfig, regime: str, tokens: float, hardware: Hardware
         "executed_flops": compute.executed_flops,
         "flops_detail": compute.detail,
         "time_s": compute.time_s,
+        "time_detail": compute.time_detail,  # seconds: matmuls, and QLoRA's NF4 dequantization
+        "dequant_detail": compute.dequant_detail,
         "cost_usd": compute.cost_usd,
         "artifact_bytes": artifact_bytes(shape),
         "artifact": "adapter" if shape.adapted else "model",
@@ -224,7 +226,9 @@ def make_plan(cfg: ModelConfig, tokens: float, hardware: Hardware, options: Plan
                   "config": cfg.to_dict()},
         "data": {"tokens": tokens, "stats": data_stats},
         "hardware": {"name": hardware.label, "count": hardware.count, **asdict(hardware.device),
-                     "peak_tflops": hardware.device.peak_flops(options.precision) / 1e12},  # at the plan's precision
+                     "peak_tflops": hardware.device.peak_flops(options.precision) / 1e12,  # at the plan's precision
+                     "nf4_dequant_rate": hardware.device.dequant_rate().as_dict(),  # QLoRA's, and where from
+                     "nf4_dequant_source": hardware.device.dequant_source},
         "options": asdict(options),
         "regimes": regimes,
         "recommendation": {"regime": choice, "description": regimes[choice]["description"], "reasons": reasons,
