@@ -42,7 +42,7 @@ from graftlm.adapters.config import AdapterConfig
 from graftlm.config import flatten, from_dict, to_dict, under_given
 from graftlm.data.loader import ResumableLoader
 from graftlm.errors import ConfigError, GraftError, read_json
-from graftlm.metrics import peak_flops
+from graftlm.metrics import nf4_dequant_rate, peak_flops
 from graftlm.models.config import PRESETS
 from graftlm.objectives import ObjectiveSpec, get_spec
 from graftlm.optim import DEFAULT_LR, FINE_TUNING_LR, OptimConfig
@@ -477,7 +477,7 @@ def _run_training(cfg: RunConfig, resume: bool | None, fresh: bool, allow_config
             **stats, **({"data": data.stats} if data.stats else {}), "wall_time_s": trainer.wall_time_s(),
             "flops_per_token": stats["flops"] / max(stats["tokens"], 1), "peak_flops": trainer.peak_flops,
             # QLoRA: how fast this device dequantizes the NF4 base, which plan --check predicts the run's time with
-            **({"nf4_dequant": __import__("graftlm.metrics").metrics.nf4_dequant_rate(d.device).as_dict()}
+            **({"nf4_dequant": nf4_dequant_rate(d.device).as_dict()}
                if cfg.adapter is not None and cfg.adapter.kind == "qlora" else {}),
             "artifact_bytes": _dir_bytes(final),
             "config_sha256": hashlib.sha256((run_dir / "config.yaml").read_bytes()).hexdigest(),
