@@ -349,8 +349,11 @@ class MetricsLogger:
         if "loss" in record:
             self._show_train(record)
         elif "val_loss" in record:
+            held_out = "".join(f", val_{label} {format(record['val_' + key[len('train_'):]], spec)}"
+                               for key, label, spec in HEADLINE_METRICS
+                               if isinstance(record.get("val_" + key[len("train_"):]), (int, float)))
             self.message(f"step {step}: val_loss {record['val_loss']:.4f}"
-                         + (f", val_bpb {record['val_bpb']:.4f}" if record.get("val_bpb") else ""))
+                         + (f", val_bpb {record['val_bpb']:.4f}" if record.get("val_bpb") else "") + held_out)
         elif "val_reward" in record:
             self.message(f"step {step}: val_reward {record['val_reward']:.4f} (held-out, greedy)")
 

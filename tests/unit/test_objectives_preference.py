@@ -93,7 +93,7 @@ def test_reward_model_validation_reports_pairwise_accuracy_and_margin():
     assert result["val_rewards/margin"] == pytest.approx(want["rewards/margin"], abs=1e-6)
 
 
-def test_graft_dpo_logs_validation_accuracy_in_metrics_and_summary(tmp_path):
+def test_graft_dpo_logs_validation_accuracy_in_metrics_and_summary(tmp_path, capsys):
     from graftlm.cli import main
     from graftlm.tokenizer import train_tokenizer
 
@@ -114,6 +114,9 @@ def test_graft_dpo_logs_validation_accuracy_in_metrics_and_summary(tmp_path):
     summary = json.loads((tmp_path / "d" / "summary.json").read_text())
     assert summary["final_val_rewards/accuracy"] == vals[-1]["val_rewards/accuracy"]
     assert summary["final_val_rewards/margin"] == vals[-1]["val_rewards/margin"]
+    # And on the console, beside val_loss: `step 2: val_loss 0.6931, val_acc 50%, val_margin 0.001`.
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("step 2: val_loss"))
+    assert f"val_acc {vals[-1]['val_rewards/accuracy']:.0%}" in line and ", val_margin " in line, line
 
 
 def test_simpo_beta_defaults_to_2_and_an_explicit_beta_wins():
