@@ -291,8 +291,13 @@ def changed_settings(recorded: dict, config: dict) -> list[str]:
     if not recorded:
         return []
     new = flatten(config)
+
+    def same(a, b) -> bool:  # `shards/` and `shards` name one directory
+        return a == b or (isinstance(a, str) and isinstance(b, str) and a and b
+                          and os.path.normpath(a) == os.path.normpath(b))
+
     return [f"{key}: {recorded.get(key)} -> {new.get(key)}" for key in dict.fromkeys([*new, *recorded])
-            if recorded.get(key) != new.get(key)]
+            if not same(recorded.get(key), new.get(key))]
 
 
 def name_of_model_dir(directory: str | Path) -> str:

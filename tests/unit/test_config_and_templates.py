@@ -147,3 +147,12 @@ def test_a_continued_run_takes_what_the_command_left_out_from_what_it_recorded()
     cfg = continued(["adapter.kind"], adapter=AdapterConfig(kind="dora"))
     assert cfg.adapter.kind == "dora" and cfg.adapter.r == AdapterConfig().r
     assert continued([]).adapter is None
+
+
+def test_changed_settings_list_real_changes_only():
+    from graftlm.runs import changed_settings
+    recorded = {"data": "shards/", "optim.lr": 0.003, "train.schedule": "cosine"}
+    assert changed_settings(recorded, {"data": "shards", "optim": {"lr": 0.002}, "train": {"schedule": "cosine"}}) \
+        == ["optim.lr: 0.003 -> 0.002"]
+    assert changed_settings(recorded, {"data": "other", "optim": {"lr": 0.003}, "train": {"schedule": "cosine"}}) \
+        == ["data: shards/ -> other"]
