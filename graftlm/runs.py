@@ -416,9 +416,11 @@ def _run_training(cfg: RunConfig, resume: bool | None, fresh: bool, allow_config
         cut = data.stats.get("length_limit")
         if cut:  # the JSON counts, in words: what share is lost and which flag keeps it
             lost = sum(v for k, v in cut.items() if k not in ("max_length", "of"))
+            remedy = (f"--{cfg.objective}.max-length raises the limit (up to the model's context)"
+                      if not _from_weights(cfg) or cut["max_length"] < context else
+                      f"that is the context of model {cfg.model}: longer rows cannot be trained whole")
             print(f"warning: {lost} of {cut['of']} rows ({lost / cut['of']:.0%}) were cut or dropped at "
-                  f"{cut['max_length']} tokens; --{cfg.objective}.max-length raises the limit (up to the "
-                  "model's context)", flush=True)
+                  f"{cut['max_length']} tokens; {remedy}", flush=True)
     vocab = max(v for v in (tokenizer.vocab_size if tokenizer else 0, data.vocab_size or 0))
     model = build_model(cfg, vocab or None, tokenizer, d.device)
     if spec.prepare_model is not None:
