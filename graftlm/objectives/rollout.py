@@ -184,9 +184,10 @@ class RolloutWarnings:
         self._last: dict[str, int | None] = {"zero_std": None, "clipped": None}
 
     def __call__(self, record: dict) -> list[str]:
+        # Cut completions first: they are the likelier cause of equal rewards (all scored 0).
         checks = [("clipped", "train_completions/clipped_ratio", 0.5)]
         if self.groups:  # a mean over micro-batches and ranks: 1 when every group agreed
-            checks.insert(0, ("zero_std", "train_frac_reward_zero_std", 0.999))
+            checks.append(("zero_std", "train_frac_reward_zero_std", 0.999))
         lines = []
         for kind, key, threshold in checks:
             value = record.get(key)
@@ -207,10 +208,14 @@ class RolloutWarnings:
         span = f"step {hits[0][0]}" if len(hits) == 1 else f"{len(hits)} of steps {first}-{step}"
         if kind == "zero_std":
             mean = sum(h[2] for h in hits) / len(hits)
+            cut = self._last["clipped"] == step  # the line above says they were cut: the first thing to fix
             return (f"warning: {span}: every prompt's {self.sampling.group_size} completions got the same reward "
                     f"(mean reward {mean:.3g}; train_frac_reward_zero_std 1), so every advantage was 0 and "
-                    f"nothing was learned; raise {option}.temperature or {option}.group-size for more varied "
-                    f"completions, or check --{self.section}.reward: does it tell these completions apart?")
+                    "nothing was learned; "
+                    + (f"cut completions (above) likely all scored alike: raise {option}.max-new-tokens first, "
+                       f"then {option}.temperature or {option}.group-size" if cut else
+                       f"raise {option}.temperature or {option}.group-size for more varied completions, "
+                       f"or check --{self.section}.reward: does it tell these completions apart?"))
         ratio = sum(h[1] for h in hits) / len(hits)
         return (f"warning: {span}: {ratio:.0%} of completions stopped at {option}.max-new-tokens "
                 f"{self.sampling.max_new_tokens} (train_completions/clipped_ratio) and were scored cut off; "

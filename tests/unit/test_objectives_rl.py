@@ -151,6 +151,12 @@ def test_rollout_warnings_print_once_then_at_most_every_n_steps_with_counts():
                        "(train_completions/clipped_ratio) and were scored cut off; raise "
                        "--grpo.sampling.max-new-tokens, or fine-tune the model to end its answers (SFT on answers "
                        "that end with EOS)"]
+    # Both at once: the cut completions first, and the equal rewards blamed on them.
+    fresh = RolloutWarnings("grpo", SamplingConfig(group_size=4, max_new_tokens=8), groups=True)
+    both = fresh({"step": 1, "train_frac_reward_zero_std": 1.0, "train_completions/clipped_ratio": 1.0,
+                  "train_reward/mean": 0.0})
+    assert len(both) == 2 and "stopped at --grpo.sampling.max-new-tokens 8" in both[0]
+    assert "cut completions (above) likely all scored alike: raise --grpo.sampling.max-new-tokens first" in both[1]
     # PPO: no groups, so no zero-std warning; its own section's options.
     ppo = RolloutWarnings("ppo", SamplingConfig(group_size=1, max_new_tokens=8), groups=False)
     lines = ppo({"step": 1, "train_frac_reward_zero_std": 1.0, "train_completions/clipped_ratio": 1.0})
