@@ -45,7 +45,7 @@ from graftlm.errors import ConfigError, GraftError, read_json
 from graftlm.metrics import nf4_dequant_rate, peak_flops
 from graftlm.models.config import PRESETS
 from graftlm.objectives import ObjectiveSpec, get_spec
-from graftlm.optim import DEFAULT_LR, FINE_TUNING_LR, OptimConfig
+from graftlm.optim import DEFAULT_LR, FINE_TUNING_LR, OptimConfig, lr_at
 from graftlm.parallel import ParallelConfig
 from graftlm.placement import resolve_precision
 from graftlm.trainer import TrainConfig, Trainer
@@ -300,6 +300,20 @@ def changed_settings(recorded: dict, config: dict) -> list[str]:
             if not same(recorded.get(key), new.get(key))]
 
 
+def _schedule_jump(recorded: dict, cfg: RunConfig, step: int) -> str | None:
+    """A line when a run extended to more (or fewer) steps changes its learning rate at
+    once: a decaying schedule is laid out over max_steps, so the next step's rate is that
+    of a run planned for the new length."""
+    before = recorded.get("train.max_steps")
+    if not isinstance(before, int) or before == cfg.train.max_steps or step < 1:
+        return None
+    last, next_ = lr_at(step - 1, before, cfg.optim), lr_at(step, cfg.train.max_steps, cfg.optim)
+    if max(last, next_) <= 1.2 * min(last, next_):
+        return None
+    return (f"note: the {cfg.optim.schedule} learning-rate schedule now spans {cfg.train.max_steps} steps, as if "
+            f"planned for them: the rate goes from {last:.3g} at step {step} to {next_:.3g} at step {step + 1}")
+
+
 def name_of_model_dir(directory: str | Path) -> str:
     """How commands name a model or adapter directory they were given: the directory's
     name, or for a run's `final/` (a summary.json or config.yaml beside it) the run's
@@ -455,6 +469,9 @@ def _run_training(cfg: RunConfig, resume: bool | None, fresh: bool, allow_config
             if changed:  # allowed (the learning rate, more steps...), but never unsaid
                 print(f"warning: resumed with changed settings: {', '.join(changed)} (config.yaml now records "
                       "them; --fresh starts the run over)", flush=True)
+            jump = _schedule_jump(recorded, cfg, trainer.step)
+            if jump:
+                print(jump, flush=True)
     if d.is_main:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     stats = trainer.fit()

@@ -156,3 +156,18 @@ def test_changed_settings_list_real_changes_only():
         == ["optim.lr: 0.003 -> 0.002"]
     assert changed_settings(recorded, {"data": "other", "optim": {"lr": 0.003}, "train": {"schedule": "cosine"}}) \
         == ["data: shards/ -> other"]
+
+
+def test_an_extended_run_says_when_its_schedule_moves_the_rate_at_once():
+    from graftlm.optim import lr_at
+    from graftlm.runs import _schedule_jump, run_config_class
+    cfg = run_config_class("clm")(model="tiny", data="shards")
+    cfg.train.max_steps, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.schedule = 40, 3e-3, 0, "cosine"
+    note = _schedule_jump({"train.max_steps": 30}, cfg, 30)
+    last, following = lr_at(29, 30, cfg.optim), lr_at(30, 40, cfg.optim)
+    assert following > 2 * last  # cosine over 30 steps ends at its floor; over 40 it is not there yet
+    assert note == (f"note: the cosine learning-rate schedule now spans 40 steps, as if planned for them: the rate "
+                    f"goes from {last:.3g} at step 30 to {following:.3g} at step 31")
+    cfg.optim.schedule = "constant"
+    assert _schedule_jump({"train.max_steps": 30}, cfg, 30) is None  # nothing moves
+    assert _schedule_jump({"train.max_steps": 40}, cfg, 30) is None  # the same length: not extended
