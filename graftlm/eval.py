@@ -15,9 +15,11 @@ the default "base", or "reward model" for one), each adapter's name, and
   with the engine, then `exact_match` (numeric final-answer match when the answers are
   numbers or GSM8K-style `#### N`, exact string match otherwise; lm-eval-harness's
   name) and, with `reward=`, the mean reward of any reward spec from `graftlm.rewards`;
-- preference pairs: two accuracies, never one name for both. `logp_accuracy`: the
+- preference pairs: three accuracies, never one name for two. `logp_accuracy`: the
   row's model gives the chosen completion the higher summed log-probability (every
-  policy row). `reward_accuracy`: the chosen completion has the higher implicit DPO
+  policy row; it favours the shorter completion). `avg_logp_accuracy`: the higher mean
+  log-probability per token, the length-normalised score SimPO trains (every policy
+  row). `reward_accuracy`: the chosen completion has the higher implicit DPO
   reward, log pi(y) - log pi_ref(y) (TRL's `rewards/accuracies`), where a reference
   exists: an adapter's is the model without adapters, the model's own is `reference=DIR`
   (a fully fine-tuned policy); without one the model's row has no reward_accuracy. A
@@ -165,23 +167,20 @@ def _answers(model, tokenizer, rows, ids, max_new_tokens: int, reward, batch_siz
     return metrics
 
 
-def _seq_logps(model, batch: dict, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.no_grad()
+def _pair_margins(model, pairs, pad_id: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pair, under the model as it is now: log p(chosen) - log p(rejected), summed over
+    each completion's tokens and averaged per token (SimPO's length-normalised score)."""
     from graftlm.objectives.dpo import concatenated, sequence_logps
 
-    ids, mask = concatenated(batch, pad_id)
-    logps, _ = sequence_logps(model, ids, mask)
-    return logps.chunk(2)
-
-
-@torch.no_grad()
-def _pair_margins(model, pairs, pad_id: int, batch_size: int) -> torch.Tensor:
-    """log p(chosen) - log p(rejected) per pair, under the model as it is now."""
-    margins = []
+    sums, means = [], []
     for start in range(0, len(pairs), batch_size):
         batch = pairs.collate([pairs[i] for i in range(start, min(start + batch_size, len(pairs)))])
-        chosen, rejected = _seq_logps(model, batch, pad_id)
-        margins.append(chosen - rejected)
-    return torch.cat(margins)
+        logps, tokens = sequence_logps(model, *concatenated(batch, pad_id))
+        (chosen, rejected), (chosen_n, rejected_n) = logps.chunk(2), tokens.chunk(2)
+        sums.append(chosen - rejected)
+        means.append(chosen / chosen_n - rejected / rejected_n)
+    return torch.cat(sums), torch.cat(means)
 
 
 def _share(wins: torch.Tensor) -> float:
@@ -255,7 +254,9 @@ def _definitions(kind: str, model: str, adapters, reference, numeric: bool = Fal
     if reference is not None:
         refs.insert(0, f"{reference} for {model}")
     out = {"logp_accuracy": "share of pairs whose chosen completion has the higher summed log-probability "
-                            "under the row's model"}
+                            "under the row's model (favours the shorter completion)",
+           "avg_logp_accuracy": "share of pairs whose chosen completion has the higher mean log-probability per "
+                                "token under the row's model (length-normalised, as SimPO scores)"}
     if refs:
         out["reward_accuracy"] = ("share of pairs whose chosen completion has the higher implicit DPO reward, "
                                   "log p(y) - log p_ref(y); reference: " + "; ".join(refs))
@@ -363,16 +364,17 @@ def evaluate(model_dir: str | Path, data: str | Path, adapters: dict[str, str] |
     # hid that the model's row and the adapters' measured different things).
     pairs = _pairs(data, renderer, max_rows, tokenizer.pad_id, rows)
     use(name)
-    own = _pair_margins(model, pairs, tokenizer.pad_id, batch_size)
-    result["metrics"][name] = {"logp_accuracy": _share(own > 0)}
+    own, own_mean = _pair_margins(model, pairs, tokenizer.pad_id, batch_size)
+    result["metrics"][name] = {"logp_accuracy": _share(own > 0), "avg_logp_accuracy": _share(own_mean > 0)}
     if reference is not None:  # a fully fine-tuned policy: implicit reward against its reference
-        ref = _pair_margins(load_model(reference, device=device), pairs, tokenizer.pad_id, batch_size)
+        ref, _ = _pair_margins(load_model(reference, device=device), pairs, tokenizer.pad_id, batch_size)
         result["metrics"][name]["reward_accuracy"] = _share(own - ref > 0)
     for variant in adapters:
         use(variant)
-        margin = _pair_margins(model, pairs, tokenizer.pad_id, batch_size)
+        margin, mean = _pair_margins(model, pairs, tokenizer.pad_id, batch_size)
         # implicit DPO reward margin: the adapter's log-ratio gain over the model without it
-        result["metrics"][variant] = {"logp_accuracy": _share(margin > 0), "reward_accuracy": _share(margin - own > 0)}
+        result["metrics"][variant] = {"logp_accuracy": _share(margin > 0), "avg_logp_accuracy": _share(mean > 0),
+                                      "reward_accuracy": _share(margin - own > 0)}
     result["definitions"] = _definitions(kind, name, adapters, reference)
     return {**result, **rows.report(len(pairs), context)}
 

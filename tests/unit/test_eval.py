@@ -186,8 +186,9 @@ def _tuned_adapter(model_dir, out):
     return model
 
 
-def _completion_logps(model, renderer, rows):
-    """Summed log p of the chosen and of the rejected completion, one pair at a time, no padding."""
+def _completion_logps(model, renderer, rows, mean: bool = False):
+    """Summed (`mean`: mean per token) log p of the chosen and of the rejected completion,
+    one pair at a time, no padding."""
     out = []
     for row in rows:
         pair = renderer.render_pair({**row, "source": "x"})
@@ -195,7 +196,8 @@ def _completion_logps(model, renderer, rows):
         for ids, mask in ((pair.chosen_ids, pair.chosen_mask), (pair.rejected_ids, pair.rejected_mask)):
             x = torch.tensor([pair.prompt_ids + ids])
             logp = torch.log_softmax(model(x)[0, :-1].float(), -1).gather(-1, x[0, 1:, None])[:, 0]
-            logps.append(logp[len(pair.prompt_ids) - 1:][torch.tensor(mask)].sum().item())
+            scored = logp[len(pair.prompt_ids) - 1:][torch.tensor(mask)]
+            logps.append((scored.mean() if mean else scored.sum()).item())
         out.append(logps)
     return torch.tensor(out)
 
@@ -223,13 +225,20 @@ def test_pairs_report_log_prob_and_implicit_reward_accuracy_under_their_own_name
     set_active_adapter(tuned, "default")
     with torch.no_grad():
         own, adapted, reference = (_completion_logps(m, renderer, PAIRS) for m in (base, tuned, ref))
-    margin = {k: v[:, 0] - v[:, 1] for k, v in (("own", own), ("adapted", adapted), ("ref", reference))}
+        own_mean, adapted_mean = (_completion_logps(m, renderer, PAIRS, mean=True) for m in (base, tuned))
+    margin = {k: v[:, 0] - v[:, 1] for k, v in (("own", own), ("adapted", adapted), ("ref", reference),
+                                                 ("own_mean", own_mean), ("adapted_mean", adapted_mean))}
     want = {"model": {"logp_accuracy": (margin["own"] > 0).float().mean().item(),
+                      "avg_logp_accuracy": (margin["own_mean"] > 0).float().mean().item(),
                       "reward_accuracy": (margin["own"] - margin["ref"] > 0).float().mean().item()},
             "tuned": {"logp_accuracy": (margin["adapted"] > 0).float().mean().item(),
+                      "avg_logp_accuracy": (margin["adapted_mean"] > 0).float().mean().item(),
                       "reward_accuracy": (margin["adapted"] - margin["own"] > 0).float().mean().item()}}
-    # The two measures disagree on these pairs: one name for both hid which was meant.
+    # The measures disagree on these pairs: one name for two hid which was meant. The
+    # rejected completions are longer, so the summed log-prob favours the chosen ones more
+    # than the per-token mean (SimPO's score) does.
     assert want["tuned"]["logp_accuracy"] != want["tuned"]["reward_accuracy"]
+    assert want["model"]["logp_accuracy"] != want["model"]["avg_logp_accuracy"]
 
     result = evaluate(model_dir / "model", data, adapters={"tuned": str(tmp_path / "adapter")},
                       reference=tmp_path / "ref", name="model", batch_size=3)
@@ -243,9 +252,10 @@ def test_pairs_report_log_prob_and_implicit_reward_accuracy_under_their_own_name
     out = capsys.readouterr().out
     assert "pairwise_accuracy" not in out and "│ model " in out
     table = {line.split()[1]: line.split()[3:-1:2] for line in out.splitlines() if line.startswith("│ ")}
-    assert table == {"model": [f"{want['model']['logp_accuracy']:.4f}", "-"],
-                     "tuned": [f"{want['tuned']['logp_accuracy']:.4f}", f"{want['tuned']['reward_accuracy']:.4f}"]}
-    for name in ("logp_accuracy", "reward_accuracy"):
+    cells = {row: [f"{m['avg_logp_accuracy']:.4f}", f"{m['logp_accuracy']:.4f}", f"{m['reward_accuracy']:.4f}"]
+             for row, m in want.items()}
+    assert table == {"model": cells["model"][:2] + ["-"], "tuned": cells["tuned"]}
+    for name in ("logp_accuracy", "avg_logp_accuracy", "reward_accuracy"):
         assert f"\n{name}: " in out  # each column says what it measures
 
 
@@ -343,3 +353,4 @@ def test_a_reward_model_is_named_by_its_run_and_its_rows_accounted_for(model_dir
             chosen, rejected = pair_scores(scorer, pairs.collate([pairs[0]]))
             wins.append(float(chosen.item() > rejected.item()))
     assert result["metrics"] == {"rm": {"pairwise_accuracy": pytest.approx(sum(wins) / 4)}}
+
