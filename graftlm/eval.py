@@ -31,13 +31,17 @@ as solved examples, and those rows are not scored.
 No row is left out silently: `rows_in_data` counts every row read, `rows` those
 evaluated, and `rows_left_out` says why the others were not (`bad`,
 `few_shot_examples`, `past_max_rows`, `too_long` for the context, `nothing_to_score`,
-`too_short`); `rows_cut` counts evaluated rows cut to fit the context.
+`too_short`); `rows_cut` counts evaluated rows cut to fit the context. Bad rows are
+skipped under the training commands' policy (`data.formats.iter_examples`), but with
+a bound for held-out files, where one bad row of 40 is 2.5%: `max_bad_fraction`
+(default 0.5) stops only a file mostly bad (the wrong file, or the wrong kind), naming
+its first bad row; `bad_rows_skipped` names the first one skipped.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -50,12 +54,16 @@ from graftlm.rewards import build_reward, exact_match, final_number, numeric_mat
 
 # Why rows of the data were not evaluated, in the order `graft eval` lists them.
 LEFT_OUT_REASONS = ("bad", "few_shot_examples", "past_max_rows", "too_long", "nothing_to_score", "too_short")
+# Held-out files are small (one bad row of 40 is 2.5%): skip bad rows and stop only on a
+# file mostly bad, the wrong file or the wrong kind, where training stops above 1%.
+MAX_BAD_FRACTION = 0.5
 
 
 @dataclass
 class _Rows:
     """Where every row of the data went: read (bad ones skipped), left out and why, cut."""
 
+    max_bad_fraction: float = MAX_BAD_FRACTION  # stop above this share of bad rows
     read: RowCounts = field(default_factory=RowCounts)
     left_out: dict[str, int] = field(default_factory=dict)
     cut: int = 0  # evaluated, but cut to fit the context
@@ -97,8 +105,9 @@ def _data_kind(path) -> str:
 
 
 def _valid_rows(data, objective: str, rows: _Rows) -> list[dict]:
-    """The valid rows of `data`; bad ones are skipped (up to 1% of them) and counted in `rows`."""
-    valid, counts = load_examples(data, objective)
+    """The valid rows of `data` (paths or `Row`s); bad ones are skipped and counted in
+    `rows`, as the training commands skip them, up to `rows.max_bad_fraction`."""
+    valid, counts = load_examples(data, objective, max_bad_fraction=rows.max_bad_fraction)
     rows.read.add(counts)
     return valid
 
@@ -110,16 +119,24 @@ def _first(items: list, max_rows: int | None, rows: _Rows) -> list:
     return kept
 
 
+def _answer_of(fields: dict):
+    return fields.get("answer", fields.get("completion"))
+
+
 def _answer_rows(path, rows: _Rows) -> list[dict]:
-    """Prompts with their answers, and the row's other fields for a reward function."""
-    out = []
-    for r in _valid_rows(path, "rl", rows):
-        extra = r["extra"]
-        answer = extra.get("answer", extra.get("completion"))
-        if not isinstance(answer, str):
-            raise GraftError(f"{r['source']}: eval of prompts needs a string 'answer' (or 'completion')")
-        out.append({**extra, "prompt": r["prompt"], "answer": answer, "source": r["source"]})
-    return out
+    """Prompts with their answers, and the row's other fields for a reward function. A
+    row without a string answer is a bad row, skipped and counted like the others."""
+    from graftlm.data.sources import iter_rows
+
+    def checked():
+        for row in iter_rows(path):
+            if not row.error and not isinstance(_answer_of(row.fields), str):
+                row = replace(row, error="eval of prompts needs a string 'answer' (or 'completion') to compare "
+                                         "the greedy answer with")
+            yield row
+
+    return [{**r["extra"], "prompt": r["prompt"], "answer": _answer_of(r["extra"]), "source": r["source"]}
+            for r in _valid_rows(checked(), "rl", rows)]
 
 
 def _few_shot_prompt(shots: list[dict], prompt):
@@ -266,21 +283,25 @@ def _definitions(kind: str, model: str, adapters, reference, numeric: bool = Fal
 def evaluate(model_dir: str | Path, data: str | Path, adapters: dict[str, str] | None = None,
              few_shot: int = 0, max_rows: int | None = None, max_new_tokens: int = 64,
              reward: str | None = None, reference: str | Path | None = None, batch_size: int = 16,
-             device: str = "cpu", allow_other_base: bool = False, progress=None, name: str | None = None) -> dict:
+             device: str = "cpu", allow_other_base: bool = False, progress=None, name: str | None = None,
+             max_bad_fraction: float = MAX_BAD_FRACTION) -> dict:
     """Evaluate the model and each adapter on `data`; see the module docstring. `name`
     labels the model's own row (default "base", "reward model" for a reward model).
+    Bad rows are skipped, and more than `max_bad_fraction` of them stop it (`TooManyBadRows`).
     `progress(variant, rows done, rows)` is called as generated answers come in (the slow kind)."""
     from graftlm.data.render import RenderConfig, Renderer
     from graftlm.models.heads import is_scalar_model_dir
     from graftlm.tokenizer import load_tokenizer
 
     adapters = adapters or {}
+    if not 0 <= max_bad_fraction <= 1:
+        raise GraftError(f"max_bad_fraction: must be in [0, 1], got {max_bad_fraction}")
     kind = _data_kind(data)
     tokenizer = load_tokenizer(model_dir)
     context = _context_length(model_dir)
     renderer = Renderer(tokenizer, RenderConfig(max_length=context))
     result = {"kind": kind, "model": str(model_dir), "data": str(data), "metrics": {}}
-    rows = _Rows()  # where every row went: reported beside the metrics, never left out silently
+    rows = _Rows(max_bad_fraction)  # where every row went: reported beside the metrics, never left out silently
 
     if is_scalar_model_dir(model_dir):
         if kind != "preference":

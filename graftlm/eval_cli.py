@@ -17,6 +17,8 @@ from graftlm.placement import pick_device
 
 
 def register(subparsers) -> None:
+    from graftlm.eval import MAX_BAD_FRACTION
+
     p = subparsers.add_parser("eval", help="held-out loss / bpb, answers' exact_match, or preference pairs' "
                                            "logp_accuracy / reward_accuracy; a model and its adapters side by side")
     p.add_argument("--model", required=True, help="model directory (or a reward model from graft reward)")
@@ -33,16 +35,22 @@ def register(subparsers) -> None:
     p.add_argument("--max-rows", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-bad-fraction", type=float, default=MAX_BAD_FRACTION, metavar="F",
+                   help=f"bad rows are skipped and counted; stop when more than this share of the rows is bad "
+                        f"(default {MAX_BAD_FRACTION}: a file mostly bad; 0 stops on any bad row, 1 never)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=eval_command)
 
 
 def eval_command(args: argparse.Namespace) -> int:
+    from graftlm.data.formats import TooManyBadRows
     from graftlm.eval import evaluate
 
     if args.few_shot < 0:
         raise GraftError("--few-shot: must be >= 0")
+    if not 0 <= args.max_bad_fraction <= 1:
+        raise GraftError(f"--max-bad-fraction: must be in [0, 1], got {args.max_bad_fraction}")
     # Checked here for every kind of data: some kinds would only fail deep in the loop.
     for flag, value in (("--batch-size", args.batch_size), ("--max-rows", args.max_rows)):
         if value is not None and value < 1:
@@ -54,10 +62,14 @@ def eval_command(args: argparse.Namespace) -> int:
     if len(set(names)) != len(names) or model_name in names:
         raise GraftError(f"--adapter: names must be distinct and not the model's, {model_name!r} "
                          f"(name one with --adapter NAME=DIR)")
-    result = evaluate(args.model, args.data, dict(args.adapter), name=model_name, few_shot=args.few_shot,
-                      max_rows=args.max_rows, max_new_tokens=args.max_new_tokens, reward=args.reward,
-                      reference=args.reference, batch_size=args.batch_size, device=pick_device(0, args.device),
-                      allow_other_base=args.allow_other_base, progress=_print_progress)
+    try:
+        result = evaluate(args.model, args.data, dict(args.adapter), name=model_name, few_shot=args.few_shot,
+                          max_rows=args.max_rows, max_new_tokens=args.max_new_tokens, reward=args.reward,
+                          reference=args.reference, batch_size=args.batch_size, device=pick_device(0, args.device),
+                          allow_other_base=args.allow_other_base, progress=_print_progress,
+                          max_bad_fraction=args.max_bad_fraction)
+    except TooManyBadRows as e:
+        raise GraftError(f"{e} (raise the share with --max-bad-fraction, up to 1; or is it the wrong file?)") from None
     if args.json:
         print(json.dumps(result, indent=2))
     else:

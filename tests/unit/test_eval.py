@@ -354,3 +354,41 @@ def test_a_reward_model_is_named_by_its_run_and_its_rows_accounted_for(model_dir
             wins.append(float(chosen.item() > rejected.item()))
     assert result["metrics"] == {"rm": {"pairwise_accuracy": pytest.approx(sum(wins) / 4)}}
 
+
+
+# -- bad rows, the kind of data, and the options ---------------------------------------------
+
+def _diverging_transcripts():
+    """An HH-RLHF row whose two transcripts do not share the conversation (9 such bad rows
+    are in its harmless test split): a bad preference row."""
+    return {"chosen": "\n\nHuman: copy: 1\n\nAssistant: 1", "rejected": "\n\nHuman: copy: 2\n\nAssistant: 2"}
+
+
+def test_one_bad_row_of_a_small_held_out_file_is_skipped_not_fatal(model_dir, tmp_path, capsys):
+    """One bad row of 40 (2.5%) stopped eval at the training commands' 1% bound, and
+    --max-bad-fraction was unknown: it is skipped, counted and named; a file mostly bad stops."""
+    rows = [PAIRS[i % len(PAIRS)] for i in range(36)] + [_diverging_transcripts()] + PAIRS[:3]
+    data = _write(tmp_path / "hh_test40.jsonl", rows)
+    model = str(model_dir / "model")
+    assert main(["eval", "--model", model, "--data", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "(preference): 39 of 40 rows evaluated; left out: 1 bad\n" in out
+    assert "first bad row: " in out and "hh_test40.jsonl:37: fields 'chosen' and 'rejected' do not share" in out
+    # --max-bad-fraction sets the bound, and its error names the flag and the first bad row.
+    assert main(["eval", "--model", model, "--data", str(data), "--max-bad-fraction", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "1 of 40 rows are bad" in err and "hh_test40.jsonl:37" in err and "--max-bad-fraction" in err
+    assert main(["eval", "--model", model, "--data", str(data), "--max-bad-fraction", "0.03"]) == 0
+    capsys.readouterr()
+    # A file where most rows are bad (the wrong file, or the wrong kind) is still an error.
+    mostly_bad = _write(tmp_path / "mostly_bad.jsonl", PAIRS[:2] + [_diverging_transcripts()] * 3)
+    assert main(["eval", "--model", model, "--data", str(mostly_bad)]) == 2
+    err = capsys.readouterr().err
+    assert "3 of 5 rows are bad" in err and "mostly_bad.jsonl:3" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_answer_row_without_an_answer_is_a_bad_row_not_an_error(model_dir, tmp_path):
+    rows = [{"prompt": f"copy: {i}", "answer": f"{i}"} for i in range(4)] + [{"prompt": "copy: 9"}]
+    result = evaluate(model_dir / "model", _write(tmp_path / "answers.jsonl", rows), max_new_tokens=2)
+    assert (result["rows"], result["rows_left_out"]) == (4, {"bad": 1}) and _accounted(result)
+    assert "answers.jsonl:5: " in result["bad_rows_skipped"]["first"] and "'answer'" in result["bad_rows_skipped"]["first"]
