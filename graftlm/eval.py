@@ -5,28 +5,34 @@ dict: `{"kind", "rows", "rows_in_data", "rows_left_out", "metrics": {row: {metri
 value}}, "definitions": {metric: meaning}}`. The rows of "metrics" are the model itself,
 labelled `name` (`graft eval`: its run's or directory's name, `runs/sft/final` -> `sft`;
 the default "base", or "reward model" for one), each adapter's name, and
-`{name}+{K}-shot`. What is measured follows the data:
+`{name}+{K}-shot`. Every row of the table is scored on the same rows of the data.
+
+What is measured, the kind, follows the first valid row's fields; `kind=` (`graft eval
+--as`) picks another where the fields allow it (prompt/completion rows scored as chat:
+the held-out loss of the completions rather than greedy answers), else it is an error:
 - text rows (`{"text"}`): mean token loss and bits per byte (nats / ln 2 over the UTF-8
   bytes of the predicted tokens); a text longer than the context is scored whole, in
   context-length windows;
-- chat rows (`{"messages"}`, what `graft sft` trains on): mean loss of the assistant
-  turns' tokens, rendered as SFT renders them (a row longer than the context is cut);
-- prompts with answers (`prompt`/`question` + `answer`/`completion`): greedy generation
-  with the engine, then `exact_match` (numeric final-answer match when the answers are
-  numbers or GSM8K-style `#### N`, exact string match otherwise; lm-eval-harness's
-  name) and, with `reward=`, the mean reward of any reward spec from `graftlm.rewards`;
-- preference pairs: three accuracies, never one name for two. `logp_accuracy`: the
-  row's model gives the chosen completion the higher summed log-probability (every
-  policy row; it favours the shorter completion). `avg_logp_accuracy`: the higher mean
-  log-probability per token, the length-normalised score SimPO trains (every policy
-  row). `reward_accuracy`: the chosen completion has the higher implicit DPO
-  reward, log pi(y) - log pi_ref(y) (TRL's `rewards/accuracies`), where a reference
-  exists: an adapter's is the model without adapters, the model's own is `reference=DIR`
-  (a fully fine-tuned policy); without one the model's row has no reward_accuracy. A
-  reward model directory (`graft reward`) gets `pairwise_accuracy`: its score of the
-  chosen completion beats the rejected one's.
-The few-shot baseline ("prompting alone") prefixes each prompt with the first K rows
-as solved examples, and those rows are not scored.
+- chat rows (`{"messages"}`, what `graft sft` trains on; by choice `prompt` +
+  `completion` or `question` + `answer`): mean loss of the assistant turns' (the
+  completion's) tokens, rendered as SFT renders them (a row longer than the context is cut);
+- answers, the default for prompts with answers (`prompt`/`question` + a string
+  `answer`/`completion`): greedy generation with the engine, then `exact_match` (numeric
+  final-answer match when the answers are numbers or GSM8K-style `#### N`, exact string
+  match otherwise; lm-eval-harness's name) and, with `reward=`, the mean reward of any
+  reward spec from `graftlm.rewards`;
+- preference pairs (`chosen` + `rejected`; kind "preference", "pairs" to `--as`): three
+  accuracies, never one name for two. `logp_accuracy`: the row's model gives the chosen
+  completion the higher summed log-probability (every policy row; it favours the
+  shorter completion). `avg_logp_accuracy`: the higher mean log-probability per token,
+  the length-normalised score SimPO trains (every policy row). `reward_accuracy`: the
+  chosen completion has the higher implicit DPO reward, log pi(y) - log pi_ref(y) (TRL's
+  `rewards/accuracies`), where a reference exists: an adapter's is the model without
+  adapters, the model's own is `reference=DIR` (a fully fine-tuned policy); without one
+  the model's row has no reward_accuracy. A reward model directory (`graft reward`) gets
+  `pairwise_accuracy`: its score of the chosen completion beats the rejected one's.
+The few-shot baseline ("prompting alone") prefixes each prompt of answer rows with the
+first K rows as solved examples, and those rows are not scored; other kinds refuse it.
 
 No row is left out silently: `rows_in_data` counts every row read, `rows` those
 evaluated, and `rows_left_out` says why the others were not (`bad`,
@@ -54,6 +60,11 @@ from graftlm.rewards import build_reward, exact_match, final_number, numeric_mat
 
 # Why rows of the data were not evaluated, in the order `graft eval` lists them.
 LEFT_OUT_REASONS = ("bad", "few_shot_examples", "past_max_rows", "too_long", "nothing_to_score", "too_short")
+# What each kind of data is scored for, its name for `graft eval --as`, and the fields it needs.
+KINDS = {"text": "text", "chat": "chat", "answers": "answers", "preference": "pairs"}
+_NEEDS = {"text": "'text'", "chat": "'messages', 'prompt' + 'completion' or 'question' + 'answer'",
+          "answers": "'prompt' or 'question' with a string 'answer' or 'completion'",
+          "preference": "'chosen' + 'rejected'"}
 # Held-out files are small (one bad row of 40 is 2.5%): skip bad rows and stop only on a
 # file mostly bad, the wrong file or the wrong kind, where training stops above 1%.
 MAX_BAD_FRACTION = 0.5
@@ -83,24 +94,46 @@ class _Rows:
         return {**out, **left_out(self.read)}
 
 
-def _data_kind(path) -> str:
-    """text | answers | preference, from the first valid row's fields."""
+def _kinds_of(fields: dict) -> list[str]:
+    """The kinds a row with these fields can be scored as, its default first."""
+    kinds = []
+    if "chosen" in fields and "rejected" in fields:
+        kinds.append("preference")
+    if ("prompt" in fields or "question" in fields) and isinstance(_answer_of(fields), str):
+        kinds.append("answers")
+    if "messages" in fields or {"prompt", "completion"} <= fields.keys() or {"question", "answer"} <= fields.keys():
+        kinds.append("chat")
+    if "text" in fields:
+        kinds.append("text")
+    return kinds
+
+
+def _kind_name(kind: str | None) -> str | None:
+    """A kind, given as `result["kind"]` names it or as `graft eval --as` does ("pairs")."""
+    if kind is None:
+        return None
+    names = {**{k: k for k in KINDS}, **{v: k for k, v in KINDS.items()}}
+    if kind not in names:
+        raise GraftError(f"unknown kind of data {kind!r} (one of {', '.join(KINDS.values())})")
+    return names[kind]
+
+
+def _data_kind(path, wanted: str | None = None) -> str:
+    """text | chat | answers | preference: `wanted` if the first valid row's fields allow
+    it, else the fields' default."""
     from graftlm.data.sources import iter_rows
 
     for row in iter_rows(path):
         if row.error:
             continue
-        fields = row.fields
-        if "chosen" in fields and "rejected" in fields:
-            return "preference"
-        if ("prompt" in fields or "question" in fields) and any(k in fields for k in ("answer", "completion")):
-            return "answers"
-        if "messages" in fields:
-            return "chat"
-        if "text" in fields:
-            return "text"
-        raise GraftError(f"{row.source}: eval needs text rows, chat rows, prompts with answers, or preference pairs "
-                         f"(fields: {', '.join(sorted(fields))})")
+        kinds, found = _kinds_of(row.fields), ", ".join(repr(k) for k in sorted(row.fields))
+        if not kinds:
+            raise GraftError(f"{row.source}: eval needs text rows, chat rows, prompts with answers, or preference "
+                             f"pairs (fields: {found})")
+        if wanted is None or wanted in kinds:
+            return wanted or kinds[0]
+        raise GraftError(f"{row.source}: rows with fields {found} cannot be scored as {KINDS[wanted]} (it needs "
+                         f"{_NEEDS[wanted]}); they can be as {' or '.join(KINDS[k] for k in kinds)}")
     raise GraftError(f"{path}: no valid row to evaluate")
 
 
@@ -260,7 +293,8 @@ def _definitions(kind: str, model: str, adapters, reference, numeric: bool = Fal
         return {"loss": "mean negative log-likelihood per predicted token (nats)",
                 "bpb": "bits per UTF-8 byte of the predicted text", "tokens": "tokens predicted"}
     if kind == "chat":
-        return {"loss": "mean negative log-likelihood per assistant token (nats)", "tokens": "assistant tokens scored"}
+        return {"loss": "mean negative log-likelihood per assistant (completion) token (nats)",
+                "tokens": "assistant tokens scored"}
     if kind == "answers":
         out = {"exact_match": "share of greedy answers whose final number equals the answer's" if numeric
                else "share of greedy answers equal to the answer (surrounding whitespace ignored)"}
@@ -284,10 +318,12 @@ def evaluate(model_dir: str | Path, data: str | Path, adapters: dict[str, str] |
              few_shot: int = 0, max_rows: int | None = None, max_new_tokens: int = 64,
              reward: str | None = None, reference: str | Path | None = None, batch_size: int = 16,
              device: str = "cpu", allow_other_base: bool = False, progress=None, name: str | None = None,
-             max_bad_fraction: float = MAX_BAD_FRACTION) -> dict:
+             kind: str | None = None, max_bad_fraction: float = MAX_BAD_FRACTION) -> dict:
     """Evaluate the model and each adapter on `data`; see the module docstring. `name`
     labels the model's own row (default "base", "reward model" for a reward model).
-    Bad rows are skipped, and more than `max_bad_fraction` of them stop it (`TooManyBadRows`).
+    `kind` (text | chat | answers | pairs) scores the rows as that kind where their fields
+    allow it (default: the fields decide). Bad rows are skipped, and more than
+    `max_bad_fraction` of them stop it (`TooManyBadRows`).
     `progress(variant, rows done, rows)` is called as generated answers come in (the slow kind)."""
     from graftlm.data.render import RenderConfig, Renderer
     from graftlm.models.heads import is_scalar_model_dir
@@ -296,7 +332,10 @@ def evaluate(model_dir: str | Path, data: str | Path, adapters: dict[str, str] |
     adapters = adapters or {}
     if not 0 <= max_bad_fraction <= 1:
         raise GraftError(f"max_bad_fraction: must be in [0, 1], got {max_bad_fraction}")
-    kind = _data_kind(data)
+    kind = _data_kind(data, _kind_name(kind))
+    if few_shot and kind != "answers":
+        raise GraftError(f"--few-shot: applies to answer rows only (greedy exact_match); these rows are scored as "
+                         f"{KINDS[kind]}")
     tokenizer = load_tokenizer(model_dir)
     context = _context_length(model_dir)
     renderer = Renderer(tokenizer, RenderConfig(max_length=context))

@@ -17,7 +17,7 @@ from graftlm.placement import pick_device
 
 
 def register(subparsers) -> None:
-    from graftlm.eval import MAX_BAD_FRACTION
+    from graftlm.eval import KINDS, MAX_BAD_FRACTION
 
     p = subparsers.add_parser("eval", help="held-out loss / bpb, answers' exact_match, or preference pairs' "
                                            "logp_accuracy / reward_accuracy; a model and its adapters side by side")
@@ -26,9 +26,15 @@ def register(subparsers) -> None:
                    help="an adapter to compare (repeatable); named NAME, else as its directory "
                         "(runs/lora/final -> lora)")
     add_allow_other_base(p)
-    p.add_argument("--data", required=True, help="held-out rows: text, prompts with answers, or pairs")
+    p.add_argument("--data", required=True, help="held-out rows: text, chat, prompts with answers, or pairs")
+    p.add_argument("--as", dest="kind", choices=list(KINDS.values()), default=None,
+                   help="score the rows as this kind where their fields allow it: text (loss, bpb), chat (loss of "
+                        "the assistant / completion tokens), answers (greedy exact_match), pairs (accuracies); "
+                        "default: the fields decide: chosen + rejected -> pairs; prompt or question with answer or "
+                        "completion -> answers (--as chat for their held-out loss); messages -> chat; text -> text")
     p.add_argument("--few-shot", type=int, default=0, metavar="K",
-                   help="also score the model prompted with the first K rows as examples")
+                   help="answer rows only: also score the model prompted with the first K rows as examples "
+                        "(default 0: none)")
     p.add_argument("--reference", help="preference data: reference model of a fully fine-tuned --model, "
                                        "for its reward_accuracy (implicit DPO reward)")
     p.add_argument("--reward", help="prompts: also report the mean of this reward (see graft grpo --grpo.reward)")
@@ -66,7 +72,7 @@ def eval_command(args: argparse.Namespace) -> int:
         result = evaluate(args.model, args.data, dict(args.adapter), name=model_name, few_shot=args.few_shot,
                           max_rows=args.max_rows, max_new_tokens=args.max_new_tokens, reward=args.reward,
                           reference=args.reference, batch_size=args.batch_size, device=pick_device(0, args.device),
-                          allow_other_base=args.allow_other_base, progress=_print_progress,
+                          allow_other_base=args.allow_other_base, progress=_print_progress, kind=args.kind,
                           max_bad_fraction=args.max_bad_fraction)
     except TooManyBadRows as e:
         raise GraftError(f"{e} (raise the share with --max-bad-fraction, up to 1; or is it the wrong file?)") from None

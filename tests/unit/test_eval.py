@@ -14,6 +14,7 @@ from graftlm.cli import main
 from graftlm.eval import evaluate
 from graftlm.models import Decoder, ModelConfig
 from graftlm.models.hf import save_model
+from tests.conftest import SHARED_DATA
 
 
 @pytest.fixture(scope="module")
@@ -392,3 +393,38 @@ def test_an_answer_row_without_an_answer_is_a_bad_row_not_an_error(model_dir, tm
     result = evaluate(model_dir / "model", _write(tmp_path / "answers.jsonl", rows), max_new_tokens=2)
     assert (result["rows"], result["rows_left_out"]) == (4, {"bad": 1}) and _accounted(result)
     assert "answers.jsonl:5: " in result["bad_rows_skipped"]["first"] and "'answer'" in result["bad_rows_skipped"]["first"]
+
+
+def test_prompt_completion_rows_can_be_scored_for_their_held_out_loss(model_dir, tmp_path, capsys):
+    """prompt/completion rows were always scored as greedy answers: `--as chat` scores the
+    loss of their completions, as `graft sft` trains on them, the same as the messages rows."""
+    pc = [{"prompt": f"copy: {i} {i}", "completion": f"{i} {i}"} for i in range(5)]
+    messages = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
+                for r in pc]
+    pc_data = _write(tmp_path / "pc.jsonl", pc)
+    want = evaluate(model_dir / "model", _write(tmp_path / "chats.jsonl", messages))
+    assert evaluate(model_dir / "model", pc_data, max_new_tokens=2)["kind"] == "answers"  # the default stays
+    got = evaluate(model_dir / "model", pc_data, kind="chat")
+    assert got["kind"] == "chat" and got["metrics"] == want["metrics"] and got["rows"] == 5
+    # GSM8K's question / answer rows too, from the command line.
+    rows = [json.loads(line) for line in (SHARED_DATA / "gsm8k_test.jsonl").read_text().splitlines()]
+    gsm8k = _write(tmp_path / "gsm8k.jsonl", sorted(rows, key=lambda r: len(r["question"]))[:3])  # fit 128 tokens
+    assert main(["eval", "--model", str(model_dir / "model"), "--data", str(gsm8k), "--as", "chat", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["kind"] == "chat" and result["rows"] == 3 and result["metrics"]["model"]["tokens"] > 0
+    # Rows whose fields do not allow the kind: one line naming what they can be scored as.
+    assert main(["eval", "--model", str(model_dir / "model"), "--data", str(pc_data), "--as", "pairs"]) == 2
+    err = capsys.readouterr().err
+    assert "pc.jsonl:1: rows with fields 'completion', 'prompt' cannot be scored as pairs" in err
+    assert "they can be as answers or chat" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("kind", ["chat", "pairs", "text"])
+def test_few_shot_on_rows_other_than_answers_says_so(model_dir, tmp_path, capsys, kind):
+    """--few-shot with chat rows was silently ignored: no +K-shot row, no word."""
+    rows = {"chat": [{"messages": [{"role": "user", "content": "copy: 1"}, {"role": "assistant", "content": "1"}]}],
+            "pairs": PAIRS[:2], "text": [{"text": "hello world"}]}[kind]
+    data = _write(tmp_path / f"{kind}.jsonl", rows)
+    assert main(["eval", "--model", str(model_dir / "model"), "--data", str(data), "--few-shot", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--few-shot: applies to answer rows only" in err and len(err.strip().splitlines()) == 1
