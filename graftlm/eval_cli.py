@@ -24,7 +24,7 @@ def register(subparsers) -> None:
     p.add_argument("--model", required=True, help="model directory (or a reward model from graft reward)")
     p.add_argument("--adapter", action="append", type=named_adapter, default=[], metavar="[NAME=]DIR",
                    help="an adapter to compare (repeatable); named NAME, else as its directory "
-                        "(runs/lora/final -> lora)")
+                        "(runs/lora/final -> lora); default: none")
     add_allow_other_base(p)
     p.add_argument("--data", required=True, help="held-out rows: text, chat, prompts with answers, or pairs")
     p.add_argument("--as", dest="kind", choices=list(KINDS.values()), default=None,
@@ -35,17 +35,23 @@ def register(subparsers) -> None:
     p.add_argument("--few-shot", type=int, default=0, metavar="K",
                    help="answer rows only: also score the model prompted with the first K rows as examples "
                         "(default 0: none)")
-    p.add_argument("--reference", help="preference data: reference model of a fully fine-tuned --model, "
-                                       "for its reward_accuracy (implicit DPO reward)")
-    p.add_argument("--reward", help="prompts: also report the mean of this reward (see graft grpo --grpo.reward)")
-    p.add_argument("--max-rows", type=int, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--reference", metavar="DIR",
+                   help="pairs: reference model of a fully fine-tuned --model, for its reward_accuracy "
+                        "(implicit DPO reward); default: none, no reward_accuracy for the model's row")
+    p.add_argument("--reward", help="answers: also report the mean of this reward (see graft grpo --grpo.reward); "
+                                    "default: none")
+    p.add_argument("--max-rows", type=int, default=None, metavar="N",
+                   help="score the first N rows (after the few-shot examples); default: all")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                   help="answers: tokens generated per answer at most (default 64)")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N",
+                   help="rows per forward pass or generation batch (default 16)")
     p.add_argument("--max-bad-fraction", type=float, default=MAX_BAD_FRACTION, metavar="F",
                    help=f"bad rows are skipped and counted; stop when more than this share of the rows is bad "
                         f"(default {MAX_BAD_FRACTION}: a file mostly bad; 0 stops on any bad row, 1 never)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N (default auto)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (default: a table)")
     p.set_defaults(handler=eval_command)
 
 

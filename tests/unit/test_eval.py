@@ -356,7 +356,6 @@ def test_a_reward_model_is_named_by_its_run_and_its_rows_accounted_for(model_dir
     assert result["metrics"] == {"rm": {"pairwise_accuracy": pytest.approx(sum(wins) / 4)}}
 
 
-
 # -- bad rows, the kind of data, and the options ---------------------------------------------
 
 def _diverging_transcripts():
@@ -428,3 +427,18 @@ def test_few_shot_on_rows_other_than_answers_says_so(model_dir, tmp_path, capsys
     assert main(["eval", "--model", str(model_dir / "model"), "--data", str(data), "--few-shot", "1"]) == 2
     err = capsys.readouterr().err
     assert "--few-shot: applies to answer rows only" in err and len(err.strip().splitlines()) == 1
+
+
+def test_every_option_of_eval_help_says_what_it_does_and_its_default():
+    import argparse
+
+    from graftlm.cli import build_parser
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for action in sub.choices["eval"]._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        flag_only = isinstance(action, argparse._StoreTrueAction)  # off unless given
+        if not action.help or not (action.required or flag_only or "default" in action.help):
+            missing.append(action.option_strings[0])
+    assert missing == []
