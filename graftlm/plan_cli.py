@@ -99,6 +99,7 @@ def fmt_count(n: float | None) -> str:
 
 def plan_command(args) -> int:
     from graftlm.plan import PlanOptions, load_catalogue, make_plan, resolve_data, resolve_hardware, resolve_model
+    from graftlm.plan.planner import builds_random_weights
     catalogue = load_catalogue(args.hardware_file)
     if args.check:
         return check_command(args, catalogue)
@@ -120,8 +121,12 @@ def plan_command(args) -> int:
     if args.tokenizer:
         from graftlm.tokenizer import load_tokenizer
         tokenizer = load_tokenizer(args.tokenizer)
-    tokens, stats = resolve_data(args.data, tokenizer=tokenizer)
-    # The vocabulary a run would build a preset with: given, the tokenizer's, or the shards'.
+    counter = model_tokenizer(args.model) if tokenizer is None else tokenizer
+    tokens, stats = resolve_data(args.data, tokenizer=counter)
+    if stats is not None and counter is not None and stats.get("tokens_counted_with") == "tokenizer":
+        stats["tokenizer"] = str(args.tokenizer or args.model)
+    # The vocabulary a run would build a preset with: given, the tokenizer's, or the shards'
+    # (a model directory's own tokenizer only counts the data: the model keeps its vocabulary).
     vocab = args.vocab_size or (tokenizer.vocab_size if tokenizer else None) or (stats or {}).get("vocab_size")
     cfg, has_weights, source = resolve_model(args.model, vocab)
     precision = hardware.device.training_precision(args.precision)
@@ -134,13 +139,48 @@ def plan_command(args) -> int:
                           epochs=args.epochs, price_per_hour=args.price_per_hour, goal=args.goal,
                           budget=args.budget, sharding=args.sharding)
     result = make_plan(cfg, tokens, hardware, options, has_base=has_weights, data_stats=stats,
-                       model_source=source)
+                       model_source=source, random_init=builds_random_weights(args.model))
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         print()
     else:
         print_plan(result)
     return 0
+
+
+def model_tokenizer(model: str):
+    """The tokenizer saved beside a model directory's weights (every run's final/ has one),
+    to count data files as a run of that model would; None when it has none."""
+    path = Path(model)
+    if not (path / "tokenizer.json").is_file():
+        return None
+    from graftlm.tokenizer import load_tokenizer
+    try:
+        return load_tokenizer(path)
+    except GraftError as e:
+        print(f"warning: {e}; the data's tokens are estimated instead", file=sys.stderr)
+        return None
+
+
+def data_lines(result: dict) -> list[str]:
+    """'data 86k tokens (counted with DIR's tokenizer) x 1 epoch(s); fp32', and, when the
+    count is an estimate, a line that says so and how to get the real one."""
+    from rich.markup import escape
+    data, stats, opts = result["data"], result["data"]["stats"] or {}, result["options"]
+    counted = stats.get("tokens_counted_with") or ""
+    how = ""
+    if counted.startswith("estimate"):
+        how = " [yellow](estimated)[/]"
+    elif stats.get("tokenizer"):
+        how = f" (counted with {escape(stats['tokenizer'])}'s tokenizer)"
+    elif "graft prepare" in counted:
+        how = " (counted by graft prepare)"
+    lines = [f"[bold]data[/] {fmt_count(data['tokens'])} tokens{how} x {opts['epochs']:g} epoch(s); "
+             f"{opts['precision']}"]
+    if counted.startswith("estimate"):
+        lines.append("  [yellow]estimated[/] as UTF-8 bytes / 4, with no tokenizer to count them: pass --tokenizer "
+                     "DIR, or as --model a directory holding its tokenizer.json, for the real count")
+    return lines
 
 
 def batch_shapes(result: dict) -> str:
@@ -158,14 +198,17 @@ def batch_shapes(result: dict) -> str:
 
 
 def print_plan(result: dict) -> None:
+    from rich.markup import escape
     from rich.table import Table
     console = table_console()
     hw = result["hardware"]
     opts = result["options"]
-    console.print(f"[bold]model[/] {result['model']['source']}: {fmt_count(result['model']['params'])} parameters"
-                  f"{'' if result['model']['has_weights'] else ' (no weights given)'}")
-    console.print(f"[bold]data[/] {fmt_count(result['data']['tokens'])} tokens x {opts['epochs']:g} epoch(s); "
-                  f"{opts['precision']}")
+    model = result["model"]
+    weights = ("" if model["has_weights"] else " (random weights: a new model)" if model.get("random_init")
+               else " (no weights given)")
+    console.print(f"[bold]model[/] {escape(model['source'])}: {fmt_count(model['params'])} parameters{weights}")
+    for line in data_lines(result):
+        console.print(line)
     console.print(f"[bold]batch[/] per device: {batch_shapes(result)}")
     # The catalogue counts GiB; every figure printed here is in the tables' decimal units.
     console.print(f"[bold]hardware[/] {hw['name']}: {fmt_bytes(hw['memory_gb'] * 2**30)} per device "
@@ -217,7 +260,7 @@ def print_plan(result: dict) -> None:
     console.print(f"[bold green]recommendation:[/] {rec['description']}")
     for reason in rec["reasons"]:
         console.print(f"  - {reason}")
-    for r in regimes:
+    for r in regimes if not model.get("random_init") else []:  # a new model has one regime to warn of
         for warning in r["data_warnings"]:
             if r["regime"] != rec["regime"]:
                 console.print(f"  [yellow]{r['regime']}[/]: {warning}")

@@ -1,8 +1,12 @@
 """Which regime to use, with reasons, and what is wrong with the data for it.
 
 The rules (in order), for the goal given, or else the one `assumed_goal` guesses
-(from-scratch with no base and billions of tokens, deep from 100M tokens, else format),
-which the first reason names:
+(from-scratch for a model graftlm builds with random weights (a preset), or with no base
+and billions of tokens or pre-training shards; deep from 100M tokens; else format), which
+the first reason names:
+- A model built with random weights (a preset or a graftlm YAML spec) has no pre-trained
+  base to fine-tune or adapt: it is pre-trained from scratch whatever the goal, and the
+  reasons say how to fine-tune instead (a trained model's directory as --model).
 - Pre-train from scratch only when no suitable base exists (`--goal from-scratch`) and
   the data runs to billions of tokens; otherwise fine-tune a base.
 - Continued pre-training for a new domain when there is a lot of raw text (>= 100M
@@ -47,26 +51,83 @@ def data_warnings(regime: str, tokens: float, params: int, stats: dict | None) -
     return warnings
 
 
-def assumed_goal(goal: str | None, tokens: float, has_base: bool) -> str:
-    """The goal the advice follows: the one given, else a guess from the data and the model."""
+def fmt_share(share: float) -> str:
+    """0.17 -> '17%', 0.056 -> '5.6%', 0.0061 -> '0.61%'."""
+    percent = share * 100
+    return f"{percent:.0f}%" if percent >= 10 else f"{percent:.2g}%"
+
+
+def assumed_goal(goal: str | None, tokens: float, has_base: bool, random_init: bool = False,
+                 pretraining_data: bool = False) -> str:
+    """The goal the advice follows: the one given, else a guess from the data and the model.
+
+    `random_init`: the model is one graftlm builds with random weights (a preset), so
+    from scratch is the only way to train it, whatever goal was given.
+    `pretraining_data`: the data is `graft prepare` shards (raw text, tokenized).
+    """
+    if random_init:
+        return "from-scratch"
     if goal is not None:
         return goal
-    if not has_base and tokens >= BILLION:
+    if not has_base and (tokens >= BILLION or pretraining_data):
         return "from-scratch"
     return "deep" if tokens >= 1e8 else "format"
 
 
+def _from_random_weights(goal: str | None, tokens: float, fits: dict[str, bool], costs: dict[str, float],
+                         budget: float | None, model: str, data_objective: str | None) -> tuple[str, list[str]]:
+    """A model with random weights (a preset) trains from scratch: the only regime that
+    does not need a pre-trained base. The reasons say why, and how to fine-tune instead."""
+    fine_tune = "to fine-tune or adapt a trained model instead, pass its directory as --model (e.g. runs/<name>/final)"
+    built = f"{model} is built with random weights"
+    if goal is None:
+        reasons = [f"no --goal given: assumed 'from-scratch' ({built}, so there is no pre-trained base to "
+                   f"fine-tune or adapt); {fine_tune}"]
+    elif goal != "from-scratch":
+        reasons = [f"--goal {goal} needs a pre-trained base, but {built}: planned as training from scratch; "
+                   f"{fine_tune}"]
+    else:
+        reasons = []
+    if not fits.get("pretrain"):
+        reasons.append("pre-training does not fit this hardware: use more or larger devices, or a smaller model")
+    elif budget is not None and costs["pretrain"] > budget:
+        reasons.append(f"pre-training costs ${costs['pretrain']:,.2f}, over the budget of ${budget:,.2f}: train "
+                       "on fewer tokens or a smaller model")
+    elif tokens >= BILLION:
+        reasons.append(f"{tokens / BILLION:.1f}B tokens, enough to learn a language: pre-train from scratch")
+    else:
+        reasons.append(f"{tokens:.3g} tokens is far too few to learn a language (that takes billions): from random "
+                       "weights the model learns this corpus and little else")
+    if data_objective in ("sft", "preference", "rl"):
+        command = {"sft": "sft", "preference": "dpo", "rl": "grpo"}[data_objective]
+        reasons.append(f"the data is {data_objective} rows: pre-train a base on raw text first (graft pretrain), "
+                       f"then train it on them (graft {command} --model runs/<name>/final)")
+    return "pretrain", reasons
+
+
 def recommend(goal: str | None, tokens: float, params: int, has_base: bool, fits: dict[str, bool],
-              costs: dict[str, float], budget: float | None) -> tuple[str, list[str]]:
+              costs: dict[str, float], budget: float | None, adapter_params: int | None = None,
+              random_init: bool = False, pretraining_data: bool = False, model: str = "the model",
+              data_objective: str | None = None) -> tuple[str, list[str]]:
     """(regime, reasons). `fits` and `costs` are keyed by regime name.
 
     Without a goal the first reason says which was assumed, so the ones after it (which
     follow that goal) read as a consequence of it, not as a claim about the data.
+    `adapter_params`: what a LoRA adapter trains on this model, for the share the reasons
+    quote (a tiny model's r=16 adapter is a sixth of it, a 7B model's under 1%).
+    `random_init`, `pretraining_data`: as `assumed_goal`; `model` names the model and
+    `data_objective` the data's rows (data stats' objective) in the reasons.
     """
+    if random_init:
+        return _from_random_weights(goal, tokens, fits, costs, budget, model, data_objective)
+    share = (f"{fmt_share(adapter_params / params)} of the weights ({fmt_params(adapter_params)} of "
+             f"{fmt_params(params)})" if adapter_params and params else "a small share of the weights")
     reasons = []
     if goal is None:
-        goal = assumed_goal(None, tokens, has_base)
-        why = {"from-scratch": f"no base weights and {tokens / BILLION:.1f}B tokens",
+        goal = assumed_goal(None, tokens, has_base, pretraining_data=pretraining_data)
+        scratch = (f"{tokens / BILLION:.1f}B tokens" if tokens >= BILLION
+                   else "pre-training shards (graft prepare)")
+        why = {"from-scratch": f"no base weights given and {scratch}",
                "deep": f"{tokens:.3g} tokens, enough to change much of a model",
                "format": f"{tokens:.3g} tokens, a narrow task's worth"}[goal]
         reasons.append(f"no --goal given: assumed '{goal}' ({why}); pass --goal to choose")
@@ -111,8 +172,7 @@ def recommend(goal: str | None, tokens: float, params: int, has_base: bool, fits
         # The fallback fine-tunes a base: all of it when there is data enough, else an adapter.
         if tokens >= 1e8:
             return full_or_adapter(f"{tokens:.3g} tokens are enough to fine-tune every weight of a base")
-        return cheapest_adapter("with this little data, a low-rank adapter on the base trains ~1% of the "
-                                "weights, cheaply")
+        return cheapest_adapter(f"with this little data, a low-rank adapter on the base trains {share}, cheaply")
     if goal == "variants":
         return cheapest_adapter("several specialised variants: one adapter each (megabytes) on one shared "
                                 "base, swapped per request")
@@ -122,4 +182,4 @@ def recommend(goal: str | None, tokens: float, params: int, has_base: bool, fits
     if goal in ("deep", "domain"):
         return full_or_adapter("a deep change of behaviour needs every weight")
     return cheapest_adapter("teaching a format or a narrow task changes little of the model: a low-rank "
-                            "adapter learns it with ~1% of the trainable weights, cheaply")
+                            f"adapter learns it training {share}, cheaply")

@@ -209,12 +209,35 @@ def plan_regime(cfg: ModelConfig, regime: str, tokens: float, hardware: Hardware
     }
 
 
+def builds_random_weights(spec: str) -> bool:
+    """Whether --model names a model graftlm builds with random weights (a preset or a
+    graftlm YAML spec): one only pre-training can train, with no base to fine-tune."""
+    from graftlm.models.config import PRESETS
+    return spec in PRESETS or (Path(spec).suffix in (".yaml", ".yml") and Path(spec).is_file())
+
+
+def _model_name(source: str) -> str:
+    """'tiny (vocabulary 2048)' -> "preset 'tiny'", for the reasons."""
+    from graftlm.models.config import PRESETS
+    name = source.split(" (")[0]
+    return f"preset '{name}'" if name in PRESETS else f"'{name}'" if name else "the model"
+
+
 def make_plan(cfg: ModelConfig, tokens: float, hardware: Hardware, options: PlanOptions,
-              has_base: bool = True, data_stats: dict | None = None, model_source: str = "") -> dict:
+              has_base: bool = True, data_stats: dict | None = None, model_source: str = "",
+              random_init: bool = False) -> dict:
+    """Every regime, and the recommendation. `has_base`: weights were given; `random_init`:
+    the model is built with random weights (a preset), so only pre-training can train it."""
+    from graftlm.data.shards import FORMAT
     regimes = {name: plan_regime(cfg, name, tokens, hardware, options) for name in REGIMES}
+    stats = data_stats or {}
+    pretraining_data = stats.get("format") == FORMAT
     choice, reasons = recommend(options.goal, tokens, cfg.num_params(), has_base,
                                 {n: r["fits"] or r["fits_with_checkpointing"] for n, r in regimes.items()},
-                                {n: r["cost_usd"] for n, r in regimes.items()}, options.budget)
+                                {n: r["cost_usd"] for n, r in regimes.items()}, options.budget,
+                                adapter_params=regimes["lora"]["params_trainable"], random_init=random_init,
+                                pretraining_data=pretraining_data, model=_model_name(model_source),
+                                data_objective=stats.get("objective"))
     for name, result in regimes.items():
         result["data_warnings"] = data_warnings(name, tokens, cfg.num_params(), data_stats)
     if not regimes[choice]["fits"] and regimes[choice]["fits_with_checkpointing"]:
@@ -223,7 +246,7 @@ def make_plan(cfg: ModelConfig, tokens: float, hardware: Hardware, options: Plan
     reasons += [f"data: {w}" for w in regimes[choice]["data_warnings"]]
     return {
         "model": {"source": model_source, "params": cfg.num_params(), "has_weights": has_base,
-                  "config": cfg.to_dict()},
+                  "random_init": random_init, "config": cfg.to_dict()},
         "data": {"tokens": tokens, "stats": data_stats},
         "hardware": {"name": hardware.label, "count": hardware.count, **asdict(hardware.device),
                      "peak_tflops": hardware.device.peak_flops(options.precision) / 1e12,  # at the plan's precision
@@ -232,5 +255,6 @@ def make_plan(cfg: ModelConfig, tokens: float, hardware: Hardware, options: Plan
         "options": asdict(options),
         "regimes": regimes,
         "recommendation": {"regime": choice, "description": regimes[choice]["description"], "reasons": reasons,
-                           "goal": assumed_goal(options.goal, tokens, has_base), "goal_given": options.goal is not None},
+                           "goal": assumed_goal(options.goal, tokens, has_base, random_init, pretraining_data),
+                           "goal_given": options.goal is not None},
     }

@@ -310,7 +310,8 @@ def test_runs_count_training_flops_as_the_plan_does(targets):
 
 
 def test_over_budget_everywhere_is_said_plainly(capsys):
-    assert main(["plan", "--model", "1b", "--data", "1e9", "--budget", "5", "--json"]) == 0
+    # A model of 1.2B parameters (not the preset 1b, built with random weights: pre-training only).
+    assert main(["plan", "--model", "1.2B", "--data", "1e9", "--budget", "5", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     regimes, rec = result["regimes"], result["recommendation"]
     cheapest = min(r["cost_usd"] for r in regimes.values() if r["fits"] or r["fits_with_checkpointing"])
@@ -600,3 +601,124 @@ def test_check_of_a_qlora_run_that_recorded_no_rate_takes_this_machines_and_says
     # Checked against a catalogue device, the device's own rate.
     h100 = check_run(run, resolve_hardware("H100", load_catalogue()))
     assert "H100's, memory bandwidth" in h100["assumed"]
+
+
+def _gsm_rows(tmp_path, n: int = 60):
+    """The first `n` rows of GSM8K's training split (real data), as a file."""
+    from tests.conftest import SHARED_DATA
+    lines = (SHARED_DATA / "gsm8k_train.jsonl").read_text().splitlines()[:n]
+    path = tmp_path / "gsm.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path, lines
+
+
+def test_plan_counts_data_with_the_tokenizer_beside_the_model(tmp_path, capsys):
+    """`--model runs/x/final --data rows.jsonl` estimated the tokens as UTF-8 bytes / 4
+    (40.1k for 86k) though the model directory holds its tokenizer, as every run's final/
+    does: it now counts with it, as --tokenizer would, and an estimate says it is one."""
+    from graftlm.data.stats import data_stats
+    from graftlm.models.config import preset
+    from graftlm.models.hf import save_model
+    from graftlm.models.transformer import Decoder
+    from graftlm.tokenizer import train_tokenizer
+    data, lines = _gsm_rows(tmp_path)
+    final = save_model(Decoder(preset("tiny", vocab_size=300)), tmp_path / "final")
+    train_tokenizer(iter(lines), 300).save(final)
+    counted = data_stats([data], tokenizer=final)["tokens"]
+    estimate = data_stats([data])["tokens"]
+    assert counted > 1.3 * estimate  # a 300-token vocabulary: about two bytes a token, not four
+
+    assert main(["plan", "--model", str(final), "--data", str(data), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["data"]["tokens"] == counted
+    assert result["data"]["stats"]["tokens_counted_with"] == "tokenizer"
+    assert result["data"]["stats"]["tokenizer"] == str(final)
+    assert main(["plan", "--model", str(final), "--data", str(data)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"data {counted / 1e3:.3g}k tokens (counted with {final}'s tokenizer)" in out
+    assert "estimated" not in out
+    # No tokenizer anywhere: the table says the count is an estimate, and how to get the real one.
+    assert main(["plan", "--model", "tiny", "--data", str(data)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"data {estimate / 1e3:.3g}k tokens (estimated)" in out
+    assert "UTF-8 bytes / 4" in out and "--tokenizer DIR" in out and "tokenizer.json" in out
+
+
+def test_a_preset_is_trained_from_scratch_never_adapted(tmp_path, capsys):
+    """`--model tiny --data shards/` advised "LoRA (SFT, fp32 base)", assuming goal 'format':
+    a preset is built with random weights, so there is no base to adapt; the plan assumes
+    from-scratch, says why, and says how to fine-tune instead."""
+    from graftlm.data.shards import write_shards
+    from graftlm.tokenizer import train_tokenizer
+    text = _shakespeare(40_000)
+    tokenizer = train_tokenizer(iter([text]), 300)
+    write_shards(iter([("train", text), ("val", text[:2000])]), tokenizer, tmp_path / "shards")
+    assert main(["plan", "--model", "tiny", "--data", str(tmp_path / "shards"), "--hardware", "cpu"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "recommendation: pre-training from scratch" in out
+    assert "no --goal given: assumed 'from-scratch' (preset 'tiny' is built with random weights" in out
+    assert "pass its directory as --model" in out and "random weights: a new model" in out
+    assert "LoRA" not in out.split("recommendation:")[1]
+    # Whatever the goal, the budget or the data, a preset is not fine-tuned or adapted.
+    data, _ = _gsm_rows(tmp_path)
+    for flags in (["--goal", "format"], ["--goal", "variants"], ["--budget", "0"], ["--data", str(data)]):
+        args = ["plan", "--model", "tiny", "--data", str(tmp_path / "shards"), "--hardware", "cpu", "--json"]
+        assert main(args + flags) == 0
+        rec = json.loads(capsys.readouterr().out)["recommendation"]
+        assert (rec["regime"], rec["goal"]) == ("pretrain", "from-scratch"), flags
+    assert "--goal format needs a pre-trained base" in " ".join(_advised(["--goal", "format"], tmp_path, capsys))
+    assert "the data is sft rows: pre-train a base on raw text first" in " ".join(
+        _advised(["--data", str(data)], tmp_path, capsys))
+    fits = dict.fromkeys(("pretrain", "cpt", "sft", "lora", "qlora"), True)
+    costs = {**dict.fromkeys(fits, 20.0), "lora": 1.0, "qlora": 0.5}
+    regime, reasons = recommend(None, 1e7, 10**8, False, fits, costs, budget=5, random_init=True)
+    assert regime == "pretrain" and "pre-training costs $20.00, over the budget of $5.00" in " ".join(reasons)
+    regime, reasons = recommend(None, 1e7, 10**8, False, {**fits, "pretrain": False}, costs, None, random_init=True)
+    assert regime == "pretrain" and "pre-training does not fit this hardware" in " ".join(reasons)
+    # A model directory with weights is still fine-tuned.
+    from graftlm.models.config import preset
+    from graftlm.models.hf import save_model
+    from graftlm.models.transformer import Decoder
+    final = save_model(Decoder(preset("tiny", vocab_size=300)), tmp_path / "final")
+    assert main(["plan", "--model", str(final), "--data", "1M", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["recommendation"]["regime"] == "lora"
+
+
+def _shakespeare(chars: int) -> str:
+    from tests.conftest import SHARED_DATA
+    return (SHARED_DATA / "tinyshakespeare.txt").read_text()[:chars]
+
+
+def _advised(flags, tmp_path, capsys) -> list[str]:
+    argv = ["plan", "--model", "tiny", "--data", str(tmp_path / "shards"), "--hardware", "cpu", "--json", *flags]
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)["recommendation"]["reasons"]
+
+
+def test_no_weights_and_pretraining_shards_assume_from_scratch():
+    """A model given only by its size, with `graft prepare` shards: raw text to pre-train on."""
+    from graftlm.data.shards import FORMAT
+    hw = resolve_hardware("H100", load_catalogue())
+    plan = make_plan(config_for_param_count(1e8), 3e8, hw, PlanOptions(), has_base=False,
+                     data_stats={"format": FORMAT, "tokens": 3e8})
+    assert plan["recommendation"]["goal"] == "from-scratch"
+    assert "no base weights given and pre-training shards" in plan["recommendation"]["reasons"][0]
+
+
+def test_the_adapter_share_quoted_is_this_models(capsys):
+    """The advice said an adapter learns a format "with ~1% of the trainable weights" while
+    the table beside it showed 37.4k of 224k (17%) for a tiny model."""
+    from graftlm.plan.advice import fmt_share
+    hw = resolve_hardware("H100", load_catalogue())
+    for cfg in (ModelConfig(vocab_size=2048, hidden_size=64, intermediate_size=176, num_layers=2, num_heads=4,
+                            num_kv_heads=2), LLAMA_7B):
+        plan = make_plan(cfg, 1e6, hw, PlanOptions(goal="format"))
+        lora = plan["regimes"]["lora"]
+        share = lora["params_trainable"] / lora["params_total"]
+        reasons = " ".join(plan["recommendation"]["reasons"])
+        assert f"training {fmt_share(share)} of the weights" in reasons and "~1%" not in reasons
+        scratch = " ".join(make_plan(cfg, 1e6, hw, PlanOptions(goal="from-scratch"), has_base=False)
+                           ["recommendation"]["reasons"])
+        assert f"trains {fmt_share(share)} of the weights" in scratch
+    assert (fmt_share(0.167), fmt_share(0.056), fmt_share(0.0061)) == ("17%", "5.6%", "0.61%")
+
