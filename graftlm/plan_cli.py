@@ -95,6 +95,11 @@ def fmt_count(n: float | None) -> str:
     return f"{n:.3g}"
 
 
+def fmt_ratio(ratio: float) -> str:
+    """1.0 -> '1.00x', 0.976 -> '0.98x', 0.00737 -> '0.00737x', 133.2 -> '133x'."""
+    return f"{ratio:.2f}x" if 0.01 <= ratio < 100 else f"{ratio:.3g}x"
+
+
 # -- graft plan ------------------------------------------------------------------------------
 
 def plan_command(args) -> int:
@@ -287,19 +292,26 @@ def check_command(args, catalogue) -> int:
         console.print(f"[bold]{escape(str(result['run']))}[/bold]: {result['objective']} / {result['parameterization']} "
                       f"on {result['device']}", highlight=False)
         table = Table()
-        for column in ("figure", "predicted", "measured", "error"):
+        # A ratio, not a signed error, so that which way the plan is off reads at a glance
+        # (1.05x: the plan says 5% more than the run measured).
+        for column in ("figure", "predicted", "measured", "predicted / measured"):
             table.add_column(column, justify="left" if column == "figure" else "right")
         for name, fig in result["figures"].items():
             show = fmt_bytes if "memory" in name else (lambda v: "-" if v is None else f"{v:.4g}")
-            error = "-" if fig["error"] is None else f"{fig['error']:+.1%}"
             # The JSON key names its unit (bytes); the table's cells carry theirs ("168.4 MB").
             # Named for what is compared (the JSON keys stay: scripts and demo.py read them): the
             # step's live tensors, as `graft compare` names them, and the time in training
             # steps (summary.json's train_time_s), not the command's wall time.
             label = CHECK_LABELS.get(name, name)
-            table.add_row(label, show(fig["predicted"]), show(fig["measured"]), error)
+            ratio = fig.get("ratio")
+            if ratio is None and fig["predicted"] is not None and fig["measured"] and not result["time_compared"]:
+                ratio = "not compared"  # another device's time: no error to speak of
+            table.add_row(label, show(fig["predicted"]), show(fig["measured"]),
+                          "-" if ratio is None else ratio if isinstance(ratio, str) else fmt_ratio(ratio))
         console.print(table)
-        console.print(f"  time assumes {result['assumed']}")
+        console.print(f"  time assumes {escape(result['assumed'])}", highlight=False)
+        for note in result["notes"]:
+            console.print(f"  note: {escape(note)}", highlight=False)
         if result["memory_measured_as"] == "peak_memory_bytes" and result["device"] == "cpu":
             console.print("  note: on CPU the measured peak is the process's RSS (interpreter and libraries included)")
         if result["memory_seq_len"] != result["seq_len"]:

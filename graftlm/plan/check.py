@@ -1,5 +1,8 @@
 """`graft plan --check RUN_DIR`: the plan's prediction for exactly that run, beside what
-the run measured (summary.json), with the relative error of each figure.
+the run measured (summary.json), with predicted / measured for each figure (`ratio`;
+`error` = ratio - 1). Time predicted for `--hardware` of another kind than the run's
+device (an H100 for a CPU run) is what the run would take there: not compared.
+`notes` say what the measured time holds that the prediction does not (`_time_notes`).
 
 The run's shape comes from its config.yaml (objective, adapter, batch, sequence length,
 precision, activation checkpointing, world size) and its model from `final/config.json`
@@ -149,19 +152,77 @@ def check_run(run_dir: Path, hardware: Hardware | None, catalogue: dict[str, Dev
         dequant_s = sum(dequant_seconds(shape, micro_batches, dequant_rate).values())
         dequant_assumed = f", plus {DEQUANT} at {dequant_rate.params_per_s:.3g} params/s ({source})"
     time_s = flops / rate + (dequant_s or 0.0) if rate else None
+    # A prediction for another kind of device (an H100's time for a CPU run) is what the run
+    # would take there: set beside the measurement, never compared with it.
+    time_compared = hardware is None or hardware.device.kind == ("cpu" if shape.device_type == "cpu" else "gpu")
     rows = {
-        "peak memory (bytes)": (memory.peak, measured_peak),
-        "FLOPs": (flops, summary.get("flops")),
-        "time (s)": (time_s, summary.get("train_time_s") or summary.get("wall_time_s")),
-        **({"time: NF4 dequantization (s)": (dequant_s, None)} if dequant_s is not None else {}),
-        "tokens/s": (tokens / time_s if time_s else None, summary.get("tokens_per_s")),
+        "peak memory (bytes)": (memory.peak, measured_peak, True),
+        "FLOPs": (flops, summary.get("flops"), True),
+        "time (s)": (time_s, summary.get("train_time_s") or summary.get("wall_time_s"), time_compared),
+        **({"time: NF4 dequantization (s)": (dequant_s, None, time_compared)} if dequant_s is not None else {}),
+        "tokens/s": (tokens / time_s if time_s else None, summary.get("tokens_per_s"), time_compared),
     }
     figures = {}
-    for name, (predicted, measured) in rows.items():
-        error = (predicted - measured) / measured if predicted is not None and measured else None
-        figures[name] = {"predicted": predicted, "measured": measured, "error": error}
+    for name, (predicted, measured, compared) in rows.items():
+        both = compared and predicted is not None and bool(measured)
+        figures[name] = {"predicted": predicted, "measured": measured,
+                         # error = (predicted - measured) / measured: + when the plan says more
+                         "error": (predicted - measured) / measured if both else None,
+                         "ratio": predicted / measured if both else None}
+    notes = []
+    if not time_compared:
+        notes.append(f"time and tokens/s: what this run would take on {hardware.label}; it trained on "
+                     f"{summary.get('device')}, so they are not compared")
+    else:
+        notes += _time_notes(run_dir, shape, summary, time_s)
     return {"run": str(run_dir), "objective": shape.objective, "parameterization": shape.parameterization,
             "device": summary.get("device"), "assumed": assumed + dequant_assumed,
+            "time_compared": time_compared, "notes": notes,
             "memory_measured_as": "peak_tensor_bytes" if summary.get("peak_tensor_bytes") else "peak_memory_bytes",
             "memory_seq_len": memory_seq_len or shape.seq_len, "seq_len": shape.seq_len,
             "figures": figures}
+
+
+def _median_step_mfu(run_dir: Path) -> float | None:
+    """The median MFU of the run's logged training steps (metrics.jsonl), or None."""
+    path = Path(run_dir) / "metrics.jsonl"
+    values = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "step" in record and isinstance(record.get("mfu"), (int, float)):
+            values.append(float(record["mfu"]))
+    if len(values) < 3:
+        return None
+    values.sort()
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+
+
+def _time_notes(run_dir: Path, shape: RunShape, summary: dict, time_s: float | None) -> list[str]:
+    """What the measured time holds that the prediction does not: matrix products in a
+    half precision this CPU emulates, and steps slowed by other work on the device."""
+    notes = []
+    if shape.device_type == "cpu" and shape.precision in ("bf16", "bf16-autocast"):
+        from graftlm.placement import fast_bfloat16
+        if not fast_bfloat16("cpu"):
+            notes.append(f"the run computed in {shape.precision} on a CPU, and this machine's has no fast bf16 (no "
+                         "AVX-512, AMX or Arm BF16): if it trained here, its matrix products ran in PyTorch's "
+                         "emulated bf16, many times slower (50x on an AVX2 CPU) than the native rate the predicted "
+                         "time assumes; --train.precision auto trains in fp32 there")
+    median = _median_step_mfu(run_dir)
+    mfu = summary.get("mfu")
+    peak = float(summary.get("peak_flops") or 0) * shape.devices
+    if median and mfu and mfu < median / 2 and peak:
+        at_median = float(summary.get("flops") or 0) / (peak * median)
+        versus = f"; predicted / that: {time_s / at_median:.3g}x" if time_s and at_median else ""
+        notes.append(f"the run's steps were uneven: its median step reached MFU {median:.0%}, its steps together "
+                     f"{mfu:.0%}, so other work likely held the device; at its median step's pace the steps would "
+                     f"take {at_median:.3g} s{versus}")
+    return notes

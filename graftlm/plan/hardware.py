@@ -25,7 +25,8 @@ from graftlm.metrics import DequantRate
 GIB = 2 ** 30
 _FIELDS = {"memory_gb": float, "reserved_gb": float, "bf16_tflops": float, "fp32_tflops": float, "mfu": float,
            "usd_per_hour": float, "fast_bf16": bool, "memory_gbs": float, "nf4_gparams_per_s": float,
-           "description": str, "interconnect": str}
+           "kind": str, "description": str, "interconnect": str}
+KINDS = ("cpu", "gpu")
 # A device without `memory_gbs`: its bandwidth taken as its bf16 peak over this many FLOPs
 # per byte (an H100 SXM's ratio, 989 TFLOP/s over 3.35 TB/s; older and smaller cards have
 # less compute per byte, so their NF4 dequantization is planned slower than it is).
@@ -46,6 +47,7 @@ class Device:
     memory_gbs: float | None = None  # memory bandwidth, GB/s (None: FLOPS_PER_BYTE_FALLBACK)
     nf4_gparams_per_s: float | None = None  # NF4 dequantization, when not bandwidth-bound (CPUs)
     nf4_dequant: DequantRate | None = None  # measured (`this` machine): rate and per-call cost
+    kind: str = "gpu"  # "cpu" or "gpu": which runs its time can be set against (`plan --check`)
     description: str = ""
     interconnect: str = ""
 
@@ -126,6 +128,11 @@ def _parse_entries(data, source: str) -> dict[str, Device]:
             raise GraftError(f"{source}: device '{name}': field 'mfu' must be in (0, 1], got {values['mfu']}")
         if values["memory_gb"] <= values.get("reserved_gb", 0.0):
             raise GraftError(f"{source}: device '{name}': memory_gb must exceed reserved_gb")
+        # A device is a GPU unless it says otherwise, or is named `cpu` (an older file's entry).
+        values.setdefault("kind", "cpu" if _key(str(name)) == "cpu" else "gpu")
+        if values["kind"] not in KINDS:
+            raise GraftError(f"{source}: device '{name}': field 'kind' must be one of {', '.join(KINDS)}, "
+                             f"got {values['kind']!r}")
         devices[_key(str(name))] = Device(name=str(name), **values)
     return devices
 
@@ -166,7 +173,7 @@ def this_machine(catalogue: dict[str, Device]) -> Device:
                       fp32_tflops=peak_flops(card, torch.float32) / 1e12, fast_bf16=fast_bfloat16("cuda"),
                       mfu=known.mfu if known else CUDA_MFU, usd_per_hour=known.usd_per_hour if known else 0.0,
                       memory_gbs=known.memory_gbs if known else None,
-                      nf4_dequant=nf4_dequant_rate(card, measure=False),
+                      nf4_dequant=nf4_dequant_rate(card, measure=False), kind="gpu",
                       description=f"this machine's {name}, {memory:.1f} GiB")
     cpu = torch.device("cpu")
     fast = fast_bfloat16("cpu")
@@ -176,7 +183,7 @@ def this_machine(catalogue: dict[str, Device]) -> Device:
     return Device(name=THIS, memory_gb=ram, reserved_gb=min(4.0, ram / 4),
                   bf16_tflops=peak_flops(cpu, torch.bfloat16) / 1e12 if fast else fp32, fp32_tflops=fp32,
                   fast_bf16=fast, mfu=laptop.mfu if laptop else 0.3, usd_per_hour=0.0,
-                  nf4_dequant=nf4_dequant_rate(cpu, measure=False),
+                  nf4_dequant=nf4_dequant_rate(cpu, measure=False), kind="cpu",
                   description=f"this machine's CPU ({torch.get_num_threads()} threads), {ram:.1f} GiB RAM, "
                               "measured matmul peak")
 

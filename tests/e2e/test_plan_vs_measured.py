@@ -310,3 +310,48 @@ def test_a_qlora_runs_check_predicts_its_time_with_the_dequantization_it_recorde
     measured = sum(fastest) / len(fastest) * steps
     assert 0.5 < time_s / measured < 2, \
         f"predicted {time_s:.3f} s ({dequant:.3f} s dequantizing) vs {measured:.3f} s at the run's fastest steps"
+
+
+@pytest.mark.slow
+def test_a_real_runs_model_counts_its_data_and_its_check_compares_like_with_like(monkeypatch, tmp_path, capsys):
+    """A tiny `graft pretrain` run, then what a user does next: `graft plan --model
+    runs/base/final --data rows.jsonl` counts the rows with the tokenizer the run saved
+    beside its weights (it estimated UTF-8 bytes / 4: 40.1k for 86k tokens), and
+    `plan --check` shows predicted / measured, but sets an H100's time beside this CPU's
+    without comparing them (it printed +22812183%)."""
+    import json
+
+    from graftlm.cli import main
+    from graftlm.data.shards import write_shards
+    from graftlm.data.stats import data_stats
+    from graftlm.plan.check import check_run
+    from graftlm.tokenizer import train_tokenizer
+    from tests.conftest import SHARED_DATA
+    warnings.filterwarnings("ignore")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    text = (SHARED_DATA / "tinyshakespeare.txt").read_text()[:30_000]
+    tokenizer = train_tokenizer(iter([text]), 300)
+    tokenizer.save(tmp_path / "tok")
+    write_shards(iter([("train", text), ("val", text[:3000])]), tokenizer, tmp_path / "shards")
+    assert main(["pretrain", "--model", "tiny", "--data", str(tmp_path / "shards"), "--tokenizer", str(tmp_path / "tok"),
+                 "--out", str(tmp_path / "runs"), "--name", "base", "--train.max-steps", "4",
+                 "--train.batch-size", "2", "--train.seq-len", "32", "--train.precision", "fp32",
+                 "--train.eval-every", "0", "--train.save-every", "0", "--tensorboard", "false"]) == 0
+    run = tmp_path / "runs" / "base"
+    capsys.readouterr()
+
+    rows = tmp_path / "gsm.jsonl"
+    rows.write_text("\n".join((SHARED_DATA / "gsm8k_train.jsonl").read_text().splitlines()[:40]) + "\n")
+    assert main(["plan", "--model", str(run / "final"), "--data", str(rows), "--hardware", "cpu", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)["data"]
+    assert data["stats"]["tokens_counted_with"] == "tokenizer"
+    assert data["tokens"] == data_stats([rows], tokenizer=run / "final")["tokens"] != data_stats([rows])["tokens"]
+
+    result = check_run(run, None)
+    assert result["time_compared"] and all(
+        f["ratio"] == pytest.approx(f["predicted"] / f["measured"]) for f in result["figures"].values() if f["measured"])
+    assert main(["plan", "--check", str(run), "--hardware", "H100", "--json"]) == 0
+    on_h100 = json.loads(capsys.readouterr().out)[0]
+    assert not on_h100["time_compared"] and on_h100["figures"]["time (s)"]["error"] is None
+    assert on_h100["figures"]["time (s)"]["predicted"] < result["figures"]["time (s)"]["predicted"] / 100
+    assert on_h100["figures"]["peak memory (bytes)"]["error"] == result["figures"]["peak memory (bytes)"]["error"]

@@ -207,7 +207,7 @@ def test_check_sets_prediction_beside_measurement(tmp_path, capsys):
         pytest.approx(flops["predicted"] / (1e11 * cpu_mfu / 2) + dequant)
     assert main(["plan", "--check", str(run)]) == 0
     out = capsys.readouterr().out
-    assert "predicted" in out and "error" in out and "%" in out and "of which NF4 dequantization" in out
+    assert "predicted / measured" in out and "of which NF4 dequantization" in out
     assert main(["plan", "--check", str(tmp_path / "missing")]) == 2
     # A counted peak of a step whose rows were padded to 48 tokens is predicted at 48.
     summary = json.loads((run / "summary.json").read_text())
@@ -722,3 +722,108 @@ def test_the_adapter_share_quoted_is_this_models(capsys):
         assert f"trains {fmt_share(share)} of the weights" in scratch
     assert (fmt_share(0.167), fmt_share(0.056), fmt_share(0.0061)) == ("17%", "5.6%", "0.61%")
 
+
+def _cpu_run(tmp_path, precision="fp32", step_mfus=None):
+    """A finished CPU pre-training run's config.yaml and summary.json (and its step log)."""
+    import yaml
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({
+        "objective": "clm", "model": "tiny", "train": {"batch_size": 4, "seq_len": 64, "precision": precision}}))
+    (tmp_path / "summary.json").write_text(json.dumps({
+        "device": "cpu", "world_size": 1, "precision": precision, "tokens": 10240, "flops": 1.4e10, "steps": 20,
+        "train_time_s": 45.0, "tokens_per_s": 230.0, "mfu": 0.02, "peak_flops": 1.4e11,
+        "peak_tensor_bytes": 11_500_000, "params_total": 223_552}))
+    if step_mfus is not None:
+        (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": 5.0, "mfu": m}) + "\n"
+                                                        for i, m in enumerate(step_mfus)))
+    return tmp_path
+
+
+def test_check_shows_predicted_over_measured_not_an_unexplained_sign(tmp_path, capsys):
+    """`plan --check` printed "error -99.3%" for time and "+13201%" for tokens/s with nothing
+    saying which way the sign goes: the table now shows predicted / measured (0.98x: the
+    plan says 2% less), and the JSON keeps `error`, (predicted - measured) / measured."""
+    from graftlm.plan.check import check_run
+    run = _cpu_run(tmp_path / "run")
+    result = check_run(run, None)
+    for fig in result["figures"].values():
+        if fig["measured"]:
+            assert fig["ratio"] == pytest.approx(fig["predicted"] / fig["measured"])
+            assert fig["error"] == pytest.approx(fig["ratio"] - 1)
+    assert main(["plan", "--check", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "predicted / measured" in out and "error" not in out
+    memory = result["figures"]["peak memory (bytes)"]
+    assert f"{memory['predicted'] / memory['measured']:.2f}x" in out
+    assert f"{result['figures']['time (s)']['ratio']:.3g}x" in out  # far off: three figures, not "0.01x"
+
+
+def test_check_on_another_kind_of_device_is_not_compared(tmp_path, capsys):
+    """`--check CPU_RUN --hardware H100` set an H100's time against the CPU's: "+22812183%".
+    It is now what the run would take on an H100, beside the measurement, not compared."""
+    from graftlm.plan.check import check_run
+    run = _cpu_run(tmp_path / "run")
+    catalogue = load_catalogue()
+    result = check_run(run, resolve_hardware("H100", catalogue), catalogue)
+    assert result["time_compared"] is False
+    for name in ("time (s)", "tokens/s"):
+        fig = result["figures"][name]
+        assert fig["predicted"] and fig["measured"] and fig["error"] is None and fig["ratio"] is None
+    assert result["figures"]["FLOPs"]["ratio"] is not None  # the run's shape, whatever the device
+    assert main(["plan", "--check", str(run), "--hardware", "H100"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") == 5}
+    assert "not compared" in rows["time in steps (s)"] and "not compared" in rows["tokens/s"]
+    assert "x" in rows["FLOPs"].split("│")[4]
+    assert "what this run would take on H100; it trained on cpu" in " ".join(out.split())
+    # A CPU run checked against the catalogue's CPU, or a GPU's against a GPU, is compared.
+    assert check_run(run, resolve_hardware("cpu", catalogue), catalogue)["figures"]["time (s)"]["ratio"]
+    gpu_run = tmp_path / "gpu"
+    gpu_run.mkdir()
+    (gpu_run / "config.yaml").write_text((run / "config.yaml").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    (gpu_run / "summary.json").write_text(json.dumps({**summary, "device": "cuda:0"}))
+    assert check_run(gpu_run, resolve_hardware("A100-80GB", catalogue), catalogue)["time_compared"] is True
+    assert check_run(gpu_run, resolve_hardware("cpu", catalogue), catalogue)["time_compared"] is False
+
+
+def test_a_catalogue_device_says_its_kind(tmp_path):
+    catalogue = load_catalogue()
+    assert catalogue["cpu"].kind == "cpu" and catalogue["h100"].kind == "gpu"
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("laptop:\n  kind: cpu\n  memory_gb: 32\n  bf16_tflops: 1\n  mfu: 0.3\n  usd_per_hour: 0\n"
+                    "cpu:\n  memory_gb: 64\n  bf16_tflops: 2\n  mfu: 0.2\n  usd_per_hour: 0\n")
+    assert load_catalogue(mine)["laptop"].kind == "cpu" and load_catalogue(mine)["cpu"].kind == "cpu"
+    mine.write_text("x:\n  kind: tpu\n  memory_gb: 32\n  bf16_tflops: 1\n  mfu: 0.3\n  usd_per_hour: 0\n")
+    with pytest.raises(GraftError, match="device 'x': field 'kind' must be one of cpu, gpu"):
+        load_catalogue(mine)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_check_of_a_bf16_cpu_run_says_it_computed_in_emulated_bf16(tmp_path, capsys, monkeypatch, fast):
+    """A run trained in bf16 on an AVX2 CPU took 45 s where the plan said 0.34 s, with no
+    word of why: its matrix products ran in PyTorch's emulated bf16, the prediction at a
+    native rate. Said where this machine has no fast bf16; not where it has."""
+    import graftlm.placement
+    from graftlm.plan.check import check_run
+    monkeypatch.setattr(graftlm.placement, "fast_bfloat16", lambda device_type: fast)
+    notes = " ".join(check_run(_cpu_run(tmp_path / "bf16", "bf16-autocast"), None)["notes"])
+    assert ("emulated bf16" in notes and "native rate the predicted time assumes" in notes) != fast
+    assert "emulated" not in " ".join(check_run(_cpu_run(tmp_path / "fp32"), None)["notes"])
+    assert main(["plan", "--check", str(tmp_path / "bf16")]) == 0
+    assert ("note: the run computed in bf16-autocast on a CPU" in " ".join(capsys.readouterr().out.split())) != fast
+
+
+def test_check_says_when_other_work_slowed_the_runs_steps(tmp_path, capsys):
+    """A CPU shared with other work: a run whose median step reached 30% MFU took 6x as long
+    in all (5%), which read as the plan being 6x off. The note gives the median step's pace."""
+    from graftlm.plan.check import check_run
+    uneven = _cpu_run(tmp_path / "uneven", step_mfus=[0.3] * 11 + [0.005] * 9)
+    result = check_run(uneven, None)
+    at_median = 1.4e10 / (1.4e11 * 0.3)
+    ratio = result["figures"]["time (s)"]["predicted"] / at_median
+    assert any("median step reached MFU 30%, its steps together 2%" in n and f"{at_median:.3g} s" in n
+               and f"{ratio:.3g}x" in n for n in result["notes"]), result["notes"]
+    steady = _cpu_run(tmp_path / "steady", step_mfus=[0.021] * 20)
+    assert not any("uneven" in n for n in check_run(steady, None)["notes"])
+    assert not check_run(_cpu_run(tmp_path / "unlogged"), None)["notes"]
