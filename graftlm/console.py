@@ -10,4 +10,5 @@ from __future__ import annotations
 
 def table_console():
     from rich.console import Console
-    return Console(width=max(120, Console().width))
+    # Lines soft-wrap (the terminal folds a long heading), tables keep their width.
+    return Console(width=max(120, Console().width), soft_wrap=True)
