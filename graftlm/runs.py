@@ -47,7 +47,7 @@ from graftlm.models.config import PRESETS
 from graftlm.objectives import ObjectiveSpec, get_spec
 from graftlm.optim import DEFAULT_LR, FINE_TUNING_LR, OptimConfig, lr_at
 from graftlm.parallel import ParallelConfig
-from graftlm.placement import resolve_precision
+from graftlm.placement import fast_bfloat16, resolve_precision
 from graftlm.trainer import TrainConfig, Trainer
 
 # Fields that define the data stream and the model; a resume refuses a change in them.
@@ -496,7 +496,7 @@ def _run_training(cfg: RunConfig, resume: bool | None, fresh: bool, allow_config
             "objective": cfg.objective,
             "parameterization": cfg.adapter.kind if cfg.adapter else "full",
             "model": cfg.model, "device": str(d.device), "world_size": d.world_size,
-            "precision": cfg.train.precision,
+            "precision": cfg.train.precision, "fast_bf16": fast_bfloat16(d.device.type),
             "params_total": params_total, "params_trainable": params_trainable,
             **stats, **({"data": data.stats} if data.stats else {}), "wall_time_s": trainer.wall_time_s(),
             "flops_per_token": stats["flops"] / max(stats["tokens"], 1), "peak_flops": trainer.peak_flops,

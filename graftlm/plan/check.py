@@ -211,11 +211,15 @@ def _time_notes(run_dir: Path, shape: RunShape, summary: dict, time_s: float | N
     notes = []
     if shape.device_type == "cpu" and shape.precision in ("bf16", "bf16-autocast"):
         from graftlm.placement import fast_bfloat16
-        if not fast_bfloat16("cpu"):
-            notes.append(f"the run computed in {shape.precision} on a CPU, and this machine's has no fast bf16 (no "
-                         "AVX-512, AMX or Arm BF16): if it trained here, its matrix products ran in PyTorch's "
-                         "emulated bf16, many times slower (50x on an AVX2 CPU) than the native rate the predicted "
-                         "time assumes; --train.precision auto trains in fp32 there")
+        recorded = summary.get("fast_bf16")  # runs record it; older ones are judged by this machine
+        if not (recorded if isinstance(recorded, bool) else fast_bfloat16("cpu")):
+            where = ("its CPU had" if isinstance(recorded, bool) else
+                     "this machine's CPU has") + " no fast bf16 (no AVX-512, AMX or Arm BF16)"
+            notes.append(f"the run computed in {shape.precision} on a CPU, and {where}: "
+                         + ("" if isinstance(recorded, bool) else "if it trained here, ")
+                         + "its matrix products ran in PyTorch's emulated bf16, many times slower (50x on an AVX2 "
+                         "CPU) than the native rate the predicted time assumes; --train.precision auto trains in "
+                         "fp32 there")
     median = _median_step_mfu(run_dir)
     mfu = summary.get("mfu")
     peak = float(summary.get("peak_flops") or 0) * shape.devices

@@ -54,6 +54,8 @@ def test_pretrain_end_to_end(shards, tmp_path, capsys):
                 "artifact_bytes", "final_train_loss", "final_val_loss", "val_bpb"):
         assert summary[key] is not None, key
     assert summary["objective"] == "clm" and summary["parameterization"] == "full"
+    from graftlm.placement import fast_bfloat16
+    assert summary["fast_bf16"] is fast_bfloat16("cpu")  # what plan --check judges its bf16 time by
     assert summary["steps"] == 6 and summary["tokens"] == 6 * 4 * 2 * 64
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]

@@ -237,6 +237,14 @@ def test_check_of_a_bf16_cpu_run_says_it_computed_in_emulated_bf16(tmp_path, cap
     assert "emulated" not in " ".join(check_run(_cpu_run(tmp_path / "fp32"), None)["notes"])
     assert main(["plan", "--check", str(tmp_path / "bf16")]) == 0
     assert ("note: the run computed in bf16-autocast on a CPU" in " ".join(capsys.readouterr().out.split())) != fast
+    # A run that recorded its CPU's bf16 is judged by that, whatever machine checks it.
+    run = _cpu_run(tmp_path / "recorded", "bf16-autocast")
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "fast_bf16": fast}))
+    notes = " ".join(check_run(run, None)["notes"])
+    assert ("its CPU had no fast bf16" in notes and "if it trained here" not in notes) != fast
+    (run / "summary.json").write_text(json.dumps({**summary, "fast_bf16": not fast}))
+    assert ("emulated bf16" in " ".join(check_run(run, None)["notes"])) == fast
 
 
 def test_check_says_when_other_work_slowed_the_runs_steps(tmp_path, capsys):
