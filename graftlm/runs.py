@@ -421,6 +421,8 @@ def _run_training(cfg: RunConfig, resume: bool | None, fresh: bool, allow_config
                           f"model {cfg.model} (max_position_embeddings {context})")
     tokenizer = find_tokenizer(cfg, Path(cfg.data))
     data = spec.build_dataset(cfg, tokenizer)
+    if d.is_main and spec.describe is not None:
+        print(spec.describe(cfg), flush=True)
     if d.is_main and data.stats:
         print(f"data: {json.dumps(data.stats)}", flush=True)
         bad = data.stats.get("bad_rows_skipped")

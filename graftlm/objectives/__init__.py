@@ -60,6 +60,9 @@ class ObjectiveSpec:
     # `save_final(model, out, tokenizer)` (used without adapters).
     prepare_model: Callable[[Any, Any, Any], Any] | None = None
     save_final: Callable[[Any, Any, Any], Any] | None = None
+    # Optional: `describe(cfg) -> str`, the one line of settings printed as a run starts,
+    # for objectives whose defaults depend on other choices (SimPO's beta).
+    describe: Callable[[Any], str] | None = None
 
 
 def available() -> list[str]:

@@ -234,4 +234,6 @@ def build_pair_splits(cfg, section: FineTuneData, tokenizer, objective: str, pad
 SPEC = ObjectiveSpec(
     name="dpo", help="preference optimisation: DPO (sigmoid), IPO, SimPO or ORPO on chosen/rejected pairs",
     config_cls=DPOConfig, build_dataset=lambda cfg, tokenizer: build_pair_splits(cfg, cfg.dpo, tokenizer, "dpo"),
-    build_objective=lambda cfg, model: DPOObjective(cfg.dpo))
+    build_objective=lambda cfg, model: DPOObjective(cfg.dpo),
+    describe=lambda cfg: f"dpo: loss {cfg.dpo.loss}, beta {cfg.dpo.beta:g}"
+                         + (f", gamma {cfg.dpo.simpo_gamma:g}" if cfg.dpo.loss == "simpo" else ""))

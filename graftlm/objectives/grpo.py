@@ -184,4 +184,7 @@ SPEC = ObjectiveSpec(
     config_cls=GRPOConfig,
     build_dataset=build_dataset,
     build_objective=lambda cfg, model: GRPOObjective(cfg.grpo, run_tokenizer(cfg),
-                                                     device=next(model.parameters()).device))
+                                                     device=next(model.parameters()).device),
+    describe=lambda cfg: (f"grpo: {cfg.grpo.sampling.group_size} completions per prompt of up to "
+                          f"{cfg.grpo.sampling.max_new_tokens} tokens at temperature {cfg.grpo.sampling.temperature:g}, "
+                          f"KL beta {cfg.grpo.beta:g}"))

@@ -115,7 +115,9 @@ def test_graft_dpo_logs_validation_accuracy_in_metrics_and_summary(tmp_path, cap
     assert summary["final_val_rewards/accuracy"] == vals[-1]["val_rewards/accuracy"]
     assert summary["final_val_rewards/margin"] == vals[-1]["val_rewards/margin"]
     # And on the console, beside val_loss: `step 2: val_loss 0.6931, val_acc 50%, val_margin 0.001`.
-    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("step 2: val_loss"))
+    out = capsys.readouterr().out.splitlines()
+    assert "dpo: loss sigmoid, beta 0.1" in out  # the settings it trains with, said as it starts
+    line = next(line for line in out if line.startswith("step 2: val_loss"))
     assert f"val_acc {vals[-1]['val_rewards/accuracy']:.0%}" in line and ", val_margin " in line, line
 
 
@@ -126,6 +128,9 @@ def test_simpo_beta_defaults_to_2_and_an_explicit_beta_wins():
 
     assert dpo(**{"dpo.loss": "simpo"}).beta == 2.0
     assert dpo(**{"dpo.loss": "simpo", "dpo.beta": "0.1"}).beta == 0.1  # given: kept, even at the old default
+    from graftlm.objectives import get_spec
+    cfg = build_config(run_config_class("dpo"), overrides={"model": "tiny", "data": "p.jsonl", "dpo.loss": "simpo"})
+    assert get_spec("dpo").describe(cfg) == "dpo: loss simpo, beta 2, gamma 0.5"  # printed as a run starts
     assert dpo(**{"dpo.loss": "simpo", "dpo.beta": "2.5"}).beta == 2.5
     for loss in ("sigmoid", "ipo", "orpo"):
         assert dpo(**{"dpo.loss": loss}).beta == 0.1

@@ -158,7 +158,7 @@ def test_held_out_reward_is_the_mean_greedy_reward():
         assert trainer.stats()["final_val_reward"] == result["val_reward"]
 
 
-def test_graft_grpo_logs_val_reward_every_eval_and_in_summary(tmp_path):
+def test_graft_grpo_logs_val_reward_every_eval_and_in_summary(tmp_path, capsys):
     tokenizer = _tokenizer()
     tokenizer.save(tmp_path / "tok")
     (tmp_path / "reward.py").write_text("def score(completion, prompt, answer):\n    return float(answer)\n")
@@ -171,6 +171,8 @@ def test_graft_grpo_logs_val_reward_every_eval_and_in_summary(tmp_path):
                  "--train.max-steps", "2", "--train.batch-size", "2", "--train.eval-every", "1",
                  "--train.eval-batches", "0", "--train.seq-len", "32", "--train.precision", "fp32",
                  "--train.save-every", "0", "--tensorboard", "false"]) == 0
+    assert "grpo: 2 completions per prompt of up to 3 tokens at temperature 1, KL beta 0.04" in \
+        capsys.readouterr().out.splitlines()
     records = [json.loads(line) for line in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
     vals = [r for r in records if "val_reward" in r]
     assert [r["step"] for r in vals] == [1, 2]
