@@ -118,11 +118,10 @@ def prepare_run_directory(run_dir: Path, cfg: RunConfig, resume: bool | None, fr
     root = run_dir / "checkpoints"
     latest = ckpt.latest_valid(root, warn=warn) if resume is not False else None
     recorded = recorded_config(run_dir) if latest is not None or summary.exists() else {}
-    if recorded and given is not None:
-        cfg = under_given(cfg, recorded, [*given, *FROM_THE_COMMAND])
+    continued = under_given(cfg, recorded, [*given, *FROM_THE_COMMAND]) if recorded and given is not None else cfg
     if summary.exists():
         done = read_json(summary).get("steps", 0)
-        if done >= cfg.train.max_steps:
+        if done >= continued.train.max_steps:
             written = ""
             if not (run_dir / "report.html").exists():  # stopped between summary.json and its report
                 written = "; its report.html was missing and is written now" if _write_report(run_dir) else ""
@@ -132,8 +131,8 @@ def prepare_run_directory(run_dir: Path, cfg: RunConfig, resume: bool | None, fr
         raise GraftError(f"{root}: no complete checkpoint to resume from")
     if latest is None:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a run that died before its first checkpoint
-        return None, {}, cfg  # its command alone says how it trains
-    return latest, recorded, cfg
+        return None, {}, cfg  # nothing to continue: its command alone says how it trains
+    return latest, recorded, continued
 
 
 # -- model, tokenizer, adapters ---------------------------------------------------------------
