@@ -25,6 +25,7 @@ before that key is predicted at this machine's rate, as measured on it (and said
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import replace
 from pathlib import Path
 
@@ -198,11 +199,7 @@ def _median_step_mfu(run_dir: Path) -> float | None:
             continue
         if isinstance(record, dict) and "step" in record and isinstance(record.get("mfu"), (int, float)):
             values.append(float(record["mfu"]))
-    if len(values) < 3:
-        return None
-    values.sort()
-    middle = len(values) // 2
-    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+    return statistics.median(values) if len(values) >= 3 else None
 
 
 def _time_notes(run_dir: Path, shape: RunShape, summary: dict, time_s: float | None) -> list[str]:
