@@ -166,10 +166,11 @@ def loaded_context(cfg: RunConfig) -> int | None:
     return resolve_model_config(cfg.model).max_seq_len
 
 
-def requested_length(cfg: RunConfig) -> int:
-    """The longest row the run asks for: train.seq_len, or the objective's max_length."""
+def requested_length(cfg: RunConfig, context: int | None = None) -> int:
+    """The longest row the run asks for: the objective's max_length, or train.seq_len (its
+    objective's default within `context` when not given)."""
     section = getattr(cfg, cfg.objective, None)
-    return getattr(section, "max_length", None) or cfg.train.seq_len
+    return getattr(section, "max_length", None) or cfg.train.seq_len_for(cfg.objective, context)
 
 
 def build_model(cfg: RunConfig, vocab_size: int | None, tokenizer, device: torch.device):
@@ -413,6 +414,8 @@ def _run_training(cfg: RunConfig, resume: bool | None, fresh: bool, allow_config
     seed_everything(cfg.seed)
     from graftlm.models.hf import resolve_model_config
     context = resolve_model_config(cfg.model).max_seq_len  # a wrong --model is named before the tokenizer
+    # Concrete before config.yaml, the resume check and the plan read it.
+    cfg.train.seq_len = cfg.train.seq_len_for(cfg.objective, context)
     if cfg.objective == "clm" and _from_weights(cfg) and cfg.train.seq_len > context:
         # Pre-training windows are all seq_len long; fine-tuning rows are cut at the
         # context instead (`sft.renderer_for`), and counted.

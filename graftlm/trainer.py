@@ -58,12 +58,18 @@ class Objective(Protocol):
         ...
 
 
+PRETRAIN_SEQ_LEN = 256
+ROW_LENGTH = {"sft": 1024, "dpo": 1024, "reward": 1024}  # TRL's max_length for these trainers
+
+
 @dataclass
 class TrainConfig:
     max_steps: int = field(default=1000, metadata={"help": "optimizer steps to train"})
     batch_size: int = field(default=8, metadata={"help": "samples per micro-batch, per rank"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    seq_len: int = field(default=256, metadata={"help": "tokens per sample"})
+    seq_len: int | None = field(default=None, metadata={
+        "help": "tokens per sample (default: 256 for pre-training and RL; sft, dpo and reward rows up to 1024, "
+                "or the model's context if shorter)"})
     precision: Literal["auto", "fp32", "bf16-autocast", "bf16"] = field(
         default="auto", metadata={"help": "fp32, bf16 autocast over fp32 weights, or pure bf16 (auto: bf16 "
                                           "autocast where the device computes bf16 fast, else fp32)"})
@@ -79,6 +85,17 @@ class TrainConfig:
     log_every: int = 10
     max_bad_steps: int = field(default=5, metadata={"help": "stop after N non-finite steps in a row"})
 
+    def seq_len_for(self, objective: str, context: int | None = None) -> int:
+        """`seq_len`, or where a run has not chosen one, its objective's: pre-training
+        windows (and RL sequences) of 256 tokens; SFT, DPO and reward rows of up to 1024, as
+        TRL's trainers cut them (their `max_length`), where 256 cut half of GSM8K's rows.
+        The default stays within the model's `context`; a length given is checked against
+        it where the objective needs it whole (`runs.py`)."""
+        if self.seq_len is not None:
+            return self.seq_len
+        default = ROW_LENGTH.get(objective, PRETRAIN_SEQ_LEN)
+        return min(default, context) if context else default
+
     def activation_budget(self, adapters: bool) -> float:
         """The compiled blocks' activation budget: the configured one, else the default.
 
@@ -91,7 +108,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "log_every", "max_bad_steps"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"config field 'train.{name}': must be >= 1, got {getattr(self, name)}")
         if self.compile_activation_budget is not None and not 0 < self.compile_activation_budget <= 1:
             raise ConfigError("config field 'train.compile_activation_budget': must be in (0, 1], "
@@ -184,7 +201,7 @@ class Trainer:
         if tokens is None:
             tokens = sum(v.numel() for v in inputs)
         if context is None:
-            context = max((v.shape[-1] for v in inputs), default=self.cfg.seq_len)
+            context = max((v.shape[-1] for v in inputs), default=0)  # no inputs: no tokens, no FLOPs
         return int(tokens), float(tokens) * self.flops_per_token(int(context)), int(context)
 
     # -- one optimizer step ---------------------------------------------------------------
@@ -383,7 +400,8 @@ class Trainer:
             self._load_single(directory, state)
         self.loader.load_state_dict(state["loader"])
         self.step, self.tokens = state["step"], state["tokens"]
-        self.flops = state.get("flops", self.tokens * self.flops_per_token(self.cfg.seq_len))
+        # A checkpoint from before FLOPs were counted: its tokens at the run's sequence length.
+        self.flops = state["flops"] if "flops" in state else self.tokens * self.flops_per_token(self.cfg.seq_len or 0)
         self.train_time_s, self.bad_streak = state["train_time_s"], state["bad_streak"]
         self.earlier_wall_time_s = state.get("wall_time_s", 0.0)
         self.steady = {**self.steady, **state.get("steady", {})}

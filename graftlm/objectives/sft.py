@@ -122,7 +122,7 @@ def renderer_for(cfg, section: FineTuneData, tokenizer):
 
     if tokenizer is None:
         raise GraftError("fine-tuning needs a tokenizer: pass --tokenizer DIR or a model directory with tokenizer.json")
-    max_length = section.max_length or cfg.train.seq_len
+    max_length = section.max_length or cfg.train.seq_len_for(cfg.objective)
     # Rows past a loaded model's context are cut there (or dropped), and counted in the
     # run's data stats ("length_limit"), rather than failing inside its forward.
     context = loaded_context(cfg)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 
+import yaml
+
 from graftlm.cli import main
 from graftlm.models.hf import load_model
 from tests.unit.test_sft_packing import _data
@@ -74,6 +76,30 @@ def test_contexts_grow_for_new_models_cut_loaded_ones_and_refuse_long_pretrainin
                  "--train.seq-len", "64"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "train.seq_len" in err and "max_position_embeddings 40" in err
+
+
+def test_fine_tuning_rows_default_to_1024_tokens_within_the_context(tmp_path):
+    from graftlm.trainer import TrainConfig
+
+    path, tokenizer = _data(tmp_path, n=12)
+    rows = path.read_text().splitlines()
+    # One row of 300-500 tokens: the old default (train.seq_len 256) cut it.
+    long = {"prompt": "say 12: the", "completion": " ".join(["the"] * 100)}
+    assert 300 < len(tokenizer.encode(long["prompt"] + long["completion"])) < 500
+    path.write_text("\n".join(rows + [json.dumps(long)]) + "\n")
+    # The tiny preset's context is 512: a new model keeps it, and no row is cut.
+    assert main(["sft", "--model", "tiny", "--tokenizer", str(tmp_path / "tok"), "--data", str(path),
+                 "--out", str(tmp_path), "--name", "rows", *SFT]) == 0
+    assert "length_limit" not in _summary(tmp_path / "rows").get("data", {})
+    recorded = yaml.safe_load((tmp_path / "rows" / "config.yaml").read_text())
+    assert recorded["train"]["seq_len"] == 512
+    assert load_model(tmp_path / "rows" / "final").config.max_seq_len == 512
+    # Without a model's context: TRL's max_length for rows, 256 for pre-training windows
+    # (within a shorter context too); a length given is kept for every objective.
+    train = TrainConfig()
+    assert [train.seq_len_for(o) for o in ("sft", "dpo", "reward", "grpo", "clm")] == [1024, 1024, 1024, 256, 256]
+    assert (train.seq_len_for("sft", 2048), train.seq_len_for("clm", 128)) == (1024, 128)
+    assert TrainConfig(seq_len=64).seq_len_for("sft", 2048) == 64
 
 
 def test_a_missing_model_directory_is_named_before_the_tokenizer(tmp_path, capsys):
