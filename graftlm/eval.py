@@ -7,9 +7,10 @@ labelled `name` (`graft eval`: its run's or directory's name, `runs/sft/final` -
 the default "base", or "reward model" for one), each adapter's name, and
 `{name}+{K}-shot`. Every row of the table is scored on the same rows of the data.
 
-What is measured, the kind, follows the first valid row's fields; `kind=` (`graft eval
---as`) picks another where the fields allow it (prompt/completion rows scored as chat:
-the held-out loss of the completions rather than greedy answers), else it is an error:
+What is measured, the kind (`result["kind"]`, named as `graft eval --as` takes it),
+follows the first valid row's fields; `kind=` (`graft eval --as`) picks another where the
+fields allow it (prompt/completion rows scored as chat: the held-out loss of the
+completions rather than greedy answers), else it is an error:
 - text rows (`{"text"}`): mean token loss and bits per byte (nats / ln 2 over the UTF-8
   bytes of the predicted tokens); a text longer than the context is scored whole, in
   context-length windows;
@@ -21,7 +22,7 @@ the held-out loss of the completions rather than greedy answers), else it is an 
   final-answer match when the answers are numbers or GSM8K-style `#### N`, exact string
   match otherwise; lm-eval-harness's name) and, with `reward=`, the mean reward of any
   reward spec from `graftlm.rewards`;
-- preference pairs (`chosen` + `rejected`; kind "preference", "pairs" to `--as`): three
+- pairs (`chosen` + `rejected`; "preference" inside this module): three
   accuracies, never one name for two. `logp_accuracy`: the row's model gives the chosen
   completion the higher summed log-probability (every policy row; it favours the
   shorter completion). `avg_logp_accuracy`: the higher mean log-probability per token,
@@ -31,8 +32,13 @@ the held-out loss of the completions rather than greedy answers), else it is an 
   adapters, the model's own is `reference=DIR` (a fully fine-tuned policy); without one
   the model's row has no reward_accuracy. A reward model directory (`graft reward`) gets
   `pairwise_accuracy`: its score of the chosen completion beats the rejected one's.
-The few-shot baseline ("prompting alone") prefixes each prompt of answer rows with the
-first K rows as solved examples, and those rows are not scored; other kinds refuse it.
+The few-shot baseline ("prompting alone", the row `{name}+{K}-shot`) takes the first K
+rows as examples, and those rows are not scored. Answers: each prompt is prefixed with them
+as solved examples (user and assistant turns). Chat: their user and assistant turns go
+before each scored conversation (after its system message), as lm-eval-harness's
+multi-turn few-shot places them, and are context: the loss is that of the row's own
+assistant tokens, as without them. Text and pairs refuse it: a text has no turns, and a
+pair's accuracy compares two completions of one prompt, with no solved answer to show.
 
 No row is left out silently: `rows_in_data` counts every row read, `rows` those
 evaluated, and `rows_left_out` says why the others were not (`bad`,
@@ -48,19 +54,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from itertools import takewhile
 from pathlib import Path
 
 import torch
 
 from graftlm.data.formats import RowCounts, load_examples
+from graftlm.data.render import RenderConfig, RenderedRow, Renderer
 from graftlm.errors import GraftError
 from graftlm.objectives.logprobs import IGNORE_INDEX
-from graftlm.objectives.sft import left_out
+from graftlm.objectives.sft import RenderedRows, left_out
 from graftlm.rewards import build_reward, exact_match, final_number, numeric_match
 
 # Why rows of the data were not evaluated, in the order `graft eval` lists them.
 LEFT_OUT_REASONS = ("bad", "few_shot_examples", "past_max_rows", "too_long", "nothing_to_score", "too_short")
-# What each kind of data is scored for, its name for `graft eval --as`, and the fields it needs.
+# What each kind of data is scored for, its name for `graft eval --as` and in the result
+# (`result["kind"]`, the table's heading), and the fields it needs.
 KINDS = {"text": "text", "chat": "chat", "answers": "answers", "preference": "pairs"}
 _NEEDS = {"text": "'text'", "chat": "'messages', 'prompt' + 'completion' or 'question' + 'answer'",
           "answers": "'prompt' or 'question' with a string 'answer' or 'completion'",
@@ -109,7 +118,8 @@ def _kinds_of(fields: dict) -> list[str]:
 
 
 def _kind_name(kind: str | None) -> str | None:
-    """A kind, given as `result["kind"]` names it or as `graft eval --as` does ("pairs")."""
+    """A kind, given as `graft eval --as` and `result["kind"]` name it ("pairs"), or as this
+    module does ("preference", still taken from callers of `evaluate`)."""
     if kind is None:
         return None
     names = {**{k: k for k in KINDS}, **{v: k for k, v in KINDS.items()}}
@@ -150,6 +160,16 @@ def _first(items: list, max_rows: int | None, rows: _Rows) -> list:
     kept = items[:max_rows]
     rows.leave_out("past_max_rows", len(items) - len(kept))
     return kept
+
+
+def _split_shots(data, valid: list, few_shot: int, max_rows: int | None, rows: _Rows) -> tuple[list, list]:
+    """(the first `few_shot` rows: the few-shot examples, never scored, so that every row
+    of the table is scored on the same rows; the next `max_rows`: the rows scored)."""
+    shots, scored = valid[:few_shot], _first(valid[few_shot:], max_rows, rows)
+    rows.leave_out("few_shot_examples", len(shots))
+    if not scored:
+        raise GraftError(f"{data}: no row left to score after the {few_shot} few-shot example row(s)")
+    return shots, scored
 
 
 def _answer_of(fields: dict):
@@ -287,14 +307,19 @@ def _context_length(model_dir: Path) -> int:
     return load_config(model_dir).max_seq_len
 
 
-def _definitions(kind: str, model: str, adapters, reference, numeric: bool = False, reward=None) -> dict:
+def _definitions(kind: str, model: str, adapters, reference, numeric: bool = False, reward=None,
+                 few_shot: int = 0) -> dict:
     """What each metric column means, for this evaluation: printed under the table."""
     if kind == "text":
         return {"loss": "mean negative log-likelihood per predicted token (nats)",
                 "bpb": "bits per UTF-8 byte of the predicted text", "tokens": "tokens predicted"}
     if kind == "chat":
-        return {"loss": "mean negative log-likelihood per assistant (completion) token (nats)",
-                "tokens": "assistant tokens scored"}
+        out = {"loss": "mean negative log-likelihood per assistant (completion) token (nats)",
+               "tokens": "assistant tokens scored"}
+        if few_shot:
+            out["loss"] += (f"; {model}+{few_shot}-shot: of the same tokens, after the user and assistant turns of "
+                            f"the first {few_shot} rows as examples (context, not scored)")
+        return out
     if kind == "answers":
         out = {"exact_match": "share of greedy answers whose final number equals the answer's" if numeric
                else "share of greedy answers equal to the answer (surrounding whitespace ignored)"}
@@ -325,7 +350,6 @@ def evaluate(model_dir: str | Path, data: str | Path, adapters: dict[str, str] |
     allow it (default: the fields decide). Bad rows are skipped, and more than
     `max_bad_fraction` of them stop it (`TooManyBadRows`).
     `progress(variant, rows done, rows)` is called as generated answers come in (the slow kind)."""
-    from graftlm.data.render import RenderConfig, Renderer
     from graftlm.models.heads import is_scalar_model_dir
     from graftlm.tokenizer import load_tokenizer
 
@@ -333,18 +357,24 @@ def evaluate(model_dir: str | Path, data: str | Path, adapters: dict[str, str] |
     if not 0 <= max_bad_fraction <= 1:
         raise GraftError(f"max_bad_fraction: must be in [0, 1], got {max_bad_fraction}")
     kind = _data_kind(data, _kind_name(kind))
-    if few_shot and kind != "answers":
-        raise GraftError(f"--few-shot: applies to answer rows only (greedy exact_match); these rows are scored as "
-                         f"{KINDS[kind]}")
+    if few_shot and kind not in ("answers", "chat"):
+        raise GraftError(f"--few-shot: applies to answers (examples in the prompt) and chat rows (examples as turns "
+                         f"before the conversation); these rows are scored as {KINDS[kind]}")
     tokenizer = load_tokenizer(model_dir)
     context = _context_length(model_dir)
     renderer = Renderer(tokenizer, RenderConfig(max_length=context))
-    result = {"kind": kind, "model": str(model_dir), "data": str(data), "metrics": {}}
+    if few_shot and kind == "chat" and not renderer.chat:
+        # Its prompt/completion rows are scored as raw text: examples as chat turns would
+        # change the format as well as add examples.
+        raise GraftError(f"--few-shot: chat rows take their examples as chat turns, and the tokenizer of {model_dir} "
+                         f"has no chat template")
+    result = {"kind": KINDS[kind], "model": str(model_dir), "data": str(data), "metrics": {}}
     rows = _Rows(max_bad_fraction)  # where every row went: reported beside the metrics, never left out silently
 
     if is_scalar_model_dir(model_dir):
         if kind != "preference":
-            raise GraftError(f"{model_dir}: a reward model evaluates preference pairs only")
+            raise GraftError(f"{model_dir}: a reward model scores pairs only ('chosen' + 'rejected'); these rows are "
+                             f"scored as {KINDS[kind]}")
         from graftlm.models.heads import load_scalar_model
         from graftlm.objectives.reward import pair_scores
 
@@ -387,18 +417,20 @@ def evaluate(model_dir: str | Path, data: str | Path, adapters: dict[str, str] |
         result["definitions"] = _definitions(kind, name, adapters, reference)
         return {**result, **rows.report(scored, context)}
     if kind == "chat":
-        chats = _chats(data, renderer, max_rows, tokenizer.pad_id, rows)
+        shots, scored = _split_shots(data, _valid_rows(data, "sft", rows), few_shot, max_rows, rows)
+        scored, chats = _chats(data, scored, renderer, tokenizer.pad_id, rows)
+        # Rendered before any scoring: a row that cannot take examples stops it at once.
+        with_shots = _few_shot_chats(tokenizer, renderer.config, shots, scored, rows) if few_shot else None
         for variant in variants:
             use(variant)
             result["metrics"][variant] = _chat_loss(model, chats, batch_size)
-        result["definitions"] = _definitions(kind, name, adapters, reference)
+        if few_shot:
+            use(name)
+            result["metrics"][f"{name}+{few_shot}-shot"] = _chat_loss(model, with_shots, batch_size)
+        result["definitions"] = _definitions(kind, name, adapters, reference, few_shot=few_shot)
         return {**result, **rows.report(len(chats), context)}
     if kind == "answers":
-        answers = _answer_rows(data, rows)
-        shots, answers = answers[:few_shot], _first(answers[few_shot:], max_rows, rows)
-        rows.leave_out("few_shot_examples", len(shots))
-        if not answers:
-            raise GraftError(f"{data}: no row left to score after the {few_shot} few-shot example row(s)")
+        shots, answers = _split_shots(data, _answer_rows(data, rows), few_shot, max_rows, rows)
         reward_fn = build_reward(reward, device=device) if reward else None
         room = model.config.max_seq_len - max_new_tokens
         if room < 1:
@@ -439,25 +471,77 @@ def evaluate(model_dir: str | Path, data: str | Path, adapters: dict[str, str] |
     return {**result, **rows.report(len(pairs), context)}
 
 
-def _rendered(data, objective: str, render, renderer, max_rows, rows: _Rows, none_left: str) -> list:
-    """The first `max_rows` valid rows of `data`, rendered; those too long for the context
-    or with no token to score are left out (and counted), and none at all is an error."""
+def _rendered(data, examples: list[dict], render, renderer, rows: _Rows, none_left: str) -> tuple[list[dict], list]:
+    """(the examples kept, them rendered): those too long for the context or with no token
+    to score are left out (and counted), and none at all is an error."""
     before = renderer.counts.to_dict()
-    rendered = [r for r in map(render, _first(_valid_rows(data, objective, rows), max_rows, rows)) if r is not None]
+    kept = [(example, r) for example, r in zip(examples, map(render, examples)) if r is not None]
     counts = {k: v - before[k] for k, v in renderer.counts.to_dict().items()}
     rows.leave_out("too_long", counts["dropped_too_long"])
     rows.leave_out("nothing_to_score", counts["dropped_untrained"])
-    rows.cut += sum(r.truncated for r in rendered)  # the renderer also counts rows cut, then dropped
-    if not rendered:
+    rows.cut += sum(r.truncated for _, r in kept)  # the renderer also counts rows cut, then dropped
+    if not kept:
         raise GraftError(f"{data}: {none_left}")
-    return rendered
+    return [example for example, _ in kept], [r for _, r in kept]
 
 
-def _chats(data, renderer, max_rows, pad_id, rows: _Rows):
-    from graftlm.objectives.sft import RenderedRows
+def _chats(data, examples: list[dict], renderer, pad_id, rows: _Rows):
+    """(the chat rows kept, them rendered as SFT renders them)."""
+    kept, rendered = _rendered(data, examples, renderer.render, renderer, rows,
+                               "no chat row has an assistant token to score")
+    return kept, RenderedRows(rendered, pad_id)
 
-    return RenderedRows(_rendered(data, "sft", renderer.render, renderer, max_rows, rows,
-                                  "no chat row has an assistant token to score"), pad_id)
+
+def _few_shot_chats(tokenizer, config, shots: list[dict], scored: list[dict], rows: _Rows) -> RenderedRows:
+    """The rows scored without examples, each after the examples' turns (a row kept
+    without them is kept with them: the table's rows are scored on the same rows)."""
+    after_shots = _FewShotChatRenderer(tokenizer, config, shots)
+    rendered = [after_shots.render(row) for row in scored]
+    rows.few_shot_cut = after_shots.examples_cut
+    return RenderedRows(rendered, tokenizer.pad_id)
+
+
+def _turns(example: dict) -> list[dict]:
+    """A chat row's messages; a prompt/completion row's are one user and one assistant turn."""
+    if "messages" in example:
+        return example["messages"]
+    if "prompt" in example:
+        return [{"role": "user", "content": example["prompt"]}, {"role": "assistant", "content": example["completion"]}]
+    raise GraftError(f"{example['source']}: --few-shot: a text row among chat rows has no turns to take as an "
+                     f"example or to put examples before")
+
+
+class _FewShotChatRenderer(Renderer):
+    """Chat rows after example turns: the user and assistant turns of the few-shot rows
+    (their system messages left out) go after the row's own system message, as
+    lm-eval-harness's multi-turn few-shot places them. The examples are context: only the
+    row's own assistant turns are scored, the tokens its zero-shot loss counts. Where they
+    do not all fit the context the first examples are left out (as answers lose theirs),
+    and a row that fits none is rendered without them, cut as SFT cuts it; either way the
+    row counts in `examples_cut`."""
+
+    def __init__(self, tokenizer, config, shots: list[dict]):
+        super().__init__(tokenizer, config)
+        self.shots = [[m for m in _turns(shot) if m["role"] != "system"] for shot in shots]
+        self.examples_cut = 0
+
+    def render(self, example: dict) -> RenderedRow | None:
+        turns = _turns(example)
+        for first in range(len(self.shots)):  # leave out the first examples until the row fits
+            row = self._after_examples(self.shots[first:], turns, example["source"])
+            if len(row.input_ids) <= self.config.max_length:
+                self.examples_cut += first > 0
+                return row
+        self.examples_cut += 1
+        return super().render(example)
+
+    def _after_examples(self, shots: list[list[dict]], turns: list[dict], source: str) -> RenderedRow:
+        system = list(takewhile(lambda m: m["role"] == "system", turns))
+        examples = [m for shot in shots for m in shot]
+        text, spans = self.conversation_text(system + examples + turns[len(system):])
+        replies = sum(m["role"] == "assistant" for m in examples)
+        ids, mask = self._encode_spans(text, spans[replies:])  # the examples' replies are context, not scored
+        return RenderedRow(ids, mask, source)
 
 
 @torch.no_grad()
@@ -477,5 +561,6 @@ def _chat_loss(model, chats, batch_size: int) -> dict:
 def _pairs(data, renderer, max_rows, pad_id, rows: _Rows):
     from graftlm.objectives.dpo import PreferencePairs
 
-    return PreferencePairs(_rendered(data, "dpo", renderer.render_pair, renderer, max_rows, rows,
-                                     "no preference pair to evaluate"), pad_id)
+    _, rendered = _rendered(data, _first(_valid_rows(data, "dpo", rows), max_rows, rows), renderer.render_pair,
+                            renderer, rows, "no preference pair to evaluate")
+    return PreferencePairs(rendered, pad_id)

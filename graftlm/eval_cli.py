@@ -19,7 +19,7 @@ from graftlm.placement import pick_device
 def register(subparsers) -> None:
     from graftlm.eval import KINDS, MAX_BAD_FRACTION
 
-    p = subparsers.add_parser("eval", help="held-out loss / bpb, answers' exact_match, or preference pairs' "
+    p = subparsers.add_parser("eval", help="held-out loss / bpb, answers' exact_match, or pairs' (chosen + rejected) "
                                            "logp_accuracy / reward_accuracy; a model and its adapters side by side")
     p.add_argument("--model", required=True, help="model directory (or a reward model from graft reward)")
     p.add_argument("--adapter", action="append", type=named_adapter, default=[], metavar="[NAME=]DIR",
@@ -33,8 +33,9 @@ def register(subparsers) -> None:
                         "default: the fields decide: chosen + rejected -> pairs; prompt or question with answer or "
                         "completion -> answers (--as chat for their held-out loss); messages -> chat; text -> text")
     p.add_argument("--few-shot", type=int, default=0, metavar="K",
-                   help="answer rows only: also score the model prompted with the first K rows as examples "
-                        "(default 0: none)")
+                   help="answers and chat: also score the model (row NAME+K-shot) with the first K rows as "
+                        "examples, which are not scored: answers: solved examples in each prompt; chat: their user "
+                        "and assistant turns before each conversation, as context (default 0: none)")
     p.add_argument("--reference", metavar="DIR",
                    help="pairs: reference model of a fully fine-tuned --model, for its reward_accuracy "
                         "(implicit DPO reward); default: none, no reward_accuracy for the model's row")
@@ -99,7 +100,7 @@ def _print_progress(variant: str, done: int, total: int) -> None:
 
 def heading(result: dict) -> str:
     """`MODEL on DATA (KIND): N of M rows evaluated; left out: ...`: every row of the data
-    is accounted for."""
+    is accounted for. KIND is named as `--as` takes it (pairs, not preference)."""
     line = (f"{result['model']} on {result['data']} ({result['kind']}): "
             f"{result['rows']:,} of {result.get('rows_in_data', result['rows']):,} rows evaluated")
     context = result.get("context")
