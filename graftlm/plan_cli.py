@@ -49,6 +49,9 @@ def register(subparsers) -> None:
     plan.add_argument("--lora-r", type=int, default=16)
     plan.add_argument("--epochs", type=float, default=1.0)
     plan.add_argument("--sharding", default="fsdp", choices=("fsdp", "ddp"), help="with several devices")
+    plan.add_argument("--grpo-iterations", type=int, default=None,
+                      help="GRPO: optimizer steps trained on each rollout, as --grpo.iterations (default: "
+                           "the trainer's); generation runs once per rollout, training on every pass")
     plan.add_argument("--check", nargs="+", metavar="RUN_DIR", help="prediction vs measurement of finished runs")
     plan.add_argument("--json", action="store_true", help="print JSON instead of tables")
     plan.set_defaults(handler=plan_command)
@@ -111,7 +114,7 @@ def plan_command(args) -> int:
     hardware = resolve_hardware(args.hardware or DEFAULT_HARDWARE, catalogue)
     if not args.model or not args.data:
         raise GraftError("graft plan needs --model and --data (or --check RUN_DIR ...)")
-    for name in ("seq_len", "batch", "lora_r"):
+    for name in ("seq_len", "batch", "lora_r", "grpo_iterations"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise GraftError(f"--{name.replace('_', '-')} must be at least 1")
     # Written to refuse NaN and infinity too (argparse's float takes both): every figure would be one.
@@ -142,7 +145,7 @@ def plan_command(args) -> int:
     options = PlanOptions(seq_len=args.seq_len, batch_size=args.batch, precision=precision,
                           activation_checkpointing=args.activation_checkpointing, lora_r=args.lora_r,
                           epochs=args.epochs, price_per_hour=args.price_per_hour, goal=args.goal,
-                          budget=args.budget, sharding=args.sharding)
+                          budget=args.budget, sharding=args.sharding, grpo_iterations=args.grpo_iterations)
     result = make_plan(cfg, tokens, hardware, options, has_base=has_weights, data_stats=stats,
                        model_source=source, random_init=builds_random_weights(args.model))
     if args.json:
@@ -310,6 +313,9 @@ def check_command(args, catalogue) -> int:
                           "-" if ratio is None else ratio if isinstance(ratio, str) else fmt_ratio(ratio))
         console.print(table)
         console.print(f"  time assumes {escape(result['assumed'])}", highlight=False)
+        if len(result["flops_detail"]) > 1:  # work beside the policy's: in the time, not in the FLOPs row
+            parts = ", ".join(f"{part} {flops:.4g}" for part, flops in result["flops_detail"].items())
+            console.print(f"  time counts the FLOPs of {parts}", highlight=False)
         for note in result["notes"]:
             console.print(f"  note: {escape(note)}", highlight=False)
         if result["memory_measured_as"] == "peak_memory_bytes" and result["device"] == "cpu":

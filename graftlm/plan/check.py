@@ -16,10 +16,16 @@ multi-rank run, or one before the tracked step existed) the process's peak RSS, 
 also holds the interpreter and libraries, so the prediction falls short by a few
 hundred MB.
 
-Predicted time is the FLOPs at a peak and MFU, plus, for QLoRA, the NF4 dequantization
+Predicted time is the FLOPs of all the work the run did (`compute.flops_detail`, as
+`graft plan` counts it: the policy's forward and backward, DPO's and GRPO's reference
+forward, GRPO's generation) at a peak and MFU, plus, for QLoRA, the NF4 dequantization
 of the frozen base (`compute.dequant_seconds`) over the run's micro-batches (steps x
 grad_accum), at the rate the run recorded (summary.json `nf4_dequant`); a run from
 before that key is predicted at this machine's rate, as measured on it (and said so).
+The FLOPs row compares the policy's training FLOPs alone: what the trainer counts.
+A GRPO run's rows are its rollouts, prompt + completion, whatever train.seq_len is: their
+work is predicted at their mean length (tokens / sequences trained), since generation
+costs per rollout.
 """
 
 from __future__ import annotations
@@ -34,11 +40,28 @@ import yaml
 from graftlm.errors import GraftError
 from graftlm.models.config import ModelConfig
 from graftlm.metrics import DequantRate
-from graftlm.plan.compute import DEQUANT, dequant_passes, dequant_seconds, train_flops_per_token
+from graftlm.plan.compute import DEQUANT, dequant_passes, dequant_seconds, flops_detail
 from graftlm.plan.hardware import Device, Hardware, load_catalogue
 from graftlm.plan.memory import RunShape, memory_breakdown
 
 _OBJECTIVES = {"clm": "clm", "sft": "sft", "dpo": "dpo", "grpo": "grpo", "reward": "sft", "ppo": "grpo"}
+
+
+def _uses_reference(config: dict) -> bool:
+    """Whether the run's loss ran a reference forward (objectives/dpo.py, grpo.py, ppo.py),
+    by its config.yaml, where a field it lacks takes the objective's default."""
+    from graftlm.objectives.dpo import REFERENCE_FREE, DPOConfig
+    from graftlm.objectives.grpo import GRPOConfig
+    from graftlm.objectives.ppo import PPOConfig
+    objective = config.get("objective")
+    section = config.get(objective) or {}
+    if objective == "dpo":
+        return section.get("loss", DPOConfig.loss) not in REFERENCE_FREE
+    if objective == "grpo":
+        return float(section.get("beta", GRPOConfig.beta)) > 0
+    if objective == "ppo":
+        return float(section.get("kl_coef", PPOConfig.kl_coef)) > 0
+    return False
 
 
 def _read(path: Path, loader):
@@ -86,7 +109,8 @@ def run_shape(run_dir: Path) -> tuple[RunShape, dict]:
     # the plan's batch counts those sequences.
     sampling = (config.get(config.get("objective", "")) or {}).get("sampling") or {}
     group = int(sampling.get("group_size", 1))
-    rl = {"grpo_group": group, "grpo_completion_len": int(sampling.get("max_new_tokens", 256))} if sampling else {}
+    rl = {"grpo_group": group, "grpo_completion_len": int(sampling.get("max_new_tokens", 256)),
+          "grpo_iterations": int((config.get("grpo") or {}).get("iterations", 1))} if sampling else {}
     from graftlm.adapters.config import base_storage_dtype
     shape = RunShape(
         model=cfg, objective=_OBJECTIVES.get(config.get("objective", "sft"), "sft"),
@@ -99,7 +123,7 @@ def run_shape(run_dir: Path) -> tuple[RunShape, dict]:
         lora_base_dtype=base_storage_dtype(adapter.get("base_dtype", "float32"), precision),
         devices=int(summary.get("world_size", 1)), sharding="fsdp" if parallel.get("mode") == "fsdp" else "ddp",
         device_type=str(summary.get("device") or "cuda").split(":")[0],
-        scalar_head=config.get("objective") == "reward")
+        scalar_head=config.get("objective") == "reward", uses_reference=_uses_reference(config))
     if shape.parameterization == "dora":
         shape = replace(shape, parameterization="lora")
     return shape, summary
@@ -123,6 +147,16 @@ def _dequant_rate(summary: dict, shape: RunShape, hardware: Hardware | None,
     return nf4_dequant_rate(torch.device("cpu"), measure=False), "the run recorded none: this CPU's, as measured on it"
 
 
+def _as_trained(shape: RunShape, summary: dict) -> RunShape:
+    """A GRPO run's shape at its rollouts' mean length: tokens / sequences trained (every
+    micro-batch of every step trains batch_size of them on each device). Other runs, and
+    one that recorded no steps, as they are."""
+    sequences = int(summary.get("steps") or 0) * shape.grad_accum * shape.batch_size * shape.devices
+    if shape.objective != "grpo" or not sequences:
+        return shape
+    return replace(shape, seq_len=max(round(float(summary.get("tokens") or 0) / sequences), 2))
+
+
 def check_run(run_dir: Path, hardware: Hardware | None, catalogue: dict[str, Device] | None = None) -> dict:
     """Predicted and measured figures of one run, with relative errors.
 
@@ -136,7 +170,8 @@ def check_run(run_dir: Path, hardware: Hardware | None, catalogue: dict[str, Dev
     memory_seq_len = summary.get("peak_tensor_seq_len") if summary.get("peak_tensor_bytes") else None
     memory = memory_breakdown(replace(shape, seq_len=memory_seq_len) if memory_seq_len else shape)
     tokens = float(summary.get("tokens", 0))
-    flops = train_flops_per_token(shape) * tokens
+    trained = _as_trained(shape, summary)
+    work = flops_detail(trained, tokens)  # the trainer counted every pass's tokens, as `tokens` here is
     measured_peak = summary.get("peak_tensor_bytes") or summary.get("peak_memory_bytes")
     if hardware is not None:
         rate = hardware.device.peak_flops(shape.precision) * hardware.device.mfu * hardware.count
@@ -150,15 +185,15 @@ def check_run(run_dir: Path, hardware: Hardware | None, catalogue: dict[str, Dev
     if dequant_passes(shape):
         dequant_rate, source = _dequant_rate(summary, shape, hardware, catalogue or load_catalogue())
         micro_batches = int(summary.get("steps", 0)) * shape.grad_accum
-        dequant_s = sum(dequant_seconds(shape, micro_batches, dequant_rate).values())
+        dequant_s = sum(dequant_seconds(trained, micro_batches, dequant_rate).values())
         dequant_assumed = f", plus {DEQUANT} at {dequant_rate.params_per_s:.3g} params/s ({source})"
-    time_s = flops / rate + (dequant_s or 0.0) if rate else None
+    time_s = sum(work.values()) / rate + (dequant_s or 0.0) if rate else None
     # A prediction for another kind of device (an H100's time for a CPU run) is what the run
     # would take there: set beside the measurement, never compared with it.
     time_compared = hardware is None or hardware.device.kind == ("cpu" if shape.device_type == "cpu" else "gpu")
     rows = {
         "peak memory (bytes)": (memory.peak, measured_peak, True),
-        "FLOPs": (flops, summary.get("flops"), True),
+        "FLOPs": (work["train"], summary.get("flops"), True),  # what the trainer counts: the policy's
         "time (s)": (time_s, summary.get("train_time_s") or summary.get("wall_time_s"), time_compared),
         **({"time: NF4 dequantization (s)": (dequant_s, None, time_compared)} if dequant_s is not None else {}),
         "tokens/s": (tokens / time_s if time_s else None, summary.get("tokens_per_s"), time_compared),
@@ -178,7 +213,7 @@ def check_run(run_dir: Path, hardware: Hardware | None, catalogue: dict[str, Dev
         notes += _time_notes(run_dir, shape, summary, time_s)
     return {"run": str(run_dir), "objective": shape.objective, "parameterization": shape.parameterization,
             "device": summary.get("device"), "assumed": assumed + dequant_assumed,
-            "time_compared": time_compared, "notes": notes,
+            "time_compared": time_compared, "notes": notes, "flops_detail": work,
             "memory_measured_as": "peak_tensor_bytes" if summary.get("peak_tensor_bytes") else "peak_memory_bytes",
             "memory_seq_len": memory_seq_len or shape.seq_len, "seq_len": shape.seq_len,
             "figures": figures}

@@ -13,9 +13,13 @@ on top is counted here:
   (the first block's q/k/v inputs, with frozen embeddings and norms) autograd skips the
   input gradient, and so do we.
 - DPO: chosen and rejected both train, and the frozen reference model runs one more
-  forward over both.
+  forward over both (none for SimPO and ORPO). The reference is the base alone: LoRA
+  disables its adapters, full fine-tuning keeps a frozen copy.
 - GRPO: generation (prefill of the prompt, then one token at a time against a KV cache)
-  for G completions per prompt, training on prompt + completion, and a reference forward.
+  for G completions per prompt, training on prompt + completion, and a reference forward
+  (none at beta 0). With `iterations` k each rollout is sampled once and trained on in k
+  passes: every pass runs the policy's forward and backward and the reference forward
+  again; pi_old's log-probs are the first pass's own, detached, so no forward of their own.
 
 Model FLOPs leave out recomputation (the chunked log-probs recompute each chunk's logits
 in backward when the head trains; activation checkpointing recomputes every block): MFU
@@ -29,8 +33,9 @@ linear, adapted or not) on each call. Per micro-batch that is a pass over them i
 training forward, another in backward (all but the first block's q/k/v, whose input
 needs no gradient), one more with activation checkpointing (the recomputed forward),
 one per reference forward (DPO, GRPO), and for GRPO's rollouts one per generated token
-(the prefill makes the first). A pass takes weights x the per-call cost + parameters / the
-device's rate (`metrics.DequantRate`; `Device.dequant_rate`).
+(the prefill makes the first), once for the k micro-batches that train on a rollout. A
+pass takes weights x the per-call cost + parameters / the device's rate
+(`metrics.DequantRate`; `Device.dequant_rate`).
 """
 
 from __future__ import annotations
@@ -87,7 +92,7 @@ def recompute_flops_per_token(shape: RunShape) -> float:
     cfg = _counted_model(shape)
     flops = 0 if shape.adapted or shape.scalar_head else 2 * cfg.vocab_size * cfg.hidden_size
     if shape.activation_checkpointing:
-        flops += inference_flops_per_token(shape) - 2 * cfg.vocab_size * cfg.hidden_size
+        flops += policy_forward_flops_per_token(shape) - 2 * cfg.vocab_size * cfg.hidden_size
     return flops + _cpu_attention_backward_extra(shape)
 
 
@@ -106,18 +111,39 @@ def executed_flops_per_token(shape: RunShape) -> float:
     return train_flops_per_token(shape) + recompute_flops_per_token(shape)
 
 
-def inference_flops_per_token(shape: RunShape) -> float:
-    """A forward pass (e.g. the reference model), per token."""
-    flops = forward_flops_per_token(shape.model, shape.seq_len)
+def policy_forward_flops_per_token(shape: RunShape, seq_len: int | None = None) -> float:
+    """The trained policy's forward (adapters active), per token at context `seq_len`."""
+    flops = forward_flops_per_token(shape.model, shape.seq_len if seq_len is None else seq_len)
     if shape.adapted:
         flops += 2 * adapter_params(shape)
     return flops
 
 
-def generation_flops_per_token(shape: RunShape, context: int) -> float:
-    """One decoded token attending to `context` cached positions."""
+def reference_flops_per_token(shape: RunShape) -> float:
+    """The frozen reference policy's forward, per token: the base model alone (LoRA: the
+    same weights with its adapters disabled, which skip their matmuls; full: a frozen copy)."""
+    return forward_flops_per_token(shape.model, shape.seq_len)
+
+
+def rollout_layout(shape: RunShape) -> tuple[int, int]:
+    """(prompt, completion) tokens of one rollout: seq_len holds both, and the completion
+    runs to grpo_completion_len, the most a run samples."""
+    completion = min(shape.grpo_completion_len, shape.seq_len - 1)
+    return shape.seq_len - completion, completion
+
+
+def rollout_flops(shape: RunShape, prompt: int, completion: int) -> float:
+    """Sampling one completion of `completion` tokens after `prompt` tokens with the engine.
+
+    The policy prefills the prompt, then decodes each generated token but the last against
+    the KV cache: together a causal forward over prompt + completion - 1 tokens, each
+    attending to its prefix, with the LM head on the last prompt position and the decoded
+    ones only (the engine asks for no other logits).
+    """
     cfg = shape.model
-    return 2 * matmul_params(cfg) + 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * context
+    tokens = prompt + completion - 1
+    unasked_logits = (prompt - 1) * 2 * cfg.vocab_size * cfg.hidden_size
+    return tokens * policy_forward_flops_per_token(shape, tokens) - unasked_logits
 
 
 def dequant_passes(shape: RunShape) -> dict[str, tuple[float, float]]:
@@ -132,10 +158,12 @@ def dequant_passes(shape: RunShape) -> dict[str, tuple[float, float]]:
     forwards = 2 if shape.activation_checkpointing else 1
     passes = {"train forward": (forwards * params, forwards * weights),
               "train backward": (params - skipped[0], weights - skipped[1])}
-    if shape.objective in ("dpo", "grpo"):
+    if shape.has_reference_model:
         passes["reference forward"] = (params, weights)
-    if shape.objective == "grpo":  # the prefill makes the first token, a decode step each of the others
-        steps = shape.grpo_completion_len
+    if shape.objective == "grpo":
+        # The prefill makes the first token, a decode step each of the others; a rollout is
+        # sampled once for the grpo_iterations micro-batches that train on it.
+        steps = rollout_layout(shape)[1] / shape.grpo_iterations
         passes["generation"] = (steps * params, steps * weights)
     return passes
 
@@ -146,12 +174,35 @@ def dequant_seconds(shape: RunShape, micro_batches: float, rate: DequantRate) ->
             for part, (params, weights) in dequant_passes(shape).items()}
 
 
+def trained_tokens(shape: RunShape, tokens: float) -> float:
+    """The tokens the trainer counts for `tokens` of data: GRPO trains on each rollout's
+    tokens in grpo_iterations passes, and counts them in each."""
+    return tokens * (shape.grpo_iterations if shape.objective == "grpo" else 1)
+
+
+def flops_detail(shape: RunShape, trained: float) -> dict[str, float]:
+    """Model FLOPs of each part of the work behind `trained` trained tokens (the trainer's
+    count, `trained_tokens`): what `graft plan` predicts and `graft plan --check` times.
+
+    The policy's forward and backward (`train`) and the reference forward run on every
+    pass; a GRPO rollout is generated once, whatever the passes over it.
+    """
+    detail = {"train": train_flops_per_token(shape) * trained}
+    if shape.has_reference_model:
+        detail["reference forward"] = reference_flops_per_token(shape) * trained
+    if shape.objective == "grpo":
+        prompt, completion = rollout_layout(shape)
+        rollouts = trained / (shape.seq_len * shape.grpo_iterations)
+        detail["generation"] = rollouts * rollout_flops(shape, prompt, completion)
+    return detail
+
+
 DEQUANT = "NF4 dequantization"
 
 
 @dataclass
 class Compute:
-    train_tokens: float  # tokens the trained model processes (all epochs)
+    train_tokens: float  # tokens the trained model processes (all epochs; GRPO: all passes)
     flops: float  # model FLOPs: what MFU and the trainer's summary count
     executed_flops: float  # plus recomputation (chunked logits, activation checkpointing)
     flops_per_token: float
@@ -167,31 +218,21 @@ def compute_cost(shape: RunShape, tokens: float, hardware: Hardware, price_per_h
     """FLOPs, time and money to train on `tokens` tokens of data `epochs` times.
 
     For DPO `tokens` counts both the chosen and the rejected sequences; for GRPO it is
-    prompt + completion tokens of every completion.
+    prompt + completion tokens of every completion, each sampled once.
     """
-    seen = tokens * epochs
-    per_token = train_flops_per_token(shape)
-    detail = {"train": per_token * seen}
-    if shape.objective in ("dpo", "grpo"):
-        detail["reference forward"] = inference_flops_per_token(shape) * seen
-    if shape.objective == "grpo":
-        prompt = max(shape.seq_len - shape.grpo_completion_len, 1)
-        completion = shape.grpo_completion_len
-        sequences = seen / shape.seq_len
-        prefill = 2 * matmul_params(shape.model) * prompt  # attention of the prefill is small
-        decode = sum(generation_flops_per_token(shape, prompt + t) for t in (0, completion // 2, completion)) / 3
-        detail["generation"] = sequences * (prefill + decode * completion)
+    trained = trained_tokens(shape, tokens * epochs)
+    detail = flops_detail(shape, trained)
     flops = sum(detail.values())
-    executed = flops + recompute_flops_per_token(shape) * seen
+    executed = flops + recompute_flops_per_token(shape) * trained
     device = hardware.device
     rate = device.peak_flops(shape.precision) * device.mfu * hardware.count
     time_detail = {"matmuls": flops / rate}
     # Each device dequantizes its own copy of the weights for each of its micro-batches.
-    dequant = dequant_seconds(shape, seen / max(shape.tokens * hardware.count, 1), device.dequant_rate())
+    dequant = dequant_seconds(shape, trained / max(shape.tokens * hardware.count, 1), device.dequant_rate())
     if dequant:
         time_detail[DEQUANT] = sum(dequant.values())
     time_s = sum(time_detail.values())
     price = device.usd_per_hour if price_per_hour is None else price_per_hour
-    return Compute(train_tokens=seen, flops=flops, executed_flops=executed, flops_per_token=flops / max(seen, 1), time_s=time_s,
-                   cost_usd=time_s / 3600 * price * hardware.count, detail=detail, time_detail=time_detail,
+    return Compute(train_tokens=trained, flops=flops, executed_flops=executed, flops_per_token=flops / max(trained, 1),
+                   time_s=time_s, cost_usd=time_s / 3600 * price * hardware.count, detail=detail, time_detail=time_detail,
                    dequant_detail=dequant)

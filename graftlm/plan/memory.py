@@ -79,6 +79,8 @@ class RunShape:
     lora_base_dtype: str = "bfloat16"
     grpo_group: int = 8  # completions per prompt
     grpo_completion_len: int = 256  # of seq_len, the generated part
+    grpo_iterations: int = 1  # optimizer steps trained on each rollout (--grpo.iterations)
+    uses_reference: bool = True  # DPO / GRPO: False where the loss needs none (SimPO, ORPO; GRPO at beta 0)
     devices: int = 1
     sharding: str = "fsdp"  # fsdp | ddp (with devices > 1)
     device_type: str = "cuda"  # cuda | cpu: which kernels run (see compute.recompute_flops_per_token)
@@ -92,6 +94,11 @@ class RunShape:
     def computes_bf16(self) -> bool:
         """Whether activations are bf16: bf16 precision, or a bf16-stored adapted base."""
         return self.precision != "fp32" or (self.adapted and self.lora_base_dtype == "bfloat16")
+
+    @property
+    def has_reference_model(self) -> bool:
+        """Whether a frozen reference policy runs a forward over every trained batch."""
+        return self.objective in ("dpo", "grpo") and self.uses_reference
 
     @property
     def sequences(self) -> int:
@@ -216,7 +223,7 @@ def memory_breakdown(shape: RunShape) -> MemoryBreakdown:
         weights = total * master
         grads, optimizer = total * master, total * 2 * master
         copies = 2 * block_linear if shape.precision == "bf16-autocast" else 0
-        reference = total * master if shape.objective in ("dpo", "grpo") else 0
+        reference = total * master if shape.has_reference_model else 0  # a frozen copy, made on first use
 
     weights, grads, optimizer, reference = (x // shard for x in (weights, grads, optimizer, reference))
     if shard > 1:

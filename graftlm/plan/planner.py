@@ -131,33 +131,40 @@ class PlanOptions:
     goal: str | None = None
     budget: float | None = None
     sharding: str = "fsdp"
+    grpo_iterations: int | None = None  # None: the trainer's default (`trainer_defaults`)
 
 
 @lru_cache(maxsize=None)
-def trainer_defaults(objective: str) -> dict:
+def trainer_defaults(objective: str, context: int | None = None) -> dict:
     """What `graft <objective>` trains at when not told otherwise, in the plan's units.
 
     Read from the run's config dataclasses (`runs.run_config_class`: the train section and
     the objective's own, whose max_length, when set, is the row length), so the plan
-    follows the trainer's defaults rather than keeping numbers of its own. An RL batch
-    counts sampled sequences: group_size completions of each of train.batch_size prompts.
+    follows the trainer's defaults rather than keeping numbers of its own; the row length
+    within the model's `context`, as a run picks it (`runs.requested_length`). An RL batch
+    counts sampled sequences: group_size completions of each of train.batch_size prompts,
+    each rollout trained on in `iterations` passes.
     """
     from graftlm.runs import requested_length, run_config_class
     cfg = run_config_class(objective)()
-    defaults = {"batch_size": cfg.train.batch_size, "seq_len": requested_length(cfg)}
-    sampling = getattr(getattr(cfg, objective, None), "sampling", None)
+    defaults = {"batch_size": cfg.train.batch_size, "seq_len": requested_length(cfg, context)}
+    section = getattr(cfg, objective, None)
+    sampling = getattr(section, "sampling", None)
     if sampling is not None:
         defaults.update(batch_size=cfg.train.batch_size * sampling.group_size, grpo_group=sampling.group_size,
-                        grpo_completion_len=sampling.max_new_tokens)
+                        grpo_completion_len=sampling.max_new_tokens,
+                        grpo_iterations=getattr(section, "iterations", 1))
     return defaults
 
 
 def regime_shape(cfg: ModelConfig, regime: str, hardware: Hardware, options: PlanOptions) -> RunShape:
     from graftlm.adapters.config import base_storage_dtype
     _, objective, parameterization = REGIMES[regime]
-    defaults = trainer_defaults(objective)
+    defaults = trainer_defaults(objective, cfg.max_seq_len)
     seq_len = options.seq_len or defaults["seq_len"]
-    rl = {k: defaults[k] for k in ("grpo_group", "grpo_completion_len") if k in defaults}
+    rl = {k: defaults[k] for k in ("grpo_group", "grpo_completion_len", "grpo_iterations") if k in defaults}
+    if options.grpo_iterations and rl:
+        rl["grpo_iterations"] = options.grpo_iterations
     if seq_len > cfg.max_seq_len:  # a new model's context is made to fit its run, as build_model does
         cfg = replace(cfg, max_seq_len=seq_len)
     return RunShape(model=cfg, objective=objective, parameterization=parameterization,

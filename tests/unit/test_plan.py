@@ -251,20 +251,24 @@ def test_time_table_marks_regimes_that_do_not_fit(capsys):
 
 def test_plan_defaults_to_what_each_trainer_trains_at(capsys):
     """Without --batch / --seq-len the plan assumed 8 x 2048 tokens while `graft sft` trains
-    at its config's defaults (256 tokens): 125m full SFT on a CPU read 8.2 GB, not 2.4 GB.
+    at its config's defaults (then 256 tokens): 125m full SFT on a CPU read 8.2 GB, not 2.4 GB.
     Each regime now takes its objective's defaults from the run config dataclasses, and
-    the printed plan says it assumed them."""
+    the printed plan says it assumed them. The default row length depends on the objective
+    and stays within the model's context, as a run picks it."""
     from graftlm.runs import run_config_class
-    assert main(["plan", "--model", "125m", "--data", "1M", "--hardware", "cpu", "--json"]) == 0
-    regimes = json.loads(capsys.readouterr().out)["regimes"]
-    for name, objective in (("pretrain", "clm"), ("sft", "sft"), ("dpo", "dpo"), ("lora", "sft")):
-        train = run_config_class(objective)().train
-        assert (regimes[name]["batch_size"], regimes[name]["seq_len"]) == (train.batch_size, train.seq_len)
+    for model, context in (("125m", 2048), ("small", 512)):
+        assert main(["plan", "--model", model, "--data", "1M", "--hardware", "cpu", "--json"]) == 0
+        regimes = json.loads(capsys.readouterr().out)["regimes"]
+        for name, objective in (("pretrain", "clm"), ("sft", "sft"), ("dpo", "dpo"), ("lora", "sft")):
+            train = run_config_class(objective)().train
+            assert (regimes[name]["batch_size"], regimes[name]["seq_len"]) == \
+                (train.batch_size, train.seq_len_for(objective, context))
     grpo = run_config_class("grpo")()
     assert regimes["grpo"]["batch_size"] == grpo.train.batch_size * grpo.grpo.sampling.group_size
-    assert main(["plan", "--model", "125m", "--data", "1M", "--hardware", "cpu", "--seq-len", "256",
-                 "--batch", "8", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["regimes"]["sft"]["memory"] == regimes["sft"]["memory"]
+    sft = regimes["sft"]
+    assert main(["plan", "--model", "small", "--data", "1M", "--hardware", "cpu", "--seq-len", str(sft["seq_len"]),
+                 "--batch", str(sft["batch_size"]), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["regimes"]["sft"]["memory"] == sft["memory"]
     assert main(["plan", "--model", "125m", "--data", "1M", "--hardware", "cpu"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "--batch and --seq-len not given: what each trainer uses by default" in out
