@@ -17,7 +17,8 @@ share comes out a few ms low),
 and graftlm LoRA, PEFT LoRA and graftlm full fine-tuning compiled (graftlm: each block,
 as `--train.compile true` does, and LoRA again keeping every activation for backward as
 the full step does, `-keep`; PEFT: the whole model with `torch.compile`; the first,
-compiling step is not timed but its memory counts in the peak). Printed: tokens/s, peak
+compiling step is not timed but its memory counts in the peak; after it graftlm's
+sides trim the C heap, as its trainer does: `trainer.release_freed_host_memory`). Printed: tokens/s, peak
 RSS, and the ratios against the goals (graftlm >= 1.5x PEFT tokens/s, <= 0.6x its
 memory; LoRA >= 1.3x faster than full fine-tuning) for eager and compiled graftlm, plus
 QLoRA's frozen base size vs bf16. A ratio is each side's fastest round against the
@@ -169,6 +170,9 @@ def run_side(side: str, steps: int) -> dict:
             optimizer.zero_grad(set_to_none=True)
         if i:
             times.append(time.perf_counter() - start)
+        elif "-compiled" in side and not peft_side:  # as graftlm's trainer does after its compiling step
+            from graftlm.trainer import release_freed_host_memory
+            release_freed_host_memory()
     seconds = sorted(times)[len(times) // 2]
     return dict(side=side, tokens_per_s=BATCH * SEQ / seconds, step_s=seconds, peak_rss_mib=peak_rss_mib(),
                 rss_after_build_mib=rss_built, trainable=sum(p.numel() for p in params), **info)

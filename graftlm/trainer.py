@@ -118,6 +118,23 @@ class TrainConfig:
                 raise ConfigError(f"config field 'train.{name}': must be >= 0, got {getattr(self, name)}")
 
 
+def release_freed_host_memory() -> None:
+    """Hand the memory the C heap holds free back to the system (glibc's malloc_trim).
+
+    Called once after a compiling step: compiling leaves the heap fragmented by many small
+    objects, so that the next steps' activations are laid out anew beside the freed holes
+    instead of in them. On the LoRA benchmark's compiled step (fp32, a cold inductor
+    cache) the peak RSS went from 1524 to 1292 MiB, what a warm cache gives (1307).
+    Elsewhere (macOS, musl) there is no malloc_trim, and nothing to do."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
 def _sum_locally(t: torch.Tensor) -> torch.Tensor:
     return t
 
@@ -470,6 +487,8 @@ class Trainer:
                 self.train_time_s += elapsed
                 if record is None:
                     continue
+                if self.step == first_step and cfg.compile:
+                    release_freed_host_memory()
                 if self.step != first_step and not tracked:
                     self.steady["steps"] += 1
                     self.steady["time_s"] += elapsed
