@@ -13,8 +13,10 @@ engine and scored by a reward (`graftlm.rewards`). Design choices:
   for k optimizer steps. The loader serves each block of `grad_accum` micro-batches k
   times in a row (`data/loader.py`, `reuse`), so no prompt is skipped: pass 0 samples
   and keeps its rollout and log-probs (pi_old, the policy at sampling time, which is
-  the policy of pass 0's step), later passes reuse them. A reused rollout is matched
-  by its slot and sample ids; after a resume mid-block it is sampled anew.
+  the policy of pass 0's step, and the reference's, which never changes), later passes
+  reuse them: as TRL's ref_per_token_logps, the reference runs one forward per rollout,
+  not one per pass. A reused rollout is matched by its slot and sample ids; after a
+  resume mid-block it is sampled anew.
 - A step in which every group's completions got the same reward learns nothing: the
   run logs `frac_reward_zero_std` (the share of such groups, TRL's metric) and warns
   (`rollout.RolloutWarnings`), as it does when completions are cut at `max_new_tokens`.
@@ -106,6 +108,14 @@ def reference_token_logps(model, input_ids: torch.Tensor, targets: torch.Tensor)
         return model_logprobs(ref, input_ids, targets)
 
 
+@dataclass
+class KeptRollout:
+    """A rollout with the log-probs that stay the same on every pass over it."""
+    rollout: Rollout
+    old_logp: torch.Tensor  # pi_old: pass 0's own forward, detached
+    ref_logp: torch.Tensor | None  # the reference's (None at beta 0: no reference)
+
+
 class GRPOObjective:
     name = "grpo"
     val_metric = "reward"
@@ -115,12 +125,12 @@ class GRPOObjective:
         scorer = RewardScorer(reward or build_reward(config.reward, device=device), config.reward_errors)
         self.sampler = RolloutSampler(config.sampling, scorer, tokenizer)
         self.pad_id = tokenizer.pad_id if tokenizer is not None else 0
-        # slot -> (sample ids, rollout, pi_old log-probs) kept for the later passes
-        self._kept: dict[int, tuple[list[int], Rollout, torch.Tensor]] = {}
+        # slot -> (sample ids, rollout with its fixed log-probs) kept for the later passes
+        self._kept: dict[int, tuple[list[int], KeptRollout]] = {}
         self._last_end: float | None = None
         self.step_warnings = RolloutWarnings("grpo", config.sampling, groups=True)
 
-    def _kept_rollout(self, batch: dict) -> tuple[Rollout, torch.Tensor] | None:
+    def _kept_rollout(self, batch: dict) -> KeptRollout | None:
         if batch.get("reuse_pass", 0) == 0:
             return None
         slot = batch["reuse_slot"]
@@ -129,7 +139,18 @@ class GRPOObjective:
         if kept is None or kept[0] != batch["sample_ids"].tolist():
             return None
         # Sampled once: its generation time was reported with its first use.
-        return replace(kept[1], generation_s=0.0, scoring_s=0.0), kept[2]
+        return replace(kept[1], rollout=replace(kept[1].rollout, generation_s=0.0, scoring_s=0.0))
+
+    def _first_pass(self, model, batch: dict, rollout: Rollout, targets: torch.Tensor,
+                    logp: torch.Tensor) -> KeptRollout:
+        """pi_old and the reference's log-probs of a newly sampled rollout, kept if later
+        passes train on it."""
+        cfg = self.config
+        ref_logp = reference_token_logps(model, rollout.input_ids, targets) if cfg.beta > 0 else None
+        fixed = KeptRollout(rollout, logp.detach(), ref_logp)
+        if batch.get("reuse_pass", cfg.iterations - 1) < cfg.iterations - 1:
+            self._kept[batch["reuse_slot"]] = (batch["sample_ids"].tolist(), fixed)
+        return fixed
 
     def evaluate_batch(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
         return held_out_reward(self.sampler, model, batch, self.pad_id)
@@ -140,21 +161,19 @@ class GRPOObjective:
         outside = start - self._last_end if self._last_end is not None else 0.0
         cfg = self.config
         kept = self._kept_rollout(batch)
-        rollout, old_logp = kept if kept is not None else (self.sampler.sample(model, batch, self.pad_id), None)
+        rollout = kept.rollout if kept is not None else self.sampler.sample(model, batch, self.pad_id)
         advantages, valid = group_advantages(rollout.rewards, rollout.group_size, cfg.scale_rewards,
                                              cfg.advantage_eps)
         targets = shift_targets(rollout.input_ids, rollout.loss_mask)
         trained = (targets != IGNORE_INDEX) & valid[:, None]
         logp = model_logprobs(model, rollout.input_ids, targets)
-        if old_logp is None:
-            old_logp = logp.detach()
-            if batch.get("reuse_pass", cfg.iterations - 1) < cfg.iterations - 1:  # to be reused
-                self._kept[batch["reuse_slot"]] = (batch["sample_ids"].tolist(), rollout, old_logp)
-        per_token, clipped = clipped_surrogate(logp, old_logp, advantages[:, None], cfg.epsilon,
+        if kept is None:
+            kept = self._first_pass(model, batch, rollout, targets, logp)
+        per_token, clipped = clipped_surrogate(logp, kept.old_logp, advantages[:, None], cfg.epsilon,
                                                cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon)
         kl = torch.zeros_like(logp)
-        if cfg.beta > 0:
-            kl = k3_kl(logp, reference_token_logps(model, rollout.input_ids, targets))
+        if kept.ref_logp is not None:
+            kl = k3_kl(logp, kept.ref_logp)
             per_token = per_token + cfg.beta * kl
         count = trained.sum()
         denominator = count.clamp_min(1).item()

@@ -18,8 +18,9 @@ on top is counted here:
 - GRPO: generation (prefill of the prompt, then one token at a time against a KV cache)
   for G completions per prompt, training on prompt + completion, and a reference forward
   (none at beta 0). With `iterations` k each rollout is sampled once and trained on in k
-  passes: every pass runs the policy's forward and backward and the reference forward
-  again; pi_old's log-probs are the first pass's own, detached, so no forward of their own.
+  passes: every pass runs the policy's forward and backward; the first pass's reference
+  forward serves all k (the reference never changes), and pi_old's log-probs are the
+  first pass's own, detached, so no forward of their own.
 
 Model FLOPs leave out recomputation (the chunked log-probs recompute each chunk's logits
 in backward when the head trains; activation checkpointing recomputes every block): MFU
@@ -33,9 +34,9 @@ linear, adapted or not) on each call. Per micro-batch that is a pass over them i
 training forward, another in backward (all but the first block's q/k/v, whose input
 needs no gradient), one more with activation checkpointing (the recomputed forward),
 one per reference forward (DPO, GRPO), and for GRPO's rollouts one per generated token
-(the prefill makes the first), once for the k micro-batches that train on a rollout. A
-pass takes weights x the per-call cost + parameters / the device's rate
-(`metrics.DequantRate`; `Device.dequant_rate`).
+(the prefill makes the first); a GRPO rollout's reference forward and generation run
+once for the k micro-batches that train on it. A pass takes weights x the per-call cost
++ parameters / the device's rate (`metrics.DequantRate`; `Device.dequant_rate`).
 """
 
 from __future__ import annotations
@@ -158,12 +159,13 @@ def dequant_passes(shape: RunShape) -> dict[str, tuple[float, float]]:
     forwards = 2 if shape.activation_checkpointing else 1
     passes = {"train forward": (forwards * params, forwards * weights),
               "train backward": (params - skipped[0], weights - skipped[1])}
+    # A GRPO rollout is sampled, and the reference run on it, once for the passes over it.
+    per_pass = 1 / passes_per_sequence(shape)
     if shape.has_reference_model:
-        passes["reference forward"] = (params, weights)
+        passes["reference forward"] = (per_pass * params, per_pass * weights)
     if shape.objective == "grpo":
-        # The prefill makes the first token, a decode step each of the others; a rollout is
-        # sampled once for the grpo_iterations micro-batches that train on it.
-        steps = rollout_layout(shape)[1] / shape.grpo_iterations
+        # The prefill makes the first token, a decode step each of the others.
+        steps = rollout_layout(shape)[1] * per_pass
         passes["generation"] = (steps * params, steps * weights)
     return passes
 
@@ -174,26 +176,31 @@ def dequant_seconds(shape: RunShape, micro_batches: float, rate: DequantRate) ->
             for part, (params, weights) in dequant_passes(shape).items()}
 
 
+def passes_per_sequence(shape: RunShape) -> int:
+    """Passes the trainer makes over each sequence: GRPO's iterations over a rollout, else 1."""
+    return shape.grpo_iterations if shape.objective == "grpo" else 1
+
+
 def trained_tokens(shape: RunShape, tokens: float) -> float:
     """The tokens the trainer counts for `tokens` of data: GRPO trains on each rollout's
     tokens in grpo_iterations passes, and counts them in each."""
-    return tokens * (shape.grpo_iterations if shape.objective == "grpo" else 1)
+    return tokens * passes_per_sequence(shape)
 
 
 def flops_detail(shape: RunShape, trained: float) -> dict[str, float]:
     """Model FLOPs of each part of the work behind `trained` trained tokens (the trainer's
     count, `trained_tokens`): what `graft plan` predicts and `graft plan --check` times.
 
-    The policy's forward and backward (`train`) and the reference forward run on every
-    pass; a GRPO rollout is generated once, whatever the passes over it.
+    The policy's forward and backward (`train`) run on every pass; a GRPO rollout is
+    generated once, and its reference log-probs computed once, whatever the passes over it.
     """
     detail = {"train": train_flops_per_token(shape) * trained}
+    distinct = trained / passes_per_sequence(shape)  # each sequence's tokens once
     if shape.has_reference_model:
-        detail["reference forward"] = reference_flops_per_token(shape) * trained
+        detail["reference forward"] = reference_flops_per_token(shape) * distinct
     if shape.objective == "grpo":
         prompt, completion = rollout_layout(shape)
-        rollouts = trained / (shape.seq_len * shape.grpo_iterations)
-        detail["generation"] = rollouts * rollout_flops(shape, prompt, completion)
+        detail["generation"] = distinct / shape.seq_len * rollout_flops(shape, prompt, completion)
     return detail
 
 

@@ -1,6 +1,7 @@
 """The work a preference or RL step does beside training the policy, as `graft plan` and
 `graft plan --check` count it: DPO's and GRPO's reference forward, GRPO's generation, and
-GRPO's iterations (several passes over one rollout, each rollout generated once).
+GRPO's iterations (several passes over one rollout, each rollout generated, and its
+reference forward run, once).
 
 Expected FLOPs are counted here by hand from the model's shape, token by token, rather
 than through the planner's own helpers."""
@@ -58,9 +59,10 @@ class HandCount:
 
 def test_grpo_iterations_generate_each_rollout_once_and_train_on_it_in_every_pass():
     """100 rollouts of 32 prompt + 16 completion tokens, trained on in 2 passes: 2 x 4800
-    trained tokens of policy forward + backward and of reference forward, generation once.
-    The plan counted the generation per trained sequence (twice at 2 iterations) and
-    approximated it (no prefill attention, decode at three sampled contexts)."""
+    trained tokens of policy forward + backward; generation and the reference forward once
+    per rollout (its reference log-probs are kept for the second pass). The plan counted
+    the generation per trained sequence (twice at 2 iterations) and approximated it (no
+    prefill attention, decode at three sampled contexts), and the reference forward per pass."""
     hand = HandCount(SMALL)
     rollouts, seq_len, completion = 100, 48, 16
     shape = RunShape(SMALL, objective="grpo", precision="fp32", batch_size=8, seq_len=seq_len, grpo_group=4,
@@ -68,7 +70,7 @@ def test_grpo_iterations_generate_each_rollout_once_and_train_on_it_in_every_pas
     hardware = resolve_hardware("A100-80GB", load_catalogue())
     compute = compute_cost(shape, rollouts * seq_len, hardware)
     expected = {"train": 2 * rollouts * hand.train(seq_len),
-                "reference forward": 2 * rollouts * hand.forward(seq_len),
+                "reference forward": rollouts * hand.forward(seq_len),
                 "generation": rollouts * hand.rollout(seq_len - completion, completion)}
     assert compute.detail == pytest.approx(expected, rel=1e-12)
     assert compute.flops == pytest.approx(sum(expected.values()), rel=1e-12)
@@ -77,6 +79,7 @@ def test_grpo_iterations_generate_each_rollout_once_and_train_on_it_in_every_pas
     assert compute.time_s == pytest.approx(compute.flops / rate)
     once = compute_cost(replace(shape, grpo_iterations=1), rollouts * seq_len, hardware).detail
     assert once["generation"] == pytest.approx(compute.detail["generation"])
+    assert once["reference forward"] == pytest.approx(compute.detail["reference forward"])
     assert 2 * once["train"] == pytest.approx(compute.detail["train"])
 
 
@@ -99,12 +102,14 @@ def test_the_reference_forward_is_the_base_alone_and_only_where_the_loss_has_one
 
 
 def test_qlora_dequantizes_a_rollout_once_for_all_its_iterations():
-    """Per micro-batch, on average: one generation for every `iterations` micro-batches; no
-    reference pass where the loss has no reference."""
+    """Per micro-batch, on average: one generation and one reference forward for every
+    `iterations` micro-batches; no reference pass where the loss has no reference."""
     shape = RunShape(SMALL, objective="grpo", parameterization="qlora", seq_len=64, grpo_completion_len=16)
     weights = 7 * SMALL.num_layers
     assert dequant_passes(shape)["generation"][1] == 16 * weights
-    assert dequant_passes(replace(shape, grpo_iterations=4))["generation"][1] == 4 * weights
+    assert dequant_passes(shape)["reference forward"][1] == weights
+    four = dequant_passes(replace(shape, grpo_iterations=4))
+    assert four["generation"][1] == 4 * weights and four["reference forward"][1] == weights / 4
     assert "reference forward" not in dequant_passes(replace(shape, uses_reference=False))
 
 
@@ -168,8 +173,9 @@ def test_check_times_a_lora_dpo_runs_reference_as_the_base_alone(tmp_path):
 
 def test_check_times_a_grpo_run_with_generation_once_per_rollout(tmp_path):
     """10 steps of 2 prompts x 4 completions, trained on in 2 iterations: 80 sequences
-    trained, 40 rollouts generated. The rows are the rollouts, 40 tokens on average (24 of
-    prompt, 16 generated), not train.seq_len's 64: their work is counted at that length."""
+    trained, 40 rollouts generated and run through the reference. The rows are the
+    rollouts, 40 tokens on average (24 of prompt, 16 generated), not train.seq_len's 64:
+    their work is counted at that length."""
     hand = HandCount(SMALL)
     steps, sequences_per_step, row = 10, 8, 40
     tokens = steps * sequences_per_step * row
@@ -179,7 +185,7 @@ def test_check_times_a_grpo_run_with_generation_once_per_rollout(tmp_path):
                {"tokens": tokens, "steps": steps, "flops": 1e10})
     result = check_run(run, None)
     trained_rows = steps * sequences_per_step
-    work = {"train": trained_rows * hand.train(row), "reference forward": trained_rows * hand.forward(row),
+    work = {"train": trained_rows * hand.train(row), "reference forward": trained_rows / 2 * hand.forward(row),
             "generation": trained_rows / 2 * hand.rollout(row - 16, 16)}
     assert result["flops_detail"] == pytest.approx(work, rel=1e-12)
     assert result["figures"]["FLOPs"]["predicted"] == pytest.approx(work["train"], rel=1e-12)

@@ -1,16 +1,20 @@
-"""GRPO `iterations` > 1 reuses rollouts without skipping a prompt; GRPO / PPO validate by
-the greedy held-out reward (`val_reward` in metrics.jsonl and summary.json)."""
+"""GRPO `iterations` > 1 reuses rollouts (and their pi_old and reference log-probs) without
+skipping a prompt; GRPO / PPO validate by the greedy held-out reward (`val_reward` in
+metrics.jsonl and summary.json)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
+import pytest
 import torch
 
 from graftlm.cli import main
 from graftlm.data.loader import ResumableLoader
 from graftlm.models import Decoder, ModelConfig
-from graftlm.objectives.grpo import GRPOConfig, GRPOObjective, clipped_surrogate, group_advantages
+from graftlm.objectives.grpo import (GRPOConfig, GRPOObjective, clipped_surrogate, group_advantages,
+                                     reference_token_logps)
 from graftlm.objectives.logprobs import IGNORE_INDEX, shift_targets
 from graftlm.objectives.ppo import PPOConfig, PPOObjective
 from graftlm.objectives.rollout import SamplingConfig, collate_prompts
@@ -116,7 +120,7 @@ def test_grpo_reused_rollout_keeps_pi_old_from_sampling_time():
     batch["sample_ids"] = torch.tensor([0, 1])
     first, _, _ = objective.loss(model, {**batch, "reuse_pass": 0, "reuse_slot": 0})
     assert first.abs().item() > 0
-    rollout = objective._kept[0][1]
+    rollout = objective._kept[0][1].rollout
     targets = shift_targets(rollout.input_ids, rollout.loss_mask)
     with torch.no_grad():
         old = model_logprobs(model, rollout.input_ids, targets)
@@ -131,6 +135,63 @@ def test_grpo_reused_rollout_keeps_pi_old_from_sampling_time():
     assert torch.allclose(total, (per_token * trained).sum(), atol=1e-5)
     assert metrics["clip_fraction"] > 0  # the ratio to pi_old is not 1
     assert 0 not in objective._kept  # freed after its last pass
+
+
+class RecomputingReference(GRPOObjective):
+    """GRPO as it was: a reused rollout's reference log-probs computed again on each pass."""
+
+    def __init__(self, *args, model, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model = model
+
+    def _kept_rollout(self, batch):
+        kept = super()._kept_rollout(batch)
+        if kept is None:
+            return None
+        rollout = kept.rollout
+        targets = shift_targets(rollout.input_ids, rollout.loss_mask)
+        return replace(kept, ref_logp=reference_token_logps(self.model, rollout.input_ids, targets))
+
+
+def _length_reward(completions, prompts, rows):
+    return [float(len(c)) for c in completions]
+
+
+def _grpo_run_with_kl(run_dir, tokenizer, objective_class) -> list[dict]:
+    """metrics.jsonl of 6 steps of 2 micro-batches at 3 iterations: 4 rollouts, each
+    trained on in 3 passes, with the KL to the reference in the loss."""
+    model = _policy(tokenizer)
+    cfg = GRPOConfig(sampling=SamplingConfig(group_size=2, max_new_tokens=4), beta=0.5, iterations=3)
+    extra = {"model": model} if objective_class is RecomputingReference else {}
+    objective = objective_class(cfg, tokenizer, reward=_length_reward, **extra)
+    loader = ResumableLoader(Prompts(tokenizer, PROMPTS[:4], reuse=(3, 2)), batch_size=1, seed=0)
+    train = TrainConfig(max_steps=6, batch_size=1, grad_accum=2, precision="fp32", eval_every=0, save_every=0)
+    Trainer(model, objective, loader, train, OptimConfig(lr=3e-2, warmup_steps=0), device=torch.device("cpu"),
+            run_dir=run_dir, tensorboard=False).fit()
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_grpo_iterations_run_the_reference_once_per_rollout_with_the_same_losses(tmp_path, monkeypatch):
+    import graftlm.adapters
+
+    forwards = {}
+    real_reference = graftlm.adapters.reference
+
+    def counted_reference(model):
+        forwards[run] = forwards.get(run, 0) + 1
+        return real_reference(model)
+
+    monkeypatch.setattr(graftlm.adapters, "reference", counted_reference)
+    tokenizer = _tokenizer()
+    records = {}
+    for run, objective_class in (("kept", GRPOObjective), ("again", RecomputingReference)):
+        records[run] = _grpo_run_with_kl(tmp_path / run, tokenizer, objective_class)
+    assert forwards == {"kept": 4, "again": 12}  # 4 rollouts: k - 1 = 2 fewer forwards each
+    assert len(records["kept"]) == len(records["again"]) == 6
+    assert max(r["train_kl"] for r in records["kept"]) > 0  # the policy moved away from the reference
+    for kept, again in zip(records["kept"], records["again"]):
+        assert kept["loss"] == pytest.approx(again["loss"], rel=1e-6, abs=1e-9)
+        assert kept["train_kl"] == pytest.approx(again["train_kl"], rel=1e-6, abs=1e-12)
 
 
 def test_held_out_reward_is_the_mean_greedy_reward():
