@@ -75,9 +75,13 @@ def test_ppo_trains_policy_loss_and_steps_its_critic(tokenizer):
     cfg = PPOConfig(reward="unused", sampling=SamplingConfig(group_size=2, max_new_tokens=4))
     objective = PPOObjective(cfg, tokenizer, model, reward=_length_reward)
     before = [p.detach().clone() for p in objective.critic.parameters()]
+    forwards = []
+    objective.critic.register_forward_hook(lambda module, args, out: forwards.append(1))
     total, count, metrics = objective.loss(model, _batch(tokenizer))
     total.backward()
     assert count.item() > 0 and "value_loss" in metrics
+    # One critic forward gives the old values (detached) and the values its step trains.
+    assert forwards == [1]
     assert any(not torch.equal(a, b) for a, b in zip(before, objective.critic.parameters()))
     # The critic is a copy: the policy's weights are not shared with it.
     assert all(p.data_ptr() != q.data_ptr() for p in model.parameters() for q in objective.critic.parameters())
