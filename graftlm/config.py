@@ -229,15 +229,21 @@ def under_given(instance: Any, recorded: dict, given) -> Any:
     recorded: a flattened config of the same class (what a run wrote to config.yaml);
     given: the dotted fields typed on the command line or set in a recipe. A field is
     given when it, a section holding it, or a field inside it was (`--adapter full`
-    gives the whole `adapter` section). Recorded fields this class no longer has are
-    left out."""
+    gives the whole `adapter` section). Recorded fields this class no longer has, or
+    nulls where it no longer takes one, are left out."""
     given = list(given)
-    leaves = [name for name, _, _ in _walk_fields(type(instance))]
+    types = {name: tp for name, tp, _ in _walk_fields(type(instance))}
 
     def touches(key: str, names) -> bool:
         return any(key == n or key.startswith(n + ".") or n.startswith(key + ".") for n in names)
 
-    kept = {k: v for k, v in recorded.items() if touches(k, leaves) and not touches(k, given)}
+    def outdated(key: str, value) -> bool:
+        """A null recorded for a field that no longer takes one: its default has since become
+        concrete (train.compile_activation_budget), and the run takes that."""
+        return value is None and key in types and not _unwrap_optional(types[key])[1]
+
+    kept = {k: v for k, v in recorded.items()
+            if touches(k, types) and not touches(k, given) and not outdated(k, v)}
     data: dict = {}
     for key, value in flatten(to_dict(instance)).items():
         if touches(key, given) or not touches(key, kept):

@@ -136,6 +136,9 @@ def test_a_continued_run_takes_what_the_command_left_out_from_what_it_recorded()
     cfg = continued(["model", "data", "train.max_steps"])
     assert (cfg.adapter.kind, cfg.adapter.r, cfg.train.batch_size, cfg.optim.lr, cfg.train.max_steps) == \
         ("lora", 8, 2, 1e-3, 50)
+    # A null recorded where the field has since taken a concrete default: the default.
+    recorded["train.compile_activation_budget"] = None
+    assert continued(["train.max_steps"]).train.compile_activation_budget == 1.0
     # One adapter field given: the others are still the recorded ones.
     cfg = continued(["adapter.r"], adapter=AdapterConfig(kind="lora", r=4))
     assert (cfg.adapter.r, cfg.adapter.alpha, cfg.train.batch_size) == (4, run.adapter.alpha, 2)
