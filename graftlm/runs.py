@@ -36,9 +36,11 @@ from typing import Callable
 import numpy as np
 import torch
 import yaml
+from torch import nn
 
 from graftlm import checkpoint as ckpt
 from graftlm.adapters.config import AdapterConfig
+from graftlm.adapters.identity import base_identity
 from graftlm.config import flatten, from_dict, to_dict, under_given
 from graftlm.data.loader import ResumableLoader
 from graftlm.errors import ConfigError, GraftError, read_json
@@ -236,11 +238,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _identity(cfg: RunConfig, data_identity: dict, world_size: int, saved: dict | None = None) -> dict:
+def _identity(cfg: RunConfig, data_identity: dict, world_size: int, saved: dict | None = None,
+              model: nn.Module | None = None) -> dict:
     """What a resume must find unchanged. A section (the adapter) is one entry per field,
     so that a refused resume names the field that changed (`adapter.r: 8 -> 4`); a
-    checkpoint that recorded the section whole (`saved`, written before) is compared whole."""
+    checkpoint that recorded the section whole (`saved`, written before) is compared whole.
+    An adapter run also records its frozen base's weights (a digest of the sample its
+    adapter records, `adapters.identity`): a resume reads them from --model again, and
+    other weights there would silently train the rest of the adapter on another base.
+    A checkpoint from before this was recorded is not compared on it."""
     flat = {}
+    if cfg.adapter is not None and model is not None and (not saved or "adapter_base_weights" in saved):
+        sample = base_identity(model)["weights_sample"]
+        flat["adapter_base_weights"] = hashlib.sha256(sample.encode()).hexdigest()[:16]
     for dotted in IDENTITY_FIELDS:
         value = cfg
         for part in dotted.split("."):
@@ -414,6 +424,12 @@ def _run_training(cfg: RunConfig, resume: bool | None, fresh: bool, allow_config
     seed_everything(cfg.seed)
     from graftlm.models.hf import resolve_model_config
     context = resolve_model_config(cfg.model).max_seq_len  # a wrong --model is named before the tokenizer
+    if cfg.adapter is not None and not _from_weights(cfg):
+        # Its random base would be neither trained nor saved: the adapter could never be used.
+        raise ConfigError(f"--adapter {cfg.adapter.kind}: model '{cfg.model}' has no weights (a preset or a "
+                          "config starts from random ones), and adapters train on a pre-trained base that stays "
+                          "frozen: pass a model directory (a run's final/, or a Hugging Face model's), or train "
+                          "in full without --adapter")
     # Concrete before config.yaml, the resume check and the plan read it.
     cfg.train.seq_len = cfg.train.seq_len_for(cfg.objective, context)
     if cfg.objective == "clm" and _from_weights(cfg) and cfg.train.seq_len > context:
@@ -458,7 +474,7 @@ def _run_training(cfg: RunConfig, resume: bool | None, fresh: bool, allow_config
     trainer = Trainer(
         model, objective, loader, cfg.train, cfg.optim, device=d.device, forward_model=wrapped,
         val_dataset=data.val, val_bytes_per_token=data.val_bytes_per_token, run_dir=run_dir,
-        identity=_identity(cfg, data.identity, d.world_size, _saved_identity(resume_from)),
+        identity=_identity(cfg, data.identity, d.world_size, _saved_identity(resume_from), model),
         trainable_only=cfg.adapter is not None,
         flops_per_token=flops_per_token_at(cfg, model.config), peak_flops=peak_flops(d.device, dtype), rank=d.rank,
         world_size=d.world_size, all_reduce=lambda t: parallel.all_reduce_sum(t, d),

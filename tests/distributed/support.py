@@ -22,7 +22,7 @@ COMMON = ["--train.precision", "fp32", "--train.seq-len", "32", "--tensorboard",
 
 
 def build_data(root: Path) -> dict[str, Path]:
-    """Token shards, a ChatML tokenizer, SFT rows and preference pairs."""
+    """Token shards, a ChatML tokenizer, SFT rows, preference pairs and a random tiny base."""
     from graftlm.cli import main
 
     (root / "text.txt").write_text(SHAKESPEARE.read_text()[:30_000])
@@ -39,7 +39,24 @@ def build_data(root: Path) -> dict[str, Path]:
     (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft))
     (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prefs))
     return {"shards": root / "shards", "tok": root / "tok", "sft": root / "sft.jsonl",
-            "pairs": root / "pairs.jsonl"}
+            "pairs": root / "pairs.jsonl", "base": random_base(root / "base", root / "tok")}
+
+
+def random_base(out: Path, tokenizer_dir: Path, preset: str = "tiny") -> Path:
+    """A model directory of `preset` with random weights and the tokenizer's vocabulary:
+    a base for adapters, which refuse a preset's name (its weights would be lost)."""
+    import torch
+
+    from graftlm.models import Decoder
+    from graftlm.models.config import preset as preset_config
+    from graftlm.models.hf import save_model
+    from graftlm.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = Decoder(preset_config(preset, vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
+                                  eos_token_id=tokenizer.eos_id))
+    model.init_weights(torch.Generator().manual_seed(0))
+    return save_model(model, out, tokenizer_dir=tokenizer_dir)
 
 
 def env(**extra: str) -> dict:

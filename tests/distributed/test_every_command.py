@@ -106,7 +106,7 @@ def test_reward_model_matches_one_process_under_ddp_and_fsdp(reward_runs):
 # -- QLoRA ----------------------------------------------------------------------------------------
 
 def test_qlora_matches_one_process_and_fsdp_resumes(data, tmp_path):
-    argv = ["sft", "--model", "tiny", "--tokenizer", data["tok"], "--data", data["sft"],
+    argv = ["sft", "--model", data["base"], "--data", data["sft"],
             "--adapter", "qlora", "--adapter.r", 4, "--sft.val-fraction", 0.1]
     # NF4 layers compute in bf16, whose matmul rounding depends on the batch shape: the
     # reference keeps each rank's micro-batch of one row, in 4 micro-steps (same global batch).
@@ -165,7 +165,8 @@ def rollout_rows(run_dir) -> list[dict]:
 def test_grpo_ranks_train_one_model_under_ddp_and_fsdp(parameterization, data, tmp_path):
     """Full: the reference is a frozen copy (sharded like the policy under FSDP2); QLoRA:
     the reference is the NF4 base with the adapters off, and sampling unshards NF4 blocks."""
-    argv = ["grpo", "--model", "tiny", "--tokenizer", data["tok"], "--data", data["sft"],
+    model = data["base"] if parameterization == "qlora" else "tiny"  # adapters train on saved weights
+    argv = ["grpo", "--model", model, "--tokenizer", data["tok"], "--data", data["sft"],
             "--grpo.reward", "regex:e", "--grpo.sampling.group-size", 4,
             "--grpo.sampling.max-new-tokens", 6, "--grpo.beta", 0.04]
     if parameterization == "qlora":

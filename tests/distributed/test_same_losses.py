@@ -23,7 +23,7 @@ def command(kind: str, data: dict) -> list:
     if kind == "pretrain":
         return ["pretrain", "--model", "tiny", "--data", data["shards"]]
     if kind == "sft-lora":
-        return ["sft", "--model", "tiny", "--tokenizer", data["tok"], "--data", data["sft"],
+        return ["sft", "--model", data["base"], "--data", data["sft"],
                 "--adapter", "lora", "--adapter.r", "4", "--adapter.target-modules", "all-linear",
                 "--sft.val-fraction", "0.1"]
     return ["dpo", "--model", "tiny", "--tokenizer", data["tok"], "--data", data["pairs"],

@@ -277,6 +277,7 @@ def test_a_qlora_runs_check_predicts_its_time_with_the_dequantization_it_recorde
     from graftlm.cli import main
     from graftlm.plan.check import check_run, run_shape
     from graftlm.tokenizer import train_tokenizer
+    from tests.distributed.support import random_base
     warnings.filterwarnings("ignore")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     rng = random.Random(0)
@@ -285,7 +286,8 @@ def test_a_qlora_runs_check_predicts_its_time_with_the_dequantization_it_recorde
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     train_tokenizer(iter(["copy: 0 1 2 3 4 5 6 7 8 9"] * 20), 300).save(tmp_path / "tok")
     steps = 12
-    assert main(["sft", "--model", "small", "--tokenizer", str(tmp_path / "tok"), "--data", str(tmp_path / "sft.jsonl"),
+    base = random_base(tmp_path / "base", tmp_path / "tok", "small")
+    assert main(["sft", "--model", str(base), "--data", str(tmp_path / "sft.jsonl"),
                  "--out", str(tmp_path / "runs"), "--name", "qlora", "--adapter", "qlora", "--adapter.r", "8",
                  "--train.max-steps", str(steps), "--train.batch-size", "32", "--train.seq-len", "32",
                  "--train.precision", "fp32", "--train.eval-every", "0", "--train.save-every", "0",

@@ -46,6 +46,20 @@ def test_serve_refuses_a_bad_adapter_name_in_one_line_naming_the_flag(capsys):
     assert err.count("\n") == 1
 
 
+def test_adapters_on_a_preset_are_refused_before_anything_runs(tmp_path, capsys):
+    """A preset's random base is neither trained nor saved: its adapter could never be used
+    (it recorded its base as 'tiny', which `graft merge` cannot load)."""
+    from graftlm.cli import main
+    from tests.unit.test_sft_packing import _data
+    path, _ = _data(tmp_path, n=8)
+    assert main(["sft", "--model", "tiny", "--tokenizer", str(tmp_path / "tok"), "--data", str(path),
+                 "--out", str(tmp_path / "runs"), "--adapter", "lora"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "--adapter lora: model 'tiny' has no weights" in err and "pass a model directory" in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_an_adapter_directory_given_as_a_model_says_how_to_use_it(tmp_path):
     import json
 
@@ -119,6 +133,32 @@ def test_a_refused_resume_names_only_the_adapter_fields_that_changed():
     ckpt.check_identity(old, _identity(sft_config("--adapter.r", "8"), {"data": "d"}, 1, old), False, Path("s"))
     # A full run's identity is what it always was.
     assert _identity(sft_config(), {}, 1)["adapter"] is None
+
+
+def test_a_resumed_adapter_run_refuses_other_base_weights_at_its_model_path():
+    """A resume reads the frozen base from --model again: other weights there (same
+    shapes) would train the rest of the adapter on another base without a word."""
+    from pathlib import Path
+
+    import torch
+
+    from graftlm import checkpoint as ckpt
+    from graftlm.adapters import AdapterConfig, apply_adapters
+    from graftlm.runs import _identity
+    cfg = sft_config("--adapter.r", "8")
+
+    def adapted(seed: int):
+        model = tiny_model()
+        model.init_weights(torch.Generator().manual_seed(seed))
+        return apply_adapters(model, AdapterConfig(kind="lora", r=8))
+
+    saved = _identity(cfg, {"data": "d"}, 1, None, adapted(0))
+    ckpt.check_identity(saved, _identity(cfg, {"data": "d"}, 1, saved, adapted(0)), False, Path("s"))
+    with pytest.raises(ckpt.CheckpointError, match=r"\(adapter_base_weights: '[0-9a-f]{16}' -> '[0-9a-f]{16}'\)"):
+        ckpt.check_identity(saved, _identity(cfg, {"data": "d"}, 1, saved, adapted(1)), False, Path("s"))
+    # A checkpoint from before the base was recorded resumes as it did.
+    older = {k: v for k, v in saved.items() if k != "adapter_base_weights"}
+    ckpt.check_identity(older, _identity(cfg, {"data": "d"}, 1, older, adapted(1)), False, Path("s"))
 
 
 def test_allow_config_change_help_names_the_adapter():
