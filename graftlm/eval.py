@@ -5,7 +5,10 @@ dict: `{"kind", "rows", "rows_in_data", "rows_left_out", "metrics": {row: {metri
 value}}, "definitions": {metric: meaning}}`. The rows of "metrics" are the model itself,
 labelled `name` (`graft eval`: its run's or directory's name, `runs/sft/final` -> `sft`;
 the default "base", or "reward model" for one), each adapter's name, and
-`{name}+{K}-shot`. Every row of the table is scored on the same rows of the data.
+`{name}+{K}-shot`. Every row of the table is scored on the same rows of the data. The
+model's row and its LoRA / DoRA adapters' are scored on the model as loaded; QLoRA
+adapters on a second instance of it, quantized to NF4 as they were trained (loading one
+quantizes its base in place), so a QLoRA adapter beside the others changes no other row.
 
 What is measured, the kind (`result["kind"]`, named as `graft eval --as` takes it),
 follows the first valid row's fields; `kind=` (`graft eval --as`) picks another where the
@@ -28,9 +31,10 @@ completions rather than greedy answers), else it is an error:
   shorter completion). `avg_logp_accuracy`: the higher mean log-probability per token,
   the length-normalised score SimPO trains (every policy row). `reward_accuracy`: the
   chosen completion has the higher implicit DPO reward, log pi(y) - log pi_ref(y) (TRL's
-  `rewards/accuracies`), where a reference exists: an adapter's is the model without
-  adapters, the model's own is `reference=DIR` (a fully fine-tuned policy); without one
-  the model's row has no reward_accuracy. A reward model directory (`graft reward`) gets
+  `rewards/accuracies`), where a reference exists: an adapter's is its base without
+  adapters (for a QLoRA adapter the 4-bit base, QLoRA-DPO's reference), the model's own
+  is `reference=DIR` (a fully fine-tuned policy); without one the model's row has no
+  reward_accuracy. A reward model directory (`graft reward`) gets
   `pairwise_accuracy`: its score of the chosen completion beats the rejected one's.
 The few-shot baseline ("prompting alone", the row `{name}+{K}-shot`) takes the first K
 rows as examples, and those rows are not scored. Answers: each prompt is prefixed with them
@@ -308,7 +312,7 @@ def _context_length(model_dir: Path) -> int:
 
 
 def _definitions(kind: str, model: str, adapters, reference, numeric: bool = False, reward=None,
-                 few_shot: int = 0) -> dict:
+                 few_shot: int = 0, quantized: tuple = ()) -> dict:
     """What each metric column means, for this evaluation: printed under the table."""
     if kind == "text":
         return {"loss": "mean negative log-likelihood per predicted token (nats)",
@@ -326,7 +330,10 @@ def _definitions(kind: str, model: str, adapters, reference, numeric: bool = Fal
         if reward:
             out["reward"] = f"mean reward ({reward}) of the greedy answers"
         return out
-    refs = [f"{model} without adapters for {', '.join(adapters)}"] if adapters else []
+    full = [a for a in adapters if a not in quantized]
+    refs = [f"{model} without adapters for {', '.join(full)}"] if full else []
+    if quantized:
+        refs.append(f"{model} quantized to 4 bits (NF4), without adapters, for {', '.join(quantized)}")
     if reference is not None:
         refs.insert(0, f"{reference} for {model}")
     out = {"logp_accuracy": "share of pairs whose chosen completion has the higher summed log-probability "
@@ -337,6 +344,42 @@ def _definitions(kind: str, model: str, adapters, reference, numeric: bool = Fal
         out["reward_accuracy"] = ("share of pairs whose chosen completion has the higher implicit DPO reward, "
                                   "log p(y) - log p_ref(y); reference: " + "; ".join(refs))
     return out
+
+
+class _Variants:
+    """The model each row of the table is scored on. The model's own row and its LoRA and
+    DoRA adapters share the model as loaded. Loading a QLoRA adapter quantizes its base to
+    NF4, so QLoRA adapters go onto a second instance of the base, loaded only for them:
+    every other row stays on the full-precision weights, and each QLoRA row is scored on
+    the 4-bit base it was trained on."""
+
+    def __init__(self, model_dir, name: str, adapters: dict[str, str], device: str, allow_other_base: bool):
+        from graftlm.adapters import load_adapter
+        from graftlm.models.hf import load_model
+
+        self.name = name
+        self.model = load_model(model_dir, device=device)
+        self.quantized_adapters = tuple(a for a, path in adapters.items() if _is_qlora(path))
+        quantized = load_model(model_dir, device=device) if self.quantized_adapters else None
+        self._model_of = {name: self.model}
+        for adapter, path in adapters.items():
+            self._model_of[adapter] = quantized if adapter in self.quantized_adapters else self.model
+            load_adapter(self._model_of[adapter], path, adapter, allow_other_base=allow_other_base)
+
+    def use(self, variant: str):
+        """The model of `variant`'s row, computing with its adapter (the model's own row: none)."""
+        from graftlm.adapters import has_adapters, set_active_adapter
+
+        model = self._model_of[variant]
+        if has_adapters(model):
+            set_active_adapter(model, None if variant == self.name else variant)
+        return model
+
+
+def _is_qlora(adapter_dir) -> bool:
+    from graftlm.adapters.peft_format import read_adapter_config
+
+    return read_adapter_config(adapter_dir).get("graftlm_kind") == "qlora"
 
 
 def evaluate(model_dir: str | Path, data: str | Path, adapters: dict[str, str] | None = None,
@@ -396,24 +439,15 @@ def evaluate(model_dir: str | Path, data: str | Path, adapters: dict[str, str] |
     name = name or "base"
     if name in adapters:
         raise GraftError(f"adapter name {name!r} is also the model's: name the adapter (--adapter NAME=DIR)")
-    model = load_model(model_dir, device=device)
-    if adapters:
-        from graftlm.adapters import load_adapter
-        for adapter, path in adapters.items():
-            load_adapter(model, path, adapter, allow_other_base=allow_other_base)
-    variants = [name, *adapters]
-
-    def use(variant):
-        if adapters:
-            from graftlm.adapters import set_active_adapter
-            set_active_adapter(model, None if variant == name else variant)
+    instances = _Variants(model_dir, name, adapters, device, allow_other_base)
+    model, use, variants = instances.model, instances.use, [name, *adapters]
 
     if kind == "text":
         texts = _first([r["text"] for r in _valid_rows(data, "text", rows)], max_rows, rows)
         windows, n_bytes, scored = _text_windows(tokenizer, texts, model.config.max_seq_len, rows)
         for variant in variants:
-            use(variant)
-            result["metrics"][variant] = _text_metrics(model, windows, n_bytes, tokenizer.pad_id or 0, batch_size)
+            result["metrics"][variant] = _text_metrics(use(variant), windows, n_bytes, tokenizer.pad_id or 0,
+                                                       batch_size)
         result["definitions"] = _definitions(kind, name, adapters, reference)
         return {**result, **rows.report(scored, context)}
     if kind == "chat":
@@ -422,11 +456,9 @@ def evaluate(model_dir: str | Path, data: str | Path, adapters: dict[str, str] |
         # Rendered before any scoring: a row that cannot take examples stops it at once.
         with_shots = _few_shot_chats(tokenizer, renderer.config, shots, scored, rows) if few_shot else None
         for variant in variants:
-            use(variant)
-            result["metrics"][variant] = _chat_loss(model, chats, batch_size)
+            result["metrics"][variant] = _chat_loss(use(variant), chats, batch_size)
         if few_shot:
-            use(name)
-            result["metrics"][f"{name}+{few_shot}-shot"] = _chat_loss(model, with_shots, batch_size)
+            result["metrics"][f"{name}+{few_shot}-shot"] = _chat_loss(use(name), with_shots, batch_size)
         result["definitions"] = _definitions(kind, name, adapters, reference, few_shot=few_shot)
         return {**result, **rows.report(len(chats), context)}
     if kind == "answers":
@@ -439,15 +471,13 @@ def evaluate(model_dir: str | Path, data: str | Path, adapters: dict[str, str] |
         prompts = [r["prompt"] for r in answers]
         ids, rows.cut = _prompt_ids(renderer, prompts, room)
         for variant in variants:
-            use(variant)
-            result["metrics"][variant] = _answers(model, tokenizer, answers, ids, max_new_tokens, reward_fn,
-                                                  batch_size, _progress_of(progress, variant))
+            result["metrics"][variant] = _answers(use(variant), tokenizer, answers, ids, max_new_tokens,
+                                                  reward_fn, batch_size, _progress_of(progress, variant))
         if few_shot:
-            use(name)
             shot_ids, rows.few_shot_cut = _prompt_ids(renderer, [_few_shot_prompt(shots, p) for p in prompts], room)
             variant = f"{name}+{few_shot}-shot"
-            result["metrics"][variant] = _answers(model, tokenizer, answers, shot_ids, max_new_tokens, reward_fn,
-                                                  batch_size, _progress_of(progress, variant))
+            result["metrics"][variant] = _answers(use(name), tokenizer, answers, shot_ids, max_new_tokens,
+                                                  reward_fn, batch_size, _progress_of(progress, variant))
         result["definitions"] = _definitions(kind, name, adapters, reference, _is_numeric(answers), reward)
         return {**result, **rows.report(len(answers), context)}
 
@@ -455,19 +485,26 @@ def evaluate(model_dir: str | Path, data: str | Path, adapters: dict[str, str] |
     # reference, its implicit DPO reward's, under their own names (one name for both
     # hid that the model's row and the adapters' measured different things).
     pairs = _pairs(data, renderer, max_rows, tokenizer.pad_id, rows)
-    use(name)
-    own, own_mean = _pair_margins(model, pairs, tokenizer.pad_id, batch_size)
+    own, own_mean = _pair_margins(use(name), pairs, tokenizer.pad_id, batch_size)
     result["metrics"][name] = {"logp_accuracy": _share(own > 0), "avg_logp_accuracy": _share(own_mean > 0)}
     if reference is not None:  # a fully fine-tuned policy: implicit reward against its reference
         ref, _ = _pair_margins(load_model(reference, device=device), pairs, tokenizer.pad_id, batch_size)
         result["metrics"][name]["reward_accuracy"] = _share(own - ref > 0)
+    from graftlm.adapters import disable_adapters
+
+    # Each adapter's reference is its own base without adapters: the model for LoRA and
+    # DoRA, the 4-bit copy for QLoRA (what QLoRA-DPO trained against).
+    base_margins = {id(model): own}
     for variant in adapters:
-        use(variant)
-        margin, mean = _pair_margins(model, pairs, tokenizer.pad_id, batch_size)
-        # implicit DPO reward margin: the adapter's log-ratio gain over the model without it
+        adapted = use(variant)
+        margin, mean = _pair_margins(adapted, pairs, tokenizer.pad_id, batch_size)
+        if id(adapted) not in base_margins:
+            with disable_adapters(adapted):
+                base_margins[id(adapted)], _ = _pair_margins(adapted, pairs, tokenizer.pad_id, batch_size)
+        # implicit DPO reward margin: the adapter's log-ratio gain over its base without it
         result["metrics"][variant] = {"logp_accuracy": _share(margin > 0), "avg_logp_accuracy": _share(mean > 0),
-                                      "reward_accuracy": _share(margin - own > 0)}
-    result["definitions"] = _definitions(kind, name, adapters, reference)
+                                      "reward_accuracy": _share(margin - base_margins[id(adapted)] > 0)}
+    result["definitions"] = _definitions(kind, name, adapters, reference, quantized=instances.quantized_adapters)
     return {**result, **rows.report(len(pairs), context)}
 
 

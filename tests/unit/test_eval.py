@@ -260,6 +260,58 @@ def test_pairs_report_log_prob_and_implicit_reward_accuracy_under_their_own_name
         assert f"\n{name}: " in out  # each column says what it measures
 
 
+def _qlora_adapter(model_dir, out):
+    from graftlm.adapters import AdapterConfig, apply_adapters, save_adapter
+    from graftlm.models.hf import load_model
+    model = load_model(model_dir / "model")
+    apply_adapters(model, AdapterConfig(kind="qlora", r=2))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.001, generator=torch.Generator().manual_seed(2))
+    save_adapter(model, out)
+    return model
+
+
+def test_a_qlora_adapter_beside_others_changes_no_other_row(model_dir, tmp_path):
+    """Loading a QLoRA adapter quantizes its base to NF4 in place: loaded beside a LoRA
+    adapter onto one model, it moved the LoRA row and the model's own row onto the 4-bit
+    weights. Every row now scores as it does alone, and the QLoRA adapter's implicit
+    reward is measured against its own 4-bit base without adapters (QLoRA-DPO's
+    reference), by hand."""
+    from graftlm.adapters import disable_adapters
+    from graftlm.data.render import RenderConfig, Renderer
+    from graftlm.models.hf import load_model
+    from graftlm.tokenizer import load_tokenizer
+    _tuned_adapter(model_dir, tmp_path / "lora")
+    quantized = _qlora_adapter(model_dir, tmp_path / "qlora")
+    lora, qlora = str(tmp_path / "lora"), str(tmp_path / "qlora")
+    text = _write(tmp_path / "text.jsonl", [{"text": "hello world 12"}, {"text": "copy: 3 4 5 6"}])
+    pairs = _write(tmp_path / "pairs.jsonl", PAIRS)
+    for data in (text, pairs):
+        alone = {**evaluate(model_dir / "model", data, adapters={"lora": lora})["metrics"],
+                 **evaluate(model_dir / "model", data, adapters={"qlora": qlora})["metrics"]}
+        for adapters in ({"qlora": qlora, "lora": lora}, {"lora": lora, "qlora": qlora}):
+            assert evaluate(model_dir / "model", data, adapters=adapters)["metrics"] == alone
+
+    renderer = Renderer(load_tokenizer(model_dir / "model"), RenderConfig(max_length=128))
+    with torch.no_grad():
+        adapted = _completion_logps(quantized, renderer, PAIRS)
+        full_base = _completion_logps(load_model(model_dir / "model"), renderer, PAIRS)
+        with disable_adapters(quantized):
+            quantized_base = _completion_logps(quantized, renderer, PAIRS)
+
+    def reward_accuracy(reference):
+        return ((adapted[:, 0] - adapted[:, 1]) - (reference[:, 0] - reference[:, 1]) > 0).float().mean().item()
+
+    # The adapter is small beside NF4's rounding of the base: against the full-precision
+    # base its implicit reward would measure the rounding.
+    assert reward_accuracy(quantized_base) != reward_accuracy(full_base)
+    result = evaluate(model_dir / "model", pairs, adapters={"lora": lora, "qlora": qlora})
+    assert result["metrics"]["qlora"]["reward_accuracy"] == pytest.approx(reward_accuracy(quantized_base))
+    assert "quantized to 4 bits (NF4), without adapters, for qlora" in result["definitions"]["reward_accuracy"]
+
+
 def test_a_full_fine_tune_is_named_by_its_run_not_base(model_dir, tmp_path, capsys):
     run = tmp_path / "runs" / "sft"
     run.mkdir(parents=True)
