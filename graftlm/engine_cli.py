@@ -35,8 +35,9 @@ def register(subparsers) -> None:
     _add_sampling_arguments(chat, max_new_tokens=512, temperature=0.7)
     chat.set_defaults(handler=chat_command)
     for parser in (gen, chat):
-        parser.add_argument("--adapter", metavar="DIR",
-                            help="a LoRA / QLoRA / DoRA adapter (PEFT layout) on --model, its base")
+        parser.add_argument("--adapter", metavar="DIR", action="append",
+                            help="a LoRA / QLoRA / DoRA adapter (PEFT layout) on --model, its base (one; "
+                                 "several on one base: graft serve)")
         add_allow_other_base(parser)
         parser.add_argument("--compile", action="store_true",
                             help="compile the decode step (torch.compile, once at the first "
@@ -58,13 +59,22 @@ def _sampling_params(args):
                           top_k=args.top_k, top_p=args.top_p, stop=tuple(args.stop), seed=args.seed)
 
 
+def _one_adapter(given: list[str] | None) -> str | None:
+    """The one --adapter (a second used to replace the first without a word)."""
+    if given and len(given) > 1:
+        raise GraftError(f"--adapter given {len(given)} times ({', '.join(given)}): this command runs one adapter; "
+                         "several on one base, chosen per request, are `graft serve --adapter NAME=DIR ...`")
+    return given[0] if given else None
+
+
 def _load_engine(args):
     from graftlm.engine import Engine, check_generative
     from graftlm.models.hf import load_model
     from graftlm.tokenizer import load_tokenizer
 
     model_dir = args.model
-    if args.adapter and args.compile:
+    adapter = _one_adapter(args.adapter)
+    if adapter and args.compile:
         # The compiled step computes the base alone: every step would run eagerly after a
         # compile of tens of seconds.
         raise GraftError("--compile decodes the base model only, not an adapter: merge the adapter into its "
@@ -72,9 +82,9 @@ def _load_engine(args):
     device, dtype = placement(args)
     check_generative(model_dir)
     model = load_model(model_dir, dtype=dtype, device=device)  # checks the directory, one-line errors
-    if args.adapter:
+    if adapter:
         from graftlm.adapters import load_adapter
-        load_adapter(model, args.adapter, allow_other_base=args.allow_other_base)
+        load_adapter(model, adapter, allow_other_base=args.allow_other_base)
     if not (Path(model_dir) / "tokenizer.json").exists():
         raise GraftError(f"{model_dir}: no tokenizer.json, so text prompts cannot be encoded")
     if args.compile:

@@ -228,6 +228,11 @@ def test_graft_generate_and_chat_with_an_adapter_on_the_base(model_dir, tmp_path
     assert main(["generate", "--model", str(model_dir), "--adapter", str(tmp_path / "ad"), "--compile",
                  "--prompt", "hi"]) == 2
     assert "graft merge" in capsys.readouterr().err
+    # A second --adapter is refused, where it used to replace the first without a word.
+    assert main(["generate", "--model", str(model_dir), "--adapter", str(tmp_path / "ad"), "--adapter",
+                 str(tmp_path / "other"), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--adapter given 2 times" in err and "graft serve" in err
 
 
 def test_missing_model_dir_exits_2_with_one_line(tmp_path, capsys):
