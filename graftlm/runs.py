@@ -334,6 +334,25 @@ def name_of_model_dir(directory: str | Path) -> str:
     return real.name
 
 
+def _trained_parameters(model: nn.Module, adapter: AdapterConfig | None, total: int, trainable: int) -> str:
+    """What the run trains, in one line: with adapters, which layers they are on, so that
+    a target list that matched fewer layers than meant is seen before the run, not after."""
+    line = f"parameters: {total / 1e6:,.2f}M, "
+    if adapter is None:
+        return line + "all trained"
+    from graftlm.adapters.lora import LoraLinear, ModulesToSave
+
+    def short_names(kind) -> tuple[list[str], list[str]]:
+        names = [name for name, module in model.named_modules() if isinstance(module, kind)]
+        return names, list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in names))
+
+    layers, kinds = short_names(LoraLinear)
+    line += (f"{trainable / 1e6:,.3f}M trained ({trainable / total:.2%}): {adapter.kind} r={adapter.r} on "
+             f"{len(layers)} layers ({', '.join(kinds)})")
+    _, in_full = short_names(ModulesToSave)
+    return line + (f", {', '.join(in_full)} trained in full" if in_full else "")
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -465,6 +484,8 @@ def _run_training(cfg: RunConfig, resume: bool | None, fresh: bool, allow_config
 
     params_total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     params_trainable = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
+    if d.is_main:
+        print(_trained_parameters(model, cfg.adapter, params_total, params_trainable), flush=True)
     dtype = torch.float32 if cfg.train.precision == "fp32" else torch.bfloat16
     loader = ResumableLoader(data.train, cfg.train.batch_size, seed=cfg.seed, rank=d.rank,
                              world_size=d.world_size)
@@ -528,6 +549,8 @@ def _run_training(cfg: RunConfig, resume: bool | None, fresh: bool, allow_config
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         _write_report(run_dir)
+        print(f"saved: {final} ({'adapter' if cfg.adapter is not None else 'model'}, "
+              f"{summary['artifact_bytes'] / 2**20:,.1f} MiB)", flush=True)
     parallel.barrier(d)
     # Let go of what holds the process group's pending work (FSDP's modules and their
     # last collectives' buffers, the sharded optimizer state) while the interpreter is
