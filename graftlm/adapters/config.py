@@ -4,7 +4,9 @@ Targets are chosen exactly as PEFT chooses them, so that one `target_modules` va
 means the same thing in graftlm and in PEFT, and a PEFT `adapter_config.json` selects the
 same layers here:
 - a list of names: a module matches when its full name equals an entry or ends with
-  "." + entry (`["q_proj", "v_proj"]`, or `["layers.0.mlp.up_proj"]`);
+  "." + entry (`["q_proj", "v_proj"]`, or `["layers.0.mlp.up_proj"]`); each entry must
+  match some linear layer (PEFT asks that one does, so a typo beside good names goes
+  unnoticed there);
 - a regular expression (any other string): `re.fullmatch` against the module's full
   name *as Hugging Face spells it* (`model.layers.0.self_attn.q_proj`, `lm_head`), which
   is the name PEFT matches against;
@@ -67,7 +69,9 @@ class AdapterConfig:
 
     def validate(self) -> None:
         if self.kind not in KINDS:
-            raise ConfigError(f"config field 'adapter.kind': expected one of {', '.join(KINDS)}, got {self.kind!r}")
+            # The run config's field also takes `full`, which leaves the adapter section out.
+            raise ConfigError(f"config field 'adapter.kind': expected one of {', '.join(KINDS)}, or full (no "
+                              f"adapter: every weight trains), got {self.kind!r}")
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ConfigError(f"config field 'adapter.r': expected a positive integer, got {self.r!r}")
         if not self.alpha > 0:
@@ -128,23 +132,39 @@ def name_matches(name: str, names: list[str]) -> bool:
 def select_targets(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     """Names of the `nn.Linear` modules of `model` that get LoRA under `cfg`."""
     targets = cfg.targets
-    chosen = []
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, _lora_linear())) or "base_layer" in name.split("."):
-            continue
-        if "modules_to_save" in name.split(".") or "original_module" in name.split("."):
-            continue
-        if cfg.modules_to_save and name_matches(name, cfg.modules_to_save):
-            continue
-        if targets == ALL_LINEAR:
-            hit = name != OUTPUT_LAYER
-        elif isinstance(targets, str):
-            hit = re.fullmatch(targets, hf_module_name(name)) is not None
-        else:
-            hit = name_matches(name, targets)
-        if hit:
-            chosen.append(name)
+    linear = _linear_layers(model)
+    if isinstance(targets, list):
+        _refuse_unmatched_names(targets, linear)
+    chosen = [name for name in linear
+              if not (cfg.modules_to_save and name_matches(name, cfg.modules_to_save))
+              and _is_target(name, targets)]
     if not chosen:
         raise ConfigError(f"config field 'adapter.target_modules': {cfg.target_modules!r} matches no linear layer "
                           "(names look like 'q_proj' or 'layers.0.mlp.up_proj')")
     return chosen
+
+
+def _linear_layers(model: nn.Module) -> list[str]:
+    """The model's own linear layers by name (an adapter wrapper counts as its layer;
+    the copies inside wrappers do not)."""
+    inner = ("base_layer", "modules_to_save", "original_module")
+    return [name for name, module in model.named_modules()
+            if isinstance(module, (nn.Linear, _lora_linear())) and not set(name.split(".")) & set(inner)]
+
+
+def _is_target(name: str, targets: list[str] | str) -> bool:
+    if targets == ALL_LINEAR:
+        return name != OUTPUT_LAYER
+    if isinstance(targets, str):
+        return re.fullmatch(targets, hf_module_name(name)) is not None
+    return name_matches(name, targets)
+
+
+def _refuse_unmatched_names(names: list[str], linear: list[str]) -> None:
+    """Each name of a list must match some layer: a typo beside good names would
+    otherwise leave its layers without an adapter, silently."""
+    for key in names:
+        if not any(name_matches(layer, [key]) for layer in linear):
+            short = ", ".join(dict.fromkeys(layer.rsplit(".", 1)[-1] for layer in linear))
+            raise ConfigError(f"config field 'adapter.target_modules': '{key}' matches no linear layer of the "
+                              f"model (its linear layers: {short})")

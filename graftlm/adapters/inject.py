@@ -7,6 +7,9 @@ Design choices:
 - The model remembers its adapters' configs (`model.adapter_configs`) and the identity
   of its base taken before any quantization or cast (`model.adapter_base_identity`), so
   saving an adapter records the base it was trained on.
+- QLoRA quantizes the model's one base in place, for good, so a QLoRA adapter never
+  shares a base with adapters of the other kinds, which were trained on full-precision
+  weights (`check_shared_base`); several QLoRA adapters do share one quantized base.
 - The reference model of DPO / GRPO / PPO comes from here: with adapters it is the same
   model with adapters disabled (no second copy of the base); without, a frozen copy
   made once and kept beside the model (not as a submodule, so it never shows up in
@@ -60,6 +63,7 @@ def apply_adapters(model: nn.Module, cfg: AdapterConfig, name: str = "default",
     cfg.validate()
     if name in loaded_adapters(model):
         raise GraftError(f"adapters: the model already has an adapter named '{name}'")
+    check_shared_base(model, cfg.kind, name, where="adapters")
     if not hasattr(model, "adapter_configs"):
         # Kept if already set: a reward model's is that of the language model it was made from.
         model.adapter_base_identity = base_identity(model)
@@ -91,6 +95,45 @@ def apply_adapters(model: nn.Module, cfg: AdapterConfig, name: str = "default",
     # inference must not keep its dropout on).
     model.train(model.training)
     return model
+
+
+_KIND_NAMES = {"lora": "LoRA", "qlora": "QLoRA", "dora": "DoRA"}
+_OWN_BASE = ("load QLoRA adapters on a base of their own (a separate `graft serve`, or another model "
+             "instance), or serve a merged model (`graft merge`) instead")
+
+
+def check_shared_base(model: nn.Module, kind: str, name: str, where: str) -> None:
+    """Refuse adapter `name` of `kind` where QLoRA and other adapters would share one base.
+
+    QLoRA quantizes the model's one base to NF4 in place, for good (unloading its
+    adapter does not undo it): every other adapter, and the base itself, would then
+    compute on 4-bit weights. `where` starts the message (the adapter's directory)."""
+    kinds = {other: cfg.kind for other, cfg in getattr(model, "adapter_configs", {}).items()}
+    if kind == "qlora":
+        others = [other for other, other_kind in kinds.items() if other_kind != "qlora"]
+        if others:
+            one = len(others) == 1
+            raise GraftError(f"{where}: adapter '{name}' is a QLoRA adapter, which quantizes the model's base to "
+                             f"4-bit NF4 in place, but {_described(others, kinds)} {'is' if one else 'are'} on "
+                             f"that base: the 4-bit base would change {'its' if one else 'their'} outputs and the "
+                             "base's own; " + _OWN_BASE)
+    elif _base_is_nf4(model):
+        quantizers = [other for other, other_kind in kinds.items() if other_kind == "qlora"]
+        why = f"for {_described(quantizers, kinds)}" if quantizers else "by a QLoRA adapter loaded before"
+        raise GraftError(f"{where}: adapter '{name}' is a {_KIND_NAMES[kind]} adapter, but this model's base is "
+                         f"quantized to 4-bit NF4 {why}: an adapter trained on the full-precision base would run "
+                         "on 4-bit weights; " + _OWN_BASE)
+
+
+def _described(names: list[str], kinds: dict[str, str]) -> str:
+    """"LoRA adapter 'a'", or "adapters 'a' (LoRA), 'b' (DoRA)"."""
+    if len(names) == 1:
+        return f"{_KIND_NAMES[kinds[names[0]]]} adapter '{names[0]}'"
+    return "adapters " + ", ".join(f"'{n}' ({_KIND_NAMES[kinds[n]]})" for n in names)
+
+
+def _base_is_nf4(model: nn.Module) -> bool:
+    return any(qlora.is_nf4(param) for param in model.parameters())
 
 
 def _modules_to_save(model: nn.Module, cfg: AdapterConfig) -> list[str]:

@@ -11,9 +11,12 @@ never has to be re-matched.
 Beyond PEFT's fields, the weights file's metadata records `graftlm_kind` (lora / qlora
 / dora) and `graftlm_base_identity` (see identity.py), where PEFT does not look (in the
 config it would warn of unknown fields on every load). Loading refuses, with one line
-naming the field or tensor: pickle weights (`adapter_model.bin`), a base whose
-recorded identity differs, a tensor whose shape does not fit the base, and PEFT
-features graftlm lacks (LoRA biases, LoRA on embeddings).
+naming the field or tensor: pickle weights (`adapter_model.bin`), a config field of
+the wrong type or range (checked before any tensor, so a bad `r` is not blamed on the
+base), `use_dora` that the tensors or `graftlm_kind` contradict, a base whose recorded
+identity differs, a tensor for a module the base lacks or whose shape does not fit
+it, a QLoRA adapter beside other kinds on one base (inject.check_shared_base), and
+PEFT features graftlm lacks (LoRA biases, LoRA on embeddings).
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from graftlm.adapters.config import AdapterConfig, graft_module_name, hf_module_name
+from graftlm.adapters.config import KINDS, AdapterConfig, graft_module_name, hf_module_name
 from graftlm.adapters import identity
-from graftlm.adapters.inject import active_adapter, apply_adapters, loaded_adapters, set_active_adapter
+from graftlm.adapters.inject import (active_adapter, apply_adapters, check_shared_base, loaded_adapters,
+                                     set_active_adapter)
 from graftlm.adapters.lora import LoraLinear, ModulesToSave
-from graftlm.errors import GraftError, read_json
+from graftlm.errors import ConfigError, GraftError, read_json
 from graftlm.models.heads import ScalarHeadModel
 from graftlm.models.hf import read_safetensors
 
@@ -142,16 +146,74 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
 
 
 def config_from_peft(config: dict, path: Path, kind: str | None = None) -> AdapterConfig:
-    targets = config.get("target_modules") or []
+    """The `AdapterConfig` of a PEFT `adapter_config.json` (`path`), its fields checked
+    here so that a bad one is named as the file spells it, not blamed on the base."""
+    recorded = _recorded_kind(config, path)
+    use_dora = _field(config, path, "use_dora", _is_bool, "true or false", default=(kind or recorded) == "dora")
+    kind = kind or recorded or ("dora" if use_dora else "lora")
+    if use_dora != (kind == "dora"):
+        said = "'graftlm_kind' in its weights' metadata says" if kind == recorded else "it is loaded as"
+        raise GraftError(f"{path}: field 'use_dora' is {str(use_dora).lower()}, but {said} {kind}")
+    targets = _field(config, path, "target_modules", _is_names, "a list of names or one regex", default=[])
     cfg = AdapterConfig(
-        kind=kind or config.get("graftlm_kind") or ("dora" if config.get("use_dora") else "lora"),
-        r=int(config["r"]), alpha=float(config.get("lora_alpha", 8)), dropout=float(config.get("lora_dropout", 0.0)),
-        rslora=bool(config.get("use_rslora", False)),
+        kind=kind,
+        r=_field(config, path, "r", lambda v: _is_int(v) and v > 0, "a positive integer"),
+        alpha=float(_field(config, path, "lora_alpha", lambda v: _is_number(v) and v > 0, "a positive number",
+                           default=8)),
+        dropout=float(_field(config, path, "lora_dropout", lambda v: _is_number(v) and 0 <= v < 1,
+                             "a number in [0, 1)", default=0.0)),
+        rslora=_field(config, path, "use_rslora", _is_bool, "true or false", default=False),
         target_modules=[targets] if isinstance(targets, str) else list(targets),
-        modules_to_save=list(config.get("modules_to_save") or []))
-    if cfg.kind == "dora" and not config.get("use_dora", cfg.kind == "dora"):
-        raise GraftError(f"{path}: 'graftlm_kind' says dora but 'use_dora' is false")
+        modules_to_save=list(_field(config, path, "modules_to_save", _is_name_list, "a list of names", default=[])))
+    try:
+        cfg.validate()  # what is left to check: a target regex, a `kind` passed in
+    except ConfigError as e:
+        raise GraftError(f"{path}: {e}") from None
     return cfg
+
+
+def _recorded_kind(config: dict, path: Path) -> str | None:
+    """graftlm's kind of the adapter, if graftlm saved it."""
+    recorded = config.get("graftlm_kind")
+    if recorded is not None and recorded not in KINDS:
+        raise GraftError(f"{path.parent}: 'graftlm_kind' (in its weights' metadata) is {recorded!r}; expected one "
+                         f"of {', '.join(KINDS)}")
+    return recorded
+
+
+_REQUIRED = object()
+
+
+def _field(config: dict, path: Path, field: str, ok, expected: str, default=_REQUIRED):
+    """`config[field]`, or `default` where it is absent (PEFT writes null for a field left unset)."""
+    value = config.get(field)
+    if value is None:
+        if default is _REQUIRED:
+            raise GraftError(f"{path}: field '{field}' is missing")
+        return default
+    if not ok(value):
+        raise GraftError(f"{path}: field '{field}' must be {expected}, got {value!r}")
+    return value
+
+
+def _is_bool(value) -> bool:
+    return isinstance(value, bool)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_name_list(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _is_names(value) -> bool:
+    return isinstance(value, str) or _is_name_list(value)
 
 
 def _check_task(model: nn.Module, task_type: str | None, adapter_dir: Path) -> None:
@@ -227,6 +289,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
                              "re-save it with PEFT's save_pretrained(safe_serialization=True)")
         raise GraftError(f"{adapter_dir}: no {WEIGHTS_FILE}")
     cfg = config_from_peft(config, adapter_dir / CONFIG_FILE, kind)
+    check_shared_base(model, cfg.kind, name, where=str(adapter_dir))
     _check_task(model, config.get("task_type"), adapter_dir)
     _check_identity(model, config.get("graftlm_base_identity"), adapter_dir, allow_other_base)
     state = read_safetensors(weights_path)
@@ -238,18 +301,19 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
     lora_targets, saved = [], []
     for module_name, parts in sorted(by_module.items()):
         layer = modules.get(module_name)
-        if any(what.startswith("saved.") for what in parts):
-            saved.append(module_name)
-        elif "lora_A" in parts and "lora_B" in parts:
-            lora_targets.append(module_name)
-            _check_lora_shapes(layer, parts, cfg, module_name, weights_path)
-        else:
-            key = next(iter(parts.values()))[0]
-            raise GraftError(f"{weights_path}: tensor '{key}' has no lora_A / lora_B partner")
         if layer is None:
             key = next(iter(parts.values()))[0]
             raise GraftError(f"{weights_path}: tensor '{key}' names module '{hf_module_name(module_name)}', "
                              "which this base model does not have (a different base?)")
+        if any(what.startswith("saved.") for what in parts):
+            saved.append(module_name)
+        elif "lora_A" in parts and "lora_B" in parts:
+            lora_targets.append(module_name)
+            _check_dora_magnitude(parts, cfg, weights_path)
+            _check_lora_shapes(layer, parts, cfg, module_name, weights_path)
+        else:
+            key = next(iter(parts.values()))[0]
+            raise GraftError(f"{weights_path}: tensor '{key}' has no lora_A / lora_B partner")
     cfg.target_modules = lora_targets or cfg.target_modules
     cfg.modules_to_save = saved
     previous = active_adapter(model)
@@ -265,6 +329,18 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
 
 def _float_dtype(module: nn.Module) -> torch.dtype:
     return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _check_dora_magnitude(parts, cfg, weights_path) -> None:
+    """A DoRA layer needs its trained magnitude: without it the adapter would run with
+    the magnitude a new one starts from, and a LoRA layer has no place for one."""
+    key = parts["lora_A"][0]
+    if cfg.kind == "dora" and "magnitude" not in parts:
+        raise GraftError(f"{weights_path}: {CONFIG_FILE} says 'use_dora': true, but tensor '{key}' has no DoRA "
+                         f"magnitude beside it ('{key.removesuffix('.lora_A.weight')}.lora_magnitude_vector')")
+    if cfg.kind != "dora" and "magnitude" in parts:
+        raise GraftError(f"{weights_path}: tensor '{parts['magnitude'][0]}' is a DoRA magnitude, but "
+                         f"{CONFIG_FILE} does not say 'use_dora': true")
 
 
 def _check_lora_shapes(layer, parts, cfg, module_name, weights_path) -> None:
