@@ -310,12 +310,26 @@ def _describe(changes: list[IdentityChange]) -> list[str]:
                                if c.field.split(".")[0] not in whole)]
 
 
+# Adapter fields that decide which tensors a run trains and their shapes.
+RESHAPING_ADAPTER_FIELDS = ("adapter.kind", "adapter.r", "adapter.target_modules", "adapter.modules_to_save")
+
+
+def _reshapes_trained_state(change: IdentityChange) -> bool:
+    """A change after which the checkpoint's trained tensors cannot be loaded: an adapter
+    of another kind, rank or set of layers, or adapters added to or dropped from a run."""
+    return change.field in RESHAPING_ADAPTER_FIELDS or (change.field == "adapter" and change.saved != change.current)
+
+
 def check_identity(saved: dict, current: dict, allow_change: bool, source: Path, warn=print) -> None:
     """Refuse to resume when what defines the data stream or model changed."""
     changes = identity_changes(saved, current)
     if not changes:
         return
     diff = "; ".join(_describe(changes))
+    if any(_reshapes_trained_state(change) for change in changes):
+        # --allow-config-change could not help: the saved tensors no longer fit the model.
+        raise CheckpointError(f"{source}: the run changed since this checkpoint ({diff}), and what it trains has "
+                              "another shape now, so it cannot continue from it: --fresh starts the run over")
     if allow_change:
         warn(f"resuming from {source} although the run changed ({diff})")
         return

@@ -127,6 +127,15 @@ def test_a_refused_resume_names_only_the_adapter_fields_that_changed():
     with pytest.raises(ckpt.CheckpointError) as refused:
         ckpt.check_identity(saved, current, False, Path("step-2"))
     assert "(adapter.alpha: 32.0 -> 8.0; adapter.r: 8 -> 4)" in str(refused.value)
+    # Another rank cannot load the saved adapter: --allow-config-change is not offered, nor taken.
+    assert "--fresh starts the run over" in str(refused.value) and "allow-config-change" not in str(refused.value)
+    with pytest.raises(ckpt.CheckpointError, match="another shape now"):
+        ckpt.check_identity(saved, current, True, Path("step-2"))
+    # Another alpha alone can (a scale): allowed when asked.
+    alpha = _identity(sft_config("--adapter.r", "8", "--adapter.alpha", "8"), {"data": "d"}, 1)
+    with pytest.raises(ckpt.CheckpointError, match="pass --allow-config-change"):
+        ckpt.check_identity(saved, alpha, False, Path("step-2"))
+    ckpt.check_identity(saved, alpha, True, Path("step-2"), warn=lambda line: None)
     # A checkpoint that recorded the whole section (older graftlm) still resumes.
     old = {**{k: v for k, v in saved.items() if not k.startswith("adapter")},
            "adapter": {k.removeprefix("adapter."): v for k, v in saved.items() if k.startswith("adapter.")}}
