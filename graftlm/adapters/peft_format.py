@@ -133,6 +133,9 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     if not Path(adapter_dir).exists():
         raise GraftError(f"{adapter_dir}: adapter directory does not exist")
     if not path.exists():
+        if (Path(adapter_dir) / "config.json").is_file() and any(Path(adapter_dir).glob("*.safetensors")):
+            raise GraftError(f"{adapter_dir}: is a model directory, not an adapter (no {CONFIG_FILE}): pass it as "
+                             "--model; an adapter is a run's final/ trained with --adapter")
         raise GraftError(f"{adapter_dir}: no {CONFIG_FILE} (not a PEFT adapter directory)")
     config = read_json(path)
     if config.get("peft_type", "LORA") != "LORA":

@@ -185,3 +185,10 @@ def test_a_bad_adapter_kind_lists_full_among_the_choices():
     args = build_parser().parse_args(["sft", "--model", "tiny", "--data", "d.jsonl", "--adapter", "Lora"])
     with pytest.raises(ConfigError, match=r"expected one of lora, qlora, dora, or full .*got 'Lora'"):
         config_for(args)
+
+
+def test_a_model_directory_given_as_an_adapter_says_to_pass_it_as_the_model(tmp_path):
+    from graftlm.models.hf import save_model
+    save_model(tiny(), tmp_path / "model")
+    with pytest.raises(GraftError, match=r"model.*is a model directory, not an adapter .*pass it as --model"):
+        A.load_adapter(tiny(), tmp_path / "model")
