@@ -3,8 +3,11 @@
 The adapter is loaded onto the base exactly as it was trained (for a QLoRA adapter,
 onto the NF4-quantized base), merged, and written with `models.hf.save_model`, with the
 base's tokenizer copied. Merging a QLoRA adapter dequantizes the NF4 base first, so the
-merged model is the model the adapter was trained with, in full precision; the command
-reports the held-out loss before and after merging so that any change is visible.
+merged model is the model the adapter was trained with, in full precision. The command
+reports the held-out loss of the adapter as trained and of the merged model as written
+(read back: its weights rounded to `--dtype`), so that what merging costs is visible. For
+a QLoRA adapter those two agree by construction, so it also reports the adapter on the
+full-precision base: what merging into the original weights would give instead.
 Without `--eval-data` the loss is measured on a short built-in English passage
 (`DEFAULT_EVAL_TEXT`), and the command says so. `--out` is never the base or the
 adapter directory, and a non-empty one is written into only with `--overwrite`.
@@ -123,7 +126,8 @@ def _merge_reward_model(base_dir: Path, adapter_dir: Path, out: Path, allow_othe
     reward model directory (`--ppo.reward`, `graft eval`)."""
     from graftlm.models.heads import load_scalar_adapter, save_scalar_model
 
-    model = adapters.merge_and_unload(load_scalar_adapter(adapter_dir, base_dir, allow_other_base=allow_other_base), dtype=torch.float32)
+    adapted = load_scalar_adapter(adapter_dir, base_dir, allow_other_base=allow_other_base)
+    model = adapters.merge_and_unload(adapted, dtype=torch.float32)
     tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer.json").exists() else base_dir
     save_scalar_model(model, out, tokenizer_dir=tokenizer_dir)
     print(f"merged {adapter_dir} into {base_dir} -> {out} (a reward model)")
@@ -133,8 +137,7 @@ def _merge_reward_model(base_dir: Path, adapter_dir: Path, out: Path, allow_othe
 
 def merge_command(args) -> int:
     from graftlm.models.heads import is_scalar_adapter_dir
-    from graftlm.models.hf import load_model, save_model
-    from graftlm.tokenizer import load_tokenizer
+    from graftlm.models.hf import load_config, load_model, save_model
 
     base_dir = Path(args.model)
     if args.eval_tokens < 0 or args.eval_tokens == 1:  # a loss needs a token to predict from and one to predict
@@ -142,31 +145,56 @@ def merge_command(args) -> int:
     check_out_dir(Path(args.out), base_dir, Path(args.adapter), args.overwrite)
     if is_scalar_adapter_dir(args.adapter):
         return _merge_reward_model(base_dir, Path(args.adapter), Path(args.out), args.allow_other_base)
-    model = load_model(base_dir, dtype=torch.float32)
-    kind = adapters.read_adapter_config(args.adapter).get("graftlm_kind")
-    adapters.load_adapter(model, args.adapter, allow_other_base=args.allow_other_base)
-    token_ids, what, not_measured = None, None, None
-    if args.eval_tokens == 0:
-        not_measured = "--eval-tokens 0 turns the check off"
-    elif (base_dir / "tokenizer.json").exists():
-        text, what = read_eval_text(args.eval_data)
-        token_ids = load_tokenizer(base_dir).encode(text)[: args.eval_tokens]
-        if len(token_ids) < 2:
-            raise GraftError(f"{what}: under 2 tokens of held-out text to measure the loss on")
-    elif args.eval_data:
-        raise GraftError(f"{base_dir}: no tokenizer.json, so --eval-data cannot be tokenized")
-    else:
-        not_measured = "the base model directory has no tokenizer.json"
-    seq_len = min(model.config.max_seq_len, 512)
-    before = heldout_loss(model, token_ids, seq_len) if token_ids else None
-    merged = adapters.merge_and_unload(model, dtype=torch.float32)
-    after = heldout_loss(merged, token_ids, seq_len) if token_ids else None
-    out = save_model(merged, args.out, tokenizer_dir=base_dir, dtype=DTYPES[args.dtype])
-    base_note = " (NF4 base dequantized before merging)" if kind == "qlora" else ""
+    quantized = adapters.read_adapter_config(args.adapter).get("graftlm_kind") == "qlora"
+    token_ids, what, not_measured = _eval_tokens(base_dir, args.eval_data, args.eval_tokens)
+    measured = token_ids is not None
+    seq_len = min(load_config(base_dir).max_seq_len, 512)
+    # On a model of its own, first: loading the adapter as QLoRA quantizes its base in place.
+    on_full_base = heldout_loss(_adapted(base_dir, args.adapter, args.allow_other_base, "lora"), token_ids,
+                                seq_len) if quantized and measured else None
+    model = _adapted(base_dir, args.adapter, args.allow_other_base)
+    as_trained = heldout_loss(model, token_ids, seq_len) if measured else None
+    out = save_model(adapters.merge_and_unload(model, dtype=torch.float32), args.out, tokenizer_dir=base_dir,
+                     dtype=DTYPES[args.dtype])
+    del model  # merged in place
+    # The model as written: its weights rounded to --dtype, read back (computing in float32).
+    as_written = heldout_loss(load_model(out, dtype=torch.float32), token_ids, seq_len) if measured else None
+    base_note = " (its NF4 base dequantized: the weights the adapter was trained on)" if quantized else ""
     print(f"merged {args.adapter} into {base_dir}{base_note} -> {out}")
-    if before is None:
+    if as_trained is None:
         print(f"held-out loss: not measured ({not_measured})")
-    else:
-        print(f"held-out loss on {what}, {len(token_ids)} tokens: adapter as trained {before:.4f}, "
-              f"merged {after:.4f} (change {after - before:+.4f})")
+        return 0
+    trained_on = "4-bit base" if quantized else "base"
+    print(f"held-out loss on {what}, {len(token_ids)} tokens: {trained_on} + adapter (as trained) {as_trained:.4f} "
+          f"-> merged, as written ({args.dtype}) {as_written:.4f} (change {as_written - as_trained:+.4f})")
+    if on_full_base is not None:
+        print(f"for comparison, the adapter on the full-precision base: {on_full_base:.4f} (change "
+              f"{on_full_base - as_trained:+.4f}): what merging into the original weights would give; the merged "
+              "model keeps the 4-bit rounding of the base the adapter was trained with")
     return 0
+
+
+def _eval_tokens(base_dir: Path, eval_data: str | None, eval_tokens: int) -> tuple[list[int] | None, str, str]:
+    """(the held-out tokens, what text they are, why there are none)."""
+    from graftlm.tokenizer import load_tokenizer
+
+    if eval_tokens == 0:
+        return None, "", "--eval-tokens 0 turns the check off"
+    if not (base_dir / "tokenizer.json").exists():
+        if eval_data:
+            raise GraftError(f"{base_dir}: no tokenizer.json, so --eval-data cannot be tokenized")
+        return None, "", "the base model directory has no tokenizer.json"
+    text, what = read_eval_text(eval_data)
+    token_ids = load_tokenizer(base_dir).encode(text)[:eval_tokens]
+    if len(token_ids) < 2:
+        raise GraftError(f"{what}: under 2 tokens of held-out text to measure the loss on")
+    return token_ids, what, ""
+
+
+def _adapted(base_dir: Path, adapter_dir: str, allow_other_base: bool, kind: str | None = None):
+    """The base in float32 with the adapter loaded (`kind`: as that kind; default: as trained)."""
+    from graftlm.models.hf import load_model
+
+    model = load_model(base_dir, dtype=torch.float32)
+    return adapters.load_adapter(model, adapter_dir, kind=kind, allow_other_base=allow_other_base)
+

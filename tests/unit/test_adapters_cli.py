@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import graftlm.adapters as A
+from graftlm.adapters_cli import heldout_loss
 from graftlm.cli import main
 from graftlm.models.hf import load_model
-from graftlm.tokenizer import train_tokenizer
+from graftlm.tokenizer import load_tokenizer, train_tokenizer
 from tests.conftest import SHARED_DATA, make_hf_model
 
 
@@ -42,15 +43,53 @@ def test_graft_merge_writes_a_transformers_model(kind, base_dir, tmp_path, capsy
     assert main(["merge", "--model", str(base_dir), "--adapter", str(tmp_path / "ad"),
                  "--out", str(tmp_path / "merged"), "--eval-data", str(eval_file)]) == 0
     printed = capsys.readouterr().out
-    change = float(re.search(r"change ([-+][0-9.]+)", printed).group(1))
+    as_trained, _, change = _losses(printed, "float32")
     assert str(eval_file) in printed and abs(change) < (1e-4 if kind == "lora" else 0.05)
     assert ("NF4 base dequantized" in printed) == (kind == "qlora")
+    # A QLoRA adapter is merged into the 4-bit base it was trained on, so the change above
+    # is about 0 by construction; the report also gives the adapter on the full-precision
+    # base, which merging into the original weights would give instead.
+    assert ("4-bit base + adapter (as trained)" in printed) == (kind == "qlora")
+    if kind == "qlora":
+        on_full_base = _heldout_loss(A.load_adapter(load_model(base_dir), tmp_path / "ad", kind="lora"), base_dir,
+                                     eval_file)
+        said = float(re.search(r"the adapter on the full-precision base[^:]*: ([0-9.]+)", printed).group(1))
+        assert said == pytest.approx(on_full_base, abs=1e-4) and said != pytest.approx(as_trained, abs=1e-4)
     assert (tmp_path / "merged" / "tokenizer.json").exists()
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     with torch.no_grad():
         merged = hf(ids).logits
     tolerance = 1e-4 if kind == "lora" else 0.05 * adapted.abs().max().item()
     assert (merged - adapted).abs().max().item() <= tolerance
+
+
+def _losses(printed: str, dtype: str) -> tuple[float, float, float]:
+    """(as trained, as written, change) from graft merge's held-out loss line."""
+    found = re.search(rf"\(as trained\) ([0-9.]+) -> merged, as written \({dtype}\) ([0-9.]+) \(change ([-+][0-9.]+)\)",
+                      printed)
+    return tuple(map(float, found.groups()))
+
+
+def _heldout_loss(model, base_dir, eval_file) -> float:
+    """The loss graft merge measures: its default 8192 tokens, in rows of the base's context."""
+    tokens = load_tokenizer(base_dir).encode(eval_file.read_text())[:8192]
+    return heldout_loss(model, tokens, load_model(base_dir).config.max_seq_len)
+
+
+def test_graft_merge_reports_the_loss_of_the_weights_it_writes(base_dir, tmp_path, capsys):
+    """With --dtype bfloat16 it reported the float32 merged model's loss, not that of the
+    bf16 weights it wrote: the model written is now read back and measured."""
+    _adapter(base_dir, tmp_path / "ad", "lora")
+    eval_file = tmp_path / "heldout.txt"
+    eval_file.write_text((SHARED_DATA / "tinyshakespeare.txt").read_text()[-4000:])
+    merge = ["merge", "--model", str(base_dir), "--adapter", str(tmp_path / "ad"), "--eval-data", str(eval_file)]
+    assert main([*merge, "--out", str(tmp_path / "m32")]) == 0
+    _, in_float32, _ = _losses(capsys.readouterr().out, "float32")
+    assert main([*merge, "--out", str(tmp_path / "m16"), "--dtype", "bfloat16"]) == 0
+    as_trained, as_written, change = _losses(capsys.readouterr().out, "bfloat16")
+    assert {p.dtype for p in load_model(tmp_path / "m16", dtype=None).parameters()} == {torch.bfloat16}
+    assert as_written == pytest.approx(_heldout_loss(load_model(tmp_path / "m16"), base_dir, eval_file), abs=1e-4)
+    assert as_written != in_float32 and change == pytest.approx(as_written - as_trained, abs=2e-4)
 
 
 def test_graft_merge_default_text_and_wrong_base(base_dir, tmp_path, capsys):
