@@ -174,15 +174,16 @@ def test_a_skipped_bad_row_is_reported_beside_the_metrics(model_dir, tmp_path, c
 
 # -- preference pairs: what each row's accuracy measures ------------------------------------
 
-def _tuned_adapter(model_dir, out):
+def _tuned_adapter(model_dir, out, kind="lora", std=0.5, seed=1):
+    """An adapter of `kind` on the test model, its B matrices drawn at `std`, saved to `out`."""
     from graftlm.adapters import AdapterConfig, apply_adapters, save_adapter
     from graftlm.models.hf import load_model
     model = load_model(model_dir / "model")
-    apply_adapters(model, AdapterConfig(r=2))
+    apply_adapters(model, AdapterConfig(kind=kind, r=2))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+                p.normal_(0, std, generator=torch.Generator().manual_seed(seed))
     save_adapter(model, out)
     return model
 
@@ -260,19 +261,6 @@ def test_pairs_report_log_prob_and_implicit_reward_accuracy_under_their_own_name
         assert f"\n{name}: " in out  # each column says what it measures
 
 
-def _qlora_adapter(model_dir, out):
-    from graftlm.adapters import AdapterConfig, apply_adapters, save_adapter
-    from graftlm.models.hf import load_model
-    model = load_model(model_dir / "model")
-    apply_adapters(model, AdapterConfig(kind="qlora", r=2))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.001, generator=torch.Generator().manual_seed(2))
-    save_adapter(model, out)
-    return model
-
-
 def test_a_qlora_adapter_beside_others_changes_no_other_row(model_dir, tmp_path):
     """Loading a QLoRA adapter quantizes its base to NF4 in place: loaded beside a LoRA
     adapter onto one model, it moved the LoRA row and the model's own row onto the 4-bit
@@ -284,7 +272,7 @@ def test_a_qlora_adapter_beside_others_changes_no_other_row(model_dir, tmp_path)
     from graftlm.models.hf import load_model
     from graftlm.tokenizer import load_tokenizer
     _tuned_adapter(model_dir, tmp_path / "lora")
-    quantized = _qlora_adapter(model_dir, tmp_path / "qlora")
+    quantized = _tuned_adapter(model_dir, tmp_path / "qlora", kind="qlora", std=0.001, seed=2)
     lora, qlora = str(tmp_path / "lora"), str(tmp_path / "qlora")
     text = _write(tmp_path / "text.jsonl", [{"text": "hello world 12"}, {"text": "copy: 3 4 5 6"}])
     pairs = _write(tmp_path / "pairs.jsonl", PAIRS)
