@@ -41,6 +41,7 @@ from torch import nn
 from graftlm import checkpoint as ckpt
 from graftlm.adapters.config import AdapterConfig
 from graftlm.adapters.identity import base_identity
+from graftlm.adapters.lora import LoraLinear, ModulesToSave
 from graftlm.config import flatten, from_dict, to_dict, under_given
 from graftlm.data.loader import ResumableLoader
 from graftlm.errors import ConfigError, GraftError, read_json
@@ -340,7 +341,6 @@ def _trained_parameters(model: nn.Module, adapter: AdapterConfig | None, total: 
     line = f"parameters: {total / 1e6:,.2f}M, "
     if adapter is None:
         return line + "all trained"
-    from graftlm.adapters.lora import LoraLinear, ModulesToSave
 
     def short_names(kind) -> tuple[list[str], list[str]]:
         names = [name for name, module in model.named_modules() if isinstance(module, kind)]
