@@ -131,9 +131,9 @@ def _critic_step(rank: int, mode: str) -> dict:
     ppo.config, ppo.critic = PPOConfig(reward="unused"), critic
     ppo.critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=1e-2)
     ids = torch.randint(3, 500, (2, 8), generator=torch.Generator().manual_seed(rank))
-    with torch.no_grad():
-        old_values = critic(ids, per_token=True).float()
-    ppo._critic_step(ids, old_values, old_values + 1.0 + rank, torch.ones(2, 8, dtype=torch.bool))
+    values = critic(ids, per_token=True).float()  # one forward, as PPOObjective.loss takes it
+    old_values = values.detach()
+    ppo._critic_step(values, old_values, old_values + 1.0 + rank, torch.ones(2, 8, dtype=torch.bool), 0.0)
     return {"params": [float(p.detach().double().sum()) for p in critic.parameters()]}
 
 
