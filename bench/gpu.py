@@ -40,6 +40,7 @@ from graftlm.plan.compute import train_flops_per_token
 from graftlm.plan.memory import RunShape
 
 LORA_R = 16
+ROWS = ("pretrain", "lora", "peft", "generation")
 
 
 def flops_per_token(cfg, seq_len: int, parameterization: str) -> float:
@@ -244,6 +245,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--only", nargs="+", choices=ROWS, default=list(ROWS),
+                        help="the rows to measure (a short device lease may not fit all)")
     parser.add_argument("--smoke", action="store_true", help="tiny preset on the CPU, to test the script")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -256,19 +259,24 @@ def main(argv=None) -> None:
     print(f"model: preset {args.preset}, {cfg.num_params() / 1e9:.2f}B parameters, "
           f"batch {args.batch} x {args.seq_len}, {args.steps} timed steps")
     print(f"\n{'step':42s} {'tokens/s':>12s} {'MFU':>7s} {'peak GB':>9s}", flush=True)
-    full = bench_pretrain(cfg, args, device)
-    print_row(full)
-    lora = bench_lora_graftlm(cfg, args, device)
-    print_row(lora)
-    # The pre-training step trains every weight: it is the full fine-tuning step of this batch.
-    print(f"{'graftlm LoRA step / full step':42s} {lora[1] / full[1]:11.2f}x  (goal >= 1.3x)", flush=True)
-    try:
-        print_row(bench_lora_peft(cfg, args, device))
-    except ImportError:
-        print("transformers + PEFT not installed: their LoRA step is not measured")
-    except Exception as e:  # the peer's failure must not hide graftlm's rows
-        print(f"transformers + PEFT LoRA step failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}")
-    bench_generation(cfg, args, device)
+    full = lora = None
+    if "pretrain" in args.only:
+        full = bench_pretrain(cfg, args, device)
+        print_row(full)
+    if "lora" in args.only:
+        lora = bench_lora_graftlm(cfg, args, device)
+        print_row(lora)
+    if full and lora:  # the pre-training step trains every weight: the full fine-tuning step of this batch
+        print(f"{'graftlm LoRA step / full step':42s} {lora[1] / full[1]:11.2f}x  (goal >= 1.3x)", flush=True)
+    if "peft" in args.only:
+        try:
+            print_row(bench_lora_peft(cfg, args, device))
+        except ImportError:
+            print("transformers + PEFT not installed: their LoRA step is not measured")
+        except Exception as e:  # the peer's failure must not hide graftlm's rows
+            print(f"transformers + PEFT LoRA step failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}")
+    if "generation" in args.only:
+        bench_generation(cfg, args, device)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,11 @@ def _sample(model: nn.Module) -> torch.Tensor:
     samples = []
     for _, param in _named_weights(model):
         flat = param.detach().reshape(-1)
+        # linspace counts in float32, where an index past 2**24 rounds: the last one can
+        # round up past the end (a 1B model's embedding). Clamped rather than computed in
+        # int64, so that every sample that was in range stays where adapters recorded it.
         index = torch.linspace(0, flat.numel() - 1, min(SAMPLES_PER_TENSOR, flat.numel())).long()
+        index.clamp_(max=flat.numel() - 1)
         samples.append(flat[index.to(flat.device)].float().cpu())
     return torch.cat(samples) if samples else torch.zeros(0)
 

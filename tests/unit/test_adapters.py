@@ -217,6 +217,17 @@ def test_an_adapter_recorded_by_an_earlier_graftlm_says_its_base_weights_go_unch
         A.load_adapter(tiny(), tmp_path / "nosuch")
 
 
+def test_weights_sample_of_a_tensor_past_float32_integers_stays_in_range():
+    # 2**24 + 4 elements: float32 rounds the last index, 2**24 + 3, up to 2**24 + 4 (one past
+    # the end). A 1B model's embedding is larger; its adapter failed to attach on CUDA.
+    from graftlm.adapters.identity import weights_sample
+    big = torch.nn.Linear(2**22 + 1, 4, bias=False)
+    with torch.no_grad():
+        big.weight.view(-1)[-1] = 7.0
+    sample = torch.frombuffer(bytearray(__import__("base64").b64decode(weights_sample(big))), dtype=torch.float32)
+    assert sample[-1] == 7.0
+
+
 def test_adapter_round_trips_with_several_named(tmp_path):
     model = tiny()
     A.apply_adapters(model, A.AdapterConfig(kind="dora", r=4, target_modules=["q_proj", "v_proj"]), name="x")
