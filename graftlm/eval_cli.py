@@ -17,7 +17,8 @@ from graftlm.placement import pick_device
 
 
 def register(subparsers) -> None:
-    from graftlm.eval import KINDS, MAX_BAD_FRACTION
+    from graftlm.evaluation.kinds import KINDS
+    from graftlm.evaluation.rows import MAX_BAD_FRACTION
 
     p = subparsers.add_parser("eval", help="held-out loss / bpb, answers' exact_match, or pairs' (chosen + rejected) "
                                            "logp_accuracy / reward_accuracy; a model and its adapters side by side")
