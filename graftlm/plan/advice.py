@@ -40,7 +40,7 @@ def data_warnings(regime: str, tokens: float, params: int, stats: dict | None) -
                         f"({20 * params:.3g}) that compute-optimal pre-training wants{size}")
     if regime == "cpt" and tokens < 1e7:
         warnings.append(f"{tokens:.3g} tokens is little for continued pre-training (>= 10M helps)")
-    if regime in ("sft", "dpo", "lora", "qlora", "grpo") and stats and stats.get("rows") is not None:
+    if regime in ("sft", "dpo", "lora", "qlora", "grpo", "ppo") and stats and stats.get("rows") is not None:
         if stats["rows"] < 200:
             warnings.append(f"only {stats['rows']} rows: expect the model to memorise them")
     if stats and stats.get("rows"):

@@ -17,15 +17,18 @@ also holds the interpreter and libraries, so the prediction falls short by a few
 hundred MB.
 
 Predicted time is the FLOPs of all the work the run did (`compute.flops_detail`, as
-`graft plan` counts it: the policy's forward and backward, DPO's and GRPO's reference
-forward, GRPO's generation) at a peak and MFU, plus, for QLoRA, the NF4 dequantization
+`graft plan` counts it: the policy's forward and backward, DPO's, GRPO's and PPO's
+reference forward, GRPO's and PPO's generation, PPO's critic forward and backward and
+its reward model's forward) at a peak and MFU, plus, for QLoRA, the NF4 dequantization
 of the frozen base (`compute.dequant_seconds`) over the run's micro-batches (steps x
 grad_accum), at the rate the run recorded (summary.json `nf4_dequant`); a run from
 before that key is predicted at this machine's rate, as measured on it (and said so).
 The FLOPs row compares the policy's training FLOPs alone: what the trainer counts.
-A GRPO run's rows are its rollouts, prompt + completion, whatever train.seq_len is: their
-work is predicted at their mean length (tokens / sequences trained), since generation
-costs per rollout.
+A GRPO or PPO run's rows are its rollouts, prompt + completion, whatever train.seq_len
+is: their work is predicted at their mean length (tokens / sequences trained), since
+generation costs per rollout. A PPO run's critic and reward model take their shapes from
+the directories its config names (`ppo.value_model`, else `ppo.reward`) where they are
+still there to read, else the policy's.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from graftlm.plan.compute import DEQUANT, dequant_passes, dequant_seconds, flops
 from graftlm.plan.hardware import Device, Hardware, load_catalogue
 from graftlm.plan.memory import RunShape, memory_breakdown
 
-_OBJECTIVES = {"clm": "clm", "sft": "sft", "dpo": "dpo", "grpo": "grpo", "reward": "sft", "ppo": "grpo"}
+_OBJECTIVES = {"clm": "clm", "sft": "sft", "dpo": "dpo", "grpo": "grpo", "reward": "sft", "ppo": "ppo"}
 
 
 def _uses_reference(config: dict) -> bool:
@@ -62,6 +65,45 @@ def _uses_reference(config: dict) -> bool:
     if objective == "ppo":
         return float(section.get("kl_coef", PPOConfig.kl_coef)) > 0
     return False
+
+
+def _scalar_model_shape(spec: str | None) -> ModelConfig | None:
+    """The shape of the scalar-head model directory `spec` (a reward model or a value model
+    from `graft reward`), or None where there is none to read: a reward function, a
+    directory moved since, or a reward model's adapter (whose base is the policy's, usually)."""
+    if not spec or not (Path(spec) / "config.json").is_file():
+        return None
+    from graftlm.models.heads import is_scalar_model_dir
+    if not is_scalar_model_dir(spec):
+        return None
+    from graftlm.models.config import read_hf_config
+    try:
+        return read_hf_config(Path(spec) / "config.json")
+    except GraftError:
+        return None
+
+
+def _reward_is_model(spec: str) -> bool:
+    """Whether a reward spec named a reward model (`rewards.build_reward`): anything but a
+    function's name (gsm8k, numeric, exact, regex:..., module:function) is a directory."""
+    from graftlm.models.heads import is_scalar_model_dir
+    if spec in ("gsm8k", "numeric", "exact") or spec.startswith("regex:"):
+        return False
+    return Path(spec).is_dir() or is_scalar_model_dir(spec) or ":" not in spec
+
+
+def _ppo_models(config: dict) -> dict:
+    """RunShape fields of a PPO run's critic and reward model (objectives/ppo.build_critic:
+    the value model, else the reward model when it is a directory, else a copy of the policy)."""
+    if config.get("objective") != "ppo":
+        return {}
+    section = config.get("ppo") or {}
+    reward = str(section.get("reward") or "")
+    is_model = _reward_is_model(reward) if reward else False
+    reward_shape = _scalar_model_shape(reward) if is_model else None
+    value_model = section.get("value_model")
+    critic = _scalar_model_shape(str(value_model)) if value_model else reward_shape
+    return {"critic_model": critic, "reward_model": reward_shape, "reward_is_model": is_model}
 
 
 def _read(path: Path, loader):
@@ -123,7 +165,8 @@ def run_shape(run_dir: Path) -> tuple[RunShape, dict]:
         lora_base_dtype=base_storage_dtype(adapter.get("base_dtype", "float32"), precision),
         devices=int(summary.get("world_size", 1)), sharding="fsdp" if parallel.get("mode") == "fsdp" else "ddp",
         device_type=str(summary.get("device") or "cuda").split(":")[0],
-        scalar_head=config.get("objective") == "reward", uses_reference=_uses_reference(config))
+        scalar_head=config.get("objective") == "reward", uses_reference=_uses_reference(config),
+        **_ppo_models(config))
     if shape.parameterization == "dora":
         shape = replace(shape, parameterization="lora")
     return shape, summary
@@ -148,11 +191,11 @@ def _dequant_rate(summary: dict, shape: RunShape, hardware: Hardware | None,
 
 
 def _as_trained(shape: RunShape, summary: dict) -> RunShape:
-    """A GRPO run's shape at its rollouts' mean length: tokens / sequences trained (every
-    micro-batch of every step trains batch_size of them on each device). Other runs, and
-    one that recorded no steps, as they are."""
+    """A GRPO or PPO run's shape at its rollouts' mean length: tokens / sequences trained
+    (every micro-batch of every step trains batch_size of them on each device). Other runs,
+    and one that recorded no steps, as they are."""
     sequences = int(summary.get("steps") or 0) * shape.grad_accum * shape.batch_size * shape.devices
-    if shape.objective != "grpo" or not sequences:
+    if not shape.samples_rollouts or not sequences:
         return shape
     return replace(shape, seq_len=max(round(float(summary.get("tokens") or 0) / sequences), 2))
 

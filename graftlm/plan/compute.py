@@ -21,6 +21,15 @@ on top is counted here:
   passes: every pass runs the policy's forward and backward; the first pass's reference
   forward serves all k (the reference never changes), and pi_old's log-probs are the
   first pass's own, detached, so no forward of their own.
+- PPO (objectives/ppo.py), per micro-batch: the rollout's generation, as GRPO's (usually
+  one completion per prompt); the policy's forward and backward (pi_old is that forward,
+  detached: no pass of its own); the reference forward (none at kl_coef 0); the critic,
+  a scalar-head model trained in full by the objective: one forward over the rollout
+  (its values, and detached, the old values) and its backward (twice the forward); and
+  the reward model's forward over the rollout when a model scores it (a scalar head on
+  every position; counted at the rollout's length, though it reads the prompt's and
+  completion's text through its own tokenizer). One pass over each rollout: graftlm's
+  PPO has no epochs over a rollout.
 
 Model FLOPs leave out recomputation (the chunked log-probs recompute each chunk's logits
 in backward when the head trains; activation checkpointing recomputes every block): MFU
@@ -33,9 +42,9 @@ for MFU to absorb: torchao's linear_nf4 dequantizes every base linear (every blo
 linear, adapted or not) on each call. Per micro-batch that is a pass over them in the
 training forward, another in backward (all but the first block's q/k/v, whose input
 needs no gradient), one more with activation checkpointing (the recomputed forward),
-one per reference forward (DPO, GRPO), and for GRPO's rollouts one per generated token
-(the prefill makes the first); a GRPO rollout's reference forward and generation run
-once for the k micro-batches that train on it. A pass takes weights x the per-call cost
+one per reference forward (DPO, GRPO, PPO), and for GRPO's and PPO's rollouts one per
+generated token (the prefill makes the first); a GRPO rollout's reference forward and
+generation run once for the k micro-batches that train on it. A pass takes weights x the per-call cost
 + parameters / the device's rate (`metrics.DequantRate`; `Device.dequant_rate`).
 """
 
@@ -126,6 +135,12 @@ def reference_flops_per_token(shape: RunShape) -> float:
     return forward_flops_per_token(shape.model, shape.seq_len)
 
 
+def scalar_forward_flops_per_token(cfg, seq_len: int) -> float:
+    """A scalar-head model's forward (PPO's critic, a reward model), per token at context
+    `seq_len`: the decoder with a [1, hidden] head in place of the LM head."""
+    return forward_flops_per_token(replace(cfg, vocab_size=1), seq_len)
+
+
 def rollout_layout(shape: RunShape) -> tuple[int, int]:
     """(prompt, completion) tokens of one rollout: seq_len holds both, and the completion
     runs to grpo_completion_len, the most a run samples."""
@@ -163,7 +178,7 @@ def dequant_passes(shape: RunShape) -> dict[str, tuple[float, float]]:
     per_pass = 1 / passes_per_sequence(shape)
     if shape.has_reference_model:
         passes["reference forward"] = (per_pass * params, per_pass * weights)
-    if shape.objective == "grpo":
+    if shape.samples_rollouts:
         # The prefill makes the first token, a decode step each of the others.
         steps = rollout_layout(shape)[1] * per_pass
         passes["generation"] = (steps * params, steps * weights)
@@ -193,14 +208,21 @@ def flops_detail(shape: RunShape, trained: float) -> dict[str, float]:
 
     The policy's forward and backward (`train`) run on every pass; a GRPO rollout is
     generated once, and its reference log-probs computed once, whatever the passes over it.
+    PPO adds its critic's forward and backward and its reward model's forward.
     """
     detail = {"train": train_flops_per_token(shape) * trained}
     distinct = trained / passes_per_sequence(shape)  # each sequence's tokens once
     if shape.has_reference_model:
         detail["reference forward"] = reference_flops_per_token(shape) * distinct
-    if shape.objective == "grpo":
+    if shape.samples_rollouts:
         prompt, completion = rollout_layout(shape)
         detail["generation"] = distinct / shape.seq_len * rollout_flops(shape, prompt, completion)
+    if shape.critic is not None:
+        critic = scalar_forward_flops_per_token(shape.critic, shape.seq_len) * distinct
+        detail["critic forward"] = critic
+        detail["critic backward"] = 2 * critic  # input and weight gradients: every weight trains
+    if shape.scoring_model is not None:
+        detail["reward model"] = scalar_forward_flops_per_token(shape.scoring_model, shape.seq_len) * distinct
     return detail
 
 

@@ -9,6 +9,7 @@ Regimes share one cost model and differ in what they train and what they run bes
 | sft      | sft       | every weight    |                                         |
 | dpo      | dpo       | every weight    | chosen + rejected; frozen reference copy |
 | grpo     | grpo      | every weight    | rollouts (KV cache), reference copy     |
+| ppo      | ppo       | every weight    | rollouts, reference copy, critic, reward model |
 | lora     | sft       | adapters        | bf16 frozen base                        |
 | qlora    | sft       | adapters        | NF4 frozen base, dequantized each pass  |
 """
@@ -33,6 +34,9 @@ REGIMES = {
     "sft": ("full fine-tuning (SFT)", "sft", "full"),
     "dpo": ("full fine-tuning (DPO)", "dpo", "full"),
     "grpo": ("full fine-tuning (GRPO)", "grpo", "full"),
+    # Its critic and reward model planned at the policy's shape (a reward model from
+    # `graft reward` on the same base; the critic starts from it).
+    "ppo": ("full fine-tuning (PPO)", "ppo", "full"),
     "lora": ("LoRA (SFT, {base} base)", "sft", "lora"),  # the base's storage dtype filled in
     "qlora": ("QLoRA (SFT, NF4 base)", "sft", "qlora"),
 }
@@ -163,7 +167,7 @@ def regime_shape(cfg: ModelConfig, regime: str, hardware: Hardware, options: Pla
     defaults = trainer_defaults(objective, cfg.max_seq_len)
     seq_len = options.seq_len or defaults["seq_len"]
     rl = {k: defaults[k] for k in ("grpo_group", "grpo_completion_len", "grpo_iterations") if k in defaults}
-    if options.grpo_iterations and rl:
+    if options.grpo_iterations and objective == "grpo":
         rl["grpo_iterations"] = options.grpo_iterations
     if seq_len > cfg.max_seq_len:  # a new model's context is made to fit its run, as build_model does
         cfg = replace(cfg, max_seq_len=seq_len)

@@ -130,7 +130,7 @@ def test_json_output_for_scripts(capsys):
     assert main(["plan", "--model", "125m", "--data", "2B", "--hardware", "H100x8", "--seq-len", "1024",
                  "--batch", "4", "--goal", "from-scratch", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result["regimes"]) == {"pretrain", "cpt", "sft", "dpo", "grpo", "lora", "qlora"}
+    assert set(result["regimes"]) == {"pretrain", "cpt", "sft", "dpo", "grpo", "ppo", "lora", "qlora"}
     pretrain = result["regimes"]["pretrain"]
     assert pretrain["fits"] is True and pretrain["time_s"] > 0 and pretrain["cost_usd"] > 0
     assert result["hardware"]["count"] == 8

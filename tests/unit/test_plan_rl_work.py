@@ -1,7 +1,8 @@
 """The work a preference or RL step does beside training the policy, as `graft plan` and
-`graft plan --check` count it: DPO's and GRPO's reference forward, GRPO's generation, and
-GRPO's iterations (several passes over one rollout, each rollout generated, and its
-reference forward run, once).
+`graft plan --check` count it: DPO's, GRPO's and PPO's reference forward, GRPO's and PPO's
+generation, GRPO's iterations (several passes over one rollout, each rollout generated,
+and its reference forward run, once), and PPO's critic (forward and backward) and reward
+model (forward).
 
 Expected FLOPs are counted here by hand from the model's shape, token by token, rather
 than through the planner's own helpers."""
@@ -28,12 +29,13 @@ SMALL_PARAMS = 2048 * 128 + 4 * (128 * 128 * 2 + 2 * 128 * 64 + 3 * 128 * 352 + 
 
 class HandCount:
     """FLOPs of one model, counted from its shape: 2 per weight a token meets (the LM head
-    included), and causal attention at 4 per head dimension per key a query attends to."""
+    included), and causal attention at 4 per head dimension per key a query attends to.
+    `outputs`: the head's outputs (1: a scalar head, a reward model's or a critic's)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, outputs: int | None = None):
         h, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.head = cfg.vocab_size * h
+        self.head = (cfg.vocab_size if outputs is None else outputs) * h
         self.weights = layers * (h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h) + h + self.head
         self.attention_width = layers * cfg.num_heads * cfg.head_dim
 
@@ -195,3 +197,155 @@ def test_check_times_a_grpo_run_with_generation_once_per_rollout(tmp_path):
     config["grpo"]["beta"] = 0.0  # no KL: no reference forward
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     assert "reference forward" not in check_run(run, None)["flops_detail"]
+
+
+def test_ppo_counts_its_critic_reference_generation_and_reward_model():
+    """A PPO micro-batch, per rollout: generation; the policy's forward and backward (pi_old
+    is that forward, detached: no pass of its own); the reference forward; the critic's one
+    forward (values and old values) and its backward, every weight trained (2x the forward);
+    the reward model's forward. The plan counted it as GRPO: no critic, no reward model."""
+    hand, scalar = HandCount(SMALL), HandCount(SMALL, outputs=1)
+    rollouts, seq_len, completion = 100, 48, 16
+    shape = RunShape(SMALL, objective="ppo", precision="fp32", batch_size=8, seq_len=seq_len, grpo_group=1,
+                     grpo_completion_len=completion)
+    hardware = resolve_hardware("A100-80GB", load_catalogue())
+    compute = compute_cost(shape, rollouts * seq_len, hardware)
+    expected = {"train": rollouts * hand.train(seq_len),
+                "reference forward": rollouts * hand.forward(seq_len),
+                "generation": rollouts * hand.rollout(seq_len - completion, completion),
+                "critic forward": rollouts * scalar.forward(seq_len),
+                "critic backward": rollouts * 2 * scalar.forward(seq_len),
+                "reward model": rollouts * scalar.forward(seq_len)}
+    assert compute.detail == pytest.approx(expected, rel=1e-12)
+    assert compute.flops == pytest.approx(sum(expected.values()), rel=1e-12)
+    assert compute.train_tokens == rollouts * seq_len  # one pass over each rollout
+    # A critic and reward model of their own shape; no reference at kl_coef 0; a reward
+    # function runs no model.
+    other = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=176, num_layers=2, num_heads=4,
+                        num_kv_heads=2, max_seq_len=512)
+    detail = compute_cost(replace(shape, critic_model=other, reward_model=other, uses_reference=False),
+                          rollouts * seq_len, hardware).detail
+    assert detail["critic forward"] == pytest.approx(rollouts * HandCount(other, outputs=1).forward(seq_len))
+    assert detail["reward model"] == pytest.approx(detail["critic forward"])
+    assert "reference forward" not in detail
+    assert "reward model" not in compute_cost(replace(shape, reward_is_model=False), 4800, hardware).detail
+    # GRPO at the same shape: no critic, no reward model.
+    grpo = compute_cost(replace(shape, objective="grpo"), rollouts * seq_len, hardware).detail
+    assert set(grpo) == {"train", "reference forward", "generation"}
+
+
+def _scalar_model_dir(path, cfg: ModelConfig):
+    """A reward model directory as `graft reward` saves one (its config.json is what --check reads)."""
+    from graftlm.models.config import to_hf_config
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({**to_hf_config(cfg), "num_labels": 1, "pad_token_id": 0,
+                                                  "architectures": ["LlamaForSequenceClassification"]}))
+    return path
+
+
+def test_check_times_a_ppo_run_with_its_critic_and_reward_model(tmp_path, capsys):
+    """10 steps of 4 prompts, one completion each (40 tokens on average: 24 of prompt, 16
+    generated), scored by a reward model of another shape that the critic starts from:
+    --check timed it as a GRPO run, with neither critic nor reward model."""
+    hand = HandCount(SMALL)
+    other = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=176, num_layers=2, num_heads=4,
+                        num_kv_heads=2, max_seq_len=512)
+    scalar = HandCount(other, outputs=1)
+    reward_dir = _scalar_model_dir(tmp_path / "rm", other)
+    steps, rows, row = 10, 4, 40
+    run = _run(tmp_path, {"objective": "ppo", "train": {"batch_size": rows, "seq_len": 64, "precision": "fp32"},
+                          "ppo": {"reward": str(reward_dir), "sampling": {"group_size": 1, "max_new_tokens": 16}}},
+               {"tokens": steps * rows * row, "steps": steps, "flops": 1e10})
+    result = check_run(run, None)
+    rollouts = steps * rows
+    work = {"train": rollouts * hand.train(row), "reference forward": rollouts * hand.forward(row),
+            "generation": rollouts * hand.rollout(row - 16, 16), "critic forward": rollouts * scalar.forward(row),
+            "critic backward": rollouts * 2 * scalar.forward(row), "reward model": rollouts * scalar.forward(row)}
+    assert result["objective"] == "ppo"
+    assert result["flops_detail"] == pytest.approx(work, rel=1e-12)
+    assert result["figures"]["FLOPs"]["predicted"] == pytest.approx(work["train"], rel=1e-12)  # the trainer's
+    time = result["figures"]["time (s)"]
+    assert time["predicted"] == pytest.approx(sum(work.values()) / (1e11 * load_catalogue()["cpu"].mfu))
+    assert time["ratio"] == pytest.approx(time["predicted"] / 10.0)
+    assert main(["plan", "--check", str(run)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "ppo / full" in out and "predicted / measured" in out
+    assert f"{time['ratio']:.2f}x" in out and "critic forward" in out and "reward model" in out
+    # A reward function: no reward model runs, and the critic is a copy of the policy; at
+    # kl_coef 0 no reference either.
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["ppo"].update(reward="regex:e", kl_coef=0.0)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    detail = check_run(run, None)["flops_detail"]
+    assert set(detail) == {"train", "generation", "critic forward", "critic backward"}
+    assert detail["critic forward"] == pytest.approx(rollouts * HandCount(SMALL, outputs=1).forward(row))
+    config["ppo"]["value_model"] = str(reward_dir)  # a value model of its own
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    assert check_run(run, None)["flops_detail"]["critic forward"] == pytest.approx(work["critic forward"])
+
+
+def test_ppo_memory_holds_its_critic_and_reward_model():
+    """The critic: weights, gradients and two AdamW states, in the policy's dtype, never
+    sharded; its backward runs while the policy's activations wait for theirs. The reward
+    model: frozen float32 weights. A scalar head model is the decoder without its LM head
+    plus a [1, hidden] score."""
+    scalar_params = SMALL_PARAMS + SMALL.hidden_size  # SMALL ties its head to its embeddings
+    shape = RunShape(SMALL, objective="ppo", precision="fp32", batch_size=8, seq_len=64, grpo_group=1,
+                     grpo_completion_len=16)
+    ppo, grpo = memory_breakdown(shape), memory_breakdown(replace(shape, objective="grpo"))
+    assert ppo.critic == 4 * 4 * scalar_params and ppo.reward_model == 4 * scalar_params
+    assert grpo.critic == grpo.reward_model == grpo.critic_activations == 0
+    assert ppo.critic_activations > 0 and ppo.peak_moment == "critic backward"
+    assert ppo.peak == (ppo.weights + ppo.optimizer + ppo.reference_model + ppo.critic + ppo.reward_model
+                        + ppo.activations + ppo.critic_activations)
+    assert memory_breakdown(replace(shape, devices=2)).critic == ppo.critic  # FSDP wraps the policy only
+    hardware = resolve_hardware("A100-80GB", load_catalogue())
+    planned = make_plan(SMALL, 1e6, hardware, PlanOptions(seq_len=64, batch_size=8, precision="fp32"))["regimes"]
+    assert planned["ppo"]["memory"]["critic"] == 4 * 4 * scalar_params
+    assert planned["ppo"]["memory"]["peak"] > planned["grpo"]["memory"]["peak"]
+    assert planned["grpo"]["memory"]["critic"] == 0
+
+
+def test_a_ppo_step_makes_the_passes_the_plan_counts(monkeypatch):
+    """objectives/ppo.py: one policy forward with grad (pi_old is it, detached), one
+    reference forward, one critic forward and one critic backward per micro-batch, and the
+    reward scored once: the parts of `flops_detail`, once each."""
+    import torch
+
+    from graftlm.models import Decoder
+    from graftlm.objectives import ppo
+    from graftlm.objectives.rollout import SamplingConfig
+    from graftlm.plan.compute import flops_detail
+    from graftlm.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(iter(["copy: 0 1 2 3 4 5 6 7 8 9"] * 10), 280)
+    torch.manual_seed(0)
+    policy = Decoder(ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+                                 num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=64,
+                                 pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id)).train()
+    passes = dict.fromkeys(["train", "reference forward", "critic forward", "critic backward", "reward model"], 0)
+
+    def counted(part, call=None):
+        def count(*args, **kwargs):
+            passes[part] += 1
+            return call(*args, **kwargs) if call else None
+        return count
+
+    def reward(completions, prompts, rows):
+        passes["reward model"] += 1
+        return [float(len(c)) for c in completions]
+
+    config = ppo.PPOConfig(reward="unused", sampling=SamplingConfig(group_size=2, max_new_tokens=4))
+    objective = ppo.PPOObjective(config, tokenizer, policy, reward=reward)
+    train = counted("train")
+    policy.register_forward_hook(lambda *args: train() if torch.is_grad_enabled() else None)  # not generation's
+    objective.critic.register_forward_hook(counted("critic forward"))
+    objective.critic.score.weight.register_hook(counted("critic backward"))
+    monkeypatch.setattr(ppo, "reference_token_logps", counted("reference forward", ppo.reference_token_logps))
+    prompts = ["copy: 1 2", "copy: 3 4"]
+    total, _, _ = objective.loss(policy, {"prompt_ids": [tokenizer.encode(p) for p in prompts],
+                                          "prompts": prompts, "rows": [{}, {}]})
+    total.backward()
+    assert passes == dict.fromkeys(passes, 1)
+    shape = RunShape(policy.config, objective="ppo", seq_len=16, grpo_group=2, grpo_completion_len=4)
+    assert set(flops_detail(shape, 160)) == {*passes, "generation"}
