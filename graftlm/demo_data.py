@@ -9,10 +9,11 @@ tasks about them with checkable one-word answers:
 Both are learnable by a model of about a million parameters in a minute or two on a
 laptop CPU (tasks that copy or reorder letters need far more steps before attention
 finds the pattern). The pre-training corpus holds the same world in prose ("... by the
-sea, and the cat was sad.") and some small talk in the chat format, so a base model has
-seen the facts and the chat tokens but not the questions: few-shot prompting of the base is the "prompting alone" baseline that
-fine-tuning must beat. Held-out prompts are sentences that never occur in training
-data. Everything is seeded and deterministic.
+sea, and the cat was sad.") and some small talk in the chat format (greetings, one-word
+replies, a sentence repeated back), so a base model has seen the facts, the chat tokens
+and the world's words at the start of a reply, but not the questions: few-shot prompting
+of the base is the "prompting alone" baseline that fine-tuning must beat. Held-out prompts are
+sentences that never occur in training data. Everything is seeded and deterministic.
 """
 
 from __future__ import annotations
@@ -38,10 +39,22 @@ TASKS = ("mood", "where")
 GREETINGS = [("hello", "hello, how are you?"), ("good morning", "good morning to you."),
              ("how are you?", "I am well, thank you."), ("thank you", "you are welcome."),
              ("goodbye", "goodbye, see you soon."), ("who are you?", "I am a small model.")]
+# Replies that are one word of the world, as the tasks' answers are. The prose has these
+# words only after a space (" sea"), which the tokenizer makes one token; a reply starts
+# without one, and "sea" alone was split into pieces ("se", "a") that the base had never
+# produced. LoRA, whose adapters leave the (tied) embeddings frozen, could not learn to
+# emit them: in the quick demo every adapter scored 0% and answered "hre".
+WORD_REPLIES = [("name a place", place) for place in PLACES.values()] + \
+               [("how do you feel?", mood) for mood in sorted(set(VERBS.values()))]
+# Small talk that repeats the user's sentence: the base learns to carry words from the
+# user's turn into its reply, the skill both tasks build on (a base trained on real chat
+# has it). With it, LoRA learned both tasks in 60 steps on 200-step bases from 2 of 2
+# pre-training seeds, against 1 of 2 without.
+REPEAT_SHARE = 0.5  # of the small talk
 
 
 def answer(task: str, sentence: tuple[str, str, str, str]) -> str:
-    subject, verb, obj, place = sentence
+    _, verb, _, place = sentence
     return VERBS[verb] if task == "mood" else PLACES[place]
 
 
@@ -55,8 +68,12 @@ def prose(sentence: tuple[str, str, str, str]) -> str:
     return line[0].upper() + line[1:]
 
 
-def small_talk(rng: random.Random) -> str:
-    user, assistant = rng.choice(GREETINGS)
+def small_talk(rng: random.Random, seen: list) -> str:
+    if rng.random() < REPEAT_SHARE:
+        sentence = text_of(rng.choice(seen))
+        user, assistant = f"repeat: {sentence}", sentence
+    else:
+        user, assistant = rng.choice(GREETINGS + WORD_REPLIES)
     return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{assistant}<|im_end|>"
 
 
@@ -80,7 +97,7 @@ def generate(out: str | Path, seed: int = 0, train_rows: int = 2000, heldout_row
     heldout, seen = world[:heldout_rows], world[heldout_rows:]
 
     paths = {"corpus": out / "corpus.txt"}
-    lines = [small_talk(rng) if i % 5 == 4 else prose(rng.choice(seen)) for i in range(corpus_lines)]
+    lines = [small_talk(rng, seen) if i % 5 == 4 else prose(rng.choice(seen)) for i in range(corpus_lines)]
     paths["corpus"].write_text("\n".join(lines) + "\n")
     for task in TASKS:
         train = rng.sample(seen, train_rows)

@@ -31,9 +31,14 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
 
     result = json.loads((out / "demo.json").read_text())
     accuracy = result["accuracy"]
-    # --quick trains too few steps for LoRA to learn much; full SFT must already beat the
-    # base prompted with examples (the full demo's figures are in the README).
+    # Fine-tuning, full and LoRA alike, must beat the base prompted with examples. Quick
+    # mode's adapters once scored 0% (their answers were word pieces the base had never
+    # produced, on a base too little trained); on bases from 4 pre-training seeds they
+    # now score 85-100% (the full demo's figures are in the README).
     assert accuracy["sft"] > accuracy["base"], accuracy
-    assert all(0.0 <= accuracy[name] <= 1.0 for name in ("dpo", "lora", "qlora", "lora-mood"))
+    assert 0.0 <= accuracy["dpo"] <= 1.0
+    for name in ("lora", "qlora"):
+        assert accuracy[name] >= 0.75 and accuracy[name] > accuracy["base"], accuracy
+    assert accuracy["lora-mood"] >= 0.75 and accuracy["lora-mood"] > result["mood"]["base+3-shot"], result["mood"]
     assert {row[0] for row in result["swaps"]} >= {"base", "where", "mood", "mixed batch: where"}
     assert (out / "report.html").read_text().count("data:image/png;base64") >= 1
