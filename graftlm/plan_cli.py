@@ -227,7 +227,9 @@ def print_plan(result: dict) -> None:
     rows = [("weights", "weights"), ("gradients", "gradients"), ("optimizer", "optimizer"),
             ("weight copies (bf16)", "weight_copies"), ("activations", "activations"),
             ("activations, checkpointed", "activations_checkpointed"), ("logits (chunked)", "logits"),
-            ("reference model", "reference_model"), ("KV cache (rollouts)", "kv_cache")]
+            ("reference model", "reference_model"), ("KV cache (rollouts)", "kv_cache"),
+            ("critic (PPO)", "critic"), ("critic activations", "critic_activations"),
+            ("reward model", "reward_model")]
     memory.add_column("", no_wrap=True)  # row names whole: narrow columns wrap their figures instead
     for name in result["regimes"]:
         memory.add_column(name, justify="right")
