@@ -16,7 +16,10 @@ the wrong type or range (checked before any tensor, so a bad `r` is not blamed o
 base), `use_dora` that the tensors or `graftlm_kind` contradict, a base whose recorded
 identity differs, a tensor for a module the base lacks or whose shape does not fit
 it, a QLoRA adapter beside other kinds on one base (inject.check_shared_base), and
-PEFT features graftlm lacks (LoRA biases, LoRA on embeddings).
+PEFT features graftlm lacks (LoRA biases, LoRA on embeddings). An adapter that records
+no identity (made by PEFT) loads, as in PEFT, but where its `base_model_name_or_path`
+is a local directory other than the one the model was loaded from
+(`model.source_dir`), one warning names both.
 """
 
 from __future__ import annotations
@@ -250,6 +253,28 @@ def _check_identity(model: nn.Module, recorded: dict | None, path: Path, allow_o
                              "meant (a fine-tuned variant of it), pass --allow-other-base")
 
 
+def _check_recorded_base(model: nn.Module, recorded: str | None, adapter_dir: Path) -> None:
+    """An adapter made by PEFT records no identity of its base, only the name it was
+    made from (`base_model_name_or_path`). Where that is a local directory other than
+    the one the model was loaded from, say so, and load it (PEFT does not check either);
+    a hub id, or a directory not on this machine, is not compared."""
+    source = getattr(model, "source_dir", None)
+    if source is None and isinstance(model, ScalarHeadModel):
+        source = getattr(model.model, "source_dir", None)
+    if source is None or not isinstance(recorded, str) or not recorded:
+        return
+    try:
+        recorded_dir = Path(recorded).expanduser()
+        if not recorded_dir.is_dir() or recorded_dir.resolve() == Path(source).resolve():
+            return
+    except (OSError, ValueError):
+        return
+    print(f"warning: {adapter_dir}: {CONFIG_FILE} names its base model as {recorded_dir.resolve()}, but it is "
+          f"loaded onto the model in {Path(source).resolve()}; it records nothing else of its base (it was not "
+          "saved by graftlm), so only the shapes are checked: if these are different models, its outputs are wrong",
+          file=sys.stderr, flush=True)
+
+
 def _split_key(key: str, weights_path: Path) -> tuple[str, str]:
     """PEFT tensor name -> (graftlm module name, what: lora_A | lora_B | magnitude | saved.<param>)."""
     if not key.startswith(PREFIX):
@@ -295,6 +320,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
     check_shared_base(model, cfg.kind, name, where=str(adapter_dir))
     _check_task(model, config.get("task_type"), adapter_dir)
     _check_identity(model, config.get("graftlm_base_identity"), adapter_dir, allow_other_base)
+    if not config.get("graftlm_base_identity"):
+        _check_recorded_base(model, config.get("base_model_name_or_path"), adapter_dir)
     state = read_safetensors(weights_path)
     modules = dict(model.named_modules())
     by_module: dict[str, dict[str, torch.Tensor]] = {}

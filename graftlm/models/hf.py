@@ -119,7 +119,9 @@ def load_config(path: str | Path) -> ModelConfig:
 
 def load_model(path: str | Path, dtype: torch.dtype | None = torch.float32,
                device: str | torch.device = "cpu") -> Decoder:
-    """Load an HF model directory. `dtype=None` keeps the stored dtype."""
+    """Load an HF model directory. `dtype=None` keeps the stored dtype. The model
+    remembers the directory it came from (`model.source_dir`, resolved), which an
+    adapter's recorded base is compared with."""
     model_dir = check_model_dir(path)
     cfg = read_hf_config(model_dir / "config.json")
     state = load_state_dict(model_dir)
@@ -147,6 +149,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = torch.float32,
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     model.reset_rope(torch.device(device))
+    model.source_dir = model_dir.resolve()
     return model.eval()
 
 

@@ -79,6 +79,23 @@ def test_peft_made_adapter_loads_in_graftlm(use_dora, tmp_path):
     assert (_logits(theirs) - _logits(ours)).abs().max().item() <= 1e-4
 
 
+def test_peft_adapter_made_on_another_local_directory_is_named(tmp_path, capsys):
+    import shutil
+
+    import transformers
+    make_hf_model("llama", tmp_path / "hf")
+    shutil.copytree(tmp_path / "hf", tmp_path / "copy")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")  # PEFT records this directory
+    peft.get_peft_model(hf, peft.LoraConfig(r=4, target_modules="all-linear")).save_pretrained(tmp_path / "ad")
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    capsys.readouterr()
+    A.load_adapter(load_model(tmp_path / "hf"), tmp_path / "ad")
+    assert "warning" not in capsys.readouterr().err
+    A.load_adapter(load_model(tmp_path / "copy"), tmp_path / "ad")  # loads, as in PEFT, but is named
+    assert (f"names its base model as {(tmp_path / 'hf').resolve()}, but it is loaded onto the model in "
+            f"{(tmp_path / 'copy').resolve()}") in capsys.readouterr().err
+
+
 def test_all_linear_and_rslora_match_peft_config(tmp_path):
     hf = make_hf_model("llama", tmp_path / "hf")
     theirs = peft.get_peft_model(hf, peft.LoraConfig(r=8, lora_alpha=4, use_rslora=True,

@@ -1,0 +1,67 @@
+"""What loading or applying an adapter says about its base: a PEFT adapter recorded on
+another local directory."""
+
+import json
+import shutil
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+import graftlm.adapters as A
+from graftlm.models.hf import load_model, save_model
+from tests.unit.test_adapters import tiny
+
+
+def _peft_like(model, out, base_model_name_or_path):
+    """An adapter as PEFT writes it: no graftlm identity in the weights' metadata."""
+    A.apply_adapters(model, A.AdapterConfig(r=4))
+    A.save_adapter(model, out)
+    weights = out / "adapter_model.safetensors"
+    save_file(load_file(weights), weights, metadata={"format": "pt"})
+    config = json.loads((out / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = base_model_name_or_path
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_load_model_records_its_directory(tmp_path):
+    save_model(tiny(), tmp_path / "base")
+    assert load_model(tmp_path / "base").source_dir == (tmp_path / "base").resolve()
+
+
+def test_a_peft_adapter_recorded_on_another_local_directory_is_named_and_still_loads(tmp_path, capsys,
+                                                                                  monkeypatch):
+    save_model(tiny(seed=0), tmp_path / "base")
+    save_model(tiny(seed=1), tmp_path / "other")  # same shapes, other weights: shapes cannot tell
+    _peft_like(load_model(tmp_path / "other"), tmp_path / "ad", str(tmp_path / "other"))
+    model = A.load_adapter(load_model(tmp_path / "base"), tmp_path / "ad")
+    assert A.loaded_adapters(model) == ["default"]
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1
+    assert (f"names its base model as {(tmp_path / 'other').resolve()}, but it is loaded onto the model in "
+            f"{(tmp_path / 'base').resolve()}") in err
+    # The same directory by another spelling (relative, through a link) is the same base.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "link").symlink_to(tmp_path / "base")
+    for same in ("base", "./link", str(tmp_path / "link")):
+        _peft_like(load_model(tmp_path / "base"), tmp_path / "ad", same)
+        A.load_adapter(load_model(tmp_path / "link"), tmp_path / "ad")
+        assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recorded", ["Qwen/Qwen2.5-0.5B", None, "", "/nonexistent/model"],
+                         ids=["hub-id", "null", "empty", "missing-dir"])
+def test_a_peft_adapter_recorded_on_a_hub_id_or_nothing_says_nothing(recorded, tmp_path, capsys):
+    save_model(tiny(), tmp_path / "base")
+    _peft_like(load_model(tmp_path / "base"), tmp_path / "ad", recorded)
+    A.load_adapter(load_model(tmp_path / "base"), tmp_path / "ad")
+    assert capsys.readouterr().err == ""
+
+
+def test_a_graftlm_adapter_checks_its_identity_not_the_directory(tmp_path, capsys):
+    save_model(tiny(), tmp_path / "base")
+    shutil.copytree(tmp_path / "base", tmp_path / "copy")
+    model = A.apply_adapters(load_model(tmp_path / "base"), A.AdapterConfig(r=4))
+    A.save_adapter(model, tmp_path / "ad", base_model_name_or_path=str(tmp_path / "base"))
+    A.load_adapter(load_model(tmp_path / "copy"), tmp_path / "ad")  # the same weights elsewhere
+    assert capsys.readouterr().err == ""
