@@ -1,7 +1,9 @@
 """The identity of a base model, recorded in every adapter saved from it.
 
-Two parts: `config_sha256` over the architecture fields of the model config (compared
-exactly), and `weights_sample`, 32 evenly spaced values of every base weight in name
+Three parts: `config_sha256` over the architecture fields of the model config (compared
+exactly), `architecture`, those fields themselves (so that a mismatch names the field
+that differs; adapters saved before it was recorded fall back to the hash), and
+`weights_sample`, 32 evenly spaced values of every base weight in name
 order (float32, base64), compared within half-precision rounding. A tolerance, not a
 hash: the same base stored or loaded in float32, bf16 or float16 rounds its values
 differently, and a hash of rounded values told an adapter trained on a float32 base
@@ -31,10 +33,23 @@ SAMPLES_PER_TENSOR = 32
 RELATIVE_TOLERANCE, ABSOLUTE_TOLERANCE = 2.0 ** -6, 1e-6
 
 
-def config_sha256(config) -> str:
+def architecture(config) -> dict:
+    """The architecture fields of a model config, as JSON keeps them."""
     values = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
-    fields = {k: values.get(k) for k in ARCHITECTURE_FIELDS}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+    return json.loads(json.dumps({k: values.get(k) for k in ARCHITECTURE_FIELDS}))
+
+
+def config_sha256(config) -> str:
+    return hashlib.sha256(json.dumps(architecture(config), sort_keys=True).encode()).hexdigest()
+
+
+def architecture_difference(recorded: dict, config) -> str | None:
+    """The fields in which `config` differs from a recorded `architecture`, in words
+    ("hidden_size 64 (adapter's base) vs 128 (this model)"); None when none does."""
+    now = architecture(config)
+    differ = [f"{field} {json.dumps(recorded.get(field))} (adapter's base) vs {json.dumps(now[field])} (this model)"
+              for field in ARCHITECTURE_FIELDS if recorded.get(field) != now[field]]
+    return ", ".join(differ) or None
 
 
 def _named_weights(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -60,11 +75,12 @@ def weights_sample(model: nn.Module) -> str:
 
 
 def base_identity(model: nn.Module) -> dict:
-    """{"config_sha256", "weights_sample"} of a model that has no adapters yet."""
+    """{"config_sha256", "architecture", "weights_sample"} of a model that has no adapters yet."""
     stored = getattr(model, "adapter_base_identity", None)
     if stored is not None:
         return stored
-    return {"config_sha256": config_sha256(model.config), "weights_sample": weights_sample(model)}
+    return {"config_sha256": config_sha256(model.config), "architecture": architecture(model.config),
+            "weights_sample": weights_sample(model)}
 
 
 def weights_difference(recorded: str, model: nn.Module) -> str | None:

@@ -238,6 +238,12 @@ def _check_identity(model: nn.Module, recorded: dict | None, path: Path, allow_o
         return  # an adapter made by PEFT: shapes are still checked tensor by tensor
     actual = identity.base_identity(model)
     if "config_sha256" in recorded and recorded["config_sha256"] != actual["config_sha256"]:
+        fields = recorded.get("architecture")
+        difference = identity.architecture_difference(fields, model.config) if isinstance(fields, dict) else None
+        if difference is not None:
+            raise GraftError(f"{path}: the adapter was trained on a base with a different architecture "
+                             f"('graftlm_base_identity.architecture'): {difference}")
+        # Recorded before the fields were (or they do not say what differs): only the hash.
         raise GraftError(f"{path}: the recorded 'graftlm_base_identity.config_sha256' does not match this base "
                          f"model (the adapter was trained on a base with a different architecture: "
                          f"{recorded['config_sha256'][:12]} vs {actual['config_sha256'][:12]})")

@@ -1,5 +1,5 @@
 """What loading or applying an adapter says about its base: a PEFT adapter recorded on
-another local directory."""
+another local directory, an architecture mismatch by field."""
 
 import json
 import shutil
@@ -8,6 +8,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 import graftlm.adapters as A
+from graftlm.errors import GraftError
 from graftlm.models.hf import load_model, save_model
 from tests.unit.test_adapters import tiny
 
@@ -65,3 +66,30 @@ def test_a_graftlm_adapter_checks_its_identity_not_the_directory(tmp_path, capsy
     A.save_adapter(model, tmp_path / "ad", base_model_name_or_path=str(tmp_path / "base"))
     A.load_adapter(load_model(tmp_path / "copy"), tmp_path / "ad")  # the same weights elsewhere
     assert capsys.readouterr().err == ""
+
+
+def test_an_architecture_mismatch_names_the_fields(tmp_path):
+    model = A.apply_adapters(tiny(), A.AdapterConfig(r=4))
+    A.save_adapter(model, tmp_path / "ad")
+    with pytest.raises(GraftError, match=r"different architecture \('graftlm_base_identity.architecture'\): "
+                                         r"intermediate_size 128 \(adapter's base\) vs 192 \(this model\)$"):
+        A.load_adapter(tiny(intermediate_size=192), tmp_path / "ad")
+    with pytest.raises(GraftError, match=r"hidden_size 64 \(adapter's base\) vs 128 \(this model\), "
+                                         r"intermediate_size 128 \(adapter's base\) vs 256 \(this model\), "
+                                         r"head_dim 16 \(adapter's base\) vs 32 \(this model\)$"):
+        A.load_adapter(tiny(hidden_size=128, intermediate_size=256), tmp_path / "ad")
+    with pytest.raises(GraftError, match=r"tie_embeddings false \(adapter's base\) vs true \(this model\)"):
+        A.load_adapter(tiny(tie_embeddings=True), tmp_path / "ad")
+
+
+def test_an_adapter_recorded_with_only_the_hash_keeps_the_hash_message(tmp_path):
+    model = A.apply_adapters(tiny(), A.AdapterConfig(r=4))
+    A.save_adapter(model, tmp_path / "ad")
+    weights = tmp_path / "ad" / "adapter_model.safetensors"
+    old = {key: value for key, value in A.base_identity(model).items() if key != "architecture"}
+    save_file(load_file(weights), weights, metadata={"format": "pt", "graftlm_base_identity": json.dumps(old)})
+    A.load_adapter(tiny(), tmp_path / "ad")  # its own base still takes it
+    with pytest.raises(GraftError, match=r"'graftlm_base_identity.config_sha256' does not match this base model "
+                                         r"\(the adapter was trained on a base with a different architecture: "
+                                         r"[0-9a-f]{12} vs [0-9a-f]{12}\)"):
+        A.load_adapter(tiny(intermediate_size=192), tmp_path / "ad")
