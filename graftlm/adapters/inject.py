@@ -18,6 +18,7 @@ Design choices:
 
 from __future__ import annotations
 
+import sys
 import weakref
 from contextlib import contextmanager
 
@@ -28,6 +29,7 @@ from graftlm.adapters import qlora
 from graftlm.adapters.config import OUTPUT_LAYER, AdapterConfig, base_storage_dtype, name_matches, select_targets
 from graftlm.adapters.identity import base_identity
 from graftlm.adapters.lora import LoraLinear, ModulesToSave
+from graftlm import placement
 from graftlm.errors import GraftError
 
 _REFERENCES: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
@@ -74,6 +76,7 @@ def apply_adapters(model: nn.Module, cfg: AdapterConfig, name: str = "default",
         if id(param) not in adapter_ids:
             param.requires_grad_(False)
     if base_storage_dtype(cfg.base_dtype, precision) == "bfloat16":
+        _warn_if_bf16_is_slow(model, cfg, precision)
         _cast_base(model, torch.bfloat16)
     if cfg.kind == "qlora":
         _quantize_base(model, cfg)
@@ -147,6 +150,30 @@ def _modules_to_save(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     if wanted:
         raise GraftError(f"config field 'adapter.modules_to_save': '{wanted[0]}' names no module of the model")
     return found + sorted(w for w in wrapped if name_matches(w, cfg.modules_to_save))
+
+
+_SAID: set[str] = set()
+
+
+def _warn_if_bf16_is_slow(model: nn.Module, cfg: AdapterConfig, precision: str | None) -> None:
+    """`base_dtype: bfloat16` on a device without fast bf16 matmuls (an AVX2-only CPU, a
+    card before Ampere): the frozen base then computes in bf16, many times slower than
+    in float32. Said once per process, by rank 0; a bf16 `train.precision` was already
+    warned of where the run resolved it (`placement.resolve_precision`)."""
+    if cfg.base_dtype != "bfloat16" or precision in ("bf16-autocast", "bf16"):
+        return
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if placement.fast_bfloat16(device.type):
+        return
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+        return
+    what = "this CPU has no AVX-512, AMX or Arm BF16" if device.type == "cpu" else f"{device} emulates bf16"
+    message = (f"warning: --adapter.base-dtype bfloat16: {what}, so every step runs many times slower than with "
+               "a float32 base (its bf16 matrix products, 50x slower on an AVX2 CPU); --adapter.base-dtype auto or "
+               "float32 keeps the frozen base in float32, at twice its memory")
+    if message not in _SAID:
+        _SAID.add(message)
+        print(message, file=sys.stderr, flush=True)
 
 
 def _cast_base(model: nn.Module, dtype: torch.dtype) -> None:

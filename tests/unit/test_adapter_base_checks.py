@@ -1,5 +1,6 @@
 """What loading or applying an adapter says about its base: a PEFT adapter recorded on
-another local directory, an architecture mismatch by field."""
+another local directory, an architecture mismatch by field, a bf16 base on a CPU
+without fast bf16."""
 
 import json
 import shutil
@@ -8,6 +9,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 import graftlm.adapters as A
+from graftlm.adapters import inject
 from graftlm.errors import GraftError
 from graftlm.models.hf import load_model, save_model
 from tests.unit.test_adapters import tiny
@@ -93,3 +95,33 @@ def test_an_adapter_recorded_with_only_the_hash_keeps_the_hash_message(tmp_path)
                                          r"\(the adapter was trained on a base with a different architecture: "
                                          r"[0-9a-f]{12} vs [0-9a-f]{12}\)"):
         A.load_adapter(tiny(intermediate_size=192), tmp_path / "ad")
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    monkeypatch.setattr(inject, "_SAID", set(), raising=False)
+
+
+def test_a_bf16_base_on_a_cpu_without_fast_bf16_is_warned_of_once(monkeypatch, capsys, fresh_warnings):
+    monkeypatch.setattr("graftlm.placement.fast_bfloat16", lambda device_type: False)
+    for name in ("a", "b"):
+        A.apply_adapters(tiny(), A.AdapterConfig(r=4, base_dtype="bfloat16"), name=name)
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1
+    assert ("warning: --adapter.base-dtype bfloat16: this CPU has no AVX-512, AMX or Arm BF16, so every step runs "
+            "many times slower than with a float32 base (its bf16 matrix products, 50x slower on an AVX2 CPU); "
+            "--adapter.base-dtype auto or float32 keeps the frozen base in float32, at twice its memory") in err
+
+
+@pytest.mark.parametrize("base_dtype, precision, fast", [
+    ("bfloat16", None, True),  # a CPU with AVX-512 / AMX computes bf16 at speed
+    ("float32", None, False),
+    ("auto", "fp32", False),  # auto is float32 where the run computes in float32
+    ("auto", "bf16-autocast", False),  # a bf16 run: resolve_precision has said it for --train.precision
+    ("bfloat16", "bf16-autocast", False),
+])
+def test_no_bf16_base_warning_where_it_costs_nothing_or_was_said(base_dtype, precision, fast, monkeypatch, capsys,
+                                                                 fresh_warnings):
+    monkeypatch.setattr("graftlm.placement.fast_bfloat16", lambda device_type: fast)
+    A.apply_adapters(tiny(), A.AdapterConfig(r=4, base_dtype=base_dtype), precision=precision)
+    assert capsys.readouterr().err == ""
