@@ -8,6 +8,8 @@ from the network (random weights and tokens). Measures:
   transformers + PEFT when both are importable: tokens/s, MFU, peak GPU memory; and the
   LoRA step's speed over the pre-training step, which is the full fine-tuning step of the
   same batch (the LoRA issue's goal: at least 1.3x);
+- graftlm QLoRA step (NF4 frozen base computed in bf16): tokens/s, peak GPU memory, and
+  the frozen linear weights' size in NF4 against bf16 (goal: at most 0.3x);
 - generation in bf16 on the same weights (64-token prompts, 128 new tokens, greedy,
   batch 1 and 8): transformers' `generate`, graftlm's engine eager and with
   `compile=True`: new tokens/s, and the ratio to transformers.
@@ -40,7 +42,7 @@ from graftlm.plan.compute import train_flops_per_token
 from graftlm.plan.memory import RunShape
 
 LORA_R = 16
-ROWS = ("pretrain", "lora", "peft", "generation")
+ROWS = ("pretrain", "lora", "qlora", "peft", "generation")
 
 
 def flops_per_token(cfg, seq_len: int, parameterization: str) -> float:
@@ -134,19 +136,35 @@ def bench_pretrain(cfg, args, device):
     return measure("graftlm pre-training", make_step, cfg, args, device, "full")
 
 
-def bench_lora_graftlm(cfg, args, device):
+def bench_adapter_graftlm(cfg, args, device, kind: str = "lora"):
+    """graftlm's LoRA (bf16 frozen base) or QLoRA (NF4 frozen base) step; QLoRA's row also
+    prints its frozen linear weights' size against the same weights in bf16."""
     from graftlm.adapters import AdapterConfig, apply_adapters
+    from graftlm.adapters import qlora
 
     reset_memory(device)
     model = random_decoder(cfg, device)
-    apply_adapters(model, AdapterConfig(kind="lora", r=LORA_R, alpha=2 * LORA_R, target_modules=["all-linear"],
+    frozen = {name: module.weight for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+              and name != "lm_head"}
+    bf16_bytes = sum(w.numel() * 2 for w in frozen.values())
+    apply_adapters(model, AdapterConfig(kind=kind, r=LORA_R, alpha=2 * LORA_R, target_modules=["all-linear"],
                                         base_dtype="bfloat16"))
+    if kind == "qlora":
+        stored = sum(qlora.storage_bytes(m.base_layer.weight) for m in model.modules() if hasattr(m, "base_layer"))
+        print(f"  QLoRA frozen linear weights: {stored / 2**30:.2f} GiB NF4 vs {bf16_bytes / 2**30:.2f} GiB bf16 "
+              f"({stored / bf16_bytes:.2f}x; goal <= 0.3x)", flush=True)
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:  # fp32 master weights for what trains, as the trainer keeps them
         p.data = p.data.float()
     batch = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len), device=device)
-    return measure(f"graftlm LoRA r={LORA_R}", graftlm_step_maker(model, batch, params, device), cfg, args,
-                   device, "lora")
+    name = f"graftlm {'QLoRA' if kind == 'qlora' else 'LoRA'} r={LORA_R}"
+    return measure(name, graftlm_step_maker(model, batch, params, device), cfg, args, device, "lora")
+
+
+def failed_row(what: str, error: Exception) -> None:
+    """One line for a row that failed, so that the rows after it are still measured (a
+    CUDA device-side assert, though, leaves the device unusable for the rest)."""
+    print(f"{what} failed: {type(error).__name__}: {str(error).strip().splitlines()[0][:200]}", flush=True)
 
 
 def bench_lora_peft(cfg, args, device):
@@ -259,25 +277,30 @@ def main(argv=None) -> None:
     print(f"model: preset {args.preset}, {cfg.num_params() / 1e9:.2f}B parameters, "
           f"batch {args.batch} x {args.seq_len}, {args.steps} timed steps")
     print(f"\n{'step':42s} {'tokens/s':>12s} {'MFU':>7s} {'peak GB':>9s}", flush=True)
-    full = lora = None
-    if "pretrain" in args.only:
-        full = bench_pretrain(cfg, args, device)
-        print_row(full)
-    if "lora" in args.only:
-        lora = bench_lora_graftlm(cfg, args, device)
-        print_row(lora)
-    if full and lora:  # the pre-training step trains every weight: the full fine-tuning step of this batch
-        print(f"{'graftlm LoRA step / full step':42s} {lora[1] / full[1]:11.2f}x  (goal >= 1.3x)", flush=True)
-    if "peft" in args.only:
+    rows = {}
+    makers = {"pretrain": lambda: bench_pretrain(cfg, args, device),
+              "lora": lambda: bench_adapter_graftlm(cfg, args, device, "lora"),
+              "qlora": lambda: bench_adapter_graftlm(cfg, args, device, "qlora"),
+              "peft": lambda: bench_lora_peft(cfg, args, device)}
+    for name, make_row in makers.items():
+        if name not in args.only:
+            continue
         try:
-            print_row(bench_lora_peft(cfg, args, device))
-        except ImportError:
-            print("transformers + PEFT not installed: their LoRA step is not measured")
-        except Exception as e:  # the peer's failure must not hide graftlm's rows
-            print(f"transformers + PEFT LoRA step failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}")
+            rows[name] = make_row()
+            print_row(rows[name])
+        except ImportError as e:
+            print(f"{name}: not measured ({e})", flush=True)
+        except Exception as e:  # one row's failure must not hide the others
+            failed_row(name, e)
+        if name == "lora" and {"pretrain", "lora"} <= rows.keys():
+            # The pre-training step trains every weight: the full fine-tuning step of this batch.
+            print(f"{'graftlm LoRA step / full step':42s} {rows['lora'][1] / rows['pretrain'][1]:11.2f}x  "
+                  "(goal >= 1.3x)", flush=True)
     if "generation" in args.only:
-        bench_generation(cfg, args, device)
-
+        try:
+            bench_generation(cfg, args, device)
+        except Exception as e:  # the table above stays printed
+            failed_row("generation", e)
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU benchmark: installs nothing from the network, checks CUDA, and in
 # under 8 minutes prints two tables (pre-training tokens/s and MFU of the ~1B preset at
-# sequence 2048 with torch.compile; the LoRA step against transformers + PEFT when
+# sequence 2048 with torch.compile; the LoRA and QLoRA steps, LoRA against transformers + PEFT when
 # present; peak GPU memory; then bf16 generation, graftlm's engine eager and compiled
 # against transformers' generate). Usage: bench/gpu.sh [extra args for bench/gpu.py]
 # The Python used is $PY if set, else the first of .venv/bin/python and python3 whose

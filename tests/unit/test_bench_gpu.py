@@ -68,8 +68,10 @@ def test_smoke_run_prints_every_row_of_the_table():
         match = re.match(r"(.+?\(eager\))\s+([\d,]+)\s+([\d.]+)%\s+nan$", line)
         if match:
             rows[match[1]] = (float(match[2].replace(",", "")), float(match[3]))
-    assert set(rows) == {"graftlm pre-training (eager)", "graftlm LoRA r=16 (eager)",
+    assert set(rows) == {"graftlm pre-training (eager)", "graftlm LoRA r=16 (eager)", "graftlm QLoRA r=16 (eager)",
                          "transformers + PEFT LoRA r=16 (eager)"}, result.stdout
+    nf4 = re.search(r"QLoRA frozen linear weights: .* \(([\d.]+)x; goal <= 0.3x\)", result.stdout)
+    assert nf4 and 0.2 < float(nf4[1]) <= 0.3, result.stdout
     assert all(tps > 0 and math.isfinite(mfu) for tps, mfu in rows.values()), rows
     ratio = re.search(r"^graftlm LoRA step / full step\s+([\d.]+)x", result.stdout, re.M)
     assert ratio and float(ratio[1]) == pytest.approx(
@@ -78,6 +80,21 @@ def test_smoke_run_prints_every_row_of_the_table():
     assert {name for name, _, _ in generation} == {
         f"{side} batch {b}" for side in ("transformers generate", "graftlm engine (eager)") for b in (1, 8)}
     assert all(float(tps.replace(",", "")) > 0 for _, tps, _ in generation)
+
+
+def test_a_failing_row_leaves_the_others_measured(gpu_bench, monkeypatch, capsys):
+    # The first GPU run lost every row after graftlm's LoRA row, which raised.
+    def broken(cfg, args, device, kind="lora"):
+        raise RuntimeError("CUDA error: device-side assert triggered\nmore")
+
+    monkeypatch.setattr(gpu_bench, "bench_adapter_graftlm", broken)
+    monkeypatch.setattr(gpu_bench, "bench_pretrain", lambda cfg, args, device: ("graftlm pre-training", 1.0, 0.5, 2.0))
+    monkeypatch.setattr(gpu_bench, "bench_lora_peft", lambda cfg, args, device: ("PEFT", 3.0, 0.25, 1.0))
+    gpu_bench.main(["--smoke", "--only", "pretrain", "lora", "qlora", "peft"])
+    out = capsys.readouterr().out
+    assert "lora failed: RuntimeError: CUDA error: device-side assert triggered" in out
+    assert "qlora failed: RuntimeError" in out and re.search(r"^PEFT\s+3", out, re.M)
+    assert "LoRA step / full step" not in out
 
 
 def test_gpu_sh_refuses_to_run_without_cuda():
