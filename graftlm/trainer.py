@@ -77,8 +77,7 @@ class TrainConfig:
     compile: bool = field(default=False, metadata={"help": "torch.compile each decoder block"})
     compile_activation_budget: float = field(default=1.0, metadata={
         "help": "with compile: share of a block's activations kept for backward, the rest recomputed "
-                "(1.0: keep all, as an eager step does; 0.5 with adapters: about 0.85x the memory for a "
-                "step about 8% slower)"})
+                "(1.0: keep all, as an eager step does; 0.5: less memory for a slower step)"})
     eval_every: int = field(default=100, metadata={"help": "validate every N steps (0: only at the end)"})
     eval_batches: int = field(default=20, metadata={"help": "validation batches (0: the whole split)"})
     save_every: int = field(default=500, metadata={"help": "checkpoint every N steps (0: only at the end)"})
