@@ -39,7 +39,8 @@ class OptimConfig:
     min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a fraction of the peak"})
     schedule: Literal["cosine", "wsd", "constant"] = field(
         default="cosine", metadata={"help": "warmup then cosine, warmup-stable-decay, or constant"})
-    warmup_steps: int = field(default=100, metadata={"help": "linear warmup steps"})
+    warmup_steps: int | None = field(default=None, metadata={
+        "help": "linear warmup steps (default: a tenth of the run's steps, at most 100)"})
     decay_fraction: float = field(default=0.2, metadata={"help": "WSD: final fraction of steps that decays"})
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -47,6 +48,12 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm (0: no clipping)"})
     implementation: Literal["auto", "fused", "foreach"] = "auto"
+
+    def warmup_for(self, max_steps: int) -> int:
+        """`warmup_steps`, or where a run has not chosen it a tenth of its steps, at most
+        100: a fixed 100 left a 30-step fine-tuning run in its warmup, at a third of its
+        rate, having learnt nothing (TRL warms up for 0 steps; pre-training wants some)."""
+        return min(100, max_steps // 10) if self.warmup_steps is None else self.warmup_steps
 
     @property
     def peak_lr(self) -> float:
@@ -58,7 +65,7 @@ class OptimConfig:
             raise ConfigError(f"config field 'optim.lr': must be positive, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"config field 'optim.min_lr_ratio': must be in [0, 1], got {self.min_lr_ratio}")
-        if self.warmup_steps < 0:
+        if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ConfigError(f"config field 'optim.warmup_steps': must be >= 0, got {self.warmup_steps}")
         if not 0 < self.decay_fraction <= 1:
             raise ConfigError(f"config field 'optim.decay_fraction': must be in (0, 1], got {self.decay_fraction}")
@@ -111,17 +118,18 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 def lr_at(step: int, max_steps: int, cfg: OptimConfig) -> float:
     """Learning rate for optimizer step `step` (0-based) of `max_steps`."""
     peak, floor = cfg.peak_lr, cfg.peak_lr * cfg.min_lr_ratio
-    if step < cfg.warmup_steps:
-        return peak * (step + 1) / cfg.warmup_steps
+    warmup = cfg.warmup_for(max_steps)
+    if step < warmup:
+        return peak * (step + 1) / warmup
     if cfg.schedule == "constant":
         return peak
     if cfg.schedule == "cosine":
-        span = max(1, max_steps - cfg.warmup_steps)
-        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        span = max(1, max_steps - warmup)
+        progress = min(1.0, (step - warmup) / span)
         return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     # warmup-stable-decay: hold the peak, then decay linearly over the last fraction.
     decay_steps = max(1, round(max_steps * cfg.decay_fraction))
-    decay_start = max(cfg.warmup_steps, max_steps - decay_steps)
+    decay_start = max(warmup, max_steps - decay_steps)
     if step < decay_start:
         return peak
     progress = min(1.0, (step - decay_start + 1) / decay_steps)

@@ -439,6 +439,8 @@ def _run_training(cfg: RunConfig, resume: bool | None, fresh: bool, allow_config
     cfg.train.precision = parallel.decide_on_main(lambda: resolve_precision(cfg.train.precision, d.device), d)
     if cfg.optim.lr is None:  # concrete before config.yaml and the resume check read it
         cfg.optim.lr = parallel.decide_on_main(lambda: default_lr(cfg, recorded), d)
+    # Recorded as a number, so that a run extended to more steps keeps the warmup it had.
+    cfg.optim.warmup_steps = cfg.optim.warmup_for(cfg.train.max_steps)
 
     seed_everything(cfg.seed)
     from graftlm.models.hf import resolve_model_config

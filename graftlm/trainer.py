@@ -459,7 +459,7 @@ class Trainer:
                                     log_every=cfg.log_every, tensorboard=self.tensorboard)
         if self.checkpoint_root is not None and self.is_main:
             ckpt.sweep_partial(self.checkpoint_root)
-        warmup = self.optim_cfg.warmup_steps
+        warmup = self.optim_cfg.warmup_for(cfg.max_steps)
         if warmup and warmup >= cfg.max_steps and self.step < cfg.max_steps:
             reached = lr_at(cfg.max_steps - 1, cfg.max_steps, self.optim_cfg)
             self._message(f"warning: --optim.warmup-steps {warmup} >= --train.max-steps {cfg.max_steps}: the run "

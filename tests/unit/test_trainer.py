@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 import torch
 
 from graftlm.data.loader import ResumableLoader
@@ -205,6 +206,31 @@ def test_schedules():
     assert lr_at(99, 100, wsd) == pytest.approx(0.0)
     const = OptimConfig(lr=2.0, warmup_steps=0, schedule="constant")
     assert lr_at(0, 10, const) == lr_at(9, 10, const) == 2.0
+
+
+def test_default_warmup_is_a_tenth_of_the_run_at_most_100():
+    # A fixed 100 steps left a 30-step fine-tuning run at a third of its rate at its end.
+    default = OptimConfig(lr=1.0, schedule="constant")
+    assert [default.warmup_for(n) for n in (5, 30, 600, 5000)] == [0, 3, 60, 100]
+    assert lr_at(0, 30, default) == pytest.approx(1 / 3) and lr_at(2, 30, default) == 1.0
+    assert lr_at(0, 5, default) == 1.0  # too short for any warmup
+    assert OptimConfig(lr=1.0, warmup_steps=7).warmup_for(30) == 7  # a chosen one stays
+
+
+def test_a_run_records_its_warmup_and_keeps_it_when_extended(tmp_path):
+    from graftlm.cli import main
+    from tests.unit.test_sft_packing import _data
+
+    path, _ = _data(tmp_path, n=20)
+
+    def sft(steps: int) -> dict:
+        assert main(["sft", "--model", "tiny", "--tokenizer", str(tmp_path / "tok"), "--data", str(path),
+                     "--out", str(tmp_path), "--name", "run", "--train.max-steps", str(steps),
+                     "--train.batch-size", "2", "--train.eval-batches", "1", "--tensorboard", "false"]) == 0
+        return yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["optim"]
+
+    assert sft(20)["warmup_steps"] == 2
+    assert sft(40)["warmup_steps"] == 2  # not 4: the steps already taken were warmed up over 2
 
 
 def test_weight_decay_groups_exclude_norms_biases_and_embeddings():
