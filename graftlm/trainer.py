@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -505,9 +506,31 @@ class Trainer:
                     saved_at = self.step
             if saved_at != self.step:  # resumed a finished run: make sure the end is saved
                 self.save_checkpoint()
+        except KeyboardInterrupt:
+            self._message(self._interrupted_note(saved_at))
+            raise
         finally:
             self.logger.close()
         return self.stats()
+
+    def _interrupted_note(self, saved_at: int | None) -> str:
+        """What an interrupted run kept, and what the same command will do (nothing is saved
+        on an interrupt: a save that was itself interrupted would leave less)."""
+        line = f"interrupted at step {self.step} of {self.cfg.max_steps}: "
+        if self.checkpoint_root is None:
+            return line + "this run saves no checkpoints"
+        if saved_at is None:
+            line += "no checkpoint was saved yet, so the same command starts over"
+        else:
+            lost = self.step - saved_at
+            line += (f"the checkpoint of step {saved_at} is kept and the same command resumes from it"
+                     + (f" (the {lost} step{'s' if lost > 1 else ''} after it {'are' if lost > 1 else 'is'} lost)"
+                        if lost else ""))
+        try:
+            finished = json.loads((self.checkpoint_root.parent / "summary.json").read_text())["steps"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return line
+        return line + f"; final/ still holds the model of the run's earlier end, step {finished}"
 
     def _seconds_per_step(self) -> float:
         """For the ETA: the steady steps' pace once there is one (a compiling first step

@@ -340,3 +340,27 @@ def test_a_checkpoint_rank_0_cannot_write_stops_every_rank(tmp_path, monkeypatch
     assert sent == [1.0, 0.0]  # rank 0 sent its failure, rank 1 that it had none
     trainer.all_reduce = lambda t: sent.append(t.item()) or t  # nobody failed: rank 1 goes on
     assert trainer.save_checkpoint() is None and sent[-1] == 0.0
+
+
+@pytest.mark.parametrize("finished_before", [False, True])
+def test_an_interrupted_run_says_what_it_kept_and_what_rerunning_does(tmp_path, capsys, finished_before):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    if finished_before:  # an earlier command ended this run at step 3, then it was extended
+        (run_dir / "summary.json").write_text(json.dumps({"steps": 3}))
+    trainer = build_trainer(run_dir, max_steps=8, save_every=4)
+    step = trainer.train_step
+
+    def interrupted_at_six():
+        if trainer.step == 5:
+            raise KeyboardInterrupt
+        return step()
+
+    trainer.train_step = interrupted_at_six
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    out = capsys.readouterr().out
+    assert ("interrupted at step 5 of 8: the checkpoint of step 4 is kept and the same command resumes from it "
+            "(the 1 step after it is lost)") in out
+    assert ("final/ still holds the model of the run's earlier end, step 3" in out) == finished_before
+    assert (run_dir / "checkpoints" / "step-4").is_dir()
