@@ -48,6 +48,8 @@ from graftlm.plan.hardware import Device, Hardware, load_catalogue
 from graftlm.plan.memory import RunShape, memory_breakdown
 
 _OBJECTIVES = {"clm": "clm", "sft": "sft", "dpo": "dpo", "grpo": "grpo", "reward": "sft", "ppo": "ppo"}
+# Predicted / measured time under this: a note says what the prediction cannot see.
+SLOW_RUN_RATIO = 0.2
 
 
 def _uses_reference(config: dict) -> bool:
@@ -217,13 +219,14 @@ def check_run(run_dir: Path, hardware: Hardware | None, catalogue: dict[str, Dev
     work = flops_detail(trained, tokens)  # the trainer counted every pass's tokens, as `tokens` here is
     measured_peak = summary.get("peak_tensor_bytes") or summary.get("peak_memory_bytes")
     if hardware is not None:
-        rate = hardware.device.peak_flops(shape.precision) * hardware.device.mfu * hardware.count
-        assumed = f"{hardware.label} at MFU {hardware.device.mfu:.0%}"
+        assumed_mfu = hardware.device.mfu
+        rate = hardware.device.peak_flops(shape.precision) * assumed_mfu * hardware.count
+        assumed = f"{hardware.label} at MFU {assumed_mfu:.0%}"
     else:  # the device's peak FLOP/s as the run recorded it, at the catalogue's typical MFU
         catalogue = catalogue or load_catalogue()
-        typical_mfu = catalogue["cpu" if shape.device_type == "cpu" else "h100"].mfu
-        rate = float(summary.get("peak_flops") or 0) * typical_mfu * shape.devices
-        assumed = f"the run's recorded peak FLOP/s at MFU {typical_mfu:.0%}"
+        assumed_mfu = catalogue["cpu" if shape.device_type == "cpu" else "h100"].mfu
+        rate = float(summary.get("peak_flops") or 0) * assumed_mfu * shape.devices
+        assumed = f"the run's recorded peak FLOP/s at MFU {assumed_mfu:.0%}"
     dequant_s, dequant_assumed = None, ""
     if dequant_passes(shape):
         dequant_rate, source = _dequant_rate(summary, shape, hardware, catalogue or load_catalogue())
@@ -254,7 +257,14 @@ def check_run(run_dir: Path, hardware: Hardware | None, catalogue: dict[str, Dev
                      f"{summary.get('device')}, so they are not compared")
     else:
         notes += _time_notes(run_dir, shape, summary, time_s)
-    return {"run": str(run_dir), "objective": shape.objective, "parameterization": shape.parameterization,
+        ratio = figures["time (s)"]["ratio"]
+        if ratio is not None and ratio < SLOW_RUN_RATIO and not notes and summary.get("mfu"):
+            notes.append(f"the run reached MFU {summary['mfu']:.2%} where the prediction assumes {assumed_mfu:.0%}: "
+                         "its steps were evenly slow, as on a device shared with other work throughout, or for a "
+                         "model this small, whose steps go to what FLOPs do not count (Python, per-operation "
+                         "dispatch, small matrix products); the time measures the host more than the plan")
+    return {"run": str(run_dir), "objective": "reward" if shape.scalar_head else shape.objective,
+            "parameterization": shape.parameterization,
             "device": summary.get("device"), "assumed": assumed + dequant_assumed,
             "time_compared": time_compared, "notes": notes, "flops_detail": work,
             "memory_measured_as": "peak_tensor_bytes" if summary.get("peak_tensor_bytes") else "peak_memory_bytes",

@@ -259,4 +259,29 @@ def test_check_says_when_other_work_slowed_the_runs_steps(tmp_path, capsys):
                and f"{ratio:.3g}x" in n for n in result["notes"]), result["notes"]
     steady = _cpu_run(tmp_path / "steady", step_mfus=[0.021] * 20)
     assert not any("uneven" in n for n in check_run(steady, None)["notes"])
-    assert not check_run(_cpu_run(tmp_path / "unlogged"), None)["notes"]
+
+
+def test_check_says_what_an_evenly_slow_run_measured_against_the_assumed_mfu(tmp_path, capsys):
+    """A tiny run on a busy CPU measured 13-469x the predicted time with nothing said: its
+    steps were evenly slow, so the uneven-steps note never fired."""
+    from graftlm.plan.check import check_run
+    for run in (_cpu_run(tmp_path / "steady", step_mfus=[0.02] * 20), _cpu_run(tmp_path / "unlogged")):
+        (note,) = check_run(run, None)["notes"]
+        assert note.startswith("the run reached MFU 2.00% where the prediction assumes 30%: its steps were evenly slow")
+    fast = _cpu_run(tmp_path / "fast")
+    summary = json.loads((fast / "summary.json").read_text())
+    summary.update(train_time_s=0.5, mfu=0.2)  # within 5x of the prediction: nothing to explain
+    (fast / "summary.json").write_text(json.dumps(summary))
+    assert not check_run(fast, None)["notes"]
+
+
+def test_check_names_a_reward_run_as_one(tmp_path, capsys):
+    import yaml
+
+    from graftlm.plan.check import check_run
+    run = _cpu_run(tmp_path / "rm")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "objective": "reward"}))
+    assert check_run(run, None)["objective"] == "reward"
+    assert main(["plan", "--check", str(run)]) == 0
+    assert "rm: reward / full" in capsys.readouterr().out.replace("\n", "")
