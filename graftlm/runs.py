@@ -65,7 +65,8 @@ class RunConfig:
     model: str = field(default="", metadata={"help": "preset name, config file, or HF model directory"})
     data: str = field(default="", metadata={"help": "training data (shard directory for pretrain)"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer directory (default: the data's or the model's)"})
-    name: str | None = field(default=None, metadata={"help": "run name (default: <objective>-<model>)"})
+    name: str | None = field(default=None, metadata={
+        "help": "run name (default: <objective>-<model>, a run's final/ named by its run)"})
     out: str = field(default="runs", metadata={"help": "directory holding run directories"})
     seed: int = 0
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
@@ -97,8 +98,12 @@ def run_config_class(objective: str) -> type:
 # -- run directory --------------------------------------------------------------------------
 
 def run_directory(cfg: RunConfig) -> Path:
-    model = Path(cfg.model.rstrip("/")).name.removesuffix(".json").removesuffix(".yaml")
-    return Path(cfg.out) / (cfg.name or f"{cfg.objective}-{model}")
+    """`out/name`; without --name, `<objective>-<model>` with the model named as commands
+    name it (a run's `final/` by its run: `runs/base/final` -> `sft-base`, where every
+    fine-tuning of a run's model was `sft-final`, and a second one collided with the first)."""
+    model = Path(cfg.model.rstrip("/"))
+    name = name_of_model_dir(model) if model.is_dir() else model.name.removesuffix(".json").removesuffix(".yaml")
+    return Path(cfg.out) / (cfg.name or f"{cfg.objective}-{name}")
 
 
 def prepare_run_directory(run_dir: Path, cfg: RunConfig, resume: bool | None, fresh: bool,

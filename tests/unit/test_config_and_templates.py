@@ -174,3 +174,17 @@ def test_an_extended_run_says_when_its_schedule_moves_the_rate_at_once():
     cfg.optim.schedule = "constant"
     assert _schedule_jump({"train.max_steps": 30}, cfg, 30) is None  # nothing moves
     assert _schedule_jump({"train.max_steps": 40}, cfg, 30) is None  # the same length: not extended
+
+
+def test_a_runs_default_name_names_the_model_it_starts_from(tmp_path):
+    """Every fine-tuning of a run's model was named `sft-final`: a second experiment from
+    another run's final/ collided with the first (refused as a changed model)."""
+    from graftlm.runs import run_config_class, run_directory
+    base = tmp_path / "runs" / "base" / "final"
+    base.mkdir(parents=True)
+    (base.parent / "summary.json").write_text("{}")
+    plain = tmp_path / "Qwen2.5-0.5B"
+    plain.mkdir()
+    named = {model: run_directory(run_config_class("sft")(model=str(model), data="d", out="runs")).name
+             for model in (base, str(base) + "/", plain, "tiny", tmp_path / "model.yaml")}
+    assert list(named.values()) == ["sft-base", "sft-base", "sft-Qwen2.5-0.5B", "sft-tiny", "sft-model"]
