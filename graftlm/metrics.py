@@ -300,7 +300,9 @@ def peak_device_memory_bytes(device: torch.device) -> int:
 # -- the run's metric streams ---------------------------------------------------------------
 
 # Objective metrics shown on the progress line when a step has them: (key, label, format).
-HEADLINE_METRICS = (("train_rewards/accuracy", "acc", ".0%"), ("train_rewards/margin", "margin", ".3f"),
+# PPO's value loss (`vf`) sits next to the loss it is part of.
+HEADLINE_METRICS = (("train_value_loss", "vf", ".4f"),
+                    ("train_rewards/accuracy", "acc", ".0%"), ("train_rewards/margin", "margin", ".3f"),
                     ("train_reward/mean", "reward", ".3f"), ("train_kl", "kl", ".3g"))
 
 

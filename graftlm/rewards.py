@@ -3,19 +3,24 @@
 A reward is named by one string (`--grpo.reward`):
 - `gsm8k` / `numeric`: 1 when the completion's final number equals the row's answer's
   (GSM8K style: the number after the last `####`, else the last number; commas, `$`
-  and a trailing `.0` are normalised away);
+  and a trailing `.0` are normalised away). A completion cut at `max_new_tokens` (not
+  ended by the model) is scored only from a finished `####` answer: see `numeric_match`;
 - `exact`: 1 when the stripped completion equals the stripped answer;
 - `regex:PATTERN`: 1 when PATTERN is found in the completion (a format reward);
-- `module:function` or `path/to/file.py:function`: a user's Python function, called as
-  `fn(completion, prompt, **extra)` with the row's other fields that it accepts;
+- `module:function` or `path/to/file.py:function`: a user's Python function, in one of
+  two forms (`user_reward`): per completion, `fn(completion, prompt, **extra) -> float`
+  with the row's other fields that it accepts; or batched as in TRL,
+  `fn(prompts, completions, **kwargs) -> list[float]`, told apart by its parameter named
+  `completions`;
 - a directory: a reward model saved by `graft reward` (or any one-label HF
   sequence-classification model), scoring prompt + completion.
 
-Every reward maps (completions, prompts, rows) to a list of floats. A user's function
-that raises or returns a non-number is the user's error: `RewardScorer` either stops
-with one line naming the function's file:line and the prompt, or (policy `skip`)
-counts the row as bad and stops once more than `max_bad_fraction` are bad or nothing
-valid is left.
+Every reward maps (completions, prompts, rows) to a list of floats; one that also takes
+`truncated` (a bool per completion: cut at `max_new_tokens`) is given it by the rollout.
+A user's function that raises or returns a non-number is the user's error:
+`RewardScorer` either stops with one line naming the function's file:line and the
+prompt, or (policy `skip`) counts the row as bad and stops once more than
+`max_bad_fraction` are bad or nothing valid is left.
 """
 
 from __future__ import annotations
@@ -67,10 +72,31 @@ def _answer_of(row: dict) -> str:
     raise GraftError(f"{row.get('source', 'row')}: this reward needs the row's answer (field 'answer')")
 
 
-def numeric_match(completions, prompts, rows) -> list[float]:
+def finished_marked_answer(text: str) -> bool:
+    """Whether a text has a `####` answer that the text goes on after: its number was
+    written whole, even if the text was then cut."""
+    if "####" not in text:
+        return False
+    tail = text.rsplit("####", 1)[1]
+    match = NUMBER.search(tail)
+    return match is not None and tail[match.end():].strip() != ""
+
+
+def numeric_match(completions, prompts, rows, truncated=None) -> list[float]:
+    """1.0 where the completion's final number (`final_number`) is the row's answer's.
+
+    `truncated` (optional, one bool per completion; the rollout passes it): a completion
+    cut at `max_new_tokens` did not end its answer, so the last number of its text is
+    wherever the cut fell, not an answer (a model writing digits at random would be paid
+    by chance). A cut completion scores only from a `####` answer followed by more text
+    (the model went on after it); otherwise 0, even if its last number matches. Without
+    `truncated` (eval, other callers) every completion counts as ended."""
     out = []
-    for completion, row in zip(completions, rows):
+    for i, (completion, row) in enumerate(zip(completions, rows)):
         want = final_number(_answer_of(row))
+        if truncated is not None and truncated[i] and not finished_marked_answer(completion):
+            out.append(0.0)
+            continue
         out.append(float(want is not None and final_number(completion) == want))
     return out
 
@@ -134,29 +160,99 @@ class RewardFunctionError(GraftError):
     """A user's reward function raised or returned something that is not a number."""
 
 
+def is_batched(fn: Callable) -> bool:
+    """TRL's form: TRL calls a reward function by keyword, `fn(prompts=..., completions=...,
+    **columns)`, so such a function has a parameter named `completions` (or takes only
+    keywords). graftlm's per-completion form names it `completion`."""
+    params = inspect.signature(fn).parameters.values()
+    positional = [p for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                  inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                  inspect.Parameter.VAR_POSITIONAL)]
+    named = {p.name for p in params}
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    return "completions" in named or (takes_all and not positional)
+
+
+def _short_value(value, limit: int = 80) -> str:
+    text = repr(value)
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return text + (f" ({len(value)} items)" if isinstance(value, (list, tuple)) else "")
+
+
+PER_COMPLETION = "once per completion as fn(completion, prompt, **row_fields) -> float"
+BATCHED = "once per batch as fn(prompts=[...], completions=[...], **columns) -> list of floats (TRL's form)"
+
+
+def _check_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def user_reward(spec: str) -> Callable:
+    """A user's function (`module:function` / `file.py:function`), in one of two forms:
+    - per completion (a first parameter such as `completion`): `fn(completion, prompt,
+      **extra) -> float`, with the row's other fields it names (all with `**kwargs`);
+    - batched, TRL's form (a parameter named `completions`, see `is_batched`):
+      `fn(prompts=[...], completions=[...], **columns) -> list[float]`, once per batch,
+      each other field of the rows as a list (TRL's dataset columns) where the function
+      names it or takes `**kwargs`. Prompts and completions are text (TRL's standard,
+      not conversational, format: a chat prompt is its last message's content).
+    A result of the wrong form stops the run with one line that names the function, the
+    form it was called in and what it returned (shortened)."""
     fn = import_function(spec)
     params = inspect.signature(fn).parameters
     takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
+    def wanted(key: str) -> bool:
+        return key not in ("prompt", "source", "prompts", "completions") and (takes_all or key in params)
+
+    def failed(e: Exception, prompt: str, where: str | None) -> RewardFunctionError:
+        return RewardFunctionError(
+            f"reward function {spec} raised {type(e).__name__}: {e}{_where(e)} "
+            f"on prompt {_short(prompt)}" + (f" ({where})" if where else ""))
+
+    def call_batched(completions, prompts, rows) -> list[float]:
+        columns: dict[str, list] = {}
+        for row in rows:
+            for key in row:
+                if wanted(key) and key not in columns:
+                    columns[key] = [r.get(key) for r in rows]
+        kwargs = {"completions": list(completions), **columns}
+        if takes_all or "prompts" in params:
+            kwargs["prompts"] = list(prompts)
+        try:
+            values = fn(**kwargs)
+        except Exception as e:
+            raise failed(e, prompts[0] if prompts else "", rows[0].get("source") if rows else None) from None
+        if not isinstance(values, (list, tuple)) or len(values) != len(completions):
+            raise RewardFunctionError(
+                f"reward function {spec} returned {_short_value(values)} for {len(completions)} completions; "
+                f"graftlm calls it {BATCHED} (its parameter 'completions' says so), so it must return "
+                f"{len(completions)} numbers, one per completion")
+        for value, prompt in zip(values, prompts):
+            if not _check_number(value):
+                raise RewardFunctionError(
+                    f"reward function {spec} returned {_short_value(value)} ({type(value).__name__}, not a finite "
+                    f"number) in its list, for a completion of prompt {_short(prompt)}")
+        return [float(v) for v in values]
+
     def call_user_function(completions, prompts, rows) -> list[float]:
         out = []
         for completion, prompt, row in zip(completions, prompts, rows):
-            extra = {k: v for k, v in row.items() if k not in ("prompt", "source") and (takes_all or k in params)}
+            extra = {k: v for k, v in row.items() if wanted(k)}
             try:
                 value = fn(completion, prompt, **extra)
             except Exception as e:
-                where = row.get("source")
+                raise failed(e, prompt, row.get("source")) from None
+            if not _check_number(value):
+                hint = ("; a batched function (TRL's fn(prompts, completions, **kwargs) -> list) must name its "
+                        "parameter 'completions'" if isinstance(value, (list, tuple)) else "")
                 raise RewardFunctionError(
-                    f"reward function {spec} raised {type(e).__name__}: {e}{_where(e)} "
-                    f"on prompt {_short(prompt)}" + (f" ({where})" if where else "")) from None
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise RewardFunctionError(
-                    f"reward function {spec} returned {value!r} ({type(value).__name__}, not a finite number) "
-                    f"on prompt {_short(prompt)}")
+                    f"reward function {spec} returned {_short_value(value)} ({type(value).__name__}, not a finite "
+                    f"number) on prompt {_short(prompt)}; graftlm calls it {PER_COMPLETION}{hint}")
             out.append(float(value))
         return out
-    return call_user_function
+    return call_batched if is_batched(fn) else call_user_function
 
 
 # -- a reward model --------------------------------------------------------------------
@@ -218,14 +314,28 @@ class RewardScorer:
     scored: int = 0
     skipped: int = 0
 
-    def __call__(self, completions: list[str], prompts: list[str], rows: list[dict]) -> list[float | None]:
-        """One score per completion; None for a completion whose prompt was skipped."""
+    def __post_init__(self):
         try:
-            scores: list[float | None] = list(self.reward(completions, prompts, rows))
+            self._takes_truncated = "truncated" in inspect.signature(self.reward).parameters
+        except (TypeError, ValueError):  # no signature to read
+            self._takes_truncated = False
+
+    def _score(self, completions, prompts, rows, truncated) -> list:
+        if self._takes_truncated and truncated is not None:
+            return list(self.reward(completions, prompts, rows, truncated=list(truncated)))
+        return list(self.reward(completions, prompts, rows))
+
+    def __call__(self, completions: list[str], prompts: list[str], rows: list[dict],
+                 truncated: list[bool] | None = None) -> list[float | None]:
+        """One score per completion; None for a completion whose prompt was skipped.
+        `truncated`: which completions were cut at `max_new_tokens`, for rewards that take it."""
+        try:
+            scores: list[float | None] = self._score(completions, prompts, rows, truncated)
         except RewardFunctionError:
             if self.policy.on_error == "raise":
                 raise
-            scores = [self._one(c, p, r) for c, p, r in zip(completions, prompts, rows)]
+            cut = truncated if truncated is not None else [None] * len(completions)
+            scores = [self._one(c, p, r, t) for c, p, r, t in zip(completions, prompts, rows, cut)]
         if len(scores) != len(completions):
             raise GraftError(f"reward returned {len(scores)} scores for {len(completions)} completions")
         bad = sum(s is None for s in scores)
@@ -239,8 +349,8 @@ class RewardScorer:
                              f"max_bad_fraction={self.policy.max_bad_fraction}")
         return scores
 
-    def _one(self, completion, prompt, row) -> float | None:
+    def _one(self, completion, prompt, row, truncated=None) -> float | None:
         try:
-            return self.reward([completion], [prompt], [row])[0]
+            return self._score([completion], [prompt], [row], None if truncated is None else [truncated])[0]
         except RewardFunctionError:
             return None

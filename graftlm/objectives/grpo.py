@@ -47,7 +47,8 @@ from graftlm.rewards import RewardPolicy, RewardScorer, build_reward
 @dataclass
 class GRPOConfig(FineTuneData):
     reward: str = field(default="gsm8k", metadata={
-        "help": "gsm8k | numeric | exact | regex:PATTERN | module:function | reward model dir"})
+        "help": "gsm8k | numeric | exact | regex:PATTERN | module:function | reward model dir; a function is "
+                "fn(completion, prompt, **row_fields) -> float, or TRL's fn(prompts, completions, **kwargs) -> list"})
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     reward_errors: RewardPolicy = field(default_factory=RewardPolicy)
     beta: float = field(default=0.04, metadata={"help": "weight of the KL to the reference (0: no reference)"})

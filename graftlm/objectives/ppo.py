@@ -15,7 +15,15 @@ Design choices:
   Under DDP / FSDP its gradients are averaged over ranks before each step, so that the
   ranks' critics stay identical.
 - The policy loss is the clipped surrogate (shared with GRPO), summed over completion
-  tokens; the count is their number.
+  tokens; the count is their number. The KL is in the reward, not in the loss.
+- The reported `loss` is PPO's whole objective, policy loss + value loss (per completion
+  token): with whitened advantages the policy loss is ~0 by construction at each rollout's
+  first pass, so on its own it would read as "nothing trained". The two parts are logged
+  too (`policy_loss`, `value_loss`, as TRL's loss/policy_avg and loss/value_avg; the
+  progress line shows `vf`). The value part joins the returned sum detached: it moves the
+  number, not the policy's gradient, since the critic is stepped here by its own optimizer
+  (its weight is its learning rate, `value_lr`: there is no vf_coef). Under `torch.no_grad`
+  there is no value loss and the sum is the policy's.
 - Validation: greedy completions of the held-out prompts, scored by the reward
   (`val_reward`, see `rollout.held_out_reward`); the critic is not involved.
 """
@@ -42,7 +50,8 @@ from graftlm.rewards import RewardPolicy, RewardScorer, build_reward
 
 @dataclass
 class PPOConfig(FineTuneData):
-    reward: str = field(default="", metadata={"help": "reward model directory (or any reward spec)"})
+    reward: str = field(default="", metadata={
+        "help": "reward model directory (or any reward spec, as --grpo.reward: gsm8k, module:function, ...)"})
     value_model: str | None = field(default=None, metadata={
         "help": "critic initialisation (default: the reward model, else a copy of the policy)"})
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(group_size=1))
@@ -150,11 +159,17 @@ class PPOObjective:
         per_token, clipped = clipped_surrogate(logp, old_logp, advantages, cfg.epsilon, cfg.epsilon)
         count = actions.sum()
         denominator = count.clamp_min(1).item()
+        policy_sum = (per_token * actions).sum()
         metrics = {**rollout_metrics(rollout), "kl": kl.sum().item() / denominator,
-                   "clip_fraction": (clipped & actions).sum().item() / denominator}
-        if training:
-            metrics.update(self._critic_step(values, old_values, returns, actions, critic_forward_s))
-        return (per_token * actions).sum(), count, metrics
+                   "clip_fraction": (clipped & actions).sum().item() / denominator,
+                   "policy_loss": policy_sum.item() / denominator}
+        if not training:
+            return policy_sum, count, metrics
+        metrics.update(self._critic_step(values, old_values, returns, actions, critic_forward_s))
+        # The whole objective as reported (see the module docstring): the value loss, per
+        # completion token like the policy's, is added detached (no gradient to the policy).
+        value_sum = torch.tensor(metrics["value_loss"], device=policy_sum.device, dtype=policy_sum.dtype) * count
+        return policy_sum + value_sum, count, metrics
 
     def _critic_step(self, values, old_values, returns, actions, forward_s: float) -> dict:
         start = time.perf_counter()

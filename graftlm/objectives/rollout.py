@@ -10,8 +10,9 @@ Shared by GRPO and PPO. Design choices:
   with causal attention the padding after a row cannot change it, so no mask is needed.
   `loss_mask` marks the completion tokens (incl. the stop token, so stopping is learned).
 - The reward sees the completion's text (without the stop token), the prompt's text
-  and the row's extra fields; skipped scores (see `rewards.RewardScorer`) are NaN and
-  their rows carry no loss.
+  and the row's extra fields, and (a reward that takes `truncated`, such as gsm8k's)
+  which completions were cut at `max_new_tokens`; skipped scores (see
+  `rewards.RewardScorer`) are NaN and their rows carry no loss.
 - Time in generation and in scoring is measured, so the run can report the split.
 - Rollouts that teach little are named as the run goes (`RolloutWarnings`): completions
   cut at `max_new_tokens` (`completions/clipped_ratio`, as TRL logs it) and, for GRPO,
@@ -132,8 +133,9 @@ class RolloutSampler:
         completions = [o.text if o.text is not None else "" for o in outputs]
         prompts = [p for p in batch["prompts"] for _ in range(g)]
         rows = [r for r in batch["rows"] for _ in range(g)]
+        truncated = [o.finish_reason == "length" for o in outputs]
         start = time.perf_counter()
-        scores = self.scorer(completions, prompts, rows)
+        scores = self.scorer(completions, prompts, rows, truncated=truncated)
         scoring_s = time.perf_counter() - start
 
         sequences = [p + o.token_ids for p, o in zip(prompt_ids, outputs)]
@@ -142,8 +144,7 @@ class RolloutSampler:
         device = next(policy.parameters()).device
         return Rollout(pad_right(sequences, pad_id).to(device), pad_right(masks, 0).bool().to(device),
                        rewards.to(device), completions, g, generation_s, scoring_s,
-                       torch.tensor([len(s) for s in sequences]),
-                       torch.tensor([o.finish_reason == "length" for o in outputs]))
+                       torch.tensor([len(s) for s in sequences]), torch.tensor(truncated, dtype=torch.bool))
 
 
 def held_out_reward(sampler: RolloutSampler, model, batch: dict,
