@@ -467,8 +467,12 @@ def _run_training(cfg: RunConfig, resume: bool | None, fresh: bool, allow_config
     data = spec.build_dataset(cfg, tokenizer)
     if d.is_main and spec.describe is not None:
         print(spec.describe(cfg), flush=True)
-    if d.is_main and data.stats:
-        print(f"data: {json.dumps(data.stats)}", flush=True)
+    if d.is_main and data.stats:  # in words here; the counts themselves go to summary.json
+        packing = data.stats.get("packing")
+        if packing:
+            print(f"packing: {packing['rows']:,} rows into {packing['sequences']:,} sequences "
+                  f"({packing['rows_per_sequence']:.2f} rows each, {packing['padding_fraction']:.1%} padding)",
+                  flush=True)
         bad = data.stats.get("bad_rows_skipped")
         if bad:  # in words too, not only in the JSON line
             print(f"warning: skipped {bad['bad']} bad row{'s' if bad['bad'] > 1 else ''} of {bad['of']}; "

@@ -5,6 +5,7 @@ reports its packing efficiency."""
 from __future__ import annotations
 
 import json
+import re
 
 import torch
 
@@ -85,6 +86,7 @@ def test_graft_sft_with_packing_runs_and_reports_efficiency(tmp_path, capsys):
     summary = json.loads((tmp_path / "p" / "summary.json").read_text())
     packing = summary["data"]["packing"]
     assert summary["steps"] == 2 and packing["rows_per_sequence"] > 2 and 0 <= packing["padding_fraction"] < 0.5
-    assert "rows_per_sequence" in capsys.readouterr().out
+    assert re.search(r"^packing: \d+ rows into \d+ sequences \([\d.]+ rows each, [\d.]+% padding\)$",
+                     capsys.readouterr().out, re.M)
     records = [json.loads(line) for line in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()]
     assert any("val_loss" in r for r in records) and all(r["loss"] > 0 for r in records if "loss" in r)
