@@ -99,7 +99,8 @@ def _definitions(kind: str, model: str, adapters, reference, numeric: bool = Fal
                             f"the first {few_shot} rows as examples (context, not scored)")
         return out
     if kind == "answers":
-        out = {"exact_match": "share of greedy answers whose final number equals the answer's" if numeric
+        out = {"exact_match": "share of greedy answers whose final number equals the answer's (an answer cut at "
+                              "--max-new-tokens counts only with a finished '#### N')" if numeric
                else "share of greedy answers equal to the answer (surrounding whitespace ignored)"}
         if reward:
             out["reward"] = f"mean reward ({reward}) of the greedy answers"

@@ -53,16 +53,18 @@ def score_answers(model, tokenizer, rows, ids, max_new_tokens: int, reward, batc
     from graftlm.engine import Engine, SamplingParams
 
     engine = Engine(model, tokenizer)
-    completions = []
+    completions, truncated = [], []
     for start in range(0, len(ids), batch_size):
         outs = engine.generate(ids[start:start + batch_size],
                                SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
         completions += [o.text or "" for o in outs]
+        truncated += [o.finish_reason == "length" for o in outs]
         if progress is not None:
             progress(len(completions), len(ids))
     texts = [p if isinstance(p, str) else p[-1]["content"] for p in (r["prompt"] for r in rows)]
-    match = numeric_match if is_numeric(rows) else exact_match
-    scores = match(completions, texts, rows)
+    # As GRPO's reward does: a number in an answer cut at max_new_tokens may be cut too.
+    scores = (numeric_match(completions, texts, rows, truncated=truncated) if is_numeric(rows)
+              else exact_match(completions, texts, rows))
     metrics = {"exact_match": sum(scores) / len(scores)}
     if reward is not None:
         rewards = reward(completions, texts, rows)

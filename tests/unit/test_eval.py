@@ -494,3 +494,24 @@ def test_every_option_of_eval_help_says_what_it_does_and_its_default():
         if not action.help or not (action.required or flag_only or "default" in action.help):
             missing.append(action.option_strings[0])
     assert missing == []
+
+
+def test_a_numeric_answer_cut_at_max_new_tokens_scores_only_with_a_finished_marker(monkeypatch):
+    """As GRPO's gsm8k reward: '... is 18' cut at the token limit may have been '... is 180'."""
+    from types import SimpleNamespace
+
+    import graftlm.engine
+    from graftlm.evaluation.answers import score_answers
+    answers = [("so it is 18", "length"), ("so it is 18", "stop"), ("#### 18 and", "length")]
+
+    class FakeEngine:
+        def __init__(self, model, tokenizer):
+            pass
+
+        def generate(self, ids, params):
+            return [SimpleNamespace(text=text, finish_reason=why) for text, why in answers[:len(ids)]]
+
+    monkeypatch.setattr(graftlm.engine, "Engine", FakeEngine)
+    rows = [{"prompt": "q", "answer": "18"}] * 3
+    metrics = score_answers(None, None, rows, [[1]] * 3, max_new_tokens=4, reward=None, batch_size=8)
+    assert metrics["exact_match"] == pytest.approx(2 / 3)
