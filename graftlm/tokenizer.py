@@ -172,7 +172,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     directory = Path(path)
     tok_file = directory / "tokenizer.json"
     if not tok_file.exists():
-        raise GraftError(f"{directory}: no tokenizer.json")
+        from graftlm.models.hf import run_directory_hint
+        raise GraftError(f"{directory}: no tokenizer.json{run_directory_hint(directory)}")
     try:
         backend = Backend.from_file(str(tok_file))
     except Exception as e:  # tokenizers raises plain Exception subclasses

@@ -93,8 +93,18 @@ def check_model_dir(path: str | Path) -> Path:
                              "to use it, give the base with --model and this directory with --adapter DIR "
                              "(graft generate, graft chat) or --adapter NAME=DIR (graft eval, graft serve); "
                              "to train from it, merge it into the base first with `graft merge`")
-        raise GraftError(f"{model_dir}: no config.json (not a Hugging Face model directory)")
+        raise GraftError(f"{model_dir}: no config.json (not a Hugging Face model directory)"
+                         f"{run_directory_hint(model_dir)}")
     return model_dir
+
+
+def run_directory_hint(directory: Path) -> str:
+    """'; it is a run directory: ...' when `directory` is a run's (its model is final/),
+    else ''. A run's directory in place of its final/ is a common slip."""
+    final = Path(directory) / "final"
+    if (final / "config.json").exists() or (final / "adapter_config.json").exists():
+        return f"; it is a run directory, whose model is {final}: pass that"
+    return ""
 
 
 def recorded_base(adapter_dir: str | Path) -> str | None:

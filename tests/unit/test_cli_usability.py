@@ -4,7 +4,7 @@ and the one-line errors of `graft sft|eval|serve` (no run longer than a parse or
 import pytest
 
 from graftlm.adapters.config import select_targets
-from graftlm.cli import build_parser
+from graftlm.cli import build_parser, main
 from graftlm.models import Decoder, ModelConfig
 from graftlm.train_cli import config_for
 
@@ -174,3 +174,14 @@ def test_allow_config_change_help_names_the_adapter():
     sft = build_parser()._subparsers._group_actions[0].choices["sft"]
     allow = next(a for a in sft._actions if "--allow-config-change" in a.option_strings)
     assert "adapter" in allow.help
+
+
+@pytest.mark.parametrize("command", [["eval", "--data", "d.jsonl"], ["generate", "--prompt", "hi"]])
+def test_a_run_directory_given_as_model_points_to_its_final(tmp_path, capsys, command):
+    (tmp_path / "run" / "final").mkdir(parents=True)
+    (tmp_path / "run" / "final" / "config.json").write_text("{}")
+    (tmp_path / "d.jsonl").write_text('{"prompt": "q", "answer": "1"}\n')
+    assert main([command[0], "--model", str(tmp_path / "run"),
+                 *[str(tmp_path / a) if a.endswith(".jsonl") else a for a in command[1:]]]) != 0
+    err = capsys.readouterr().err
+    assert f"it is a run directory, whose model is {tmp_path / 'run' / 'final'}: pass that" in err
