@@ -78,7 +78,7 @@ def read_eval_text(path: str | None) -> tuple[str, str]:
     if not file.exists():
         raise GraftError(f"{file}: --eval-data file does not exist")
     if file.suffix != ".jsonl":
-        return file.read_text(errors="replace"), str(file)
+        return file.read_text(encoding="utf-8-sig", errors="replace"), str(file)
     from graftlm.data.sources import iter_rows
 
     texts = []

@@ -4,6 +4,11 @@ Feature modules own their subcommands: each module listed in `COMMAND_MODULES` h
 `register(subparsers)` function that adds its parsers and sets `handler` to the plain
 function to call. Any `GraftError` becomes one line on stderr and exit status 2 (under
 torchrun: printed by rank 0 alone, unless it is a rank's own collective failure).
+
+Every parser is a `GraftParser`: options are taken only as spelled in full (no argparse
+prefixes: `--train.max-step` is an unknown option with a suggestion, not `--train.max-steps`),
+and an option that holds one value may be given once (`--model A --model B` is refused
+naming both; `action="append"` options still repeat).
 """
 
 from __future__ import annotations
@@ -28,8 +33,65 @@ COMMAND_MODULES = [
 ]
 
 
+class _Repeated(Exception):
+    """An option that holds one value was given twice (raised past argparse's own handling)."""
+
+
+class _StoreOnce(argparse._StoreAction):
+    """argparse's "store", refusing a second value: argparse would keep the last silently."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = getattr(parser, "_given", None)
+        if option_string is not None and given is not None:
+            if self.dest in given:
+                first_option, first_values = given[self.dest]
+                both = f"({_shown(first_values)}, then {_shown(values)})"
+                if option_string != first_option:  # two spellings of one field
+                    raise _Repeated(f"{first_option} and {option_string} set the same field {both}: give one")
+                hint = (f"give every value after one {first_option}" if self.nargs in ("+", "*")
+                        else "it takes one value; give it once")
+                raise _Repeated(f"{first_option} given twice {both}: {hint}")
+            given[self.dest] = (option_string, values)
+        super().__call__(parser, namespace, values, option_string)
+
+
+def _shown(values) -> str:
+    return " ".join(map(str, values)) if isinstance(values, list) else str(values)
+
+
+class GraftParser(argparse.ArgumentParser):
+    """An ArgumentParser without prefix matching whose single-valued options are given once.
+    Subparsers are made of the same class (argparse uses the parent's type)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+        self.register("action", None, _StoreOnce)
+        self.register("action", "store", _StoreOnce)
+        self._given: dict | None = None
+        self._words: list[str] = []
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._given, self._words = {}, list(sys.argv[1:] if args is None else args)
+        try:
+            return super().parse_known_args(args, namespace)
+        except _Repeated as e:
+            self.exit(2, f"{self.prog}: error: {e}\n")
+        finally:
+            self._given = None
+
+    def error(self, message):
+        # `graft eval --mode m`: the misspelt option, not the --model it leaves missing.
+        if message.startswith("the following arguments are required"):
+            unknown = [w for w in getattr(self, "_words", []) if w.startswith("--") and w != "--"
+                       and w.split("=", 1)[0] not in self._option_string_actions]
+            if unknown:
+                self.exit(2, f"{self.prog}: error: {_unknown_argument(self, unknown)}\n")
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = GraftParser(
         prog="graft",
         description="Pre-train, fine-tune or LoRA a language model, and know what each costs.")
     parser.add_argument("--version", action="version", version=_version())

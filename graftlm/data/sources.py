@@ -14,6 +14,10 @@ Design choices:
 - A malformed line (invalid JSON, not an object) does not stop reading: it becomes a
   row with `error` set, so `formats.py` applies one bad-row policy to every kind of
   bad row.
+- A UTF-8 byte-order mark at the start of a file (Windows editors write one) is dropped,
+  as `utf-8-sig` would: it is no part of the data. Invalid JSON is described in plain
+  words with its column; a line or file that ends inside a string or an unfinished
+  value is called cut short, which is what it nearly always is.
 """
 
 from __future__ import annotations
@@ -112,6 +116,27 @@ def _read_text(path: Path) -> str:
     return text.removeprefix("\ufeff")
 
 
+def json_error_reason(e: json.JSONDecodeError, what: str) -> tuple[int, str]:
+    """(line, why) for JSON that `json.loads` refused, in words, with the column.
+
+    Text that ends early (a line or file cut short by a truncated download or copy) reads
+    as such, not as the first stray character json met after the end (the newline, an
+    "Invalid control character"). json's own messages ending in "at" take the column there.
+    """
+    stripped = e.doc.rstrip()
+    if e.pos >= len(stripped) and len(stripped) < len(e.doc):
+        try:  # json stopped in the trailing newline: ask again without it
+            json.loads(stripped)
+        except json.JSONDecodeError as inner:
+            e = inner
+    if e.msg.startswith("Unterminated string"):
+        return e.lineno, f"the {what} is cut short: it ends inside the string that starts at column {e.colno}"
+    if e.pos >= len(stripped):
+        return e.lineno, f"the {what} is cut short: it ends before the JSON value does"
+    message = e.msg.removesuffix(" at")
+    return e.lineno, f"{message[:1].lower()}{message[1:]} at column {e.colno}"
+
+
 def _rows_txt(path: Path) -> Iterator[Row]:
     yield Row({"text": _read_text(path)}, str(path), from_text_file=True)
 
@@ -123,7 +148,7 @@ def _rows_jsonl(path: Path) -> Iterator[Row]:
             for number, raw in enumerate(f, start=1):
                 where = f"{path}:{number}"
                 try:
-                    line = raw.decode("utf-8")
+                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
                 except UnicodeDecodeError:
                     raise GraftError(f"{where}: not UTF-8 text (binary file?)") from None
                 if not line.strip():
@@ -131,7 +156,7 @@ def _rows_jsonl(path: Path) -> Iterator[Row]:
                 try:
                     value = json.loads(line)
                 except json.JSONDecodeError as e:
-                    yield Row({}, where, error=f"invalid JSON ({e.msg}, column {e.colno})")
+                    yield Row({}, where, error=f"invalid JSON ({json_error_reason(e, 'line')[1]})")
                     continue
                 if not isinstance(value, dict):
                     yield Row({}, where, error=f"expected a JSON object, got {type(value).__name__}")
@@ -146,7 +171,8 @@ def _rows_json(path: Path) -> Iterator[Row]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise GraftError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        line, reason = json_error_reason(e, "file")
+        raise GraftError(f"{path}:{line}: invalid JSON ({reason})") from None
     if isinstance(value, dict) and isinstance(value.get("data"), list):
         value = value["data"]
     if not isinstance(value, list):

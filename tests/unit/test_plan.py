@@ -519,7 +519,8 @@ def test_a_preset_is_trained_from_scratch_never_adapted(tmp_path, capsys):
     # Whatever the goal, the budget or the data, a preset is not fine-tuned or adapted.
     data, _ = _gsm_rows(tmp_path)
     for flags in (["--goal", "format"], ["--goal", "variants"], ["--budget", "0"], ["--data", str(data)]):
-        args = ["plan", "--model", "tiny", "--data", str(tmp_path / "shards"), "--hardware", "cpu", "--json"]
+        shards = [] if "--data" in flags else ["--data", str(tmp_path / "shards")]  # --data is taken once
+        args = ["plan", "--model", "tiny", *shards, "--hardware", "cpu", "--json"]
         assert main(args + flags) == 0
         rec = json.loads(capsys.readouterr().out)["recommendation"]
         assert (rec["regime"], rec["goal"]) == ("pretrain", "from-scratch"), flags
@@ -547,7 +548,8 @@ def _shakespeare(chars: int) -> str:
 
 
 def _advised(flags, tmp_path, capsys) -> list[str]:
-    argv = ["plan", "--model", "tiny", "--data", str(tmp_path / "shards"), "--hardware", "cpu", "--json", *flags]
+    shards = [] if "--data" in flags else ["--data", str(tmp_path / "shards")]  # --data is taken once
+    argv = ["plan", "--model", "tiny", *shards, "--hardware", "cpu", "--json", *flags]
     assert main(argv) == 0
     return json.loads(capsys.readouterr().out)["recommendation"]["reasons"]
 
