@@ -33,12 +33,10 @@ COMMAND_MODULES = [
 ]
 
 
-class _Repeated(Exception):
-    """An option that holds one value was given twice (raised past argparse's own handling)."""
-
-
-class _StoreOnce(argparse._StoreAction):
-    """argparse's "store", refusing a second value: argparse would keep the last silently."""
+class _StoreNoting(argparse._StoreAction):
+    """argparse's "store", which keeps the last of repeated values silently: here with one
+    warning naming both. The last still wins, as scripts that append an override to a
+    command's defaults (`$BASE --train.max-steps 10`) rely on."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         given = getattr(parser, "_given", None)
@@ -47,10 +45,11 @@ class _StoreOnce(argparse._StoreAction):
                 first_option, first_values = given[self.dest]
                 both = f"({_shown(first_values)}, then {_shown(values)})"
                 if option_string != first_option:  # two spellings of one field
-                    raise _Repeated(f"{first_option} and {option_string} set the same field {both}: give one")
-                hint = (f"give every value after one {first_option}" if self.nargs in ("+", "*")
-                        else "it takes one value; give it once")
-                raise _Repeated(f"{first_option} given twice {both}: {hint}")
+                    what = f"{first_option} and {option_string} set the same field"
+                else:
+                    what = f"{first_option} given twice"
+                dropped = f"; to give several, put them all after one {first_option}" if self.nargs in ("+", "*") else ""
+                print(f"warning: {what} {both}: {_shown(values)} is used{dropped}", file=sys.stderr, flush=True)
             given[self.dest] = (option_string, values)
         super().__call__(parser, namespace, values, option_string)
 
@@ -60,14 +59,14 @@ def _shown(values) -> str:
 
 
 class GraftParser(argparse.ArgumentParser):
-    """An ArgumentParser without prefix matching whose single-valued options are given once.
-    Subparsers are made of the same class (argparse uses the parent's type)."""
+    """An ArgumentParser without prefix matching, which says when a single-valued option is
+    given twice. Subparsers are made of the same class (argparse uses the parent's type)."""
 
     def __init__(self, *args, **kwargs):
         kwargs["allow_abbrev"] = False
         super().__init__(*args, **kwargs)
-        self.register("action", None, _StoreOnce)
-        self.register("action", "store", _StoreOnce)
+        self.register("action", None, _StoreNoting)
+        self.register("action", "store", _StoreNoting)
         self._given: dict | None = None
         self._words: list[str] = []
 
@@ -75,8 +74,6 @@ class GraftParser(argparse.ArgumentParser):
         self._given, self._words = {}, list(sys.argv[1:] if args is None else args)
         try:
             return super().parse_known_args(args, namespace)
-        except _Repeated as e:
-            self.exit(2, f"{self.prog}: error: {e}\n")
         finally:
             self._given = None
 
