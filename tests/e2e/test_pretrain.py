@@ -30,10 +30,13 @@ def shards(tmp_path_factory):
 
 
 def pretrain(shards: Path, out: Path, *extra: str) -> int:
+    # graft takes each single-valued option once: `extra` replaces these defaults, not repeats them.
+    defaults = {"--train.max-steps": "6", "--train.eval-every": "3", "--train.save-every": "3",
+                "--train.precision": "fp32"}
+    given = {word for word in extra if word.startswith("--")}
+    kept = [word for flag, value in defaults.items() if flag not in given for word in (flag, value)]
     return main(["pretrain", "--model", "tiny", "--data", str(shards / "shards"), "--out", str(out),
-                 "--name", "t", "--recipe", str(ROOT / "recipes" / "pretrain-tiny-cpu.yaml"),
-                 "--train.max-steps", "6", "--train.eval-every", "3", "--train.save-every", "3",
-                 "--train.precision", "fp32", *extra])
+                 "--name", "t", "--recipe", str(ROOT / "recipes" / "pretrain-tiny-cpu.yaml"), *kept, *extra])
 
 
 @pytest.mark.slow
