@@ -3,7 +3,8 @@
 `generate` completes one or more prompts in one batch and prints each completion.
 `chat` is a REPL on stdin: each line is a user turn, the conversation is rendered with
 the tokenizer's chat template (add_generation_prompt) and the reply streams token by
-token; EOF or `/exit` ends it. Both read a Hugging Face model directory, whose
+token; EOF (Ctrl-D) or `/exit` ends it, `/reset` starts the conversation over, `/help`
+lists these (a line starting with `/` is a command, never sent to the model). Both read a Hugging Face model directory, whose
 `tokenizer.json` text prompts need, and optionally an adapter on it (`--adapter DIR`).
 """
 
@@ -116,6 +117,9 @@ def generate_command(args) -> int:
     return 0
 
 
+CHAT_HELP = "/reset starts the conversation over, /exit or Ctrl-D ends it, /help shows this"
+
+
 def chat_command(args) -> int:
     params = _sampling_params(args)
     engine = _load_engine(args)
@@ -123,6 +127,9 @@ def chat_command(args) -> int:
     system = [{"role": "system", "content": args.system}] if args.system else []
     turns: list[dict] = []
     interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"chat with {args.model}{f' + adapter {args.adapter[0]}' if args.adapter else ''}: {CHAT_HELP}",
+              file=sys.stderr)
     while True:
         try:
             line = input("> " if interactive else "")
@@ -131,6 +138,12 @@ def chat_command(args) -> int:
         line = line.strip()
         if line == "/exit":
             break
+        if line.startswith("/"):
+            if line == "/reset":
+                turns = []
+            print(CHAT_HELP if line == "/help" else "(conversation cleared)" if line == "/reset" else
+                  f"unknown command {line.split()[0]}: {CHAT_HELP}", file=sys.stderr)
+            continue
         if not line:
             continue
         turns.append({"role": "user", "content": line})

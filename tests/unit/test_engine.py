@@ -204,6 +204,19 @@ def test_graft_chat_answers_a_line_then_exits_on_eof(model_dir, capsys, monkeypa
     assert capsys.readouterr().out == want.text + "\n"
 
 
+def test_graft_chat_commands_are_never_sent_to_the_model(model_dir, capsys, monkeypatch):
+    # /help was sent to the model as a user turn; /reset did not exist.
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n/help\n/reset\n/nope x\nhello\n"))
+    assert main(["chat", "--model", str(model_dir), "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    out, err = capsys.readouterr()
+    # Two replies, the same: after /reset the same first turn gives the same greedy reply.
+    assert out.count("\n") >= 2 and out == 2 * out[:len(out) // 2]
+    assert err.splitlines() == ["/reset starts the conversation over, /exit or Ctrl-D ends it, /help shows this",
+                                "(conversation cleared)",
+                                "unknown command /nope: /reset starts the conversation over, /exit or Ctrl-D "
+                                "ends it, /help shows this"]
+
+
 def test_graft_generate_and_chat_with_an_adapter_on_the_base(model_dir, tmp_path, capsys, monkeypatch):
     import graftlm.adapters as A
     tuned = A.apply_adapters(load_model(model_dir), A.AdapterConfig(r=4))
