@@ -8,7 +8,7 @@ cells. At least 120 columns keeps every cell whole; a wider terminal keeps its w
 from __future__ import annotations
 
 
-def table_console():
+def table_console(min_width: int = 120):
     from rich.console import Console
     # Lines soft-wrap (the terminal folds a long heading), tables keep their width.
-    return Console(width=max(120, Console().width), soft_wrap=True)
+    return Console(width=max(min_width, Console().width), soft_wrap=True)

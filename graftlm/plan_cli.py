@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -58,7 +59,8 @@ def register(subparsers) -> None:
 
     compare = subparsers.add_parser("compare", help="one table and one plot across finished runs")
     compare.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    compare.add_argument("--out", default="compare.html", help="HTML file with the table and plot")
+    compare.add_argument("--out", default=None,
+                         help="HTML file with the table and plot (default: compare.html beside the runs)")
     compare.add_argument("--price-per-hour", type=float, default=None,
                          help="USD per device-hour for the cost column (default: from the run's device)")
     compare.add_argument("--json", action="store_true")
@@ -330,18 +332,28 @@ def check_command(args, catalogue) -> int:
 
 # -- graft compare / graft report --------------------------------------------------------------
 
+def _beside(runs: list[Path]) -> Path:
+    """The folder that holds the runs (runs/ for runs/a runs/b), not wherever the command ran."""
+    resolved = [r.resolve() for r in runs]
+    common = Path(os.path.commonpath(resolved))
+    return common.parent if common in resolved else common
+
+
 def compare_command(args) -> int:
     from graftlm.report import compare_runs
-    rows = compare_runs([Path(r) for r in args.runs], Path(args.out), args.price_per_hour)
+    runs = [Path(r) for r in args.runs]
+    out = Path(args.out) if args.out else _beside(runs) / "compare.html"
+    rows = compare_runs(runs, out, args.price_per_hour)
     if args.json:
         json.dump(rows, sys.stdout, indent=2)
         print()
         return 0
     from rich.table import Table
-    table = Table(title=f"{len(rows)} runs (plot: {args.out})")
+    table = Table(title=f"{len(rows)} runs (plot: {out})")
     priced = args.price_per_hour is not None  # no price, no cost column: it would be dashes
+    scored = any(row["val_score"] for row in rows)  # RL's reward, preference accuracy
     columns = ("run", "regime", "precision", "trainable", "tokens", "wall time", "peak tensors", "peak RSS",
-               *(["cost (USD)"] if priced else []), "train loss", "val loss")
+               *(["cost (USD)"] if priced else []), "train loss", "val loss", *(["val score"] if scored else []))
     for column in columns:
         text = column in ("run", "regime", "precision")  # whole names, never cut to "lora-mo…"
         table.add_column(column, justify="left" if text else "right", no_wrap=text)
@@ -351,8 +363,9 @@ def compare_command(args) -> int:
                       fmt_count(row["tokens"]), fmt_time(row["time_s"]), fmt_bytes(row["peak_tensor_bytes"]),
                       fmt_bytes(row["peak_rss_bytes"]), *cost,
                       "-" if row["final_train_loss"] is None else f"{row['final_train_loss']:.4f}",
-                      "-" if row["final_val_loss"] is None else f"{row['final_val_loss']:.4f}")
-    console = table_console()
+                      "-" if row["final_val_loss"] is None else f"{row['final_val_loss']:.4f}",
+                      *([row["val_score"] or "-"] if scored else []))
+    console = table_console(min_width=150)  # a dozen columns: narrower, every header wraps
     console.print(table)
     console.print("  peak tensors: the most live tensor bytes in a training step (what `graft plan` predicts); "
                   "peak RSS: the process's resident memory on the host (interpreter and libraries too)")

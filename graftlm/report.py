@@ -179,9 +179,14 @@ def run_row(run_dir: Path, price_per_hour: float | None) -> dict:
     known = {"objective", "parameterization", "params_trainable", "params_total", "tokens", "flops",
              "peak_memory_bytes", "peak_host_memory_bytes", "peak_tensor_bytes", "final_train_loss",
              "final_val_loss", "val_bpb"}
+    objective = summary.get("objective", "?")
+    loss = (read_config(run_dir).get("dpo") or {}).get("loss") if objective == "dpo" else None
+    if loss and loss != "sigmoid":  # SimPO, IPO, ORPO...: the losses differ too much to be one "dpo"
+        objective = f"dpo ({loss})"
     return {
         "run": run_dir.name, "path": str(run_dir),
-        "regime": f"{summary.get('objective', '?')}/{summary.get('parameterization', '?')}",
+        "regime": f"{objective}/{summary.get('parameterization', '?')}",
+        "val_score": val_score(summary),
         "precision": summary.get("precision"), "device": summary.get("device"),
         "params_trainable": summary.get("params_trainable"), "params_total": summary.get("params_total"),
         "tokens": summary.get("tokens"), "time_s": time_s, "flops": summary.get("flops"),
@@ -191,6 +196,17 @@ def run_row(run_dir: Path, price_per_hour: float | None) -> dict:
         "metrics": {k: v for k, v in summary.items() if k not in known and isinstance(v, (int, float))
                     and not isinstance(v, bool)},
     }
+
+
+def val_score(summary: dict) -> str | None:
+    """The held-out figure a run is judged by beside its loss: RL's mean reward on the
+    validation prompts, preference accuracy for DPO and reward models."""
+    reward, accuracy = summary.get("final_val_reward"), summary.get("final_val_rewards/accuracy")
+    if isinstance(reward, (int, float)):
+        return f"reward {reward:.3g}"
+    if isinstance(accuracy, (int, float)):
+        return f"accuracy {accuracy:.0%}"
+    return None
 
 
 def comparison_plot(run_dirs: list[Path], rows: list[dict]) -> str:
@@ -223,7 +239,7 @@ def compare_runs(run_dirs: list[Path], out: Path, price_per_hour: float | None =
     run_dirs = [Path(r) for r in run_dirs]
     rows = [run_row(r, price_per_hour) for r in run_dirs]
     columns = ["run", "regime", "precision", "params_trainable", "tokens", "time_s", "peak_tensor_bytes",
-               "peak_rss_bytes", "cost_usd", "final_train_loss", "final_val_loss", "val_bpb"]
+               "peak_rss_bytes", "cost_usd", "final_train_loss", "final_val_loss", "val_bpb", "val_score"]
     head = "".join(f"<th>{c}</th>" for c in columns)
     body_rows = "".join("<tr>" + "".join(_cell(row[c]) for c in columns) + "</tr>" for row in rows)
     body = (f"<h1>comparison of {len(rows)} runs</h1><table><tr>{head}</tr>{body_rows}</table>"

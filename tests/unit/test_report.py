@@ -127,3 +127,24 @@ def test_rl_runs_plot_and_print_the_held_out_reward(tmp_path, capsys, monkeypatc
     run_plots([{"step": 1, "loss": 0.5, "lr": 1e-3, "train_reward/mean": 0.2},
                {"step": 2, "val_reward": 0.375}])
     assert "reward" in titles and "learning rate" not in titles
+
+
+def test_compare_names_dpo_variants_shows_held_out_scores_and_writes_beside_the_runs(tmp_path, capsys,
+                                                                                     monkeypatch):
+    import yaml
+    runs = tmp_path / "runs"
+    simpo, grpo = make_run(runs, "simpo"), make_run(runs, "grpo")
+    for run, objective, extra in ((simpo, "dpo", {"final_val_rewards/accuracy": 0.875}),
+                                  (grpo, "grpo", {"final_val_reward": 0.125})):
+        summary = json.loads((run / "summary.json").read_text())
+        (run / "summary.json").write_text(json.dumps({**summary, "objective": objective, **extra}))
+    (simpo / "config.yaml").write_text(yaml.safe_dump({"objective": "dpo", "dpo": {"loss": "simpo"}}))
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["compare", str(simpo), str(grpo)]) == 0
+    printed = capsys.readouterr().out
+    assert "dpo (simpo)/full" in printed and "accuracy 88%" in printed and "reward 0.125" in printed
+    assert (runs / "compare.html").exists() and not (elsewhere / "compare.html").exists()
+    assert main(["compare", str(grpo)]) == 0  # one run: beside it as well
+    assert (runs / "compare.html").exists()
