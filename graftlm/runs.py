@@ -491,6 +491,9 @@ def _run_training(cfg: RunConfig, resume: bool | None, fresh: bool, allow_config
         model = spec.prepare_model(cfg, model, tokenizer)
     model = apply_parameterization(model, cfg)
     objective = spec.build_objective(cfg, model)
+    sampler = getattr(objective, "sampler", None)  # RL: its completions, when asked to log them
+    if sampler is not None and d.is_main:
+        sampler.completions_log = run_dir / "completions.jsonl"
     wrapped = parallel.wrap_model(model, d, cfg.parallel)
 
     params_total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

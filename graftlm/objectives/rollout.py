@@ -43,8 +43,13 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
+    log_completions: int = field(default=0, metadata={
+        "help": "write the first N completions of each rollout, with prompt, reward and whether it was cut, "
+                "to RUN/completions.jsonl (TRL's log_completions)"})
 
     def validate(self) -> None:
+        if self.log_completions < 0:
+            raise ConfigError(f"config field 'log_completions': must be >= 0, got {self.log_completions}")
         if self.group_size < 1 or self.max_new_tokens < 1:
             raise ConfigError("config fields 'group_size' and 'max_new_tokens' must be >= 1")
         if self.temperature <= 0:
@@ -98,6 +103,7 @@ class RolloutSampler:
     def __init__(self, config: SamplingConfig, scorer, tokenizer=None):
         self.config, self.scorer, self.tokenizer = config, scorer, tokenizer
         self.rollouts = 0
+        self.completions_log = None  # RUN/completions.jsonl on the main rank (runs.py sets it)
 
     @torch.no_grad()
     def sample(self, model, batch: dict, pad_id: int = 0, greedy: bool = False) -> Rollout:
@@ -138,6 +144,8 @@ class RolloutSampler:
         scores = self.scorer(completions, prompts, rows, truncated=truncated)
         scoring_s = time.perf_counter() - start
 
+        if not greedy and cfg.log_completions and self.completions_log is not None:
+            self._log(prompts, completions, scores, truncated)
         sequences = [p + o.token_ids for p, o in zip(prompt_ids, outputs)]
         masks = [[False] * len(p) + [True] * len(o.token_ids) for p, o in zip(prompt_ids, outputs)]
         rewards = torch.tensor([float("nan") if s is None else float(s) for s in scores])
@@ -145,6 +153,16 @@ class RolloutSampler:
         return Rollout(pad_right(sequences, pad_id).to(device), pad_right(masks, 0).bool().to(device),
                        rewards.to(device), completions, g, generation_s, scoring_s,
                        torch.tensor([len(s) for s in sequences]), torch.tensor(truncated, dtype=torch.bool))
+
+
+    def _log(self, prompts, completions, scores, truncated) -> None:
+        """Append this rollout's first `log_completions` completions: what the reward paid for."""
+        import json
+
+        with open(self.completions_log, "a") as f:
+            for i in range(min(self.config.log_completions, len(completions))):
+                f.write(json.dumps({"rollout": self.rollouts, "prompt": prompts[i], "completion": completions[i],
+                                    "reward": scores[i], "truncated": truncated[i]}) + "\n")
 
 
 def held_out_reward(sampler: RolloutSampler, model, batch: dict,

@@ -229,7 +229,7 @@ def test_graft_grpo_logs_val_reward_every_eval_and_in_summary(tmp_path, capsys):
                  "--data", str(tmp_path / "prompts.jsonl"), "--out", str(tmp_path), "--name", "g",
                  "--grpo.reward", f"{tmp_path / 'reward.py'}:score", "--grpo.val-fraction", "0.25",
                  "--grpo.iterations", "2", "--grpo.sampling.group-size", "2", "--grpo.sampling.max-new-tokens", "3",
-                 "--train.max-steps", "2", "--train.batch-size", "2", "--train.eval-every", "1",
+                 "--grpo.sampling.log-completions", "3", "--train.max-steps", "2", "--train.batch-size", "2", "--train.eval-every", "1",
                  "--train.eval-batches", "0", "--train.seq-len", "32", "--train.precision", "fp32",
                  "--train.save-every", "0", "--tensorboard", "false"]) == 0
     assert "grpo: 2 completions per prompt of up to 3 tokens at temperature 1, KL beta 0.04" in \
@@ -243,3 +243,9 @@ def test_graft_grpo_logs_val_reward_every_eval_and_in_summary(tmp_path, capsys):
     assert all(abs(r["val_reward"] - held_out_mean) < 1e-9 for r in vals)
     summary = json.loads((tmp_path / "g" / "summary.json").read_text())
     assert summary["final_val_reward"] == vals[-1]["val_reward"]
+    # One rollout (2 steps of 2 iterations), its first 3 completions; the greedy held-out answers are not logged.
+    logged = [json.loads(line) for line in (tmp_path / "g" / "completions.jsonl").read_text().splitlines()]
+    assert [r["rollout"] for r in logged] == [1, 1, 1]
+    answers = {r["prompt"]: float(r["answer"]) for r in rows}
+    assert all(r["reward"] == answers[r["prompt"]] and isinstance(r["completion"], str)
+               and isinstance(r["truncated"], bool) for r in logged)
