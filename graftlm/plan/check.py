@@ -94,18 +94,22 @@ def _reward_is_model(spec: str) -> bool:
     return Path(spec).is_dir() or is_scalar_model_dir(spec) or ":" not in spec
 
 
-def _ppo_models(config: dict) -> dict:
-    """RunShape fields of a PPO run's critic and reward model (objectives/ppo.build_critic:
-    the value model, else the reward model when it is a directory, else a copy of the policy)."""
-    if config.get("objective") != "ppo":
+def _rl_models(config: dict) -> dict:
+    """RunShape fields of an RL run's reward model (GRPO, PPO) and PPO's critic
+    (objectives/ppo.build_critic: the value model, else the reward model when it is a
+    directory, else a copy of the policy)."""
+    objective = config.get("objective")
+    if objective not in ("grpo", "ppo"):
         return {}
-    section = config.get("ppo") or {}
+    section = config.get(objective) or {}
     reward = str(section.get("reward") or "")
     is_model = _reward_is_model(reward) if reward else False
     reward_shape = _scalar_model_shape(reward) if is_model else None
-    value_model = section.get("value_model")
-    critic = _scalar_model_shape(str(value_model)) if value_model else reward_shape
-    return {"critic_model": critic, "reward_model": reward_shape, "reward_is_model": is_model}
+    fields = {"reward_model": reward_shape, "reward_is_model": is_model}
+    if objective == "ppo":
+        value_model = section.get("value_model")
+        fields["critic_model"] = _scalar_model_shape(str(value_model)) if value_model else reward_shape
+    return fields
 
 
 def _read(path: Path, loader):
@@ -168,7 +172,7 @@ def run_shape(run_dir: Path) -> tuple[RunShape, dict]:
         devices=int(summary.get("world_size", 1)), sharding="fsdp" if parallel.get("mode") == "fsdp" else "ddp",
         device_type=str(summary.get("device") or "cuda").split(":")[0],
         scalar_head=config.get("objective") == "reward", uses_reference=_uses_reference(config),
-        **_ppo_models(config))
+        **_rl_models(config))
     if shape.parameterization == "dora":
         shape = replace(shape, parameterization="lora")
     return shape, summary

@@ -20,7 +20,8 @@ on top is counted here:
   (none at beta 0). With `iterations` k each rollout is sampled once and trained on in k
   passes: every pass runs the policy's forward and backward; the first pass's reference
   forward serves all k (the reference never changes), and pi_old's log-probs are the
-  first pass's own, detached, so no forward of their own.
+  first pass's own, detached, so no forward of their own. A reward model (a directory as
+  `--grpo.reward`) adds its forward over each rollout once, as PPO's does.
 - PPO (objectives/ppo.py), per micro-batch: the rollout's generation, as GRPO's (usually
   one completion per prompt); the policy's forward and backward (pi_old is that forward,
   detached: no pass of its own); the reference forward (none at kl_coef 0); the critic,
@@ -208,7 +209,8 @@ def flops_detail(shape: RunShape, trained: float) -> dict[str, float]:
 
     The policy's forward and backward (`train`) run on every pass; a GRPO rollout is
     generated once, and its reference log-probs computed once, whatever the passes over it.
-    PPO adds its critic's forward and backward and its reward model's forward.
+    PPO adds its critic's forward and backward; GRPO and PPO their reward model's forward
+    when a model scores the rollouts.
     """
     detail = {"train": train_flops_per_token(shape) * trained}
     distinct = trained / passes_per_sequence(shape)  # each sequence's tokens once

@@ -94,11 +94,12 @@ class RunShape:
     device_type: str = "cuda"  # cuda | cpu: which kernels run (see compute.recompute_flops_per_token)
     scalar_head: bool = False  # a reward model / critic: a [1, hidden] score in place of the LM head (FLOPs)
     # PPO: the critic's shape (None: the policy's, as a critic copied from it or from a reward
-    # model trained on the same base), and the reward model scoring each rollout (None: the
-    # policy's shape; reward_is_model False: a reward function, no model runs)
+    # model trained on the same base). GRPO and PPO: the reward model scoring each rollout
+    # (None: the policy's shape); reward_is_model False: a reward function, no model runs;
+    # None: each objective's usual reward (PPO a reward model, GRPO a function such as gsm8k)
     critic_model: ModelConfig | None = None
     reward_model: ModelConfig | None = None
-    reward_is_model: bool = True
+    reward_is_model: bool | None = None
 
     @property
     def adapted(self) -> bool:
@@ -126,8 +127,12 @@ class RunShape:
 
     @property
     def scoring_model(self) -> ModelConfig | None:
-        """PPO's reward model, a scalar head run over every rollout; None where a function scores."""
-        return (self.reward_model or self.model) if self.objective == "ppo" and self.reward_is_model else None
+        """The reward model of GRPO or PPO, a scalar head run over every rollout; None where a
+        function scores."""
+        if not self.samples_rollouts:
+            return None
+        is_model = self.objective == "ppo" if self.reward_is_model is None else self.reward_is_model
+        return (self.reward_model or self.model) if is_model else None
 
     @property
     def sequences(self) -> int:

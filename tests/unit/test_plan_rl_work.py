@@ -197,6 +197,11 @@ def test_check_times_a_grpo_run_with_generation_once_per_rollout(tmp_path):
     config["grpo"]["beta"] = 0.0  # no KL: no reference forward
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     assert "reference forward" not in check_run(run, None)["flops_detail"]
+    # Scored by a reward model (a directory as --grpo.reward): its forward over each rollout, once.
+    config["grpo"]["reward"] = str(_scalar_model_dir(tmp_path / "rm", SMALL))
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    assert check_run(run, None)["flops_detail"]["reward model"] == pytest.approx(
+        trained_rows / 2 * HandCount(SMALL, outputs=1).forward(row), rel=1e-12)
 
 
 def test_ppo_counts_its_critic_reference_generation_and_reward_model():
@@ -231,7 +236,10 @@ def test_ppo_counts_its_critic_reference_generation_and_reward_model():
     assert "reward model" not in compute_cost(replace(shape, reward_is_model=False), 4800, hardware).detail
     # GRPO at the same shape: no critic, no reward model.
     grpo = compute_cost(replace(shape, objective="grpo"), rollouts * seq_len, hardware).detail
-    assert set(grpo) == {"train", "reference forward", "generation"}
+    assert set(grpo) == {"train", "reference forward", "generation"}  # GRPO's usual reward: a function
+    # A GRPO run scored by a reward model runs its forward over every rollout, as PPO's does.
+    scored = compute_cost(replace(shape, objective="grpo", reward_is_model=True), rollouts * seq_len, hardware)
+    assert scored.detail["reward model"] == pytest.approx(expected["reward model"], rel=1e-12)
 
 
 def _scalar_model_dir(path, cfg: ModelConfig):
