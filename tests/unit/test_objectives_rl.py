@@ -8,42 +8,17 @@ import pytest
 import torch
 
 from graftlm.errors import GraftError
-from graftlm.models import Decoder, ModelConfig
 from graftlm.objectives.grpo import GRPOConfig, GRPOObjective
 from graftlm.objectives.ppo import PPOConfig, PPOObjective
 from graftlm.objectives.rollout import SamplingConfig
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from graftlm.tokenizer import train_tokenizer
-    return train_tokenizer(iter(["copy: 0 1 2 3 4 5 6 7 8 9"] * 10), 280)
-
-
-def _policy(tokenizer):
-    torch.manual_seed(0)
-    model = Decoder(ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
-                                num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=64,
-                                pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id))
-    model.init_weights(torch.Generator().manual_seed(0))
-    return model.train()
-
-
-def _batch(tokenizer):
-    prompts = ["copy: 1 2", "copy: 3 4"]
-    return {"prompt_ids": [tokenizer.encode(p) for p in prompts], "prompts": prompts,
-            "rows": [{"answer": "1 2", "source": "t.jsonl:1"}, {"answer": "3 4", "source": "t.jsonl:2"}]}
-
-
-def _length_reward(completions, prompts, rows):
-    return [float(len(c)) for c in completions]
+from tests.unit.rl_support import length_reward, policy, prompt_batch
 
 
 def test_grpo_loss_has_gradients_and_metrics(tokenizer):
-    model = _policy(tokenizer)
+    model = policy(tokenizer)
     cfg = GRPOConfig(sampling=SamplingConfig(group_size=4, max_new_tokens=5), beta=0.1)
-    objective = GRPOObjective(cfg, tokenizer, reward=_length_reward)
-    total, count, metrics = objective.loss(model, _batch(tokenizer))
+    objective = GRPOObjective(cfg, tokenizer, reward=length_reward)
+    total, count, metrics = objective.loss(model, prompt_batch(tokenizer))
     assert count.item() > 0 and torch.isfinite(total)
     total.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
@@ -57,8 +32,8 @@ def test_grpo_without_kl_runs_no_reference(tokenizer, monkeypatch):
     import graftlm.objectives.grpo as grpo
     monkeypatch.setattr(grpo, "reference_token_logps", lambda *a: pytest.fail("reference used with beta 0"))
     objective = GRPOObjective(GRPOConfig(sampling=SamplingConfig(group_size=2, max_new_tokens=3), beta=0.0),
-                              tokenizer, reward=_length_reward)
-    objective.loss(_policy(tokenizer), _batch(tokenizer))
+                              tokenizer, reward=length_reward)
+    objective.loss(policy(tokenizer), prompt_batch(tokenizer))
 
 
 def test_grpo_reward_error_names_the_prompt(tokenizer, tmp_path):
@@ -67,17 +42,17 @@ def test_grpo_reward_error_names_the_prompt(tokenizer, tmp_path):
                      sampling=SamplingConfig(group_size=2, max_new_tokens=3))
     objective = GRPOObjective(cfg, tokenizer)
     with pytest.raises(GraftError, match="prompt 'copy: 1 2'"):
-        objective.loss(_policy(tokenizer), _batch(tokenizer))
+        objective.loss(policy(tokenizer), prompt_batch(tokenizer))
 
 
 def test_ppo_trains_policy_loss_and_steps_its_critic(tokenizer):
-    model = _policy(tokenizer)
+    model = policy(tokenizer)
     cfg = PPOConfig(reward="unused", sampling=SamplingConfig(group_size=2, max_new_tokens=4))
-    objective = PPOObjective(cfg, tokenizer, model, reward=_length_reward)
+    objective = PPOObjective(cfg, tokenizer, model, reward=length_reward)
     before = [p.detach().clone() for p in objective.critic.parameters()]
     forwards = []
     objective.critic.register_forward_hook(lambda module, args, out: forwards.append(1))
-    total, count, metrics = objective.loss(model, _batch(tokenizer))
+    total, count, metrics = objective.loss(model, prompt_batch(tokenizer))
     total.backward()
     assert count.item() > 0 and "value_loss" in metrics
     # One critic forward gives the old values (detached) and the values its step trains.
@@ -102,11 +77,11 @@ def test_zero_std_fraction_counts_scored_groups_whose_rewards_all_agree():
 
 
 def test_grpo_logs_frac_reward_zero_std_and_clipped_ratio(tokenizer):
-    model = _policy(tokenizer)
+    model = policy(tokenizer)
     cfg = GRPOConfig(sampling=SamplingConfig(group_size=4, max_new_tokens=3), beta=0.0)
-    _, _, same = GRPOObjective(cfg, tokenizer, reward=_constant_reward).loss(model, _batch(tokenizer))
+    _, _, same = GRPOObjective(cfg, tokenizer, reward=_constant_reward).loss(model, prompt_batch(tokenizer))
     assert same["frac_reward_zero_std"] == 1.0
-    _, _, varied = GRPOObjective(cfg, tokenizer, reward=_length_reward).loss(model, _batch(tokenizer))
+    _, _, varied = GRPOObjective(cfg, tokenizer, reward=length_reward).loss(model, prompt_batch(tokenizer))
     assert varied["frac_reward_zero_std"] < 1.0
     # An untrained model never says EOS in 3 tokens: every completion is cut.
     assert same["completions/clipped_ratio"] == 1.0 and same["completion_length"] == 3.0
@@ -127,7 +102,7 @@ def test_clipped_ratio_is_the_share_of_completions_cut_at_max_new_tokens(tokeniz
 
     monkeypatch.setattr(graftlm.engine, "Engine", Engine)
     cfg = GRPOConfig(sampling=SamplingConfig(group_size=2, max_new_tokens=3), beta=0.0)
-    _, _, metrics = GRPOObjective(cfg, tokenizer, reward=_length_reward).loss(_policy(tokenizer), _batch(tokenizer))
+    _, _, metrics = GRPOObjective(cfg, tokenizer, reward=length_reward).loss(policy(tokenizer), prompt_batch(tokenizer))
     assert metrics["completions/clipped_ratio"] == 0.5
     assert metrics["frac_reward_zero_std"] == 0.0  # lengths 1 vs 3, 3 vs 0: both groups differ
 
@@ -186,7 +161,7 @@ def test_grpo_run_warns_once_when_no_step_can_learn(tokenizer, tmp_path, capsys)
 
     cfg = GRPOConfig(sampling=SamplingConfig(group_size=2, max_new_tokens=3), beta=0.0)
     train = TrainConfig(max_steps=3, batch_size=2, precision="fp32", eval_every=0, save_every=0)
-    Trainer(_policy(tokenizer), GRPOObjective(cfg, tokenizer, reward=_constant_reward),
+    Trainer(policy(tokenizer), GRPOObjective(cfg, tokenizer, reward=_constant_reward),
             ResumableLoader(Prompts(), 2), train, OptimConfig(warmup_steps=0), device=torch.device("cpu"),
             run_dir=tmp_path, tensorboard=False).fit()
     out = capsys.readouterr().out  # 3 steps that learn nothing: one line, not three

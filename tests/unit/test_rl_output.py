@@ -9,44 +9,19 @@ import pytest
 import torch
 
 from graftlm.errors import GraftError
-from graftlm.models import Decoder, ModelConfig
 from graftlm.objectives.ppo import PPOConfig, PPOObjective
 from graftlm.objectives.rollout import SamplingConfig
 from graftlm.rewards import RewardPolicy, RewardScorer, build_reward, numeric_match
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from graftlm.tokenizer import train_tokenizer
-    return train_tokenizer(iter(["copy: 0 1 2 3 4 5 6 7 8 9"] * 10), 280)
-
-
-def _policy(tokenizer):
-    torch.manual_seed(0)
-    model = Decoder(ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
-                                num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=64,
-                                pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id))
-    model.init_weights(torch.Generator().manual_seed(0))
-    return model.train()
-
-
-def _batch(tokenizer):
-    prompts = ["copy: 1 2", "copy: 3 4"]
-    return {"prompt_ids": [tokenizer.encode(p) for p in prompts], "prompts": prompts,
-            "rows": [{"answer": "1 2", "source": "t.jsonl:1"}, {"answer": "3 4", "source": "t.jsonl:2"}]}
-
-
-def _length_reward(completions, prompts, rows):
-    return [float(len(c)) for c in completions]
+from tests.unit.rl_support import length_reward, policy, prompt_batch
 
 
 # -- 1. PPO's reported loss ----------------------------------------------------------------
 
 def test_ppo_loss_is_policy_plus_value_loss_and_only_the_policy_part_has_gradient(tokenizer):
-    model = _policy(tokenizer)
+    model = policy(tokenizer)
     cfg = PPOConfig(reward="unused", sampling=SamplingConfig(group_size=2, max_new_tokens=4))
-    objective = PPOObjective(cfg, tokenizer, model, reward=_length_reward)
-    total, count, metrics = objective.loss(model, _batch(tokenizer))
+    objective = PPOObjective(cfg, tokenizer, model, reward=length_reward)
+    total, count, metrics = objective.loss(model, prompt_batch(tokenizer))
     n = count.item()
     assert n > 0 and metrics["value_loss"] > 0
     # Whitened advantages at the first pass: the policy part is ~0, the whole loss is not.
@@ -58,7 +33,7 @@ def test_ppo_loss_is_policy_plus_value_loss_and_only_the_policy_part_has_gradien
 
     # Without grad (no critic step) the sum is the policy's alone.
     with torch.no_grad():
-        total, count, metrics = objective.loss(model, _batch(tokenizer))
+        total, count, metrics = objective.loss(model, prompt_batch(tokenizer))
     assert "value_loss" not in metrics
     assert total.item() == pytest.approx(metrics["policy_loss"] * count.clamp_min(1).item(), abs=1e-6)
 
@@ -90,10 +65,10 @@ def test_ppo_run_reports_its_whole_loss(tokenizer, tmp_path, capsys):
         def __getitem__(self, i):
             return self.items[i]
 
-    model = _policy(tokenizer)
+    model = policy(tokenizer)
     cfg = PPOConfig(reward="unused", sampling=SamplingConfig(group_size=1, max_new_tokens=3))
     train = TrainConfig(max_steps=2, batch_size=2, precision="fp32", eval_every=0, save_every=0)
-    trainer = Trainer(model, PPOObjective(cfg, tokenizer, model, reward=_length_reward),
+    trainer = Trainer(model, PPOObjective(cfg, tokenizer, model, reward=length_reward),
                       ResumableLoader(Prompts(), 2), train, OptimConfig(warmup_steps=0),
                       device=torch.device("cpu"), run_dir=tmp_path, tensorboard=False)
     trainer.fit()
@@ -199,7 +174,7 @@ def test_scorer_passes_truncated_only_to_rewards_that_take_it():
         return [1.0] * len(completions)
 
     RewardScorer(takes)(["a", "b"], ["p", "q"], [{}, {}], truncated=[True, False])
-    RewardScorer(_length_reward)(["a", "b"], ["p", "q"], [{}, {}], truncated=[True, False])
+    RewardScorer(length_reward)(["a", "b"], ["p", "q"], [{}, {}], truncated=[True, False])
     assert seen == [[True, False]]
     assert RewardScorer(build_reward("gsm8k"))(["x 18", "x 18"], ["p", "q"], [{"answer": "18"}] * 2,
                                                truncated=[True, False]) == [0.0, 1.0]
@@ -222,5 +197,5 @@ def test_rollout_tells_gsm8k_which_completions_were_cut(tokenizer, monkeypatch):
     sampler = RolloutSampler(SamplingConfig(group_size=2, max_new_tokens=3), RewardScorer(build_reward("gsm8k")),
                              tokenizer)
     batch = {"prompt_ids": [tokenizer.encode("copy: 1")], "prompts": ["copy: 1"], "rows": [{"answer": "18"}]}
-    rollout = sampler.sample(_policy(tokenizer), batch, tokenizer.pad_id)
+    rollout = sampler.sample(policy(tokenizer), batch, tokenizer.pad_id)
     assert rollout.rewards.tolist() == [1.0, 0.0] and rollout.truncated.tolist() == [False, True]
