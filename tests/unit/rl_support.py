@@ -25,3 +25,22 @@ def prompt_batch(tokenizer):
 
 def length_reward(completions, prompts, rows):
     return [float(len(c)) for c in completions]
+
+
+class CopyPrompts:
+    """`n` prompt rows ("copy: i"), a data set the trainer's loader takes."""
+
+    def __init__(self, tokenizer, n: int):
+        self.items = [{"prompt_ids": tokenizer.encode(f"copy: {i}"), "prompt_text": f"copy: {i}", "row": {}}
+                      for i in range(n)]
+
+    @staticmethod
+    def collate(examples):
+        from graftlm.objectives.rollout import collate_prompts
+        return collate_prompts(examples)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]

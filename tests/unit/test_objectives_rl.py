@@ -11,7 +11,7 @@ from graftlm.errors import GraftError
 from graftlm.objectives.grpo import GRPOConfig, GRPOObjective
 from graftlm.objectives.ppo import PPOConfig, PPOObjective
 from graftlm.objectives.rollout import SamplingConfig
-from tests.unit.rl_support import length_reward, policy, prompt_batch
+from tests.unit.rl_support import CopyPrompts, length_reward, policy, prompt_batch
 
 
 def test_grpo_loss_has_gradients_and_metrics(tokenizer):
@@ -144,25 +144,13 @@ def test_rollout_warnings_print_once_then_at_most_every_n_steps_with_counts():
 
 def test_grpo_run_warns_once_when_no_step_can_learn(tokenizer, tmp_path, capsys):
     from graftlm.data.loader import ResumableLoader
-    from graftlm.objectives.rollout import collate_prompts
     from graftlm.optim import OptimConfig
     from graftlm.trainer import TrainConfig, Trainer
-
-    class Prompts:
-        items = [{"prompt_ids": tokenizer.encode(f"copy: {i}"), "prompt_text": f"copy: {i}", "row": {}}
-                 for i in range(8)]
-        collate = staticmethod(collate_prompts)
-
-        def __len__(self):
-            return len(self.items)
-
-        def __getitem__(self, i):
-            return self.items[i]
 
     cfg = GRPOConfig(sampling=SamplingConfig(group_size=2, max_new_tokens=3), beta=0.0)
     train = TrainConfig(max_steps=3, batch_size=2, precision="fp32", eval_every=0, save_every=0)
     Trainer(policy(tokenizer), GRPOObjective(cfg, tokenizer, reward=_constant_reward),
-            ResumableLoader(Prompts(), 2), train, OptimConfig(warmup_steps=0), device=torch.device("cpu"),
+            ResumableLoader(CopyPrompts(tokenizer, 8), 2), train, OptimConfig(warmup_steps=0), device=torch.device("cpu"),
             run_dir=tmp_path, tensorboard=False).fit()
     out = capsys.readouterr().out  # 3 steps that learn nothing: one line, not three
     assert out.count("got the same reward") == 1 and "warning: step 1: every prompt's 2 completions" in out

@@ -12,7 +12,7 @@ from graftlm.errors import GraftError
 from graftlm.objectives.ppo import PPOConfig, PPOObjective
 from graftlm.objectives.rollout import SamplingConfig
 from graftlm.rewards import RewardPolicy, RewardScorer, build_reward, numeric_match
-from tests.unit.rl_support import length_reward, policy, prompt_batch
+from tests.unit.rl_support import CopyPrompts, length_reward, policy, prompt_batch
 
 
 # -- 1. PPO's reported loss ----------------------------------------------------------------
@@ -50,26 +50,14 @@ def test_progress_line_shows_the_value_loss_beside_the_loss(tmp_path, capsys):
 
 def test_ppo_run_reports_its_whole_loss(tokenizer, tmp_path, capsys):
     from graftlm.data.loader import ResumableLoader
-    from graftlm.objectives.rollout import collate_prompts
     from graftlm.optim import OptimConfig
     from graftlm.trainer import TrainConfig, Trainer
-
-    class Prompts:
-        items = [{"prompt_ids": tokenizer.encode(f"copy: {i}"), "prompt_text": f"copy: {i}", "row": {}}
-                 for i in range(4)]
-        collate = staticmethod(collate_prompts)
-
-        def __len__(self):
-            return len(self.items)
-
-        def __getitem__(self, i):
-            return self.items[i]
 
     model = policy(tokenizer)
     cfg = PPOConfig(reward="unused", sampling=SamplingConfig(group_size=1, max_new_tokens=3))
     train = TrainConfig(max_steps=2, batch_size=2, precision="fp32", eval_every=0, save_every=0)
     trainer = Trainer(model, PPOObjective(cfg, tokenizer, model, reward=length_reward),
-                      ResumableLoader(Prompts(), 2), train, OptimConfig(warmup_steps=0),
+                      ResumableLoader(CopyPrompts(tokenizer, 4), 2), train, OptimConfig(warmup_steps=0),
                       device=torch.device("cpu"), run_dir=tmp_path, tensorboard=False)
     trainer.fit()
     out = capsys.readouterr().out
