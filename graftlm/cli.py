@@ -7,8 +7,8 @@ torchrun: printed by rank 0 alone, unless it is a rank's own collective failure)
 
 Every parser is a `GraftParser`: options are taken only as spelled in full (no argparse
 prefixes: `--train.max-step` is an unknown option with a suggestion, not `--train.max-steps`),
-and an option that holds one value may be given once (`--model A --model B` is refused
-naming both; `action="append"` options still repeat).
+and an option that holds one value, given twice, gets one warning naming both values and
+keeps the last (`--model A --model B` uses B; `action="append"` options repeat as ever).
 """
 
 from __future__ import annotations

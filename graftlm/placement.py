@@ -91,6 +91,11 @@ def slow_on_cpu(dtype: "torch.dtype") -> bool:
                                                                        and not fast_float16_on_cpu())
 
 
+def slow_bfloat16_reason(device: "torch.device") -> str:
+    """Why bf16 is slow on `device`, for warnings (where `fast_bfloat16` is false)."""
+    return "this CPU has no AVX-512, AMX or Arm BF16" if device.type == "cpu" else f"{device} emulates bf16"
+
+
 def resolve_precision(requested: str, device: "torch.device", warn=print) -> str:
     """`train.precision` with `auto` made concrete for `device`: bf16 autocast where bf16 is
     fast, else fp32. An explicit bf16 choice on a device without fast bf16 is kept, with one
@@ -98,8 +103,7 @@ def resolve_precision(requested: str, device: "torch.device", warn=print) -> str
     if requested == "auto":
         return "bf16-autocast" if fast_bfloat16(device.type) else "fp32"
     if requested != "fp32" and not fast_bfloat16(device.type):
-        what = "this CPU has no AVX-512, AMX or Arm BF16" if device.type == "cpu" else f"{device} emulates bf16"
-        warn(f"warning: --train.precision {requested}: {what}, so bf16 matrix products run many times "
+        warn(f"warning: --train.precision {requested}: {slow_bfloat16_reason(device)}, so bf16 matrix products run many times "
              "slower than float32 (50x on an AVX2 CPU); --train.precision auto or fp32 trains in float32")
     return requested
 

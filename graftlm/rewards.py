@@ -282,12 +282,22 @@ class RewardModelScorer:
         return scores
 
 
+BUILT_IN = {"gsm8k": numeric_match, "numeric": numeric_match, "exact": exact_match}
+
+
+def names_a_model(spec: str) -> bool:
+    """Whether the reward `spec` is a reward model's directory rather than a function: not a
+    built-in, a regex or a `module:function`. A run's recorded directory that has moved
+    since still names a model (what `graft plan --check` needs to know)."""
+    if spec in BUILT_IN or spec.startswith("regex:"):
+        return False
+    return Path(spec).is_dir() or ":" not in spec
+
+
 def build_reward(spec: str, device: str | torch.device = "cpu") -> Callable:
     """The reward named by `spec` (see the module docstring)."""
-    if spec in ("gsm8k", "numeric"):
-        return numeric_match
-    if spec == "exact":
-        return exact_match
+    if spec in BUILT_IN:
+        return BUILT_IN[spec]
     if spec.startswith("regex:"):
         return regex_reward(spec[len("regex:"):])
     if Path(spec).is_dir():

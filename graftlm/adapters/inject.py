@@ -167,8 +167,7 @@ def _warn_if_bf16_is_slow(model: nn.Module, cfg: AdapterConfig, precision: str |
         return
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
         return
-    what = "this CPU has no AVX-512, AMX or Arm BF16" if device.type == "cpu" else f"{device} emulates bf16"
-    message = (f"warning: --adapter.base-dtype bfloat16: {what}, so every step runs many times slower than with "
+    message = (f"warning: --adapter.base-dtype bfloat16: {placement.slow_bfloat16_reason(device)}, so every step runs many times slower than with "
                "a float32 base (its bf16 matrix products, 50x slower on an AVX2 CPU); --adapter.base-dtype auto or "
                "float32 keeps the frozen base in float32, at twice its memory")
     if message not in _SAID:

@@ -26,6 +26,7 @@ Shared by GRPO and PPO. Design choices:
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 
@@ -154,11 +155,8 @@ class RolloutSampler:
                        rewards.to(device), completions, g, generation_s, scoring_s,
                        torch.tensor([len(s) for s in sequences]), torch.tensor(truncated, dtype=torch.bool))
 
-
     def _log(self, prompts, completions, scores, truncated) -> None:
         """Append this rollout's first `log_completions` completions: what the reward paid for."""
-        import json
-
         with open(self.completions_log, "a") as f:
             for i in range(min(self.config.log_completions, len(completions))):
                 f.write(json.dumps({"rollout": self.rollouts, "prompt": prompts[i], "completion": completions[i],

@@ -26,9 +26,9 @@ before that key is predicted at this machine's rate, as measured on it (and said
 The FLOPs row compares the policy's training FLOPs alone: what the trainer counts.
 A GRPO or PPO run's rows are its rollouts, prompt + completion, whatever train.seq_len
 is: their work is predicted at their mean length (tokens / sequences trained), since
-generation costs per rollout. A PPO run's critic and reward model take their shapes from
-the directories its config names (`ppo.value_model`, else `ppo.reward`) where they are
-still there to read, else the policy's.
+generation costs per rollout. A PPO run's critic and a GRPO or PPO run's reward model
+take their shapes from the directories its config names (`ppo.value_model`, else the
+reward) where they are still there to read, else the policy's.
 """
 
 from __future__ import annotations
@@ -85,15 +85,6 @@ def _scalar_model_shape(spec: str | None) -> ModelConfig | None:
         return None
 
 
-def _reward_is_model(spec: str) -> bool:
-    """Whether a reward spec named a reward model (`rewards.build_reward`): anything but a
-    function's name (gsm8k, numeric, exact, regex:..., module:function) is a directory."""
-    from graftlm.models.heads import is_scalar_model_dir
-    if spec in ("gsm8k", "numeric", "exact") or spec.startswith("regex:"):
-        return False
-    return Path(spec).is_dir() or is_scalar_model_dir(spec) or ":" not in spec
-
-
 def _rl_models(config: dict) -> dict:
     """RunShape fields of an RL run's reward model (GRPO, PPO) and PPO's critic
     (objectives/ppo.build_critic: the value model, else the reward model when it is a
@@ -103,7 +94,8 @@ def _rl_models(config: dict) -> dict:
         return {}
     section = config.get(objective) or {}
     reward = str(section.get("reward") or "")
-    is_model = _reward_is_model(reward) if reward else False
+    from graftlm.rewards import names_a_model
+    is_model = names_a_model(reward) if reward else False
     reward_shape = _scalar_model_shape(reward) if is_model else None
     fields = {"reward_model": reward_shape, "reward_is_model": is_model}
     if objective == "ppo":

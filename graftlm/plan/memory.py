@@ -35,7 +35,7 @@ Design choices, each matching what the trainer and the adapters do:
   trains itself with its own AdamW, in the policy's dtype and never sharded (the trainer
   wraps the policy only): weights, gradients (set to None just before its backward) and
   two optimizer states (`critic`); and the reward model that scores the rollouts, frozen,
-  float32 (`rewards.RewardModelScorer`). Its forward runs with grad after the policy's,
+  float32 (`rewards.RewardModelScorer`; a GRPO run scored by one holds it too). Its forward runs with grad after the policy's,
   whose activations are kept for the trainer's backward, so the critic's backward runs
   with both models' activations live: a moment of its own ("critic backward").
 """
@@ -208,7 +208,7 @@ class MemoryBreakdown:
     peak_moment: str
     critic: int = 0  # PPO: the value model's weights, gradients and optimizer states
     critic_activations: int = 0  # PPO: what its forward keeps for its backward
-    reward_model: int = 0  # PPO: the frozen reward model scoring the rollouts
+    reward_model: int = 0  # GRPO / PPO: the frozen reward model scoring the rollouts, where one does
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
