@@ -279,6 +279,21 @@ def _saved_identity(checkpoint: Path | None) -> dict:
         return {}  # the resume itself names what is wrong with the checkpoint
 
 
+def refuse_changed_settings(cfg: RunConfig, checkpoint: Path | None, allow_change: bool) -> None:
+    """The resume check of the settings alone, before the data is tokenized and the model
+    loaded (minutes, on a large data set): another batch size or adapter rank is refused
+    at once. The data and the base weights are compared when they are read; another
+    number of ranks by the checkpoint's layout check, which names the command to run."""
+    if checkpoint is None:
+        return
+    saved = _saved_identity(checkpoint)
+    current = _identity(cfg, {}, 0, saved)
+    del current["world_size"]
+    # Allowed changes warn once, later, with the data's and the weights' changes beside them.
+    ckpt.check_identity({key: saved.get(key) for key in current}, current, allow_change, checkpoint,
+                        warn=lambda line: None)
+
+
 def recorded_config(run_dir: Path) -> dict:
     """The settings a run recorded when it last ran (its config.yaml), as dotted keys;
     empty when there are none to read."""
@@ -446,6 +461,8 @@ def _run_training(cfg: RunConfig, resume: bool | None, fresh: bool, allow_config
         cfg.optim.lr = parallel.decide_on_main(lambda: default_lr(cfg, recorded), d)
     # Recorded as a number, so that a run extended to more steps keeps the warmup it had.
     cfg.optim.warmup_steps = cfg.optim.warmup_for(cfg.train.max_steps)
+
+    refuse_changed_settings(cfg, resume_from, allow_config_change)
 
     seed_everything(cfg.seed)
     from graftlm.models.hf import resolve_model_config

@@ -209,3 +209,26 @@ def test_sharded_checkpoint_resumed_with_another_world_size_is_one_refusal(tmp_p
     assert "sharded over 2 ranks (fsdp)" in message
     assert "torchrun --nproc-per-node 2" in message and "--parallel fsdp" in message
     assert "allow-config-change" not in message and "mode fsdp; resume it the same way" not in message
+
+
+def test_a_changed_setting_is_refused_before_the_data_is_read(tmp_path, monkeypatch, capsys):
+    """Another batch size is known from the command alone: the refusal comes before the
+    data is tokenized and the model loaded (minutes, on a large data set)."""
+    from graftlm import runs
+    from graftlm.cli import main
+    from test_sft_packing import _data
+    path, _ = _data(tmp_path, n=20)
+
+    def sft(*flags) -> int:
+        return main(["sft", "--model", "tiny", "--tokenizer", str(tmp_path / "tok"), "--data", str(path),
+                     "--out", str(tmp_path), "--name", "run", "--train.batch-size", "2", "--train.save-every", "1",
+                     "--train.eval-batches", "1", "--tensorboard", "false", *flags])
+
+    assert sft("--train.max-steps", "2") == 0
+    read = []
+    monkeypatch.setattr(runs, "find_tokenizer", lambda *a: read.append(a) or pytest.fail("data read first"))
+    assert sft("--train.max-steps", "3", "--train.batch-size", "4") != 0
+    assert "train.batch_size: 2 -> 4" in capsys.readouterr().err and not read
+    # Allowed when asked: the same check then lets the run go on to read its data.
+    monkeypatch.undo()
+    assert sft("--train.max-steps", "3", "--train.batch-size", "4", "--allow-config-change") == 0
