@@ -17,10 +17,19 @@ A reward is named by one string (`--grpo.reward`):
 
 Every reward maps (completions, prompts, rows) to a list of floats; one that also takes
 `truncated` (a bool per completion: cut at `max_new_tokens`) is given it by the rollout.
+A user's function may return None for a completion it does not apply to (TRL's form,
+for data sets that mix tasks).
+
+Several rewards (`--grpo.reward gsm8k regex:PATTERN`, TRL's list of reward functions)
+score each completion with their weighted sum (`--grpo.reward-weights`, 1 each by
+default) over the rewards that apply to it; each one's mean is logged beside the sum
+(`reward/<name>/mean`, TRL's `rewards/<name>/mean`).
+
 A user's function that raises or returns a non-number is the user's error:
 `RewardScorer` either stops with one line naming the function's file:line and the
 prompt, or (policy `skip`) counts the row as bad and stops once more than
-`max_bad_fraction` are bad or nothing valid is left.
+`max_bad_fraction` are bad or nothing valid is left. A completion that no reward applies
+to is counted with them.
 """
 
 from __future__ import annotations
@@ -185,7 +194,9 @@ BATCHED = "once per batch as fn(prompts=[...], completions=[...], **columns) -> 
 
 
 def _check_number(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    """A finite number, or None: the function does not apply to this completion (TRL's form)."""
+    return value is None or (not isinstance(value, bool) and isinstance(value, (int, float))
+                             and math.isfinite(value))
 
 
 def user_reward(spec: str) -> Callable:
@@ -197,8 +208,9 @@ def user_reward(spec: str) -> Callable:
       each other field of the rows as a list (TRL's dataset columns) where the function
       names it or takes `**kwargs`. Prompts and completions are text (TRL's standard,
       not conversational, format: a chat prompt is its last message's content).
-    A result of the wrong form stops the run with one line that names the function, the
-    form it was called in and what it returned (shortened)."""
+    None for a completion is "this reward does not apply to it" (TRL's form). A result of
+    the wrong form stops the run with one line that names the function, the form it was
+    called in and what it returned (shortened)."""
     fn = import_function(spec)
     params = inspect.signature(fn).parameters
     takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -211,7 +223,7 @@ def user_reward(spec: str) -> Callable:
             f"reward function {spec} raised {type(e).__name__}: {e}{_where(e)} "
             f"on prompt {_short(prompt)}" + (f" ({where})" if where else ""))
 
-    def call_batched(completions, prompts, rows) -> list[float]:
+    def call_batched(completions, prompts, rows) -> list[float | None]:
         columns: dict[str, list] = {}
         for row in rows:
             for key in row:
@@ -233,10 +245,10 @@ def user_reward(spec: str) -> Callable:
             if not _check_number(value):
                 raise RewardFunctionError(
                     f"reward function {spec} returned {_short_value(value)} ({type(value).__name__}, not a finite "
-                    f"number) in its list, for a completion of prompt {_short(prompt)}")
-        return [float(v) for v in values]
+                    f"number or None) in its list, for a completion of prompt {_short(prompt)}")
+        return [None if v is None else float(v) for v in values]
 
-    def call_user_function(completions, prompts, rows) -> list[float]:
+    def call_user_function(completions, prompts, rows) -> list[float | None]:
         out = []
         for completion, prompt, row in zip(completions, prompts, rows):
             extra = {k: v for k, v in row.items() if wanted(k)}
@@ -249,8 +261,8 @@ def user_reward(spec: str) -> Callable:
                         "parameter 'completions'" if isinstance(value, (list, tuple)) else "")
                 raise RewardFunctionError(
                     f"reward function {spec} returned {_short_value(value)} ({type(value).__name__}, not a finite "
-                    f"number) on prompt {_short(prompt)}; graftlm calls it {PER_COMPLETION}{hint}")
-            out.append(float(value))
+                    f"number or None) on prompt {_short(prompt)}; graftlm calls it {PER_COMPLETION}{hint}")
+            out.append(None if value is None else float(value))
         return out
     return call_batched if is_batched(fn) else call_user_function
 
@@ -308,6 +320,54 @@ def build_reward(spec: str, device: str | torch.device = "cpu") -> Callable:
                       "module:function, file.py:function or a reward model directory")
 
 
+def reward_names(specs: list[str]) -> list[str]:
+    """Short names for the metrics (`reward/<name>/mean`): a function's name, a reward
+    model directory's name, `regex`, the built-in's name; a repeated name is numbered."""
+    names = []
+    for spec in specs:
+        if spec in BUILT_IN:
+            name = spec
+        elif spec.startswith("regex:"):
+            name = "regex"
+        elif ":" in spec and not Path(spec).is_dir():
+            name = spec.rpartition(":")[2]
+        else:
+            name = Path(spec.rstrip("/")).name or spec
+        taken = sum(n == name or n.startswith(f"{name}_") for n in names)
+        names.append(f"{name}_{taken + 1}" if taken else name)
+    return names
+
+
+@dataclass
+class NamedReward:
+    """One of a run's rewards: its metrics name, the callable and its weight in the sum."""
+
+    name: str
+    fn: Callable
+    weight: float = 1.0
+
+    def __post_init__(self):
+        try:
+            self.takes_truncated = "truncated" in inspect.signature(self.fn).parameters
+        except (TypeError, ValueError):  # no signature to read
+            self.takes_truncated = False
+
+    def __call__(self, completions, prompts, rows, truncated=None) -> list:
+        if self.takes_truncated and truncated is not None:
+            return list(self.fn(completions, prompts, rows, truncated=list(truncated)))
+        return list(self.fn(completions, prompts, rows))
+
+
+def build_rewards(specs: list[str], weights: list[float] | None = None,
+                  device: str | torch.device = "cpu") -> list[NamedReward]:
+    """The rewards named by `specs`, weighted (1 each without `weights`)."""
+    if weights is not None and len(weights) != len(specs):
+        raise ConfigError(f"config field 'reward_weights': {len(weights)} weights for {len(specs)} rewards "
+                          f"({', '.join(specs)}); give one weight per reward")
+    return [NamedReward(name, build_reward(spec, device=device), 1.0 if weights is None else weights[i])
+            for i, (name, spec) in enumerate(zip(reward_names(specs), specs))]
+
+
 @dataclass
 class RewardPolicy:
     on_error: Literal["raise", "skip"] = field(
@@ -315,52 +375,70 @@ class RewardPolicy:
     max_bad_fraction: float = field(default=0.1, metadata={"help": "skip policy: stop when more prompts are bad"})
 
 
+_FAILED = object()  # a completion that a reward could not score (policy `skip`)
+
+
 @dataclass
 class RewardScorer:
-    """Applies a reward with the error policy, counting skipped prompts over the run."""
+    """Applies a run's rewards with the error policy: each completion's score is the
+    weighted sum of the rewards that apply to it; counts what was left unscored over the
+    run. `reward`: one callable, or the run's `NamedReward`s."""
 
-    reward: Callable
+    reward: Callable | list[NamedReward]
     policy: RewardPolicy = field(default_factory=RewardPolicy)
     scored: int = 0
-    skipped: int = 0
+    skipped: int = 0  # failed to score, or no reward applied (`not_applicable` of them)
+    not_applicable: int = 0
 
     def __post_init__(self):
-        try:
-            self._takes_truncated = "truncated" in inspect.signature(self.reward).parameters
-        except (TypeError, ValueError):  # no signature to read
-            self._takes_truncated = False
-
-    def _score(self, completions, prompts, rows, truncated) -> list:
-        if self._takes_truncated and truncated is not None:
-            return list(self.reward(completions, prompts, rows, truncated=list(truncated)))
-        return list(self.reward(completions, prompts, rows))
+        self.rewards = self.reward if isinstance(self.reward, list) else [NamedReward("reward", self.reward)]
+        # Each reward's scores of the last call (None: did not apply), for per-reward metrics.
+        self.last_parts: dict[str, list[float | None]] = {}
 
     def __call__(self, completions: list[str], prompts: list[str], rows: list[dict],
                  truncated: list[bool] | None = None) -> list[float | None]:
-        """One score per completion; None for a completion whose prompt was skipped.
-        `truncated`: which completions were cut at `max_new_tokens`, for rewards that take it."""
-        try:
-            scores: list[float | None] = self._score(completions, prompts, rows, truncated)
-        except RewardFunctionError:
-            if self.policy.on_error == "raise":
-                raise
-            cut = truncated if truncated is not None else [None] * len(completions)
-            scores = [self._one(c, p, r, t) for c, p, r, t in zip(completions, prompts, rows, cut)]
-        if len(scores) != len(completions):
-            raise GraftError(f"reward returned {len(scores)} scores for {len(completions)} completions")
-        bad = sum(s is None for s in scores)
+        """One score per completion; None for a completion whose prompt was skipped, or
+        that no reward applies to. `truncated`: which completions were cut at
+        `max_new_tokens`, for rewards that take it."""
+        cut = truncated if truncated is not None else [None] * len(completions)
+        parts = {}
+        for reward in self.rewards:
+            try:
+                values = reward(completions, prompts, rows, truncated)
+            except RewardFunctionError:
+                if self.policy.on_error == "raise":
+                    raise
+                values = [self._one(reward, c, p, r, t) for c, p, r, t in zip(completions, prompts, rows, cut)]
+            if len(values) != len(completions):
+                raise GraftError(f"reward {reward.name} returned {len(values)} scores for {len(completions)} "
+                                 "completions")
+            parts[reward.name] = values
+        scores, unscored = [], 0
+        for i in range(len(completions)):
+            mine = [(reward.weight, parts[reward.name][i]) for reward in self.rewards]
+            applied = [(w, v) for w, v in mine if v is not None]
+            if any(v is _FAILED for _, v in applied) or not applied:
+                scores.append(None)
+                unscored += not applied
+            else:
+                scores.append(sum(w * v for w, v in applied))
+        self.last_parts = {name: [None if v is _FAILED else v for v in values] for name, values in parts.items()}
         self.scored += len(scores)
-        self.skipped += bad
+        self.skipped += sum(s is None for s in scores)
+        self.not_applicable += unscored
+        none_apply = (f" ({self.not_applicable} of them had no reward that applies: each reward returned None)"
+                      if self.not_applicable else "")
         if self.skipped == self.scored:
-            raise GraftError(f"no valid reward left: all {self.scored} completions so far failed to score")
+            raise GraftError(f"no valid reward left: all {self.scored} completions so far failed to score"
+                             + none_apply)
         # A fraction of a handful of completions says little: judge it after a few dozen.
         if self.scored >= 32 and self.skipped > self.policy.max_bad_fraction * self.scored:
-            raise GraftError(f"{self.skipped} of {self.scored} completions failed to score, more than "
-                             f"max_bad_fraction={self.policy.max_bad_fraction}")
+            raise GraftError(f"{self.skipped} of {self.scored} completions failed to score{none_apply}, more "
+                             f"than max_bad_fraction={self.policy.max_bad_fraction}")
         return scores
 
-    def _one(self, completion, prompt, row, truncated=None) -> float | None:
+    def _one(self, reward: NamedReward, completion, prompt, row, truncated=None):
         try:
-            return self._score([completion], [prompt], [row], None if truncated is None else [truncated])[0]
+            return reward([completion], [prompt], [row], None if truncated is None else [truncated])[0]
         except RewardFunctionError:
-            return None
+            return _FAILED

@@ -324,6 +324,8 @@ def changed_settings(recorded: dict, config: dict) -> list[str]:
     new = flatten(config)
 
     def same(a, b) -> bool:  # `shards/` and `shards` name one directory
+        if isinstance(a, str) and b == [a]:  # a field that became a list (grpo.reward) recorded as one value
+            return True
         return a == b or (isinstance(a, str) and isinstance(b, str) and a and b
                           and os.path.normpath(a) == os.path.normpath(b))
 

@@ -67,6 +67,6 @@ def score_answers(model, tokenizer, rows, ids, max_new_tokens: int, reward, batc
               else exact_match(completions, texts, rows))
     metrics = {"exact_match": sum(scores) / len(scores)}
     if reward is not None:
-        rewards = reward(completions, texts, rows)
-        metrics["reward"] = sum(rewards) / len(rewards)
+        rewards = [r for r in reward(completions, texts, rows) if r is not None]  # None: does not apply
+        metrics["reward"] = sum(rewards) / len(rewards) if rewards else float("nan")
     return metrics

@@ -41,14 +41,17 @@ from graftlm.objectives import ObjectiveSpec
 from graftlm.objectives.rollout import (Rollout, RolloutSampler, RolloutWarnings, SamplingConfig,
                                         build_prompt_splits, held_out_reward, rollout_metrics, run_tokenizer)
 from graftlm.objectives.sft import FineTuneData, model_logprobs
-from graftlm.rewards import RewardPolicy, RewardScorer, build_reward
+from graftlm.rewards import RewardPolicy, RewardScorer, build_rewards
 
 
 @dataclass
 class GRPOConfig(FineTuneData):
-    reward: str = field(default="gsm8k", metadata={
-        "help": "gsm8k | numeric | exact | regex:PATTERN | module:function | reward model dir; a function is "
-                "fn(completion, prompt, **row_fields) -> float, or TRL's fn(prompts, completions, **kwargs) -> list"})
+    reward: list[str] = field(default_factory=lambda: ["gsm8k"], metadata={
+        "help": "gsm8k | numeric | exact | regex:PATTERN | module:function | reward model dir, or several "
+                "(their weighted sum); a function is fn(completion, prompt, **row_fields) -> float, or TRL's "
+                "fn(prompts, completions, **kwargs) -> list, None where it does not apply"})
+    reward_weights: list[float] | None = field(default=None, metadata={
+        "help": "one weight per --grpo.reward (default: 1 each)"})
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     reward_errors: RewardPolicy = field(default_factory=RewardPolicy)
     beta: float = field(default=0.04, metadata={"help": "weight of the KL to the reference (0: no reference)"})
@@ -59,12 +62,21 @@ class GRPOConfig(FineTuneData):
     scale_rewards: bool = field(default=True, metadata={"help": "divide advantages by the group's std"})
     advantage_eps: float = 1e-4
 
+    def __post_init__(self) -> None:
+        if isinstance(self.reward, str):  # GRPOConfig(reward="gsm8k"), as one reward is written in Python
+            self.reward = [self.reward]
+
     def validate(self) -> None:
         super().validate()
         if self.beta < 0 or self.epsilon <= 0 or self.iterations < 1:
             raise ConfigError("config fields 'beta' >= 0, 'epsilon' > 0 and 'iterations' >= 1 are required")
         if self.sampling.group_size < 2:
             raise ConfigError("config field 'grpo.sampling.group_size': GRPO needs groups of at least 2")
+        if not self.reward:
+            raise ConfigError("config field 'grpo.reward': give at least one reward")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward):
+            raise ConfigError(f"config field 'grpo.reward_weights': {len(self.reward_weights)} weights for "
+                              f"{len(self.reward)} rewards ({', '.join(self.reward)}); give one weight per reward")
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
@@ -123,7 +135,8 @@ class GRPOObjective:
 
     def __init__(self, config: GRPOConfig, tokenizer, reward=None, device="cpu"):
         self.config = config
-        scorer = RewardScorer(reward or build_reward(config.reward, device=device), config.reward_errors)
+        scorer = RewardScorer(reward or build_rewards(config.reward, config.reward_weights, device=device),
+                              config.reward_errors)
         self.sampler = RolloutSampler(config.sampling, scorer, tokenizer)
         self.pad_id = tokenizer.pad_id if tokenizer is not None else 0
         # slot -> (sample ids, rollout with its fixed log-probs) kept for the later passes

@@ -68,6 +68,8 @@ class Rollout:
     scoring_s: float
     lengths: torch.Tensor  # [N] prompt + completion tokens of each row, without padding
     truncated: torch.Tensor  # [N] bool: stopped at max_new_tokens (or the context), not by a stop token
+    # Several rewards: each one's [N] scores (NaN where it did not apply), for its own metrics.
+    reward_parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def completion_lengths(self) -> torch.Tensor:
@@ -145,22 +147,31 @@ class RolloutSampler:
         scores = self.scorer(completions, prompts, rows, truncated=truncated)
         scoring_s = time.perf_counter() - start
 
+        parts = getattr(self.scorer, "last_parts", {})
+        parts = parts if len(parts) > 1 else {}  # one reward: its score is the reward
         if not greedy and cfg.log_completions and self.completions_log is not None:
-            self._log(prompts, completions, scores, truncated)
+            self._log(prompts, completions, scores, truncated, parts)
         sequences = [p + o.token_ids for p, o in zip(prompt_ids, outputs)]
         masks = [[False] * len(p) + [True] * len(o.token_ids) for p, o in zip(prompt_ids, outputs)]
-        rewards = torch.tensor([float("nan") if s is None else float(s) for s in scores])
+        rewards = _with_nan(scores)
         device = next(policy.parameters()).device
         return Rollout(pad_right(sequences, pad_id).to(device), pad_right(masks, 0).bool().to(device),
                        rewards.to(device), completions, g, generation_s, scoring_s,
-                       torch.tensor([len(s) for s in sequences]), torch.tensor(truncated, dtype=torch.bool))
+                       torch.tensor([len(s) for s in sequences]), torch.tensor(truncated, dtype=torch.bool),
+                       {name: _with_nan(values) for name, values in parts.items()})
 
-    def _log(self, prompts, completions, scores, truncated) -> None:
-        """Append this rollout's first `log_completions` completions: what the reward paid for."""
+    def _log(self, prompts, completions, scores, truncated, parts) -> None:
+        """Append this rollout's first `log_completions` completions: what the reward paid for
+        (and, with several rewards, what each paid: None where it did not apply)."""
         with open(self.completions_log, "a") as f:
             for i in range(min(self.config.log_completions, len(completions))):
+                each = {"rewards": {name: values[i] for name, values in parts.items()}} if parts else {}
                 f.write(json.dumps({"rollout": self.rollouts, "prompt": prompts[i], "completion": completions[i],
-                                    "reward": scores[i], "truncated": truncated[i]}) + "\n")
+                                    "reward": scores[i], **each, "truncated": truncated[i]}) + "\n")
+
+
+def _with_nan(scores: list[float | None]) -> torch.Tensor:
+    return torch.tensor([float("nan") if s is None else float(s) for s in scores])
 
 
 def held_out_reward(sampler: RolloutSampler, model, batch: dict,
@@ -173,7 +184,11 @@ def held_out_reward(sampler: RolloutSampler, model, batch: dict,
 
 def rollout_metrics(rollout: Rollout) -> dict:
     valid = rollout.rewards[rollout.valid]
+    # Each of several rewards over the completions it applied to (TRL's rewards/<name>/mean).
+    parts = {f"reward/{name}/mean": values[~torch.isnan(values)].mean().item()
+             for name, values in rollout.reward_parts.items() if (~torch.isnan(values)).any()}
     return {
+        **parts,
         "reward/mean": valid.mean().item() if valid.numel() else float("nan"),
         "reward/std": valid.std().item() if valid.numel() > 1 else 0.0,
         "completion_length": rollout.completion_lengths.float().mean().item(),

@@ -93,9 +93,12 @@ def _rl_models(config: dict) -> dict:
     if objective not in ("grpo", "ppo"):
         return {}
     section = config.get(objective) or {}
-    reward = str(section.get("reward") or "")
     from graftlm.rewards import names_a_model
-    is_model = names_a_model(reward) if reward else False
+    # GRPO's rewards are a list (several summed): the plan counts the first that is a model.
+    given = section.get("reward") or []
+    rewards = [str(r) for r in (given if isinstance(given, list) else [given])]
+    reward = next((r for r in rewards if names_a_model(r)), "")
+    is_model = bool(reward)
     reward_shape = _scalar_model_shape(reward) if is_model else None
     fields = {"reward_model": reward_shape, "reward_is_model": is_model}
     if objective == "ppo":

@@ -159,6 +159,10 @@ def test_changed_settings_list_real_changes_only():
         == ["optim.lr: 0.003 -> 0.002"]
     assert changed_settings(recorded, {"data": "other", "optim": {"lr": 0.003}, "train": {"schedule": "cosine"}}) \
         == ["data: shards/ -> other"]
+    # A run recorded before grpo.reward became a list continues with the same reward, unsaid.
+    assert changed_settings({"grpo.reward": "gsm8k"}, {"grpo": {"reward": ["gsm8k"]}}) == []
+    assert changed_settings({"grpo.reward": "gsm8k"}, {"grpo": {"reward": ["gsm8k", "regex:a"]}}) \
+        == ["grpo.reward: gsm8k -> ['gsm8k', 'regex:a']"]
 
 
 def test_an_extended_run_says_when_its_schedule_moves_the_rate_at_once():

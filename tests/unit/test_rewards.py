@@ -7,8 +7,8 @@ import json
 import pytest
 
 from graftlm.errors import ConfigError, GraftError
-from graftlm.rewards import (RewardPolicy, RewardScorer, build_reward, exact_match, final_number,
-                             numeric_match)
+from graftlm.rewards import (RewardPolicy, RewardScorer, build_reward, build_rewards, exact_match, final_number,
+                             numeric_match, reward_names)
 from tests.conftest import SHARED_DATA
 
 
@@ -94,7 +94,7 @@ def test_module_function_from_working_directory(tmp_path, monkeypatch):
 
 def test_skip_policy_counts_and_stops_when_too_many_are_bad(tmp_path):
     path = _write_module(tmp_path, "def score(completion, prompt):\n"
-                                   "    if completion == 'bad':\n        return None\n    return 1.0\n")
+                                   "    if completion == 'bad':\n        raise ValueError('bad')\n    return 1.0\n")
     scorer = RewardScorer(build_reward(f"{path}:score"), RewardPolicy(on_error="skip", max_bad_fraction=0.25))
     assert scorer(["ok", "bad", "ok", "ok"], ["a", "b", "c", "d"], [{}] * 4) == [1.0, None, 1.0, 1.0]
     assert (scorer.scored, scorer.skipped) == (4, 1)
@@ -112,3 +112,27 @@ def test_skip_policy_counts_and_stops_when_too_many_are_bad(tmp_path):
 def test_unknown_reward_spec_is_a_config_error():
     with pytest.raises(ConfigError, match="expected gsm8k"):
         build_reward("nonsense")
+
+
+def test_several_rewards_are_a_weighted_sum_over_those_that_apply(tmp_path):
+    """TRL's list of reward functions: a function returns None where it does not apply
+    (a data set mixing tasks); each completion's score is the weighted sum of the rest,
+    and a completion no reward applies to is counted as unscored."""
+    path = _write_module(tmp_path, "def math_only(completion, prompt, task):\n"
+                                   "    return None if task != 'math' else float('4' in completion)\n")
+    rewards = build_rewards(["regex:^<a>", f"{path}:math_only"], [0.5, 2.0])
+    assert [r.name for r in rewards] == ["regex", "math_only"]
+    scorer = RewardScorer(rewards, RewardPolicy(on_error="raise"))
+    rows = [{"task": "math"}, {"task": "math"}, {"task": "chat"}, {"task": "chat"}]
+    assert scorer(["<a>4", "5", "<a>hi", "hi"], ["p"] * 4, rows) == [2.5, 0.0, 0.5, 0.0]
+    assert scorer.last_parts == {"regex": [1.0, 0.0, 1.0, 0.0], "math_only": [1.0, 0.0, None, None]}
+    # No reward applies: unscored and counted, named in the stop.
+    alone = RewardScorer(build_rewards([f"{path}:math_only"]))
+    assert alone(["4", "4"], ["p", "q"], [{"task": "math"}, {"task": "chat"}]) == [1.0, None]
+    assert (alone.scored, alone.skipped, alone.not_applicable) == (2, 1, 1)
+    with pytest.raises(GraftError, match=r"all 2 completions .*\(2 of them had no reward that applies"):
+        RewardScorer(build_rewards([f"{path}:math_only"]))(["4", "x"], ["p", "q"], [{"task": "chat"}] * 2)
+    with pytest.raises(ConfigError, match=r"'reward_weights': 1 weights for 2 rewards"):
+        build_rewards(["gsm8k", "exact"], [1.0])
+    assert reward_names(["gsm8k", "regex:a", "regex:b", "m:f", str(tmp_path)]) == \
+        ["gsm8k", "regex", "regex_2", "f", tmp_path.name]

@@ -115,14 +115,18 @@ def test_trl_style_function_of_the_wrong_length_is_one_clear_line(tmp_path):
     assert "\n" not in message and len(message.replace(str(tmp_path), "")) < 400, message
     assert "trl_short.py:score returned [0.0, 0.0" in message and "(200 items) for 2 completions" in message
     assert "fn(prompts=[...], completions=[...], **columns)" in message
-    bad = build_reward(_module(tmp_path, "trl_none", "def score(prompts, completions):\n"
-                                                    "    return [None if c == 'b' else 1.0 for c in completions]\n"))
-    with pytest.raises(GraftError, match=r"returned None \(NoneType, not a finite number\) in its list, "
+    bad = build_reward(_module(tmp_path, "trl_nan", "def score(prompts, completions):\n"
+                                                   "    return [float('nan') if c == 'b' else 1.0 for c in completions]\n"))
+    with pytest.raises(GraftError, match=r"returned nan \(float, not a finite number or None\) in its list, "
                                          r"for a completion of prompt 'q'"):
         bad(["a", "b"], ["p", "q"], [{}, {}])
-    # The skip policy scores one completion at a time: only the None is skipped.
+    # The skip policy scores one completion at a time: only the NaN is skipped.
     scorer = RewardScorer(bad, RewardPolicy(on_error="skip", max_bad_fraction=0.5))
     assert scorer(["a", "b"], ["p", "q"], [{}, {}]) == [1.0, None]
+    # None is TRL's "does not apply": no error, the completion is left unscored and counted.
+    na = build_reward(_module(tmp_path, "trl_none", "def score(prompts, completions):\n"
+                                                   "    return [None if c == 'b' else 1.0 for c in completions]\n"))
+    assert na(["a", "b"], ["p", "q"], [{}, {}]) == [1.0, None]
 
 
 def test_per_completion_function_returning_a_list_names_the_signature(tmp_path):
@@ -134,7 +138,7 @@ def test_per_completion_function_returning_a_list_names_the_signature(tmp_path):
     message = str(error.value)
     assert "\n" not in message and len(message.replace(str(tmp_path), "")) < 400, message
     # It got the prompt as `completion_list`: one item per character, shortened.
-    assert "returned [0.0, 0.0," in message and "(11 items)" in message and "(list, not a finite number) on prompt 'Reverse abc'" in message
+    assert "returned [0.0, 0.0," in message and "(11 items)" in message and "(list, not a finite number or None) on prompt 'Reverse abc'" in message
     assert "once per completion as fn(completion, prompt, **row_fields) -> float" in message
     assert "must name its parameter 'completions'" in message
 

@@ -249,3 +249,32 @@ def test_graft_grpo_logs_val_reward_every_eval_and_in_summary(tmp_path, capsys):
     answers = {r["prompt"]: float(r["answer"]) for r in rows}
     assert all(r["reward"] == answers[r["prompt"]] and isinstance(r["completion"], str)
                and isinstance(r["truncated"], bool) for r in logged)
+
+
+def test_graft_grpo_sums_several_weighted_rewards_and_logs_each(tmp_path):
+    """TRL's list of reward functions with weights, from the command line: the reward is
+    the weighted sum, each one's mean is logged beside it, completions.jsonl shows each."""
+    tokenizer = _tokenizer()
+    tokenizer.save(tmp_path / "tok")
+    (tmp_path / "reward.py").write_text("def score(completion, prompt, answer):\n    return float(answer)\n")
+    rows = [{"prompt": f"copy: {i % 10} {i // 10}", "answer": str(i % 3)} for i in range(20)]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["grpo", "--model", "tiny", "--tokenizer", str(tmp_path / "tok"),
+                 "--data", str(tmp_path / "prompts.jsonl"), "--out", str(tmp_path), "--name", "g",
+                 "--grpo.reward", f"{tmp_path / 'reward.py'}:score", "regex:.", "--grpo.reward-weights", "2", "0.5",
+                 "--grpo.sampling.group-size", "2", "--grpo.sampling.max-new-tokens", "3",
+                 "--grpo.sampling.log-completions", "4", "--train.max-steps", "2", "--train.batch-size", "2",
+                 "--train.eval-every", "0", "--train.seq-len", "32", "--train.precision", "fp32",
+                 "--train.save-every", "0", "--tensorboard", "false"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "train_reward/mean" in r]
+    assert len(steps) == 2
+    for r in steps:  # both apply to every completion: the mean of the sum is the sum of the means
+        assert r["train_reward/mean"] == pytest.approx(2 * r["train_reward/score/mean"]
+                                                       + 0.5 * r["train_reward/regex/mean"])
+    logged = [json.loads(line) for line in (tmp_path / "g" / "completions.jsonl").read_text().splitlines()]
+    assert len(logged) == 8
+    answers = {r["prompt"]: float(r["answer"]) for r in rows}
+    for r in logged:
+        assert r["rewards"] == {"score": answers[r["prompt"]], "regex": float(r["completion"] != "")}
+        assert r["reward"] == pytest.approx(2 * r["rewards"]["score"] + 0.5 * r["rewards"]["regex"])
