@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from graftlm.errors import GraftError
+from graftlm.errors import GraftError, make_directory
 
 _BAD_ROW_HELP = "bad rows: 'skip' (count them, stop above --max-bad-fraction) or 'raise'"
 
@@ -81,11 +81,12 @@ def train_tokenizer_command(args) -> int:
     from graftlm.data.formats import RowCounts, iter_examples
     from graftlm.tokenizer import train_tokenizer
 
+    make_directory(args.out, "--out", create=False)  # before the training it would lose
     counts = RowCounts()
     texts = (ex["text"] for ex in iter_examples(args.data, "text", args.text_field, args.errors,
                                                 args.max_bad_fraction, counts))
     tokenizer = train_tokenizer(texts, args.vocab_size)
-    out = tokenizer.save(args.out)
+    out = tokenizer.save(make_directory(args.out, "--out"))
     print(f"tokenizer: {tokenizer.vocab_size} tokens from {counts.valid} documents -> {out}"
           + (f" ({counts.bad} bad rows skipped)" if counts.bad else ""))
     return 0
@@ -109,6 +110,7 @@ def prepare_command(args) -> int:
     from graftlm.data.sources import resolve_paths
     from graftlm.tokenizer import load_tokenizer
 
+    make_directory(args.out, "--out", create=False)
     tokenizer = load_tokenizer(args.tokenizer)
     files = resolve_paths(args.data)
     counts = RowCounts()
@@ -118,7 +120,8 @@ def prepare_command(args) -> int:
     total = sum(f.stat().st_size for f in files)  # bytes on disk: about the characters to go
     with _progress() as bar:
         task = bar.add_task("tokenizing", total=total)
-        meta = write_shards(documents, tokenizer, args.out, progress=lambda n: bar.advance(task, n))
+        meta = write_shards(documents, tokenizer, make_directory(args.out, "--out"),
+                            progress=lambda n: bar.advance(task, n))
     for name, info in meta["splits"].items():
         print(f"{name}: {info['tokens']:,} tokens, {info['documents']:,} documents, "
               f"{info['bytes']:,} bytes in {len(info['files'])} file(s)")

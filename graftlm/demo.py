@@ -29,7 +29,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from graftlm.console import table_console
-from graftlm.errors import GraftError
+from graftlm.errors import GraftError, make_directory
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,24 @@ def swap_and_mix(base_dir: Path, adapters: dict[str, Path], prompts: dict[str, s
     return rows
 
 
+# What the demo writes at the top of its --out: all it replaces when it runs again.
+DEMO_ENTRIES = ("data", "tokenizer", "shards", "runs", "report.html", "demo.json")
+
+
+def _clear(out: Path) -> None:
+    """Empty `out` for a new demo; refused when it holds anything the demo did not write
+    (`--out .` would otherwise delete the working directory)."""
+    make_directory(out, "--out", create=False)
+    if not out.is_dir():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in DEMO_ENTRIES)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise GraftError(f"--out {out}: holds {shown}, which the demo did not write; the demo replaces its "
+                         "directory, so give it a new or empty one (or an earlier demo's)")
+    shutil.rmtree(out)
+
+
 def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
     from graftlm.demo_data import generate
     from graftlm.eval import evaluate
@@ -143,7 +161,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
     started = time.perf_counter()
     out = Path(out)
     runs = out / "runs"
-    shutil.rmtree(out, ignore_errors=True)
+    _clear(out)
 
     _stage(console, "data", 1)
     data = generate(out / "data", train_rows=2000, heldout_rows=size.eval_rows)

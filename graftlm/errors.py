@@ -55,3 +55,24 @@ def read_yaml(path: str | Path, error: type[GraftError] = GraftError):
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise error(f"{where}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+
+
+def make_directory(path: str | Path, flag: str, create: bool = True) -> Path:
+    """`path` as a directory to write into, made (with its parents) unless `create` is
+    False; a path that cannot be one (it, or a directory above it, is a file) or cannot
+    be made is one `GraftError` naming the flag and the path, before any work is done."""
+    path = Path(path)
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if existing == path and not path.is_dir():
+                raise GraftError(f"{flag} {path}: exists and is not a directory")
+            if not existing.is_dir():
+                raise GraftError(f"{flag} {path}: cannot be a directory ({existing} is a file)")
+            break
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise GraftError(f"{flag} {path}: cannot create the directory ({e.strerror})") from None
+    return path
+

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from graftlm import errors
 from graftlm.config import flatten
-from graftlm.errors import GraftError
+from graftlm.errors import GraftError, make_directory
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -245,6 +245,8 @@ def compare_runs(run_dirs: list[Path], out: Path, price_per_hour: float | None =
     body = (f"<h1>comparison of {len(rows)} runs</h1><table><tr>{head}</tr>{body_rows}</table>"
             f"<img alt='loss curves, wall time and peak live tensors' "
             f"src='data:image/png;base64,{comparison_plot(run_dirs, rows)}'>")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_directory(out.parent, "--out")
+    if out.is_dir():
+        raise GraftError(f"--out {out}: is a directory; name the HTML file to write")
     out.write_text(page("graftlm comparison", body))
     return rows

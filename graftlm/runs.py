@@ -44,7 +44,7 @@ from graftlm.adapters.identity import base_identity
 from graftlm.adapters.lora import LoraLinear, ModulesToSave
 from graftlm.config import flatten, from_dict, to_dict, under_given
 from graftlm.data.loader import ResumableLoader
-from graftlm.errors import ConfigError, GraftError, read_json
+from graftlm.errors import ConfigError, GraftError, make_directory, read_json
 from graftlm.metrics import nf4_dequant_rate, peak_flops
 from graftlm.models.config import PRESETS
 from graftlm.objectives import ObjectiveSpec, get_spec
@@ -163,6 +163,26 @@ def find_tokenizer(cfg: RunConfig, data_dir: Path):
 
 def _from_weights(cfg: RunConfig) -> bool:
     return Path(cfg.model).is_dir() and any(Path(cfg.model).glob("*.safetensors"))
+
+
+def _check_weightless_directory(cfg: RunConfig, warn=print) -> None:
+    """A model directory without safetensors weights (a download that fetched config and
+    tokenizer only, or weights as a pickle) used to train from random weights without a
+    word. Fine-tuning refuses it, naming what is there; pre-training says that it starts
+    from random weights in that architecture (a config directory is a way to name one)."""
+    from graftlm.models.hf import weight_files
+    directory = Path(cfg.model)
+    if not directory.is_dir() or _from_weights(cfg):
+        return
+    if cfg.objective != "clm" or any(next(directory.glob(pattern), None) for pattern in ("*.bin", "*.pt")):
+        try:
+            weight_files(directory)  # names a pickle, or the missing model.safetensors
+        except GraftError as e:
+            raise ConfigError(f"--model: {e}" + ("" if cfg.objective == "clm" else
+                              f"; {cfg.objective} fine-tunes a model's weights: pass a directory that has "
+                              "them, or pre-train one with graft pretrain")) from None
+    warn(f"note: {directory} has a config but no weights: pre-training starts from random weights "
+         "in its architecture")
 
 
 def loaded_context(cfg: RunConfig) -> int | None:
@@ -448,6 +468,7 @@ def _run_training(cfg: RunConfig, resume: bool | None, fresh: bool, allow_config
     run_dir = run_directory(cfg)
 
     def look_at_run_directory():
+        make_directory(run_dir, "--out/--name", create=False)  # made once the run is known to start
         lock.acquire(run_dir)
         latest, recorded, continued = prepare_run_directory(run_dir, cfg, resume, fresh, given)
         return latest, recorded, to_dict(continued)  # a plain mapping crosses to the other ranks
@@ -475,6 +496,7 @@ def _run_training(cfg: RunConfig, resume: bool | None, fresh: bool, allow_config
                           "config starts from random ones), and adapters train on a pre-trained base that stays "
                           "frozen: pass a model directory (a run's final/, or a Hugging Face model's), or train "
                           "in full without --adapter")
+    _check_weightless_directory(cfg, warn=print if d.is_main else lambda line: None)
     # Concrete before config.yaml, the resume check and the plan read it.
     cfg.train.seq_len = cfg.train.seq_len_for(cfg.objective, context)
     if cfg.objective == "clm" and _from_weights(cfg) and cfg.train.seq_len > context:
@@ -523,7 +545,7 @@ def _run_training(cfg: RunConfig, resume: bool | None, fresh: bool, allow_config
     loader = ResumableLoader(data.train, cfg.train.batch_size, seed=cfg.seed, rank=d.rank,
                              world_size=d.world_size)
     if d.is_main:  # only now: a run refused for its data or model leaves no directory behind
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_directory(run_dir, "--out/--name")
         lock.acquire(run_dir)
     trainer = Trainer(
         model, objective, loader, cfg.train, cfg.optim, device=d.device, forward_model=wrapped,

@@ -185,3 +185,23 @@ def test_a_run_directory_given_as_model_points_to_its_final(tmp_path, capsys, co
                  *[str(tmp_path / a) if a.endswith(".jsonl") else a for a in command[1:]]]) != 0
     err = capsys.readouterr().err
     assert f"it is a run directory, whose model is {tmp_path / 'run' / 'final'}: pass that" in err
+
+
+def test_an_output_path_that_cannot_be_a_directory_is_one_line(tmp_path, capsys):
+    """--out naming a file (or a path through one) was a NotADirectoryError traceback."""
+    (tmp_path / "afile").write_text("hi")
+    out = tmp_path / "afile"
+    assert main(["sft", "--model", "tiny", "--data", "d.jsonl", "--out", str(out), "--name", "r"]) == 2
+    assert f"--out/--name {out / 'r'}: cannot be a directory ({out} is a file)" in capsys.readouterr().err
+    assert main(["tokenizer", "train", "--data", "d.txt", "--vocab-size", "300", "--out", str(out)]) == 2
+    assert f"--out {out}: exists and is not a directory" in capsys.readouterr().err
+    assert main(["prepare", "--data", "d.txt", "--tokenizer", "tok", "--out", str(out / "shards")]) == 2
+    assert "cannot be a directory" in capsys.readouterr().err
+
+
+def test_the_demo_never_replaces_a_directory_it_did_not_write(tmp_path, capsys):
+    """`graft demo --out .` deleted the working directory: the demo replaces its --out."""
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 2
+    assert "holds notes.txt, which the demo did not write" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -149,3 +149,28 @@ def test_bad_shard_index_names_the_file(tmp_path):
     index.write_bytes(b"\xff\xfe\x00\x01")
     with pytest.raises(GraftError, match=r"index.json: not a UTF-8 text file"):
         load_model(out)
+
+
+@pytest.mark.parametrize("command", ["sft", "dpo", "grpo"])
+def test_fine_tuning_a_directory_without_weights_is_refused(saved, command, capsys):
+    """config.json + tokenizer but no safetensors trained from random weights without a word."""
+    from graftlm.cli import main
+    (saved / "model.safetensors").unlink()
+    assert main([command, "--model", str(saved), "--data", "rows.jsonl", "--out", str(saved.parent)]) == 2
+    err = capsys.readouterr().err
+    assert f"{saved}: no model.safetensors" in err and f"{command} fine-tunes a model's weights" in err
+    (saved / "pytorch_model.bin").write_bytes(pickle.dumps({"never": "read"}))
+    assert main([command, "--model", str(saved), "--data", "rows.jsonl", "--out", str(saved.parent)]) == 2
+    assert "has only pickle weights" in capsys.readouterr().err
+
+
+def test_pretraining_a_config_directory_says_it_starts_from_random_weights(saved):
+    from graftlm.runs import _check_weightless_directory, run_config_class
+    (saved / "model.safetensors").unlink()
+    notes = []
+    _check_weightless_directory(run_config_class("clm")(model=str(saved), data="shards"), warn=notes.append)
+    assert notes == [f"note: {saved} has a config but no weights: pre-training starts from random weights "
+                     "in its architecture"]
+    (saved / "pytorch_model.bin").write_bytes(b"x")  # weights there, as a pickle: refused, not ignored
+    with pytest.raises(GraftError, match="has only pickle weights"):
+        _check_weightless_directory(run_config_class("clm")(model=str(saved), data="shards"))
