@@ -518,14 +518,19 @@ def _run_training(cfg: RunConfig, resume: bool | None, fresh: bool, allow_config
         if bad:  # in words too, not only in the JSON line
             print(f"warning: skipped {bad['bad']} bad row{'s' if bad['bad'] > 1 else ''} of {bad['of']}; "
                   f"the first: {bad['first']}", flush=True)
-        cut = data.stats.get("length_limit")
-        if cut:  # the JSON counts, in words: what share is lost and which flag keeps it
-            lost = sum(v for k, v in cut.items() if k not in ("max_length", "of"))
+        cut = data.stats.get("length_limit") or {}
+        truncated, dropped = cut.get("truncated", 0), cut.get("dropped_too_long", 0)
+        if truncated or dropped:  # the JSON counts, in words: what share is lost and which flag keeps it
             remedy = (f"--{cfg.objective}.max-length raises the limit (up to the model's context)"
                       if not _from_weights(cfg) or cut["max_length"] < context else
                       f"that is the context of model {cfg.model}: longer rows cannot be trained whole")
-            print(f"warning: {lost} of {cut['of']} rows ({lost / cut['of']:.0%}) were cut or dropped at "
-                  f"{cut['max_length']} tokens; {remedy}", flush=True)
+            print(f"warning: {truncated + dropped} of {cut['of']} rows ({(truncated + dropped) / cut['of']:.0%}) "
+                  f"were cut or dropped at {cut['max_length']} tokens ({truncated} cut, {dropped} dropped); "
+                  f"{remedy}", flush=True)
+        if cut.get("dropped_untrained"):
+            print(f"warning: {cut['dropped_untrained']} of {cut['of']} rows were dropped: they have no token to "
+                  f"train on, even whole (an empty reply, or none that --{cfg.objective}.train-on trains)",
+                  flush=True)
     vocab = max(v for v in (tokenizer.vocab_size if tokenizer else 0, data.vocab_size or 0))
     model = build_model(cfg, vocab or None, tokenizer, d.device)
     if spec.prepare_model is not None:

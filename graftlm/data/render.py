@@ -73,6 +73,9 @@ class RenderedPair:
 
 @dataclass
 class RenderCounts:
+    """Each row counted once: `truncated` rows were cut at the length limit and kept;
+    `dropped_too_long` ones were lost to it (the drop policy, or cut until nothing was
+    left to train); `dropped_untrained` ones have nothing to train even whole."""
     rows: int = 0
     truncated: int = 0
     dropped_too_long: int = 0
@@ -196,11 +199,7 @@ class Renderer:
                 self.counts.dropped_too_long += 1
                 return None
             row = RenderedRow(row.input_ids[:limit], row.loss_mask[:limit], row.source, truncated=True)
-            self.counts.truncated += 1
-        if row.trained_tokens == 0:
-            self.counts.dropped_untrained += 1
-            return None
-        return row
+        return self._kept(row, row.trained_tokens > 0, row.truncated)
 
     # -- preference pairs -------------------------------------------------------------
 
@@ -237,11 +236,18 @@ class Renderer:
             pair.chosen_ids, pair.chosen_mask = chosen[:room], chosen_mask[:room]
             pair.rejected_ids, pair.rejected_mask = rejected[:room], rejected_mask[:room]
             pair.truncated = True
-            self.counts.truncated += 1
-        if not any(pair.chosen_mask) or not any(pair.rejected_mask):
-            self.counts.dropped_untrained += 1
+        return self._kept(pair, any(pair.chosen_mask) and any(pair.rejected_mask), pair.truncated)
+
+    def _kept(self, rendered, trains: bool, cut: bool):
+        """`rendered`, or None when it has nothing left to train; counted once either way."""
+        if not trains:
+            if cut:  # cut until nothing was left to train: lost to the length limit
+                self.counts.dropped_too_long += 1
+            else:
+                self.counts.dropped_untrained += 1
             return None
-        return pair
+        self.counts.truncated += cut
+        return rendered
 
     # -- RL prompts -------------------------------------------------------------------
 

@@ -73,7 +73,7 @@ def rendered(data, examples: list[dict], render, renderer, rows: Rows, none_left
     counts = {k: v - before[k] for k, v in renderer.counts.to_dict().items()}
     rows.leave_out("too_long", counts["dropped_too_long"])
     rows.leave_out("nothing_to_score", counts["dropped_untrained"])
-    rows.cut += sum(r.truncated for _, r in kept)  # the renderer also counts rows cut, then dropped
+    rows.cut += counts["truncated"]
     if not kept:
         raise GraftError(f"{data}: {none_left}")
     return [example for example, _ in kept], [r for _, r in kept]

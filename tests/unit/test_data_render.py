@@ -81,10 +81,12 @@ def test_drop_policy_and_untrained_rows_are_counted(tok):
     assert renderer.render({"messages": CHAT}) is None
     assert renderer.render({"prompt": "Hi", "completion": "Yo"}) is not None
     assert renderer.counts.dropped_too_long == 1
-    # A long prompt that fills max_length leaves nothing to train: dropped and counted.
+    # A long prompt that fills max_length leaves nothing to train: lost to the limit, counted
+    # once (it was counted as cut and as untrained: "128 of 100 rows were cut or dropped").
     truncating = Renderer(tok, RenderConfig(max_length=20))
     assert truncating.render({"prompt": "word " * 50, "completion": "x"}) is None
-    assert truncating.counts.dropped_untrained == 1 and truncating.counts.truncated == 1
+    assert (truncating.counts.dropped_too_long, truncating.counts.truncated, truncating.counts.dropped_untrained) \
+        == (1, 0, 0)
 
 
 def test_preference_pair_prompt_plus_completions(tok):

@@ -30,13 +30,13 @@ def test_stats_counts_duplicates_bad_and_untrained_rows(tmp_path, tok_dir):
     rows += [rows[0], rows[1]]  # exact duplicates
     rows += [{"prompt": base, "completion": "yes"}, {"prompt": base + " today", "completion": "yes"}]
     rows += [{"prompt": "x", "completion": ""}, "{bad json"]
-    rows += [{"prompt": "word " * 200, "completion": "z"}]  # trains nothing once truncated
+    rows += [{"prompt": "word " * 200, "completion": "z"}]  # trains nothing once truncated: lost to the limit
     path = write(tmp_path, rows)
     stats = data_stats(path, tokenizer=tok_dir, max_length=96)
     assert stats["objective"] == "sft"
     assert (stats["rows"], stats["valid"], stats["bad"]) == (27, 25, 2)
     assert stats["exact_duplicates"] == 2 and stats["near_duplicates"] == 1
-    assert stats["untrained_rows"] == 1 and stats["truncated"] >= 1
+    assert stats["too_long_dropped"] == 1 and stats["untrained_rows"] == 0 and stats["truncated"] >= 1
     assert stats["length"]["max"] <= 96 and stats["length"]["min"] <= stats["length"]["p50"] <= stats["length"]["p90"]
     assert stats["tokens"] >= 25 * stats["length"]["min"]
     estimate = data_stats(path)

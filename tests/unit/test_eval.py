@@ -179,6 +179,7 @@ def _tuned_adapter(model_dir, out, kind="lora", std=0.5, seed=1):
     from graftlm.adapters import AdapterConfig, apply_adapters, save_adapter
     from graftlm.models.hf import load_model
     model = load_model(model_dir / "model")
+    torch.manual_seed(seed)  # A's initialisation: the same adapter whichever tests ran before
     apply_adapters(model, AdapterConfig(kind=kind, r=2))
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -272,7 +273,7 @@ def test_a_qlora_adapter_beside_others_changes_no_other_row(model_dir, tmp_path)
     from graftlm.models.hf import load_model
     from graftlm.tokenizer import load_tokenizer
     _tuned_adapter(model_dir, tmp_path / "lora")
-    quantized = _tuned_adapter(model_dir, tmp_path / "qlora", kind="qlora", std=0.001, seed=2)
+    quantized = _tuned_adapter(model_dir, tmp_path / "qlora", kind="qlora", std=0.001, seed=4)
     lora, qlora = str(tmp_path / "lora"), str(tmp_path / "qlora")
     text = _write(tmp_path / "text.jsonl", [{"text": "hello world 12"}, {"text": "copy: 3 4 5 6"}])
     pairs = _write(tmp_path / "pairs.jsonl", PAIRS)
@@ -344,9 +345,9 @@ def test_chats_cut_at_the_context_and_answers_used_as_shots_are_counted(model_di
              {"messages": [{"role": "user", "content": "copy: 2"}, {"role": "assistant", "content": long}]},
              {"messages": [{"role": "user", "content": long + long}, {"role": "assistant", "content": "3"}]}]
     result = evaluate(model_dir / "model", _write(tmp_path / "chats.jsonl", chats))
-    # The second row's reply is cut at the context; the third's prompt fills it: nothing to score.
+    # The second row's reply is cut at the context; the third's prompt fills it: too long.
     assert (result["rows"], result["rows_in_data"], result["rows_cut"]) == (2, 3, 1)
-    assert result["rows_left_out"] == {"nothing_to_score": 1} and _accounted(result)
+    assert result["rows_left_out"] == {"too_long": 1} and _accounted(result)
     answers = _write(tmp_path / "answers.jsonl", [{"prompt": f"copy: {i}", "answer": f"{i}"} for i in range(6)])
     assert main(["eval", "--model", str(model_dir / "model"), "--data", str(answers), "--few-shot", "2",
                  "--max-rows", "3", "--max-new-tokens", "2", "--json"]) == 0

@@ -33,13 +33,15 @@ def test_a_skipped_bad_row_and_cut_rows_are_counted_and_printed(tmp_path, capsys
     assert data["bad_rows_skipped"]["bad"] == 1 and data["bad_rows_skipped"]["of"] == 151
     assert "sft.jsonl:8" in data["bad_rows_skipped"]["first"]
     cut = data["length_limit"]
-    assert cut["max_length"] == 40 and cut["truncated"] + cut.get("dropped_untrained", 0) > 0
+    assert cut["max_length"] == 40 and cut["truncated"] + cut.get("dropped_too_long", 0) > 0
     out = capsys.readouterr().out
     assert "{" not in out.split("done:")[0]  # said in words below (the counts are in summary.json)
     assert "warning: skipped 1 bad row of 151; the first: " in out and "sft.jsonl:8" in out
-    lost = cut["truncated"] + cut.get("dropped_untrained", 0)
-    assert f"warning: {lost} of 150 rows ({lost / 150:.0%}) were cut or dropped at 40 tokens; " \
-           "--sft.max-length raises the limit" in out
+    dropped = cut.get("dropped_too_long", 0)
+    lost = cut["truncated"] + dropped
+    assert lost <= 150  # each row counted once
+    assert f"warning: {lost} of 150 rows ({lost / 150:.0%}) were cut or dropped at 40 tokens " \
+           f"({cut['truncated']} cut, {dropped} dropped); --sft.max-length raises the limit" in out
 
 
 def test_too_many_bad_rows_name_the_flags(tmp_path, capsys):
