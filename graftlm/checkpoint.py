@@ -71,6 +71,11 @@ def write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
+def step_of(directory: Path) -> int:
+    """The step a checkpoint directory (`step-N`) was saved at."""
+    return int(_STEP_DIR.match(directory.name).group(1))
+
+
 def checkpoint_dirs(root: Path) -> list[tuple[int, Path]]:
     """Complete-looking checkpoints (named step-N), newest first."""
     if not root.is_dir():
@@ -306,8 +311,16 @@ def _describe(changes: list[IdentityChange]) -> list[str]:
         added, dropped = all(c.saved is None for c in fields), all(c.current is None for c in fields)
         if kind is not None and (added or dropped):
             whole[name] = f"{name}: {kind.saved or 'none'} -> {kind.current or 'none'}"
-    return [*whole.values(), *(f"{c.field}: {c.saved!r} -> {c.current!r}" for c in changes
-                               if c.field.split(".")[0] not in whole)]
+    described = []
+    for c in changes:
+        if c.field.split(".")[0] in whole:
+            continue
+        if isinstance(c.saved, dict) and isinstance(c.current, dict):  # the data's counts: the entries that differ
+            described += [f"{c.field}.{key}: {c.saved.get(key)!r} -> {c.current.get(key)!r}"
+                          for key in dict.fromkeys([*c.saved, *c.current]) if c.saved.get(key) != c.current.get(key)]
+        else:
+            described.append(f"{c.field}: {c.saved!r} -> {c.current!r}")
+    return [*whole.values(), *described]
 
 
 # Adapter fields that decide which tensors a run trains and their shapes.
@@ -331,7 +344,7 @@ def check_identity(saved: dict, current: dict, allow_change: bool, source: Path,
         raise CheckpointError(f"{source}: the run changed since this checkpoint ({diff}), and what it trains has "
                               "another shape now, so it cannot continue from it: --fresh starts the run over")
     if allow_change:
-        warn(f"resuming from {source} although the run changed ({diff})")
+        warn(f"warning: the run changed since {source} ({diff}); it continues, as --allow-config-change asks")
         return
     raise CheckpointError(f"{source}: the run changed since this checkpoint ({diff}); "
                           "pass --allow-config-change to resume anyway, or --fresh to start over")

@@ -137,6 +137,10 @@ def prepare_run_directory(run_dir: Path, cfg: RunConfig, resume: bool | None, fr
                              "again, --name for a new run, or a larger --train.max-steps to continue")
     if resume and latest is None:
         raise GraftError(f"{root}: no complete checkpoint to resume from")
+    reached = ckpt.step_of(latest) if latest is not None else 0
+    if reached > continued.train.max_steps:  # it would end at once, on the checkpoint's model and numbers
+        raise GraftError(f"{latest}: the run is past --train.max-steps {continued.train.max_steps} (step {reached}); "
+                         f"pass a --train.max-steps above {reached} to continue it, or --fresh to start over")
     if latest is None:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a run that died before its first checkpoint
         return None, {}, cfg  # nothing to continue: its command alone says how it trains
@@ -290,6 +294,13 @@ def _identity(cfg: RunConfig, data_identity: dict, world_size: int, saved: dict 
     return {"objective": cfg.objective, "world_size": world_size, **flat, **data_identity}
 
 
+def _is_sharded(checkpoint: Path) -> bool:
+    try:
+        return bool(ckpt.read_json(checkpoint, "trainer.json").get("sharded"))
+    except (GraftError, AttributeError):
+        return False
+
+
 def _saved_identity(checkpoint: Path | None) -> dict:
     if checkpoint is None:
         return {}
@@ -299,16 +310,18 @@ def _saved_identity(checkpoint: Path | None) -> dict:
         return {}  # the resume itself names what is wrong with the checkpoint
 
 
-def refuse_changed_settings(cfg: RunConfig, checkpoint: Path | None, allow_change: bool) -> None:
+def refuse_changed_settings(cfg: RunConfig, checkpoint: Path | None, allow_change: bool, world_size: int) -> None:
     """The resume check of the settings alone, before the data is tokenized and the model
     loaded (minutes, on a large data set): another batch size or adapter rank is refused
     at once. The data and the base weights are compared when they are read; another
-    number of ranks by the checkpoint's layout check, which names the command to run."""
+    number of ranks of a sharded checkpoint by its layout check, which names the command
+    to run."""
     if checkpoint is None:
         return
     saved = _saved_identity(checkpoint)
-    current = _identity(cfg, {}, 0, saved)
-    del current["world_size"]
+    current = _identity(cfg, {}, world_size, saved)
+    if _is_sharded(checkpoint):
+        del current["world_size"]
     # Allowed changes warn once, later, with the data's and the weights' changes beside them.
     ckpt.check_identity({key: saved.get(key) for key in current}, current, allow_change, checkpoint,
                         warn=lambda line: None)
@@ -354,17 +367,26 @@ def changed_settings(recorded: dict, config: dict) -> list[str]:
 
 
 def _schedule_jump(recorded: dict, cfg: RunConfig, step: int) -> str | None:
-    """A line when a run extended to more (or fewer) steps changes its learning rate at
-    once: a decaying schedule is laid out over max_steps, so the next step's rate is that
-    of a run planned for the new length."""
+    """A line when a continued run changes its learning rate at once: a decaying schedule
+    is laid out over max_steps, so a run extended to more (or fewer) steps takes the next
+    step's rate of a run planned for the new length; other --optim settings move it too.
+    The rate it comes from is the one its last step used (its recorded settings)."""
     before = recorded.get("train.max_steps")
-    if not isinstance(before, int) or before == cfg.train.max_steps or step < 1:
+    if not isinstance(before, int) or step < 1:
         return None
-    last, next_ = lr_at(step - 1, before, cfg.optim), lr_at(step, cfg.train.max_steps, cfg.optim)
+    try:
+        used = from_dict(OptimConfig, {**to_dict(cfg.optim), **{k.removeprefix("optim."): v for k, v in
+                                                                recorded.items() if k.startswith("optim.")}})
+    except GraftError:  # settings of an older graftlm that no longer read: no note
+        return None
+    last, next_ = lr_at(step - 1, before, used), lr_at(step, cfg.train.max_steps, cfg.optim)
     if max(last, next_) <= 1.2 * min(last, next_):
         return None
+    change = f"the rate goes from {last:.3g} at step {step} to {next_:.3g} at step {step + 1}"
+    if before == cfg.train.max_steps:
+        return f"note: with the changed --optim settings {change}"
     return (f"note: the {cfg.optim.schedule} learning-rate schedule now spans {cfg.train.max_steps} steps, as if "
-            f"planned for them: the rate goes from {last:.3g} at step {step} to {next_:.3g} at step {step + 1}")
+            f"planned for them: {change}")
 
 
 def name_of_model_dir(directory: str | Path) -> str:
@@ -485,7 +507,7 @@ def _run_training(cfg: RunConfig, resume: bool | None, fresh: bool, allow_config
     # Recorded as a number, so that a run extended to more steps keeps the warmup it had.
     cfg.optim.warmup_steps = cfg.optim.warmup_for(cfg.train.max_steps)
 
-    refuse_changed_settings(cfg, resume_from, allow_config_change)
+    refuse_changed_settings(cfg, resume_from, allow_config_change, d.world_size)
 
     seed_everything(cfg.seed)
     from graftlm.models.hf import resolve_model_config

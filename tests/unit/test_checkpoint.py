@@ -232,3 +232,36 @@ def test_a_changed_setting_is_refused_before_the_data_is_read(tmp_path, monkeypa
     # Allowed when asked: the same check then lets the run go on to read its data.
     monkeypatch.undo()
     assert sft("--train.max-steps", "3", "--train.batch-size", "4", "--allow-config-change") == 0
+
+
+def test_a_refusal_names_every_changed_setting_and_a_checkpoint_past_max_steps(tmp_path, capsys):
+    """Resumed in one process with another batch size, a two-process run was refused for
+    the batch size alone, and for both only under --allow-config-change. A checkpoint past
+    --train.max-steps ended the run at once on its model and its stale numbers."""
+    # Data that changed is named by the counts that differ, not as two dictionaries.
+    assert ckpt._describe(ckpt.identity_changes({"render": {"rows": 7473, "truncated": 188}},
+                                                {"render": {"rows": 200, "truncated": 188}})) == \
+        ["render.rows: 7473 -> 200"]
+    from graftlm.runs import _identity, refuse_changed_settings, run_config_class
+    cfg = run_config_class("clm")(model="tiny", data="shards")
+    checkpoint = tmp_path / "step-4"
+    checkpoint.mkdir()
+    (checkpoint / "trainer.json").write_text(json.dumps({"identity": _identity(cfg, {}, 2)}))
+    cfg.train.batch_size *= 2
+    with pytest.raises(GraftError, match=r"train\.batch_size: 8 -> 16; world_size: 2 -> 1"):
+        refuse_changed_settings(cfg, checkpoint, False, world_size=1)
+    # A sharded checkpoint's layout check names the command for its number of ranks instead.
+    (checkpoint / "trainer.json").write_text(json.dumps({"identity": _identity(cfg, {}, 2), "sharded": True}))
+    refuse_changed_settings(cfg, checkpoint, False, world_size=1)
+
+    from graftlm.cli import main
+    from test_sft_packing import _data
+    path, _ = _data(tmp_path, n=20)
+    run = ["sft", "--model", "tiny", "--tokenizer", str(tmp_path / "tok"), "--data", str(path), "--out",
+           str(tmp_path), "--name", "run", "--train.batch-size", "2", "--train.save-every", "2",
+           "--train.eval-batches", "1", "--tensorboard", "false"]
+    assert main([*run, "--train.max-steps", "4"]) == 0
+    (tmp_path / "run" / "summary.json").unlink()  # as a run interrupted after its step-4 checkpoint
+    capsys.readouterr()
+    assert main([*run, "--train.max-steps", "3"]) == 2
+    assert "the run is past --train.max-steps 3 (step 4)" in capsys.readouterr().err

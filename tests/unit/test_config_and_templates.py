@@ -178,6 +178,11 @@ def test_an_extended_run_says_when_its_schedule_moves_the_rate_at_once():
     cfg.optim.schedule = "constant"
     assert _schedule_jump({"train.max_steps": 30}, cfg, 30) is None  # nothing moves
     assert _schedule_jump({"train.max_steps": 40}, cfg, 30) is None  # the same length: not extended
+    # Another lr: the rate comes from the one the last step used (the recorded), not the new one's.
+    recorded = {"train.max_steps": 40, "optim.lr": 3e-3, "optim.schedule": "constant"}
+    cfg.optim.lr = 1e-3
+    assert _schedule_jump(recorded, cfg, 30) == ("note: with the changed --optim settings the rate goes from "
+                                                 "0.003 at step 30 to 0.001 at step 31")
 
 
 def test_a_runs_default_name_names_the_model_it_starts_from(tmp_path):
