@@ -311,8 +311,8 @@ def check_command(args, catalogue) -> int:
             # steps (summary.json's train_time_s), not the command's wall time.
             label = CHECK_LABELS.get(name, name)
             ratio = fig.get("ratio")
-            if ratio is None and fig["predicted"] is not None and fig["measured"] and not result["time_compared"]:
-                ratio = "not compared"  # another device's time: no error to speak of
+            if ratio is None and fig["predicted"] is not None and fig["measured"] and not fig["compared"]:
+                ratio = "not compared"  # another device's time, or RSS beside tensors: no error to speak of
             table.add_row(label, show(fig["predicted"]), show(fig["measured"]),
                           "-" if ratio is None else ratio if isinstance(ratio, str) else fmt_ratio(ratio))
         console.print(table)
@@ -323,7 +323,9 @@ def check_command(args, catalogue) -> int:
         for note in result["notes"]:
             console.print(f"  note: {escape(note)}", highlight=False)
         if result["memory_measured_as"] == "peak_memory_bytes" and result["device"] == "cpu":
-            console.print("  note: on CPU the measured peak is the process's RSS (interpreter and libraries included)")
+            console.print("  note: on CPU the measured peak is the process's RSS (interpreter and libraries included: "
+                          "not compared with the tensors the plan predicts); a one-process eager run counts its "
+                          "tensors")
         if result["memory_seq_len"] != result["seq_len"]:
             console.print(f"  note: peak tensors at the measured step's width, {result['memory_seq_len']} tokens "
                           f"(seq_len {result['seq_len']}: rows are padded to the longest in their batch)")

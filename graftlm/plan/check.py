@@ -217,6 +217,9 @@ def check_run(run_dir: Path, hardware: Hardware | None, catalogue: dict[str, Dev
     trained = _as_trained(shape, summary)
     work = flops_detail(trained, tokens)  # the trainer counted every pass's tokens, as `tokens` here is
     measured_peak = summary.get("peak_tensor_bytes") or summary.get("peak_memory_bytes")
+    # On CPU without a counted step (compiled, multi-rank), the peak is the process's RSS:
+    # interpreter and libraries too (hundreds of MB), which a tensor prediction cannot match.
+    memory_compared = bool(summary.get("peak_tensor_bytes")) or shape.device_type != "cpu"
     if hardware is not None:
         assumed_mfu = hardware.device.mfu
         rate = hardware.device.peak_flops(shape.precision) * assumed_mfu * hardware.count
@@ -237,7 +240,7 @@ def check_run(run_dir: Path, hardware: Hardware | None, catalogue: dict[str, Dev
     # would take there: set beside the measurement, never compared with it.
     time_compared = hardware is None or hardware.device.kind == ("cpu" if shape.device_type == "cpu" else "gpu")
     rows = {
-        "peak memory (bytes)": (memory.peak, measured_peak, True),
+        "peak memory (bytes)": (memory.peak, measured_peak, memory_compared),
         "FLOPs": (work["train"], summary.get("flops"), True),  # what the trainer counts: the policy's
         "time (s)": (time_s, summary.get("train_time_s") or summary.get("wall_time_s"), time_compared),
         **({"time: NF4 dequantization (s)": (dequant_s, None, time_compared)} if dequant_s is not None else {}),
@@ -249,7 +252,7 @@ def check_run(run_dir: Path, hardware: Hardware | None, catalogue: dict[str, Dev
         figures[name] = {"predicted": predicted, "measured": measured,
                          # error = (predicted - measured) / measured: + when the plan says more
                          "error": (predicted - measured) / measured if both else None,
-                         "ratio": predicted / measured if both else None}
+                         "ratio": predicted / measured if both else None, "compared": compared}
     notes = []
     if not time_compared:
         notes.append(f"time and tokens/s: what this run would take on {hardware.label}; it trained on "

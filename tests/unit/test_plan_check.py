@@ -135,6 +135,21 @@ def test_check_labels_its_memory_row_peak_tensors(tmp_path, capsys):
     assert "peak memory (bytes)" in json.loads(capsys.readouterr().out)[0]["figures"]
 
 
+def test_check_sets_a_cpu_runs_rss_beside_the_tensors_uncompared(tmp_path, capsys):
+    """A two-process CPU run records its RSS (no counted step): "peak tensors 10 MB vs
+    394 MB, 0.03x" compared the interpreter and libraries with the plan's tensors."""
+    from graftlm.plan.check import check_run
+    run = _cpu_run(tmp_path / "run")
+    summary = json.loads((run / "summary.json").read_text())
+    del summary["peak_tensor_bytes"]
+    (run / "summary.json").write_text(json.dumps({**summary, "world_size": 2, "peak_memory_bytes": 393_600_000}))
+    memory = check_run(run, None)["figures"]["peak memory (bytes)"]
+    assert memory["measured"] == 393_600_000 and memory["ratio"] is None and not memory["compared"]
+    assert main(["plan", "--check", str(run)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "peak tensors" in line)
+    assert "not compared" in row and "0.0" not in row
+
+
 def test_check_of_a_qlora_run_that_recorded_no_rate_takes_this_machines_and_says_so(tmp_path, monkeypatch):
     import yaml
 
