@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import difflib
 import re
 import types
 import typing
@@ -142,8 +143,9 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        known = ", ".join(sorted(fields))
-        raise ConfigError(f"unknown config field '{prefix}{unknown[0]}' (known: {known})")
+        close = difflib.get_close_matches(unknown[0], list(fields), n=1)
+        hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
+        raise ConfigError(f"unknown config field '{prefix}{unknown[0]}' ({hint}known: {', '.join(sorted(fields))})")
     kwargs = {name: coerce(value, hints[name], prefix + name) for name, value in data.items()}
     missing = [
         name for name, f in fields.items()

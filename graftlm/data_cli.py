@@ -88,8 +88,14 @@ def train_tokenizer_command(args) -> int:
     tokenizer = train_tokenizer(texts, args.vocab_size)
     out = tokenizer.save(make_directory(args.out, "--out"))
     print(f"tokenizer: {tokenizer.vocab_size} tokens from {counts.valid} documents -> {out}"
-          + (f" ({counts.bad} bad rows skipped)" if counts.bad else ""))
+          + (f" ({_skipped(counts)})" if counts.bad else ""))
     return 0
+
+
+def _skipped(counts) -> str:
+    """Bad rows skipped, in words, with where the first was (as training commands say it)."""
+    return (f"{counts.bad} bad row{'s' if counts.bad > 1 else ''} of {counts.rows} skipped"
+            + (f"; the first: {counts.errors[0]}" if counts.errors else ""))
 
 
 # -- prepare --------------------------------------------------------------------------------
@@ -126,7 +132,7 @@ def prepare_command(args) -> int:
         print(f"{name}: {info['tokens']:,} tokens, {info['documents']:,} documents, "
               f"{info['bytes']:,} bytes in {len(info['files'])} file(s)")
     print(f"shards ({meta['dtype']}) -> {Path(args.out) / 'meta.json'}"
-          + (f"; {counts.bad} bad rows skipped" if counts.bad else ""))
+          + (f"; {_skipped(counts)}" if counts.bad else ""))
     return 0
 
 

@@ -115,3 +115,14 @@ def test_mismatched_tokenizer_and_bad_input_are_errors(tmp_path, shakespeare, ca
     assert main(["prepare", "--data", str(tmp_path / "nope*.txt"), "--tokenizer", str(root / "tok"),
                  "--out", str(tmp_path / "x")]) == 2
     assert "matches no data file" in capsys.readouterr().err
+
+
+def test_prepare_names_where_its_first_skipped_row_is(tmp_path, shakespeare, capsys):
+    """`2 bad rows skipped` said nothing of where: the training commands name the first."""
+    path = tmp_path / "d.jsonl"
+    rows = [json.dumps({"text": f"row {i} " * 5}) for i in range(300)]
+    rows.insert(41, "not json")
+    path.write_text("\n".join(rows) + "\n")
+    assert main(["prepare", "--data", str(path), "--tokenizer", str(shakespeare[0] / "tok"),
+                 "--out", str(tmp_path / "s"), "--val-docs", "3"]) == 0
+    assert f"; 1 bad row of 301 skipped; the first: {path}:42: invalid JSON" in capsys.readouterr().out
