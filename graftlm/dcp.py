@@ -8,6 +8,8 @@ same manifest and the same atomic rename as `checkpoint.py`):
                            tensors, with their offsets in the safetensors metadata
   optimizer.json           param groups and non-tensor optimizer state
   rng-rank-R.safetensors   rank R's torch generator states (+ rng-rank-R.json)
+  objective.safetensors    what the objective holds whole on every rank (PPO's critic),
+                           written by rank 0 (the trainer's `files`)
   trainer.json             step, loader position, resume identity, `sharded: true`
   manifest.json            sha256 and size of every file above; written last
 
@@ -59,8 +61,10 @@ def _flat_state(model, optimizer, trainable_only: bool) -> tuple[dict[str, torch
 
 
 def save_sharded(root: Path, step: int, model, optimizer, state: dict, *, rank: int,
-                 trainable_only: bool, keep_last: int = 0) -> Path | None:
-    """Every rank calls this; returns the checkpoint directory on rank 0 (None elsewhere)."""
+                 trainable_only: bool, keep_last: int = 0,
+                 files: dict[str, dict[str, torch.Tensor]] | None = None) -> Path | None:
+    """Every rank calls this; returns the checkpoint directory on rank 0 (None elsewhere).
+    `files`: safetensors files (name -> tensors) of unsharded state that rank 0 writes."""
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
     final = root / f"step-{step}"
@@ -79,6 +83,8 @@ def save_sharded(root: Path, step: int, model, optimizer, state: dict, *, rank: 
     dist.barrier()  # every shard is on disk
     done = None
     if rank == 0:
+        for name, group in (files or {}).items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, tmp / name)
         ckpt.write_json(tmp / "optimizer.json", optim_meta)
         ckpt.write_json(tmp / "trainer.json", {**state, SHARD_MARK: True,
                                                "world_size": dist.get_world_size()})

@@ -10,7 +10,13 @@ Design choices:
   sample ids are logged, and too many bad steps in a row stop the run.
 - The learning rate is a pure function of the step (`optim.lr_at`); with the loader's
   `(epoch, position)`, the RNG states, the weights and the optimizer state, that is all
-  a checkpoint needs for an exact resume.
+  a checkpoint needs for an exact resume, with what an objective holds itself (RL: the
+  rollout counter the sampling seeds follow; PPO: its critic and the critic's optimizer).
+  Such an objective has `checkpoint_state() -> (tensors, JSON)` and
+  `load_checkpoint_state(tensors, JSON, source)`; its tensors are `objective.safetensors`
+  (one copy, written by rank 0: they must be the same on every rank), its JSON
+  `trainer.json`'s `objective`. A reference model (`uses_reference`) is the run's first
+  policy, so on resume it is copied before the checkpoint's weights load.
 - Parallelism hooks only: `rank`, `world_size` and an `all_reduce` (sum) callable.
   Only rank 0 logs and writes; DDP / FSDP2 wrapping happens outside (`parallel.py`).
 - The trainer never looks at what is trained: it optimizes the parameters that require
@@ -59,6 +65,7 @@ class Objective(Protocol):
         ...
 
 
+OBJECTIVE_FILE = "objective.safetensors"  # an objective's own tensors in a checkpoint (PPO's critic)
 PRETRAIN_SEQ_LEN = 256
 ROW_LENGTH = {"sft": 1024, "dpo": 1024, "reward": 1024}  # TRL's max_length for these trainers
 
@@ -381,18 +388,23 @@ class Trainer:
                  "loader": self.loader.state_dict(), "identity": self.identity,
                  "trainable_only": self.trainable_only,
                  "peak_tensor": [self.peak_tensor_bytes, self.peak_tensor_context]}
+        objective_files = {}
+        if hasattr(self.objective, "checkpoint_state"):
+            objective_tensors, state["objective"] = self.objective.checkpoint_state()
+            if objective_tensors:
+                objective_files[OBJECTIVE_FILE] = objective_tensors
         if self.sharded:
             from graftlm import dcp
             return dcp.save_sharded(self.checkpoint_root, self.step, self.model, self.optimizer, state,
                                     rank=self.rank, trainable_only=self.trainable_only,
-                                    keep_last=self.cfg.keep_checkpoints)
+                                    keep_last=self.cfg.keep_checkpoints, files=objective_files)
         opt_tensors, opt_meta = ckpt.optimizer_files(self.optimizer)
         rng_tensors, rng_meta = ckpt.rng_files()
         state["rng"] = rng_meta
         return ckpt.save_checkpoint(
             self.checkpoint_root, self.step,
             tensors={"model.safetensors": ckpt.model_tensors(self.model, self.trainable_only),
-                     "optimizer.safetensors": opt_tensors, "rng.safetensors": rng_tensors},
+                     "optimizer.safetensors": opt_tensors, "rng.safetensors": rng_tensors, **objective_files},
             documents={"optimizer.json": opt_meta, "trainer.json": state},
             keep_last=self.cfg.keep_checkpoints)
 
@@ -403,12 +415,19 @@ class Trainer:
         self._check_layout(directory, state)
         ckpt.check_identity(state.get("identity", {}), self.identity, allow_config_change, directory,
                             warn=self._message)
+        if getattr(self.objective, "uses_reference", False):
+            # Full fine-tuning's reference (DPO, GRPO, PPO) is the model the run started from,
+            # copied on first use: copied now, before the checkpoint's weights replace it.
+            from graftlm.adapters import reference
+            with reference(self.forward_model):
+                pass
         if self.sharded or state.get("sharded"):
             from graftlm import dcp
             dcp.load_sharded(directory, self.model, self.optimizer, rank=self.rank,
                              trainable_only=self.trainable_only)
         else:
             self._load_single(directory, state)
+        self._load_objective_state(directory, state)
         self.loader.load_state_dict(state["loader"])
         self.step, self.tokens = state["step"], state["tokens"]
         # A checkpoint from before FLOPs were counted: its tokens at the run's sequence length.
@@ -419,6 +438,18 @@ class Trainer:
         self.last_loss, self.last_val = state["last_loss"], state["last_val"]
         # Kept for a resumed process too short to count its own (it counts on its second step).
         self.peak_tensor_bytes, self.peak_tensor_context = state.get("peak_tensor", [None, 0])
+
+    def _load_objective_state(self, directory: Path, state: dict) -> None:
+        if not hasattr(self.objective, "load_checkpoint_state"):
+            return
+        if "objective" not in state:  # saved before objectives kept state: resumable, not exactly
+            self._message(f"warning: {directory} holds no {self.objective.name} state (an older checkpoint): "
+                          "the objective's own state restarts (the rollout counter, so new sampling seeds; "
+                          "PPO's critic from its initialisation, with a fresh optimizer)")
+            return
+        path = directory / OBJECTIVE_FILE
+        tensors = ckpt.read_tensors(directory, OBJECTIVE_FILE) if path.is_file() else {}
+        self.objective.load_checkpoint_state(tensors, state["objective"], path)
 
     def _check_layout(self, directory: Path, state: dict) -> None:
         """Refuse, before any other check, a checkpoint whose files this run cannot load:

@@ -16,7 +16,8 @@ engine and scored by a reward (`graftlm.rewards`). Design choices:
   the policy of pass 0's step, and the reference's, which never changes), later passes
   reuse them: as TRL's ref_per_token_logps, the reference runs one forward per rollout,
   not one per pass. A reused rollout is matched by its slot and sample ids; after a
-  resume mid-block it is sampled anew.
+  resume mid-block it is sampled anew (kept rollouts are not in checkpoints, so such a
+  resume is not exact).
 - A step in which every group's completions got the same reward learns nothing: the
   run logs `frac_reward_zero_std` (the share of such groups, TRL's metric) and warns
   (`rollout.RolloutWarnings`), as it does when completions are cut at `max_new_tokens`.
@@ -135,6 +136,7 @@ class GRPOObjective:
 
     def __init__(self, config: GRPOConfig, tokenizer, reward=None, device="cpu"):
         self.config = config
+        self.uses_reference = config.beta > 0  # the trainer keeps it the run's first policy on resume
         scorer = RewardScorer(reward or build_rewards(config.reward, config.reward_weights, device=device),
                               config.reward_errors)
         self.sampler = RolloutSampler(config.sampling, scorer, tokenizer)
@@ -168,6 +170,13 @@ class GRPOObjective:
 
     def evaluate_batch(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
         return held_out_reward(self.sampler, model, batch, self.pad_id)
+
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, JSON) the trainer saves in each checkpoint: the sampling seeds' position."""
+        return {}, {"sampler": self.sampler.state_dict()}
+
+    def load_checkpoint_state(self, tensors: dict[str, torch.Tensor], state: dict, source) -> None:
+        self.sampler.load_state_dict(state["sampler"])
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
         start = time.perf_counter()

@@ -9,11 +9,13 @@ Design choices:
   reward model (or `value_model`). Advantages come from generalised advantage
   estimation (gamma, lambda) over the completion tokens and are whitened per rollout;
   returns = advantages + old values.
-- The critic belongs to the objective, with its own AdamW: the trainer optimises and
-  saves the policy only, so the value loss (clipped, as in PPO) is back-propagated and
-  stepped here, once per micro-batch; under `torch.no_grad` (validation) it is not.
-  Under DDP / FSDP its gradients are averaged over ranks before each step, so that the
-  ranks' critics stay identical.
+- The critic belongs to the objective, with its own AdamW: the trainer optimises the
+  policy only, so the value loss (clipped, as in PPO) is back-propagated and stepped
+  here, once per micro-batch; under `torch.no_grad` (validation) it is not. Under DDP /
+  FSDP it is not wrapped: its gradients are averaged over ranks before each step, so
+  that the ranks' critics stay identical. Checkpoints hold it whole with its optimizer
+  state and the rollout counter (`checkpoint_state`, the trainer's `objective.*`);
+  `final/` holds the policy only.
 - The policy loss is the clipped surrogate (shared with GRPO), summed over completion
   tokens; the count is their number. The KL is in the reward, not in the loss.
 - The reported `loss` is PPO's whole objective, policy loss + value loss (per completion
@@ -37,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from graftlm import checkpoint as ckpt
 from graftlm.errors import ConfigError
 from graftlm.objectives.grpo import clipped_surrogate, reference_token_logps
 from graftlm.objectives.logprobs import IGNORE_INDEX, shift_targets
@@ -116,17 +119,41 @@ class PPOObjective:
 
     def __init__(self, config: PPOConfig, tokenizer, policy, reward=None, device="cpu"):
         self.config = config
+        self.uses_reference = config.kl_coef > 0  # the trainer keeps it the run's first policy on resume
         scorer = RewardScorer(reward or build_reward(config.reward, device=device), config.reward_errors)
         self.sampler = RolloutSampler(config.sampling, scorer, tokenizer)
         self.pad_id = tokenizer.pad_id if tokenizer is not None else 0
         self.critic = build_critic(config, policy)
-        trainable = [p for p in self.critic.parameters() if p.requires_grad]
-        self.critic_optimizer = torch.optim.AdamW(trainable, lr=config.value_lr, weight_decay=0.0)
+        trainable = [(n, p) for n, p in self.critic.named_parameters() if p.requires_grad]
+        # Named groups: checkpoints key its state by parameter name, as the policy's.
+        self.critic_optimizer = torch.optim.AdamW(
+            [{"params": [p for _, p in trainable], "param_names": [n for n, _ in trainable]}],
+            lr=config.value_lr, weight_decay=0.0)
         # Completions cut at max_new_tokens (PPO's advantages are not per group).
         self.step_warnings = RolloutWarnings("ppo", config.sampling, groups=False)
 
     def evaluate_batch(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
         return held_out_reward(self.sampler, model, batch, self.pad_id)
+
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, JSON) the trainer saves in each checkpoint: the critic, its optimizer
+        state and the rollout counter. Every rank's critic is the same, so one copy."""
+        optimizer_tensors, optimizer_meta = ckpt.optimizer_files(self.critic_optimizer)
+        tensors = {**{f"critic/{k}": v for k, v in ckpt.model_tensors(self.critic, trainable_only=False).items()},
+                   **{f"critic_optimizer/{k}": v for k, v in optimizer_tensors.items()}}
+        return tensors, {"sampler": self.sampler.state_dict(), "critic_optimizer": optimizer_meta}
+
+    def load_checkpoint_state(self, tensors: dict[str, torch.Tensor], state: dict, source) -> None:
+        def under(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        ckpt.load_model_tensors(self.critic, under("critic/"), source)
+        ckpt.load_optimizer_files(self.critic_optimizer, under("critic_optimizer/"), state["critic_optimizer"],
+                                  source)
+        # The saved groups carry the saved learning rate; a resume with a new --ppo.value-lr uses it.
+        for group in self.critic_optimizer.param_groups:
+            group["lr"] = self.config.value_lr
+        self.sampler.load_state_dict(state["sampler"])
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
         cfg = self.config

@@ -5,7 +5,9 @@ Shared by GRPO and PPO. Design choices:
   starts) with their normalised rows; each is repeated `group_size` times and the
   `Engine` samples all rows in one batched KV-cache generation, under no grad, with the
   policy as it is (its adapters active). Seeds advance with every rollout, so a run is
-  reproducible and no two rollouts repeat their samples.
+  reproducible and no two rollouts repeat their samples. The rollout counter is the
+  sampler's state (`state_dict`), saved in checkpoints: a resumed run draws what the
+  unbroken run drew.
 - For the training forward, each row is laid out as prompt + completion, right-padded:
   with causal attention the padding after a row cannot change it, so no mask is needed.
   `loss_mask` marks the completion tokens (incl. the stop token, so stopping is learned).
@@ -29,6 +31,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -105,8 +108,15 @@ class RolloutSampler:
 
     def __init__(self, config: SamplingConfig, scorer, tokenizer=None):
         self.config, self.scorer, self.tokenizer = config, scorer, tokenizer
-        self.rollouts = 0
+        self.rollouts = 0  # training rollouts sampled so far: where the seeds are
         self.completions_log = None  # RUN/completions.jsonl on the main rank (runs.py sets it)
+        self._log_opened = False
+
+    def state_dict(self) -> dict:
+        return {"rollouts": self.rollouts}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rollouts = state["rollouts"]
 
     @torch.no_grad()
     def sample(self, model, batch: dict, pad_id: int = 0, greedy: bool = False) -> Rollout:
@@ -163,6 +173,16 @@ class RolloutSampler:
     def _log(self, prompts, completions, scores, truncated, parts) -> None:
         """Append this rollout's first `log_completions` completions: what the reward paid for
         (and, with several rewards, what each paid: None where it did not apply)."""
+        if not self._log_opened:
+            # Rows of this rollout and later ones were written by an earlier attempt of the
+            # run (which died after its last checkpoint, or was started over) and are about
+            # to be written again: dropped, so that `rollout` counts one run's rollouts.
+            self._log_opened = True
+            path = Path(self.completions_log)
+            if path.exists():
+                kept = [line for line in path.read_text().splitlines()
+                        if line.strip() and json.loads(line)["rollout"] < self.rollouts]
+                path.write_text("".join(line + "\n" for line in kept))
         with open(self.completions_log, "a") as f:
             for i in range(min(self.config.log_completions, len(completions))):
                 each = {"rewards": {name: values[i] for name, values in parts.items()}} if parts else {}

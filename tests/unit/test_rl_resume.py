@@ -1,0 +1,128 @@
+"""GRPO and PPO resume exactly: a run interrupted after its checkpoint and resumed from it
+gives the unbroken run's step losses, weights (PPO: the critic's and its optimizer's too)
+and completions.jsonl. The rollout counter, which the sampling seeds follow, and PPO's
+critic are the objective's checkpoint state; an older checkpoint without it still resumes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from graftlm import checkpoint as ckpt
+from graftlm.cli import main
+from graftlm.trainer import Trainer
+
+STEPS, SAVE_EVERY, INTERRUPT_AT = 6, 2, 5  # the interrupted run dies in step 5, after step-4 is saved
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    from graftlm.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("rl_resume")
+    train_tokenizer(iter(["copy: 0 1 2 3 4 5 6 7 8 9"] * 10), 280).save(root / "tok")
+    # Pays for length: completions differ in reward, so every step trains.
+    (root / "reward.py").write_text("def score(completion, prompt):\n    return float(len(completion))\n")
+    rows = [{"prompt": f"copy: {i % 10} {i // 10}"} for i in range(40)]
+    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def _argv(objective: str, files, out, name: str) -> list[str]:
+    return [objective, "--model", "tiny", "--tokenizer", str(files / "tok"), "--data", str(files / "prompts.jsonl"),
+            "--out", str(out), "--name", name, f"--{objective}.reward", f"{files / 'reward.py'}:score",
+            f"--{objective}.sampling.group-size", "2", f"--{objective}.sampling.max-new-tokens", "4",
+            f"--{objective}.sampling.log-completions", "3", "--train.max-steps", str(STEPS),
+            "--train.batch-size", "2", "--train.save-every", str(SAVE_EVERY), "--train.eval-every", "0",
+            "--train.seq-len", "32", "--train.precision", "fp32", "--train.log-every", "1",
+            "--optim.lr", "3e-3", "--optim.warmup-steps", "0", "--tensorboard", "false"]
+
+
+def _interrupt_in_step(step: int, monkeypatch) -> None:
+    """Ctrl-C at the start of `step` + 1: step `step` is logged, its checkpoint is not saved."""
+    train_step = Trainer.train_step
+
+    def interrupted(self):
+        if self.step == step:
+            raise KeyboardInterrupt
+        return train_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+
+
+def _steps(run) -> dict[int, tuple]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: (r["loss"], r["grad_norm"], r["train_reward/mean"]) for r in rows if "loss" in r}
+
+
+def _assert_same_tensors(a, b) -> None:
+    first, second = load_file(a), load_file(b)
+    assert first.keys() == second.keys()
+    different = [k for k in first if not torch.equal(first[k], second[k])]
+    assert not different, different
+
+
+def _unbroken_and_resumed(objective: str, files, tmp_path, monkeypatch):
+    assert main(_argv(objective, files, tmp_path, "unbroken")) == 0
+    with monkeypatch.context() as patch:
+        _interrupt_in_step(INTERRUPT_AT, patch)
+        assert main(_argv(objective, files, tmp_path, "resumed")) == 130
+    resumed = tmp_path / "resumed"
+    # The dead attempt logged past its checkpoint: the resume drops those rows and writes them again.
+    assert max(_steps(resumed)) == INTERRUPT_AT
+    assert max(json.loads(line)["rollout"] for line in (resumed / "completions.jsonl").read_text().splitlines()) \
+        == INTERRUPT_AT
+    assert main(_argv(objective, files, tmp_path, "resumed")) == 0
+    return tmp_path / "unbroken", resumed
+
+
+def _assert_same_run(unbroken, resumed) -> None:
+    assert _steps(resumed) == _steps(unbroken)
+    assert len(_steps(unbroken)) == STEPS
+    assert (resumed / "completions.jsonl").read_text() == (unbroken / "completions.jsonl").read_text()
+    _assert_same_tensors(resumed / "final" / "model.safetensors", unbroken / "final" / "model.safetensors")
+
+
+def test_grpo_resumed_from_a_checkpoint_is_the_unbroken_run(files, tmp_path, monkeypatch):
+    unbroken, resumed = _unbroken_and_resumed("grpo", files, tmp_path, monkeypatch)
+    _assert_same_run(unbroken, resumed)
+    logged = [json.loads(line)["rollout"] for line in (unbroken / "completions.jsonl").read_text().splitlines()]
+    assert logged == [r for r in range(1, STEPS + 1) for _ in range(3)]  # one rollout a step
+    assert ckpt.read_json(resumed / "checkpoints" / f"step-{STEPS}", "trainer.json")["objective"] == \
+        {"sampler": {"rollouts": STEPS}}
+
+
+def test_ppo_resumed_from_a_checkpoint_is_the_unbroken_run_critic_included(files, tmp_path, monkeypatch):
+    unbroken, resumed = _unbroken_and_resumed("ppo", files, tmp_path, monkeypatch)
+    _assert_same_run(unbroken, resumed)
+    last = f"checkpoints/step-{STEPS}/objective.safetensors"
+    # The critic's weights and its AdamW state, bitwise.
+    _assert_same_tensors(resumed / last, unbroken / last)
+    saved = load_file(unbroken / last)
+    assert any(k.startswith("critic/") for k in saved) and any(k.endswith("/exp_avg_sq") for k in saved)
+    first = load_file(unbroken / f"checkpoints/step-{SAVE_EVERY * 2}/objective.safetensors")
+    assert not torch.equal(first["critic/score.weight"], saved["critic/score.weight"])  # the critic trained
+
+
+def test_checkpoint_without_objective_state_resumes_with_one_warning(files, tmp_path, monkeypatch, capsys):
+    """A GRPO checkpoint from before objectives saved their state: it resumes, and says the
+    rollout counter restarts."""
+    with monkeypatch.context() as patch:
+        _interrupt_in_step(SAVE_EVERY, patch)
+        assert main(_argv("grpo", files, tmp_path, "old")) == 130
+    directory = tmp_path / "old" / "checkpoints" / f"step-{SAVE_EVERY}"
+    state = ckpt.read_json(directory, "trainer.json")
+    del state["objective"]
+    ckpt.write_json(directory / "trainer.json", state)
+    manifest = ckpt.read_json(directory, ckpt.MANIFEST)
+    manifest["files"]["trainer.json"] = {"sha256": ckpt._sha256(directory / "trainer.json"),
+                                         "bytes": (directory / "trainer.json").stat().st_size}
+    ckpt.write_json(directory / ckpt.MANIFEST, manifest)
+    capsys.readouterr()
+    assert main(_argv("grpo", files, tmp_path, "old")) == 0
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "holds no grpo state" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: ") and "restarts" in warnings[0]
+    assert len(_steps(tmp_path / "old")) == STEPS
