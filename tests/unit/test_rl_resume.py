@@ -1,7 +1,8 @@
 """GRPO and PPO resume exactly: a run interrupted after its checkpoint and resumed from it
 gives the unbroken run's step losses, weights (PPO: the critic's and its optimizer's too)
 and completions.jsonl. The rollout counter, which the sampling seeds follow, and PPO's
-critic are the objective's checkpoint state; an older checkpoint without it still resumes."""
+critic are the objective's checkpoint state; an older checkpoint without it still resumes.
+Full fine-tuning's reference (DPO's too) stays the model the run started from."""
 
 from __future__ import annotations
 
@@ -126,3 +127,32 @@ def test_checkpoint_without_objective_state_resumes_with_one_warning(files, tmp_
     warnings = [line for line in capsys.readouterr().out.splitlines() if "holds no grpo state" in line]
     assert len(warnings) == 1 and warnings[0].startswith("warning: ") and "restarts" in warnings[0]
     assert len(_steps(tmp_path / "old")) == STEPS
+
+
+def test_full_dpo_resumed_keeps_the_model_it_started_from_as_reference(files, tmp_path, monkeypatch):
+    """Full fine-tuning's DPO reference is a frozen copy of the policy, made at its first
+    use: after a resume that came after the checkpoint's weights were loaded, so the run
+    went on measuring against its step-4 policy (its loss back at log 2) without a word."""
+    rows = [{"prompt": f"copy: {i % 10}", "chosen": f"{i % 10} {i % 10}", "rejected": f"{(i + 3) % 10}"}
+            for i in range(40)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def dpo(name: str) -> list[str]:
+        return ["dpo", "--model", "tiny", "--tokenizer", str(files / "tok"), "--data", str(tmp_path / "pairs.jsonl"),
+                "--out", str(tmp_path), "--name", name, "--train.max-steps", str(STEPS), "--train.batch-size", "2",
+                "--train.save-every", str(SAVE_EVERY), "--train.eval-every", "0", "--train.seq-len", "32",
+                "--train.precision", "fp32", "--train.log-every", "1", "--optim.lr", "3e-3",
+                "--optim.warmup-steps", "0", "--tensorboard", "false"]
+
+    assert main(dpo("unbroken")) == 0
+    with monkeypatch.context() as patch:
+        _interrupt_in_step(INTERRUPT_AT, patch)
+        assert main(dpo("resumed")) == 130
+    assert main(dpo("resumed")) == 0
+
+    def losses(run):
+        return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r]
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "unbroken") and len(losses(tmp_path / "unbroken")) == STEPS
+    _assert_same_tensors(tmp_path / "resumed" / "final" / "model.safetensors",
+                         tmp_path / "unbroken" / "final" / "model.safetensors")
