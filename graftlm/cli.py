@@ -3,7 +3,7 @@
 Feature modules own their subcommands: each module listed in `COMMAND_MODULES` has a
 `register(subparsers)` function that adds its parsers and sets `handler` to the plain
 function to call. Any `GraftError` becomes one line on stderr and exit status 2 (under
-torchrun: printed by rank 0 alone, unless it is a rank's own collective failure).
+torchrun: once for the whole job, by the first rank that fails, `print_error`).
 
 Every parser is a `GraftParser`: options are taken only as spelled in full (no argparse
 prefixes: `--train.max-step` is an unknown option with a suggestion, not `--train.max-steps`),
@@ -78,13 +78,15 @@ class GraftParser(argparse.ArgumentParser):
             self._given = None
 
     def error(self, message):
+        text = f"{self.format_usage()}{self.prog}: error: {message}"
         # `graft eval --mode m`: the misspelt option, not the --model it leaves missing.
         if message.startswith("the following arguments are required"):
             unknown = [w for w in getattr(self, "_words", []) if w.startswith("--") and w != "--"
                        and w.split("=", 1)[0] not in self._option_string_actions]
             if unknown:
-                self.exit(2, f"{self.prog}: error: {_unknown_argument(self, unknown)}\n")
-        super().error(message)
+                text = f"{self.prog}: error: {_unknown_argument(self, unknown)}"
+        print_error(text)
+        self.exit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,6 +148,25 @@ def _unknown_argument(parser: argparse.ArgumentParser, extras: list[str]) -> str
     return f"unknown option {option}" + (f" (did you mean {close[0]}?)" if close else "")
 
 
+def print_error(text: str) -> None:
+    """An error to stderr; under torchrun, where every rank may meet it, once for the job."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # torch comes with it, as with every command
+        from graftlm.parallel import print_error_once
+        print_error_once(text)
+    else:
+        print(text, file=sys.stderr, flush=True)
+
+
+def _rank_label(e: GraftError) -> str:
+    """Across machines, which rank met the error (it may be its node's own: a file missing
+    there), unless the message names it already (a collective that failed there)."""
+    one_machine = os.environ.get("LOCAL_WORLD_SIZE", "1") == os.environ.get("WORLD_SIZE", "1")
+    if one_machine or getattr(e, "rank_local", False):
+        return ""
+    return f" (rank {os.environ.get('RANK', '0')})"
+
+
 def main(argv: list[str] | None = None) -> int:
     if (sys.argv[1:] if argv is None else argv) == ["--version"]:
         # Answered before the parser is built: the command modules import torch (4 s).
@@ -155,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extras = parser.parse_known_args(argv)
     if extras:  # argparse would blame the top-level `graft` with its usage and no hint
         command = _command_parser(parser, args)
-        print(f"{command.prog}: error: {_unknown_argument(command, extras)}", file=sys.stderr)
+        print_error(f"{command.prog}: error: {_unknown_argument(command, extras)}")
         return 2
     handler = getattr(args, "handler", None)
     if handler is None:
@@ -164,16 +185,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = handler(args)
     except GraftError as e:
-        # Under torchrun on one machine every rank meets the same refusal: rank 0 prints it,
-        # the others leave quietly with the same status, unless the error is this rank's own
-        # (a collective that failed here names its rank). Across machines a rank may meet
-        # its own (a file missing on its node): each prints, naming its rank.
-        rank = os.environ.get("RANK", "0")
-        one_machine = os.environ.get("LOCAL_WORLD_SIZE", "1") == os.environ.get("WORLD_SIZE", "1")
-        if rank == "0" or getattr(e, "rank_local", False):
-            print(f"graft {args.command}: error: {e}", file=sys.stderr)
-        elif not one_machine:
-            print(f"graft {args.command}: error (rank {rank}): {e}", file=sys.stderr)
+        print_error(f"graft {args.command}: error{_rank_label(e)}: {e}")
+        return 2
+    except RuntimeError as e:
+        # Under DDP a rank that died fails the others inside backward, in the backend's
+        # own words: the same line as a failed collective of graftlm's.
+        from graftlm.parallel import as_collective_error
+        failure = as_collective_error(e)
+        if failure is None:
+            raise
+        print_error(f"graft {args.command}: error: {failure}")
         return 2
     except KeyboardInterrupt:
         print(f"graft {args.command}: interrupted", file=sys.stderr)

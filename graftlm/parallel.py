@@ -38,6 +38,7 @@ import copy
 import datetime
 import os
 import signal
+import sys
 import time
 import warnings
 import weakref
@@ -53,10 +54,23 @@ from graftlm.placement import pick_device
 
 
 class CollectiveError(GraftError):
-    """A collective failed or timed out on this rank. Unlike errors every rank meets (a
-    config, a finished run: rank 0 alone prints those), each rank prints its own."""
+    """A collective failed or timed out on this rank; the message names the rank."""
 
     rank_local = True
+
+
+def collective_error(rank: int, what: str, e: BaseException) -> CollectiveError:
+    return CollectiveError(f"rank {rank}: {what} failed or timed out ({str(e).splitlines()[0]}); "
+                           "another rank may have died or hung")
+
+
+def as_collective_error(e: BaseException) -> CollectiveError | None:
+    """The communication backend's own error raised outside graftlm's collectives (gloo's,
+    from DDP's gradient all-reduce inside backward, when another rank died; NCCL's), as
+    the one line `all_reduce_sum` gives; None for any other error."""
+    if not dist.is_initialized() or not (isinstance(e, dist.DistError) or "/gloo/" in str(e)):
+        return None
+    return collective_error(dist.get_rank(), "a collective", e)
 
 
 @dataclass
@@ -153,10 +167,44 @@ def _attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.S
     rank that reads the peer addresses left by the killed attempt connects to a dead
     process ("Connection refused"). A prefix per attempt keeps the attempts apart.
     """
-    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          is_master=rank == 0 and not agent_store, timeout=timeout)
-    return dist.PrefixStore(f"graftlm/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+                          is_master=rank == 0 and not _agent_store(), timeout=timeout)
+    return dist.PrefixStore(_attempt_prefix(), store)
+
+
+def _agent_store() -> bool:
+    """True when torchrun's agent serves the store at MASTER_ADDR: it is up before any
+    rank starts and outlives them all (static and c10d rendezvous both do)."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
+def _attempt_prefix() -> str:
+    return f"graftlm/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+def print_error_once(text: str) -> None:
+    """Print an error to stderr once for the whole torchrun job, from the first rank that
+    fails (any rank, before or after the process group exists).
+
+    torchrun stops the other ranks (SIGTERM) as soon as one exits, so a line left to
+    rank 0 is lost whenever another rank exits first. The first rank to fail, counted in
+    torchrun's store, prints; the others leave only once its line is out. Alone, or
+    without that store, every failing rank prints: never no line at all."""
+    store = None
+    if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1 and _agent_store():
+        try:
+            store = dist.PrefixStore(_attempt_prefix(), dist.TCPStore(
+                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                timeout=datetime.timedelta(seconds=10), wait_for_workers=False))
+            if store.add("error", 1) > 1:
+                store.wait(["error-printed"], datetime.timedelta(seconds=10))
+                return
+        except RuntimeError:  # the store is gone, or the first rank died before printing
+            store = None
+    print(text, file=sys.stderr, flush=True)
+    if store is not None:
+        with contextlib.suppress(RuntimeError):
+            store.set("error-printed", "")
 
 
 def wrap_model(model: nn.Module, d: Dist, cfg: ParallelConfig) -> nn.Module:
@@ -363,8 +411,7 @@ def all_reduce_sum(value: torch.Tensor, d: Dist) -> torch.Tensor:
     try:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
     except RuntimeError as e:
-        raise CollectiveError(f"rank {d.rank}: a collective failed or timed out ({str(e).splitlines()[0]}); "
-                         "another rank may have died or hung") from None
+        raise collective_error(d.rank, "a collective", e) from None
     return value
 
 
@@ -380,8 +427,7 @@ def average_gradients(parameters) -> None:
     try:
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)  # gloo has no AVG
     except RuntimeError as e:
-        raise CollectiveError(f"rank {dist.get_rank()}: a gradient all-reduce failed or timed out "
-                         f"({str(e).splitlines()[0]}); another rank may have died or hung") from None
+        raise collective_error(dist.get_rank(), "a gradient all-reduce", e) from None
     flat /= dist.get_world_size()
     for g, averaged in zip(grads, flat.split([g.numel() for g in grads])):
         g.copy_(averaged.view_as(g))
@@ -391,7 +437,7 @@ def decide_on_main(decide, d: Dist):
     """`decide()` on rank 0, its result (or its GraftError) on every rank.
 
     For what only rank 0 looks at (the run directory): every rank then takes the same
-    branch. A refusal is raised on every rank (rank 0 alone prints it, `cli.main`)
+    branch. A refusal is raised on every rank (printed once, `print_error_once`)
     instead of leaving the others waiting in a collective that rank 0 never joins."""
     verdict, refusal = [None, None], None
     if d.is_main:

@@ -19,21 +19,32 @@ def test_fsdp_with_one_process_says_it_trains_unsharded(monkeypatch, capsys):
     assert capsys.readouterr().out == ""
 
 
-def test_an_error_every_rank_meets_is_printed_by_rank_0_alone(monkeypatch, capsys):
+def test_an_error_every_rank_meets_is_printed_once_by_the_first_rank_to_fail(monkeypatch, capsys):
+    import datetime
+
+    import torch.distributed as dist
+
     from graftlm.cli import main
 
+    # The store torchrun's agent serves to its ranks, where they count their errors.
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=10))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(store.port))
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
     argv = ["pretrain", "--data", "shards"]  # no --model: every rank refuses the same way
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # one machine
-    for rank, printed in (("0", True), ("1", False)):
+    for rank, printed in (("1", True), ("0", False)):  # rank 1 fails first, rank 0 says nothing more
         monkeypatch.setenv("RANK", rank)
         assert main(argv) == 2
         err = capsys.readouterr().err
-        assert ("error: config field 'model' is required" in err) is printed, (rank, err)
-    # Across machines a rank may meet an error of its own node: it prints, naming itself.
+        assert ("graft pretrain: error: config field 'model' is required" in err) is printed, (rank, err)
+    # Across machines a rank may meet an error of its own node: the line names the rank.
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # a new attempt: its own count
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert main(argv) == 2
-    assert "error (rank 1): config field 'model' is required" in capsys.readouterr().err
+    assert "error (rank 0): config field 'model' is required" in capsys.readouterr().err
 
 
 def test_a_collective_failure_is_printed_by_the_rank_it_happened_on(monkeypatch, capsys):
