@@ -133,7 +133,25 @@ def prepare_command(args) -> int:
               f"{info['bytes']:,} bytes in {len(info['files'])} file(s)")
     print(f"shards ({meta['dtype']}) -> {Path(args.out) / 'meta.json'}"
           + (f"; {_skipped(counts)}" if counts.bad else ""))
+    warning = _lopsided_split(meta["splits"], args.val_fraction if args.val_docs is None else None)
+    if warning:
+        print(warning)
     return 0
+
+
+def _lopsided_split(splits: dict, val_fraction: float | None) -> str | None:
+    """A line when validation holds far more of the tokens than asked: documents are held
+    out whole (by hash, or the last --val-docs), so a few large files can put half the
+    text there, and only the two counts above would show it."""
+    tokens = {name: info["tokens"] for name, info in splits.items()}
+    total, val = sum(tokens.values()), tokens.get("val", 0)
+    bound = 0.5 if val_fraction is None else max(0.2, 2 * val_fraction)
+    if not total or val / total <= bound:
+        return None
+    documents = sum(info["documents"] for info in splits.values())
+    return (f"warning: validation holds {val / total:.0%} of the tokens ({splits['val']['documents']:,} of "
+            f"{documents:,} documents, held out whole); hold out fewer with --val-docs N, or split the text "
+            "into more documents (one JSONL row or file each)")
 
 
 # -- data inspect ---------------------------------------------------------------------------

@@ -412,7 +412,7 @@ def _trained_parameters(model: nn.Module, adapter: AdapterConfig | None, total: 
 
     layers, kinds = short_names(LoraLinear)
     line += (f"{trainable / 1e6:,.3f}M trained ({trainable / total:.2%}): {adapter.kind} r={adapter.r} on "
-             f"{len(layers)} layers ({', '.join(kinds)})")
+             f"{len(layers)} linear module{'s' if len(layers) != 1 else ''} ({', '.join(kinds)})")
     _, in_full = short_names(ModulesToSave)
     return line + (f", {', '.join(in_full)} trained in full" if in_full else "")
 

@@ -139,8 +139,16 @@ def select_targets(model: nn.Module, cfg: AdapterConfig) -> list[str]:
               if not (cfg.modules_to_save and name_matches(name, cfg.modules_to_save))
               and _is_target(name, targets)]
     if not chosen:
+        example = hf_module_name(linear[0]) if linear else "model.layers.0.self_attn.q_proj"
+        how = (f"a regex must match a whole name as Hugging Face spells it, such as '{example}', as in PEFT"
+               if isinstance(targets, str) else "names look like 'q_proj' or 'layers.0.mlp.up_proj'")
         raise ConfigError(f"config field 'adapter.target_modules': {cfg.target_modules!r} matches no linear layer "
-                          "(names look like 'q_proj' or 'layers.0.mlp.up_proj')")
+                          f"({how})")
+    modules = dict(model.named_modules())
+    widest = max(min(modules[name].in_features, modules[name].out_features) for name in chosen)
+    if cfg.r > widest:  # B·A can have no higher rank; its A and B alone could fill the memory
+        raise ConfigError(f"config field 'adapter.r': {cfg.r} is above the rank of every targeted layer (at most "
+                          f"{widest}, the smaller side of the widest); LoRA ranks are usually 8-64")
     return chosen
 
 

@@ -205,3 +205,25 @@ def test_the_demo_never_replaces_a_directory_it_did_not_write(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 2
     assert "holds notes.txt, which the demo did not write" in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_regex_that_matches_nothing_says_what_it_is_matched_against():
+    """The hint named the short spelling ('layers.0.mlp.up_proj') that made the regex miss."""
+    from graftlm.errors import ConfigError
+    cfg = sft_config("--adapter", "lora", "--adapter.target-modules", r"layers\.0\..*").adapter
+    with pytest.raises(ConfigError, match=r"a regex must match a whole name as Hugging Face spells it, such as "
+                                          r"'model\.layers\.0\.self_attn\.q_proj'"):
+        select_targets(tiny_model(), cfg)
+    cfg.target_modules = [r".*layers\.0\..*"]
+    assert len(select_targets(tiny_model(), cfg)) == 7
+
+
+def test_a_rank_no_targeted_layer_can_take_is_refused_before_it_is_built():
+    """r=100000 on a 128-wide model built 935M parameters and was killed for memory."""
+    from graftlm.errors import ConfigError
+    cfg = sft_config("--adapter", "lora", "--adapter.r", "100000").adapter
+    with pytest.raises(ConfigError, match=r"'adapter\.r': 100000 is above the rank of every targeted layer "
+                                          r"\(at most 32,"):
+        select_targets(tiny_model(), cfg)
+    cfg.r = 32  # as large as the widest layer takes: allowed, as PEFT allows it
+    assert select_targets(tiny_model(), cfg)
