@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import socket
 import sys
 
 from graftlm.adapters_cli import add_allow_other_base, named_adapter
@@ -53,27 +55,57 @@ def serve(args) -> int:
         except AdapterRequestError as e:
             raise GraftError(f"--adapter {name}={path}: {e.message}") from None
     names = [name for name, _ in args.adapter]
-    if len(set(names)) != len(names):
-        raise GraftError("--adapter: a name is given twice")
-    backend = build_backend(args.model, dict(args.adapter), args.adapter_root, args.max_batch,
-                            args.max_queue, args.served_model_name, *placement(args), compile=args.compile,
-                            allow_other_base=args.allow_other_base)
-    app = create_app(backend, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
-    adapters = ", ".join(names) or "none"
-    if args.adapter_root:
-        adapters += f"; more from {args.adapter_root}"
+    twice = next((name for name in names if names.count(name) > 1), None)
+    if twice is not None:
+        paths = ", ".join(path for name, path in args.adapter if name == twice)
+        raise GraftError(f"--adapter: the name '{twice}' is given twice ({paths}); "
+                         "give each its own: --adapter NAME=DIR")
+    # Bound before the model loads (seconds to minutes), so that a busy port fails at once,
+    # and held until uvicorn listens on it, so that nothing can take it meanwhile.
+    with _bind(args.host, args.port) as sock:
+        backend = build_backend(args.model, dict(args.adapter), args.adapter_root, args.max_batch,
+                                args.max_queue, args.served_model_name, *placement(args), compile=args.compile,
+                                allow_other_base=args.allow_other_base)
+        app = create_app(backend, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+        adapters = ", ".join(names) or "none"
+        if args.adapter_root:
+            adapters += f"; more from {args.adapter_root}"
 
-    def ready(url: str) -> None:
-        print(f"serving {backend.registry.base_name} on {url} (adapters: {adapters})", file=sys.stderr, flush=True)
+        def ready(url: str) -> None:
+            print(ready_line(backend, url, adapters), file=sys.stderr, flush=True)
 
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
-    server = _server_class(uvicorn)(config, ready)
-    backend.scheduler.start()
-    try:
-        server.run()
-    finally:
-        backend.scheduler.stop()
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
+        server = _server_class(uvicorn)(config, ready)
+        backend.scheduler.start()
+        try:
+            server.run(sockets=[sock])
+        finally:
+            backend.scheduler.stop()
     return 0
+
+
+def ready_line(backend, url: str, adapters: str) -> str:
+    base = backend.registry.base_name
+    if backend.base_quantization == "nf4":
+        base += " (in 4-bit NF4, shared with its QLoRA adapters)"
+    return f"serving {base} on {url} (adapters: {adapters})"
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The server's socket, bound (as uvicorn binds one) but not yet listening."""
+    if not 0 <= port <= 65535:
+        raise GraftError(f"--port {port}: must be between 0 and 65535")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        # A busy or privileged port is the port's fault; anything else (an unknown name,
+        # an address this machine does not have) is the host's.
+        flag = f"--port {port}" if e.errno in (errno.EADDRINUSE, errno.EACCES) else f"--host {host}"
+        raise GraftError(f"{flag}: {e.strerror[:1].lower()}{e.strerror[1:]} (binding {host}:{port})") from None
+    return sock
 
 
 def _server_class(uvicorn):
@@ -86,7 +118,7 @@ def _server_class(uvicorn):
             self.ready = ready
 
         async def startup(self, sockets=None):
-            await super().startup(sockets)  # returns once listening; it exits when it cannot bind
+            await super().startup(sockets)  # returns once listening
             port = self.servers[0].sockets[0].getsockname()[1]  # the port bound, for --port 0 too
             host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
             self.ready(f"http://{host}:{port}")

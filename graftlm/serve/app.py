@@ -207,15 +207,16 @@ def create_app(backend, api_key: str | None = None, max_body_bytes: int = DEFAUL
         raise APIError(404, f"model '{name}' does not exist; GET /v1/models lists the base and "
                             "its adapters", param="model", code="model_not_found")
 
-    def sampling(req, budget: int | None, prompt_len: int) -> SamplingParams:
+    def sampling(req, prompt_len: int) -> SamplingParams:
         context = backend.context_length
         if prompt_len >= context:
             raise APIError(400, f"the prompt has {prompt_len} tokens; the context is {context}",
                            param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
                            code="context_length_exceeded")
         room = context - prompt_len
+        budget = req.token_budget()
         if budget is None:
-            budget = room
+            budget = min(req.default_max_tokens or room, room)
         elif budget > room:
             raise APIError(400, f"max_tokens {budget} + prompt {prompt_len} tokens exceeds the "
                                 f"context of {context}", param="max_tokens",
@@ -229,11 +230,11 @@ def create_app(backend, api_key: str | None = None, max_body_bytes: int = DEFAUL
             raise APIError(400, f"'{name}' is not supported by this server", param=name,
                            code="unsupported_parameter")
 
-    def submit(prompts: list[list[int]], req, budget):
+    def submit(prompts: list[list[int]], req):
         adapter = resolve_model(req.model)
         requests = []
         for prompt in prompts:
-            params = sampling(req, budget, len(prompt))
+            params = sampling(req, len(prompt))
             for _ in range(req.n):
                 # Row k of the whole request (prompt p's choice i is row p * n + i), as
                 # `graft generate` seeds its prompts: two prompts share no random stream.
@@ -296,11 +297,12 @@ def create_app(backend, api_key: str | None = None, max_body_bytes: int = DEFAUL
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", **scheduler.stats()}
+        return {"status": "ok", "base_quantization": backend.base_quantization, **scheduler.stats()}
 
     def base_model() -> dict:
         return {"id": registry.base_name, "object": "model", "created": backend.created,
-                "owned_by": "graftlm", "root": registry.base_name, "parent": None}
+                "owned_by": "graftlm", "root": registry.base_name, "parent": None,
+                "quantization": backend.base_quantization}
 
     def adapter_model(entry) -> dict:
         return {"id": entry.name, "object": "model", "created": entry.created, "owned_by": "graftlm",
@@ -336,7 +338,7 @@ def create_app(backend, api_key: str | None = None, max_body_bytes: int = DEFAUL
             prompts = [backend.encode_prompt(p) for p in req.prompt]
         if any(not p for p in prompts):
             raise APIError(400, "the prompt is empty (and the tokenizer has no BOS token)", param="prompt")
-        submission = submit(prompts, req, req.max_tokens)
+        submission = submit(prompts, req)
         rid, created, count = f"cmpl-{uuid.uuid4().hex}", _now(), len(prompts) * req.n
         prompt_tokens = sum(len(p) for p in prompts)
 
@@ -369,7 +371,7 @@ def create_app(backend, api_key: str | None = None, max_body_bytes: int = DEFAUL
         except TemplateError as e:
             raise APIError(400, f"messages: the chat template refused them ({e})", param="messages")
         prompt = backend.encode_prompt(text)
-        submission = submit([prompt], req, req.token_budget())
+        submission = submit([prompt], req)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", _now()
 
         def chunk_of(choices, use=None):

@@ -36,6 +36,10 @@ class ServeBackend:
         self.scheduler = Scheduler(stepper, max_batch=max_batch, max_queue=max_queue)
         self.created = int(time.time())
         self._loading: set[str] = set()  # names being loaded: a second load of one is refused
+        # "nf4" once a QLoRA adapter has quantized the one base in place, for good (unloading
+        # it does not undo that): requests for the base then run on the 4-bit weights too,
+        # which the startup line, /v1/models and /health say.
+        self.base_quantization: str | None = None
 
     def encode_prompt(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text, add_bos=self.tokenizer.add_bos)
@@ -50,9 +54,7 @@ class ServeBackend:
         if name == self.registry.base_name or name in self.registry:
             raise GraftError(f"--adapter {name}: the name is already taken")
         load_adapter(self.model, Path(path), name, allow_other_base=self.allow_other_base)
-        entry = AdapterEntry(name, Path(path), int(time.time()))
-        self.registry.add(entry)
-        return entry
+        return self._register(name, Path(path))
 
     async def load_adapter(self, name: str, client_path: str) -> AdapterEntry:
         """A client's load: the path must stay under --adapter-root."""
@@ -77,7 +79,13 @@ class ServeBackend:
                            code="invalid_adapter")
         finally:
             self._loading.discard(name)
-        entry = AdapterEntry(name, real, int(time.time()))
+        return self._register(name, real)
+
+    def _register(self, name: str, path: Path) -> AdapterEntry:
+        """Adapter `name`, just loaded into the model, becomes one clients may name."""
+        if self.model.adapter_configs[name].kind == "qlora":
+            self.base_quantization = "nf4"
+        entry = AdapterEntry(name, path, int(time.time()))
         self.registry.add(entry)
         return entry
 

@@ -17,7 +17,7 @@ Design choices:
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -54,6 +54,10 @@ class SamplingFields(BaseModel):
     # Not implemented: any value but 0 is refused as unsupported (`unsupported_option`).
     presence_penalty: float | None = Field(default=None, allow_inf_nan=False)
     frequency_penalty: float | None = Field(default=None, allow_inf_nan=False)
+    # The tokens generated when the client gives no max_tokens: None for all the context
+    # leaves. app.py clamps a default to what the context leaves (as vLLM does); a value
+    # the client sent is never clamped.
+    default_max_tokens: ClassVar[int | None] = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -75,7 +79,11 @@ class SamplingFields(BaseModel):
 class CompletionRequest(SamplingFields):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)] | \
         Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    default_max_tokens: ClassVar[int] = 16  # OpenAI's
+
+    def token_budget(self) -> int | None:
+        return self.max_tokens
 
 
 class TextPart(BaseModel):
