@@ -19,7 +19,7 @@ import importlib
 import os
 import sys
 
-from graftlm.errors import GraftError
+from graftlm.errors import GraftError, Terminated, sigterm_as_interrupt
 
 COMMAND_MODULES = [
     "graftlm.demo",
@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 1
     try:
-        result = handler(args)
+        with sigterm_as_interrupt():  # SLURM's preemption stops a run as Ctrl-C does, said
+            result = handler(args)
     except GraftError as e:
         print_error(f"graft {args.command}: error{_rank_label(e)}: {e}")
         return 2
@@ -196,9 +197,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print_error(f"graft {args.command}: error: {failure}")
         return 2
-    except KeyboardInterrupt:
-        print(f"graft {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, Terminated)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets the signal: one line
+            print(f"graft {args.command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
     except BrokenPipeError:  # `graft ... | head`: the reader left; not an error of ours
         sys.stderr.close()
         return 0

@@ -6,7 +6,10 @@ instead of a traceback. Raise it with a message that names the file, line or fie
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import threading
 from pathlib import Path
 
 
@@ -16,6 +19,29 @@ class GraftError(Exception):
 
 class ConfigError(GraftError):
     """A config field is missing, unknown, of the wrong type or out of range."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during training (SLURM's preemption, `docker stop`, `kill`), met as Ctrl-C is:
+    the run says which checkpoint it keeps and exits 143, where it used to die unsaid."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within: SIGTERM raises `Terminated`. Only in the main thread (where Python runs
+    signal handlers); the previous handler is put back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def read_text(path: str | Path, error: type[GraftError] = GraftError) -> str:

@@ -50,7 +50,7 @@ from torch import nn
 
 from graftlm import checkpoint as ckpt
 from graftlm.data.loader import ResumableLoader, iterate_once
-from graftlm.errors import ConfigError, GraftError
+from graftlm.errors import ConfigError, GraftError, Terminated
 from graftlm.metrics import MetricsLogger, peak_device_memory_bytes, peak_host_memory_bytes
 from graftlm.models.transformer import Decoder
 from graftlm.optim import OptimConfig, build_optimizer, lr_at, set_lr
@@ -537,17 +537,18 @@ class Trainer:
                     saved_at = self.step
             if saved_at != self.step:  # resumed a finished run: make sure the end is saved
                 self.save_checkpoint()
-        except KeyboardInterrupt:
-            self._message(self._interrupted_note(saved_at))
+        except KeyboardInterrupt as stop:
+            self._message(self._interrupted_note(saved_at, "terminated (SIGTERM)" if isinstance(stop, Terminated)
+                                                 else "interrupted"))
             raise
         finally:
             self.logger.close()
         return self.stats()
 
-    def _interrupted_note(self, saved_at: int | None) -> str:
+    def _interrupted_note(self, saved_at: int | None, how: str = "interrupted") -> str:
         """What an interrupted run kept, and what the same command will do (nothing is saved
         on an interrupt: a save that was itself interrupted would leave less)."""
-        line = f"interrupted at step {self.step} of {self.cfg.max_steps}: "
+        line = f"{how} at step {self.step} of {self.cfg.max_steps}: "
         if self.checkpoint_root is None:
             return line + "this run saves no checkpoints"
         if saved_at is None:

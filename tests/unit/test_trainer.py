@@ -364,3 +364,33 @@ def test_an_interrupted_run_says_what_it_kept_and_what_rerunning_does(tmp_path, 
             "(the 1 step after it is lost)") in out
     assert ("final/ still holds the model of the run's earlier end, step 3" in out) == finished_before
     assert (run_dir / "checkpoints" / "step-4").is_dir()
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does_and_it_resumes(tmp_path, capsys, monkeypatch):
+    """SLURM's preemption, `docker stop` and `kill` send SIGTERM: the run died unsaid (exit
+    143, nothing printed, its .lock left); it now says what it kept, as for Ctrl-C."""
+    import os
+    import signal
+
+    from graftlm.cli import main
+    from test_sft_packing import _data
+    path, _ = _data(tmp_path, n=20)
+    argv = ["sft", "--model", "tiny", "--tokenizer", str(tmp_path / "tok"), "--data", str(path), "--out",
+            str(tmp_path), "--name", "run", "--train.max-steps", "6", "--train.batch-size", "2",
+            "--train.save-every", "2", "--train.eval-batches", "1", "--tensorboard", "false"]
+    step, handler = Trainer.train_step, signal.getsignal(signal.SIGTERM)
+
+    def killed_in_step_four(self):
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "train_step", killed_in_step_four)
+        assert main(argv) == 143
+    captured = capsys.readouterr()
+    assert "terminated (SIGTERM) at step 3 of 6: the checkpoint of step 2 is kept" in captured.out
+    assert "graft sft: terminated (SIGTERM)" in captured.err
+    assert signal.getsignal(signal.SIGTERM) is handler  # put back after the command
+    assert main(argv) == 0
+    assert "resuming from" in capsys.readouterr().out
