@@ -4,7 +4,8 @@ The adapter is loaded onto the base exactly as it was trained (for a QLoRA adapt
 onto the NF4-quantized base), merged, and written with `models.hf.save_model`, with the
 base's tokenizer copied. Merging a QLoRA adapter dequantizes the NF4 base first, so the
 merged model is the model the adapter was trained with, in full precision. The command
-reports the held-out loss of the adapter as trained and of the merged model as written
+reports the held-out loss of the base alone (did the adapter help on this text?), of the
+adapter as trained and of the merged model as written
 (read back: its weights rounded to `--dtype`), so that what merging costs is visible. For
 a QLoRA adapter those two agree by construction, so it also reports the adapter on the
 full-precision base: what merging into the original weights would give instead.
@@ -152,6 +153,8 @@ def merge_command(args) -> int:
     # On a model of its own, first: loading the adapter as QLoRA quantizes its base in place.
     on_full_base = heldout_loss(_adapted(base_dir, args.adapter, args.allow_other_base, "lora"), token_ids,
                                 seq_len) if quantized and measured else None
+    # The base's own loss: whether the adapter helped on this text, beside what merging costs.
+    base_alone = heldout_loss(load_model(base_dir, dtype=torch.float32), token_ids, seq_len) if measured else None
     model = _adapted(base_dir, args.adapter, args.allow_other_base)
     as_trained = heldout_loss(model, token_ids, seq_len) if measured else None
     out = save_model(adapters.merge_and_unload(model, dtype=torch.float32), args.out, tokenizer_dir=base_dir,
@@ -165,8 +168,9 @@ def merge_command(args) -> int:
         print(f"held-out loss: not measured ({not_measured})")
         return 0
     trained_on = "4-bit base" if quantized else "base"
-    print(f"held-out loss on {what}, {len(token_ids)} tokens: {trained_on} + adapter (as trained) {as_trained:.4f} "
-          f"-> merged, as written ({args.dtype}) {as_written:.4f} (change {as_written - as_trained:+.4f})")
+    print(f"held-out loss on {what}, {len(token_ids)} tokens: base alone {base_alone:.4f}; {trained_on} + adapter "
+          f"(as trained) {as_trained:.4f} -> merged, as written ({args.dtype}) {as_written:.4f} "
+          f"(change {as_written - as_trained:+.4f})")
     if on_full_base is not None:
         print(f"for comparison, the adapter on the full-precision base: {on_full_base:.4f} (change "
               f"{on_full_base - as_trained:+.4f}): what merging into the original weights would give; the merged "

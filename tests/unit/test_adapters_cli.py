@@ -50,6 +50,10 @@ def test_graft_merge_writes_a_transformers_model(kind, base_dir, tmp_path, capsy
     # is about 0 by construction; the report also gives the adapter on the full-precision
     # base, which merging into the original weights would give instead.
     assert ("4-bit base + adapter (as trained)" in printed) == (kind == "qlora")
+    # The base's own loss beside them: whether the adapter helped on this text.
+    said = float(re.search(r"base alone ([0-9.]+);", printed).group(1))
+    assert said == pytest.approx(_heldout_loss(load_model(base_dir), base_dir, eval_file), abs=1e-4)
+    assert said != pytest.approx(as_trained, abs=1e-3)
     if kind == "qlora":
         on_full_base = _heldout_loss(A.load_adapter(load_model(base_dir), tmp_path / "ad", kind="lora"), base_dir,
                                      eval_file)
