@@ -23,13 +23,13 @@ for data sets that mix tasks).
 Several rewards (`--grpo.reward gsm8k regex:PATTERN`, TRL's list of reward functions)
 score each completion with their weighted sum (`--grpo.reward-weights`, 1 each by
 default) over the rewards that apply to it; each one's mean is logged beside the sum
-(`reward/<name>/mean`, TRL's `rewards/<name>/mean`).
+(`reward/<name>/mean`, TRL's `rewards/<name>/mean`). A completion that no reward applies
+to scores 0, as TRL's sum of NaNs does, and is counted (`reward/none_applied`).
 
 A user's function that raises or returns a non-number is the user's error:
 `RewardScorer` either stops with one line naming the function's file:line and the
 prompt, or (policy `skip`) counts the row as bad and stops once more than
-`max_bad_fraction` are bad or nothing valid is left. A completion that no reward applies
-to is counted with them.
+`max_bad_fraction` are bad or nothing valid is left.
 """
 
 from __future__ import annotations
@@ -381,25 +381,28 @@ _FAILED = object()  # a completion that a reward could not score (policy `skip`)
 @dataclass
 class RewardScorer:
     """Applies a run's rewards with the error policy: each completion's score is the
-    weighted sum of the rewards that apply to it; counts what was left unscored over the
-    run. `reward`: one callable, or the run's `NamedReward`s."""
+    weighted sum of the rewards that apply to it (0 when none does, as in TRL); counts
+    the completions that failed to score over the run. `reward`: one callable, or the
+    run's `NamedReward`s; `section`: the command's config section, for the flag a stop names."""
 
     reward: Callable | list[NamedReward]
     policy: RewardPolicy = field(default_factory=RewardPolicy)
+    section: str = "grpo"
     scored: int = 0
-    skipped: int = 0  # failed to score, or no reward applied (`not_applicable` of them)
-    not_applicable: int = 0
+    skipped: int = 0  # failed to score (policy `skip`)
 
     def __post_init__(self):
         self.rewards = self.reward if isinstance(self.reward, list) else [NamedReward("reward", self.reward)]
-        # Each reward's scores of the last call (None: did not apply), for per-reward metrics.
+        # Each reward's scores of the last call (None: did not apply), for per-reward metrics,
+        # and which completions no reward applied to (scored 0).
         self.last_parts: dict[str, list[float | None]] = {}
+        self.last_none_applied: list[bool] = []
 
     def __call__(self, completions: list[str], prompts: list[str], rows: list[dict],
                  truncated: list[bool] | None = None) -> list[float | None]:
-        """One score per completion; None for a completion whose prompt was skipped, or
-        that no reward applies to. `truncated`: which completions were cut at
-        `max_new_tokens`, for rewards that take it."""
+        """One score per completion; None for a completion that failed to score (policy
+        `skip`). `truncated`: which completions were cut at `max_new_tokens`, for rewards
+        that take it."""
         cut = truncated if truncated is not None else [None] * len(completions)
         parts = {}
         for reward in self.rewards:
@@ -413,28 +416,22 @@ class RewardScorer:
                 raise GraftError(f"reward {reward.name} returned {len(values)} scores for {len(completions)} "
                                  "completions")
             parts[reward.name] = values
-        scores, unscored = [], 0
+        scores, none_applied = [], []
         for i in range(len(completions)):
-            mine = [(reward.weight, parts[reward.name][i]) for reward in self.rewards]
-            applied = [(w, v) for w, v in mine if v is not None]
-            if any(v is _FAILED for _, v in applied) or not applied:
-                scores.append(None)
-                unscored += not applied
-            else:
-                scores.append(sum(w * v for w, v in applied))
+            applied = [(reward.weight, parts[reward.name][i]) for reward in self.rewards
+                       if parts[reward.name][i] is not None]
+            none_applied.append(not applied)
+            scores.append(None if any(v is _FAILED for _, v in applied) else sum(w * v for w, v in applied))
         self.last_parts = {name: [None if v is _FAILED else v for v in values] for name, values in parts.items()}
+        self.last_none_applied = none_applied
         self.scored += len(scores)
         self.skipped += sum(s is None for s in scores)
-        self.not_applicable += unscored
-        none_apply = (f" ({self.not_applicable} of them had no reward that applies: each reward returned None)"
-                      if self.not_applicable else "")
         if self.skipped == self.scored:
-            raise GraftError(f"no valid reward left: all {self.scored} completions so far failed to score"
-                             + none_apply)
+            raise GraftError(f"no valid reward left: all {self.scored} completions so far failed to score")
         # A fraction of a handful of completions says little: judge it after a few dozen.
         if self.scored >= 32 and self.skipped > self.policy.max_bad_fraction * self.scored:
-            raise GraftError(f"{self.skipped} of {self.scored} completions failed to score{none_apply}, more "
-                             f"than max_bad_fraction={self.policy.max_bad_fraction}")
+            raise GraftError(f"{self.skipped} of {self.scored} completions failed to score, more than "
+                             f"--{self.section}.reward-errors.max-bad-fraction {self.policy.max_bad_fraction}")
         return scores
 
     def _one(self, reward: NamedReward, completion, prompt, row, truncated=None):

@@ -138,7 +138,7 @@ class GRPOObjective:
         self.config = config
         self.uses_reference = config.beta > 0  # the trainer keeps it the run's first policy on resume
         scorer = RewardScorer(reward or build_rewards(config.reward, config.reward_weights, device=device),
-                              config.reward_errors)
+                              config.reward_errors, section="grpo")
         self.sampler = RolloutSampler(config.sampling, scorer, tokenizer)
         self.pad_id = tokenizer.pad_id if tokenizer is not None else 0
         # slot -> (sample ids, rollout with its fixed log-probs) kept for the later passes

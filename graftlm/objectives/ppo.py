@@ -120,7 +120,8 @@ class PPOObjective:
     def __init__(self, config: PPOConfig, tokenizer, policy, reward=None, device="cpu"):
         self.config = config
         self.uses_reference = config.kl_coef > 0  # the trainer keeps it the run's first policy on resume
-        scorer = RewardScorer(reward or build_reward(config.reward, device=device), config.reward_errors)
+        scorer = RewardScorer(reward or build_reward(config.reward, device=device), config.reward_errors,
+                              section="ppo")
         self.sampler = RolloutSampler(config.sampling, scorer, tokenizer)
         self.pad_id = tokenizer.pad_id if tokenizer is not None else 0
         self.critic = build_critic(config, policy)

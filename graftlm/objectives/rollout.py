@@ -73,6 +73,7 @@ class Rollout:
     truncated: torch.Tensor  # [N] bool: stopped at max_new_tokens (or the context), not by a stop token
     # Several rewards: each one's [N] scores (NaN where it did not apply), for its own metrics.
     reward_parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    none_applied: torch.Tensor | None = None  # [N] bool: no reward applied (scored 0)
 
     @property
     def completion_lengths(self) -> torch.Tensor:
@@ -168,7 +169,8 @@ class RolloutSampler:
         return Rollout(pad_right(sequences, pad_id).to(device), pad_right(masks, 0).bool().to(device),
                        rewards.to(device), completions, g, generation_s, scoring_s,
                        torch.tensor([len(s) for s in sequences]), torch.tensor(truncated, dtype=torch.bool),
-                       {name: _with_nan(values) for name, values in parts.items()})
+                       {name: _with_nan(values) for name, values in parts.items()},
+                       torch.tensor(getattr(self.scorer, "last_none_applied", None) or [False] * len(scores)))
 
     def _log(self, prompts, completions, scores, truncated, parts) -> None:
         """Append this rollout's first `log_completions` completions: what the reward paid for
@@ -207,6 +209,8 @@ def rollout_metrics(rollout: Rollout) -> dict:
     # Each of several rewards over the completions it applied to (TRL's rewards/<name>/mean).
     parts = {f"reward/{name}/mean": values[~torch.isnan(values)].mean().item()
              for name, values in rollout.reward_parts.items() if (~torch.isnan(values)).any()}
+    if rollout.none_applied is not None and rollout.none_applied.any():
+        parts["reward/none_applied"] = rollout.none_applied.float().mean().item()  # scored 0, as in TRL
     return {
         **parts,
         "reward/mean": valid.mean().item() if valid.numel() else float("nan"),

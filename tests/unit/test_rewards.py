@@ -99,7 +99,7 @@ def test_skip_policy_counts_and_stops_when_too_many_are_bad(tmp_path):
     assert scorer(["ok", "bad", "ok", "ok"], ["a", "b", "c", "d"], [{}] * 4) == [1.0, None, 1.0, 1.0]
     assert (scorer.scored, scorer.skipped) == (4, 1)
     scorer(["ok"] * 28, ["p"] * 28, [{}] * 28)  # 1 bad of 32: fine
-    with pytest.raises(GraftError, match="failed to score, more than max_bad_fraction"):
+    with pytest.raises(GraftError, match=r"failed to score, more than --grpo\.reward-errors\.max-bad-fraction 0\.25"):
         scorer(["bad"] * 12, ["p"] * 12, [{}] * 12)
     only_bad = RewardScorer(build_reward(f"{path}:score"), RewardPolicy(on_error="skip"))
     with pytest.raises(GraftError, match="no valid reward left"):
@@ -126,13 +126,24 @@ def test_several_rewards_are_a_weighted_sum_over_those_that_apply(tmp_path):
     rows = [{"task": "math"}, {"task": "math"}, {"task": "chat"}, {"task": "chat"}]
     assert scorer(["<a>4", "5", "<a>hi", "hi"], ["p"] * 4, rows) == [2.5, 0.0, 0.5, 0.0]
     assert scorer.last_parts == {"regex": [1.0, 0.0, 1.0, 0.0], "math_only": [1.0, 0.0, None, None]}
-    # No reward applies: unscored and counted, named in the stop.
+    # No reward applies: 0, as TRL's sum of NaNs gives, and said; never a failure that stops the run.
     alone = RewardScorer(build_rewards([f"{path}:math_only"]))
-    assert alone(["4", "4"], ["p", "q"], [{"task": "math"}, {"task": "chat"}]) == [1.0, None]
-    assert (alone.scored, alone.skipped, alone.not_applicable) == (2, 1, 1)
-    with pytest.raises(GraftError, match=r"all 2 completions .*\(2 of them had no reward that applies"):
-        RewardScorer(build_rewards([f"{path}:math_only"]))(["4", "x"], ["p", "q"], [{"task": "chat"}] * 2)
+    assert alone(["4", "4"], ["p", "q"], [{"task": "math"}, {"task": "chat"}]) == [1.0, 0.0]
+    assert alone.last_none_applied == [False, True] and alone.skipped == 0
+    assert alone(["x"] * 40, ["p"] * 40, [{"task": "chat"}] * 40) == [0.0] * 40
     with pytest.raises(ConfigError, match=r"'reward_weights': 1 weights for 2 rewards"):
         build_rewards(["gsm8k", "exact"], [1.0])
     assert reward_names(["gsm8k", "regex:a", "regex:b", "m:f", str(tmp_path)]) == \
         ["gsm8k", "regex", "regex_2", "f", tmp_path.name]
+
+
+def test_the_share_no_reward_applied_to_is_logged():
+    import torch
+
+    from graftlm.objectives.rollout import Rollout, rollout_metrics
+    rollout = Rollout(torch.zeros(4, 3, dtype=torch.long), torch.ones(4, 3, dtype=torch.bool),
+                      torch.tensor([1.0, 0.0, 0.0, 0.0]), ["a"] * 4, 2, 0.0, 0.0, torch.full((4,), 3),
+                      torch.zeros(4, dtype=torch.bool), none_applied=torch.tensor([False, False, True, True]))
+    assert rollout_metrics(rollout)["reward/none_applied"] == 0.5
+    rollout.none_applied = torch.zeros(4, dtype=torch.bool)
+    assert "reward/none_applied" not in rollout_metrics(rollout)

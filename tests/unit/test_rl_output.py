@@ -123,7 +123,7 @@ def test_trl_style_function_of_the_wrong_length_is_one_clear_line(tmp_path):
     # The skip policy scores one completion at a time: only the NaN is skipped.
     scorer = RewardScorer(bad, RewardPolicy(on_error="skip", max_bad_fraction=0.5))
     assert scorer(["a", "b"], ["p", "q"], [{}, {}]) == [1.0, None]
-    # None is TRL's "does not apply": no error, the completion is left unscored and counted.
+    # None is TRL's "does not apply": no error (the scorer then scores the completion 0).
     na = build_reward(_module(tmp_path, "trl_none", "def score(prompts, completions):\n"
                                                    "    return [None if c == 'b' else 1.0 for c in completions]\n"))
     assert na(["a", "b"], ["p", "q"], [{}, {}]) == [1.0, None]
