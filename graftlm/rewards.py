@@ -358,12 +358,18 @@ class NamedReward:
         return list(self.fn(completions, prompts, rows))
 
 
+def check_weights(specs: list[str], weights: list[float] | None, field: str = "reward_weights") -> None:
+    if weights is not None and len(weights) != len(specs):
+        def count(n: int, noun: str) -> str:
+            return f"{n} {noun}{'s' if n != 1 else ''}"
+        raise ConfigError(f"config field '{field}': {count(len(weights), 'weight')} for "
+                          f"{count(len(specs), 'reward')} ({', '.join(specs)}); give one weight per reward")
+
+
 def build_rewards(specs: list[str], weights: list[float] | None = None,
                   device: str | torch.device = "cpu") -> list[NamedReward]:
     """The rewards named by `specs`, weighted (1 each without `weights`)."""
-    if weights is not None and len(weights) != len(specs):
-        raise ConfigError(f"config field 'reward_weights': {len(weights)} weights for {len(specs)} rewards "
-                          f"({', '.join(specs)}); give one weight per reward")
+    check_weights(specs, weights)
     return [NamedReward(name, build_reward(spec, device=device), 1.0 if weights is None else weights[i])
             for i, (name, spec) in enumerate(zip(reward_names(specs), specs))]
 

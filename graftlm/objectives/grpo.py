@@ -42,7 +42,7 @@ from graftlm.objectives import ObjectiveSpec
 from graftlm.objectives.rollout import (Rollout, RolloutSampler, RolloutWarnings, SamplingConfig,
                                         build_prompt_splits, held_out_reward, rollout_metrics, run_tokenizer)
 from graftlm.objectives.sft import FineTuneData, model_logprobs
-from graftlm.rewards import RewardPolicy, RewardScorer, build_rewards
+from graftlm.rewards import RewardPolicy, RewardScorer, build_rewards, check_weights
 
 
 @dataclass
@@ -75,9 +75,7 @@ class GRPOConfig(FineTuneData):
             raise ConfigError("config field 'grpo.sampling.group_size': GRPO needs groups of at least 2")
         if not self.reward:
             raise ConfigError("config field 'grpo.reward': give at least one reward")
-        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward):
-            raise ConfigError(f"config field 'grpo.reward_weights': {len(self.reward_weights)} weights for "
-                              f"{len(self.reward)} rewards ({', '.join(self.reward)}); give one weight per reward")
+        check_weights(self.reward, self.reward_weights, "grpo.reward_weights")
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,

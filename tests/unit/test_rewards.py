@@ -131,7 +131,7 @@ def test_several_rewards_are_a_weighted_sum_over_those_that_apply(tmp_path):
     assert alone(["4", "4"], ["p", "q"], [{"task": "math"}, {"task": "chat"}]) == [1.0, 0.0]
     assert alone.last_none_applied == [False, True] and alone.skipped == 0
     assert alone(["x"] * 40, ["p"] * 40, [{"task": "chat"}] * 40) == [0.0] * 40
-    with pytest.raises(ConfigError, match=r"'reward_weights': 1 weights for 2 rewards"):
+    with pytest.raises(ConfigError, match=r"'reward_weights': 1 weight for 2 rewards"):
         build_rewards(["gsm8k", "exact"], [1.0])
     assert reward_names(["gsm8k", "regex:a", "regex:b", "m:f", str(tmp_path)]) == \
         ["gsm8k", "regex", "regex_2", "f", tmp_path.name]
