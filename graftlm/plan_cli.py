@@ -269,7 +269,11 @@ def print_plan(result: dict) -> None:
                           f"{fmt_count(rate)} params/s, {hw['nf4_dequant_source']}", highlight=False)
 
     rec = result["recommendation"]
-    console.print(f"[bold green]recommendation:[/] {rec['description']}")
+    chosen = next(r for r in regimes if r["regime"] == rec["regime"])
+    if chosen["fits"] or chosen["fits_with_checkpointing"]:
+        console.print(f"[bold green]recommendation:[/] {rec['description']}")
+    else:  # on the line a reader takes as the answer, not only in the reasons below it
+        console.print(f"[bold red]recommendation, though it does not fit this hardware:[/] {rec['description']}")
     for reason in rec["reasons"]:
         console.print(f"  - {reason}")
     for r in regimes if not model.get("random_init") else []:  # a new model has one regime to warn of

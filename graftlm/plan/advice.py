@@ -19,6 +19,8 @@ the first reason names:
 
 from __future__ import annotations
 
+import re
+
 GOALS = ("format", "domain", "deep", "variants", "from-scratch")
 BILLION = 1e9
 
@@ -33,7 +35,7 @@ def fmt_params(n: float) -> str:
 def data_warnings(regime: str, tokens: float, params: int, stats: dict | None) -> list[str]:
     """Too little or too repetitive data for `regime`."""
     warnings = []
-    if regime == "pretrain" and tokens < 20 * params:
+    if regime == "pretrain" and tokens < 0.8 * 20 * params:  # within a fifth of it: no warning worth its line
         # With billions of tokens pre-training is on the table: name the size that suits them.
         size = f" (a model of ~{fmt_params(tokens / 20)} parameters is the size for it)" if tokens >= BILLION else ""
         warnings.append(f"{tokens:.3g} tokens is under the ~20 tokens per parameter "
@@ -79,6 +81,9 @@ def _from_random_weights(goal: str | None, tokens: float, fits: dict[str, bool],
     """A model with random weights (a preset) trains from scratch: the only regime that
     does not need a pre-trained base. The reasons say why, and how to fine-tune instead."""
     fine_tune = "to fine-tune or adapt a trained model instead, pass its directory as --model (e.g. runs/<name>/final)"
+    size = re.fullmatch(r"preset '(\d+(?:\.\d+)?)([mb])'", model)
+    if size:  # `1b` is the preset; `1B` a pre-trained model of that size, planned without its files
+        fine_tune += f", or its size (--model {size.group(1)}{size.group(2).upper()}) to plan one of that size"
     built = f"{model} is built with random weights"
     if goal is None:
         reasons = [f"no --goal given: assumed 'from-scratch' ({built}, so there is no pre-trained base to "
