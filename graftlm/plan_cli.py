@@ -314,6 +314,8 @@ def check_command(args, catalogue) -> int:
             # step's live tensors, as `graft compare` names them, and the time in training
             # steps (summary.json's train_time_s), not the command's wall time.
             label = CHECK_LABELS.get(name, name)
+            if name == "FLOPs" and len(result["flops_detail"]) > 1:  # what the trainer counts; the time counts more
+                label = "FLOPs (training passes)"
             ratio = fig.get("ratio")
             if ratio is None and fig["predicted"] is not None and fig["measured"] and not fig["compared"]:
                 ratio = "not compared"  # another device's time, or RSS beside tensors: no error to speak of

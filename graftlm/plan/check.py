@@ -258,7 +258,7 @@ def check_run(run_dir: Path, hardware: Hardware | None, catalogue: dict[str, Dev
         notes.append(f"time and tokens/s: what this run would take on {hardware.label}; it trained on "
                      f"{summary.get('device')}, so they are not compared")
     else:
-        notes += _time_notes(run_dir, shape, summary, time_s)
+        notes += _time_notes(run_dir, shape, summary, time_s, work)
         ratio = figures["time (s)"]["ratio"]
         if ratio is not None and ratio < SLOW_RUN_RATIO and not notes and summary.get("mfu"):
             notes.append(f"the run reached MFU {summary['mfu']:.2%} where the prediction assumes {assumed_mfu:.0%}: "
@@ -274,27 +274,54 @@ def check_run(run_dir: Path, hardware: Hardware | None, catalogue: dict[str, Dev
             "figures": figures}
 
 
-def _median_step_mfu(run_dir: Path) -> float | None:
-    """The median MFU of the run's logged training steps (metrics.jsonl), or None."""
-    path = Path(run_dir) / "metrics.jsonl"
-    values = []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
+def _generation_note(run_dir: Path, shape: RunShape, work: dict[str, float]) -> str | None:
+    """An RL run whose sampling took a far larger share of its steps' time than of the
+    FLOPs the prediction counts: decoding one token at a time is bound by memory traffic
+    and per-token overhead, not FLOPs, so the plan's time for GRPO and PPO is low."""
+    if not shape.samples_rollouts:
         return None
+    spent = {"generation": 0.0, "all": 0.0}
+    for record in _metric_records(run_dir):
+        times = {k: v for k, v in record.items() if k.startswith("train_time/") and isinstance(v, (int, float))}
+        spent["generation"] += times.get("train_time/generation_s", 0.0)
+        spent["all"] += sum(times.values())
+    counted = work.get("generation", 0.0) / max(sum(work.values()), 1.0)
+    measured = spent["generation"] / spent["all"] if spent["all"] else 0.0
+    if measured < 0.2 or measured < 1.5 * counted:
+        return None
+    return (f"sampling took {measured:.0%} of the steps' time but is {counted:.0%} of the FLOPs the predicted "
+            "time counts: generating a token at a time is bound by memory traffic and per-token overhead, not "
+            "FLOPs, so the plan's time for GRPO and PPO runs is low by about that much")
+
+
+def _metric_records(run_dir: Path) -> list[dict]:
+    """The run's metrics.jsonl records (a line that does not read is passed over)."""
+    try:
+        lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return []
+    records = []
     for line in lines:
         try:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and "step" in record and isinstance(record.get("mfu"), (int, float)):
-            values.append(float(record["mfu"]))
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _median_step_mfu(run_dir: Path) -> float | None:
+    """The median MFU of the run's logged training steps (metrics.jsonl), or None."""
+    values = [float(r["mfu"]) for r in _metric_records(run_dir) if "step" in r and isinstance(r.get("mfu"), (int, float))]
     return statistics.median(values) if len(values) >= 3 else None
 
 
-def _time_notes(run_dir: Path, shape: RunShape, summary: dict, time_s: float | None) -> list[str]:
+def _time_notes(run_dir: Path, shape: RunShape, summary: dict, time_s: float | None,
+                work: dict[str, float]) -> list[str]:
     """What the measured time holds that the prediction does not: matrix products in a
-    half precision this CPU emulates, and steps slowed by other work on the device."""
+    half precision this CPU emulates, an RL run's token-by-token sampling, and steps
+    slowed by other work on the device."""
     notes = []
     if shape.device_type == "cpu" and shape.precision in ("bf16", "bf16-autocast"):
         from graftlm.placement import fast_bfloat16
@@ -307,6 +334,9 @@ def _time_notes(run_dir: Path, shape: RunShape, summary: dict, time_s: float | N
                          + "its matrix products ran in PyTorch's emulated bf16, many times slower (50x on an AVX2 "
                          "CPU) than the native rate the predicted time assumes; --train.precision auto trains in "
                          "fp32 there")
+    generation = _generation_note(run_dir, shape, work)
+    if generation:
+        notes.append(generation)
     median = _median_step_mfu(run_dir)
     mfu = summary.get("mfu")
     peak = float(summary.get("peak_flops") or 0) * shape.devices

@@ -300,3 +300,25 @@ def test_check_names_a_reward_run_as_one(tmp_path, capsys):
     assert check_run(run, None)["objective"] == "reward"
     assert main(["plan", "--check", str(run)]) == 0
     assert "rm: reward / full" in capsys.readouterr().out.replace("\n", "")
+
+
+def test_check_of_an_rl_run_says_when_sampling_took_far_more_than_its_flops(tmp_path):
+    """A GRPO run read 0.39x for time with nothing said: sampling was half its steps' time
+    but 14% of the FLOPs the prediction counts (decoding is bound by memory, not FLOPs)."""
+    import yaml
+
+    from graftlm.plan.check import check_run
+    run = _cpu_run(tmp_path / "run")
+    (run / "config.yaml").write_text(yaml.safe_dump({
+        "objective": "grpo", "model": "tiny", "train": {"batch_size": 2, "seq_len": 64, "precision": "fp32"},
+        "grpo": {"sampling": {"group_size": 4, "max_new_tokens": 16}}}))
+
+    def steps(generation_s):
+        (run / "metrics.jsonl").write_text("".join(json.dumps(
+            {"step": i, "train_time/generation_s": generation_s, "train_time/train_s": 1.0,
+             "train_time/scoring_s": 0.01}) + "\n" for i in range(1, 5)))
+        return [n for n in check_run(run, None)["notes"] if n.startswith("sampling took")]
+
+    note = steps(1.0)
+    assert len(note) == 1 and note[0].startswith("sampling took 50% of the steps' time but is ")
+    assert steps(0.05) == []  # a share of the time like its share of the FLOPs: nothing to say
