@@ -92,7 +92,8 @@ def _train(command: str, name: str, model, data, steps: int, lr: float, runs: Pa
 
 def _stage(console: Console, key: str, number: int) -> None:
     title, text = STAGES[key]
-    console.print(Panel(text, title=f"[bold]{number}/{len(STAGES)} {title}", expand=False))
+    # Wrapped inside the panel: the console's soft wrap would crop a panel's text at its edge.
+    console.print(Panel(text, title=f"[bold]{number}/{len(STAGES)} {title}", expand=False), soft_wrap=False)
 
 
 def _accuracy(evaluate, model_dir, data, rows, adapters=None, few_shot=0) -> dict:

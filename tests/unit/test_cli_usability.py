@@ -227,3 +227,13 @@ def test_a_rank_no_targeted_layer_can_take_is_refused_before_it_is_built():
         select_targets(tiny_model(), cfg)
     cfg.r = 32  # as large as the widest layer takes: allowed, as PEFT allows it
     assert select_targets(tiny_model(), cfg)
+
+
+def test_the_demos_stage_panels_wrap_their_text_whole(capsys):
+    """Piped to a file, the stage panels lost their last words: soft wrap cropped them."""
+    from graftlm.console import table_console
+    from graftlm.demo import STAGES, _stage
+    for number, key in enumerate(STAGES, 1):
+        _stage(table_console(), key, number)
+        printed = " ".join(word for line in capsys.readouterr().out.splitlines() for word in line.strip("│ ").split())
+        assert " ".join(STAGES[key][1].split()) in printed
