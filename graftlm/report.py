@@ -100,8 +100,11 @@ def run_plots(records: list[dict]) -> str:
     fig, axes = _figure(2, 2)
     _plot(axes[0][0], records, [("loss", "train"), ("val_loss", "validation")], "loss", "loss")
     if any("val_reward" in r or "train_reward/mean" in r for r in records):  # online RL
-        _plot(axes[0][1], records, [("train_reward/mean", "sampled (train)"), ("val_reward", "held-out (greedy)")],
-              "reward", "mean reward")
+        # Several rewards: each one's sampled mean beside their sum (is one gamed while another stays flat?).
+        each = sorted({k for r in records for k in r if k.startswith("train_reward/") and k.endswith("/mean")
+                       and k != "train_reward/mean"})
+        _plot(axes[0][1], records, [("train_reward/mean", "sampled (train)"), ("val_reward", "held-out (greedy)"),
+                                    *((k, k.split("/")[1]) for k in each)], "reward", "mean reward")
     else:
         _plot(axes[0][1], records, [("lr", "learning rate")], "learning rate", "lr")
     _plot(axes[1][0], records, [("tokens_per_s", "tokens/s")], "throughput", "tokens / s")

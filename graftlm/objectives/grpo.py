@@ -138,6 +138,8 @@ class GRPOObjective:
         scorer = RewardScorer(reward or build_rewards(config.reward, config.reward_weights, device=device),
                               config.reward_errors, section="grpo")
         self.sampler = RolloutSampler(config.sampling, scorer, tokenizer)
+        # Several rewards: each one's held-out mean beside their sum (val_reward/<name>, summary.json).
+        self.val_metrics = tuple(f"reward/{r.name}" for r in scorer.rewards) if len(scorer.rewards) > 1 else ()
         self.pad_id = tokenizer.pad_id if tokenizer is not None else 0
         # slot -> (sample ids, rollout with its fixed log-probs) kept for the later passes
         self._kept: dict[int, tuple[list[int], KeptRollout]] = {}

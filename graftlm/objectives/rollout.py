@@ -198,10 +198,12 @@ def _with_nan(scores: list[float | None]) -> torch.Tensor:
 
 def held_out_reward(sampler: RolloutSampler, model, batch: dict,
                     pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(sum of greedy completions' rewards, number scored, {}): an objective's `evaluate_batch`."""
+    """(sum of greedy completions' rewards, number scored, each of several rewards' mean
+    over the batch's completions it applied to): an objective's `evaluate_batch`."""
     rollout = sampler.sample(model, batch, pad_id, greedy=True)
     valid = rollout.valid
-    return torch.nan_to_num(rollout.rewards).mul(valid).sum(), valid.sum(), {}
+    each = {f"reward/{name}": values.nanmean().nan_to_num().item() for name, values in rollout.reward_parts.items()}
+    return torch.nan_to_num(rollout.rewards).mul(valid).sum(), valid.sum(), each
 
 
 def rollout_metrics(rollout: Rollout) -> dict:

@@ -264,9 +264,14 @@ def test_graft_grpo_sums_several_weighted_rewards_and_logs_each(tmp_path):
                  "--grpo.reward", f"{tmp_path / 'reward.py'}:score", "regex:.", "--grpo.reward-weights", "2", "0.5",
                  "--grpo.sampling.group-size", "2", "--grpo.sampling.max-new-tokens", "3",
                  "--grpo.sampling.log-completions", "4", "--train.max-steps", "2", "--train.batch-size", "2",
-                 "--train.eval-every", "0", "--train.seq-len", "32", "--train.precision", "fp32",
-                 "--train.save-every", "0", "--tensorboard", "false"]) == 0
+                 "--train.eval-every", "2", "--grpo.val-fraction", "0.2", "--train.seq-len", "32",
+                 "--train.precision", "fp32", "--train.save-every", "0", "--tensorboard", "false"]) == 0
     records = [json.loads(line) for line in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
+    # Held out too: each reward's mean beside the sum, kept in summary.json.
+    val = next(r for r in records if "val_reward" in r)
+    assert val["val_reward"] == pytest.approx(2 * val["val_reward/score"] + 0.5 * val["val_reward/regex"])
+    summary = json.loads((tmp_path / "g" / "summary.json").read_text())
+    assert summary["final_val_reward/score"] == val["val_reward/score"]
     steps = [r for r in records if "train_reward/mean" in r]
     assert len(steps) == 2
     for r in steps:  # both apply to every completion: the mean of the sum is the sum of the means
