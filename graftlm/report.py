@@ -162,7 +162,19 @@ def write_report(run_dir: str | Path) -> Path:
     return out
 
 
+def write_report_or_warn(run_dir: Path) -> bool:
+    """`write_report`, for a run that is saved: a plotting failure must not turn it into a
+    failed run, so it is one warning line (with the command that retries) and False."""
+    try:
+        write_report(run_dir)
+        return True
+    except Exception as e:
+        print(f"warning: {run_dir}/report.html not written ({e}); retry with `graft report {run_dir}`", flush=True)
+        return False
+
+
 # -- graft compare -------------------------------------------------------------------------------
+
 
 def run_row(run_dir: Path, price_per_hour: float | None) -> dict:
     if not run_dir.is_dir():

@@ -20,11 +20,9 @@ Design choices:
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import gc
 import hashlib
 import json
-import os
 import random
 import shutil
 import time
@@ -38,27 +36,21 @@ import torch
 import yaml
 from torch import nn
 
-from graftlm import checkpoint as ckpt
 from graftlm.adapters.config import AdapterConfig
-from graftlm.adapters.identity import base_identity
 from graftlm.adapters.lora import LoraLinear, ModulesToSave
-from graftlm.config import flatten, from_dict, to_dict, under_given
+from graftlm.config import from_dict, to_dict
 from graftlm.data.loader import ResumableLoader
-from graftlm.errors import ConfigError, GraftError, make_directory, read_json
+from graftlm.errors import ConfigError, GraftError, make_directory
 from graftlm.metrics import nf4_dequant_rate, peak_flops
 from graftlm.models.config import PRESETS
 from graftlm.objectives import ObjectiveSpec, get_spec
-from graftlm.optim import DEFAULT_LR, FINE_TUNING_LR, OptimConfig, lr_at
+from graftlm.optim import DEFAULT_LR, FINE_TUNING_LR, OptimConfig
 from graftlm.parallel import ParallelConfig
 from graftlm.placement import fast_bfloat16, resolve_precision
+from graftlm.report import write_report_or_warn
+from graftlm.resuming import (RunLock, changed_settings, prepare_run_directory, refuse_changed_settings,
+                              run_identity, saved_identity, schedule_jump)
 from graftlm.trainer import TrainConfig, Trainer
-
-# Fields that define the data stream and the model; a resume refuses a change in them.
-IDENTITY_FIELDS = ("model", "seed", "train.batch_size", "train.grad_accum", "adapter")
-# Where a run is and where it runs: a continued run takes these from the command that
-# continues it (the launcher decides the devices), never from what it recorded.
-FROM_THE_COMMAND = ("out", "name", "device", "parallel")
-
 
 @dataclass
 class RunConfig:
@@ -104,47 +96,6 @@ def run_directory(cfg: RunConfig) -> Path:
     model = Path(cfg.model.rstrip("/"))
     name = name_of_model_dir(model) if model.is_dir() else model.name.removesuffix(".json").removesuffix(".yaml")
     return Path(cfg.out) / (cfg.name or f"{cfg.objective}-{name}")
-
-
-def prepare_run_directory(run_dir: Path, cfg: RunConfig, resume: bool | None, fresh: bool,
-                          given=None, warn=print) -> tuple[Path | None, dict, RunConfig]:
-    """The checkpoint to resume from (None: start fresh), after clearing what `fresh` drops;
-    the settings the run recorded (empty when it starts fresh); and the config it trains
-    with: a continued run's recorded settings under those the command gave (`given`,
-    dotted fields; None: every field of `cfg` was given), so that a shorter command, or a
-    larger --train.max-steps alone, continues it as it was.
-
-    resume: True (must resume), None (resume when there is a checkpoint), False (never).
-    """
-    summary = run_dir / "summary.json"
-    if fresh:
-        for name in ("checkpoints", "final", "tensorboard", "metrics.jsonl", "summary.json", "config.yaml",
-                     "report.html"):
-            target = run_dir / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-        return None, {}, cfg
-    root = run_dir / "checkpoints"
-    latest = ckpt.latest_valid(root, warn=warn) if resume is not False else None
-    recorded = recorded_config(run_dir) if latest is not None or summary.exists() else {}
-    continued = under_given(cfg, recorded, [*given, *FROM_THE_COMMAND]) if recorded and given is not None else cfg
-    if summary.exists():
-        done = read_json(summary).get("steps", 0)
-        if done >= continued.train.max_steps:
-            written = ""
-            if not (run_dir / "report.html").exists():  # stopped between summary.json and its report
-                written = "; its report.html was missing and is written now" if _write_report(run_dir) else ""
-            raise GraftError(f"{run_dir}: the run is finished ({done} steps){written}; pass --fresh to train it "
-                             "again, --name for a new run, or a larger --train.max-steps to continue")
-    if resume and latest is None:
-        raise GraftError(f"{root}: no complete checkpoint to resume from")
-    reached = ckpt.step_of(latest) if latest is not None else 0
-    if reached > continued.train.max_steps:  # it would end at once, on the checkpoint's model and numbers
-        raise GraftError(f"{latest}: the run is past --train.max-steps {continued.train.max_steps} (step {reached}); "
-                         f"pass a --train.max-steps above {reached} to continue it, or --fresh to start over")
-    if latest is None:
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a run that died before its first checkpoint
-        return None, {}, cfg  # nothing to continue: its command alone says how it trains
-    return latest, recorded, continued
 
 
 # -- model, tokenizer, adapters ---------------------------------------------------------------
@@ -268,75 +219,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _identity(cfg: RunConfig, data_identity: dict, world_size: int, saved: dict | None = None,
-              model: nn.Module | None = None) -> dict:
-    """What a resume must find unchanged. A section (the adapter) is one entry per field,
-    so that a refused resume names the field that changed (`adapter.r: 8 -> 4`); a
-    checkpoint that recorded the section whole (`saved`, written before) is compared whole.
-    An adapter run also records its frozen base's weights (a digest of the sample its
-    adapter records, `adapters.identity`): a resume reads them from --model again, and
-    other weights there would silently train the rest of the adapter on another base.
-    A checkpoint from before this was recorded is not compared on it."""
-    flat = {}
-    if cfg.adapter is not None and model is not None and (not saved or "adapter_base_weights" in saved):
-        sample = base_identity(model)["weights_sample"]
-        flat["adapter_base_weights"] = hashlib.sha256(sample.encode()).hexdigest()[:16]
-    for dotted in IDENTITY_FIELDS:
-        value = cfg
-        for part in dotted.split("."):
-            value = getattr(value, part)
-        if not dataclasses.is_dataclass(value):
-            flat[dotted] = value
-        elif isinstance((saved or {}).get(dotted), dict):
-            flat[dotted] = to_dict(value)
-        else:
-            flat.update({f"{dotted}.{name}": v for name, v in to_dict(value).items()})
-    return {"objective": cfg.objective, "world_size": world_size, **flat, **data_identity}
-
-
-def _is_sharded(checkpoint: Path) -> bool:
-    try:
-        return bool(ckpt.read_json(checkpoint, "trainer.json").get("sharded"))
-    except (GraftError, AttributeError):
-        return False
-
-
-def _saved_identity(checkpoint: Path | None) -> dict:
-    if checkpoint is None:
-        return {}
-    try:
-        return ckpt.read_json(checkpoint, "trainer.json").get("identity") or {}
-    except (GraftError, AttributeError):
-        return {}  # the resume itself names what is wrong with the checkpoint
-
-
-def refuse_changed_settings(cfg: RunConfig, checkpoint: Path | None, allow_change: bool, world_size: int) -> None:
-    """The resume check of the settings alone, before the data is tokenized and the model
-    loaded (minutes, on a large data set): another batch size or adapter rank is refused
-    at once. The data and the base weights are compared when they are read; another
-    number of ranks of a sharded checkpoint by its layout check, which names the command
-    to run."""
-    if checkpoint is None:
-        return
-    saved = _saved_identity(checkpoint)
-    current = _identity(cfg, {}, world_size, saved)
-    if _is_sharded(checkpoint):
-        del current["world_size"]
-    # Allowed changes warn once, later, with the data's and the weights' changes beside them.
-    ckpt.check_identity({key: saved.get(key) for key in current}, current, allow_change, checkpoint,
-                        warn=lambda line: None)
-
-
-def recorded_config(run_dir: Path) -> dict:
-    """The settings a run recorded when it last ran (its config.yaml), as dotted keys;
-    empty when there are none to read."""
-    try:
-        recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        return {}
-    return flatten(recorded) if isinstance(recorded, dict) else {}
-
-
 def default_lr(cfg: RunConfig, recorded: dict) -> float:
     """The learning rate of a run given no --optim.lr: the one it `recorded` (resumed),
     else TRL's rate for full fine-tuning of pre-trained weights, else 3e-4 (a model
@@ -347,46 +229,6 @@ def default_lr(cfg: RunConfig, recorded: dict) -> float:
     if cfg.adapter is None and _from_weights(cfg) and cfg.objective in FINE_TUNING_LR:
         return FINE_TUNING_LR[cfg.objective]
     return DEFAULT_LR
-
-
-def changed_settings(recorded: dict, config: dict) -> list[str]:
-    """`field: old -> new` for each setting of `config` that differs from the one the run
-    `recorded` (none when it recorded none)."""
-    if not recorded:
-        return []
-    new = flatten(config)
-
-    def same(a, b) -> bool:  # `shards/` and `shards` name one directory
-        if isinstance(a, str) and b == [a]:  # a field that became a list (grpo.reward) recorded as one value
-            return True
-        return a == b or (isinstance(a, str) and isinstance(b, str) and a and b
-                          and os.path.normpath(a) == os.path.normpath(b))
-
-    return [f"{key}: {recorded.get(key)} -> {new.get(key)}" for key in dict.fromkeys([*new, *recorded])
-            if not same(recorded.get(key), new.get(key))]
-
-
-def _schedule_jump(recorded: dict, cfg: RunConfig, step: int) -> str | None:
-    """A line when a continued run changes its learning rate at once: a decaying schedule
-    is laid out over max_steps, so a run extended to more (or fewer) steps takes the next
-    step's rate of a run planned for the new length; other --optim settings move it too.
-    The rate it comes from is the one its last step used (its recorded settings)."""
-    before = recorded.get("train.max_steps")
-    if not isinstance(before, int) or step < 1:
-        return None
-    try:
-        used = from_dict(OptimConfig, {**to_dict(cfg.optim), **{k.removeprefix("optim."): v for k, v in
-                                                                recorded.items() if k.startswith("optim.")}})
-    except GraftError:  # settings of an older graftlm that no longer read: no note
-        return None
-    last, next_ = lr_at(step - 1, before, used), lr_at(step, cfg.train.max_steps, cfg.optim)
-    if max(last, next_) <= 1.2 * min(last, next_):
-        return None
-    change = f"the rate goes from {last:.3g} at step {step} to {next_:.3g} at step {step + 1}"
-    if before == cfg.train.max_steps:
-        return f"note: with the changed --optim settings {change}"
-    return (f"note: the {cfg.optim.schedule} learning-rate schedule now spans {cfg.train.max_steps} steps, as if "
-            f"planned for them: {change}")
 
 
 def name_of_model_dir(directory: str | Path) -> str:
@@ -421,53 +263,7 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _write_report(run_dir: Path) -> bool:
-    from graftlm.report import write_report
-    try:
-        write_report(run_dir)
-        return True
-    except Exception as e:  # the run is saved; a plotting failure must not turn it into a failed run
-        print(f"warning: {run_dir}/report.html not written ({e}); retry with `graft report {run_dir}`", flush=True)
-        return False
-
-
 # -- the run ------------------------------------------------------------------------------------
-
-class RunLock:
-    """One command trains a run directory at a time: rank 0 holds an exclusive flock on
-    `<run>/.lock` (holding its pid) until the run ends; the kernel lets go when the process
-    dies, so a killed or restarted run is never locked out. A second command on a run in
-    progress (another terminal, a requeued job) resumed beside the first, and both wrote
-    the same checkpoints, metrics.jsonl and summary.json."""
-
-    def __init__(self):
-        self._file = None
-
-    def acquire(self, run_dir: Path) -> None:
-        """Take the lock of `run_dir` if it exists and is not held yet (again after the
-        directory is made: a new run has none to lock at first)."""
-        if self._file is not None or not run_dir.is_dir():
-            return
-        file = open(run_dir / ".lock", "a+")
-        try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            file.seek(0)
-            holder = file.read().strip()
-            file.close()
-            raise GraftError(f"{run_dir}: another graft command{f' (pid {holder})' if holder else ''} is training "
-                             "this run; wait for it to end, or pass --name for a new run") from None
-        file.seek(0)
-        file.truncate()
-        file.write(f"{os.getpid()}\n")
-        file.flush()
-        self._file = file
-
-    def release(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
 
 def run_training(cfg: RunConfig, resume: bool | None = None, fresh: bool = False,
                  allow_config_change: bool = False, given=None) -> dict:
@@ -577,7 +373,7 @@ def _run_training(cfg: RunConfig, resume: bool | None, fresh: bool, allow_config
     trainer = Trainer(
         model, objective, loader, cfg.train, cfg.optim, device=d.device, forward_model=wrapped,
         val_dataset=data.val, val_bytes_per_token=data.val_bytes_per_token, run_dir=run_dir,
-        identity=_identity(cfg, data.identity, d.world_size, _saved_identity(resume_from), model),
+        identity=run_identity(cfg, data.identity, d.world_size, saved_identity(resume_from), model),
         trainable_only=cfg.adapter is not None,
         flops_per_token=flops_per_token_at(cfg, model.config), peak_flops=peak_flops(d.device, dtype), rank=d.rank,
         world_size=d.world_size, all_reduce=lambda t: parallel.all_reduce_sum(t, d),
@@ -592,7 +388,7 @@ def _run_training(cfg: RunConfig, resume: bool | None, fresh: bool, allow_config
             if changed:  # allowed (the learning rate, more steps...), but never unsaid
                 print(f"warning: resumed with changed settings: {', '.join(changed)} (config.yaml now records "
                       "them; --fresh starts the run over)", flush=True)
-            jump = _schedule_jump(recorded, cfg, trainer.step)
+            jump = schedule_jump(recorded, cfg, trainer.step)
             if jump:
                 print(jump, flush=True)
     if d.is_main:
@@ -630,7 +426,7 @@ def _run_training(cfg: RunConfig, resume: bool | None, fresh: bool, allow_config
             "config_sha256": hashlib.sha256((run_dir / "config.yaml").read_bytes()).hexdigest(),
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        _write_report(run_dir)
+        write_report_or_warn(run_dir)
         print(f"saved: {final} ({'adapter' if cfg.adapter is not None else 'model'}, "
               f"{summary['artifact_bytes'] / 2**20:,.1f} MiB)", flush=True)
     parallel.barrier(d)

@@ -155,7 +155,7 @@ def test_version_names_graftlm_and_torch_without_importing_it(capsys):
 def test_a_run_in_progress_is_not_trained_by_a_second_command(shards, tmp_path, capsys):
     import os
 
-    from graftlm.runs import RunLock
+    from graftlm.resuming import RunLock
     (tmp_path / "t").mkdir()
     first = RunLock()  # as the first command holds it while it trains
     first.acquire(tmp_path / "t")

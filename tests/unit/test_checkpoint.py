@@ -242,16 +242,17 @@ def test_a_refusal_names_every_changed_setting_and_a_checkpoint_past_max_steps(t
     assert ckpt._describe(ckpt.identity_changes({"render": {"rows": 7473, "truncated": 188}},
                                                 {"render": {"rows": 200, "truncated": 188}})) == \
         ["render.rows: 7473 -> 200"]
-    from graftlm.runs import _identity, refuse_changed_settings, run_config_class
+    from graftlm.resuming import refuse_changed_settings, run_identity
+    from graftlm.runs import run_config_class
     cfg = run_config_class("clm")(model="tiny", data="shards")
     checkpoint = tmp_path / "step-4"
     checkpoint.mkdir()
-    (checkpoint / "trainer.json").write_text(json.dumps({"identity": _identity(cfg, {}, 2)}))
+    (checkpoint / "trainer.json").write_text(json.dumps({"identity": run_identity(cfg, {}, 2)}))
     cfg.train.batch_size *= 2
     with pytest.raises(GraftError, match=r"train\.batch_size: 8 -> 16; world_size: 2 -> 1"):
         refuse_changed_settings(cfg, checkpoint, False, world_size=1)
     # A sharded checkpoint's layout check names the command for its number of ranks instead.
-    (checkpoint / "trainer.json").write_text(json.dumps({"identity": _identity(cfg, {}, 2), "sharded": True}))
+    (checkpoint / "trainer.json").write_text(json.dumps({"identity": run_identity(cfg, {}, 2), "sharded": True}))
     refuse_changed_settings(cfg, checkpoint, False, world_size=1)
 
     from graftlm.cli import main

@@ -121,9 +121,9 @@ def test_a_refused_resume_names_only_the_adapter_fields_that_changed():
     from pathlib import Path
 
     from graftlm import checkpoint as ckpt
-    from graftlm.runs import _identity
-    saved = _identity(sft_config("--adapter.r", "8"), {"data": "d"}, 1)
-    current = _identity(sft_config("--adapter.r", "4", "--adapter.alpha", "8"), {"data": "d"}, 1)
+    from graftlm.resuming import run_identity
+    saved = run_identity(sft_config("--adapter.r", "8"), {"data": "d"}, 1)
+    current = run_identity(sft_config("--adapter.r", "4", "--adapter.alpha", "8"), {"data": "d"}, 1)
     with pytest.raises(ckpt.CheckpointError) as refused:
         ckpt.check_identity(saved, current, False, Path("step-2"))
     assert "(adapter.alpha: 32.0 -> 8.0; adapter.r: 8 -> 4)" in str(refused.value)
@@ -132,16 +132,16 @@ def test_a_refused_resume_names_only_the_adapter_fields_that_changed():
     with pytest.raises(ckpt.CheckpointError, match="another shape now"):
         ckpt.check_identity(saved, current, True, Path("step-2"))
     # Another alpha alone can (a scale): allowed when asked.
-    alpha = _identity(sft_config("--adapter.r", "8", "--adapter.alpha", "8"), {"data": "d"}, 1)
+    alpha = run_identity(sft_config("--adapter.r", "8", "--adapter.alpha", "8"), {"data": "d"}, 1)
     with pytest.raises(ckpt.CheckpointError, match="pass --allow-config-change"):
         ckpt.check_identity(saved, alpha, False, Path("step-2"))
     ckpt.check_identity(saved, alpha, True, Path("step-2"), warn=lambda line: None)
     # A checkpoint that recorded the whole section (older graftlm) still resumes.
     old = {**{k: v for k, v in saved.items() if not k.startswith("adapter")},
            "adapter": {k.removeprefix("adapter."): v for k, v in saved.items() if k.startswith("adapter.")}}
-    ckpt.check_identity(old, _identity(sft_config("--adapter.r", "8"), {"data": "d"}, 1, old), False, Path("s"))
+    ckpt.check_identity(old, run_identity(sft_config("--adapter.r", "8"), {"data": "d"}, 1, old), False, Path("s"))
     # A full run's identity is what it always was.
-    assert _identity(sft_config(), {}, 1)["adapter"] is None
+    assert run_identity(sft_config(), {}, 1)["adapter"] is None
 
 
 def test_a_resumed_adapter_run_refuses_other_base_weights_at_its_model_path():
@@ -153,7 +153,7 @@ def test_a_resumed_adapter_run_refuses_other_base_weights_at_its_model_path():
 
     from graftlm import checkpoint as ckpt
     from graftlm.adapters import AdapterConfig, apply_adapters
-    from graftlm.runs import _identity
+    from graftlm.resuming import run_identity
     cfg = sft_config("--adapter.r", "8")
 
     def adapted(seed: int):
@@ -161,13 +161,13 @@ def test_a_resumed_adapter_run_refuses_other_base_weights_at_its_model_path():
         model.init_weights(torch.Generator().manual_seed(seed))
         return apply_adapters(model, AdapterConfig(kind="lora", r=8))
 
-    saved = _identity(cfg, {"data": "d"}, 1, None, adapted(0))
-    ckpt.check_identity(saved, _identity(cfg, {"data": "d"}, 1, saved, adapted(0)), False, Path("s"))
+    saved = run_identity(cfg, {"data": "d"}, 1, None, adapted(0))
+    ckpt.check_identity(saved, run_identity(cfg, {"data": "d"}, 1, saved, adapted(0)), False, Path("s"))
     with pytest.raises(ckpt.CheckpointError, match=r"\(adapter_base_weights: '[0-9a-f]{16}' -> '[0-9a-f]{16}'\)"):
-        ckpt.check_identity(saved, _identity(cfg, {"data": "d"}, 1, saved, adapted(1)), False, Path("s"))
+        ckpt.check_identity(saved, run_identity(cfg, {"data": "d"}, 1, saved, adapted(1)), False, Path("s"))
     # A checkpoint from before the base was recorded resumes as it did.
     older = {k: v for k, v in saved.items() if k != "adapter_base_weights"}
-    ckpt.check_identity(older, _identity(cfg, {"data": "d"}, 1, older, adapted(1)), False, Path("s"))
+    ckpt.check_identity(older, run_identity(cfg, {"data": "d"}, 1, older, adapted(1)), False, Path("s"))
 
 
 def test_allow_config_change_help_names_the_adapter():

@@ -95,7 +95,8 @@ def test_chat_template_with_generation_markers_renders_like_plain():
 
 def test_the_default_learning_rate_follows_the_regime(tmp_path):
     from graftlm.adapters.config import AdapterConfig
-    from graftlm.runs import default_lr, recorded_config, run_config_class
+    from graftlm.resuming import recorded_config
+    from graftlm.runs import default_lr, run_config_class
     base = tmp_path / "base"
     base.mkdir()
     (base / "model.safetensors").write_bytes(b"")  # pre-trained weights
@@ -155,7 +156,7 @@ def test_a_continued_run_takes_what_the_command_left_out_from_what_it_recorded()
 
 
 def test_changed_settings_list_real_changes_only():
-    from graftlm.runs import changed_settings
+    from graftlm.resuming import changed_settings
     recorded = {"data": "shards/", "optim.lr": 0.003, "train.schedule": "cosine"}
     assert changed_settings(recorded, {"data": "shards", "optim": {"lr": 0.002}, "train": {"schedule": "cosine"}}) \
         == ["optim.lr: 0.003 -> 0.002"]
@@ -169,21 +170,22 @@ def test_changed_settings_list_real_changes_only():
 
 def test_an_extended_run_says_when_its_schedule_moves_the_rate_at_once():
     from graftlm.optim import lr_at
-    from graftlm.runs import _schedule_jump, run_config_class
+    from graftlm.resuming import schedule_jump
+    from graftlm.runs import run_config_class
     cfg = run_config_class("clm")(model="tiny", data="shards")
     cfg.train.max_steps, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.schedule = 40, 3e-3, 0, "cosine"
-    note = _schedule_jump({"train.max_steps": 30}, cfg, 30)
+    note = schedule_jump({"train.max_steps": 30}, cfg, 30)
     last, following = lr_at(29, 30, cfg.optim), lr_at(30, 40, cfg.optim)
     assert following > 2 * last  # cosine over 30 steps ends at its floor; over 40 it is not there yet
     assert note == (f"note: the cosine learning-rate schedule now spans 40 steps, as if planned for them: the rate "
                     f"goes from {last:.3g} at step 30 to {following:.3g} at step 31")
     cfg.optim.schedule = "constant"
-    assert _schedule_jump({"train.max_steps": 30}, cfg, 30) is None  # nothing moves
-    assert _schedule_jump({"train.max_steps": 40}, cfg, 30) is None  # the same length: not extended
+    assert schedule_jump({"train.max_steps": 30}, cfg, 30) is None  # nothing moves
+    assert schedule_jump({"train.max_steps": 40}, cfg, 30) is None  # the same length: not extended
     # Another lr: the rate comes from the one the last step used (the recorded), not the new one's.
     recorded = {"train.max_steps": 40, "optim.lr": 3e-3, "optim.schedule": "constant"}
     cfg.optim.lr = 1e-3
-    assert _schedule_jump(recorded, cfg, 30) == ("note: with the changed --optim settings the rate goes from "
+    assert schedule_jump(recorded, cfg, 30) == ("note: with the changed --optim settings the rate goes from "
                                                  "0.003 at step 30 to 0.001 at step 31")
 
 
