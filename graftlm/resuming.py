@@ -76,7 +76,7 @@ def prepare_run_directory(run_dir: Path, cfg: RunConfig, resume: bool | None, fr
     reached = ckpt.step_of(latest) if latest is not None else 0
     if reached > continued.train.max_steps:  # it would end at once, on the checkpoint's model and numbers
         raise GraftError(f"{latest}: the run is past --train.max-steps {continued.train.max_steps} (step {reached}); "
-                         f"pass a --train.max-steps above {reached} to continue it, or --fresh to start over")
+                         f"pass --train.max-steps {reached} or more to continue it, or --fresh to start over")
     if latest is None:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a run that died before its first checkpoint
         return None, {}, cfg  # nothing to continue: its command alone says how it trains
