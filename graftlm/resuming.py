@@ -109,20 +109,20 @@ def run_identity(cfg: RunConfig, data_identity: dict, world_size: int, saved: di
     return {"objective": cfg.objective, "world_size": world_size, **flat, **data_identity}
 
 
-def is_sharded(checkpoint: Path) -> bool:
-    try:
-        return bool(ckpt.read_json(checkpoint, "trainer.json").get("sharded"))
-    except (GraftError, AttributeError):
-        return False
-
-
-def saved_identity(checkpoint: Path | None) -> dict:
+def _trainer_state(checkpoint: Path | None) -> dict:
+    """A checkpoint's trainer.json, or {} where there is none to read (the resume itself
+    names what is wrong with the checkpoint)."""
     if checkpoint is None:
         return {}
     try:
-        return ckpt.read_json(checkpoint, "trainer.json").get("identity") or {}
-    except (GraftError, AttributeError):
-        return {}  # the resume itself names what is wrong with the checkpoint
+        state = ckpt.read_json(checkpoint, "trainer.json")
+    except GraftError:
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def saved_identity(checkpoint: Path | None) -> dict:
+    return _trainer_state(checkpoint).get("identity") or {}
 
 
 def refuse_changed_settings(cfg: RunConfig, checkpoint: Path | None, allow_change: bool, world_size: int) -> None:
@@ -133,9 +133,10 @@ def refuse_changed_settings(cfg: RunConfig, checkpoint: Path | None, allow_chang
     to run."""
     if checkpoint is None:
         return
-    saved = saved_identity(checkpoint)
+    state = _trainer_state(checkpoint)
+    saved = state.get("identity") or {}
     current = run_identity(cfg, {}, world_size, saved)
-    if is_sharded(checkpoint):
+    if state.get("sharded"):
         del current["world_size"]
     # Allowed changes warn once, later, with the data's and the weights' changes beside them.
     ckpt.check_identity({key: saved.get(key) for key in current}, current, allow_change, checkpoint,

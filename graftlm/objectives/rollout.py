@@ -196,21 +196,27 @@ def _with_nan(scores: list[float | None]) -> torch.Tensor:
     return torch.tensor([float("nan") if s is None else float(s) for s in scores])
 
 
+def _applied_mean(values: torch.Tensor) -> float | None:
+    """A reward's mean over the completions it applied to (NaN: did not); None if none."""
+    applied = values[~torch.isnan(values)]
+    return applied.mean().item() if applied.numel() else None
+
+
 def held_out_reward(sampler: RolloutSampler, model, batch: dict,
                     pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(sum of greedy completions' rewards, number scored, each of several rewards' mean
     over the batch's completions it applied to): an objective's `evaluate_batch`."""
     rollout = sampler.sample(model, batch, pad_id, greedy=True)
     valid = rollout.valid
-    each = {f"reward/{name}": values.nanmean().nan_to_num().item() for name, values in rollout.reward_parts.items()}
+    each = {f"reward/{name}": _applied_mean(values) or 0.0 for name, values in rollout.reward_parts.items()}
     return torch.nan_to_num(rollout.rewards).mul(valid).sum(), valid.sum(), each
 
 
 def rollout_metrics(rollout: Rollout) -> dict:
     valid = rollout.rewards[rollout.valid]
     # Each of several rewards over the completions it applied to (TRL's rewards/<name>/mean).
-    parts = {f"reward/{name}/mean": values[~torch.isnan(values)].mean().item()
-             for name, values in rollout.reward_parts.items() if (~torch.isnan(values)).any()}
+    means = {name: _applied_mean(values) for name, values in rollout.reward_parts.items()}
+    parts = {f"reward/{name}/mean": mean for name, mean in means.items() if mean is not None}
     if rollout.none_applied is not None and rollout.none_applied.any():
         parts["reward/none_applied"] = rollout.none_applied.float().mean().item()  # scored 0, as in TRL
     return {
