@@ -190,7 +190,23 @@ def data_lines(result: dict) -> list[str]:
     if counted.startswith("estimate"):
         lines.append("  [yellow]estimated[/] as UTF-8 bytes / 4, with no tokenizer to count them: pass --tokenizer "
                      "DIR, or as --model a directory holding its tokenizer.json, for the real count")
+    sampled = {name: r["rollouts"] for name, r in result["regimes"].items() if r.get("rollouts")}
+    if sampled:
+        lines.append(rollout_line(sampled, stats.get("prompts") or {}, data["tokens"]))
     return lines
+
+
+def rollout_line(sampled: dict, prompts: dict, data_tokens: float) -> str:
+    """'rollouts: 300 prompts (59 tokens on average) x 4 completions (grpo), 1 (ppo) ...':
+    what GRPO and PPO are costed on, where it differs from the data's own tokens."""
+    first = next(iter(sampled.values()))
+    groups = ", ".join(f"{r['group']} ({name})" for name, r in sampled.items())
+    tokens = ", ".join(f"{fmt_count(r['tokens'])} ({name})" for name, r in sampled.items())
+    skipped = f"; {prompts['skipped']} rows without a prompt left out" if prompts.get("skipped") else ""
+    return (f"[bold]rollouts[/] {first['prompts']:,} prompts ({first['prompt_tokens_mean']:.0f} tokens on average) "
+            f"x {groups} completions of up to {first['completion_tokens_max']} sampled tokens: {tokens} tokens "
+            f"per epoch, at most (completions may end sooner), where the data's {fmt_count(data_tokens)} "
+            f"count its answers, which RL never trains on{skipped}")
 
 
 def batch_shapes(result: dict) -> str:
@@ -204,6 +220,9 @@ def batch_shapes(result: dict) -> str:
     assumed = [flag for flag, key in (("--batch", "batch_size"), ("--seq-len", "seq_len")) if opts[key] is None]
     if assumed:  # say which figures the plan chose, and how to change them
         text += f"; {' and '.join(assumed)} not given: what each trainer uses by default"
+        sampled = [name for name, r in result["regimes"].items() if r.get("rollouts")]
+        if sampled and opts["seq_len"] is None:
+            text += f" ({', '.join(sampled)}: the longest prompt and a whole completion)"
     return text
 
 
@@ -259,6 +278,14 @@ def print_plan(result: dict) -> None:
                         fmt_time(r["time_s"]) + mark, f"{r['cost_usd']:,.2f}",
                         f"{r['artifact']} {fmt_bytes(r['artifact_bytes'])}")
     console.print(compute)
+    for r in regimes:  # GRPO's and PPO's sampling is costed by what bounds it, not at MFU alone
+        generation = r["time_detail"].get("generation")
+        if generation:
+            bound = (f"memory bandwidth ({fmt_count(hw['bandwidth'])}B/s: each decode step reads every weight)"
+                     if r["generation_bound"] == "memory bandwidth" else "FLOPs")
+            console.print(f"  {r['regime']}: {fmt_time(r['time_s'])} = {fmt_time(r['time_s'] - generation)} of training "
+                          f"+ {fmt_time(generation)} ({generation / r['time_s']:.0%}) sampling a token at a time, "
+                          f"bound by {bound}", highlight=False)
     for r in regimes:  # QLoRA's time is not all FLOPs: say how much goes to dequantizing its base
         dequant = r["time_detail"].get("NF4 dequantization")
         if dequant:

@@ -91,6 +91,12 @@ def _percentiles(lengths: list[int]) -> dict:
             "p90": int(np.percentile(arr, 90)), "max": int(arr.max()), "mean": float(arr.mean())}
 
 
+def _estimated_tokens(value) -> int:
+    """Tokens of a row's strings without a tokenizer: UTF-8 bytes / 4. An RL row counts its
+    prompt alone: its answer is read by a reward, never trained on."""
+    return max(1, len("\n".join(_strings(value)).encode("utf-8")) // 4)
+
+
 def _row_tokens(renderer: Renderer, example: dict, fmt: str) -> int | None:
     """Tokens of the rendered row, or None when the length policy dropped it."""
     if fmt == "preference":
@@ -145,7 +151,7 @@ def data_stats(paths, objective: str | None = None, tokenizer=None, text_field: 
             if count is not None:
                 lengths.append(count)
         else:
-            lengths.append(max(1, len(text.encode("utf-8")) // 4))
+            lengths.append(_estimated_tokens(example["prompt"] if fmt == "rl" else example))
     counts = renderer.counts.to_dict() if renderer else {}
     return {
         "files": [str(f) for f in files],
@@ -163,3 +169,35 @@ def data_stats(paths, objective: str | None = None, tokenizer=None, text_field: 
         "too_long_dropped": counts.get("dropped_too_long") if renderer else None,
         "truncated": counts.get("truncated") if renderer else None,
     }
+
+
+def prompt_stats(paths, tokenizer=None) -> dict | None:
+    """What an RL run (GRPO, PPO) would sample from `paths`: its prompt rows and their
+    tokens, or None when no row holds a prompt (a text file, say).
+
+    A GRPO run never trains on a row's answer: it samples completions after the prompt.
+    Rows with a `prompt` (or GSM8K's `question`) qualify, rendered as the run renders them
+    (`Renderer.render_prompt`: the chat template's generation prompt) with `tokenizer`, else
+    estimated from the prompt's UTF-8 bytes / 4. Rows without one are counted, not used.
+    """
+    if isinstance(tokenizer, (str, Path)):
+        from graftlm.tokenizer import load_tokenizer
+        tokenizer = load_tokenizer(tokenizer)
+    renderer = Renderer(tokenizer, RenderConfig(None, "truncate")) if tokenizer else None
+    lengths: list[int] = []
+    skipped = 0
+    for row in iter_rows(resolve_paths(paths)):
+        try:
+            example = normalise(row, "rl")
+        except RowError:
+            skipped += 1
+            continue
+        if renderer is not None:
+            lengths.append(len(renderer.render_prompt(example)))
+        else:
+            lengths.append(_estimated_tokens(example["prompt"]))
+    if not lengths:
+        return None
+    return {"prompts": len(lengths), "skipped": skipped, "tokens": int(sum(lengths)),
+            "counted_with": "tokenizer" if renderer else "estimate (UTF-8 bytes / 4)",
+            "length": _percentiles(lengths)}

@@ -19,7 +19,8 @@ hundred MB.
 Predicted time is the FLOPs of all the work the run did (`compute.flops_detail`, as
 `graft plan` counts it: the policy's forward and backward, DPO's, GRPO's and PPO's
 reference forward, GRPO's and PPO's generation, PPO's critic forward and backward and
-its reward model's forward) at a peak and MFU, plus, for QLoRA, the NF4 dequantization
+its reward model's forward) at a peak and MFU (generation at the memory bandwidth
+where its decode steps' reads are slower: `compute.generation_seconds`), plus, for QLoRA, the NF4 dequantization
 of the frozen base (`compute.dequant_seconds`) over the run's micro-batches (steps x
 grad_accum), at the rate the run recorded (summary.json `nf4_dequant`); a run from
 before that key is predicted at this machine's rate, as measured on it (and said so).
@@ -43,7 +44,8 @@ import yaml
 from graftlm.errors import GraftError
 from graftlm.models.config import ModelConfig
 from graftlm.metrics import DequantRate
-from graftlm.plan.compute import DEQUANT, dequant_passes, dequant_seconds, flops_detail
+from graftlm.plan.compute import (DEQUANT, dequant_passes, dequant_seconds, flops_detail, generation_seconds,
+                                  passes_per_sequence)
 from graftlm.plan.hardware import Device, Hardware, load_catalogue
 from graftlm.plan.memory import RunShape, memory_breakdown
 
@@ -221,21 +223,29 @@ def check_run(run_dir: Path, hardware: Hardware | None, catalogue: dict[str, Dev
     # interpreter and libraries too (hundreds of MB), which a tensor prediction cannot match.
     memory_compared = bool(summary.get("peak_tensor_bytes")) or shape.device_type != "cpu"
     if hardware is not None:
-        assumed_mfu = hardware.device.mfu
-        rate = hardware.device.peak_flops(shape.precision) * assumed_mfu * hardware.count
+        device = hardware.device
+        assumed_mfu = device.mfu
+        rate = device.peak_flops(shape.precision) * assumed_mfu * hardware.count
         assumed = f"{hardware.label} at MFU {assumed_mfu:.0%}"
     else:  # the device's peak FLOP/s as the run recorded it, at the catalogue's typical MFU
         catalogue = catalogue or load_catalogue()
-        assumed_mfu = catalogue["cpu" if shape.device_type == "cpu" else "h100"].mfu
+        device = catalogue["cpu" if shape.device_type == "cpu" else "h100"]
+        assumed_mfu = device.mfu
         rate = float(summary.get("peak_flops") or 0) * assumed_mfu * shape.devices
         assumed = f"the run's recorded peak FLOP/s at MFU {assumed_mfu:.0%}"
+    generation_s = 0.0
+    if work.get("generation") and rate:  # decoding at the FLOPs' or the reads' pace (compute.py)
+        generation_s, _ = generation_seconds(trained, tokens / passes_per_sequence(shape), rate / shape.devices,
+                                             device.bandwidth)
+        assumed += f", sampling at {device.bandwidth / 1e9:.3g} GB/s where its reads are slower"
     dequant_s, dequant_assumed = None, ""
     if dequant_passes(shape):
         dequant_rate, source = _dequant_rate(summary, shape, hardware, catalogue or load_catalogue())
         micro_batches = int(summary.get("steps", 0)) * shape.grad_accum
         dequant_s = sum(dequant_seconds(trained, micro_batches, dequant_rate).values())
         dequant_assumed = f", plus {DEQUANT} at {dequant_rate.params_per_s:.3g} params/s ({source})"
-    time_s = sum(work.values()) / rate + (dequant_s or 0.0) if rate else None
+    time_s = ((sum(work.values()) - work.get("generation", 0.0)) / rate + generation_s + (dequant_s or 0.0)
+              if rate else None)
     # A prediction for another kind of device (an H100's time for a CPU run) is what the run
     # would take there: set beside the measurement, never compared with it.
     time_compared = hardware is None or hardware.device.kind == ("cpu" if shape.device_type == "cpu" else "gpu")
@@ -258,7 +268,7 @@ def check_run(run_dir: Path, hardware: Hardware | None, catalogue: dict[str, Dev
         notes.append(f"time and tokens/s: what this run would take on {hardware.label}; it trained on "
                      f"{summary.get('device')}, so they are not compared")
     else:
-        notes += _time_notes(run_dir, shape, summary, time_s, work)
+        notes += _time_notes(run_dir, shape, summary, time_s, generation_s)
         ratio = figures["time (s)"]["ratio"]
         if ratio is not None and ratio < SLOW_RUN_RATIO and not notes and summary.get("mfu"):
             notes.append(f"the run reached MFU {summary['mfu']:.2%} where the prediction assumes {assumed_mfu:.0%}: "
@@ -274,10 +284,10 @@ def check_run(run_dir: Path, hardware: Hardware | None, catalogue: dict[str, Dev
             "figures": figures}
 
 
-def _generation_note(run_dir: Path, shape: RunShape, work: dict[str, float]) -> str | None:
-    """An RL run whose sampling took a far larger share of its steps' time than of the
-    FLOPs the prediction counts: decoding one token at a time is bound by memory traffic
-    and per-token overhead, not FLOPs, so the plan's time for GRPO and PPO is low."""
+def _generation_note(run_dir: Path, shape: RunShape, predicted_share: float) -> str | None:
+    """An RL run whose sampling took a far larger share of its steps' time than the
+    prediction gives it: a small model's token-at-a-time decoding goes to per-step
+    overhead (kernel launches, Python) that neither FLOPs nor memory traffic count."""
     if not shape.samples_rollouts:
         return None
     spent = {"generation": 0.0, "all": 0.0}
@@ -285,13 +295,13 @@ def _generation_note(run_dir: Path, shape: RunShape, work: dict[str, float]) -> 
         times = {k: v for k, v in record.items() if k.startswith("train_time/") and isinstance(v, (int, float))}
         spent["generation"] += times.get("train_time/generation_s", 0.0)
         spent["all"] += sum(times.values())
-    counted = work.get("generation", 0.0) / max(sum(work.values()), 1.0)
     measured = spent["generation"] / spent["all"] if spent["all"] else 0.0
-    if measured < 0.2 or measured < 1.5 * counted:
+    if measured < 0.2 or measured < 1.5 * predicted_share:
         return None
-    return (f"sampling took {measured:.0%} of the steps' time but is {counted:.0%} of the FLOPs the predicted "
-            "time counts: generating a token at a time is bound by memory traffic and per-token overhead, not "
-            "FLOPs, so the plan's time for GRPO and PPO runs is low by about that much")
+    return (f"sampling took {measured:.0%} of the steps' time but {predicted_share:.0%} of the predicted time "
+            "(its FLOPs, or its reads of the weights at the memory bandwidth, whichever is slower): generating a "
+            "token at a time also pays per-step overhead (kernel launches, Python) that neither counts, which a "
+            "small model's decoding is mostly made of, so the plan's time for GRPO and PPO runs is low by about that much")
 
 
 def _metric_records(run_dir: Path) -> list[dict]:
@@ -318,7 +328,7 @@ def _median_step_mfu(run_dir: Path) -> float | None:
 
 
 def _time_notes(run_dir: Path, shape: RunShape, summary: dict, time_s: float | None,
-                work: dict[str, float]) -> list[str]:
+                generation_s: float) -> list[str]:
     """What the measured time holds that the prediction does not: matrix products in a
     half precision this CPU emulates, an RL run's token-by-token sampling, and steps
     slowed by other work on the device."""
@@ -334,7 +344,7 @@ def _time_notes(run_dir: Path, shape: RunShape, summary: dict, time_s: float | N
                          + "its matrix products ran in PyTorch's emulated bf16, many times slower (50x on an AVX2 "
                          "CPU) than the native rate the predicted time assumes; --train.precision auto trains in "
                          "fp32 there")
-    generation = _generation_note(run_dir, shape, work)
+    generation = _generation_note(run_dir, shape, generation_s / time_s if time_s else 0.0)
     if generation:
         notes.append(generation)
     median = _median_step_mfu(run_dir)

@@ -38,7 +38,9 @@ is defined on model FLOPs, so time uses them; `executed_flops` adds recomputatio
 FLOP counter sees.
 
 Time = FLOPs / (devices x peak x MFU), the MFU a device typically reaches (catalogue),
-plus, for QLoRA, the time its NF4 base weights take to dequantize, which has no FLOPs
+except for GRPO's and PPO's sampling: a decode step reads every weight for a few FLOPs per
+row, so it takes its reads' time at the catalogue's memory bandwidth where that is longer
+(`generation_seconds`). Plus, for QLoRA, the time its NF4 base weights take to dequantize, which has no FLOPs
 for MFU to absorb: torchao's linear_nf4 dequantizes every base linear (every block
 linear, adapted or not) on each call. Per micro-batch that is a pass over them in the
 training forward, another in backward (all but the first block's q/k/v, whose input
@@ -54,7 +56,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from graftlm.metrics import DequantRate, forward_flops_per_token, matmul_params, training_flops_per_token
-from graftlm.models.kernels import EAGER_GROUPED_MAX_SEQ
+from graftlm.models.limits import EAGER_GROUPED_MAX_SEQ
 from graftlm.plan.hardware import Hardware
 from graftlm.plan.memory import (LINEAR_NAMES, RunShape, adapter_params, block_linear_params, linear_shapes,
                                  lora_targets)
@@ -163,6 +165,45 @@ def rollout_flops(shape: RunShape, prompt: int, completion: int) -> float:
     return tokens * policy_forward_flops_per_token(shape, tokens) - unasked_logits
 
 
+def _prefill_flops(shape: RunShape, prompt: int) -> float:
+    """The prompt's forward before the first sampled token: logits at its last position only."""
+    cfg = shape.model
+    return prompt * policy_forward_flops_per_token(shape, prompt) - (prompt - 1) * 2 * cfg.vocab_size * cfg.hidden_size
+
+
+def decode_bytes_per_step(shape: RunShape, context: float) -> float:
+    """Bytes one decode step of a micro-batch reads: every matmul weight once, in the
+    precision its matmuls run in (bf16 autocast casts each weight once for the whole
+    generation: its cast cache), and each row's KV cache of `context` tokens. A QLoRA
+    base's reads are its NF4 dequantization's, timed on their own (`dequant_passes`)."""
+    cfg = shape.model
+    width = 4 if shape.precision == "fp32" else 2
+    weights = 0 if shape.parameterization == "qlora" else matmul_params(cfg) * width
+    kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * width
+    return weights + shape.batch_size * context * kv
+
+
+def generation_seconds(shape: RunShape, distinct: float, flop_rate: float, bandwidth: float) -> tuple[float, str]:
+    """(wall seconds, what bounds them) to sample the rollouts behind `distinct` tokens
+    (each rollout's tokens once), on `shape.devices` devices of `flop_rate` FLOP/s (peak x
+    MFU) and `bandwidth` bytes/s each.
+
+    Each device samples its own micro-batches of `batch_size` rollouts together. The
+    prefill is a forward over the prompts, bound by FLOPs as training is. Each later token
+    is a decode step that does little arithmetic per byte it reads (2 FLOPs per weight and
+    row): the step takes its FLOPs' time or its reads' (`decode_bytes_per_step`), whichever
+    is longer. Per-step overhead (kernel launches, Python) is not counted: it dominates a
+    small model's eager decoding, and `graft plan --check` says so where a run shows it.
+    """
+    prompt, completion = rollout_layout(shape)
+    micro_batches = distinct / shape.seq_len / (shape.batch_size * shape.devices)
+    prefill = _prefill_flops(shape, prompt)
+    decode_flops = shape.batch_size * (rollout_flops(shape, prompt, completion) - prefill) / flop_rate
+    decode_reads = (completion - 1) * decode_bytes_per_step(shape, prompt + completion / 2) / bandwidth
+    per_batch = shape.batch_size * prefill / flop_rate + max(decode_flops, decode_reads)
+    return micro_batches * per_batch, ("memory bandwidth" if decode_reads > decode_flops else "FLOPs")
+
+
 def dequant_passes(shape: RunShape) -> dict[str, tuple[float, float]]:
     """QLoRA: (parameters, weights) that one micro-batch dequantizes, per part of the step
     (see the module docstring); empty for other parameterizations."""
@@ -242,6 +283,7 @@ class Compute:
     detail: dict  # FLOPs per part of the step
     time_detail: dict  # seconds: the FLOPs at peak x MFU and, for QLoRA, the NF4 dequantization
     dequant_detail: dict  # QLoRA: seconds of dequantization per part of the step
+    generation_bound: str | None = None  # GRPO / PPO: what bounds decoding ("memory bandwidth" or "FLOPs")
 
 
 def compute_cost(shape: RunShape, tokens: float, hardware: Hardware, price_per_hour: float | None = None,
@@ -257,7 +299,12 @@ def compute_cost(shape: RunShape, tokens: float, hardware: Hardware, price_per_h
     executed = flops + recompute_flops_per_token(shape) * trained
     device = hardware.device
     rate = device.peak_flops(shape.precision) * device.mfu * hardware.count
-    time_detail = {"matmuls": flops / rate}
+    generation = detail.get("generation", 0.0)
+    time_detail = {"matmuls": (flops - generation) / rate}
+    generation_bound = None
+    if generation:  # token-at-a-time sampling: FLOPs or memory traffic, whichever is slower
+        time_detail["generation"], generation_bound = generation_seconds(
+            shape, trained / passes_per_sequence(shape), rate / hardware.count, device.bandwidth)
     # Each device dequantizes its own copy of the weights for each of its micro-batches.
     dequant = dequant_seconds(shape, trained / max(shape.tokens * hardware.count, 1), device.dequant_rate())
     if dequant:
@@ -266,4 +313,4 @@ def compute_cost(shape: RunShape, tokens: float, hardware: Hardware, price_per_h
     price = device.usd_per_hour if price_per_hour is None else price_per_hour
     return Compute(train_tokens=trained, flops=flops, executed_flops=executed, flops_per_token=flops / max(trained, 1),
                    time_s=time_s, cost_usd=time_s / 3600 * price * hardware.count, detail=detail, time_detail=time_detail,
-                   dequant_detail=dequant)
+                   dequant_detail=dequant, generation_bound=generation_bound)

@@ -68,8 +68,16 @@ class Device:
             return self.nf4_dequant
         if self.nf4_gparams_per_s:
             return DequantRate(self.nf4_gparams_per_s * 1e9)
-        bandwidth = self.memory_gbs * 1e9 if self.memory_gbs else self.bf16_tflops * 1e12 / FLOPS_PER_BYTE_FALLBACK
-        return DequantRate.from_bandwidth(bandwidth, self.fast_bf16)
+        return DequantRate.from_bandwidth(self.bandwidth, self.fast_bf16)
+
+    @property
+    def bandwidth(self) -> float:
+        """Memory bandwidth, bytes/s: the catalogue's, else assumed from the bf16 peak."""
+        return self.memory_gbs * 1e9 if self.memory_gbs else self.bf16_tflops * 1e12 / FLOPS_PER_BYTE_FALLBACK
+
+    @property
+    def bandwidth_source(self) -> str:
+        return "memory_gbs" if self.memory_gbs else f"bf16 peak / {FLOPS_PER_BYTE_FALLBACK}"
 
     @property
     def dequant_source(self) -> str:
@@ -77,7 +85,7 @@ class Device:
             return "measured here"
         if self.nf4_gparams_per_s:
             return "catalogue nf4_gparams_per_s"
-        return "memory bandwidth" if self.memory_gbs else f"bandwidth assumed as bf16 peak / {FLOPS_PER_BYTE_FALLBACK}"
+        return "memory bandwidth" if self.memory_gbs else f"bandwidth assumed as {self.bandwidth_source}"
 
     def training_precision(self, requested: str) -> str:
         """`requested` with `auto` resolved as a run on this device resolves it."""
@@ -156,7 +164,7 @@ def this_machine(catalogue: dict[str, Device]) -> Device:
     there is one (memory from the card, peak from the card's name as runs measure MFU,
     the catalogue's MFU and price when it names the card), else its CPU, measured: RAM,
     the float32 (and, where bf16 is fast, bf16) matmul peak that runs record (cached in
-    ~/.cache/graftlm), at the `cpu` entry's MFU. Either way QLoRA's NF4 dequantization
+    ~/.cache/graftlm), at the `cpu` entry's MFU and memory bandwidth. Either way QLoRA's NF4 dequantization
     rate is the one QLoRA runs record (measured once, then cached)."""
     import torch
 
@@ -183,6 +191,8 @@ def this_machine(catalogue: dict[str, Device]) -> Device:
     return Device(name=THIS, memory_gb=ram, reserved_gb=min(4.0, ram / 4),
                   bf16_tflops=peak_flops(cpu, torch.bfloat16) / 1e12 if fast else fp32, fp32_tflops=fp32,
                   fast_bf16=fast, mfu=laptop.mfu if laptop else 0.3, usd_per_hour=0.0,
+                  # A CPU's bandwidth is not its FLOPs over a GPU's ratio: the catalogue CPU's, unmeasured
+                  memory_gbs=laptop.memory_gbs if laptop else None,
                   nf4_dequant=nf4_dequant_rate(cpu, measure=False), kind="cpu",
                   description=f"this machine's CPU ({torch.get_num_threads()} threads), {ram:.1f} GiB RAM, "
                               "measured matmul peak")

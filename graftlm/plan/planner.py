@@ -78,7 +78,7 @@ def resolve_model(spec: str, vocab_size: int | None = None) -> tuple[ModelConfig
         cfg = config_for_param_count(count, vocab_size or 32000)
         return cfg, False, (f"a Llama-shaped model of {cfg.num_params() / 1e9:.2f}B parameters (approximating "
                             f"{spec}, vocabulary {cfg.vocab_size})")
-    from graftlm.models.hf import resolve_model_config
+    from graftlm.models.config import resolve_model_config
     cfg = resolve_model_config(spec)
     path = Path(spec)
     has_weights = path.is_dir() and any(path.glob("*.safetensors"))
@@ -118,8 +118,10 @@ def resolve_data(spec: str, objective: str | None = None, tokenizer=None) -> tup
     shards = _shard_directory(Path(spec))
     if shards is not None:  # pre-training shards: the train split's tokens, counted when prepared
         return float(shards["tokens"]), shards
-    from graftlm.data.stats import data_stats
+    from graftlm.data.stats import data_stats, prompt_stats
     stats = data_stats([spec], objective=objective, tokenizer=tokenizer)
+    # What GRPO and PPO would sample from: rows with a prompt (text has none).
+    stats["prompts"] = prompt_stats([spec], tokenizer) if stats["objective"] != "text" else None
     return float(stats["tokens"]), stats
 
 
@@ -149,7 +151,7 @@ def trainer_defaults(objective: str, context: int | None = None) -> dict:
     counts sampled sequences: group_size completions of each of train.batch_size prompts,
     each rollout trained on in `iterations` passes.
     """
-    from graftlm.runs import requested_length, run_config_class
+    from graftlm.run_config import requested_length, run_config_class
     cfg = run_config_class(objective)()
     defaults = {"batch_size": cfg.train.batch_size, "seq_len": requested_length(cfg, context)}
     section = getattr(cfg, objective, None)
@@ -161,7 +163,11 @@ def trainer_defaults(objective: str, context: int | None = None) -> dict:
     return defaults
 
 
-def regime_shape(cfg: ModelConfig, regime: str, hardware: Hardware, options: PlanOptions) -> RunShape:
+def regime_shape(cfg: ModelConfig, regime: str, hardware: Hardware, options: PlanOptions,
+                 prompts: dict | None = None) -> RunShape:
+    """The run a regime's trainer would make. An RL regime with `prompts` (the data's,
+    `prompt_stats`) and no --seq-len: rollouts as long as the longest prompt and a whole
+    completion, the widest micro-batch its memory must hold."""
     from graftlm.adapters.config import base_storage_dtype
     _, objective, parameterization = REGIMES[regime]
     defaults = trainer_defaults(objective, cfg.max_seq_len)
@@ -169,6 +175,8 @@ def regime_shape(cfg: ModelConfig, regime: str, hardware: Hardware, options: Pla
     rl = {k: defaults[k] for k in ("grpo_group", "grpo_completion_len", "grpo_iterations") if k in defaults}
     if options.grpo_iterations and objective == "grpo":
         rl["grpo_iterations"] = options.grpo_iterations
+    if rl and prompts and options.seq_len is None:
+        seq_len = prompts["length"]["max"] + rl["grpo_completion_len"]
     if seq_len > cfg.max_seq_len:  # a new model's context is made to fit its run, as build_model does
         cfg = replace(cfg, max_seq_len=seq_len)
     return RunShape(model=cfg, objective=objective, parameterization=parameterization,
@@ -186,12 +194,32 @@ def artifact_bytes(shape: RunShape) -> int:
     return shape.model.num_params() * (2 if shape.precision == "bf16" else 4)
 
 
-def plan_regime(cfg: ModelConfig, regime: str, tokens: float, hardware: Hardware, options: PlanOptions) -> dict:
-    shape = regime_shape(cfg, regime, hardware, options)
+def rollouts(shape: RunShape, prompts: dict) -> dict:
+    """What an RL run samples from the data's prompts in one epoch: group_size completions
+    of each, every one its prompt and at most max_new_tokens sampled (completions that end
+    sooner cost less: this is the most it can cost)."""
+    prompt = prompts["length"]["mean"]
+    length = prompt + shape.grpo_completion_len
+    sequences = prompts["prompts"] * shape.grpo_group
+    return {"prompts": prompts["prompts"], "group": shape.grpo_group, "prompt_tokens_mean": prompt,
+            "completion_tokens_max": shape.grpo_completion_len, "sequences": sequences,
+            "tokens": sequences * length, "mean_length": max(round(length), 2)}
+
+
+def plan_regime(cfg: ModelConfig, regime: str, tokens: float, hardware: Hardware, options: PlanOptions,
+                prompts: dict | None = None) -> dict:
+    """One regime's plan. `tokens` is the data's; an RL regime with `prompts` (the data's
+    prompt rows) is costed on the rollouts it samples from them instead (`rollouts`)."""
+    shape = regime_shape(cfg, regime, hardware, options, prompts)
     memory = memory_breakdown(shape)
     checkpointed = memory_breakdown(replace(shape, activation_checkpointing=True))
     usable = hardware.device.usable_bytes
-    compute = compute_cost(shape, tokens, hardware, options.price_per_hour, options.epochs)
+    sampled = rollouts(shape, prompts) if shape.samples_rollouts and prompts else None
+    costed = shape
+    if sampled:  # FLOPs at the rollouts' mean length; memory at the widest
+        tokens = sampled["tokens"]
+        costed = replace(shape, seq_len=sampled["mean_length"]) if options.seq_len is None else shape
+    compute = compute_cost(costed, tokens, hardware, options.price_per_hour, options.epochs)
     return {
         "regime": regime,
         "description": REGIMES[regime][0].format(base="bf16" if shape.lora_base_dtype == "bfloat16" else "fp32"),
@@ -208,12 +236,15 @@ def plan_regime(cfg: ModelConfig, regime: str, tokens: float, hardware: Hardware
         "fits_with_checkpointing": checkpointed.peak <= usable,
         "largest_batch": largest_batch(shape, usable),
         "largest_batch_with_checkpointing": largest_batch(replace(shape, activation_checkpointing=True), usable),
+        "tokens": tokens,  # of data, or an RL regime's rollouts (per epoch)
+        "rollouts": sampled,
         "flops": compute.flops,
         "executed_flops": compute.executed_flops,
         "flops_detail": compute.detail,
         "time_s": compute.time_s,
         "time_detail": compute.time_detail,  # seconds: matmuls, and QLoRA's NF4 dequantization
         "dequant_detail": compute.dequant_detail,
+        "generation_bound": compute.generation_bound,
         "cost_usd": compute.cost_usd,
         "artifact_bytes": artifact_bytes(shape),
         "artifact": "adapter" if shape.adapted else "model",
@@ -238,9 +269,11 @@ def make_plan(cfg: ModelConfig, tokens: float, hardware: Hardware, options: Plan
               has_base: bool = True, data_stats: dict | None = None, model_source: str = "",
               random_init: bool = False) -> dict:
     """Every regime, and the recommendation. `has_base`: weights were given; `random_init`:
-    the model is built with random weights (a preset), so only pre-training can train it."""
+    the model is built with random weights (a preset), so only pre-training can train it.
+    GRPO and PPO sample from the data's prompts where it has some (`data_stats["prompts"]`)."""
     from graftlm.data.shards import FORMAT
-    regimes = {name: plan_regime(cfg, name, tokens, hardware, options) for name in REGIMES}
+    prompts = (data_stats or {}).get("prompts")
+    regimes = {name: plan_regime(cfg, name, tokens, hardware, options, prompts) for name in REGIMES}
     stats = data_stats or {}
     pretraining_data = stats.get("format") == FORMAT
     choice, reasons = recommend(options.goal, tokens, cfg.num_params(), has_base,
@@ -262,7 +295,8 @@ def make_plan(cfg: ModelConfig, tokens: float, hardware: Hardware, options: Plan
         "hardware": {"name": hardware.label, "count": hardware.count, **asdict(hardware.device),
                      "peak_tflops": hardware.device.peak_flops(options.precision) / 1e12,  # at the plan's precision
                      "nf4_dequant_rate": hardware.device.dequant_rate().as_dict(),  # QLoRA's, and where from
-                     "nf4_dequant_source": hardware.device.dequant_source},
+                     "nf4_dequant_source": hardware.device.dequant_source,
+                     "bandwidth": hardware.device.bandwidth, "bandwidth_source": hardware.device.bandwidth_source},
         "options": asdict(options),
         "regimes": regimes,
         "recommendation": {"regime": choice, "description": regimes[choice]["description"], "reasons": reasons,
