@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
-from graftlm import adapters
 from graftlm.errors import GraftError
+from graftlm.placement import DTYPE_NAMES
 
 DEFAULT_EVAL_TEXT = (
     "The river ran high after a week of rain, and the old ferry could no longer cross it. "
@@ -33,13 +31,12 @@ DEFAULT_EVAL_TEXT = (
     "Years later, the children who had ridden on that cart still told the story of the flood, "
     "and each time the road grew a little longer and the horses a little braver."
 )
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def named_adapter(text: str) -> tuple[str, str]:
     """An `--adapter NAME=DIR` value (graft eval, graft serve), or a bare DIR named as a
     model directory is (`runs/lora/final` -> "lora"), as `graft generate --adapter` takes it."""
-    from graftlm.runs import name_of_model_dir
+    from graftlm.run_config import name_of_model_dir
     name, sep, path = text.partition("=")
     if not sep:
         return name_of_model_dir(text), text
@@ -64,7 +61,7 @@ def register(subparsers) -> None:
                                        "(default: a short built-in English passage)")
     p.add_argument("--eval-tokens", type=int, default=8192,
                    help="tokens of held-out text to use (default 8192; 0: no loss check)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the written weights")
+    p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="float32", help="dtype of the written weights")
     p.add_argument("--overwrite", action="store_true",
                    help="write into --out although it is a non-empty directory (its model files are replaced)")
     add_allow_other_base(p)
@@ -92,18 +89,20 @@ def read_eval_text(path: str | None) -> tuple[str, str]:
     return "\n\n".join(texts), str(file)
 
 
-@torch.no_grad()
 def heldout_loss(model, token_ids: list[int], seq_len: int) -> float:
     """Mean next-token cross-entropy over `token_ids`, in rows of `seq_len`."""
+    import torch
+
     from graftlm.objectives.logprobs import cross_entropy, shift_targets
     total, count = 0.0, 0
-    for start in range(0, len(token_ids) - 1, seq_len):
-        row = torch.tensor(token_ids[start:start + seq_len]).unsqueeze(0)
-        if row.shape[1] < 2:
-            break
-        hidden = model(row, output_hidden=True)
-        loss, n = cross_entropy(hidden.float(), model.lm_head.weight.float(), shift_targets(row))
-        total, count = total + loss.item(), count + int(n)
+    with torch.no_grad():
+        for start in range(0, len(token_ids) - 1, seq_len):
+            row = torch.tensor(token_ids[start:start + seq_len]).unsqueeze(0)
+            if row.shape[1] < 2:
+                break
+            hidden = model(row, output_hidden=True)
+            loss, n = cross_entropy(hidden.float(), model.lm_head.weight.float(), shift_targets(row))
+            total, count = total + loss.item(), count + int(n)
     return total / max(count, 1)
 
 
@@ -125,6 +124,9 @@ def check_out_dir(out: Path, base_dir: Path, adapter_dir: Path, overwrite: bool)
 def _merge_reward_model(base_dir: Path, adapter_dir: Path, out: Path, allow_other_base: bool) -> int:
     """A reward model's adapter (`graft reward --adapter ...`) merged into its base: a
     reward model directory (`--ppo.reward`, `graft eval`)."""
+    import torch
+
+    from graftlm import adapters
     from graftlm.models.heads import load_scalar_adapter, save_scalar_model
 
     adapted = load_scalar_adapter(adapter_dir, base_dir, allow_other_base=allow_other_base)
@@ -137,6 +139,9 @@ def _merge_reward_model(base_dir: Path, adapter_dir: Path, out: Path, allow_othe
 
 
 def merge_command(args) -> int:
+    import torch  # here, as every heavy import of this module: `graft --help` imports it
+
+    from graftlm import adapters
     from graftlm.models.heads import is_scalar_adapter_dir
     from graftlm.models.hf import load_config, load_model, save_model
 
@@ -158,7 +163,7 @@ def merge_command(args) -> int:
     model = _adapted(base_dir, args.adapter, args.allow_other_base)
     as_trained = heldout_loss(model, token_ids, seq_len) if measured else None
     out = save_model(adapters.merge_and_unload(model, dtype=torch.float32), args.out, tokenizer_dir=base_dir,
-                     dtype=DTYPES[args.dtype])
+                     dtype=getattr(torch, args.dtype))
     del model  # merged in place
     # The model as written: its weights rounded to --dtype, read back (computing in float32).
     as_written = heldout_loss(load_model(out, dtype=torch.float32), token_ids, seq_len) if measured else None
@@ -197,6 +202,9 @@ def _eval_tokens(base_dir: Path, eval_data: str | None, eval_tokens: int) -> tup
 
 def _adapted(base_dir: Path, adapter_dir: str, allow_other_base: bool, kind: str | None = None):
     """The base in float32 with the adapter loaded (`kind`: as that kind; default: as trained)."""
+    import torch
+
+    from graftlm import adapters
     from graftlm.models.hf import load_model
 
     model = load_model(base_dir, dtype=torch.float32)

@@ -9,6 +9,12 @@ Every parser is a `GraftParser`: options are taken only as spelled in full (no a
 prefixes: `--train.max-step` is an unknown option with a suggestion, not `--train.max-steps`),
 and an option that holds one value, given twice, gets one warning naming both values and
 keeps the last (`--model A --model B` uses B; `action="append"` options repeat as ever).
+
+Building the parser imports no torch (tests/unit/test_cli_startup.py): `register` and what
+it imports stay light, and handlers import what is heavy when they run, so that `--help`, a
+parse error and `graft plan` answer at once. A training command's options come from the run
+config's dataclasses (`run_config.py`, `objectives/configs.py`), which are defined apart
+from the modules that train with them for that reason.
 """
 
 from __future__ import annotations
@@ -169,7 +175,7 @@ def _rank_label(e: GraftError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     if (sys.argv[1:] if argv is None else argv) == ["--version"]:
-        # Answered before the parser is built: the command modules import torch (4 s).
+        # Answered before the parser is built: there is nothing to parse.
         print(_version())
         return 0
     parser = build_parser()

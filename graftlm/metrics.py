@@ -37,11 +37,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from graftlm.models.config import ModelConfig
 from graftlm.placement import slow_on_cpu
+
+if TYPE_CHECKING:  # torch is imported where a device is measured: `graft plan`'s arithmetic needs none
+    import torch
 
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s.
 CUDA_PEAK_BF16 = {
@@ -71,6 +73,8 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048),
                         seconds: float = 0.25) -> float:
     """FLOP/s of the fastest single square matmul, over `seconds` of calls at each size."""
+    import torch
+
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     best = 0.0
     for size in sizes:
@@ -92,6 +96,8 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, sizes: tuple[i
 def cpu_peak_key(dtype: torch.dtype) -> str:
     """The peak cache's entry for this CPU, thread count and dtype ("fastest": figures
     cached by a former, averaging measurement are not reused)."""
+    import torch
+
     return f"{platform.processor() or platform.machine()}|threads={torch.get_num_threads()}|{dtype}|fastest"
 
 
@@ -126,7 +132,10 @@ def _cached_number(known: dict, key: str) -> float:
         return 0.0
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float:
+def peak_flops(device: torch.device, dtype: torch.dtype | None = None) -> float:
+    import torch
+
+    dtype = torch.bfloat16 if dtype is None else dtype  # the default, set here: torch is imported on use
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, value in sorted(CUDA_PEAK_BF16.items(), key=lambda kv: -len(kv[0])):
@@ -207,6 +216,8 @@ class DequantRate:
 
 def nf4_compute_dtype(device: torch.device) -> torch.dtype:
     """What `adapters.qlora.nf4_linear` dequantizes to on `device`."""
+    import torch
+
     from graftlm.adapters.qlora import STORED_DTYPE
     from graftlm.placement import fast_bfloat16
     return STORED_DTYPE if fast_bfloat16(device.type) else torch.float32
@@ -218,6 +229,8 @@ def measure_nf4_dequant(device: torch.device, seconds: float = 0.2) -> DequantRa
     two dequantizations, in the autograd context a step runs them in (about 1.3x a bare
     `weight.to(dtype)`). Fastest of repeated calls at two weight sizes, over `seconds` in
     all: their difference gives the rate per parameter, the small one the fixed cost."""
+    import torch
+
     dtype = nf4_compute_dtype(device)
     # Large enough on a GPU for the traffic to dominate; quantizing it is what costs on a CPU.
     sizes = ((64, 64), (2048, 2048) if device.type == "cuda" else (256, 1024))
@@ -230,6 +243,7 @@ def measure_nf4_dequant(device: torch.device, seconds: float = 0.2) -> DequantRa
 
 def _nf4_pass_seconds(device: torch.device, rows: int, cols: int, dtype: torch.dtype, seconds: float) -> float:
     """One dequantization of a [rows, cols] NF4 weight, as `measure_nf4_dequant` times it."""
+    import torch
     from torch import nn
 
     from graftlm.adapters.qlora import nf4_linear, quantize_linear_
@@ -262,6 +276,8 @@ def nf4_dequant_rate(device: torch.device, measure: bool = True) -> DequantRate:
     has shown, as busy cores only slow a measurement down. `measure=False` takes the
     cached figures when there are any (a plan need not import torchao); a run measures
     again (about 0.15 s; 0.3 s the first time)."""
+    import torch
+
     cache = _cache_file("nf4_dequant.json")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_peak_key(nf4_compute_dtype(device))
     key = f"{device.type}|{name}"
@@ -292,6 +308,8 @@ def current_host_memory_bytes() -> int:
 
 
 def peak_device_memory_bytes(device: torch.device) -> int:
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return peak_host_memory_bytes()

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Literal
 
 from graftlm.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where an optimizer is built: the run config (OptimConfig) needs none
+    import torch
+    from torch import nn
 
 
 DEFAULT_LR = 3e-4  # a model trained from scratch, or adapters
@@ -97,6 +98,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def _fused_supported(device: torch.device, dtypes: set) -> bool:
+    import torch
+
     if device.type == "cuda":
         return True
     # The CPU fused kernel exists since torch 2.4 for float32 / bfloat16 / float16.
@@ -104,6 +107,8 @@ def _fused_supported(device: torch.device, dtypes: set) -> bool:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    import torch
+
     groups = parameter_groups(model, cfg.weight_decay)
     if not groups:
         raise ConfigError("nothing to train: no parameter of the model requires grad")

@@ -43,14 +43,14 @@ import time
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from graftlm.errors import ConfigError, GraftError
+from graftlm.errors import GraftError
 from graftlm.placement import pick_device
+from graftlm.run_config import ParallelConfig  # defined without torch
 
 
 class CollectiveError(GraftError):
@@ -71,17 +71,6 @@ def as_collective_error(e: BaseException) -> CollectiveError | None:
     if not dist.is_initialized() or not (isinstance(e, dist.DistError) or "/gloo/" in str(e)):
         return None
     return collective_error(dist.get_rank(), "a collective", e)
-
-
-@dataclass
-class ParallelConfig:
-    mode: Literal["none", "ddp", "fsdp"] = "none"
-    timeout_s: int = 600  # a collective that waits longer fails, naming the rank
-    fsdp_mixed_precision: bool = True  # bf16 params in compute, fp32 reductions (CUDA only; fsdp only)
-
-    def validate(self) -> None:
-        if self.timeout_s <= 0:
-            raise ConfigError(f"config field 'parallel.timeout_s': must be positive, got {self.timeout_s}")
 
 
 @dataclass

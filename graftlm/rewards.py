@@ -44,11 +44,12 @@ import traceback
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 
 from graftlm.errors import ConfigError, GraftError
+from graftlm.objectives.configs import RewardPolicy, check_weights  # defined without torch, for the configs
 
 NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?|-?\$?\.\d+")
 
@@ -358,27 +359,12 @@ class NamedReward:
         return list(self.fn(completions, prompts, rows))
 
 
-def check_weights(specs: list[str], weights: list[float] | None, field: str = "reward_weights") -> None:
-    if weights is not None and len(weights) != len(specs):
-        def count(n: int, noun: str) -> str:
-            return f"{n} {noun}{'s' if n != 1 else ''}"
-        raise ConfigError(f"config field '{field}': {count(len(weights), 'weight')} for "
-                          f"{count(len(specs), 'reward')} ({', '.join(specs)}); give one weight per reward")
-
-
 def build_rewards(specs: list[str], weights: list[float] | None = None,
                   device: str | torch.device = "cpu") -> list[NamedReward]:
     """The rewards named by `specs`, weighted (1 each without `weights`)."""
     check_weights(specs, weights)
     return [NamedReward(name, build_reward(spec, device=device), 1.0 if weights is None else weights[i])
             for i, (name, spec) in enumerate(zip(reward_names(specs), specs))]
-
-
-@dataclass
-class RewardPolicy:
-    on_error: Literal["raise", "skip"] = field(
-        default="raise", metadata={"help": "a reward function error stops the run, or skips the prompt"})
-    max_bad_fraction: float = field(default=0.1, metadata={"help": "skip policy: stop when more prompts are bad"})
 
 
 _FAILED = object()  # a completion that a reward could not score (policy `skip`)

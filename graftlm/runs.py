@@ -26,7 +26,6 @@ import json
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -44,47 +43,14 @@ from graftlm.errors import ConfigError, GraftError, make_directory
 from graftlm.metrics import nf4_dequant_rate, peak_flops
 from graftlm.models.config import PRESETS
 from graftlm.objectives import ObjectiveSpec, get_spec
-from graftlm.optim import DEFAULT_LR, FINE_TUNING_LR, OptimConfig
-from graftlm.parallel import ParallelConfig
+from graftlm.optim import DEFAULT_LR, FINE_TUNING_LR
 from graftlm.placement import fast_bfloat16, resolve_precision
 from graftlm.report import write_report_or_warn
 from graftlm.resuming import (RunLock, changed_settings, prepare_run_directory, refuse_changed_settings,
                               run_identity, saved_identity, schedule_jump)
-from graftlm.trainer import TrainConfig, Trainer
-
-@dataclass
-class RunConfig:
-    model: str = field(default="", metadata={"help": "preset name, config file, or HF model directory"})
-    data: str = field(default="", metadata={"help": "training data (shard directory for pretrain)"})
-    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer directory (default: the data's or the model's)"})
-    name: str | None = field(default=None, metadata={
-        "help": "run name (default: <objective>-<model>, a run's final/ named by its run)"})
-    out: str = field(default="runs", metadata={"help": "directory holding run directories"})
-    seed: int = 0
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
-    tensorboard: bool = True
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    adapter: AdapterConfig | None = None
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-
-    objective = "clm"  # set per command by `run_config_class`
-
-    def validate(self) -> None:
-        if not self.model:
-            raise ConfigError("config field 'model' is required (a preset, config file or HF directory)")
-        if not self.data:
-            raise ConfigError("config field 'data' is required")
-
-
-@lru_cache(maxsize=None)
-def run_config_class(objective: str) -> type:
-    """RunConfig plus the objective's own section, named after it (`clm:`, `dpo:`...)."""
-    spec = get_spec(objective)
-    return dataclasses.make_dataclass(
-        f"{spec.config_cls.__name__.removesuffix('Config')}RunConfig",
-        [(spec.name, spec.config_cls, field(default_factory=spec.config_cls))],
-        bases=(RunConfig,), namespace={"objective": spec.name})
+from graftlm.run_config import (RunConfig, name_of_model_dir, requested_length,  # noqa: F401 (defined without torch)
+                                run_config_class)
+from graftlm.trainer import Trainer
 
 
 # -- run directory --------------------------------------------------------------------------
@@ -147,13 +113,6 @@ def loaded_context(cfg: RunConfig) -> int | None:
         return None
     from graftlm.models.hf import resolve_model_config
     return resolve_model_config(cfg.model).max_seq_len
-
-
-def requested_length(cfg: RunConfig, context: int | None = None) -> int:
-    """The longest row the run asks for: the objective's max_length, or train.seq_len (its
-    objective's default within `context` when not given)."""
-    section = getattr(cfg, cfg.objective, None)
-    return getattr(section, "max_length", None) or cfg.train.seq_len_for(cfg.objective, context)
 
 
 def build_model(cfg: RunConfig, vocab_size: int | None, tokenizer, device: torch.device):
@@ -229,16 +188,6 @@ def default_lr(cfg: RunConfig, recorded: dict) -> float:
     if cfg.adapter is None and _from_weights(cfg) and cfg.objective in FINE_TUNING_LR:
         return FINE_TUNING_LR[cfg.objective]
     return DEFAULT_LR
-
-
-def name_of_model_dir(directory: str | Path) -> str:
-    """How commands name a model or adapter directory they were given: the directory's
-    name, or for a run's `final/` (a summary.json or config.yaml beside it) the run's
-    (`runs/sft/final` -> "sft"), since every run's model directory is named `final`."""
-    real = Path(directory).resolve()
-    if real.name == "final" and any((real.parent / f).is_file() for f in ("summary.json", "config.yaml")):
-        return real.parent.name
-    return real.name
 
 
 def _trained_parameters(model: nn.Module, adapter: AdapterConfig | None, total: int, trainable: int) -> str:

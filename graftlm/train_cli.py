@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from graftlm.config import add_config_arguments, build_config, flatten, read_recipe
-from graftlm.errors import ConfigError, GraftError
+from graftlm.errors import ConfigError
 
 # command -> objective (graftlm/objectives/<objective>.py with a SPEC)
 TRAINING_COMMANDS = {"pretrain": "clm", "sft": "sft", "dpo": "dpo", "reward": "reward",
@@ -17,18 +17,17 @@ FULL = ("full", "none")
 
 
 def register(subparsers) -> None:
-    from graftlm.objectives import available, get_spec
-    from graftlm.runs import run_config_class
+    # Each objective's section and help, read without its module, which imports torch: an
+    # objective whose module has no SPEC yet gets its command, which says so when it runs.
+    from graftlm.objectives import available
+    from graftlm.objectives.configs import HELP
+    from graftlm.run_config import run_config_class
 
     present = set(available())
     for command, objective in TRAINING_COMMANDS.items():
         if objective not in present:
             continue
-        try:
-            spec = get_spec(objective)
-        except GraftError:
-            continue  # a module being written that has no SPEC yet
-        parser = subparsers.add_parser(command, help=spec.help, description=spec.help)
+        parser = subparsers.add_parser(command, help=HELP[objective], description=HELP[objective])
         add_config_arguments(parser, run_config_class(objective))
         parser.add_argument("--adapter", dest="cfg:adapter.kind", default=argparse.SUPPRESS,
                             metavar="KIND", help="short for --adapter.kind: lora, qlora, dora, or full")
@@ -48,7 +47,7 @@ def register(subparsers) -> None:
 def config_for(args: argparse.Namespace):
     """The run config the command line and recipe make, and the dotted fields they gave
     (a continued run takes the others from what it recorded)."""
-    from graftlm.runs import run_config_class
+    from graftlm.run_config import run_config_class
 
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:")}
     recipe = getattr(args, "recipe", None)

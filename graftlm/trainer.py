@@ -41,21 +41,21 @@ import itertools
 import json
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Protocol
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
 
 from graftlm import checkpoint as ckpt
 from graftlm.data.loader import ResumableLoader, iterate_once
-from graftlm.errors import ConfigError, GraftError, Terminated
+from graftlm.errors import GraftError, Terminated
 from graftlm.metrics import MetricsLogger, peak_device_memory_bytes, peak_host_memory_bytes
 from graftlm.models.transformer import Decoder
 from graftlm.optim import OptimConfig, build_optimizer, lr_at, set_lr
 from graftlm.plan.measure import TensorMemoryTracker
 from graftlm.placement import resolve_precision
+from graftlm.run_config import PRETRAIN_SEQ_LEN, ROW_LENGTH, TrainConfig  # noqa: F401 (defined without torch)
 
 
 class Objective(Protocol):
@@ -66,54 +66,6 @@ class Objective(Protocol):
 
 
 OBJECTIVE_FILE = "objective.safetensors"  # an objective's own tensors in a checkpoint (PPO's critic)
-PRETRAIN_SEQ_LEN = 256
-ROW_LENGTH = {"sft": 1024, "dpo": 1024, "reward": 1024}  # TRL's max_length for these trainers
-
-
-@dataclass
-class TrainConfig:
-    max_steps: int = field(default=1000, metadata={"help": "optimizer steps to train"})
-    batch_size: int = field(default=8, metadata={"help": "samples per micro-batch, per rank"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    seq_len: int | None = field(default=None, metadata={
-        "help": "tokens per sample (default: 256 for pre-training and RL; sft, dpo and reward rows up to 1024, "
-                "or the model's context if shorter)"})
-    precision: Literal["auto", "fp32", "bf16-autocast", "bf16"] = field(
-        default="auto", metadata={"help": "fp32, bf16 autocast over fp32 weights, or pure bf16 (auto: bf16 "
-                                          "autocast where the device computes bf16 fast, else fp32)"})
-    activation_checkpointing: bool = False
-    compile: bool = field(default=False, metadata={"help": "torch.compile each decoder block"})
-    compile_activation_budget: float = field(default=1.0, metadata={
-        "help": "with compile: share of a block's activations kept for backward, the rest recomputed "
-                "(1.0: keep all, as an eager step does; 0.5: less memory for a slower step)"})
-    eval_every: int = field(default=100, metadata={"help": "validate every N steps (0: only at the end)"})
-    eval_batches: int = field(default=20, metadata={"help": "validation batches (0: the whole split)"})
-    save_every: int = field(default=500, metadata={"help": "checkpoint every N steps (0: only at the end)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "keep the last K checkpoints (0: all)"})
-    log_every: int = 10
-    max_bad_steps: int = field(default=5, metadata={"help": "stop after N non-finite steps in a row"})
-
-    def seq_len_for(self, objective: str, context: int | None = None) -> int:
-        """`seq_len`, or where a run has not chosen one, its objective's: pre-training
-        windows (and RL sequences) of 256 tokens; SFT, DPO and reward rows of up to 1024, as
-        TRL's trainers cut them (their `max_length`), where 256 cut half of GSM8K's rows.
-        The default stays within the model's `context`; a length given is checked against
-        it where the objective needs it whole (`runs.py`)."""
-        if self.seq_len is not None:
-            return self.seq_len
-        default = ROW_LENGTH.get(objective, PRETRAIN_SEQ_LEN)
-        return min(default, context) if context else default
-
-    def validate(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "log_every", "max_bad_steps"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(f"config field 'train.{name}': must be >= 1, got {getattr(self, name)}")
-        if not 0 < self.compile_activation_budget <= 1:
-            raise ConfigError("config field 'train.compile_activation_budget': must be in (0, 1], "
-                              f"got {self.compile_activation_budget}")
-        for name in ("eval_every", "eval_batches", "save_every", "keep_checkpoints"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"config field 'train.{name}': must be >= 0, got {getattr(self, name)}")
 
 
 def release_freed_host_memory() -> None:

@@ -6,14 +6,18 @@ math), qlora (NF4 base via torchao), inject (apply / switch / disable / merge / 
 peft_format (PEFT files), multi (per-row adapters), identity (base fingerprints).
 """
 
-from graftlm.adapters.config import AdapterConfig
-from graftlm.adapters.identity import base_identity
-from graftlm.adapters.inject import (active_adapter, adapter_named_parameters, adapter_params,
-                                     adapter_state_dict, apply_adapters, disable_adapters, has_adapters,
-                                     load_adapter_state_dict, loaded_adapters, merge, merge_and_unload,
-                                     reference, set_active_adapter, unload_adapter, unmerge)
-from graftlm.adapters.multi import row_adapters
-from graftlm.adapters.peft_format import load_adapter, read_adapter_config, save_adapter
+import importlib
+
+# name -> the module defining it, imported when the name is first used: `adapters.config`
+# (the run config's section) is read without torch, which every other module imports.
+_DEFINED_IN = {
+    "AdapterConfig": "config", "base_identity": "identity", "row_adapters": "multi",
+    **dict.fromkeys(["active_adapter", "adapter_named_parameters", "adapter_params", "adapter_state_dict",
+                     "apply_adapters", "disable_adapters", "has_adapters", "load_adapter_state_dict",
+                     "loaded_adapters", "merge", "merge_and_unload", "reference", "set_active_adapter",
+                     "unload_adapter", "unmerge"], "inject"),
+    **dict.fromkeys(["load_adapter", "read_adapter_config", "save_adapter"], "peft_format"),
+}
 
 __all__ = [
     "AdapterConfig", "apply_adapters", "has_adapters", "loaded_adapters", "active_adapter",
@@ -22,3 +26,11 @@ __all__ = [
     "merge_and_unload", "save_adapter", "load_adapter", "read_adapter_config", "row_adapters",
     "base_identity",
 ]
+
+
+def __getattr__(name: str):
+    if name not in _DEFINED_IN:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_DEFINED_IN[name]}"), name)
+    globals()[name] = value
+    return value

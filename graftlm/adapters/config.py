@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from graftlm.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where layers are selected: the run config (AdapterConfig) needs none
+    from torch import nn
 
 
 def _lora_linear():
@@ -155,6 +157,8 @@ def select_targets(model: nn.Module, cfg: AdapterConfig) -> list[str]:
 def _linear_layers(model: nn.Module) -> list[str]:
     """The model's own linear layers by name (an adapter wrapper counts as its layer;
     the copies inside wrappers do not)."""
+    from torch import nn
+
     inner = ("base_layer", "modules_to_save", "original_module")
     return [name for name, module in model.named_modules()
             if isinstance(module, (nn.Linear, _lora_linear())) and not set(name.split(".")) & set(inner)]

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 from graftlm.data.formats import RowCounts, load_examples
 from graftlm.errors import GraftError
-from graftlm.objectives.sft import left_out
 
 # Why rows of the data were not evaluated, in the order `graft eval` lists them.
 LEFT_OUT_REASONS = ("bad", "few_shot_examples", "past_max_rows", "too_long", "nothing_to_score", "too_short")
@@ -30,6 +29,8 @@ class Rows:
         self.left_out[reason] = self.left_out.get(reason, 0) + rows
 
     def report(self, evaluated: int, context: int) -> dict:
+        from graftlm.objectives.sft import left_out  # here: sft imports torch, and `graft eval --help` reads this module
+
         left = {"bad": self.read.bad, **self.left_out}
         out = {"rows": evaluated, "rows_in_data": self.read.rows,
                "rows_left_out": {k: left[k] for k in LEFT_OUT_REASONS if left.get(k)}, "context": context}

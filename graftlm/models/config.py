@@ -278,3 +278,67 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 def read_hf_config(path: str | Path) -> ModelConfig:
     path = Path(path)
     return from_hf_config(read_json(path), source=str(path))
+
+
+# -- what --model names (`graft plan` resolves it without torch) --------------------------
+
+def check_model_dir(path: str | Path) -> Path:
+    model_dir = Path(path)
+    if not model_dir.exists():
+        raise GraftError(f"{model_dir}: model directory does not exist")
+    if not model_dir.is_dir():
+        raise GraftError(f"{model_dir}: is not a directory")
+    if not (model_dir / "config.json").exists():
+        if (model_dir / "adapter_config.json").exists():  # a run's final/ after LoRA: a common mix-up
+            raise GraftError(f"{model_dir}: is a PEFT adapter (adapter_config.json), not a model{_base_of(model_dir)}; "
+                             "to use it, give the base with --model and this directory with --adapter DIR "
+                             "(graft generate, graft chat) or --adapter NAME=DIR (graft eval, graft serve); "
+                             "to train from it, merge it into the base first with `graft merge`")
+        raise GraftError(f"{model_dir}: no config.json (not a Hugging Face model directory)"
+                         f"{run_directory_hint(model_dir)}")
+    return model_dir
+
+
+def run_directory_hint(directory: Path) -> str:
+    """'; it is a run directory: ...' when `directory` is a run's (its model is final/),
+    else ''. A run's directory in place of its final/ is a common slip."""
+    final = Path(directory) / "final"
+    if (final / "config.json").exists() or (final / "adapter_config.json").exists():
+        return f"; it is a run directory, whose model is {final}: pass that"
+    return ""
+
+
+def recorded_base(adapter_dir: str | Path) -> str | None:
+    """The base model a PEFT adapter records (`base_model_name_or_path`); None when it
+    records none or its config cannot be read."""
+    try:
+        base = read_json(Path(adapter_dir) / "adapter_config.json").get("base_model_name_or_path")
+    except (GraftError, AttributeError):
+        return None
+    return base if isinstance(base, str) and base else None
+
+
+def _base_of(adapter_dir: Path) -> str:
+    """' (its base: DIR)' as the adapter records it; nothing when it cannot be read."""
+    base = recorded_base(adapter_dir)
+    return f" (its base: {base})" if base else ""
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    return read_hf_config(check_model_dir(path) / "config.json")
+
+
+def resolve_model_config(spec: str) -> ModelConfig:
+    """A preset name, an HF directory, or a config file (HF config.json or graftlm YAML)."""
+    if spec in PRESETS:
+        return preset(spec)
+    path = Path(spec)
+    if path.is_dir():
+        return load_config(path)
+    if path.suffix == ".json" and path.exists():
+        return read_hf_config(path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        from graftlm.config import build_config
+        return build_config(ModelConfig, path)
+    raise GraftError(f"model '{spec}' is neither a preset ({', '.join(PRESETS)}), "
+                     "a model directory, nor a config file")

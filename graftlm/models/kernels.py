@@ -59,6 +59,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import Function
 
+from graftlm.models.limits import EAGER_GROUPED_MAX_SEQ
+
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:
     """Whether autograd will record this call. Inference (generation, reference and
@@ -227,9 +229,8 @@ _MAX_GROUPS = 32
 
 
 # Eagerly: each group's bf16 scores take at most 2 MiB, and the grouped backward is used up
-# to this length (the planner counts its extra FLOPs: plan/compute.py).
+# to EAGER_GROUPED_MAX_SEQ (models/limits.py: the planner counts its extra FLOPs by it too).
 _EAGER_SCORE_ELEMENTS_PER_GROUP = 2**20
-EAGER_GROUPED_MAX_SEQ = 512
 
 
 def _score_groups(heads: int, seq: int) -> int:

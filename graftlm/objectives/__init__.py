@@ -70,9 +70,22 @@ def available() -> list[str]:
     return [name for name, module in OBJECTIVE_MODULES.items() if importlib.util.find_spec(module)]
 
 
-def get_spec(name: str) -> ObjectiveSpec:
+def _check_known(name: str) -> None:
     if name not in OBJECTIVE_MODULES:
         raise GraftError(f"unknown objective '{name}' (known: {', '.join(OBJECTIVE_MODULES)})")
+
+
+def config_class(name: str) -> type:
+    """The objective's config section, without importing its module (which imports torch):
+    what `graft <command> --help` and `graft plan` build run configs of."""
+    from graftlm.objectives.configs import CONFIGS
+
+    _check_known(name)
+    return CONFIGS[name]
+
+
+def get_spec(name: str) -> ObjectiveSpec:
+    _check_known(name)
     module = importlib.import_module(OBJECTIVE_MODULES[name])
     spec = getattr(module, "SPEC", None)
     if not isinstance(spec, ObjectiveSpec):

@@ -17,7 +17,6 @@ Design choices:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +25,8 @@ import torch
 from graftlm.data.shards import check_tokenizer, open_shards
 from graftlm.errors import GraftError
 from graftlm.objectives import DataSplits, ObjectiveSpec
+from graftlm.objectives.configs import HELP, ClmConfig
 from graftlm.objectives.logprobs import IGNORE_INDEX
-
-@dataclass
-class ClmConfig:
-    document_mask: bool = field(default=False, metadata={
-        "help": "attend only within each document of a window (slower: explicit mask)"})
-    val_split: str = field(default="val", metadata={"help": "split to validate on ('' for none)"})
 
 
 class TokenWindows:
@@ -111,5 +105,4 @@ def build_objective(cfg, model) -> CausalLM:
 
 
 SPEC = ObjectiveSpec(
-    name="clm", help="pre-train (or continue pre-training) on token shards from `graft prepare`",
-    config_cls=ClmConfig, build_dataset=build_dataset, build_objective=build_objective)
+    name="clm", help=HELP["clm"], config_cls=ClmConfig, build_dataset=build_dataset, build_objective=build_objective)

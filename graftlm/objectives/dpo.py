@@ -24,48 +24,14 @@ Design choices:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 
-from graftlm.errors import ConfigError, GraftError
+from graftlm.errors import GraftError
 from graftlm.objectives import DataSplits, ObjectiveSpec
+from graftlm.objectives.configs import HELP, REFERENCE_FREE, DPOConfig
 from graftlm.objectives.logprobs import IGNORE_INDEX, shift_targets
 from graftlm.objectives.sft import FineTuneData, left_out, load_splits, model_logprobs, renderer_for
-
-REFERENCE_FREE = ("simpo", "orpo")
-# beta where --dpo.beta is not given: 0.1, TRL's for DPO, IPO and ORPO. SimPO's reward is beta
-# x a per-token AVERAGE log-prob and its margin gamma is in reward units: at beta 0.1 a pair is
-# won only by 5 nats per token (gamma / beta), where the SimPO paper trains at beta 2.0-2.5
-# with gamma / beta 0.25-0.5 (here 2.0 and 0.5: 0.25).
-DEFAULT_BETA = {"simpo": 2.0}
-
-
-@dataclass
-class DPOConfig(FineTuneData):
-    loss: Literal["sigmoid", "ipo", "simpo", "orpo"] = field(
-        default="sigmoid", metadata={"help": "preference loss; simpo and orpo use no reference model"})
-    beta: float | None = field(default=None, metadata={
-        "help": "strength of the preference (DPO/IPO/SimPO beta, ORPO lambda); if not given: 0.1, and 2.0 "
-                "for simpo (the SimPO paper's 2-2.5: its rewards are per-token averages)"})
-    label_smoothing: float = field(default=0.0, metadata={"help": "sigmoid/simpo: assumed fraction of flipped labels"})
-    simpo_gamma: float = field(default=0.5, metadata={
-        "help": "simpo: target reward margin (0.5 at beta 2.0: the gamma/beta of 0.25 the SimPO authors suggest "
-                "searching from)"})
-
-    def __post_init__(self) -> None:
-        # Concrete at once, so that config.yaml records the beta the run used.
-        if self.beta is None:
-            self.beta = DEFAULT_BETA.get(self.loss, 0.1)
-
-    def validate(self) -> None:
-        super().validate()
-        if self.beta <= 0:
-            raise ConfigError(f"config field 'dpo.beta': must be > 0, got {self.beta}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"config field 'dpo.label_smoothing': must be in [0, 0.5), got {self.label_smoothing}")
 
 
 def pad_right(rows: list[list[int]], value: int, length: int | None = None) -> torch.Tensor:
@@ -232,7 +198,7 @@ def build_pair_splits(cfg, section: FineTuneData, tokenizer, objective: str, pad
 
 
 SPEC = ObjectiveSpec(
-    name="dpo", help="preference optimisation: DPO (sigmoid), IPO, SimPO or ORPO on chosen/rejected pairs",
+    name="dpo", help=HELP["dpo"],
     config_cls=DPOConfig, build_dataset=lambda cfg, tokenizer: build_pair_splits(cfg, cfg.dpo, tokenizer, "dpo"),
     build_objective=lambda cfg, model: DPOObjective(cfg.dpo),
     describe=lambda cfg: f"dpo: loss {cfg.dpo.loss}, beta {cfg.dpo.beta:g}"

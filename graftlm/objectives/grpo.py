@@ -32,50 +32,17 @@ engine and scored by a reward (`graftlm.rewards`). Design choices:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 
-from graftlm.errors import ConfigError
 from graftlm.objectives.logprobs import IGNORE_INDEX, shift_targets
 from graftlm.objectives import ObjectiveSpec
-from graftlm.objectives.rollout import (Rollout, RolloutSampler, RolloutWarnings, SamplingConfig,
-                                        build_prompt_splits, held_out_reward, rollout_metrics, run_tokenizer)
-from graftlm.objectives.sft import FineTuneData, model_logprobs
-from graftlm.rewards import RewardPolicy, RewardScorer, build_rewards, check_weights
-
-
-@dataclass
-class GRPOConfig(FineTuneData):
-    reward: list[str] = field(default_factory=lambda: ["gsm8k"], metadata={
-        "help": "gsm8k | numeric | exact | regex:PATTERN | module:function | reward model dir, or several "
-                "(their weighted sum); a function is fn(completion, prompt, **row_fields) -> float, or TRL's "
-                "fn(prompts, completions, **kwargs) -> list, None where it does not apply"})
-    reward_weights: list[float] | None = field(default=None, metadata={
-        "help": "one weight per --grpo.reward (default: 1 each)"})
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    reward_errors: RewardPolicy = field(default_factory=RewardPolicy)
-    beta: float = field(default=0.04, metadata={"help": "weight of the KL to the reference (0: no reference)"})
-    epsilon: float = field(default=0.2, metadata={"help": "clip range of the policy ratio (low side)"})
-    epsilon_high: float | None = field(default=None, metadata={"help": "high side (default: epsilon)"})
-    iterations: int = field(default=1, metadata={
-        "help": "optimizer steps trained on each rollout (pi_old: the policy that sampled it)"})
-    scale_rewards: bool = field(default=True, metadata={"help": "divide advantages by the group's std"})
-    advantage_eps: float = 1e-4
-
-    def __post_init__(self) -> None:
-        if isinstance(self.reward, str):  # GRPOConfig(reward="gsm8k"), as one reward is written in Python
-            self.reward = [self.reward]
-
-    def validate(self) -> None:
-        super().validate()
-        if self.beta < 0 or self.epsilon <= 0 or self.iterations < 1:
-            raise ConfigError("config fields 'beta' >= 0, 'epsilon' > 0 and 'iterations' >= 1 are required")
-        if self.sampling.group_size < 2:
-            raise ConfigError("config field 'grpo.sampling.group_size': GRPO needs groups of at least 2")
-        if not self.reward:
-            raise ConfigError("config field 'grpo.reward': give at least one reward")
-        check_weights(self.reward, self.reward_weights, "grpo.reward_weights")
+from graftlm.objectives.configs import HELP, GRPOConfig
+from graftlm.objectives.rollout import (Rollout, RolloutSampler, RolloutWarnings, build_prompt_splits,
+                                        held_out_reward, rollout_metrics, run_tokenizer)
+from graftlm.objectives.sft import model_logprobs
+from graftlm.rewards import RewardScorer, build_rewards
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
@@ -222,7 +189,7 @@ def build_dataset(cfg, tokenizer):
 
 
 SPEC = ObjectiveSpec(
-    name="grpo", help="online RL: sample groups of completions, score them, group-normalised advantages",
+    name="grpo", help=HELP["grpo"],
     config_cls=GRPOConfig,
     build_dataset=build_dataset,
     build_objective=lambda cfg, model: GRPOObjective(cfg.grpo, run_tokenizer(cfg),

@@ -34,47 +34,20 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from graftlm import checkpoint as ckpt
-from graftlm.errors import ConfigError
 from graftlm.objectives.grpo import clipped_surrogate, reference_token_logps
 from graftlm.objectives.logprobs import IGNORE_INDEX, shift_targets
 from graftlm.objectives import ObjectiveSpec
+from graftlm.objectives.configs import HELP, PPOConfig
 from graftlm.parallel import average_gradients
-from graftlm.objectives.rollout import (RolloutSampler, RolloutWarnings, SamplingConfig, build_prompt_splits,
-                                        held_out_reward, rollout_metrics, run_tokenizer)
-from graftlm.objectives.sft import FineTuneData, model_logprobs
-from graftlm.rewards import RewardPolicy, RewardScorer, build_reward
-
-
-@dataclass
-class PPOConfig(FineTuneData):
-    reward: str = field(default="", metadata={
-        "help": "reward model directory (or any reward spec, as --grpo.reward: gsm8k, module:function, ...)"})
-    value_model: str | None = field(default=None, metadata={
-        "help": "critic initialisation (default: the reward model, else a copy of the policy)"})
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(group_size=1))
-    reward_errors: RewardPolicy = field(default_factory=RewardPolicy)
-    kl_coef: float = field(default=0.05, metadata={"help": "per-token KL penalty in the reward"})
-    gamma: float = 1.0
-    lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
-    epsilon: float = field(default=0.2, metadata={"help": "clip range of the policy ratio"})
-    value_clip: float = field(default=0.2, metadata={"help": "clip range of the value update"})
-    value_lr: float = field(default=1e-4, metadata={"help": "learning rate of the critic"})
-    whiten_advantages: bool = True
-
-    def validate(self) -> None:
-        super().validate()
-        if not self.reward:
-            raise ConfigError("config field 'ppo.reward' is required (a reward model directory from graft reward)")
-        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
-            raise ConfigError("config fields 'ppo.gamma' and 'ppo.lam' must be in [0, 1]")
-        if self.kl_coef < 0 or self.epsilon <= 0 or self.value_clip <= 0:
-            raise ConfigError("config fields 'ppo.kl_coef' >= 0, 'ppo.epsilon' > 0, 'ppo.value_clip' > 0")
+from graftlm.objectives.rollout import (RolloutSampler, RolloutWarnings, build_prompt_splits, held_out_reward,
+                                        rollout_metrics, run_tokenizer)
+from graftlm.objectives.sft import model_logprobs
+from graftlm.rewards import RewardScorer, build_reward
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
@@ -215,7 +188,7 @@ class PPOObjective:
 
 
 SPEC = ObjectiveSpec(
-    name="ppo", help="classic RLHF: PPO against a reward model, with a value model and GAE",
+    name="ppo", help=HELP["ppo"],
     config_cls=PPOConfig,
     build_dataset=lambda cfg, tokenizer: build_prompt_splits(cfg, cfg.ppo, tokenizer, "ppo"),
     build_objective=lambda cfg, model: PPOObjective(cfg.ppo, run_tokenizer(cfg), model,

@@ -12,25 +12,12 @@ Design choices:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 
-from graftlm.errors import ConfigError
 from graftlm.objectives import ObjectiveSpec
+from graftlm.objectives.configs import HELP, RewardModelConfig
 from graftlm.objectives.dpo import build_pair_splits, concatenated, pair_tokens
-from graftlm.objectives.sft import FineTuneData
-
-
-@dataclass
-class RewardModelConfig(FineTuneData):
-    center_coef: float = field(default=0.0, metadata={"help": "weight of (r_chosen + r_rejected)^2, 0 = off"})
-
-    def validate(self) -> None:
-        super().validate()
-        if self.center_coef < 0:
-            raise ConfigError(f"config field 'reward.center_coef': must be >= 0, got {self.center_coef}")
 
 
 def pair_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +73,7 @@ def save_reward_model(model, out, tokenizer) -> None:
 
 
 SPEC = ObjectiveSpec(
-    name="reward", help="train a reward model (scalar head, Bradley-Terry loss on preference pairs)",
+    name="reward", help=HELP["reward"],
     config_cls=RewardModelConfig,
     build_dataset=lambda cfg, tokenizer: build_pair_splits(cfg, cfg.reward, tokenizer, "reward"),
     build_objective=lambda cfg, model: RewardObjective(cfg.reward),

@@ -35,29 +35,8 @@ from pathlib import Path
 
 import torch
 
-from graftlm.errors import ConfigError
+from graftlm.objectives.configs import SamplingConfig
 from graftlm.objectives.dpo import pad_right
-
-
-@dataclass
-class SamplingConfig:
-    group_size: int = field(default=4, metadata={"help": "completions sampled per prompt"})
-    max_new_tokens: int = field(default=64, metadata={"help": "longest completion"})
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
-    log_completions: int = field(default=0, metadata={
-        "help": "write the first N completions of each rollout, with prompt, reward and whether it was cut, "
-                "to RUN/completions.jsonl (TRL's log_completions)"})
-
-    def validate(self) -> None:
-        if self.log_completions < 0:
-            raise ConfigError(f"config field 'log_completions': must be >= 0, got {self.log_completions}")
-        if self.group_size < 1 or self.max_new_tokens < 1:
-            raise ConfigError("config fields 'group_size' and 'max_new_tokens' must be >= 1")
-        if self.temperature <= 0:
-            raise ConfigError(f"config field 'temperature': RL samples, so it must be > 0, got {self.temperature}")
 
 
 @dataclass

@@ -23,14 +23,12 @@ Design choices:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
-
 import torch
 
 from graftlm.data.formats import RowCounts, TooManyBadRows, load_examples
-from graftlm.errors import ConfigError, GraftError
+from graftlm.errors import GraftError
 from graftlm.objectives import DataSplits, ObjectiveSpec
+from graftlm.objectives.configs import HELP, FineTuneData, SFTConfig
 from graftlm.objectives.logprobs import IGNORE_INDEX, shift_targets
 
 
@@ -55,23 +53,6 @@ def packed_targets(batch: dict) -> torch.Tensor:
         crosses = document_ids[:, 1:] != document_ids[:, :-1]
         targets[:, :-1] = targets[:, :-1].masked_fill(crosses, IGNORE_INDEX)
     return targets
-
-
-@dataclass
-class FineTuneData:
-    """How fine-tuning rows are read and rendered (shared by sft, dpo, reward, grpo, ppo)."""
-
-    val_fraction: float = field(default=0.05, metadata={"help": "rows held out for validation"})
-    val_data: str | None = field(default=None, metadata={"help": "validation file (instead of val_fraction)"})
-    max_length: int | None = field(default=None, metadata={"help": "tokens per row (default: train.seq_len)"})
-    overflow: Literal["truncate", "drop"] = "truncate"
-    train_on: Literal["assistant", "all"] = field(default="assistant", metadata={"help": "tokens that get a loss"})
-    errors: Literal["skip", "raise"] = field(default="skip", metadata={"help": "bad rows: count and skip, or stop"})
-    max_bad_fraction: float = 0.01
-
-    def validate(self) -> None:
-        if not 0 <= self.val_fraction < 1:
-            raise ConfigError(f"config field 'val_fraction': must be in [0, 1), got {self.val_fraction}")
 
 
 def load_splits(cfg, section: FineTuneData, objective: str) -> tuple[list[dict], list[dict], RowCounts]:
@@ -190,14 +171,6 @@ def rendered_bytes_per_token(rows, tokenizer) -> float | None:
     return text_bytes / tokens
 
 
-@dataclass
-class SFTConfig(FineTuneData):
-    """SFT's options are the data's (which tokens are trained is the renderer's choice) and packing."""
-
-    packing: bool = field(default=False, metadata={
-        "help": "pack several rows into each sequence of max_length (attention stays within a row)"})
-
-
 class SFTObjective:
     name = "sft"
 
@@ -237,6 +210,6 @@ def build_dataset(cfg, tokenizer) -> DataSplits:
                       vocab_size=tokenizer.vocab_size, identity=identity, stats=stats)
 
 
-SPEC = ObjectiveSpec(name="sft", help="supervised fine-tuning on chat / prompt-completion rows",
+SPEC = ObjectiveSpec(name="sft", help=HELP["sft"],
                      config_cls=SFTConfig, build_dataset=build_dataset,
                      build_objective=lambda cfg, model: SFTObjective(cfg.sft))

@@ -175,7 +175,7 @@ def block_linear_params(cfg: ModelConfig) -> int:
 
 
 def _nf4_bytes(numel: int) -> int:
-    from graftlm.adapters.qlora import NF4_BLOCK, _scaler_block
+    from graftlm.adapters.nf4_layout import NF4_BLOCK, _scaler_block
     blocks = numel // NF4_BLOCK
     return numel // 2 + blocks + 2 * (blocks // _scaler_block(blocks)) + 2 + 32
 
