@@ -7,6 +7,7 @@ Layout of `checkpoints/step-N/`:
   optimizer.json           param groups (hyper-parameters, parameter names)
   rng.safetensors          torch CPU / CUDA generator states as uint8 tensors
   trainer.json             step, loader position, Python / NumPy RNG, resume identity
+  objective.safetensors    an objective's own tensors (optional; `rank<r>/...`: rank r's own)
   manifest.json            sha256 and size of every file above; written last
 
 Design choices:
@@ -282,6 +283,76 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     random.setstate((version, tuple(mt_state), gauss))
     kind, keys, pos, has_gauss, cached = meta["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# -- an objective's own state --------------------------------------------------------------
+
+OBJECTIVE_FILE = "objective.safetensors"  # PPO's critic; each rank's GRPO rollouts as rank<r>/...
+
+
+def gather_rank_tensors(own: dict[str, torch.Tensor], rank: int, world_size: int, all_reduce,
+                        device) -> dict[str, torch.Tensor]:
+    """Every rank's `own` tensors as `rank<r>/<key>`, on rank 0 ({} on the others; every
+    rank calls this). For state that differs between ranks (GRPO's kept rollouts, each of
+    its rank's prompts) in a checkpoint rank 0 writes, alone or beside FSDP2's shards. Each
+    rank's tensors travel as their safetensors bytes in a row of their own, summed into
+    zeros by the run's all-reduce: exact for any dtype, no pickle, no other collective."""
+    if world_size == 1:
+        return {f"rank0/{key}": value for key, value in own.items()}
+    from safetensors.torch import load, save
+
+    data = save({k: v.detach().contiguous().cpu() for k, v in own.items()}) if own else b""
+    sizes = torch.zeros(world_size, dtype=torch.int64, device=device)
+    sizes[rank] = len(data)
+    sizes = all_reduce(sizes).tolist()
+    if not any(sizes):  # between GRPO's blocks: nothing kept anywhere
+        return {}
+    rows = torch.zeros(world_size, max(sizes), dtype=torch.uint8, device=device)
+    if data:
+        rows[rank, :len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+    rows = all_reduce(rows)
+    if rank != 0:
+        return {}
+    rows = rows.cpu()
+    return {f"rank{r}/{key}": value for r, size in enumerate(sizes) if size
+            for key, value in load(rows[r, :size].numpy().tobytes()).items()}
+
+
+def split_rank_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[int, dict[str, torch.Tensor]]]:
+    """(the tensors every rank shares, {rank: its own}) of `gather_rank_tensors`' layout."""
+    shared, ranks = {}, {}
+    for key, value in tensors.items():
+        head, _, rest = key.partition("/")
+        if head.startswith("rank") and head[4:].isdigit() and rest:
+            ranks.setdefault(int(head[4:]), {})[rest] = value
+        else:
+            shared[key] = value
+    return shared, ranks
+
+
+def load_objective_state(objective, directory: Path, state: dict, rank: int, world_size: int, warn) -> None:
+    """Hand an objective what it saved (`checkpoint_state`), and this rank its own part
+    (`rank_checkpoint_state`) where the checkpoint has one for it."""
+    if not hasattr(objective, "load_checkpoint_state"):
+        return
+    if "objective" not in state:  # saved before objectives kept state: resumable, not exactly
+        warn(f"warning: {directory} holds no {objective.name} state (an older checkpoint): the objective's own "
+             "state restarts (the rollout counter, so new sampling seeds; PPO's critic from its initialisation, "
+             "with a fresh optimizer)")
+        return
+    path = directory / OBJECTIVE_FILE
+    shared, ranks = split_rank_tensors(read_tensors(directory, OBJECTIVE_FILE) if path.is_file() else {})
+    objective.load_checkpoint_state(shared, state["objective"], path)
+    saved_world = (state.get("identity") or {}).get("world_size", world_size)
+    # Each rank's part is of its own prompts: with another number of ranks (which only
+    # --allow-config-change lets through) it fits none, and sampling anew is the way on.
+    if ranks and saved_world != world_size:
+        warn(f"warning: {directory} was saved by {saved_world} ranks, each keeping the rollouts of its own prompts "
+             f"for the rest of an --{objective.name}.iterations block; they fit none of this run's {world_size} "
+             f"rank{'s' if world_size > 1 else ''}, so that block's remaining passes sample anew")
+        ranks = {}
+    if hasattr(objective, "load_rank_checkpoint_state"):
+        objective.load_rank_checkpoint_state(ranks.get(rank, {}))
 
 
 # -- refusing to resume into a different run -----------------------------------------------

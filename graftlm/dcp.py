@@ -8,7 +8,8 @@ same manifest and the same atomic rename as `checkpoint.py`):
                            tensors, with their offsets in the safetensors metadata
   optimizer.json           param groups and non-tensor optimizer state
   rng-rank-R.safetensors   rank R's torch generator states (+ rng-rank-R.json)
-  objective.safetensors    what the objective holds whole on every rank (PPO's critic),
+  objective.safetensors    what the objective holds whole on every rank (PPO's critic)
+                           and each rank's own (`rank<r>/...`, GRPO's kept rollouts),
                            written by rank 0 (the trainer's `files`)
   trainer.json             step, loader position, resume identity, `sharded: true`
   manifest.json            sha256 and size of every file above; written last

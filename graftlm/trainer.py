@@ -15,7 +15,9 @@ Design choices:
   Such an objective has `checkpoint_state() -> (tensors, JSON)` and
   `load_checkpoint_state(tensors, JSON, source)`; its tensors are `objective.safetensors`
   (one copy, written by rank 0: they must be the same on every rank), its JSON
-  `trainer.json`'s `objective`. A reference model (`uses_reference`) is the run's first
+  `trainer.json`'s `objective`. What differs per rank (GRPO's kept rollouts:
+  `rank_checkpoint_state()` / `load_rank_checkpoint_state(tensors)`) is gathered there as
+  `rank<r>/...`. A reference model (`uses_reference`) is the run's first
   policy, so on resume it is copied before the checkpoint's weights load.
 - Parallelism hooks only: `rank`, `world_size` and an `all_reduce` (sum) callable.
   Only rank 0 logs and writes; DDP / FSDP2 wrapping happens outside (`parallel.py`).
@@ -63,9 +65,6 @@ class Objective(Protocol):
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict]:
         ...
-
-
-OBJECTIVE_FILE = "objective.safetensors"  # an objective's own tensors in a checkpoint (PPO's critic)
 
 
 def release_freed_host_memory() -> None:
@@ -314,15 +313,19 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         if self.checkpoint_root is None:
             return None
+        # What the objective holds per rank travels to rank 0 first (every rank calls this).
+        ranks = (ckpt.gather_rank_tensors(self.objective.rank_checkpoint_state(), self.rank, self.world_size,
+                                          self.all_reduce, self.device)
+                 if hasattr(self.objective, "rank_checkpoint_state") else {})
         if self.sharded or self.world_size == 1:  # every rank writes its part (DCP's own collectives)
-            return self._write_checkpoint()
+            return self._write_checkpoint(ranks)
         # Unsharded under torchrun rank 0 writes alone, and the others hear whether it did:
         # a failed write (a full disk) then stops every rank at once, instead of leaving
         # them in the next step's all-reduce until --parallel.timeout-s.
         path, failure = None, None
         if self.is_main:
             try:
-                path = self._write_checkpoint()
+                path = self._write_checkpoint(ranks)
             except Exception as e:
                 failure = e
         failed = self.all_reduce(torch.tensor([float(failure is not None)], device=self.device)).item() > 0
@@ -333,7 +336,7 @@ class Trainer:
                              "there); every rank stops")
         return path
 
-    def _write_checkpoint(self) -> Path:
+    def _write_checkpoint(self, rank_tensors: dict[str, torch.Tensor]) -> Path:
         state = {"step": self.step, "tokens": self.tokens, "flops": self.flops, "train_time_s": self.train_time_s,
                  "wall_time_s": self.wall_time_s(), "steady": self.steady,
                  "bad_streak": self.bad_streak, "last_loss": self.last_loss, "last_val": self.last_val,
@@ -343,8 +346,8 @@ class Trainer:
         objective_files = {}
         if hasattr(self.objective, "checkpoint_state"):
             objective_tensors, state["objective"] = self.objective.checkpoint_state()
-            if objective_tensors:
-                objective_files[OBJECTIVE_FILE] = objective_tensors
+            if objective_tensors or rank_tensors:
+                objective_files[ckpt.OBJECTIVE_FILE] = {**objective_tensors, **rank_tensors}
         if self.sharded:
             from graftlm import dcp
             return dcp.save_sharded(self.checkpoint_root, self.step, self.model, self.optimizer, state,
@@ -379,7 +382,7 @@ class Trainer:
                              trainable_only=self.trainable_only)
         else:
             self._load_single(directory, state)
-        self._load_objective_state(directory, state)
+        ckpt.load_objective_state(self.objective, directory, state, self.rank, self.world_size, self._message)
         self.loader.load_state_dict(state["loader"])
         self.step, self.tokens = state["step"], state["tokens"]
         # A checkpoint from before FLOPs were counted: its tokens at the run's sequence length.
@@ -390,18 +393,6 @@ class Trainer:
         self.last_loss, self.last_val = state["last_loss"], state["last_val"]
         # Kept for a resumed process too short to count its own (it counts on its second step).
         self.peak_tensor_bytes, self.peak_tensor_context = state.get("peak_tensor", [None, 0])
-
-    def _load_objective_state(self, directory: Path, state: dict) -> None:
-        if not hasattr(self.objective, "load_checkpoint_state"):
-            return
-        if "objective" not in state:  # saved before objectives kept state: resumable, not exactly
-            self._message(f"warning: {directory} holds no {self.objective.name} state (an older checkpoint): "
-                          "the objective's own state restarts (the rollout counter, so new sampling seeds; "
-                          "PPO's critic from its initialisation, with a fresh optimizer)")
-            return
-        path = directory / OBJECTIVE_FILE
-        tensors = ckpt.read_tensors(directory, OBJECTIVE_FILE) if path.is_file() else {}
-        self.objective.load_checkpoint_state(tensors, state["objective"], path)
 
     def _check_layout(self, directory: Path, state: dict) -> None:
         """Refuse, before any other check, a checkpoint whose files this run cannot load:

@@ -15,9 +15,11 @@ engine and scored by a reward (`graftlm.rewards`). Design choices:
   and keeps its rollout and log-probs (pi_old, the policy at sampling time, which is
   the policy of pass 0's step, and the reference's, which never changes), later passes
   reuse them: as TRL's ref_per_token_logps, the reference runs one forward per rollout,
-  not one per pass. A reused rollout is matched by its slot and sample ids; after a
-  resume mid-block it is sampled anew (kept rollouts are not in checkpoints, so such a
-  resume is not exact).
+  not one per pass. A reused rollout is matched by its slot and sample ids. A checkpoint
+  that falls inside a block holds each rank's kept rollouts (`rank_checkpoint_state`:
+  token ids, masks, rewards, pi_old's and the reference's log-probs, as they were at
+  sampling time), so a resume trains the block's remaining passes on them, as the unbroken
+  run does, without sampling.
 - A step in which every group's completions got the same reward learns nothing: the
   run logs `frac_reward_zero_std` (the share of such groups, TRL's metric) and warns
   (`rollout.RolloutWarnings`), as it does when completions are cut at `max_new_tokens`.
@@ -95,6 +97,44 @@ class KeptRollout:
     ref_logp: torch.Tensor | None  # the reference's (None at beta 0: no reference)
 
 
+def _without_nan(name: str, values: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Scores with NaN where skipped, as a checkpoint holds them: it refuses non-finite values."""
+    skipped = torch.isnan(values)
+    return {name: values.masked_fill(skipped, 0.0), f"{name}_skipped": skipped}
+
+
+def _with_nan(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    return tensors[name].masked_fill(tensors[f"{name}_skipped"], float("nan"))
+
+
+def kept_tensors(sample_ids: list[int], kept: KeptRollout) -> dict[str, torch.Tensor]:
+    """What a later pass reads of a kept rollout, as tensors for a checkpoint."""
+    r = kept.rollout
+    tensors = {"sample_ids": torch.tensor(sample_ids, dtype=torch.int64), "input_ids": r.input_ids,
+               "loss_mask": r.loss_mask, "lengths": r.lengths, "truncated": r.truncated,
+               "old_logp": kept.old_logp, **_without_nan("rewards", r.rewards)}
+    for name, values in r.reward_parts.items():
+        tensors.update(_without_nan(f"reward_parts/{name}", values))
+    if r.none_applied is not None:
+        tensors["none_applied"] = r.none_applied
+    if kept.ref_logp is not None:
+        tensors["ref_logp"] = kept.ref_logp
+    return tensors
+
+
+def kept_from_tensors(tensors: dict[str, torch.Tensor], group_size: int,
+                      device) -> tuple[list[int], KeptRollout]:
+    """`kept_tensors` read back: (sample ids, the kept rollout), its tensors where the
+    sampler put them (the rollout's ids, mask, rewards and log-probs on the model's device)."""
+    parts = {key.removeprefix("reward_parts/"): _with_nan(tensors, key) for key in tensors
+             if key.startswith("reward_parts/")}
+    rollout = Rollout(tensors["input_ids"].to(device), tensors["loss_mask"].to(device),
+                      _with_nan(tensors, "rewards").to(device), [], group_size, 0.0, 0.0, tensors["lengths"],
+                      tensors["truncated"], parts, tensors.get("none_applied"))
+    ref_logp = tensors["ref_logp"].to(device) if "ref_logp" in tensors else None
+    return tensors["sample_ids"].tolist(), KeptRollout(rollout, tensors["old_logp"].to(device), ref_logp)
+
+
 class GRPOObjective:
     name = "grpo"
     val_metric = "reward"
@@ -108,6 +148,7 @@ class GRPOObjective:
         # Several rewards: each one's held-out mean beside their sum (val_reward/<name>, summary.json).
         self.val_metrics = tuple(f"reward/{r.name}" for r in scorer.rewards) if len(scorer.rewards) > 1 else ()
         self.pad_id = tokenizer.pad_id if tokenizer is not None else 0
+        self.device = torch.device(device)  # the model's: where restored kept rollouts go
         # slot -> (sample ids, rollout with its fixed log-probs) kept for the later passes
         self._kept: dict[int, tuple[list[int], KeptRollout]] = {}
         self._last_end: float | None = None
@@ -132,7 +173,10 @@ class GRPOObjective:
         ref_logp = reference_token_logps(model, rollout.input_ids, targets) if cfg.beta > 0 else None
         fixed = KeptRollout(rollout, logp.detach(), ref_logp)
         if batch.get("reuse_pass", cfg.iterations - 1) < cfg.iterations - 1:
-            self._kept[batch["reuse_slot"]] = (batch["sample_ids"].tolist(), fixed)
+            # Kept without its texts, which later passes never read (completions.jsonl has them
+            # from now): what is kept is then exactly what a checkpoint holds and restores.
+            kept = replace(fixed, rollout=replace(rollout, completions=[]))
+            self._kept[batch["reuse_slot"]] = (batch["sample_ids"].tolist(), kept)
         return fixed
 
     def evaluate_batch(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -144,6 +188,21 @@ class GRPOObjective:
 
     def load_checkpoint_state(self, tensors: dict[str, torch.Tensor], state: dict, source) -> None:
         self.sampler.load_state_dict(state["sampler"])
+
+    def rank_checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """This rank's rollouts kept for the later passes of the block in progress, as
+        `slot<s>/<name>` (none between blocks); each rank's are its own prompts', so the
+        trainer saves every rank's (`checkpoint.gather_rank_tensors`)."""
+        return {f"slot{slot}/{name}": value for slot, (ids, kept) in self._kept.items()
+                for name, value in kept_tensors(ids, kept).items()}
+
+    def load_rank_checkpoint_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        slots: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            slot, name = key.split("/", 1)
+            slots.setdefault(int(slot.removeprefix("slot")), {})[name] = value
+        self._kept = {slot: kept_from_tensors(each, self.config.sampling.group_size, self.device)
+                      for slot, each in slots.items()}
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
         start = time.perf_counter()
