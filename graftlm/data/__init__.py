@@ -9,12 +9,26 @@
 - `loader`: the resumable, rank-aware sampler.
 """
 
-from graftlm.data.formats import RowCounts, iter_examples, load_examples
-from graftlm.data.packing import documents_from_eos, pack_rows
-from graftlm.data.render import RenderConfig, RenderedPair, RenderedRow, Renderer
-from graftlm.data.shards import ShardSet, check_tokenizer, open_shards
-from graftlm.data.sources import Row, iter_rows, resolve_paths
+import importlib
+
+# name -> the module defining it, imported when the name is first used: reading rows
+# (`formats`, `sources`: what `graft eval --help` reaches) needs no numpy, which the others import.
+_DEFINED_IN = {
+    **dict.fromkeys(["RowCounts", "iter_examples", "load_examples"], "formats"),
+    **dict.fromkeys(["documents_from_eos", "pack_rows"], "packing"),
+    **dict.fromkeys(["RenderConfig", "RenderedPair", "RenderedRow", "Renderer"], "render"),
+    **dict.fromkeys(["ShardSet", "check_tokenizer", "open_shards"], "shards"),
+    **dict.fromkeys(["Row", "iter_rows", "resolve_paths"], "sources"),
+}
 
 __all__ = ["Row", "iter_rows", "resolve_paths", "RowCounts", "iter_examples", "load_examples",
            "RenderConfig", "RenderedRow", "RenderedPair", "Renderer", "pack_rows",
            "documents_from_eos", "ShardSet", "open_shards", "check_tokenizer"]
+
+
+def __getattr__(name: str):
+    if name not in _DEFINED_IN:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_DEFINED_IN[name]}"), name)
+    globals()[name] = value
+    return value
