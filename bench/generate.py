@@ -20,6 +20,11 @@ includes compiling its decode step: its time is printed too. In bfloat16, token 
 part early: the random weights give nearly tied logits, so a rounding difference
 flips a greedy choice.
 
+Then sampling, as GRPO's rollouts sample: 32 rows of 64-token prompts, 64 new tokens,
+temperature 1.0, each row seeded (`SamplingParams.seed`), with top-p off and at 0.9,
+against transformers' `generate(do_sample=True)` on the same prompts, float32 eager on
+both sides (the tokens differ: each side draws its own random numbers).
+
 It also prints the float32 floor: one decode step's matrix products alone (every weight
 read once, q/k/v and gate/up concatenated), which no float32 engine on this CPU can
 beat; the ratio of transformers' step time to it bounds any float32 speed-up.
@@ -156,6 +161,27 @@ def main() -> None:
         floor_tps = batch / matmul_floor_s(engines["graftlm float32"].model, batch)
         print(f"  {'float32 matmul floor':<36} {floor_tps:>9.1f}  {floor_tps / hf_tps:>14.2f}x"
               f"  (the bound of any float32 engine)\n")
+    sampling(hf, engines["graftlm float32"], SamplingParams, args.repeats)
+
+
+def sampling(hf, engine, SamplingParams, repeats: int, rows: int = 32, new_tokens: int = 64) -> None:
+    """Sampled rollouts, as GRPO draws them: every row seeded, top-p off and on."""
+    ids = torch.randint(3, 8192, (rows, PROMPT_TOKENS), generator=torch.Generator().manual_seed(rows))
+    print(f"sampling: batch {rows}, {new_tokens} new tokens, temperature 1.0, float32 eager, best of {repeats}")
+    print(f"  {'side':<36} {'tokens/s':>9}  {'vs transformers':>15}")
+    for top_p in (1.0, 0.9):
+        params = [SamplingParams(max_new_tokens=new_tokens, temperature=1.0, top_p=top_p, stop_ids=(), seed=i)
+                  for i in range(rows)]
+
+        def run_hf(top_p=top_p):
+            with torch.inference_mode():
+                hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=True,
+                            temperature=1.0, top_p=top_p, top_k=0, eos_token_id=None, pad_token_id=0)
+        results = best_of_rounds({"transformers": run_hf, "graftlm": lambda params=params: engine.generate(
+            ids.tolist(), params)}, repeats)
+        hf_s, ours_s = results["transformers"][0], results["graftlm"][0]
+        print(f"  {f'transformers generate, top_p {top_p}':<36} {rows * new_tokens / hf_s:>9.1f}")
+        print(f"  {f'graftlm engine, top_p {top_p}':<36} {rows * new_tokens / ours_s:>9.1f}  {hf_s / ours_s:>14.2f}x")
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ Design choices:
   more are trimmed when rows leave, so the cache does not grow without bound.
 - Each row samples with its own `torch.Generator` (seeded from `SamplingParams.seed`,
   `row_seed(seed, i)` for the i-th prompt sharing one params object), so a row's samples do not
-  depend on which other rows share the batch. Greedy rows are one batched argmax;
-  top-k uses `topk` and top-p sorts only when it is on.
+  depend on which other rows share the batch. Greedy rows are one batched argmax; the
+  others sample in one batched pass too (`graftlm.sampling`), each from a uniform number
+  its own generator draws; top-k uses `topk` and top-p sorts only when it is on.
 - Stop: any of `stop_ids` (default: the tokenizer's `stop_ids`, else the config's EOS
   ids) or any `stop` string; the stop token stays in `token_ids` (as in transformers),
   the text ends before the stop token / stop string. While streaming, text that may be
@@ -61,6 +62,7 @@ import torch
 
 from graftlm.errors import GraftError
 from graftlm.models.transformer import DecodeSlot, KVCache
+from graftlm.sampling import sample_tokens
 
 
 def row_seed(seed: int, i: int) -> int:
@@ -457,11 +459,11 @@ class Engine:
         chosen = logits.argmax(-1)
         if all(r.generator is None for r in rows):
             return chosen.tolist(), chosen[:, None]
-        tokens = chosen.tolist()
-        for i, row in enumerate(rows):
-            if row.generator is not None:
-                tokens[i] = _sample_row(logits[i], row.params, row.generator)
-        return tokens, torch.tensor(tokens, device=logits.device)[:, None]
+        sampled = [i for i, row in enumerate(rows) if row.generator is not None]
+        params = [rows[i].params for i in sampled]
+        chosen[sampled] = sample_tokens(logits[sampled], [p.temperature for p in params], [p.top_k for p in params],
+                                        [p.top_p for p in params], [rows[i].generator for i in sampled])
+        return chosen.tolist(), chosen[:, None]
 
 
 def check_generative(model_dir) -> None:
@@ -575,21 +577,4 @@ class _DecodeStep(torch.nn.Module):
 
     def forward(self, input_ids, position_ids, slot):
         return self.model.decode_step(input_ids, position_ids, slot)
-
-
-def _sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    scores = logits.float() / params.temperature
-    candidates = None  # token ids of `scores` when narrowed to the top k
-    if 0 < params.top_k < scores.shape[-1]:
-        scores, candidates = scores.topk(params.top_k)  # sorted, descending
-    if params.top_p < 1.0:
-        if candidates is None:
-            scores, candidates = scores.sort(descending=True)
-        probs = scores.softmax(-1)
-        # Keep the smallest prefix whose probability reaches top_p (at least one token).
-        keep = (probs.cumsum(-1) - probs) < params.top_p
-        scores = scores.masked_fill(~keep, float("-inf"))
-    probs = scores.softmax(-1).cpu()
-    choice = int(torch.multinomial(probs, 1, generator=generator).item())
-    return int(candidates[choice]) if candidates is not None else choice
 
