@@ -184,9 +184,13 @@ def schedule_jump(recorded: dict, cfg: RunConfig, step: int) -> str | None:
     except GraftError:  # settings of an older graftlm that no longer read: no note
         return None
     last, next_ = lr_at(step - 1, before, used), lr_at(step, cfg.train.max_steps, cfg.optim)
-    if max(last, next_) <= 1.2 * min(last, next_):
+    # Against the next step's rate as the run was planned: a short schedule's own decay
+    # from one step to the next is no change (it read as one on every resume).
+    planned = lr_at(step, before, used)
+    if max(planned, next_) <= 1.2 * min(planned, next_):
         return None
-    change = f"the rate goes from {last:.3g} at step {step} to {next_:.3g} at step {step + 1}"
+    change = (f"the rate goes from {last:.3g} at step {step} to {next_:.3g} at step {step + 1}, "
+              f"where the run as planned would use {planned:.3g}")
     if before == cfg.train.max_steps:
         return f"note: with the changed --optim settings {change}"
     return (f"note: the {cfg.optim.schedule} learning-rate schedule now spans {cfg.train.max_steps} steps, as if "

@@ -177,16 +177,24 @@ def test_an_extended_run_says_when_its_schedule_moves_the_rate_at_once():
     note = schedule_jump({"train.max_steps": 30}, cfg, 30)
     last, following = lr_at(29, 30, cfg.optim), lr_at(30, 40, cfg.optim)
     assert following > 2 * last  # cosine over 30 steps ends at its floor; over 40 it is not there yet
+    planned = lr_at(30, 30, cfg.optim)
     assert note == (f"note: the cosine learning-rate schedule now spans 40 steps, as if planned for them: the rate "
-                    f"goes from {last:.3g} at step 30 to {following:.3g} at step 31")
+                    f"goes from {last:.3g} at step 30 to {following:.3g} at step 31, where the run as planned "
+                    f"would use {planned:.3g}")
+    # Resumed unchanged, a short schedule's own fall from one step to the next is no note.
+    cfg.train.max_steps = 8
+    assert lr_at(4, 8, cfg.optim) < 0.8 * lr_at(3, 8, cfg.optim)
+    assert schedule_jump({"train.max_steps": 8}, cfg, 4) is None
     cfg.optim.schedule = "constant"
     assert schedule_jump({"train.max_steps": 30}, cfg, 30) is None  # nothing moves
     assert schedule_jump({"train.max_steps": 40}, cfg, 30) is None  # the same length: not extended
     # Another lr: the rate comes from the one the last step used (the recorded), not the new one's.
     recorded = {"train.max_steps": 40, "optim.lr": 3e-3, "optim.schedule": "constant"}
     cfg.optim.lr = 1e-3
+    cfg.train.max_steps = 40
     assert schedule_jump(recorded, cfg, 30) == ("note: with the changed --optim settings the rate goes from "
-                                                 "0.003 at step 30 to 0.001 at step 31")
+                                                 "0.003 at step 30 to 0.001 at step 31, where the run as planned "
+                                                 "would use 0.003")
 
 
 def test_a_runs_default_name_names_the_model_it_starts_from(tmp_path):
