@@ -6,7 +6,7 @@ math), qlora (NF4 base via torchao), inject (apply / switch / disable / merge / 
 peft_format (PEFT files), multi (per-row adapters), identity (base fingerprints).
 """
 
-import importlib
+from graftlm.lazy import lazy_exports
 
 # name -> the module defining it, imported when the name is first used: `adapters.config`
 # (the run config's section) is read without torch, which every other module imports.
@@ -28,9 +28,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name not in _DEFINED_IN:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_DEFINED_IN[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _DEFINED_IN)

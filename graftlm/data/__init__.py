@@ -9,7 +9,7 @@
 - `loader`: the resumable, rank-aware sampler.
 """
 
-import importlib
+from graftlm.lazy import lazy_exports
 
 # name -> the module defining it, imported when the name is first used: reading rows
 # (`formats`, `sources`: what `graft eval --help` reaches) needs no numpy, which the others import.
@@ -26,9 +26,4 @@ __all__ = ["Row", "iter_rows", "resolve_paths", "RowCounts", "iter_examples", "l
            "documents_from_eos", "ShardSet", "open_shards", "check_tokenizer"]
 
 
-def __getattr__(name: str):
-    if name not in _DEFINED_IN:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_DEFINED_IN[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _DEFINED_IN)
