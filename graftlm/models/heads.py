@@ -23,7 +23,7 @@ from torch import nn
 
 from graftlm.errors import GraftError, read_json
 from graftlm.models.config import ModelConfig, read_hf_config, to_hf_config
-from graftlm.models.transformer import Decoder
+from graftlm.models.transformer import Decoder, skeleton
 
 CLASSIFIER_ARCHITECTURES = {"llama": "LlamaForSequenceClassification",
                             "mistral": "MistralForSequenceClassification",
@@ -66,7 +66,7 @@ class ScalarHeadModel(nn.Module):
         if record_base:
             from graftlm.adapters.identity import base_identity
             identity = base_identity(decoder)  # before the decoder's LM head is dropped
-        with torch.device("meta"):
+        with skeleton():
             out = cls(decoder.config, pad_token_id)
         out.model = decoder
         out._drop_lm_head()
@@ -159,7 +159,7 @@ def load_scalar_model(path: str | Path, dtype: torch.dtype = torch.float32,
     cfg.tie_embeddings = False
     # load_state_dict strips the backbone's "model." prefix; our module keeps it.
     state = {(k if k.startswith("score.") else "model." + k): v for k, v in load_state_dict(model_dir).items()}
-    with torch.device("meta"):
+    with skeleton():
         model = ScalarHeadModel(cfg)
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from graftlm.errors import GraftError, read_json
 from graftlm.models.config import (check_model_dir, load_config, read_hf_config, recorded_base,  # noqa: F401
                                    resolve_model_config, run_directory_hint, to_hf_config)  # (without torch)
-from graftlm.models.transformer import Decoder
+from graftlm.models.transformer import Decoder, skeleton
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja")
@@ -90,7 +90,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = torch.float32,
     model_dir = check_model_dir(path)
     cfg = read_hf_config(model_dir / "config.json")
     state = load_state_dict(model_dir)
-    with torch.device("meta"):
+    with skeleton():
         model = Decoder(cfg)
     expected = dict(model.state_dict())
     if cfg.tie_embeddings:

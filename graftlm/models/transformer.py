@@ -28,6 +28,7 @@ Design choices:
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -54,10 +55,10 @@ class RMSNorm(nn.Module):
         return kernels.rms_norm(x, self.weight, self.eps, out_dtype)
 
 
-def rope_inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
+def rope_inverse_frequencies(cfg: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
     """Inverse frequencies of RoPE, with Llama 3 / linear scaling applied."""
     dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
     scaling = cfg.rope_scaling or {}
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "linear":
@@ -215,6 +216,27 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+# torch.nn.init's functions that module constructors call (nn.Linear, nn.Embedding).
+_INIT_FUNCTIONS = ("normal_", "uniform_", "kaiming_uniform_", "ones_", "zeros_")
+
+
+@contextmanager
+def skeleton():
+    """Build modules on the meta device (no memory) without their random initialisation,
+    for weights that are loaded next. On meta tensors torch's init runs its Python
+    reference implementations, the first of which imports torch._dynamo: 2-5 s of every
+    command that loads a model and trains nothing (generate, chat, eval, serve)."""
+    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
+    try:
+        for name in _INIT_FUNCTIONS:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)
+
+
 class Decoder(nn.Module):
     """A decoder-only transformer. `forward` returns logits, or hidden states on request."""
 
@@ -236,8 +258,10 @@ class Decoder(nn.Module):
     # -- set-up ---------------------------------------------------------------------
 
     def reset_rope(self, device=None) -> None:
-        """(Re)compute the RoPE tables in float32; call after moving to a device."""
-        inv_freq = rope_inverse_frequencies(self.config).to(device)
+        """(Re)compute the RoPE tables in float32 on `device` (None: the CPU, also for a
+        model built on the meta device; forward moves them to its inputs' device)."""
+        device = torch.device("cpu") if device is None else device
+        inv_freq = rope_inverse_frequencies(self.config, device)
         positions = torch.arange(self.config.max_seq_len, device=device, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)

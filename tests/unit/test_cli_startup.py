@@ -82,3 +82,16 @@ def test_objective_specs_use_the_configs_the_commands_are_built_from():
     for name in available():
         spec = get_spec(name)
         assert spec.config_cls is config_class(name) and spec.help == HELP[name], name
+
+
+def test_loading_a_model_and_generating_do_not_import_dynamo(tiny_hf_dir):
+    """Building a model on the meta device ran torch's init there, whose reference
+    implementations import torch._dynamo: 2-5 s of every `graft generate`, `chat`, `eval`
+    and `serve` that never compiles. `models.transformer.skeleton` skips that init."""
+    child = ("import sys\nfrom graftlm.models.hf import load_model\nfrom graftlm.engine import Engine, SamplingParams\n"
+             f"model = load_model({str(tiny_hf_dir)!r})\n"
+             "Engine(model).generate([[1, 2, 3]], SamplingParams(max_new_tokens=3, temperature=0.8, seed=0))\n"
+             "print('torch._dynamo' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", child], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "False"
