@@ -106,6 +106,22 @@ def _check_weightless_directory(cfg: RunConfig, warn=print) -> None:
          "in its architecture")
 
 
+def _note_random_start(cfg: RunConfig, warn=print) -> None:
+    """Fine-tuning a preset or a config file trains random weights: allowed (tests and
+    quick trials do it), but said, since it is rarely what was meant; a config.json whose
+    directory holds the weights names that directory."""
+    model = Path(cfg.model)
+    if cfg.objective == "clm" or model.is_dir():  # a weightless directory: `_check_weightless_directory`
+        return
+    if model.is_file() and any(model.parent.glob("*.safetensors")):
+        warn(f"note: --model {cfg.model} is a config file: {cfg.objective} starts from random weights, not the "
+             f"ones beside it; to fine-tune those, pass the directory: --model {model.parent}")
+    else:
+        what = "a preset" if cfg.model in PRESETS else "a config"
+        warn(f"note: --model {cfg.model} is {what}: {cfg.objective} starts from random weights; to fine-tune a "
+             "trained model, pass its directory (a run's final/, or a Hugging Face model's)")
+
+
 def loaded_context(cfg: RunConfig) -> int | None:
     """The context (max_position_embeddings) of a model loaded from weights; None for a
     new model, whose context is made to fit the run (`build_model`)."""
@@ -264,6 +280,7 @@ def _run_training(cfg: RunConfig, resume: bool | None, fresh: bool, allow_config
                           "frozen: pass a model directory (a run's final/, or a Hugging Face model's), or train "
                           "in full without --adapter")
     _check_weightless_directory(cfg, warn=print if d.is_main else lambda line: None)
+    _note_random_start(cfg, warn=print if d.is_main else lambda line: None)
     # Concrete before config.yaml, the resume check and the plan read it.
     cfg.train.seq_len = cfg.train.seq_len_for(cfg.objective, context)
     if cfg.objective == "clm" and _from_weights(cfg) and cfg.train.seq_len > context:

@@ -237,3 +237,26 @@ def test_the_demos_stage_panels_wrap_their_text_whole(capsys):
         _stage(table_console(), key, number)
         printed = " ".join(word for line in capsys.readouterr().out.splitlines() for word in line.strip("│ ").split())
         assert " ".join(STAGES[key][1].split()) in printed
+
+
+def test_fine_tuning_a_preset_or_a_config_file_says_it_starts_from_random_weights(tmp_path, capsys):
+    """`graft sft --model runs/base/final/config.json` trained random weights (loss ln V)
+    without a word; the weights beside the config were never loaded."""
+    from graftlm.cli import main
+    from graftlm.models.hf import save_model
+    from graftlm.models.transformer import Decoder
+    from graftlm.models.config import preset
+    from tests.unit.test_sft_packing import _data
+    path, tokenizer = _data(tmp_path, n=8)
+    base = tmp_path / "base"
+    save_model(Decoder(preset("tiny", vocab_size=tokenizer.vocab_size)), base)
+    common = ["--tokenizer", str(tmp_path / "tok"), "--data", str(path), "--out", str(tmp_path / "runs"),
+              "--train.max-steps", "1", "--train.eval-every", "0", "--tensorboard", "false"]
+    assert main(["sft", "--model", str(base / "config.json"), "--name", "a", *common]) == 0
+    out = capsys.readouterr().out
+    assert (f"note: --model {base / 'config.json'} is a config file: sft starts from random weights, not the "
+            f"ones beside it; to fine-tune those, pass the directory: --model {base}") in out
+    assert main(["sft", "--model", "tiny", "--name", "b", *common]) == 0
+    assert "note: --model tiny is a preset: sft starts from random weights" in capsys.readouterr().out
+    assert main(["sft", "--model", str(base), "--name", "c", *common]) == 0
+    assert "random weights" not in capsys.readouterr().out
