@@ -179,8 +179,10 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
 
     if model_type == "qwen2":
         kwargs["attention_bias"] = True
-    else:
-        kwargs["attention_bias"] = bool(hf.get("attention_bias", False))
+    elif hf.get("attention_bias"):
+        # transformers' Llama / Qwen3 put it on o_proj too; graftlm's bias is Qwen2's, q/k/v only.
+        raise GraftError(f"{source}: field 'attention_bias' true is not supported for {model_type} "
+                         "(its o_proj bias): graftlm models attention biases as Qwen2 does, on q, k and v only")
     kwargs["qk_norm"] = model_type == "qwen3"
     if model_type == "mistral":
         kwargs["sliding_window"] = hf.get("sliding_window")
@@ -197,6 +199,11 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
 
 def to_hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
     """The `config.json` mapping `transformers` reads for this config."""
+    if cfg.attention_bias and cfg.model_type != "qwen2":
+        # transformers' attention_bias for these would add an o_proj bias the weights lack:
+        # they would load with a random one. Qwen2's is q/k/v only, graftlm's.
+        raise GraftError(f"attention_bias (q, k and v only) is Qwen2's in transformers, not {cfg.model_type}'s: "
+                         "set model_type: qwen2 to save this model")
     architectures = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                      "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
     rope_parameters = {"rope_type": "default", "rope_theta": cfg.rope_theta}
@@ -233,7 +240,7 @@ def to_hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
         "use_cache": True,
     })
     if cfg.model_type in ("llama", "mistral", "qwen3"):
-        hf["attention_bias"] = cfg.attention_bias
+        hf["attention_bias"] = False
     if cfg.model_type == "llama":
         hf["mlp_bias"] = False
     if cfg.model_type == "mistral":

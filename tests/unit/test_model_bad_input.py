@@ -47,6 +47,19 @@ def test_remote_code_is_refused(saved):
         load_model(saved)
 
 
+def test_an_o_proj_bias_is_named_as_what_is_unsupported(saved):
+    """transformers' Llama / Qwen3 `attention_bias` adds an o_proj bias graftlm has no place
+    for: refused naming the field (it said the config did not match the weights), and a
+    graftlm model with q/k/v biases is not saved as a Llama that would grow a random one."""
+    cfg = json.loads((saved / "config.json").read_text())
+    cfg["attention_bias"] = True
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(GraftError, match=r"field 'attention_bias' true is not supported for llama \(its o_proj"):
+        load_model(saved)
+    with pytest.raises(GraftError, match="set model_type: qwen2 to save this model"):
+        save_model(Decoder(preset("tiny", attention_bias=True)), saved.parent / "biased")
+
+
 def test_wrong_field_type_names_the_field(saved):
     cfg = json.loads((saved / "config.json").read_text())
     cfg["hidden_size"] = "64"
