@@ -46,8 +46,9 @@ def register(subparsers) -> None:
 
 
 def _add_sampling_arguments(parser, max_new_tokens: int, temperature: float) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    parser.add_argument("--temperature", type=float, default=temperature, help="0: greedy")
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default {max_new_tokens}")
+    parser.add_argument("--temperature", type=float, default=temperature,
+                        help=f"0: greedy (default {temperature:g})")
     parser.add_argument("--top-k", type=int, default=0, help="0: off")
     parser.add_argument("--top-p", type=float, default=1.0, help="1.0: off")
     parser.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
