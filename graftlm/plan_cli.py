@@ -190,6 +190,9 @@ def data_lines(result: dict) -> list[str]:
     if counted.startswith("estimate"):
         lines.append("  [yellow]estimated[/] as UTF-8 bytes / 4, with no tokenizer to count them: pass --tokenizer "
                      "DIR, or as --model a directory holding its tokenizer.json, for the real count")
+    if stats.get("pair_tokens") and "dpo" in result["regimes"]:
+        lines.append(f"[bold]dpo[/] trains on both sequences of each pair, each reply after its prompt: "
+                     f"{fmt_count(result['regimes']['dpo']['tokens'])} tokens")
     sampled = {name: r["rollouts"] for name, r in result["regimes"].items() if r.get("rollouts")}
     if sampled:
         lines.append(rollout_line(sampled, stats.get("prompts") or {}, data["tokens"]))

@@ -97,11 +97,15 @@ def _estimated_tokens(value) -> int:
     return max(1, len("\n".join(_strings(value)).encode("utf-8")) // 4)
 
 
-def _row_tokens(renderer: Renderer, example: dict, fmt: str) -> int | None:
-    """Tokens of the rendered row, or None when the length policy dropped it."""
+def _row_tokens(renderer: Renderer, example: dict, fmt: str) -> int | tuple[int, int] | None:
+    """Tokens of the rendered row, or None when the length policy dropped it. A preference
+    pair: (its longer sequence, both its sequences), the second what DPO trains on."""
     if fmt == "preference":
         pair = renderer.render_pair(example)
-        return None if pair is None else len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
+        if pair is None:
+            return None
+        prompt, chosen, rejected = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
+        return prompt + max(chosen, rejected), 2 * prompt + chosen + rejected
     if fmt == "rl":
         renderer.counts.rows += 1
         return len(renderer.render_prompt(example))
@@ -123,7 +127,7 @@ def data_stats(paths, objective: str | None = None, tokenizer=None, text_field: 
     renderer = Renderer(tokenizer, RenderConfig(max_length, overflow)) if tokenizer else None
     hasher = _MinHasher(seed=0)
     fmt = format_for(objective) if objective else None
-    rows = bad = exact = 0
+    rows = bad = exact = pair_tokens = 0
     errors: list[str] = []
     seen: set[bytes] = set()
     lengths: list[int] = []
@@ -148,10 +152,16 @@ def data_stats(paths, objective: str | None = None, tokenizer=None, text_field: 
         signatures.append(None if is_exact else hasher.signature(text))
         if renderer is not None:
             count = _row_tokens(renderer, example, fmt)
-            if count is not None:
-                lengths.append(count)
+        elif fmt == "preference":  # as rendered: the prompt, then each reply after it
+            prompt, chosen, rejected = (_estimated_tokens(example[k]) for k in ("prompt", "chosen", "rejected"))
+            count = prompt + max(chosen, rejected), 2 * prompt + chosen + rejected
         else:
-            lengths.append(_estimated_tokens(example["prompt"] if fmt == "rl" else example))
+            count = _estimated_tokens(example["prompt"] if fmt == "rl" else example)
+        if isinstance(count, tuple):
+            count, both = count
+            pair_tokens += both
+        if count is not None:
+            lengths.append(count)
     counts = renderer.counts.to_dict() if renderer else {}
     return {
         "files": [str(f) for f in files],
@@ -162,6 +172,8 @@ def data_stats(paths, objective: str | None = None, tokenizer=None, text_field: 
         "bad_examples": errors,
         "tokens": int(sum(lengths)),
         "tokens_counted_with": "tokenizer" if renderer else "estimate (UTF-8 bytes / 4)",
+        # Preference pairs: tokens are each pair's longer sequence; DPO trains on both.
+        **({"pair_tokens": pair_tokens} if fmt == "preference" else {}),
         "length": _percentiles(lengths),
         "exact_duplicates": exact,
         "near_duplicates": _near_duplicates(signatures),

@@ -207,10 +207,14 @@ def rollouts(shape: RunShape, prompts: dict) -> dict:
 
 
 def plan_regime(cfg: ModelConfig, regime: str, tokens: float, hardware: Hardware, options: PlanOptions,
-                prompts: dict | None = None) -> dict:
-    """One regime's plan. `tokens` is the data's; an RL regime with `prompts` (the data's
-    prompt rows) is costed on the rollouts it samples from them instead (`rollouts`)."""
+                data_stats: dict | None = None) -> dict:
+    """One regime's plan. `tokens` is the data's; from a data file's figures (`data_stats`)
+    an RL regime is costed on the rollouts it samples from the file's prompts (`rollouts`),
+    and DPO on both sequences of each preference pair (`pair_tokens`)."""
+    prompts = (data_stats or {}).get("prompts")
     shape = regime_shape(cfg, regime, hardware, options, prompts)
+    if shape.objective == "dpo" and (data_stats or {}).get("pair_tokens"):
+        tokens = float(data_stats["pair_tokens"])
     memory = memory_breakdown(shape)
     checkpointed = memory_breakdown(replace(shape, activation_checkpointing=True))
     usable = hardware.device.usable_bytes
@@ -272,8 +276,7 @@ def make_plan(cfg: ModelConfig, tokens: float, hardware: Hardware, options: Plan
     the model is built with random weights (a preset), so only pre-training can train it.
     GRPO and PPO sample from the data's prompts where it has some (`data_stats["prompts"]`)."""
     from graftlm.data.shards import FORMAT
-    prompts = (data_stats or {}).get("prompts")
-    regimes = {name: plan_regime(cfg, name, tokens, hardware, options, prompts) for name in REGIMES}
+    regimes = {name: plan_regime(cfg, name, tokens, hardware, options, data_stats) for name in REGIMES}
     stats = data_stats or {}
     pretraining_data = stats.get("format") == FORMAT
     choice, reasons = recommend(options.goal, tokens, cfg.num_params(), has_base,

@@ -1,7 +1,7 @@
 """What `graft plan` costs GRPO and PPO on: the rollouts they sample from a data file's
 prompts (not the file's tokens, which count answers RL never trains on), and the time of
 sampling them a token at a time, which a decode step's reads of the weights bound where
-its FLOPs take less time than those reads do."""
+its FLOPs take less time than those reads do. And DPO on both sequences of each pair."""
 
 from __future__ import annotations
 
@@ -104,3 +104,17 @@ def test_the_plan_says_what_rl_is_costed_on_and_what_bounds_its_sampling(capsys)
     assert "rollouts 7,473 prompts" in out and "x 4 (grpo), 1 (ppo) completions of up to 64 sampled tokens" in out
     assert "which RL never trains on" in out
     assert "sampling a token at a time, bound by memory bandwidth (3.35TB/s" in out
+
+
+def test_dpo_is_costed_on_both_sequences_of_each_pair(tmp_path):
+    """A preference file's tokens count each pair's longer sequence (prompt + the longer
+    reply); DPO trains on two (prompt + chosen, prompt + rejected): the plan counted half."""
+    rows = [{"prompt": "p" * 400, "chosen": "c" * 80, "rejected": "r" * 40}] * 3
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tokens, stats = resolve_data(str(path))
+    assert tokens == 3 * (100 + 20) and stats["pair_tokens"] == 3 * (2 * 100 + 20 + 10)
+    plan = make_plan(SMALL, tokens, resolve_hardware("A100-80GB", load_catalogue()), PlanOptions(precision="fp32"),
+                     data_stats=stats)
+    assert plan["regimes"]["dpo"]["tokens"] == stats["pair_tokens"]
+    assert plan["regimes"]["sft"]["tokens"] == tokens
