@@ -112,6 +112,30 @@ def test_header_larger_than_file(tmp_path):
         read_safetensors(path)
 
 
+def test_an_empty_file_is_called_empty(tmp_path):
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    with pytest.raises(GraftError, match=r"empty.safetensors: empty file \(0 bytes\), not a safetensors file$"):
+        read_safetensors(tmp_path / "empty.safetensors")
+    (tmp_path / "short.safetensors").write_bytes(b"\x01\x00")
+    with pytest.raises(GraftError, match=r"short.safetensors: corrupt safetensors file \(2 bytes, shorter"):
+        read_safetensors(tmp_path / "short.safetensors")
+
+
+def test_non_finite_weights_are_refused_naming_the_file_and_tensor(saved):
+    """A corrupted body (no checksum in safetensors) loaded silently: generate printed
+    nothing and sft blamed the learning rate."""
+    from safetensors.torch import load_file, save_file
+    path = saved / "model.safetensors"
+    state = load_file(path)
+    name = "model.layers.1.mlp.up_proj.weight"
+    state[name].view(-1)[:7] = float("nan")
+    state[name].view(-1)[7:10] = float("-inf")
+    save_file(state, path, metadata={"format": "pt"})
+    with pytest.raises(GraftError, match=rf"model.safetensors: tensor '{name}' has 10 non-finite values "
+                                         rf"\(NaN or Inf\) of {state[name].numel():,}: the file is corrupt"):
+        load_model(saved)
+
+
 def test_overlapping_offsets(tmp_path):
     header = json.dumps({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
                          "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}).encode()
