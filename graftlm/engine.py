@@ -26,9 +26,10 @@ Design choices:
   others sample in one batched pass too (`graftlm.sampling`), each from a uniform number
   its own generator draws; top-k uses `topk` and top-p sorts only when it is on.
 - Stop: any of `stop_ids` (default: the tokenizer's `stop_ids`, else the config's EOS
-  ids) or any `stop` string; the stop token stays in `token_ids` (as in transformers),
-  the text ends before the stop token / stop string. While streaming, text that may be
-  the start of a stop string (or half a UTF-8 character) is held back until it is not.
+  ids, and the EOS ids of the model's generation_config.json) or any `stop` string; the
+  stop token stays in `token_ids` (as in transformers), the text ends before the stop
+  token / stop string. While streaming, text that may be the start of a stop string (or
+  half a UTF-8 character) is held back until it is not.
 - Every forward runs under `torch.inference_mode` and asks for the last position's
   logits only. With `adapters`, each forward runs inside
   `graftlm.adapters.row_adapters(model, names of the rows in this forward)`.
@@ -63,6 +64,7 @@ import torch
 from graftlm.errors import GraftError
 from graftlm.models.transformer import DecodeSlot, KVCache
 from graftlm.sampling import sample_tokens
+from graftlm.tokenizer import generation_eos_ids
 
 
 def row_seed(seed: int, i: int) -> int:
@@ -364,9 +366,13 @@ class Engine:
         self.tokenizer = tokenizer
         cfg = model.config
         if tokenizer is not None:
-            self.pad_id, self.default_stop_ids = tokenizer.pad_id, tokenizer.stop_ids or cfg.eos_ids
+            self.pad_id, stops = tokenizer.pad_id, tokenizer.stop_ids or cfg.eos_ids
         else:
-            self.pad_id, self.default_stop_ids = cfg.pad_token_id or 0, cfg.eos_ids
+            self.pad_id, stops = cfg.pad_token_id or 0, cfg.eos_ids
+        # transformers' generate stops on the generation config's EOS ids, which may list
+        # more than config.json and the tokenizer (Llama 3.1's <|eom_id|>).
+        generation = generation_eos_ids(getattr(model, "generation_config", None) or {})
+        self.default_stop_ids = sorted({i for i in [*stops, *generation] if 0 <= i < cfg.vocab_size})
         self.compiled_decode = CompiledDecodeStep(model) if compile else None
 
     def warm_up(self) -> None:

@@ -46,6 +46,9 @@ class Tokenizer:
     chat_template: str | None = None
     add_bos: bool = False  # prepend BOS when encoding a whole document
     path: Path | None = None
+    # EOS ids of the generation_config.json beside tokenizer.json (a model directory's):
+    # transformers' generate stops on them, e.g. Llama 3.1's <|eom_id|> and <|eot_id|>.
+    generation_eos_ids: tuple[int, ...] = ()
     _template_cache: dict = field(default_factory=dict, repr=False)
 
     # -- ids ------------------------------------------------------------------------
@@ -71,10 +74,11 @@ class Tokenizer:
 
     @property
     def stop_ids(self) -> list[int]:
-        """Token ids that end a generation: EOS and the chat end-of-turn token."""
+        """Token ids that end a generation: EOS, the chat end-of-turn token, and the EOS
+        ids of the model's generation_config.json."""
         ids = [self.eos_id, self.token_id(IM_END), self.token_id("<|eot_id|>"),
-               self.token_id("<|end_of_text|>")]
-        return sorted({i for i in ids if i is not None})
+               self.token_id("<|end_of_text|>"), *self.generation_eos_ids]
+        return sorted({i for i in ids if i is not None and 0 <= i < self.vocab_size})
 
     # -- text <-> ids ---------------------------------------------------------------
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
@@ -165,6 +169,21 @@ def _compile_template(template: str):
     return env.from_string(template)
 
 
+def read_generation_config(directory: str | Path) -> dict:
+    """A model directory's generation_config.json ({} when it has none)."""
+    path = Path(directory) / "generation_config.json"
+    return read_json(path) if path.is_file() else {}
+
+
+def generation_eos_ids(generation: dict, where: str | Path = "generation_config.json") -> list[int]:
+    """The `eos_token_id` of a generation config (an id, a list of ids, or none) as a list."""
+    value = generation.get("eos_token_id")
+    ids = [] if value is None else value if isinstance(value, list) else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise GraftError(f"{where}: field 'eos_token_id' must be a token id or a list of them, got {value!r}")
+    return ids
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load `tokenizer.json` and `tokenizer_config.json` from a directory."""
     from tokenizers import Tokenizer as Backend
@@ -189,6 +208,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     jinja_file = directory / "chat_template.jinja"
     if template is None and jinja_file.exists():
         template = read_text(jinja_file)
+    generation_file = directory / "generation_config.json"
     return Tokenizer(
         backend=backend,
         bos_token=_token_content(config.get("bos_token")),
@@ -197,6 +217,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         chat_template=template,
         add_bos=bool(config.get("add_bos_token", False)),
         path=directory,
+        generation_eos_ids=tuple(generation_eos_ids(read_generation_config(directory), generation_file)),
     )
 
 

@@ -20,6 +20,7 @@ from graftlm.errors import GraftError, read_json
 from graftlm.models.config import (check_model_dir, load_config, read_hf_config, recorded_base,  # noqa: F401
                                    resolve_model_config, run_directory_hint, to_hf_config)  # (without torch)
 from graftlm.models.transformer import Decoder, skeleton
+from graftlm.tokenizer import generation_eos_ids, load_tokenizer, read_generation_config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja")
@@ -104,9 +105,13 @@ def load_model(path: str | Path, dtype: torch.dtype | None = torch.float32,
                device: str | torch.device = "cpu") -> Decoder:
     """Load an HF model directory. `dtype=None` keeps the stored dtype. The model
     remembers the directory it came from (`model.source_dir`, resolved), which an
-    adapter's recorded base is compared with."""
+    adapter's recorded base is compared with, and its generation_config.json
+    (`model.generation_config`, a dict: `Engine` stops on its EOS ids, `save_model`
+    carries it over)."""
     model_dir = check_model_dir(path)
     cfg = read_hf_config(model_dir / "config.json")
+    generation = read_generation_config(model_dir)
+    generation_eos_ids(generation, model_dir / "generation_config.json")  # a bad field is named now, not at save
     state = load_state_dict(model_dir)
     with skeleton():
         model = Decoder(cfg)
@@ -133,7 +138,28 @@ def load_model(path: str | Path, dtype: torch.dtype | None = torch.float32,
     model.tie_weights()
     model.reset_rope(torch.device(device))
     model.source_dir = model_dir.resolve()
+    model.generation_config = generation
     return model.eval()
+
+
+def saved_generation_config(model: Decoder, tokenizer_dir: str | Path | None = None) -> dict:
+    """generation_config.json of a saved model: the base's (`load_model` kept it, with its
+    sampling defaults), its ids updated from the config, and `eos_token_id` every id that
+    graftlm stops on (the base's, the config's and the tokenizer's `stop_ids`, as Qwen lists
+    `[151645, 151643]`), so that transformers' `generate` ends a ChatML turn at <|im_end|>."""
+    cfg = model.config
+    generation = dict(getattr(model, "generation_config", None) or {})
+    stops = generation_eos_ids(generation) + cfg.eos_ids
+    if tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer.json").is_file():
+        stops += load_tokenizer(tokenizer_dir).stop_ids
+    stops = [i for i in dict.fromkeys(stops) if 0 <= i < cfg.vocab_size]
+    for key, value in (("bos_token_id", cfg.bos_token_id), ("pad_token_id", cfg.pad_token_id)):
+        if value is not None:
+            generation[key] = value
+    if stops:  # one id stays a number, as transformers writes it, unless the base listed them
+        listed = isinstance(generation.get("eos_token_id"), list)
+        generation["eos_token_id"] = stops if len(stops) > 1 or listed else stops[0]
+    return generation
 
 
 def save_model(model: Decoder, out: str | Path, tokenizer_dir: str | Path | None = None,
@@ -152,8 +178,7 @@ def save_model(model: Decoder, out: str | Path, tokenizer_dir: str | Path | None
         state[_hf_name(name)] = tensor.contiguous().cpu()
     stored_dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(to_hf_config(cfg, stored_dtype), indent=2) + "\n")
-    generation = {k: v for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id),
-                                    ("pad_token_id", cfg.pad_token_id)) if v is not None}
+    generation = saved_generation_config(model, tokenizer_dir)
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     for stale in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
         stale.unlink()
