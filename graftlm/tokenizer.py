@@ -184,8 +184,20 @@ def generation_eos_ids(generation: dict, where: str | Path = "generation_config.
     return ids
 
 
+def _post_processor_adds_bos(backend, bos_id: int | None) -> bool:
+    """Whether tokenizer.json's post-processor puts BOS first (a TemplateProcessing, how
+    Llama 3's tokenizer adds <|begin_of_text|>), as transformers' encoding then does."""
+    if bos_id is None or backend.post_processor is None:
+        return False
+    return backend.encode("a", add_special_tokens=True).ids[:1] == [bos_id]
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load `tokenizer.json` and `tokenizer_config.json` from a directory."""
+    """Load `tokenizer.json` and `tokenizer_config.json` from a directory.
+
+    BOS is added to whole documents as transformers adds it: as tokenizer_config.json's
+    `add_bos_token` says when it says so (transformers then rewrites the post-processor),
+    else when tokenizer.json's post-processor adds it."""
     from tokenizers import Tokenizer as Backend
 
     directory = Path(path)
@@ -208,14 +220,19 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     jinja_file = directory / "chat_template.jinja"
     if template is None and jinja_file.exists():
         template = read_text(jinja_file)
+    bos_token = _token_content(config.get("bos_token"))
+    if "add_bos_token" in config:
+        add_bos = bool(config["add_bos_token"])
+    else:
+        add_bos = _post_processor_adds_bos(backend, None if bos_token is None else backend.token_to_id(bos_token))
     generation_file = directory / "generation_config.json"
     return Tokenizer(
         backend=backend,
-        bos_token=_token_content(config.get("bos_token")),
+        bos_token=bos_token,
         eos_token=_token_content(config.get("eos_token")),
         pad_token=_token_content(config.get("pad_token")),
         chat_template=template,
-        add_bos=bool(config.get("add_bos_token", False)),
+        add_bos=add_bos,
         path=directory,
         generation_eos_ids=tuple(generation_eos_ids(read_generation_config(directory), generation_file)),
     )

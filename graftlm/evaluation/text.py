@@ -23,9 +23,13 @@ def text_windows(tokenizer, texts: list[str], max_len: int, rows: Rows) -> tuple
     the context is scored in context-length windows (each starts afresh), as held-out
     loss is measured, rather than cut at the context; one of fewer than two tokens has
     nothing to predict and is left out."""
+    # Each text is scored after the token that precedes a document where the model was
+    # trained: BOS when the tokenizer adds one (as `graft prepare` and transformers
+    # tokenize), else the previous document's EOS; so its first token is predicted too.
+    first = tokenizer.bos_id if tokenizer.add_bos and tokenizer.bos_id is not None else tokenizer.eos_id
     windows, n_bytes, scored = [], 0, 0
     for text in texts:
-        ids = tokenizer.encode(text, add_bos=tokenizer.bos_id is not None)
+        ids = ([] if first is None else [first]) + tokenizer.encode(text)
         if len(ids) < 2:
             rows.leave_out("too_short", 1)
             continue

@@ -1,6 +1,7 @@
-"""generation_config.json and stop ids against transformers: a saved model stops in
-`generate` where graftlm stops, and a base's generation config survives fine-tuning and
-its EOS ids stop graftlm too."""
+"""generation_config.json, stop ids and BOS against transformers: a saved model stops in
+`generate` where graftlm stops, a base's generation config survives fine-tuning and its
+EOS ids stop graftlm too, and a BOS from tokenizer.json's post-processor is added as
+transformers adds it."""
 
 import json
 
@@ -121,3 +122,53 @@ def test_a_bad_eos_field_in_generation_config_is_named_at_load(base_dir):
     (base_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": "</s>"}))
     with pytest.raises(GraftError, match="generation_config.json: field 'eos_token_id'"):
         load_model(base_dir)
+
+
+def _with_bos_post_processor(tok_dir, out, add_bos_token):
+    """tok_dir's tokenizer with a TemplateProcessing that puts BOS first (Llama 3's way)
+    and tokenizer_config.json's add_bos_token set as given (None: absent, as in Llama 3)."""
+    from tokenizers import Tokenizer as Backend, processors
+    out.mkdir()
+    backend = Backend.from_file(str(tok_dir / "tokenizer.json"))
+    bos = backend.token_to_id("<|bos|>")
+    backend.post_processor = processors.TemplateProcessing(single="<|bos|> $A", pair="<|bos|> $A <|bos|> $B",
+                                                           special_tokens=[("<|bos|>", bos)])
+    backend.save(str(out / "tokenizer.json"))
+    config = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    config.pop("add_bos_token")
+    if add_bos_token is not None:
+        config["add_bos_token"] = add_bos_token
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    return bos
+
+
+def test_an_explicit_add_bos_token_wins_over_the_post_processor(tok_dir, tmp_path):
+    # As transformers 4's tokenizers (and graftlm before) read it. transformers 5 ignores
+    # tokenizer_config.json's add_bos_token once there is a tokenizer.json, and adds BOS.
+    bos = _with_bos_post_processor(tok_dir, tmp_path / "tok", False)
+    tok = load_tokenizer(tmp_path / "tok")
+    assert not tok.add_bos and tok.encode("yes", add_bos=tok.add_bos)[0] != bos
+
+
+@pytest.mark.parametrize("add_bos_token", [None, True])
+def test_bos_is_added_as_transformers_adds_it(tok_dir, tmp_path, add_bos_token):
+    import transformers
+
+    from graftlm.data.render import RenderConfig, Renderer
+    from graftlm.data.shards import write_shards
+    from graftlm.evaluation.rows import Rows
+    from graftlm.evaluation.text import text_windows
+    bos = _with_bos_post_processor(tok_dir, tmp_path / "tok", add_bos_token)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
+    tok = load_tokenizer(tmp_path / "tok")
+    text = "the lazy dog says yes"
+    want = theirs(text).input_ids
+    assert want[0] == bos and tok.add_bos  # was: add_bos False without add_bos_token
+    assert tok.encode(text, add_bos=tok.add_bos) == want  # graft generate's prompt, an RL prompt
+    row = Renderer(tok, RenderConfig()).render({"text": text})  # an SFT text row: + EOS
+    assert row.input_ids == want + [tok.eos_id]
+    write_shards(iter([("train", text), ("val", text)]), tok, tmp_path / "shards")  # graft prepare
+    shard = (tmp_path / "shards" / "train-00000.bin").read_bytes()
+    assert list(memoryview(shard).cast("H")) == want + [tok.eos_id]
+    windows, _, _ = text_windows(tok, [text], 64, Rows())  # graft eval
+    assert windows == [want]

@@ -45,7 +45,7 @@ def test_text_loss_and_bits_per_byte_by_hand(model_dir, tmp_path):
     model, tok = load_model(model_dir / "model"), load_tokenizer(model_dir / "model")
     nll, tokens, n_bytes = 0.0, 0, 0
     for text in ("hello world 12", "copy: 3 4"):
-        ids = torch.tensor([tok.encode(text, add_bos=True)])
+        ids = torch.tensor([[tok.eos_id] + tok.encode(text)])  # scored after EOS: this tokenizer adds no BOS
         logp = torch.log_softmax(model(ids)[0, :-1], -1).gather(-1, ids[0, 1:, None])
         nll -= logp.sum().item()
         tokens += ids.shape[1] - 1
@@ -145,7 +145,7 @@ def test_text_longer_than_the_context_is_scored_whole_in_windows(model_dir, tmp_
     data = tmp_path / "corpus.txt"  # a plain text file is one row
     data.write_text(text)
     model, tok = load_model(model_dir / "model"), load_tokenizer(model_dir / "model")
-    ids = tok.encode(text, add_bos=True)
+    ids = [tok.eos_id] + tok.encode(text)
     assert len(ids) > 3 * model.config.max_seq_len
     got = evaluate(model_dir / "model", data, batch_size=2)
     assert got["rows"] == 1 and got["metrics"]["base"]["tokens"] == len(ids) - 1
