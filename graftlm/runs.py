@@ -66,7 +66,11 @@ def run_directory(cfg: RunConfig) -> Path:
 
 # -- model, tokenizer, adapters ---------------------------------------------------------------
 
-def find_tokenizer(cfg: RunConfig, data_dir: Path):
+def find_tokenizer(cfg: RunConfig, data_dir: Path, warn=lambda line: None):
+    """The run's tokenizer: --tokenizer, else the one the shards were made with, else the
+    model directory's own. `warn` is told when it is not the model directory's own
+    tokenizer.json but another (it pairs the model's embeddings with other tokens, and goes
+    to final/)."""
     from graftlm.tokenizer import load_tokenizer
     candidates = [cfg.tokenizer] if cfg.tokenizer else []
     meta = data_dir / "meta.json"
@@ -78,8 +82,38 @@ def find_tokenizer(cfg: RunConfig, data_dir: Path):
         candidates.append(cfg.model)
     for candidate in candidates:
         if candidate == cfg.tokenizer or (Path(candidate) / "tokenizer.json").is_file():
-            return load_tokenizer(candidate)
+            tokenizer = load_tokenizer(candidate)
+            difference = _other_than_models_tokenizer(cfg.model, tokenizer)
+            if difference:
+                name = f"--tokenizer {candidate}" if candidate == cfg.tokenizer else f"tokenizer {candidate} ({meta})"
+                warn(f"warning: {name} differs from --model {cfg.model}'s own tokenizer.json ({difference}): "
+                     "the run trains with it and saves it in final/")
+            return tokenizer
     return None
+
+
+def _other_than_models_tokenizer(model: str, tokenizer) -> str | None:
+    """How `tokenizer` differs from model directory `model`'s own tokenizer.json, in words;
+    None when it is that file, an identical one, or the model directory has none."""
+    from tokenizers import Tokenizer as Backend
+
+    own = Path(model) / "tokenizer.json"
+    if tokenizer.path is None or not own.is_file():
+        return None
+    theirs = Path(tokenizer.path) / "tokenizer.json"
+    if own.resolve() == theirs.resolve() or own.read_bytes() == theirs.read_bytes():
+        return None
+    try:
+        own_backend = Backend.from_file(str(own))
+    except Exception:  # tokenizers raises plain Exception subclasses
+        return "the model's own cannot be read"
+    if own_backend.to_str() == tokenizer.backend.to_str():  # the same tokenizer, written differently
+        return None
+    own_vocab, their_vocab = own_backend.get_vocab(), tokenizer.backend.get_vocab()
+    if own_vocab == their_vocab:
+        return "the same vocabulary, other merges or settings"
+    return f"{len(their_vocab):,} tokens vs the model's {len(own_vocab):,}" + (
+        ", other tokens or ids" if len(own_vocab) == len(their_vocab) else "")
 
 
 def _from_weights(cfg: RunConfig) -> bool:
@@ -288,7 +322,7 @@ def _run_training(cfg: RunConfig, resume: bool | None, fresh: bool, allow_config
         # context instead (`sft.renderer_for`), and counted.
         raise ConfigError(f"config field 'train.seq_len': {cfg.train.seq_len} tokens exceed the context of "
                           f"model {cfg.model} (max_position_embeddings {context})")
-    tokenizer = find_tokenizer(cfg, Path(cfg.data))
+    tokenizer = find_tokenizer(cfg, Path(cfg.data), warn=print if d.is_main else lambda line: None)
     data = spec.build_dataset(cfg, tokenizer)
     if d.is_main and spec.describe is not None:
         print(spec.describe(cfg), flush=True)
