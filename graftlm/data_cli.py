@@ -82,13 +82,22 @@ def train_tokenizer_command(args) -> int:
     from graftlm.tokenizer import train_tokenizer
 
     make_directory(args.out, "--out", create=False)  # before the training it would lose
-    counts = RowCounts()
-    texts = (ex["text"] for ex in iter_examples(args.data, "text", args.text_field, args.errors,
-                                                args.max_bad_fraction, counts))
-    tokenizer = train_tokenizer(texts, args.vocab_size)
+    counts, characters = RowCounts(), [0]
+
+    def texts():
+        for ex in iter_examples(args.data, "text", args.text_field, args.errors, args.max_bad_fraction, counts):
+            characters[0] += len(ex["text"])
+            yield ex["text"]
+
+    tokenizer = train_tokenizer(texts(), args.vocab_size)
     out = tokenizer.save(make_directory(args.out, "--out"))
     print(f"tokenizer: {tokenizer.vocab_size} tokens from {counts.valid} documents -> {out}"
           + (f" ({_skipped(counts)})" if counts.bad else ""))
+    if tokenizer.vocab_size < args.vocab_size:  # BPE ran out of pairs to merge before the size asked for
+        n = characters[0]
+        print(f"warning: {tokenizer.vocab_size:,} tokens, short of the {args.vocab_size:,} asked for: the text "
+              f"({n:,} character{'s' if n != 1 else ''}) has no more pairs of tokens to merge, each of its words "
+              "is one token already; train on more text for that vocabulary")
     return 0
 
 

@@ -202,6 +202,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
     directory = Path(path)
     tok_file = directory / "tokenizer.json"
+    if directory.is_file():
+        hint = (f": pass its directory {directory.parent}/" if (directory.parent / "tokenizer.json").is_file()
+                else ", not a directory with tokenizer.json")
+        raise GraftError(f"{directory}: is a file{hint}")
     if not tok_file.exists():
         from graftlm.models.hf import run_directory_hint
         raise GraftError(f"{directory}: no tokenizer.json{run_directory_hint(directory)}")

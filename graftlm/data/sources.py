@@ -92,8 +92,10 @@ def _check_text_start(path: Path) -> None:
             head = f.read(_SNIFF_BYTES)
     except (OSError, EOFError, zlib.error) as e:
         raise GraftError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
-    if not head.strip():
+    if not head:
         raise GraftError(f"{path}: empty file")
+    if not head.strip() and len(head) < _SNIFF_BYTES:  # read whole: nothing but whitespace
+        raise GraftError(f"{path}: no text (only whitespace)")
     if b"\x00" in head:
         raise GraftError(f"{path}: binary file (NUL bytes), expected UTF-8 text")
 
@@ -113,7 +115,10 @@ def _read_text(path: Path) -> str:
     if "\x00" in text:
         line = text[:text.index("\x00")].count("\n") + 1
         raise GraftError(f"{path}:{line}: binary file (NUL bytes), expected UTF-8 text")
-    return text.removeprefix("\ufeff")
+    text = text.removeprefix("\ufeff")
+    if not text.strip():
+        raise GraftError(f"{path}: no text (only whitespace)")
+    return text
 
 
 def json_error_reason(e: json.JSONDecodeError, what: str) -> tuple[int, str]:

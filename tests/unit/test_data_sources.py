@@ -57,7 +57,7 @@ def test_invalid_json_line_is_a_bad_row_not_a_crash(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     (b"", "empty file"),
-    (b"  \n\n", "empty file"),
+    (b"  \n\n", "no text \\(only whitespace\\)"),
     (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "binary file"),
     (b"caf\xe9 au lait\n", "not UTF-8"),
 ])
@@ -88,3 +88,12 @@ def test_paths_matching_nothing_are_errors(tmp_path):
     (tmp_path / "x.csv").write_text("a,b")
     with pytest.raises(GraftError, match="x.csv: unsupported file type"):
         resolve_paths(tmp_path / "x.csv")
+
+
+def test_text_after_a_long_run_of_whitespace_is_read(tmp_path):
+    path = tmp_path / "late.txt"
+    path.write_text(" " * 70_000 + "hello")  # past the first 64 KiB, which were read to sniff
+    assert [r.fields["text"].strip() for r in iter_rows(path)] == ["hello"]
+    path.write_text(" " * 70_000)
+    with pytest.raises(GraftError, match="late.txt: no text"):
+        list(iter_rows(path))
