@@ -49,6 +49,7 @@ import torch.distributed as dist
 from torch import nn
 
 from graftlm.errors import GraftError
+from graftlm.liveness import Lost, lost_ranks, register
 from graftlm.placement import pick_device
 from graftlm.run_config import ParallelConfig  # defined without torch
 
@@ -60,8 +61,43 @@ class CollectiveError(GraftError):
 
 
 def collective_error(rank: int, what: str, e: BaseException) -> CollectiveError:
-    return CollectiveError(f"rank {rank}: {what} failed or timed out ({str(e).splitlines()[0]}); "
-                           "another rank may have died or hung")
+    """The line for a collective that failed on this rank: the rank that died, where
+    torchrun's store and this machine's processes tell it (`liveness.py`)."""
+    _hold_off_sigterm()
+    lost = _lost_ranks(rank)
+    if lost is not None and lost.gone:
+        them = "them" if len(lost.ranks) > 1 else "it"
+        return CollectiveError(f"{lost.phrase}: {what} failed on rank {rank} without {them}")
+    blamed = lost.phrase if lost is not None else "another rank may have died or hung"
+    return CollectiveError(f"rank {rank}: {what} failed or timed out ({str(e).splitlines()[0]}); {blamed}")
+
+
+def _hold_off_sigterm():
+    """Ignore SIGTERM in a rank that is about to print its error and exit; the handler it
+    replaces (None outside the main thread, where Python handles no signal).
+
+    torchrun SIGTERMs every rank at its next look (every 0.1 s) after one exits: a rank
+    that met the loss of another in a collective has that long to find which rank it was
+    and print the line, and a SIGTERM in between would leave no line, or "terminated".
+    From a collective's failure it lasts until the error leaves `sigterm_as_interrupt`
+    (which puts back the handler it found) or the process exits."""
+    try:
+        return signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except ValueError:
+        return None
+
+
+def _lost_ranks(rank: int) -> Lost | None:
+    """`liveness.lost_ranks` through torchrun's agent store; None without that store, or
+    when the store does not answer within a few seconds (it went with a lost machine)."""
+    if not (dist.is_initialized() and _agent_store()):
+        return None
+    try:
+        store = _job_store(timeout_s=3)
+        several_hosts = os.environ.get("LOCAL_WORLD_SIZE", "1") != os.environ["WORLD_SIZE"]
+        return lost_ranks(store, rank, dist.get_world_size(), several_hosts)
+    except (RuntimeError, ValueError, KeyError, OSError):
+        return None
 
 
 def as_collective_error(e: BaseException) -> CollectiveError | None:
@@ -118,8 +154,10 @@ def init_distributed(cfg: ParallelConfig, device: str | None = None) -> Dist:
     backend = "nccl" if target.type == "cuda" else "gloo"
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=cfg.timeout_s)
-        dist.init_process_group(backend, timeout=timeout, rank=rank, world_size=world,
-                                store=_attempt_store(rank, world, timeout),
+        store = _attempt_store(rank, world, timeout)
+        if _agent_store():  # it outlives every rank: the record of one that dies stays readable
+            register(store, rank)  # before the group forms, so every collective finds every record
+        dist.init_process_group(backend, timeout=timeout, rank=rank, world_size=world, store=store,
                                 device_id=target if target.type == "cuda" else None)
     return Dist(rank=rank, world_size=world, local_rank=local_rank, device=target, mode=cfg.mode)
 
@@ -171,6 +209,13 @@ def _attempt_prefix() -> str:
     return f"graftlm/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
+def _job_store(timeout_s: float) -> dist.Store:
+    """A connection to torchrun's agent store, under this attempt's prefix."""
+    return dist.PrefixStore(_attempt_prefix(), dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+        timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False))
+
+
 def print_error_once(text: str) -> None:
     """Print an error to stderr once for the whole torchrun job, from the first rank that
     fails (any rank, before or after the process group exists).
@@ -178,13 +223,21 @@ def print_error_once(text: str) -> None:
     torchrun stops the other ranks (SIGTERM) as soon as one exits, so a line left to
     rank 0 is lost whenever another rank exits first. The first rank to fail, counted in
     torchrun's store, prints; the others leave only once its line is out. Alone, or
-    without that store, every failing rank prints: never no line at all."""
+    without that store, every failing rank prints: never no line at all. SIGTERM waits
+    meanwhile (`_hold_off_sigterm`): torchrun's, sent as another rank exits, would cut it."""
+    previous = _hold_off_sigterm()
+    try:
+        _print_once(text)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _print_once(text: str) -> None:
     store = None
     if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1 and _agent_store():
         try:
-            store = dist.PrefixStore(_attempt_prefix(), dist.TCPStore(
-                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                timeout=datetime.timedelta(seconds=10), wait_for_workers=False))
+            store = _job_store(timeout_s=10)
             if store.add("error", 1) > 1:
                 store.wait(["error-printed"], datetime.timedelta(seconds=10))
                 return

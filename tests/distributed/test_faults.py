@@ -1,6 +1,8 @@
 """FSDP2 under torchrun: a sharded (DCP) checkpoint resumes on the same loss curve, a
 rank killed mid-run comes back from the last complete checkpoint (--max-restarts 1),
-and a collective that hangs fails with an error naming the rank instead of waiting.
+a collective that hangs fails with an error naming the rank instead of waiting, and a
+rank killed without restarts is named, with its pid, by the line of the rank that
+survives it (DDP and FSDP2, either rank killed).
 
 Faults come from the test-only GRAFTLM_TEST_FAULT hook in graftlm/parallel.py: it
 counts this rank's `all_reduce_sum` calls (two per optimizer step here: the loss sum
@@ -10,6 +12,7 @@ and the token count) and acts at the N-th, only in torchrun's first attempt.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 
@@ -26,11 +29,11 @@ def data(tmp_path_factory):
     return build_data(tmp_path_factory.mktemp("fault-data"))
 
 
-def pretrain_fsdp(data, out, name, save_every, extra=(), **kwargs):
+def pretrain_fsdp(data, out, name, save_every, extra=(), mode="fsdp", **kwargs):
     argv = ["pretrain", "--model", "tiny", "--data", data["shards"], "--out", out, "--name", name,
             "--train.max-steps", STEPS, "--train.batch-size", 2, "--train.grad-accum", 1,
             "--train.eval-every", 0, "--train.save-every", save_every, "--train.keep-checkpoints", 0,
-            "--parallel", "fsdp", *COMMON, *extra]
+            "--parallel", mode, *COMMON, *extra]
     return graft(argv, nproc=2, **kwargs)
 
 
@@ -84,3 +87,20 @@ def test_hung_collective_times_out_naming_the_rank(data, tmp_path):
     assert result.returncode != 0
     assert "rank 0: a collective failed or timed out" in result.stderr + result.stdout, result.stderr[-3000:]
     assert time.monotonic() - start < 100
+
+
+@pytest.mark.parametrize("mode, killed", [("ddp", 1), ("fsdp", 0)])
+def test_the_line_of_the_survivor_names_the_killed_rank(data, tmp_path, mode, killed):
+    # The killed rank is SIGKILLed at step 3's first collective: it prints nothing, and the
+    # other rank's collective fails. Its line names the rank that died, not itself.
+    result = pretrain_fsdp(data, tmp_path, "d", save_every=0, mode=mode, timeout=120,
+                           GRAFTLM_TEST_FAULT=f"kill@5:{killed}")
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("graft pretrain: error:")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    named = re.fullmatch(rf"graft pretrain: error: rank {killed} \(pid (\d+)\) died(, killed by SIGKILL \(kill -9, "
+                         rf"or the kernel's OOM killer\)| \(torchrun's summary below says how\)): a collective "
+                         rf"failed on rank {1 - killed} without it", lines[0])
+    assert named, lines[0]
+    # The same process as torchrun's own summary says was killed.
+    assert f"exitcode  : -9 (pid: {named[1]})" in result.stderr, result.stderr[-3000:]
