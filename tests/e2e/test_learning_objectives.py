@@ -146,13 +146,16 @@ def assert_rollout_tokens_counted(run_dir, sequences_per_step: int, max_new_toke
 
 
 def test_grpo_raises_held_out_reward_of_a_weak_sft_model(task, weak_model, tmp_path):
+    """The weak model samples the format about 90% of the time (0.87 to 0.92 over seeds,
+    160 completions each). 60 GRPO steps raise that to about 0.96 (30 steps: 0.925, too
+    close to tell from the seed's noise); each side is scored on 640 completions."""
     _, files = task
     _graft("grpo", "--model", weak_model, "--data", files["prompts"], "--out", tmp_path, "--name", "grpo",
            "--grpo.reward", FORMAT, "--grpo.sampling.group-size", 8, "--grpo.sampling.max-new-tokens", 6,
-           "--grpo.beta", 0.0, "--train.max-steps", 30, "--train.batch-size", 8, "--optim.lr", 1e-3, *COMMON)
-    before = sampled_reward(weak_model, files["test"], FORMAT)
-    after = sampled_reward(tmp_path / "grpo" / "final", files["test"], FORMAT)
-    assert after >= before + 0.05, (before, after)
+           "--grpo.beta", 0.0, "--train.max-steps", 60, "--train.batch-size", 8, "--optim.lr", 1e-3, *COMMON)
+    before = sampled_reward(weak_model, files["test"], FORMAT, group=32)
+    after = sampled_reward(tmp_path / "grpo" / "final", files["test"], FORMAT, group=32)
+    assert after >= before + 0.03, (before, after)
     assert_rollout_tokens_counted(tmp_path / "grpo", 8 * 8, 6)
 
 
