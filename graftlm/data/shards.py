@@ -10,12 +10,13 @@ Layout of a shard directory (see docs/ARCHITECTURE.md):
 Design choices:
 - uint16 when every id fits (vocab_size <= 65536), else uint32: half the disk and page
   cache for the common small vocabularies.
-- Validation split, deterministic: when the data is a single document (one big .txt
-  such as tinyshakespeare), its text is cut at the line boundary nearest to
-  `1 - val_fraction` of its characters, so the validation split is the last part of
-  the text. Otherwise whole documents go to validation by a hash of their text
-  (`val_fraction`, independent of file order), or the last `val_docs` documents do.
-  Either way the validation split is never empty.
+- Validation split, deterministic: when the data is a few documents (up to
+  `FEW_DOCUMENTS`, such as one big .txt like tinyshakespeare, or a folder of books), each
+  text is cut at the line boundary nearest to `1 - val_fraction` of its characters, so
+  validation holds the last part of each and the fraction asked. Otherwise whole
+  documents go to validation by a hash of their text (`val_fraction`, independent of
+  file order), or the last `val_docs` documents do. Either way the validation split is
+  never empty.
 - Long documents are tokenized in chunks cut just before a line that starts with a
   non-space character: byte-level BPE never merges across such a boundary, so the ids
   are exactly those of the whole text, and the chunks keep every core busy through
@@ -216,21 +217,36 @@ def assign_splits(texts: Iterable[str], val_fraction: float = 0.1,
     return _assigned(iter(texts), val_fraction, val_docs)
 
 
+# Up to this many documents (and characters), each is split at its own line boundary:
+# held out whole by hash, one of two files would be half the text.
+FEW_DOCUMENTS, FEW_CHARS = 16, 64 * 2**20
+
+
 def _assigned(texts: Iterator[str], val_fraction: float, val_docs: int | None) -> Iterator[tuple[str, str]]:
     first = next(texts, None)
     if first is None:
         raise GraftError("no documents to prepare")
-    second = next(texts, None)
-    if second is None:  # a single document: split its text
-        if val_docs == 0 or (val_docs is None and val_fraction == 0):
-            yield "train", first
-            return
-        # --val-docs cannot hold out part of one document: the fraction applies.
-        train, val = split_single_text(first, val_fraction or 0.1)
-        yield "train", train
-        yield "val", val
+    head = [first]
+    if val_docs == 0 or (val_docs is None and val_fraction == 0):
+        yield from (("train", text) for text in _chain(head, texts))
         return
-    rest = _chain([first, second], texts)
+    size = len(head[0])
+    for text in texts:  # read ahead, to see whether there are only a few
+        head.append(text)
+        size += len(text)
+        if len(head) > FEW_DOCUMENTS or size > FEW_CHARS:
+            break
+    else:
+        if len(head) == 1:  # --val-docs cannot hold out part of one document: the fraction applies
+            train, val = split_single_text(head[0], val_fraction or 0.1)
+            yield "train", train
+            yield "val", val
+            return
+        parts = _split_each(head, val_fraction) if val_docs is None else None
+        if parts is not None:
+            yield from parts
+            return
+    rest = _chain(head, texts)
     if val_docs is not None:  # the last val_docs documents, by position
         held: list[str] = []
         for text in rest:
@@ -248,7 +264,22 @@ def _assigned(texts: Iterator[str], val_fraction: float, val_docs: int | None) -
         any_val |= split == "val"
         last = (split, text)
     # Never an empty validation split when one was asked for: the last document goes there.
-    yield ("val", last[1]) if (val_fraction > 0 and not any_val) else last
+    yield ("val", last[1]) if not any_val else last
+
+
+def _split_each(documents: list[str], val_fraction: float) -> list[tuple[str, str]] | None:
+    """(split, text) of a few documents, each cut at the line boundary nearest to
+    1 - val_fraction (whole to train when it has no line to cut at); None when none has."""
+    parts, cut = [], False
+    for text in documents:
+        try:
+            train, val = split_single_text(text, val_fraction)
+        except GraftError:
+            parts.append(("train", text))
+            continue
+        parts += [("train", train), ("val", val)]
+        cut = True
+    return parts if cut else None
 
 
 def _chain(head: list, tail: Iterator) -> Iterator:

@@ -128,19 +128,36 @@ def test_prepare_names_where_its_first_skipped_row_is(tmp_path, shakespeare, cap
     assert f"; 1 bad row of 301 skipped; the first: {path}:42: invalid JSON" in capsys.readouterr().out
 
 
-def test_prepare_warns_when_validation_takes_far_more_than_asked(tmp_path, shakespeare, capsys):
-    """Two files, one held out whole by hash: half the text went to validation unsaid."""
+def test_a_few_documents_are_each_split_so_validation_holds_the_fraction_asked(tmp_path, shakespeare, capsys):
+    """Two files, one held out whole by hash, put half the text (85% in a walkthrough)
+    into validation. A few documents are now each cut at a line near 1 - val_fraction."""
     root, text = shakespeare
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    (corpus / "a.txt").write_text(text[:40_000])
-    (corpus / "b.txt").write_text(text[40_000:80_000])
+    (corpus / "a.txt").write_text(text[:10_000])
+    (corpus / "b.txt").write_text(text[10_000:80_000])
     assert main(["prepare", "--data", str(corpus), "--tokenizer", str(root / "tok"), "--out", str(tmp_path / "s")]) == 0
+    splits = open_shards(tmp_path / "s").meta["splits"]
+    share = splits["val"]["tokens"] / (splits["val"]["tokens"] + splits["train"]["tokens"])
+    assert 0.08 < share < 0.12 and splits["val"]["documents"] == 2
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_prepare_warns_when_validation_takes_far_more_than_asked(tmp_path, shakespeare, capsys):
+    """Documents held out whole (here the last, --val-docs 1) can be most of the text."""
+    root, text = shakespeare
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text(text[:10_000])
+    (corpus / "b.txt").write_text(text[10_000:20_000])
+    (corpus / "c.txt").write_text(text[20_000:80_000])
+    assert main(["prepare", "--data", str(corpus), "--tokenizer", str(root / "tok"), "--out", str(tmp_path / "s"),
+                 "--val-docs", "1"]) == 0
     out = capsys.readouterr().out
     val = open_shards(tmp_path / "s").meta["splits"]["val"]["tokens"]
     total = sum(s["tokens"] for s in open_shards(tmp_path / "s").meta["splits"].values())
-    assert val / total > 0.2  # one of the two documents: ~half
-    assert f"warning: validation holds {val / total:.0%} of the tokens (1 of 2 documents, held out whole)" in out
+    assert val / total > 0.5
+    assert f"warning: validation holds {val / total:.0%} of the tokens (1 of 3 documents, held out whole)" in out
     assert main(["prepare", "--data", str(root / "ts.txt"), "--tokenizer", str(root / "tok"),
                  "--out", str(tmp_path / "one")]) == 0
     assert "warning" not in capsys.readouterr().out  # one document: split at its tenth
