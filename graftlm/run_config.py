@@ -42,6 +42,9 @@ class TrainConfig:
     save_every: int = field(default=500, metadata={"help": "checkpoint every N steps (0: only at the end)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "keep the last K checkpoints (0: all)"})
     log_every: int = 10
+    save_dtype: Literal["float32", "bfloat16", "float16"] | None = field(default=None, metadata={
+        "help": "dtype of final/'s weights (default: the pre-trained base's, as it is stored, as transformers "
+                "saves a model loaded in its own dtype; float32 for a new model); checkpoints stay float32"})
     max_bad_steps: int = field(default=5, metadata={"help": "stop after N non-finite steps in a row"})
 
     def seq_len_for(self, objective: str, context: int | None = None) -> int:

@@ -197,6 +197,18 @@ def build_model(cfg: RunConfig, vocab_size: int | None, tokenizer, device: torch
     return model.train()
 
 
+def final_dtype(cfg: RunConfig) -> torch.dtype | None:
+    """The dtype final/'s weights are written in: --train.save-dtype, else a pre-trained
+    base's own (a bf16 base fine-tuned over float32 master weights was saved at twice its
+    size), else as trained (None)."""
+    if cfg.train.save_dtype is not None:
+        return getattr(torch, cfg.train.save_dtype)
+    if not _from_weights(cfg):
+        return None
+    from graftlm.models.hf import stored_dtype
+    return stored_dtype(Path(cfg.model))
+
+
 def apply_parameterization(model, cfg: RunConfig):
     if cfg.adapter is None:
         return model
@@ -407,7 +419,8 @@ def _run_training(cfg: RunConfig, resume: bool | None, fresh: bool, allow_config
                 spec.save_final(plain, final, tokenizer)
             else:
                 from graftlm.models.hf import save_model
-                save_model(plain, final, tokenizer_dir=tokenizer.path if tokenizer else None)
+                save_model(plain, final, tokenizer_dir=tokenizer.path if tokenizer else None,
+                           dtype=final_dtype(cfg))
     if d.is_main:
         if tokenizer is not None and not (final / "tokenizer.json").exists():
             tokenizer.save(final)
@@ -427,8 +440,11 @@ def _run_training(cfg: RunConfig, resume: bool | None, fresh: bool, allow_config
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         write_report_or_warn(run_dir)
+        saved_as = final_dtype(cfg) if cfg.adapter is None and spec.save_final is None else None
         print(f"saved: {final} ({'adapter' if cfg.adapter is not None else 'model'}, "
-              f"{summary['artifact_bytes'] / 2**20:,.1f} MiB)", flush=True)
+              f"{summary['artifact_bytes'] / 2**20:,.1f} MiB"
+              + (f", {str(saved_as).removeprefix('torch.')}" if saved_as not in (None, torch.float32) else "")
+              + ")", flush=True)
     parallel.barrier(d)
     # Let go of what holds the process group's pending work (FSDP's modules and their
     # last collectives' buffers, the sharded optimizer state) while the interpreter is

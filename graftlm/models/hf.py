@@ -92,6 +92,23 @@ def _check_finite(path: Path, name: str, tensor: torch.Tensor) -> None:
                          f"{tensor.numel():,}: the file is corrupt")
 
 
+_SAFETENSORS_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def stored_dtype(model_dir: Path) -> torch.dtype | None:
+    """The floating dtype a model directory's weights are stored in (from the first
+    file's header, nothing loaded); None when it cannot be told."""
+    try:
+        path = weight_files(Path(model_dir))[0]
+        with open(path, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+    except (GraftError, OSError, ValueError, IndexError):
+        return None
+    kinds = {info.get("dtype") for name, info in header.items() if name != "__metadata__" and isinstance(info, dict)}
+    floats = [_SAFETENSORS_FLOATS[k] for k in kinds if k in _SAFETENSORS_FLOATS]
+    return floats[0] if len(floats) == 1 else None
+
+
 def load_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
     state = {}
     for f in weight_files(model_dir):

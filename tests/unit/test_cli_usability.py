@@ -260,3 +260,29 @@ def test_fine_tuning_a_preset_or_a_config_file_says_it_starts_from_random_weight
     assert "note: --model tiny is a preset: sft starts from random weights" in capsys.readouterr().out
     assert main(["sft", "--model", str(base), "--name", "c", *common]) == 0
     assert "random weights" not in capsys.readouterr().out
+
+
+def test_a_fine_tuned_bf16_base_is_saved_in_bf16_unless_told(tmp_path, capsys):
+    """final/ of a bf16 base was float32 (its master weights): twice the base's size, and
+    config.json said float32. transformers saves a model loaded in its own dtype in that."""
+    import torch
+
+    from graftlm.cli import main
+    from graftlm.models.config import preset
+    from graftlm.models.hf import load_model, save_model, stored_dtype
+    from graftlm.models.transformer import Decoder
+    from tests.unit.test_sft_packing import _data
+    path, tokenizer = _data(tmp_path, n=8)
+    base = tmp_path / "base"
+    model = Decoder(preset("tiny", vocab_size=tokenizer.vocab_size))
+    model.init_weights(torch.Generator().manual_seed(0))
+    save_model(model, base, dtype=torch.bfloat16)
+    assert stored_dtype(base) == torch.bfloat16
+    common = ["--model", str(base), "--tokenizer", str(tmp_path / "tok"), "--data", str(path), "--out",
+              str(tmp_path / "runs"), "--train.max-steps", "1", "--train.eval-every", "0", "--tensorboard", "false"]
+    assert main(["sft", "--name", "same", *common]) == 0
+    assert ", bfloat16)" in capsys.readouterr().out
+    final = tmp_path / "runs" / "same" / "final"
+    assert stored_dtype(final) == torch.bfloat16 and load_model(final, dtype=None).lm_head.weight.dtype == torch.bfloat16
+    assert main(["sft", "--name", "wide", "--train.save-dtype", "float32", *common]) == 0
+    assert stored_dtype(tmp_path / "runs" / "wide" / "final") == torch.float32
