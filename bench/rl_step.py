@@ -37,9 +37,8 @@ the median beside it, and the fastest of `--repeats` rounds.
   in a completion (`digit_reward` below; both call it once per batch, TRL's form): cheap,
   and varied enough that advantages are not all 0. A random model rarely samples a stop
   token, so completions are ~32 tokens on both sides (printed; graftlm also stops on
-  <|im_end|>, TRL on EOS only). `rest s` = the step less its generation. (graftlm's own
-  `train_time/train_s` is not used: it counts from the end of the previous step's loss,
-  so it holds that step's backward and optimizer, not this one's.)
+  <|im_end|>, TRL on EOS only). `rest s` = the step less its generation, timed the same
+  way on both sides.
 
 Both sides: float32 weights, fused AdamW, grad clip 1.0, constant lr 1e-5, no dropout,
 no activation checkpointing (TRL 1.16's configs default to gradient_checkpointing=True and

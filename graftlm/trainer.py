@@ -88,6 +88,16 @@ def _sum_locally(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _time_the_rest(record: dict, elapsed: float) -> None:
+    """Where an objective timed parts of its step (`train_time/generation_s`, `scoring_s`,
+    PPO's `critic_s`: seconds in the step, summed over its micro-batches), the rest of the
+    step, `train_time/train_s`: the policy's forwards, backward and optimizer step. (GRPO
+    timed it inside its loss, so each step's held the previous step's backward.)"""
+    parts = [v for k, v in record.items() if k.startswith("train_time/")]
+    if parts:
+        record["train_time/train_s"] = max(elapsed - sum(parts), 0.0)
+
+
 class Trainer:
     def __init__(self, model: nn.Module, objective: Objective, loader: ResumableLoader,
                  cfg: TrainConfig, optim_cfg: OptimConfig, *, device: torch.device,
@@ -194,8 +204,9 @@ class Trainer:
             widest = max(widest, context)
             loss_sum += part_sum.detach().float()
             count += part_count.detach().float()
-            for k, v in metrics.items():
-                objective_metrics[k] = objective_metrics.get(k, 0.0) + float(v) / self.cfg.grad_accum
+            for k, v in metrics.items():  # a mean over micro-batches; time spent, a sum over them
+                share = 1 if k.startswith("time/") else self.cfg.grad_accum
+                objective_metrics[k] = objective_metrics.get(k, 0.0) + float(v) / share
         # Tokens, FLOPs and the objective's metrics travel with the count: still two
         # collectives per step. Every rank's objective reports the same metric names;
         # logged values are their mean over ranks (equal batches: the global mean).
@@ -462,6 +473,7 @@ class Trainer:
                     self.steady["time_s"] += elapsed
                     self.steady["tokens"] += record["step_tokens"]
                     self.steady["flops"] += self.last_step_flops
+                _time_the_rest(record, elapsed)
                 tokens_per_s = record["step_tokens"] / max(elapsed, 1e-9)
                 record.update(tokens_per_s=tokens_per_s, mfu=self._mfu(self.last_step_flops / max(elapsed, 1e-9)),
                               memory_bytes=peak_device_memory_bytes(self.device),

@@ -33,7 +33,6 @@ engine and scored by a reward (`graftlm.rewards`). Design choices:
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -151,7 +150,6 @@ class GRPOObjective:
         self.device = torch.device(device)  # the model's: where restored kept rollouts go
         # slot -> (sample ids, rollout with its fixed log-probs) kept for the later passes
         self._kept: dict[int, tuple[list[int], KeptRollout]] = {}
-        self._last_end: float | None = None
         self.step_warnings = RolloutWarnings("grpo", config.sampling, groups=True)
 
     def _kept_rollout(self, batch: dict) -> KeptRollout | None:
@@ -205,9 +203,6 @@ class GRPOObjective:
                       for slot, each in slots.items()}
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        start = time.perf_counter()
-        # Time since the last call ended is the trainer's backward and optimizer step.
-        outside = start - self._last_end if self._last_end is not None else 0.0
         cfg = self.config
         kept = self._kept_rollout(batch)
         rollout = kept.rollout if kept is not None else self.sampler.sample(model, batch, self.pad_id)
@@ -233,8 +228,6 @@ class GRPOObjective:
             "skipped_groups": (~valid).sum().item() / rollout.group_size,
             "frac_reward_zero_std": zero_std_fraction(rollout.rewards, rollout.group_size),
         }
-        self._last_end = time.perf_counter()
-        metrics["time/train_s"] = outside + (self._last_end - start - rollout.generation_s - rollout.scoring_s)
         return (per_token * trained).sum(), count, metrics
 
 

@@ -23,7 +23,7 @@ def test_grpo_loss_has_gradients_and_metrics(tokenizer):
     total.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
     assert metrics["kl"] == pytest.approx(0.0, abs=1e-6)  # the reference is the policy at step 0
-    for key in ("reward/mean", "reward/std", "completion_length", "time/generation_s", "time/train_s"):
+    for key in ("reward/mean", "reward/std", "completion_length", "time/generation_s", "time/scoring_s"):
         assert key in metrics
     assert model.training  # sampling put the model back in training mode
 

@@ -237,6 +237,11 @@ def test_graft_grpo_logs_val_reward_every_eval_and_in_summary(tmp_path, capsys):
     records = [json.loads(line) for line in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
     vals = [r for r in records if "val_reward" in r]
     assert [r["step"] for r in vals] == [1, 2]
+    # A step's time in parts: generation, scoring and the rest (train_s held the step before's backward).
+    for r in (r for r in records if "loss" in r):
+        parts = sum(v for k, v in r.items() if k.startswith("train_time/"))
+        assert parts == pytest.approx(r["step_tokens"] / r["tokens_per_s"], rel=1e-6)
+        assert r["train_time/train_s"] > 0
     # The reward is the row's answer: the mean is over exactly the 10 held-out rows.
     order = torch.randperm(40, generator=torch.Generator().manual_seed(0)).tolist()
     held_out_mean = sum(order[:10]) / 10
