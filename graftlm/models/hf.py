@@ -99,12 +99,10 @@ def stored_dtype(model_dir: Path) -> torch.dtype | None:
     """The floating dtype a model directory's weights are stored in (from the first
     file's header, nothing loaded); None when it cannot be told."""
     try:
-        path = weight_files(Path(model_dir))[0]
-        with open(path, "rb") as fh:
-            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-    except (GraftError, OSError, ValueError, IndexError):
+        with safe_open(str(weight_files(Path(model_dir))[0]), framework="pt") as f:
+            kinds = {f.get_slice(name).get_dtype() for name in f.keys()}
+    except (GraftError, SafetensorError, OSError, IndexError):
         return None
-    kinds = {info.get("dtype") for name, info in header.items() if name != "__metadata__" and isinstance(info, dict)}
     floats = [_SAFETENSORS_FLOATS[k] for k in kinds if k in _SAFETENSORS_FLOATS]
     return floats[0] if len(floats) == 1 else None
 
