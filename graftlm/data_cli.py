@@ -280,7 +280,10 @@ def stats_command(args) -> int:
     length = stats["length"]
     lines = [
         ("rows", f"{stats['rows']:,} ({stats['valid']:,} valid, {stats['bad']:,} bad)"),
-        ("tokens", f"{stats['tokens']:,} ({stats['tokens_counted_with']})"),
+        ("tokens", f"{stats['tokens']:,}" + (", each pair's longer sequence" if "pair_tokens" in stats else "")
+                   + f" ({stats['tokens_counted_with']})"),
+        *([("tokens DPO trains", f"{stats['pair_tokens']:,} (both sequences of each pair)")]
+          if "pair_tokens" in stats else []),
         ("length per row", f"min {length['min']}, p50 {length['p50']}, p90 {length['p90']}, "
                            f"max {length['max']}, mean {length['mean']:.1f}"),
         ("exact duplicates", f"{stats['exact_duplicates']:,}"),

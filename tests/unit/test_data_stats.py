@@ -74,3 +74,12 @@ def test_inspect_preference_row_of_hh_rlhf(tok_dir, capsys):
                  "--model", str(tok_dir), "--row", "1", "--plain"]) == 0
     out = capsys.readouterr().out
     assert "## prompt" in out and "## chosen" in out and "[[Sounds like alcohol" in out
+
+
+def test_preference_stats_say_what_dpo_trains(tmp_path, capsys):
+    """A pair's tokens are its longer sequence; DPO trains on both (prompt + each reply)."""
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "p" * 40, "chosen": "c" * 20, "rejected": "r" * 8}) + "\n")
+    assert main(["data", "stats", "--data", str(path)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "15, each pair's longer sequence" in out and "tokens DPO trains │ 27 (both sequences of each pair)" in out
