@@ -40,10 +40,11 @@ def sample_tokens(logits: torch.Tensor, temperatures: list[float], top_ks: list[
     uniforms = torch.stack([torch.rand((), generator=g) for g in generators]).to(device)
     ks = [k if 0 < k < vocab else vocab for k in top_ks]
     tokens = torch.empty(rows, dtype=torch.long, device=device)
-    plain = [i for i in range(rows) if ks[i] == vocab and top_ps[i] == 1.0]
+    plain, left = [], []  # rows sampled over the whole vocabulary, and top-k / top-p rows
+    for i in range(rows):
+        (plain if ks[i] == vocab and top_ps[i] == 1.0 else left).append(i)
     if plain:
         tokens[plain] = _inverse_cdf(scores[plain], uniforms[plain])
-    left = [i for i in range(rows) if i not in set(plain)]
     for width in [w for w in CANDIDATES if w < vocab] + [vocab]:  # the whole vocabulary, sorted, last
         if not left:
             break
