@@ -50,6 +50,16 @@ def test_compiled_decoding_matches_eager_without_recompiling(model):
     # One graph for batch 1 and one for every larger batch, whatever the step or capacity.
     assert counters["stats"]["unique_graphs"] - graphs == 2
 
+    # A dropped engine lets go of its graphs: inductor's generated modules hold the frozen
+    # weights, and without the engine's finalizer they would stay in sys.modules for the
+    # life of the process. (Checked here, on graphs already compiled, as a compile costs
+    # tens of seconds.)
+    generated = [weakref.ref(module) for module in compiled.compiled_decode._generated]
+    assert generated
+    del compiled
+    gc.collect()
+    assert all(ref() is None for ref in generated)
+
 
 def test_bfloat16_decoding_with_generated_gemms_matches_eager(model, capfd):
     # In bf16 on the CPU inductor also benchmarks its own C++ GEMMs per shape: whichever
@@ -73,18 +83,6 @@ def test_each_engine_compiles_its_own_code(model):
     # object would fail from the fifth on, and keep the dead ones' frozen weights.
     first, second = (Engine(copy.deepcopy(model), compile=True).compiled_decode for _ in range(2))
     assert first.module.forward.__code__ is not second.module.forward.__code__
-
-
-def test_a_dropped_engine_lets_go_of_its_graphs(model):
-    # Inductor's generated modules hold the frozen weights; without the engine's
-    # finalizer they would stay in sys.modules for the life of the process.
-    engine = Engine(copy.deepcopy(model), compile=True)
-    engine.warm_up()
-    generated = [weakref.ref(module) for module in engine.compiled_decode._generated]
-    assert generated
-    del engine
-    gc.collect()
-    assert all(ref() is None for ref in generated)
 
 
 def test_compiled_decoding_with_adapters_matches_eager(model):
