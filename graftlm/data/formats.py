@@ -9,7 +9,9 @@ Canonical shapes (every one also has `source`, the row's `file:line`):
   all message lists (a string next to a list is wrapped as a user / assistant turn).
   Anthropic HH-RLHF transcripts (`{"chosen", "rejected"}` without a prompt) are parsed
   into messages, the prompt being the shared conversation before the last assistant
-  turn; message-list pairs without a prompt are split the same way.
+  turn; message-list pairs without a prompt are split the same way. An optional
+  `margin` (a finite number; missing or null: none) is kept for the reward model
+  (TRL's margin column: the chosen score must beat the rejected one by it).
 - rl (`grpo`, `ppo`): `{"prompt", "extra"}`: `prompt` is a string or messages, and
   `extra` holds every other field for the reward function. GSM8K's `question` is the
   prompt and `extra` gets `answer` (full text) and `final_answer` (after "#### ").
@@ -25,6 +27,8 @@ objective from passing silently. Every error names `file:line` and the field.
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +86,14 @@ def _string(row: dict, name: str, allow_empty: bool = False) -> str:
     if not allow_empty and not value.strip():
         raise RowError(f"field '{name}' is empty", name)
     return value
+
+
+def _finite_number(row: dict, name: str) -> float:
+    value = row[name]
+    # bool is an int to Python, but `"margin": true` is a mistake, not 1.0
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise RowError(f"field '{name}' must be a finite number, got {repr(value)[:40]}", name)
+    return float(value)
 
 
 def _messages(value, name: str) -> list[dict]:
@@ -172,7 +184,13 @@ def _split_shared_prompt(chosen: list[dict], rejected: list[dict]) -> dict:
 
 
 def _preference(row: Row, text_field: str) -> dict:
-    f = row.fields
+    pair = _pair(row.fields)
+    if row.fields.get("margin") is not None:
+        pair["margin"] = _finite_number(row.fields, "margin")
+    return pair
+
+
+def _pair(f: dict) -> dict:
     for name in ("chosen", "rejected"):
         if f.get(name) is None:
             raise RowError(f"missing field '{name}'{_found(f)}", name)

@@ -69,6 +69,7 @@ class RenderedPair:
     rejected_mask: list[bool]
     source: str = ""
     truncated: bool = False
+    margin: float = 0.0  # the row's `margin` (reward models: how far chosen must beat rejected)
 
 
 @dataclass
@@ -226,7 +227,7 @@ class Renderer:
         prompt_ids, chosen, chosen_mask = self._completion(example["prompt"], example["chosen"])
         _, rejected, rejected_mask = self._completion(example["prompt"], example["rejected"])
         pair = RenderedPair(prompt_ids, chosen, chosen_mask, rejected, rejected_mask,
-                            example.get("source", ""))
+                            example.get("source", ""), margin=example.get("margin", 0.0))
         limit = self.config.max_length
         if limit is not None and len(prompt_ids) + max(len(chosen), len(rejected)) > limit:
             room = limit - len(prompt_ids)

@@ -84,7 +84,9 @@ class DPOConfig(FineTuneData):
 
 @dataclass
 class RewardModelConfig(FineTuneData):
-    center_coef: float = field(default=0.0, metadata={"help": "weight of (r_chosen + r_rejected)^2, 0 = off"})
+    center_coef: float = field(default=0.0, metadata={
+        "help": "weight of (r_chosen + r_rejected)^2, keeping rewards near 0 (TRL's center_rewards_coefficient); "
+                "0 = off"})
 
     def validate(self) -> None:
         super().validate()

@@ -44,7 +44,8 @@ def pad_right(rows: list[list[int]], value: int, length: int | None = None) -> t
 
 def collate_pairs(examples: list[dict], pad_id: int) -> dict:
     """Rendered pairs -> batch. Each example has `chosen_input_ids`, `chosen_loss_mask`,
-    `rejected_input_ids`, `rejected_loss_mask` (lists); padding is on the right."""
+    `rejected_input_ids`, `rejected_loss_mask` (lists); padding is on the right. Optional:
+    `ref_chosen_logps` / `ref_rejected_logps` (DPO) and `margin` (the reward model)."""
     batch = {}
     for side in ("chosen", "rejected"):
         ids = [e[f"{side}_input_ids"] for e in examples]
@@ -55,6 +56,8 @@ def collate_pairs(examples: list[dict], pad_id: int) -> dict:
     for key in ("ref_chosen_logps", "ref_rejected_logps"):
         if all(key in e for e in examples):
             batch[key] = torch.tensor([float(e[key]) for e in examples])
+    if any("margin" in e for e in examples):  # the reward model's; a pair without one has 0
+        batch["margin"] = torch.tensor([float(e.get("margin", 0.0)) for e in examples])
     return batch
 
 
@@ -176,7 +179,7 @@ class PreferencePairs:
         prompt_mask = [False] * len(p.prompt_ids)
         return {"chosen_input_ids": p.prompt_ids + p.chosen_ids, "chosen_loss_mask": prompt_mask + p.chosen_mask,
                 "rejected_input_ids": p.prompt_ids + p.rejected_ids,
-                "rejected_loss_mask": prompt_mask + p.rejected_mask}
+                "rejected_loss_mask": prompt_mask + p.rejected_mask, "margin": p.margin}
 
     def collate(self, samples: list[dict]) -> dict:
         return collate_pairs(samples, self.pad_id)

@@ -5,9 +5,13 @@ Design choices:
   head plus `score`, saved as a Hugging Face sequence-classification model.
 - Chosen and rejected go through one forward pass, as in DPO; each sequence is scored
   at its last non-pad token, so the batch is padded with the head's `pad_token_id`.
-- loss = -log sigmoid(r_chosen - r_rejected) (+ an optional `center_coef * (r_c + r_r)^2`
-  that keeps rewards near zero, which makes them comparable across runs and keeps PPO's
-  value targets small). Summed over pairs; the count is the number of pairs.
+- loss = -log sigmoid(r_chosen - r_rejected - margin) (+ an optional `center_coef * (r_c +
+  r_r)^2` that keeps rewards near zero, which makes them comparable across runs and keeps
+  PPO's value targets small). Summed over pairs; the count is the number of pairs.
+- It is TRL's RewardTrainer loss (tests/parity/test_reward_trl.py): `margin` is a pair's
+  optional `margin` field (TRL's margin column, 0 when absent), `center_coef` TRL's
+  `center_rewards_coefficient`. As in TRL, accuracy and the margin metric compare the raw
+  scores: the data's margin shapes the loss, not what counts as ranking a pair right.
 """
 
 from __future__ import annotations
@@ -37,7 +41,10 @@ class RewardObjective:
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
         chosen, rejected = pair_scores(model, batch)
-        losses = -F.logsigmoid(chosen - rejected)
+        gap = chosen - rejected
+        if "margin" in batch:
+            gap = gap - batch["margin"].to(gap)
+        losses = -F.logsigmoid(gap)
         if self.config.center_coef:
             losses = losses + self.config.center_coef * (chosen + rejected) ** 2
         metrics = {

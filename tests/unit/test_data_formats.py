@@ -35,9 +35,13 @@ GOOD_CHAT = {"messages": [{"role": "system", "content": "Be brief."},
     ("grpo", {"answer": "4"}, "missing field 'prompt'"),
     ("text", {"body": "x"}, "missing field 'text' \\(the row has 'body'\\)"),
     ("sft", "{broken json", "invalid JSON"),
+    ("reward", {"prompt": "Q", "chosen": "A", "rejected": "B", "margin": "1.5"}, "field 'margin' must be a finite "),
+    ("reward", {"prompt": "Q", "chosen": "A", "rejected": "B", "margin": True}, "field 'margin' must be a finite "),
+    ("reward", '{"prompt": "Q", "chosen": "A", "rejected": "B", "margin": NaN}', "field 'margin' .* got nan"),
 ])
 def test_bad_rows_name_file_line_and_field(tmp_path, objective, bad_row, message):
     good = {"sft": GOOD_CHAT, "dpo": {"prompt": "Q", "chosen": "A", "rejected": "B"},
+            "reward": {"prompt": "Q", "chosen": "A", "rejected": "B", "margin": 1},
             "grpo": {"prompt": "Q"}, "text": {"text": "t"}}[objective]
     path = jsonl(tmp_path, [good, good, bad_row])
     with pytest.raises(GraftError, match=message) as info:
@@ -104,6 +108,16 @@ def test_preferences_with_strings_lists_and_mixed(tmp_path):
         assert ex["prompt"] == [{"role": "user", "content": "Q"}]
         assert ex["chosen"] == [{"role": "assistant", "content": "good"}]
         assert ex["rejected"] == [{"role": "assistant", "content": "bad"}]
+
+
+def test_a_pair_keeps_its_margin(tmp_path):
+    # TRL's optional margin column, for the reward model; a missing or null one is no margin.
+    hh = {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}
+    path = jsonl(tmp_path, [{"prompt": "Q", "chosen": "A", "rejected": "B", "margin": 2},
+                            {**hh, "margin": -0.5}, {"prompt": "Q", "chosen": "A", "rejected": "B", "margin": None}])
+    examples, counts = load_examples(path, "reward")
+    assert counts.bad == 0 and [e.get("margin") for e in examples] == [2.0, -0.5, None]
+    assert isinstance(examples[0]["margin"], float)
 
 
 def test_hh_rlhf_prompt_is_the_shared_prefix_on_real_rows():

@@ -102,6 +102,12 @@ def test_preference_pair_prompt_plus_completions(tok):
     assert pair.prompt_ids + pair.chosen_ids == tok.encode(tok.apply_chat_template(example["prompt"] + example["chosen"]))
 
 
+def test_preference_pair_carries_its_margin(tok):
+    renderer = Renderer(tok)
+    assert renderer.render_pair({"prompt": "Hi", "chosen": "yes", "rejected": "no", "margin": 1.5}).margin == 1.5
+    assert renderer.render_pair({"prompt": "Hi", "chosen": "yes", "rejected": "no"}).margin == 0.0
+
+
 def test_preference_truncation_keeps_the_prompt(tok):
     example = {"prompt": "Hi", "chosen": "word " * 30, "rejected": "no"}
     renderer = Renderer(tok, RenderConfig(max_length=20))

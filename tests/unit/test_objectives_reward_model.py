@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from graftlm.models.heads import ScalarHeadModel, load_scalar_model, save_scalar_model
 from graftlm.models.hf import load_model
+from graftlm.objectives.configs import RewardModelConfig
 from graftlm.objectives.dpo import collate_pairs
 from graftlm.objectives.reward import RewardObjective
 from tests.conftest import make_hf_model
@@ -31,6 +32,26 @@ def test_bradley_terry_loss_and_accuracy(tmp_path):
     want = -F.logsigmoid(scores[0] - scores[1]) - F.logsigmoid(scores[2] - scores[3])
     assert count.item() == 2 and torch.allclose(total, want, atol=1e-5)
     assert metrics["rewards/accuracy"] == ((scores[0] > scores[1]).float() + (scores[2] > scores[3]).float()).item() / 2
+
+
+def test_margin_and_centering_shape_the_loss_not_the_accuracy(tmp_path):
+    # A pair's margin is subtracted from its score gap (TRL's margin column); a pair
+    # without one in the same batch has margin 0. Accuracy still compares raw scores.
+    model = _reward_model(tmp_path)
+    examples = [{"chosen_input_ids": [5, 6, 7], "chosen_loss_mask": [0, 1, 1],
+                 "rejected_input_ids": [5, 9], "rejected_loss_mask": [0, 1], "margin": 2.0},
+                {"chosen_input_ids": [8, 3], "chosen_loss_mask": [0, 1],
+                 "rejected_input_ids": [8, 4, 4, 4], "rejected_loss_mask": [0, 1, 1, 1]}]
+    batch = collate_pairs(examples, pad_id=0)
+    assert batch["margin"].tolist() == [2.0, 0.0]
+    total, _, metrics = RewardObjective(RewardModelConfig(center_coef=0.5)).loss(model, batch)
+    with torch.no_grad():
+        c1, r1, c2, r2 = [model(torch.tensor([ids]))[0] for e in examples
+                          for ids in (e["chosen_input_ids"], e["rejected_input_ids"])]
+    want = (-F.logsigmoid(c1 - r1 - 2.0) - F.logsigmoid(c2 - r2)
+            + 0.5 * ((c1 + r1) ** 2 + (c2 + r2) ** 2))
+    assert torch.allclose(total, want, atol=1e-5)
+    assert metrics["rewards/accuracy"] == ((c1 > r1).float() + (c2 > r2).float()).item() / 2
 
 
 def test_saved_reward_model_loads_in_transformers_with_equal_scores(tmp_path):
