@@ -284,8 +284,11 @@ def print_plan(result: dict) -> None:
     for r in regimes:  # GRPO's and PPO's sampling is costed by what bounds it, not at MFU alone
         generation = r["time_detail"].get("generation")
         if generation:
-            bound = (f"memory bandwidth ({fmt_count(hw['bandwidth'])}B/s: each decode step reads every weight)"
-                     if r["generation_bound"] == "memory bandwidth" else "FLOPs")
+            bound = {"memory bandwidth": f"memory bandwidth ({fmt_count(hw['bandwidth'])}B/s: each decode step "
+                                         "reads every weight)",
+                     "per-operator overhead": f"the host's per-operator overhead ({r['decode_ops']:,} eager "
+                                              f"operators a decode step, {hw['op_overhead_us']:.3g} us each)",
+                     }.get(r["generation_bound"], r["generation_bound"])
             console.print(f"  {r['regime']}: {fmt_time(r['time_s'])} = {fmt_time(r['time_s'] - generation)} of training "
                           f"+ {fmt_time(generation)} ({generation / r['time_s']:.0%}) sampling a token at a time, "
                           f"bound by {bound}", highlight=False)

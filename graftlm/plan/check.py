@@ -236,8 +236,9 @@ def check_run(run_dir: Path, hardware: Hardware | None, catalogue: dict[str, Dev
     generation_s = 0.0
     if work.get("generation") and rate:  # decoding at the FLOPs' or the reads' pace (compute.py)
         generation_s, _ = generation_seconds(trained, tokens / passes_per_sequence(shape), rate / shape.devices,
-                                             device.bandwidth)
-        assumed += f", sampling at {device.bandwidth / 1e9:.3g} GB/s where its reads are slower"
+                                             device)
+        assumed += (f", sampling at {device.bandwidth / 1e9:.3g} GB/s where its reads are slower, plus "
+                    f"{device.op_seconds * 1e6:.3g} us per eager operator")
     dequant_s, dequant_assumed = None, ""
     if dequant_passes(shape):
         dequant_rate, source = _dequant_rate(summary, shape, hardware, catalogue or load_catalogue())
@@ -286,8 +287,8 @@ def check_run(run_dir: Path, hardware: Hardware | None, catalogue: dict[str, Dev
 
 def _generation_note(run_dir: Path, shape: RunShape, predicted_share: float) -> str | None:
     """An RL run whose sampling took a far larger share of its steps' time than the
-    prediction gives it: a small model's token-at-a-time decoding goes to per-step
-    overhead (kernel launches, Python) that neither FLOPs nor memory traffic count."""
+    prediction gives it: on a CPU a small model's decoding also goes to small matrix
+    products and per-row work beyond the operators' assumed overhead."""
     if not shape.samples_rollouts:
         return None
     spent = {"generation": 0.0, "all": 0.0}
@@ -299,9 +300,10 @@ def _generation_note(run_dir: Path, shape: RunShape, predicted_share: float) -> 
     if measured < 0.2 or measured < 1.5 * predicted_share:
         return None
     return (f"sampling took {measured:.0%} of the steps' time but {predicted_share:.0%} of the predicted time "
-            "(its FLOPs, or its reads of the weights at the memory bandwidth, whichever is slower): generating a "
-            "token at a time also pays per-step overhead (kernel launches, Python) that neither counts, which a "
-            "small model's decoding is mostly made of, so the plan's time for GRPO and PPO runs is low by about that much")
+            "(its FLOPs or its reads of the weights, and the eager operators each token dispatches at the "
+            "assumed overhead): a small model's token-at-a-time decoding also goes to work neither counts (small "
+            "matrix products far below the device's peak, Python per row), so the plan's time for this model's GRPO "
+            "and PPO runs is low by about that much; op_overhead_us in a --hardware-file sets the overhead")
 
 
 def _metric_records(run_dir: Path) -> list[dict]:

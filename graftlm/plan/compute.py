@@ -39,8 +39,9 @@ FLOP counter sees.
 
 Time = FLOPs / (devices x peak x MFU), the MFU a device typically reaches (catalogue),
 except for GRPO's and PPO's sampling: a decode step reads every weight for a few FLOPs per
-row, so it takes its reads' time at the catalogue's memory bandwidth where that is longer
-(`generation_seconds`). Plus, for QLoRA, the time its NF4 base weights take to dequantize, which has no FLOPs
+row, so it takes its reads' time at the catalogue's memory bandwidth where that is longer,
+and dispatches some 70 eager operators per block, each costing the host a few
+microseconds, which bound a small model's decoding (`generation_seconds`). Plus, for QLoRA, the time its NF4 base weights take to dequantize, which has no FLOPs
 for MFU to absorb: torchao's linear_nf4 dequantizes every base linear (every block
 linear, adapted or not) on each call. Per micro-batch that is a pass over them in the
 training forward, another in backward (all but the first block's q/k/v, whose input
@@ -57,7 +58,7 @@ from dataclasses import dataclass, replace
 
 from graftlm.metrics import DequantRate, forward_flops_per_token, matmul_params, training_flops_per_token
 from graftlm.models.limits import EAGER_GROUPED_MAX_SEQ
-from graftlm.plan.hardware import Hardware
+from graftlm.plan.hardware import Device, Hardware
 from graftlm.plan.memory import (LINEAR_NAMES, RunShape, adapter_params, block_linear_params, linear_shapes,
                                  lora_targets)
 
@@ -183,25 +184,54 @@ def decode_bytes_per_step(shape: RunShape, context: float) -> float:
     return weights + shape.batch_size * context * kv
 
 
-def generation_seconds(shape: RunShape, distinct: float, flop_rate: float, bandwidth: float) -> tuple[float, str]:
+# Eager PyTorch operators one decode step dispatches on graftlm's engine, counted with a
+# TorchDispatchMode (tests/unit/test_plan_rollouts.py holds these to a fresh count): per
+# block its norms, projections, RoPE, KV-cache writes and attention; per adapted linear its
+# fused LoRA update (a QLoRA base's dequantization calls are `dequant_passes`' own cost);
+# per step the embedding, final norm, head and the batched sampling, which draws each row's
+# number from the row's own generator.
+DECODE_OPS_PER_BLOCK = 70
+DECODE_OPS_PER_ADAPTED_LINEAR = 11
+DECODE_OPS_PER_STEP = 56
+DECODE_OPS_PER_ROW = 1
+
+
+def decode_ops(shape: RunShape) -> int:
+    """Eager operators one decode step of a micro-batch dispatches (the prefill: as many)."""
+    adapted = len(lora_targets(shape.lora_targets)) if shape.adapted else 0
+    per_block = DECODE_OPS_PER_BLOCK + adapted * DECODE_OPS_PER_ADAPTED_LINEAR
+    return DECODE_OPS_PER_STEP + shape.batch_size * DECODE_OPS_PER_ROW + shape.model.num_layers * per_block
+
+
+def generation_seconds(shape: RunShape, distinct: float, flop_rate: float, device: Device) -> tuple[float, str]:
     """(wall seconds, what bounds them) to sample the rollouts behind `distinct` tokens
-    (each rollout's tokens once), on `shape.devices` devices of `flop_rate` FLOP/s (peak x
-    MFU) and `bandwidth` bytes/s each.
+    (each rollout's tokens once), on `shape.devices` devices like `device`, each running
+    `flop_rate` FLOP/s (peak x MFU).
 
     Each device samples its own micro-batches of `batch_size` rollouts together. The
     prefill is a forward over the prompts, bound by FLOPs as training is. Each later token
     is a decode step that does little arithmetic per byte it reads (2 FLOPs per weight and
-    row): the step takes its FLOPs' time or its reads' (`decode_bytes_per_step`), whichever
-    is longer. Per-step overhead (kernel launches, Python) is not counted: it dominates a
-    small model's eager decoding, and `graft plan --check` says so where a run shows it.
+    row): the step takes its FLOPs' time or its reads' (`decode_bytes_per_step`, at the
+    memory bandwidth), whichever is longer. Every step, the prefill included, also
+    dispatches `decode_ops` eager operators at `device.op_seconds` each. A CPU does that
+    work in line with the arithmetic, so the two add up; a GPU runs its kernels while the
+    host queues the next ones, so a step takes the longer of the two. A small model's
+    decoding is mostly that overhead.
     """
     prompt, completion = rollout_layout(shape)
     micro_batches = distinct / shape.seq_len / (shape.batch_size * shape.devices)
-    prefill = _prefill_flops(shape, prompt)
-    decode_flops = shape.batch_size * (rollout_flops(shape, prompt, completion) - prefill) / flop_rate
-    decode_reads = (completion - 1) * decode_bytes_per_step(shape, prompt + completion / 2) / bandwidth
-    per_batch = shape.batch_size * prefill / flop_rate + max(decode_flops, decode_reads)
-    return micro_batches * per_batch, ("memory bandwidth" if decode_reads > decode_flops else "FLOPs")
+    prefill_flops = _prefill_flops(shape, prompt)
+    decode_flops = shape.batch_size * (rollout_flops(shape, prompt, completion) - prefill_flops) / flop_rate
+    decode_reads = (completion - 1) * decode_bytes_per_step(shape, prompt + completion / 2) / device.bandwidth
+    decode, bound = max((decode_flops, "FLOPs"), (decode_reads, "memory bandwidth"))
+    work = shape.batch_size * prefill_flops / flop_rate + decode
+    overhead = completion * decode_ops(shape) * device.op_seconds
+    if device.kind == "cpu":
+        per_batch = work + overhead
+        bound = "per-operator overhead" if overhead > work else bound
+    else:
+        per_batch, bound = max((work, bound), (overhead, "per-operator overhead"))
+    return micro_batches * per_batch, bound
 
 
 def dequant_passes(shape: RunShape) -> dict[str, tuple[float, float]]:
@@ -283,7 +313,8 @@ class Compute:
     detail: dict  # FLOPs per part of the step
     time_detail: dict  # seconds: the FLOPs at peak x MFU and, for QLoRA, the NF4 dequantization
     dequant_detail: dict  # QLoRA: seconds of dequantization per part of the step
-    generation_bound: str | None = None  # GRPO / PPO: what bounds decoding ("memory bandwidth" or "FLOPs")
+    generation_bound: str | None = None  # GRPO / PPO: what bounds decoding ("FLOPs", "memory bandwidth",
+    # or "per-operator overhead")
 
 
 def compute_cost(shape: RunShape, tokens: float, hardware: Hardware, price_per_hour: float | None = None,
@@ -304,7 +335,7 @@ def compute_cost(shape: RunShape, tokens: float, hardware: Hardware, price_per_h
     generation_bound = None
     if generation:  # token-at-a-time sampling: FLOPs or memory traffic, whichever is slower
         time_detail["generation"], generation_bound = generation_seconds(
-            shape, trained / passes_per_sequence(shape), rate / hardware.count, device.bandwidth)
+            shape, trained / passes_per_sequence(shape), rate / hardware.count, device)
     # Each device dequantizes its own copy of the weights for each of its micro-batches.
     dequant = dequant_seconds(shape, trained / max(shape.tokens * hardware.count, 1), device.dequant_rate())
     if dequant:

@@ -25,12 +25,17 @@ from graftlm.metrics import DequantRate
 GIB = 2 ** 30
 _FIELDS = {"memory_gb": float, "reserved_gb": float, "bf16_tflops": float, "fp32_tflops": float, "mfu": float,
            "usd_per_hour": float, "fast_bf16": bool, "memory_gbs": float, "nf4_gparams_per_s": float,
-           "kind": str, "description": str, "interconnect": str}
+           "op_overhead_us": float, "kind": str, "description": str, "interconnect": str}
 KINDS = ("cpu", "gpu")
 # A device without `memory_gbs`: its bandwidth taken as its bf16 peak over this many FLOPs
 # per byte (an H100 SXM's ratio, 989 TFLOP/s over 3.35 TB/s; older and smaller cards have
 # less compute per byte, so their NF4 dequantization is planned slower than it is).
 FLOPS_PER_BYTE_FALLBACK = 295
+# A device without `op_overhead_us`: the host's time per eager PyTorch operator, microseconds.
+# Measured on graftlm's engine decoding a tiny model on this project's 2-core AMD EPYC
+# (7.7 us per operator, Python included); a GPU's host spends about as much on each
+# operator's dispatch and kernel launch (assumed: unmeasured here; `plan --check` compares).
+OP_OVERHEAD_US_FALLBACK = 8.0
 _REQUIRED = ("memory_gb", "bf16_tflops", "mfu", "usd_per_hour")
 
 
@@ -47,6 +52,7 @@ class Device:
     memory_gbs: float | None = None  # memory bandwidth, GB/s (None: FLOPS_PER_BYTE_FALLBACK)
     nf4_gparams_per_s: float | None = None  # NF4 dequantization, when not bandwidth-bound (CPUs)
     nf4_dequant: DequantRate | None = None  # measured (`this` machine): rate and per-call cost
+    op_overhead_us: float | None = None  # host time per eager operator (None: OP_OVERHEAD_US_FALLBACK)
     kind: str = "gpu"  # "cpu" or "gpu": which runs its time can be set against (`plan --check`)
     description: str = ""
     interconnect: str = ""
@@ -74,6 +80,11 @@ class Device:
     def bandwidth(self) -> float:
         """Memory bandwidth, bytes/s: the catalogue's, else assumed from the bf16 peak."""
         return self.memory_gbs * 1e9 if self.memory_gbs else self.bf16_tflops * 1e12 / FLOPS_PER_BYTE_FALLBACK
+
+    @property
+    def op_seconds(self) -> float:
+        """Host time per eager PyTorch operator (dispatch; on a GPU, its kernel launch too)."""
+        return (self.op_overhead_us if self.op_overhead_us is not None else OP_OVERHEAD_US_FALLBACK) * 1e-6
 
     @property
     def bandwidth_source(self) -> str:

@@ -24,7 +24,7 @@ from pathlib import Path
 from graftlm.errors import GraftError
 from graftlm.models.config import ModelConfig
 from graftlm.plan.advice import assumed_goal, data_warnings, recommend
-from graftlm.plan.compute import compute_cost
+from graftlm.plan.compute import compute_cost, decode_ops
 from graftlm.plan.hardware import Hardware
 from graftlm.plan.memory import RunShape, adapter_params, largest_batch, memory_breakdown, trainable_params
 
@@ -249,6 +249,7 @@ def plan_regime(cfg: ModelConfig, regime: str, tokens: float, hardware: Hardware
         "time_detail": compute.time_detail,  # seconds: matmuls, and QLoRA's NF4 dequantization
         "dequant_detail": compute.dequant_detail,
         "generation_bound": compute.generation_bound,
+        "decode_ops": decode_ops(shape) if shape.samples_rollouts else None,  # eager operators a decode step
         "cost_usd": compute.cost_usd,
         "artifact_bytes": artifact_bytes(shape),
         "artifact": "adapter" if shape.adapted else "model",
@@ -299,7 +300,8 @@ def make_plan(cfg: ModelConfig, tokens: float, hardware: Hardware, options: Plan
                      "peak_tflops": hardware.device.peak_flops(options.precision) / 1e12,  # at the plan's precision
                      "nf4_dequant_rate": hardware.device.dequant_rate().as_dict(),  # QLoRA's, and where from
                      "nf4_dequant_source": hardware.device.dequant_source,
-                     "bandwidth": hardware.device.bandwidth, "bandwidth_source": hardware.device.bandwidth_source},
+                     "bandwidth": hardware.device.bandwidth, "bandwidth_source": hardware.device.bandwidth_source,
+                     "op_overhead_us": hardware.device.op_seconds * 1e6},  # the catalogue's, else the fallback
         "options": asdict(options),
         "regimes": regimes,
         "recommendation": {"regime": choice, "description": regimes[choice]["description"], "reasons": reasons,
