@@ -40,6 +40,8 @@ def _type_name(tp: Any) -> str:
         name = "one of " + ", ".join(repr(a) for a in get_args(tp))
     elif get_origin(tp) is list:
         name = f"a list of {_type_name(get_args(tp)[0])}"
+    elif get_origin(tp) in (Union, types.UnionType):
+        name = " or ".join(_type_name(a) for a in get_args(tp))
     elif tp is float:
         name = "a number"
     elif tp is int:
@@ -73,6 +75,13 @@ def coerce(value: Any, tp: Any, field: str) -> Any:
         raise ConfigError(f"config field '{field}': expected {_type_name(tp)}, got null")
     origin = get_origin(inner)
     bad = ConfigError(f"config field '{field}': expected {_type_name(tp)}, got {value!r}")
+    if origin in (Union, types.UnionType):  # `bool | Literal[...]`: the first alternative that takes it
+        for alternative in get_args(inner):
+            try:
+                return coerce(value, alternative, field)
+            except ConfigError:
+                continue
+        raise bad
     if origin is Literal:
         choices = get_args(inner)
         if value in choices:

@@ -153,12 +153,16 @@ def recorded_config(run_dir: Path) -> dict:
     return flatten(recorded) if isinstance(recorded, dict) else {}
 
 
-def changed_settings(recorded: dict, config: dict) -> list[str]:
+def changed_settings(recorded: dict, config: dict, defaults: dict | None = None) -> list[str]:
     """`field: old -> new` for each setting of `config` that differs from the one the run
-    `recorded` (none when it recorded none)."""
+    `recorded` (none when it recorded none). A field the run did not record (a later
+    graftlm's, such as grpo.loss_type) at its value in `defaults` (the same config at its
+    defaults) is no change: a field is added with the default that keeps the old behaviour."""
     if not recorded:
         return []
     new = flatten(config)
+    unrecorded_defaults = {key for key, value in flatten(defaults or {}).items()
+                           if key not in recorded and new.get(key) == value}
 
     def same(a, b) -> bool:  # `shards/` and `shards` name one directory
         if isinstance(a, str) and b == [a]:  # a field that became a list (grpo.reward) recorded as one value
@@ -167,7 +171,7 @@ def changed_settings(recorded: dict, config: dict) -> list[str]:
                           and os.path.normpath(a) == os.path.normpath(b))
 
     return [f"{key}: {recorded.get(key)} -> {new.get(key)}" for key in dict.fromkeys([*new, *recorded])
-            if not same(recorded.get(key), new.get(key))]
+            if key not in unrecorded_defaults and not same(recorded.get(key), new.get(key))]
 
 
 def schedule_jump(recorded: dict, cfg: RunConfig, step: int) -> str | None:

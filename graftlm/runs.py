@@ -396,7 +396,7 @@ def _run_training(cfg: RunConfig, resume: bool | None, fresh: bool, allow_config
         trainer.resume(resume_from, allow_config_change)
         if d.is_main:
             print(f"resuming from {resume_from} (step {trainer.step})", flush=True)
-            changed = changed_settings(recorded, config)
+            changed = changed_settings(recorded, config, defaults=to_dict(type(cfg)()))
             if changed:  # allowed (the learning rate, more steps...), but never unsaid
                 print(f"warning: resumed with changed settings: {', '.join(changed)} (config.yaml now records "
                       "them; --fresh starts the run over)", flush=True)

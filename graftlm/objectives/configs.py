@@ -149,7 +149,23 @@ class GRPOConfig(FineTuneData):
     epsilon_high: float | None = field(default=None, metadata={"help": "high side (default: epsilon)"})
     iterations: int = field(default=1, metadata={
         "help": "optimizer steps trained on each rollout (pi_old: the policy that sampled it)"})
-    scale_rewards: bool = field(default=True, metadata={"help": "divide advantages by the group's std"})
+    # TRL 1.16's names. graftlm's trainer divides the loss summed over a step's micro-batches and ranks
+    # by their counts summed likewise, so each type is a (sum, count) per micro-batch (grpo.py:
+    # `normalised`). "dapo" is both what graftlm always did (every completion token of the step
+    # weighs the same) and TRL's default, so it stays the default: a run moved from TRL trains alike.
+    loss_type: Literal["dapo", "bnpo", "grpo", "dr_grpo", "luspo"] = field(default="dapo", metadata={
+        "help": "what the summed token losses are divided by (TRL's loss_type): dapo, the step's completion "
+                "tokens (all micro-batches and ranks); bnpo, each micro-batch's own tokens, then a mean over "
+                "micro-batches; grpo, each completion's length, then a mean over completions; dr_grpo, "
+                "completions x max_new_tokens; luspo, completions (a sum over each completion's tokens)"})
+    importance_sampling_level: Literal["token", "sequence"] = field(default="token", metadata={
+        "help": "the clipped ratio pi/pi_old per token, or one per completion: exp of its mean log-ratio "
+                "(GSPO, whose paper pairs it with --grpo.loss-type grpo)"})
+    # TRL's strings beside graftlm's original bool (kept as the default and as given, so that a
+    # run recorded with `true` resumes unchanged). TRL's "batch" (one std over the whole
+    # generation batch of every rank) is not offered: graftlm samples each micro-batch on its own.
+    scale_rewards: bool | Literal["group", "none"] = field(default=True, metadata={
+        "help": "divide advantages by their group's std (true, or TRL's group), or not (false, or none: Dr. GRPO)"})
     advantage_eps: float = 1e-4
 
     def __post_init__(self) -> None:

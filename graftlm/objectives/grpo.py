@@ -27,8 +27,17 @@ engine and scored by a reward (`graftlm.rewards`). Design choices:
   (`val_reward`, see `rollout.held_out_reward`).
 - KL to the reference policy with the k3 estimator exp(r - l) - (r - l) - 1 (r, l the
   reference and policy log-probs), weight `beta`; beta 0 runs no reference forward.
-- Token-level normalisation: the loss is a sum over every completion token of the
-  step and the count is their number, so long and short completions weigh per token.
+- Normalisation, `loss_type` (TRL 1.16's names; `normalised` gives each micro-batch's sum
+  and count, the trainer divides the step's summed loss by its summed count):
+  dapo (default, TRL's too) divides by the step's completion tokens, so every token weighs
+  the same; bnpo by each micro-batch's tokens, then a mean over micro-batches; grpo each
+  completion by its length, then a mean over completions; dr_grpo by completions x
+  max_new_tokens; luspo by completions (each completion's tokens summed).
+- `importance_sampling_level` "sequence" (GSPO): one ratio per completion, exp of its
+  mean per-token log-ratio, clipped as the per-token one is.
+- `scale_rewards`: true / "group" divide advantages by the group's std, false / "none"
+  do not (Dr. GRPO). TRL's "batch" is not offered: its std spans the whole generation
+  batch of every rank, and graftlm samples each micro-batch on its own.
 """
 
 from __future__ import annotations
@@ -73,12 +82,41 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 
 def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                      eps_low: float, eps_high: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-token loss, per-token clipped flag) of PPO's clipped objective."""
-    ratio = torch.exp(logp - old_logp)
+                      eps_low: float, eps_high: float,
+                      sequence_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token loss, per-token clipped flag) of PPO's clipped objective. With
+    `sequence_mask` [B, T] the ratio is one per row (GSPO): exp of the mean log-ratio over
+    the row's masked tokens, the same on each of its tokens."""
+    log_ratio = logp - old_logp
+    if sequence_mask is not None:
+        mask = sequence_mask.to(log_ratio.dtype)
+        mean = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp_min(1)
+        log_ratio = mean.expand_as(log_ratio)
+    ratio = torch.exp(log_ratio)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * advantages
     return -torch.minimum(unclipped, clipped), (clipped < unclipped)
+
+
+def normalised(per_token: torch.Tensor, trained: torch.Tensor, rows: torch.Tensor, loss_type: str,
+               max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss sum, count) of one micro-batch for `loss_type` (TRL 1.16's names). The trainer
+    divides the sum over a step's micro-batches and ranks by the count summed likewise, so
+    each type's count is what TRL divides by, in the units that add up over the step.
+    `rows`: completions of the scored groups (a group with a skipped reward is left out whole)."""
+    tokens = trained.sum()
+    if loss_type == "dapo":  # every completion token of the step weighs the same
+        return (per_token * trained).sum(), tokens  # summed as before loss types, to the bit
+    row_sums = (per_token * trained).sum(-1)
+    if loss_type == "bnpo":  # each micro-batch's token mean, then a mean over micro-batches (and ranks)
+        return row_sums.sum() / tokens.clamp_min(1), (tokens > 0).to(tokens.dtype)
+    if loss_type == "grpo":  # each completion's token mean, then a mean over completions
+        return (row_sums / trained.sum(-1).clamp_min(1)).sum(), rows
+    if loss_type == "dr_grpo":  # a constant per completion: max_new_tokens, long or short
+        return row_sums.sum() / max_new_tokens, rows
+    if loss_type == "luspo":  # each completion's token sum, then a mean over completions
+        return row_sums.sum(), rows
+    raise ValueError(f"unknown GRPO loss type {loss_type!r}")
 
 
 def reference_token_logps(model, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -206,21 +244,23 @@ class GRPOObjective:
         cfg = self.config
         kept = self._kept_rollout(batch)
         rollout = kept.rollout if kept is not None else self.sampler.sample(model, batch, self.pad_id)
-        advantages, valid = group_advantages(rollout.rewards, rollout.group_size, cfg.scale_rewards,
-                                             cfg.advantage_eps)
+        scale = cfg.scale_rewards in (True, "group")  # also TRL's names: "group" / "none"
+        advantages, valid = group_advantages(rollout.rewards, rollout.group_size, scale, cfg.advantage_eps)
         targets = shift_targets(rollout.input_ids, rollout.loss_mask)
         trained = (targets != IGNORE_INDEX) & valid[:, None]
         logp = model_logprobs(model, rollout.input_ids, targets)
         if kept is None:
             kept = self._first_pass(model, batch, rollout, targets, logp)
-        per_token, clipped = clipped_surrogate(logp, kept.old_logp, advantages[:, None], cfg.epsilon,
-                                               cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon)
+        per_token, clipped = clipped_surrogate(
+            logp, kept.old_logp, advantages[:, None], cfg.epsilon,
+            cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon,
+            sequence_mask=trained if cfg.importance_sampling_level == "sequence" else None)
         kl = torch.zeros_like(logp)
         if kept.ref_logp is not None:
             kl = k3_kl(logp, kept.ref_logp)
             per_token = per_token + cfg.beta * kl
-        count = trained.sum()
-        denominator = count.clamp_min(1).item()
+        loss_sum, count = normalised(per_token, trained, valid.sum(), cfg.loss_type, cfg.sampling.max_new_tokens)
+        denominator = trained.sum().clamp_min(1).item()  # the metrics are per completion token
         metrics = {
             **rollout_metrics(rollout),
             "kl": (kl.detach() * trained).sum().item() / denominator,
@@ -228,7 +268,7 @@ class GRPOObjective:
             "skipped_groups": (~valid).sum().item() / rollout.group_size,
             "frac_reward_zero_std": zero_std_fraction(rollout.rewards, rollout.group_size),
         }
-        return (per_token * trained).sum(), count, metrics
+        return loss_sum, count, metrics
 
 
 def build_dataset(cfg, tokenizer):
@@ -248,4 +288,5 @@ SPEC = ObjectiveSpec(
                                                      device=next(model.parameters()).device),
     describe=lambda cfg: (f"grpo: {cfg.grpo.sampling.group_size} completions per prompt of up to "
                           f"{cfg.grpo.sampling.max_new_tokens} tokens at temperature {cfg.grpo.sampling.temperature:g}, "
-                          f"KL beta {cfg.grpo.beta:g}"))
+                          f"KL beta {cfg.grpo.beta:g}, loss {cfg.grpo.loss_type}"
+                          f"{', sequence-level ratio' if cfg.grpo.importance_sampling_level == 'sequence' else ''}"))

@@ -166,6 +166,39 @@ def test_changed_settings_list_real_changes_only():
     assert changed_settings({"grpo.reward": "gsm8k"}, {"grpo": {"reward": ["gsm8k"]}}) == []
     assert changed_settings({"grpo.reward": "gsm8k"}, {"grpo": {"reward": ["gsm8k", "regex:a"]}}) \
         == ["grpo.reward: gsm8k -> ['gsm8k', 'regex:a']"]
+    # A field added since the run recorded its settings, at its default (the behaviour it
+    # had), is no change; given another value, it is one.
+    defaults = {"grpo": {"beta": 0.04, "loss_type": "dapo"}}
+    assert changed_settings({"grpo.beta": 0.1}, {"grpo": {"beta": 0.1, "loss_type": "dapo"}}, defaults) == []
+    assert changed_settings({"grpo.beta": 0.1}, {"grpo": {"beta": 0.1, "loss_type": "grpo"}}, defaults) \
+        == ["grpo.loss_type: None -> grpo"]
+
+
+def test_grpo_loss_options_take_trls_names_and_bad_values_name_the_field():
+    from graftlm.config import flatten, to_dict, under_given
+    from graftlm.runs import run_config_class
+
+    cls = run_config_class("grpo")
+    base = {"model": "tiny", "data": "d"}
+    cfg = build_config(cls, None, {**base, "grpo.loss_type": "dr_grpo", "grpo.importance_sampling_level": "sequence",
+                                   "grpo.scale_rewards": "none"})
+    assert (cfg.grpo.loss_type, cfg.grpo.importance_sampling_level, cfg.grpo.scale_rewards) == \
+        ("dr_grpo", "sequence", "none")
+    # graftlm's true / false and TRL's group / none, from the command line or YAML.
+    for given, kept in (("false", False), ("true", True), (True, True), ("group", "group")):
+        assert build_config(cls, None, {**base, "grpo.scale_rewards": given}).grpo.scale_rewards == kept
+    for field_, value in (("loss_type", "cispo"), ("importance_sampling_level", "tokens"),
+                          ("scale_rewards", "batch")):
+        with pytest.raises(ConfigError, match=rf"^config field 'grpo\.{field_}': expected .*, got '{value}'$"):
+            build_config(cls, None, {**base, f"grpo.{field_}": value})
+    # A run recorded before these fields continues as it trained: dapo, per-token ratio,
+    # and its recorded `scale_rewards: true`.
+    recorded = flatten({"objective": "grpo", **to_dict(cls(**base))})
+    for key in ("grpo.loss_type", "grpo.importance_sampling_level"):
+        del recorded[key]
+    cfg = under_given(cls(**base), recorded, ["train.max_steps"])
+    assert (cfg.grpo.loss_type, cfg.grpo.importance_sampling_level, cfg.grpo.scale_rewards) == \
+        ("dapo", "token", True)
 
 
 def test_an_extended_run_says_when_its_schedule_moves_the_rate_at_once():

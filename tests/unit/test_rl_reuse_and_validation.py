@@ -232,7 +232,7 @@ def test_graft_grpo_logs_val_reward_every_eval_and_in_summary(tmp_path, capsys):
                  "--grpo.sampling.log-completions", "3", "--train.max-steps", "2", "--train.batch-size", "2", "--train.eval-every", "1",
                  "--train.eval-batches", "0", "--train.seq-len", "32", "--train.precision", "fp32",
                  "--train.save-every", "0", "--tensorboard", "false"]) == 0
-    assert "grpo: 2 completions per prompt of up to 3 tokens at temperature 1, KL beta 0.04" in \
+    assert "grpo: 2 completions per prompt of up to 3 tokens at temperature 1, KL beta 0.04, loss dapo" in \
         capsys.readouterr().out.splitlines()
     records = [json.loads(line) for line in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
     vals = [r for r in records if "val_reward" in r]
