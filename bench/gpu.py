@@ -12,7 +12,11 @@ from the network (random weights and tokens). Measures:
   the frozen linear weights' size in NF4 against bf16 (goal: at most 0.3x);
 - generation in bf16 on the same weights (64-token prompts, 128 new tokens, greedy,
   batch 1 and 8): transformers' `generate`, graftlm's engine eager and with
-  `compile=True`: new tokens/s, and the ratio to transformers.
+  `compile=True`: new tokens/s, and the ratio to transformers;
+- GRPO's sampling (16 rollouts of 64 prompt + 128 sampled tokens, bf16): graftlm's engine
+  eager and with `--grpo.sampling.compile` (a compiled decode step that reads the weights
+  live), ms per token, beside what `graft plan` predicts for the same shape on this card
+  (`plan.compute.generation_seconds`: the eager step's operators at `op_overhead_us`).
 
 Design choices:
 - FLOPs and peaks are graftlm's own (`plan.compute.train_flops_per_token`,
@@ -42,7 +46,7 @@ from graftlm.plan.compute import train_flops_per_token
 from graftlm.plan.memory import RunShape
 
 LORA_R = 16
-ROWS = ("pretrain", "lora", "qlora", "peft", "generation")
+ROWS = ("pretrain", "lora", "qlora", "peft", "generation", "rollouts")
 
 
 def flops_per_token(cfg, seq_len: int, parameterization: str) -> float:
@@ -251,6 +255,41 @@ def bench_generation(cfg, args, device) -> None:
             print(f"{name + ' batch ' + str(batch):42s} {tps:12,.1f} {tps / hf_tps:6.2f}x", flush=True)
 
 
+def bench_rollouts(cfg, args, device) -> None:
+    """Print GRPO's sampling time per token, eager and compiled with live weights, beside
+    the plan's prediction for this shape on this device."""
+    from graftlm.engine import CompiledDecodeStep, Engine, SamplingParams
+    from graftlm.plan.compute import decode_ops, generation_seconds
+    from graftlm.plan.hardware import load_catalogue, this_machine
+
+    reset_memory(device)
+    model = random_decoder(cfg, device).to(torch.bfloat16).eval()
+    rows, prompt_len, new_tokens = (4, 8, 8) if args.smoke else (16, 64, 128)
+    prompts = torch.randint(3, cfg.vocab_size, (rows, prompt_len)).tolist()
+    params = [SamplingParams(max_new_tokens=new_tokens, temperature=1.0, seed=i, stop_ids=()) for i in range(rows)]
+    shape = RunShape(cfg, objective="grpo", precision="bf16", batch_size=rows, seq_len=prompt_len + new_tokens,
+                     grpo_group=4, grpo_completion_len=new_tokens)
+    here = this_machine(load_catalogue())
+    predicted, bound = generation_seconds(shape, rows * (prompt_len + new_tokens),
+                                          here.peak_flops("bf16") * here.mfu, here)
+    print(f"\n{'GRPO sampling, bf16, ' + str(rows) + ' rollouts':42s} {'ms/token':>12s} {'s/rollout':>10s}",
+          flush=True)
+    print(f"{'graft plan (' + bound + ')':42s} {predicted / new_tokens * 1e3:12.2f} {predicted:10.3f}  "
+          f"({decode_ops(shape):,} operators a step at {here.op_seconds * 1e6:.3g} us)", flush=True)
+    sides = {"graftlm eager": lambda: Engine(model)}
+    if not args.no_compile:
+        step = CompiledDecodeStep(model, live_weights=True)
+        sides["graftlm --grpo.sampling.compile"] = lambda: Engine(model, compiled_decode=step)
+    for name, engine in sides.items():
+        try:
+            engine().generate(prompts, params)  # warm-up (and the compiled side's compile)
+            seconds = timed_steps(lambda: engine().generate(prompts, params), 0, 2, device)
+        except Exception as e:  # one side's failure must not hide the other
+            failed_row(name, e)
+            continue
+        print(f"{name:42s} {seconds / new_tokens * 1e3:12.2f} {seconds:10.3f}", flush=True)
+
+
 def print_row(row) -> None:
     name, tps, mfu, mem = row
     print(f"{name:42s} {tps:12,.0f} {mfu:7.1%} {mem:9.1f}", flush=True)
@@ -301,6 +340,11 @@ def main(argv=None) -> None:
             bench_generation(cfg, args, device)
         except Exception as e:  # the table above stays printed
             failed_row("generation", e)
+    if "rollouts" in args.only:
+        try:
+            bench_rollouts(cfg, args, device)
+        except Exception as e:
+            failed_row("rollouts", e)
 
 if __name__ == "__main__":
     main()

@@ -3,7 +3,8 @@
 # under 8 minutes prints two tables (pre-training tokens/s and MFU of the ~1B preset at
 # sequence 2048 with torch.compile; the LoRA and QLoRA steps, LoRA against transformers + PEFT when
 # present; peak GPU memory; then bf16 generation, graftlm's engine eager and compiled
-# against transformers' generate). Usage: bench/gpu.sh [extra args for bench/gpu.py]
+# against transformers' generate; GRPO's sampling eager and compiled beside the plan's
+# prediction). Usage: bench/gpu.sh [extra args for bench/gpu.py]
 # The Python used is $PY if set, else the first of .venv/bin/python and python3 whose
 # torch sees a CUDA device (a CPU-only virtualenv next to a CUDA system install is skipped).
 set -euo pipefail

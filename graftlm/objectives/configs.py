@@ -106,6 +106,10 @@ class SamplingConfig:
     log_completions: int = field(default=0, metadata={
         "help": "write the first N completions of each rollout, with prompt, reward and whether it was cut, "
                 "to RUN/completions.jsonl (TRL's log_completions)"})
+    compile: bool = field(default=False, metadata={
+        "help": "torch.compile the rollouts' decode step, once (tens of seconds; it reads the weights as they "
+                "train): eager decoding dispatches some 70 operators per block a token, most of sampling's time "
+                "on a GPU. Not with QLoRA or FSDP"})
 
     def validate(self) -> None:
         if self.log_completions < 0:

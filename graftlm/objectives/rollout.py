@@ -29,12 +29,14 @@ Shared by GRPO and PPO. Design choices:
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from graftlm.errors import GraftError
 from graftlm.objectives.configs import SamplingConfig
 from graftlm.objectives.dpo import pad_right
 
@@ -75,6 +77,20 @@ def reward_row(example: dict) -> dict:
     return {**example.get("extra", {}), "source": example.get("source", "")}
 
 
+def _check_compilable(policy) -> None:
+    """Refuse `sampling.compile` where one graph cannot serve every rollout: a QLoRA base's
+    NF4 weights do not trace in one graph, and FSDP gathers new weight tensors at each."""
+    from graftlm.adapters.qlora import is_nf4
+    from graftlm.parallel import is_sharded
+
+    if any(is_nf4(p) for p in policy.parameters()):
+        raise GraftError("config field 'sampling.compile': QLoRA's NF4 base does not compile; sample eagerly "
+                         "(leave it false), or train LoRA on a bf16 base")
+    if is_sharded(policy):
+        raise GraftError("config field 'sampling.compile': not under FSDP (each rollout gathers new weight tensors); "
+                         "sample eagerly, or use --parallel ddp")
+
+
 def _rank_and_world() -> tuple[int, int]:
     import torch.distributed as dist
 
@@ -91,6 +107,23 @@ class RolloutSampler:
         self.rollouts = 0  # training rollouts sampled so far: where the seeds are
         self.completions_log = None  # RUN/completions.jsonl on the main rank (runs.py sets it)
         self._log_opened = False
+        self._compiled_decode = None  # with `compile`: one compiled decode step for the run
+
+    def engine(self, policy):
+        """The engine that samples from `policy`: eager, or with `compile` one whose decode
+        step was compiled at the first rollout and is kept for the run (the graph reads the
+        weights at every call, so it samples from the policy as it trains)."""
+        from graftlm.engine import CompiledDecodeStep, Engine
+
+        if not self.config.compile:
+            return Engine(policy, self.tokenizer)
+        if self._compiled_decode is None:
+            _check_compilable(policy)
+            self._compiled_decode = CompiledDecodeStep(policy, live_weights=True)
+            if _rank_and_world()[0] == 0:
+                print("compiling the rollouts' decode step at the first rollout (once; tens of seconds)",
+                      file=sys.stderr)
+        return Engine(policy, self.tokenizer, compiled_decode=self._compiled_decode)
 
     def state_dict(self) -> dict:
         return {"rollouts": self.rollouts}
@@ -101,7 +134,7 @@ class RolloutSampler:
     @torch.no_grad()
     def sample(self, model, batch: dict, pad_id: int = 0, greedy: bool = False) -> Rollout:
         """`group_size` sampled completions per prompt; greedy: one, the most likely."""
-        from graftlm.engine import Engine, SamplingParams
+        from graftlm.engine import SamplingParams
 
         cfg = self.config
         g = 1 if greedy else cfg.group_size
@@ -124,7 +157,7 @@ class RolloutSampler:
         try:
             from graftlm.parallel import unsharded_for_generation
             with unsharded_for_generation(model):  # FSDP2: ranks stop at different lengths
-                outputs = Engine(policy, self.tokenizer).generate(prompt_ids, params)
+                outputs = self.engine(policy).generate(prompt_ids, params)
         finally:
             policy.train(was_training)
         generation_s = time.perf_counter() - start
