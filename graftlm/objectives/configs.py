@@ -19,7 +19,8 @@ class FineTuneData:
     val_fraction: float = field(default=0.05, metadata={"help": "rows held out for validation"})
     val_data: str | None = field(default=None, metadata={"help": "validation file (instead of val_fraction)"})
     max_length: int | None = field(default=None, metadata={"help": "tokens per row (default: train.seq_len)"})
-    overflow: Literal["truncate", "drop"] = "truncate"
+    overflow: Literal["truncate", "drop"] = field(default="truncate", metadata={
+        "help": "a row longer than max_length: keep its start, or leave it out (either way counted)"})
     train_on: Literal["assistant", "all"] = field(default="assistant", metadata={"help": "tokens that get a loss"})
     errors: Literal["skip", "raise"] = field(default="skip", metadata={"help": "bad rows: count and skip, or stop"})
     max_bad_fraction: float = 0.01
@@ -84,6 +85,10 @@ class DPOConfig(FineTuneData):
 
 @dataclass
 class RewardModelConfig(FineTuneData):
+    # A reward model scores a sequence at its last token: a pair cut at max_length would
+    # teach it to score text that never ends. Left out instead, as TRL's RewardTrainer does.
+    overflow: Literal["truncate", "drop"] = field(default="drop", metadata={
+        "help": "a pair longer than max_length: leave it out (counted), or keep its start"})
     center_coef: float = field(default=0.0, metadata={
         "help": "weight of (r_chosen + r_rejected)^2, keeping rewards near 0 (TRL's center_rewards_coefficient); "
                 "0 = off"})
@@ -170,6 +175,12 @@ class GRPOConfig(FineTuneData):
     # generation batch of every rank) is not offered: graftlm samples each micro-batch on its own.
     scale_rewards: bool | Literal["group", "none"] = field(default=True, metadata={
         "help": "divide advantages by their group's std (true, or TRL's group), or not (false, or none: Dr. GRPO)"})
+    # False keeps the gradients graftlm's runs always had (and a run recorded before the field
+    # resumes with them); TRL 1.16 defaults to true, so a run matching TRL sets it.
+    kl_bias_correction: bool = field(default=False, metadata={
+        "help": "multiply the KL term by the ratio pi/pi_old, per token or per completion as "
+                "--grpo.importance-sampling-level (TRL's use_bias_correction_kl; TRL 1.16 defaults to true, "
+                "set it to match TRL): the KL gradient becomes that of the reverse KL, changed even on-policy"})
     advantage_eps: float = 1e-4
 
     def __post_init__(self) -> None:

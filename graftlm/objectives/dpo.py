@@ -27,11 +27,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from graftlm.errors import GraftError
 from graftlm.objectives import DataSplits, ObjectiveSpec
 from graftlm.objectives.configs import HELP, REFERENCE_FREE, DPOConfig
 from graftlm.objectives.logprobs import IGNORE_INDEX, shift_targets
-from graftlm.objectives.sft import FineTuneData, left_out, load_splits, model_logprobs, renderer_for
+from graftlm.objectives.sft import FineTuneData, left_out, load_splits, model_logprobs, nothing_left, renderer_for
 
 
 def pad_right(rows: list[list[int]], value: int, length: int | None = None) -> torch.Tensor:
@@ -192,7 +191,7 @@ def build_pair_splits(cfg, section: FineTuneData, tokenizer, objective: str, pad
     train = [p for p in map(renderer.render_pair, train_rows) if p is not None]
     val = [p for p in map(renderer.render_pair, val_rows) if p is not None]
     if not train:
-        raise GraftError(f"{cfg.data}: no preference pair left after rendering ({renderer.counts.to_dict()})")
+        raise nothing_left(cfg, renderer, "preference pair")
     pad = tokenizer.pad_id if pad_id is None else pad_id
     return DataSplits(train=PreferencePairs(train, pad), val=PreferencePairs(val, pad) if val else None,
                       vocab_size=tokenizer.vocab_size,

@@ -96,6 +96,22 @@ def left_out(read: RowCounts, renderer=None) -> dict:
     return stats
 
 
+def nothing_left(cfg, renderer, what: str) -> GraftError:
+    """The error for a data file none of whose rows survived rendering: how many went
+    where, and the flag that keeps them."""
+    counts, flag = renderer.counts, f"--{cfg.objective}"
+    reasons = []
+    if counts.dropped_too_long:
+        keep = (f", or {flag}.overflow truncate keeps their start" if renderer.config.overflow == "drop" else "")
+        reasons.append(f"{counts.dropped_too_long} longer than {renderer.config.max_length} tokens "
+                       f"({flag}.max-length raises the limit{keep})")
+    if counts.dropped_untrained:
+        reasons.append(f"{counts.dropped_untrained} with no token to train, even whole (an empty reply, or none "
+                       f"that {flag}.train-on trains)")
+    return GraftError(f"{cfg.data}: no {what} left to train of {counts.rows} read"
+                      + (": " + "; ".join(reasons) if reasons else ""))
+
+
 def renderer_for(cfg, section: FineTuneData, tokenizer):
     from graftlm.data.render import RenderConfig, Renderer
 
@@ -199,7 +215,7 @@ def build_dataset(cfg, tokenizer) -> DataSplits:
     rendered = [r for r in map(renderer.render, train_rows) if r is not None]
     val = [r for r in map(renderer.render, val_rows) if r is not None]
     if not rendered:
-        raise GraftError(f"{cfg.data}: no row has a token to train after rendering ({renderer.counts.to_dict()})")
+        raise nothing_left(cfg, renderer, "row")
     identity = {"data": cfg.data, "rows": len(rendered), "render": renderer.counts.to_dict()}
     train, stats = RenderedRows(rendered, tokenizer.pad_id), left_out(read, renderer)
     if section.packing:

@@ -118,3 +118,29 @@ def test_an_unreadable_summary_in_the_run_directory_is_named(tmp_path, capsys):
                  "--name", "r"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "summary.json" in err and "UTF-8" in err
+
+
+def test_a_reward_model_leaves_out_pairs_past_the_limit_and_says_so_when_none_is_left(tmp_path, capsys):
+    """A reward model scores a pair at its last token: one cut at max_length would teach
+    it to score text that never ends, so `graft reward` leaves such pairs out (TRL's
+    RewardTrainer does too), counted; DPO keeps truncating. With none left, the one error
+    line says how many went where and which flags keep them."""
+    _, tokenizer = _data(tmp_path, n=1)
+    pairs = [{"prompt": f"say {i}:", "chosen": "a b c d e f g h i j" * (1 + i % 3), "rejected": "b"}
+             for i in range(30)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    common = ["--model", "tiny", "--tokenizer", str(tmp_path / "tok"), "--data", str(path), "--out", str(tmp_path),
+              *SFT]
+    assert main(["reward", *common, "--name", "rm", "--reward.max-length", "50"]) == 0
+    cut = _summary(tmp_path / "rm")["data"]["length_limit"]
+    assert cut["dropped_too_long"] == 20 and cut.get("truncated", 0) == 0
+    assert main(["dpo", *common, "--name", "dpo", "--dpo.max-length", "50"]) == 0
+    cut = _summary(tmp_path / "dpo")["data"]["length_limit"]
+    assert cut["truncated"] == 20 and cut.get("dropped_too_long", 0) == 0
+    capsys.readouterr()
+    assert main(["reward", *common, "--name", "none", "--reward.max-length", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"{path}: no preference pair left to train of 30 read: 30 longer than 3 tokens "
+                        "(--reward.max-length raises the limit, or --reward.overflow truncate keeps their start)")
+    assert len(err.splitlines()) == 1
