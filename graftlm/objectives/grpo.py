@@ -27,6 +27,10 @@ engine and scored by a reward (`graftlm.rewards`). Design choices:
   (`val_reward`, see `rollout.held_out_reward`).
 - KL to the reference policy with the k3 estimator exp(r - l) - (r - l) - 1 (r, l the
   reference and policy log-probs), weight `beta`; beta 0 runs no reference forward.
+  `kl_bias_correction` (TRL's use_bias_correction_kl, True by default there, False here so
+  that runs keep their gradients) multiplies it by the unclipped ratio pi / pi_old (per
+  token, or the completion's with `importance_sampling_level` sequence); the logged `kl`
+  is the term as it enters the loss, as TRL's.
 - Normalisation, `loss_type` (TRL 1.16's names; `normalised` gives each micro-batch's sum
   and count, the trainer divides the step's summed loss by its summed count):
   dapo (default, TRL's too) divides by the step's completion tokens, so every token weighs
@@ -81,18 +85,25 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(delta) - delta - 1
 
 
-def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                      eps_low: float, eps_high: float,
-                      sequence_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-token loss, per-token clipped flag) of PPO's clipped objective. With
-    `sequence_mask` [B, T] the ratio is one per row (GSPO): exp of the mean log-ratio over
-    the row's masked tokens, the same on each of its tokens."""
+def policy_ratio(logp: torch.Tensor, old_logp: torch.Tensor,
+                 sequence_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """pi / pi_old per token, differentiable through `logp`. With `sequence_mask` [B, T]
+    the ratio is one per row (GSPO): exp of the mean log-ratio over the row's masked
+    tokens, the same on each of its tokens."""
     log_ratio = logp - old_logp
     if sequence_mask is not None:
         mask = sequence_mask.to(log_ratio.dtype)
         mean = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp_min(1)
         log_ratio = mean.expand_as(log_ratio)
-    ratio = torch.exp(log_ratio)
+    return torch.exp(log_ratio)
+
+
+def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                      eps_low: float, eps_high: float,
+                      sequence_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token loss, per-token clipped flag) of PPO's clipped objective, on
+    `policy_ratio` (per row with `sequence_mask`)."""
+    ratio = policy_ratio(logp, old_logp, sequence_mask)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * advantages
     return -torch.minimum(unclipped, clipped), (clipped < unclipped)
@@ -251,13 +262,18 @@ class GRPOObjective:
         logp = model_logprobs(model, rollout.input_ids, targets)
         if kept is None:
             kept = self._first_pass(model, batch, rollout, targets, logp)
+        sequence_mask = trained if cfg.importance_sampling_level == "sequence" else None
         per_token, clipped = clipped_surrogate(
             logp, kept.old_logp, advantages[:, None], cfg.epsilon,
-            cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon,
-            sequence_mask=trained if cfg.importance_sampling_level == "sequence" else None)
+            cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon, sequence_mask=sequence_mask)
         kl = torch.zeros_like(logp)
         if kept.ref_logp is not None:
             kl = k3_kl(logp, kept.ref_logp)
+            if cfg.kl_bias_correction:
+                # The tokens were sampled from pi_old: weighted by pi / pi_old (unclipped, not
+                # detached), the term's gradient is an unbiased one of KL(pi || ref). The plain
+                # k3's is, on-policy, that of KL(ref || pi), so they differ even where the ratio is 1.
+                kl = kl * policy_ratio(logp, kept.old_logp, sequence_mask)
             per_token = per_token + cfg.beta * kl
         loss_sum, count = normalised(per_token, trained, valid.sum(), cfg.loss_type, cfg.sampling.max_new_tokens)
         denominator = trained.sum().clamp_min(1).item()  # the metrics are per completion token
@@ -289,4 +305,5 @@ SPEC = ObjectiveSpec(
     describe=lambda cfg: (f"grpo: {cfg.grpo.sampling.group_size} completions per prompt of up to "
                           f"{cfg.grpo.sampling.max_new_tokens} tokens at temperature {cfg.grpo.sampling.temperature:g}, "
                           f"KL beta {cfg.grpo.beta:g}, loss {cfg.grpo.loss_type}"
-                          f"{', sequence-level ratio' if cfg.grpo.importance_sampling_level == 'sequence' else ''}"))
+                          f"{', sequence-level ratio' if cfg.grpo.importance_sampling_level == 'sequence' else ''}"
+                          f"{', KL x ratio' if cfg.grpo.kl_bias_correction and cfg.grpo.beta > 0 else ''}"))

@@ -12,7 +12,8 @@ graftlm's trainer does (`Trainer.train_step`: summed loss / summed count).
 The rollouts are reused ones (`iterations` 2, a later pass) so that pi_old, given, differs
 from the policy and the clip bites; the reference's log-probs are given too (beta > 0).
 TRL's `use_bias_correction_kl` (default True: the KL term times the policy ratio) is set
-False: graftlm's KL term is the plain k3 estimate.
+as graftlm's `kl_bias_correction` (default False: the plain k3 estimate): off for each
+loss type, on at the token and the sequence level.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def _trl_advantages(rewards: torch.Tensor, scale_rewards: str) -> torch.Tensor:
     return advantages.reshape(-1)
 
 
-def _bare_trl_trainer(model, loss_type: str, level: str, grad_accum: int):
+def _bare_trl_trainer(model, loss_type: str, level: str, grad_accum: int, kl_bias_correction: bool):
     from trl import GRPOTrainer
     from trl.trainer.utils import add_fused_lm_head
 
@@ -108,15 +109,15 @@ def _bare_trl_trainer(model, loss_type: str, level: str, grad_accum: int):
                  off_policy_mask_threshold=None, use_vllm=False, vllm_importance_sampling_correction=False,
                  _entropy_bonus_enabled=False, _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
                  # steps_per_generation = grad_accum: one generation batch per optimizer step, TRL's default
-                 args=types.SimpleNamespace(use_bias_correction_kl=False, delta=None,
+                 args=types.SimpleNamespace(use_bias_correction_kl=kl_bias_correction, delta=None,
                                             steps_per_generation=grad_accum))
     for key, value in attrs.items():  # `model` is a property of transformers' Trainer
         trainer.__dict__[key] = value
     return trainer
 
 
-def _trl_step(hf_policy, micro_batches, loss_type, level, scale_rewards):
-    trainer = _bare_trl_trainer(hf_policy, loss_type, level, grad_accum=len(micro_batches))
+def _trl_step(hf_policy, micro_batches, loss_type, level, scale_rewards, kl_bias_correction):
+    trainer = _bare_trl_trainer(hf_policy, loss_type, level, len(micro_batches), kl_bias_correction)
     # `num_items_in_batch`: completion tokens of the whole generation batch (all micro-batches).
     items = sum(mb["completion_mask"].sum() for mb in micro_batches)
     total = 0.0
@@ -131,11 +132,11 @@ def _trl_step(hf_policy, micro_batches, loss_type, level, scale_rewards):
     return total, trainer._metrics["train"]
 
 
-def _graft_objective(loss_type, level, scale_rewards, micro_batches) -> GRPOObjective:
+def _graft_objective(loss_type, level, scale_rewards, micro_batches, kl_bias_correction=False) -> GRPOObjective:
     """The objective holding each micro-batch as a rollout kept for a later pass."""
     cfg = GRPOConfig(sampling=SamplingConfig(group_size=GROUP, max_new_tokens=MAX_NEW), beta=BETA, epsilon=EPS,
                      epsilon_high=EPS_HIGH, iterations=2, loss_type=loss_type, importance_sampling_level=level,
-                     scale_rewards=scale_rewards)
+                     scale_rewards=scale_rewards, kl_bias_correction=kl_bias_correction)
     cfg.validate()
     objective = GRPOObjective(cfg, tokenizer=None, reward=lambda completions, prompts, rows: [0.0] * len(prompts))
     for slot, mb in enumerate(micro_batches):
@@ -175,8 +176,9 @@ CASES = [("dapo", "token", True), ("bnpo", "token", True), ("grpo", "token", Tru
          ("luspo", "sequence", True), ("dapo", "token", "none"), ("grpo", "token", False)]
 
 
-@pytest.mark.parametrize("loss_type,level,scale_rewards", CASES)
-def test_grpo_loss_and_gradients_match_trl(loss_type, level, scale_rewards, tmp_path):
+def _check_against_trl(tmp_path, loss_type, level, scale_rewards, kl_bias_correction=False):
+    """Both steps' loss and gradients on the same weights and rollouts; graftlm's policy,
+    its gradients in place, and its step's loss, returned."""
     import transformers
     make_hf_model("llama", tmp_path / "policy", seed=0)
     hf_policy = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "policy", dtype=torch.float32)
@@ -185,8 +187,8 @@ def test_grpo_loss_and_gradients_match_trl(loss_type, level, scale_rewards, tmp_
     micro_batches = _micro_batches(policy)
 
     trl_scale = {True: "group", False: "none"}.get(scale_rewards, scale_rewards)
-    trl_loss, trl_metrics = _trl_step(hf_policy, micro_batches, loss_type, level, trl_scale)
-    objective = _graft_objective(loss_type, level, scale_rewards, micro_batches)
+    trl_loss, trl_metrics = _trl_step(hf_policy, micro_batches, loss_type, level, trl_scale, kl_bias_correction)
+    objective = _graft_objective(loss_type, level, scale_rewards, micro_batches, kl_bias_correction)
     loss, clip = _graft_step(policy, objective, micro_batches)
 
     assert abs(loss - trl_loss) <= 1e-5, (loss, trl_loss)
@@ -200,6 +202,25 @@ def test_grpo_loss_and_gradients_match_trl(loss_type, level, scale_rewards, tmp_
         assert (p.grad - want).abs().max().item() <= 1e-5, name
     assert sum(1 for _ in policy.parameters()) == len(hf_grads)
     assert max(p.grad.abs().max().item() for p in policy.parameters()) > 1e-4
+    return policy, micro_batches, loss
+
+
+@pytest.mark.parametrize("loss_type,level,scale_rewards", CASES)
+def test_grpo_loss_and_gradients_match_trl(loss_type, level, scale_rewards, tmp_path):
+    _check_against_trl(tmp_path, loss_type, level, scale_rewards)
+
+
+@pytest.mark.parametrize("loss_type,level", [("dapo", "token"), ("grpo", "sequence")])
+def test_grpo_kl_bias_correction_matches_trl(loss_type, level, tmp_path):
+    """`kl_bias_correction` against TRL's `use_bias_correction_kl` (its default); and the
+    correction moves graftlm's loss and gradients on these rollouts well past the tolerance,
+    so a KL term left unweighted would not match."""
+    policy, micro_batches, loss = _check_against_trl(tmp_path, loss_type, level, True, kl_bias_correction=True)
+    corrected = [p.grad.clone() for p in policy.parameters()]
+    policy.zero_grad(set_to_none=True)
+    plain_loss, _ = _graft_step(policy, _graft_objective(loss_type, level, True, micro_batches), micro_batches)
+    assert abs(loss - plain_loss) > 1e-4, (loss, plain_loss)
+    assert max((p.grad - c).abs().max().item() for p, c in zip(policy.parameters(), corrected)) > 1e-4
 
 
 def test_loss_types_differ_on_these_rollouts(tmp_path):

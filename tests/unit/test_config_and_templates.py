@@ -176,6 +176,7 @@ def test_changed_settings_list_real_changes_only():
 
 def test_grpo_loss_options_take_trls_names_and_bad_values_name_the_field():
     from graftlm.config import flatten, to_dict, under_given
+    from graftlm.resuming import changed_settings
     from graftlm.runs import run_config_class
 
     cls = run_config_class("grpo")
@@ -192,13 +193,15 @@ def test_grpo_loss_options_take_trls_names_and_bad_values_name_the_field():
         with pytest.raises(ConfigError, match=rf"^config field 'grpo\.{field_}': expected .*, got '{value}'$"):
             build_config(cls, None, {**base, f"grpo.{field_}": value})
     # A run recorded before these fields continues as it trained: dapo, per-token ratio,
-    # and its recorded `scale_rewards: true`.
+    # its recorded `scale_rewards: true`, and the plain k3 KL; none of them listed as a change.
     recorded = flatten({"objective": "grpo", **to_dict(cls(**base))})
-    for key in ("grpo.loss_type", "grpo.importance_sampling_level"):
+    for key in ("grpo.loss_type", "grpo.importance_sampling_level", "grpo.kl_bias_correction"):
         del recorded[key]
     cfg = under_given(cls(**base), recorded, ["train.max_steps"])
-    assert (cfg.grpo.loss_type, cfg.grpo.importance_sampling_level, cfg.grpo.scale_rewards) == \
-        ("dapo", "token", True)
+    assert (cfg.grpo.loss_type, cfg.grpo.importance_sampling_level, cfg.grpo.scale_rewards,
+            cfg.grpo.kl_bias_correction) == ("dapo", "token", True, False)
+    assert changed_settings(recorded, {"objective": "grpo", **to_dict(cfg)}, to_dict(cls())) == []
+    assert build_config(cls, None, {**base, "grpo.kl_bias_correction": "true"}).grpo.kl_bias_correction is True
 
 
 def test_an_extended_run_says_when_its_schedule_moves_the_rate_at_once():

@@ -119,22 +119,42 @@ def test_grpo_reused_rollout_keeps_pi_old_from_sampling_time():
     batch = collate_prompts(Prompts(tokenizer, PROMPTS[:2]).items)
     batch["sample_ids"] = torch.tensor([0, 1])
     first, _, _ = objective.loss(model, {**batch, "reuse_pass": 0, "reuse_slot": 0})
-    assert first.abs().item() > 0
     rollout = objective._kept[0][1].rollout
     targets = shift_targets(rollout.input_ids, rollout.loss_mask)
     with torch.no_grad():
         old = model_logprobs(model, rollout.input_ids, targets)
+    # Kept: the sampling policy's own log-probs, detached.
+    kept_old = objective._kept[0][1].old_logp
+    assert not kept_old.requires_grad and torch.allclose(kept_old, old, atol=1e-6)
+    # The first pass is on-policy (ratio 1). Its loss may well be 0 (equally long completions:
+    # each group's advantages sum to 0 over as many tokens), its gradient is the policy gradient's.
+    first.backward()
+    assert max(p.grad.abs().max().item() for p in model.parameters()) > 1e-4
+
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
         for p in model.parameters():  # an optimizer step, large enough to leave the clip range
-            p.add_(torch.randn_like(p) * 0.05)
-        new = model_logprobs(model, rollout.input_ids, targets)
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    model.zero_grad(set_to_none=True)
     total, _, metrics = objective.loss(model, {**batch, "reuse_pass": 1, "reuse_slot": 0})
+    total.backward()
+    got = [p.grad.clone() for p in model.parameters()]
     assert len(calls) == 1  # the second pass sampled nothing
+    assert metrics["clip_fraction"] > 0  # the ratio to pi_old is not 1
+    assert 0 not in objective._kept  # freed after its last pass
+
+    # The second pass: the moved policy's clipped surrogate against pi_old of sampling time,
+    # in value and gradient. (pi_old taken anew at this pass would make the ratio 1, unclipped.)
+    model.zero_grad(set_to_none=True)
+    new = model_logprobs(model, rollout.input_ids, targets)
     advantages, valid = group_advantages(rollout.rewards, 4)
     per_token, _ = clipped_surrogate(new, old, advantages[:, None], 0.05, 0.05)
     trained = (targets != IGNORE_INDEX) & valid[:, None]
-    assert torch.allclose(total, (per_token * trained).sum(), atol=1e-5)
-    assert metrics["clip_fraction"] > 0  # the ratio to pi_old is not 1
-    assert 0 not in objective._kept  # freed after its last pass
+    want = (per_token * trained).sum()
+    want.backward()
+    assert torch.allclose(total, want, atol=1e-5)
+    for p, grad in zip(model.parameters(), got):
+        assert torch.allclose(grad, p.grad, atol=1e-6)
 
 
 class RecomputingReference(GRPOObjective):
