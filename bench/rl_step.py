@@ -53,7 +53,9 @@ where a bf16 matmul is ~50x slower; the bf16 path has not been run on this (AVX2
 
 Default: DPO full and LoRA and GRPO full, both sides (6 processes): 2.5 minutes on this
 2-core host at load averages 2-6 (TRL's imports alone take up to 30 s a process there);
-`--only graft-grpo-lora trl-grpo-lora` adds GRPO with LoRA. Caveats: the host is shared and
+`--only graft-grpo-lora trl-grpo-lora` adds GRPO with LoRA, and `graft-grpo-compiled` /
+`graft-grpo-lora-compiled` graftlm's with `--grpo.sampling.compile` (compiled in the
+untimed first step). Caveats: the host is shared and
 the sides run one after another; by wall time the LoRA DPO ratio moved from 1.07x to 4.14x
 between two runs here, by CPU time the ratios stayed within 1.32x-1.45x (DPO), 1.77x-2.08x
 (DPO LoRA) and 1.34x-1.58x (GRPO) over three runs (raise --repeats, which also prints each
@@ -91,7 +93,7 @@ PAIRS, MAX_LENGTH, DPO_BETA = 4, 128, 0.1
 PROMPTS, GROUP, NEW_TOKENS, GRPO_BETA = 4, 4, 32, 0.04
 RANK, ALPHA, LR = 16, 32, 1e-5
 SIDES = ("graft-dpo", "trl-dpo", "graft-dpo-lora", "trl-dpo-lora", "graft-grpo", "trl-grpo",
-         "graft-grpo-lora", "trl-grpo-lora")
+         "graft-grpo-lora", "trl-grpo-lora", "graft-grpo-compiled", "graft-grpo-lora-compiled")
 DEFAULT_SIDES = SIDES[:6]
 
 
@@ -176,8 +178,10 @@ def graft_side(side: str, work: Path, steps: int, warmup: int, precision: str) -
         argv += ["--train.batch-size", str(PROMPTS), "--grpo.sampling.group-size", str(GROUP),
                  "--grpo.sampling.max-new-tokens", str(NEW_TOKENS), "--grpo.sampling.temperature", "1.0",
                  "--grpo.beta", str(GRPO_BETA), "--grpo.reward", f"{Path(__file__).resolve()}:digit_reward"]
-    if side.endswith("-lora"):
+    if "-lora" in side:
         argv += ["--adapter", "lora", "--adapter.r", str(RANK), "--adapter.alpha", str(ALPHA)]
+    if side.endswith("-compiled"):  # the rollouts' decode step compiled at the first (untimed) step
+        argv += ["--grpo.sampling.compile", "true"]
 
     marks, generation = [], []
     train_step, generate = trainer.Trainer.train_step, engine.Engine.generate
@@ -307,12 +311,12 @@ def print_table(title: str, rows: dict, pairs: list[tuple[str, str]], rounds: li
         return
     rl = any("generation_s" in r for r in rows.values())
     print(f"\n{title}")
-    head = f"{'side':<16}{'steps/s':>8}{'s/step':>8}{'median':>8}{'wall s':>8}{'CPU s':>7}{'tokens/step':>12}"
+    head = f"{'side':<26}{'steps/s':>8}{'s/step':>8}{'median':>8}{'wall s':>8}{'CPU s':>7}{'tokens/step':>12}"
     head += f"{'tokens/s':>9}" + (f"{'gen s':>7}{'rest s':>8}{'compl len':>10}" if rl else "")
     print(head + f"{'peak RSS MiB':>13}{'speed vs TRL':>13}{'RSS vs TRL':>11}")
     peer_of = dict(pairs)
     for side, r in rows.items():
-        line = (f"{side:<16}{1 / r['step_s']:>8.3f}{r['step_s']:>8.2f}{r['median_s']:>8.2f}{r['wall_s']:>8.2f}"
+        line = (f"{side:<26}{1 / r['step_s']:>8.3f}{r['step_s']:>8.2f}{r['median_s']:>8.2f}{r['wall_s']:>8.2f}"
                 f"{r['cpu_s']:>7.2f}{r['tokens']:>12,}{r['tokens'] / r['step_s']:>9,.0f}")
         if rl:
             line += f"{r['generation_s']:>7.2f}{r['step_s'] - r['generation_s']:>8.2f}{r['completion_length']:>10.1f}"
@@ -397,7 +401,8 @@ def main() -> None:
                 "tokens/step (the rest: completions); gen s = generation, rest s = scoring, reference and "
                 "policy forward, backward, optimizer",
                 {s: best.get(s) for s in SIDES if "grpo" in s},
-                [("graft-grpo", "trl-grpo"), ("graft-grpo-lora", "trl-grpo-lora")], rounds)
+                [("graft-grpo", "trl-grpo"), ("graft-grpo-lora", "trl-grpo-lora"),
+                 ("graft-grpo-compiled", "trl-grpo"), ("graft-grpo-lora-compiled", "trl-grpo-lora")], rounds)
 
 
 if __name__ == "__main__":

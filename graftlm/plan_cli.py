@@ -287,7 +287,8 @@ def print_plan(result: dict) -> None:
             bound = {"memory bandwidth": f"memory bandwidth ({fmt_count(hw['bandwidth'])}B/s: each decode step "
                                          "reads every weight)",
                      "per-operator overhead": f"the host's per-operator overhead ({r['decode_ops']:,} eager "
-                                              f"operators a decode step, {hw['op_overhead_us']:.3g} us each)",
+                                              f"operators a decode step, {hw['op_overhead_us']:.3g} us each; "
+                                              f"--{r['regime']}.sampling.compile fuses them)",
                      }.get(r["generation_bound"], r["generation_bound"])
             console.print(f"  {r['regime']}: {fmt_time(r['time_s'])} = {fmt_time(r['time_s'] - generation)} of training "
                           f"+ {fmt_time(generation)} ({generation / r['time_s']:.0%}) sampling a token at a time, "

@@ -171,7 +171,7 @@ def test_the_plan_says_what_rl_is_costed_on_and_what_bounds_its_sampling(capsys)
     # A 1B model's eager decode step on an H100 reads its weights in under a millisecond,
     # and dispatches some 1,200 operators at 8 us each.
     assert ("sampling a token at a time, bound by the host's per-operator overhead (1,208 eager operators a "
-            "decode step, 8 us each)") in out
+            "decode step, 8 us each; --grpo.sampling.compile fuses them)") in out
 
 
 def test_dpo_is_costed_on_both_sequences_of_each_pair(tmp_path):
