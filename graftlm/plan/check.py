@@ -306,6 +306,13 @@ def _generation_note(run_dir: Path, shape: RunShape, predicted_share: float) -> 
             "and PPO runs is low by about that much; op_overhead_us in a --hardware-file sets the overhead")
 
 
+def _compiled_sampling(run_dir: Path) -> bool:
+    """Whether an RL run compiled its rollouts' decode step (`--grpo|ppo.sampling.compile`)."""
+    config = _read(Path(run_dir) / "config.yaml", yaml.safe_load)
+    section = config.get(config.get("objective", "")) or {}
+    return bool((section.get("sampling") or {}).get("compile"))
+
+
 def _metric_records(run_dir: Path) -> list[dict]:
     """The run's metrics.jsonl records (a line that does not read is passed over)."""
     try:
@@ -349,6 +356,10 @@ def _time_notes(run_dir: Path, shape: RunShape, summary: dict, time_s: float | N
     generation = _generation_note(run_dir, shape, generation_s / time_s if time_s else 0.0)
     if generation:
         notes.append(generation)
+    if shape.samples_rollouts and _compiled_sampling(run_dir):
+        notes.append("the run compiled its rollouts' decode step (sampling.compile): the prediction times eager "
+                     "decoding, whose per-operator overhead a compiled step mostly removes, and leaves out the "
+                     "compile itself (tens of seconds, in the first step)")
     median = _median_step_mfu(run_dir)
     mfu = summary.get("mfu")
     peak = float(summary.get("peak_flops") or 0) * shape.devices

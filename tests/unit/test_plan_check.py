@@ -325,3 +325,10 @@ def test_check_of_an_rl_run_says_when_sampling_took_far_more_than_predicted(tmp_
     assert len(note) == 1 and note[0].startswith("sampling took 90% of the steps' time but ")
     assert "of the predicted time" in note[0]
     assert steps(0.05) == []  # a share of the time like its predicted share: nothing to say
+    compiled = [n for n in check_run(run, None)["notes"] if "compiled its rollouts' decode step" in n]
+    assert compiled == []
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["grpo"]["sampling"]["compile"] = True
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    compiled = [n for n in check_run(run, None)["notes"] if "compiled its rollouts' decode step" in n]
+    assert len(compiled) == 1 and "the prediction times eager decoding" in compiled[0]
