@@ -104,6 +104,15 @@ class RunConfig:
             raise ConfigError("config field 'model' is required (a preset, config file or HF directory)")
         if not self.data:
             raise ConfigError("config field 'data' is required")
+        sampling = getattr(getattr(self, self.objective, None), "sampling", None)
+        if getattr(sampling, "compile", False):  # refused here, before a run directory exists
+            field_name = f"config field '{self.objective}.sampling.compile'"
+            if self.adapter is not None and self.adapter.kind == "qlora":
+                raise ConfigError(f"{field_name}: QLoRA's NF4 base does not compile in one graph; sample eagerly "
+                                  "(false), or train LoRA on a bf16 base")
+            if self.parallel.mode == "fsdp":
+                raise ConfigError(f"{field_name}: not under FSDP (each rollout gathers new weight tensors); sample "
+                                  "eagerly (false), or use --parallel ddp")
 
 
 @lru_cache(maxsize=None)

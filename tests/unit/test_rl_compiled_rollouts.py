@@ -52,3 +52,17 @@ def test_compiled_rollouts_refuse_a_qlora_base_before_compiling(tokenizer):
     apply_adapters(model, AdapterConfig(kind="qlora", r=4, target_modules=["q_proj"]))
     with pytest.raises(GraftError, match="config field 'sampling.compile': QLoRA's NF4 base does not compile"):
         _objective(tokenizer, True).sampler.sample(model, prompt_batch(tokenizer), tokenizer.pad_id)
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--adapter", "qlora"], "QLoRA's NF4 base does not compile in one graph"),
+    (["--parallel", "fsdp"], "not under FSDP (each rollout gathers new weight tensors)")])
+def test_the_cli_refuses_what_cannot_compile_before_a_run_directory_exists(option, message, tmp_path, capsys):
+    from graftlm.cli import main
+
+    argv = ["grpo", "--model", "tiny", "--data", str(tmp_path / "prompts.jsonl"), "--out", str(tmp_path / "runs"),
+            "--grpo.sampling.compile", "true", *option]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"graft grpo: error: config field 'grpo.sampling.compile': {message}" + err.split(message)[1]
+    assert len(err.splitlines()) == 1 and not (tmp_path / "runs").exists()
