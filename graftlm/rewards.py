@@ -24,7 +24,8 @@ Several rewards (`--grpo.reward gsm8k regex:PATTERN`, TRL's list of reward funct
 score each completion with their weighted sum (`--grpo.reward-weights`, 1 each by
 default) over the rewards that apply to it; each one's mean is logged beside the sum
 (`reward/<name>/mean`, TRL's `rewards/<name>/mean`). A completion that no reward applies
-to scores 0, as TRL's sum of NaNs does, and is counted (`reward/none_applied`).
+to scores 0 here (TRL's sum of NaNs) and is counted (`reward/none_applied`); GRPO leaves
+it out of its group's baseline with advantage 0, as TRL 1.16 does (`grpo.group_advantages`).
 
 A user's function that raises or returns a non-number is the user's error:
 `RewardScorer` either stops with one line naming the function's file:line and the

@@ -59,15 +59,28 @@ from graftlm.objectives.sft import model_logprobs
 from graftlm.rewards import RewardScorer, build_rewards
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
-                     eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
-    """(advantages [N], valid [N]) from rewards [N] laid out group by group; NaN = skipped."""
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4,
+                     unscorable: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages [N], valid [N]) from rewards [N] laid out group by group; NaN = skipped.
+
+    `unscorable` [N] marks completions no reward applied to (every function returned
+    None): as TRL 1.16 does, they are left out of their group's mean and std and get
+    advantage 0. Counted as a 0 score, they would move the group's baseline (and could
+    flip the sign of the others' advantages) for a score no reward gave."""
     grouped = rewards.view(-1, group_size)
     valid = ~torch.isnan(grouped).any(-1, keepdim=True).expand_as(grouped)
     filled = torch.nan_to_num(grouped)
-    centered = filled - filled.mean(-1, keepdim=True)
-    if scale:
-        centered = centered / (filled.std(-1, keepdim=True) + eps)
+    if unscorable is None or not unscorable.any():
+        centered = filled - filled.mean(-1, keepdim=True)
+        if scale:
+            centered = centered / (filled.std(-1, keepdim=True) + eps)
+        return (centered * valid).reshape(-1), valid.reshape(-1)
+    counted = ~unscorable.to(torch.bool).view(-1, group_size)
+    n = counted.sum(-1, keepdim=True)
+    centered = (filled - (filled * counted).sum(-1, keepdim=True) / n.clamp_min(1)) * counted
+    if scale:  # the unbiased std over the scored completions (0 with fewer than two)
+        std = ((centered ** 2).sum(-1, keepdim=True) / (n - 1).clamp_min(1)).sqrt()
+        centered = centered / (std + eps)
     return (centered * valid).reshape(-1), valid.reshape(-1)
 
 
@@ -256,7 +269,8 @@ class GRPOObjective:
         kept = self._kept_rollout(batch)
         rollout = kept.rollout if kept is not None else self.sampler.sample(model, batch, self.pad_id)
         scale = cfg.scale_rewards in (True, "group")  # also TRL's names: "group" / "none"
-        advantages, valid = group_advantages(rollout.rewards, rollout.group_size, scale, cfg.advantage_eps)
+        advantages, valid = group_advantages(rollout.rewards, rollout.group_size, scale, cfg.advantage_eps,
+                                             rollout.none_applied)
         targets = shift_targets(rollout.input_ids, rollout.loss_mask)
         trained = (targets != IGNORE_INDEX) & valid[:, None]
         logp = model_logprobs(model, rollout.input_ids, targets)

@@ -54,7 +54,7 @@ class Rollout:
     truncated: torch.Tensor  # [N] bool: stopped at max_new_tokens (or the context), not by a stop token
     # Several rewards: each one's [N] scores (NaN where it did not apply), for its own metrics.
     reward_parts: dict[str, torch.Tensor] = field(default_factory=dict)
-    none_applied: torch.Tensor | None = None  # [N] bool: no reward applied (scored 0)
+    none_applied: torch.Tensor | None = None  # [N] bool: no reward applied (scored 0, left out of GRPO's baseline)
 
     @property
     def completion_lengths(self) -> torch.Tensor:
@@ -230,7 +230,7 @@ def rollout_metrics(rollout: Rollout) -> dict:
     means = {name: _applied_mean(values) for name, values in rollout.reward_parts.items()}
     parts = {f"reward/{name}/mean": mean for name, mean in means.items() if mean is not None}
     if rollout.none_applied is not None and rollout.none_applied.any():
-        parts["reward/none_applied"] = rollout.none_applied.float().mean().item()  # scored 0, as in TRL
+        parts["reward/none_applied"] = rollout.none_applied.float().mean().item()
     return {
         **parts,
         "reward/mean": valid.mean().item() if valid.numel() else float("nan"),

@@ -109,6 +109,23 @@ def test_group_advantages_normalise_within_groups_and_drop_skipped():
     assert same.abs().sum() == 0  # a group that agrees teaches nothing
 
 
+def test_a_completion_no_reward_applies_to_is_left_out_of_its_groups_baseline():
+    """As TRL 1.16: an unscorable completion (every reward returned None) is neither in
+    its group's mean nor its std, and its advantage is 0. Counted as a 0 score, it made
+    the group's mean 2.25 and the completion scored 1 look above it (+)."""
+    rewards = torch.tensor([1.0, 0.0, 3.0, 5.0, 2.0, 0.0, 0.0, 0.0])
+    unscorable = torch.tensor([False, True, False, False, False, True, True, True])
+    adv, valid = group_advantages(rewards, group_size=4, eps=0.0, unscorable=unscorable)
+    assert torch.allclose(adv[:4], torch.tensor([-1.0, 0.0, 0.0, 1.0]))  # mean 3, std 2 over {1, 3, 5}
+    assert valid.all()
+    alone, _ = group_advantages(rewards[4:], group_size=4, unscorable=unscorable[4:])
+    assert alone.abs().sum() == 0  # one scored completion alone: nothing to compare it with
+    unscaled, _ = group_advantages(rewards, 4, scale=False, unscorable=unscorable)
+    assert torch.allclose(unscaled[:4], torch.tensor([-2.0, 0.0, 0.0, 2.0]))
+    counted_as_zero, _ = group_advantages(rewards, 4, eps=0.0)
+    assert counted_as_zero[0] < 0 < adv[3] and counted_as_zero[1] < 0
+
+
 def test_k3_kl_and_clipped_surrogate_by_hand():
     logp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.0, -1.5])
     kl = k3_kl(logp, ref)
