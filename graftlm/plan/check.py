@@ -353,13 +353,15 @@ def _time_notes(run_dir: Path, shape: RunShape, summary: dict, time_s: float | N
                          + "its matrix products ran in PyTorch's emulated bf16, many times slower (50x on an AVX2 "
                          "CPU) than the native rate the predicted time assumes; --train.precision auto trains in "
                          "fp32 there")
-    generation = _generation_note(run_dir, shape, generation_s / time_s if time_s else 0.0)
-    if generation:
-        notes.append(generation)
     if shape.samples_rollouts and _compiled_sampling(run_dir):
+        # Its measured sampling holds the compile, so its share says nothing of eager decoding.
         notes.append("the run compiled its rollouts' decode step (sampling.compile): the prediction times eager "
                      "decoding, whose per-operator overhead a compiled step mostly removes, and leaves out the "
-                     "compile itself (tens of seconds, in the first step)")
+                     "compile itself (tens of seconds, in the first step's sampling)")
+    else:
+        generation = _generation_note(run_dir, shape, generation_s / time_s if time_s else 0.0)
+        if generation:
+            notes.append(generation)
     median = _median_step_mfu(run_dir)
     mfu = summary.get("mfu")
     peak = float(summary.get("peak_flops") or 0) * shape.devices

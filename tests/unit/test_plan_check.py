@@ -330,5 +330,6 @@ def test_check_of_an_rl_run_says_when_sampling_took_far_more_than_predicted(tmp_
     config = yaml.safe_load((run / "config.yaml").read_text())
     config["grpo"]["sampling"]["compile"] = True
     (run / "config.yaml").write_text(yaml.safe_dump(config))
+    assert steps(9.0) == []  # its sampling time holds the compile: no word on eager decoding's share
     compiled = [n for n in check_run(run, None)["notes"] if "compiled its rollouts' decode step" in n]
     assert len(compiled) == 1 and "the prediction times eager decoding" in compiled[0]
