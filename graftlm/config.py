@@ -146,8 +146,39 @@ def coerce(value: Any, tp: Any, field: str) -> Any:
     return value
 
 
-def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
-    """Build dataclass `cls` from a (possibly nested) mapping, checking every field."""
+def _default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _section_base(f: dataclasses.Field, base: Any, inner: type) -> Any:
+    """The default instance of section `f` (of type `inner`): `base`'s (the enclosing
+    section's default) where there is one, else what the field's default_factory makes."""
+    section = getattr(base, f.name) if base is not None else _default(f)
+    return section if isinstance(section, inner) else None
+
+
+def _inherited(cls: type, base: Any) -> dict:
+    """The fields where `base`, a default instance of `cls` made by its parent's
+    default_factory (PPO's `SamplingConfig(group_size=1)`), differs from `cls`'s own
+    defaults: those a section given in part takes from `base`. Compared with `cls()`
+    rather than the field defaults, so that a value its __post_init__ makes concrete
+    (dpo.beta) is computed anew from what is given."""
+    if base is None:
+        return {}
+    try:
+        plain = cls()
+    except TypeError:  # required fields: every field comes from `base`
+        plain = None
+    return {f.name: getattr(base, f.name) for f in dataclasses.fields(cls)
+            if f.init and (plain is None or getattr(base, f.name) != getattr(plain, f.name))}
+
+
+def from_dict(cls: type, data: dict, prefix: str = "", base: Any = None) -> Any:
+    """Build dataclass `cls` from a (possibly nested) mapping, checking every field.
+    base: the instance of `cls` that its parent's field defaults to, if any; the fields
+    `data` leaves out take its values."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
@@ -155,7 +186,16 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         close = difflib.get_close_matches(unknown[0], list(fields), n=1)
         hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
         raise ConfigError(f"unknown config field '{prefix}{unknown[0]}' ({hint}known: {', '.join(sorted(fields))})")
-    kwargs = {name: coerce(value, hints[name], prefix + name) for name, value in data.items()}
+    kwargs = {}
+    for name, value in data.items():
+        inner, _ = _unwrap_optional(hints[name])
+        if dataclasses.is_dataclass(inner) and isinstance(value, dict):
+            # A section given in part keeps the rest of the parent's default for it, not
+            # its class's: `--ppo.sampling.temperature 1` leaves PPO's group_size at 1.
+            kwargs[name] = from_dict(inner, value, f"{prefix}{name}.", _section_base(fields[name], base, inner))
+        else:
+            kwargs[name] = coerce(value, hints[name], prefix + name)
+    kwargs = {**{name: copy.deepcopy(value) for name, value in _inherited(cls, base).items()}, **kwargs}
     missing = [
         name for name, f in fields.items()
         if name not in kwargs and f.default is dataclasses.MISSING
@@ -165,7 +205,7 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         raise ConfigError(f"config field '{prefix}{missing[0]}' is required")
     instance = cls(**kwargs)
     # A section left at its defaults is checked too: it may require a field (ppo.reward).
-    for name in fields.keys() - kwargs.keys():
+    for name in fields.keys() - data.keys():
         if dataclasses.is_dataclass(getattr(instance, name)):
             _validate(getattr(instance, name), f"{prefix}{name}.")
     _validate(instance, prefix)
@@ -243,7 +283,7 @@ def under_given(instance: Any, recorded: dict, given) -> Any:
     gives the whole `adapter` section). Recorded fields this class no longer has, or
     nulls where it no longer takes one, are left out."""
     given = list(given)
-    types = {name: tp for name, tp, _ in _walk_fields(type(instance))}
+    types = {name: tp for name, tp, _, _ in _walk_fields(type(instance))}
 
     def touches(key: str, names) -> bool:
         return any(key == n or key.startswith(n + ".") or n.startswith(key + ".") for n in names)
@@ -264,20 +304,41 @@ def under_given(instance: Any, recorded: dict, given) -> Any:
     return from_dict(type(instance), data)
 
 
+def as_read_now(instance: Any, recorded: dict) -> dict:
+    """`recorded` (a flattened config of `instance`'s class) with each value as this graftlm
+    reads it, a synonym in the spelling it records (grpo.scale_rewards: group -> true), so
+    that a run recorded before sees no change where there is none. Fields this class no
+    longer reads, and nulls `under_given` leaves out, stay as recorded; so does all of it
+    where it no longer reads as a whole (the resume names what is wrong)."""
+    try:
+        now = flatten(to_dict(under_given(instance, recorded, [])))
+    except ConfigError:
+        return recorded
+    types = {name: tp for name, tp, _, _ in _walk_fields(type(instance))}
+
+    def read(key: str, value) -> bool:
+        return key in now and (value is not None or key not in types or _unwrap_optional(types[key])[1])
+
+    return {key: now[key] if read(key, value) else value for key, value in recorded.items()}
+
+
 def save_config(instance: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(instance), sort_keys=False))
 
 
-def _walk_fields(cls: type, prefix: str = ""):
+def _walk_fields(cls: type, prefix: str = "", base: Any = None):
+    """(dotted name, type, field, default) of each field, sections walked into; the
+    default is the one `from_dict` gives it (PPO's sampling.group_size: 1, not 4)."""
     hints = typing.get_type_hints(cls)
+    inherited = _inherited(cls, base)
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
         inner, _ = _unwrap_optional(hints[f.name])
         if dataclasses.is_dataclass(inner):
-            yield from _walk_fields(inner, prefix + f.name + ".")
+            yield from _walk_fields(inner, prefix + f.name + ".", _section_base(f, base, inner))
         else:
-            yield prefix + f.name, hints[f.name], f
+            yield prefix + f.name, hints[f.name], f, inherited[f.name] if f.name in inherited else _default(f)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -287,10 +348,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     recipe; types are checked later by `build_config` so errors name the field.
     """
     parser.add_argument("--recipe", help="YAML file of config fields (command-line values win)")
-    for dotted, tp, f in _walk_fields(cls):
+    for dotted, tp, f, default in _walk_fields(cls):
         help_text = f.metadata.get("help", "")
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         kind = _type_name(tp)
         flag = "--" + dotted.replace("_", "-")
         names = [flag] if flag == "--" + dotted else [flag, "--" + dotted]

@@ -26,7 +26,7 @@ from torch import nn
 
 from graftlm import checkpoint as ckpt
 from graftlm.adapters.identity import base_identity
-from graftlm.config import flatten, from_dict, to_dict, under_given
+from graftlm.config import as_read_now, flatten, from_dict, to_dict, under_given
 from graftlm.errors import GraftError, read_json
 from graftlm.optim import OptimConfig, lr_at
 from graftlm.report import write_report_or_warn
@@ -62,6 +62,7 @@ def prepare_run_directory(run_dir: Path, cfg: RunConfig, resume: bool | None, fr
     root = run_dir / "checkpoints"
     latest = ckpt.latest_valid(root, warn=warn) if resume is not False else None
     recorded = recorded_config(run_dir) if latest is not None or summary.exists() else {}
+    recorded = as_read_now(cfg, recorded) if recorded else {}
     continued = under_given(cfg, recorded, [*given, *FROM_THE_COMMAND]) if recorded and given is not None else cfg
     if summary.exists():
         done = read_json(summary).get("steps", 0)
@@ -157,12 +158,18 @@ def changed_settings(recorded: dict, config: dict, defaults: dict | None = None)
     """`field: old -> new` for each setting of `config` that differs from the one the run
     `recorded` (none when it recorded none). A field the run did not record (a later
     graftlm's, such as grpo.loss_type) at its value in `defaults` (the same config at its
-    defaults) is no change: a field is added with the default that keeps the old behaviour."""
+    defaults) is no change: a field is added with the default that keeps the old behaviour,
+    so that default is also what such a run trained with, and what a change is from."""
     if not recorded:
         return []
     new = flatten(config)
-    unrecorded_defaults = {key for key, value in flatten(defaults or {}).items()
-                           if key not in recorded and new.get(key) == value}
+    unrecorded = {key: value for key, value in flatten(defaults or {}).items() if key not in recorded}
+    unrecorded_defaults = {key for key, value in unrecorded.items() if new.get(key) == value}
+
+    def old(key: str) -> str:
+        if key in unrecorded:
+            return f"{unrecorded[key]} (not recorded: the default)"
+        return str(recorded.get(key))
 
     def same(a, b) -> bool:  # `shards/` and `shards` name one directory
         if isinstance(a, str) and b == [a]:  # a field that became a list (grpo.reward) recorded as one value
@@ -170,7 +177,7 @@ def changed_settings(recorded: dict, config: dict, defaults: dict | None = None)
         return a == b or (isinstance(a, str) and isinstance(b, str) and a and b
                           and os.path.normpath(a) == os.path.normpath(b))
 
-    return [f"{key}: {recorded.get(key)} -> {new.get(key)}" for key in dict.fromkeys([*new, *recorded])
+    return [f"{key}: {old(key)} -> {new.get(key)}" for key in dict.fromkeys([*new, *recorded])
             if key not in unrecorded_defaults and not same(recorded.get(key), new.get(key))]
 
 

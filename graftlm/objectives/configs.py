@@ -170,8 +170,9 @@ class GRPOConfig(FineTuneData):
     importance_sampling_level: Literal["token", "sequence"] = field(default="token", metadata={
         "help": "the clipped ratio pi/pi_old per token, or one per completion: exp of its mean log-ratio "
                 "(GSPO, whose paper pairs it with --grpo.loss-type grpo)"})
-    # TRL's strings beside graftlm's original bool (kept as the default and as given, so that a
-    # run recorded with `true` resumes unchanged). TRL's "batch" (one std over the whole
+    # TRL's strings beside graftlm's original bool, read as the bool they mean (__post_init__),
+    # so that config.yaml records one spelling and a resume given the other sees no change;
+    # a run that recorded "group" or "none" still reads. TRL's "batch" (one std over the whole
     # generation batch of every rank) is not offered: graftlm samples each micro-batch on its own.
     scale_rewards: bool | Literal["group", "none"] = field(default=True, metadata={
         "help": "divide advantages by their group's std (true, or TRL's group), or not (false, or none: Dr. GRPO)"})
@@ -186,6 +187,7 @@ class GRPOConfig(FineTuneData):
     def __post_init__(self) -> None:
         if isinstance(self.reward, str):  # GRPOConfig(reward="gsm8k"), as one reward is written in Python
             self.reward = [self.reward]
+        self.scale_rewards = {"group": True, "none": False}.get(self.scale_rewards, self.scale_rewards)
 
     def validate(self) -> None:
         super().validate()

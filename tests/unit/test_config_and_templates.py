@@ -171,7 +171,7 @@ def test_changed_settings_list_real_changes_only():
     defaults = {"grpo": {"beta": 0.04, "loss_type": "dapo"}}
     assert changed_settings({"grpo.beta": 0.1}, {"grpo": {"beta": 0.1, "loss_type": "dapo"}}, defaults) == []
     assert changed_settings({"grpo.beta": 0.1}, {"grpo": {"beta": 0.1, "loss_type": "grpo"}}, defaults) \
-        == ["grpo.loss_type: None -> grpo"]
+        == ["grpo.loss_type: dapo (not recorded: the default) -> grpo"]
 
 
 def test_grpo_loss_options_take_trls_names_and_bad_values_name_the_field():
@@ -184,10 +184,11 @@ def test_grpo_loss_options_take_trls_names_and_bad_values_name_the_field():
     cfg = build_config(cls, None, {**base, "grpo.loss_type": "dr_grpo", "grpo.importance_sampling_level": "sequence",
                                    "grpo.scale_rewards": "none"})
     assert (cfg.grpo.loss_type, cfg.grpo.importance_sampling_level, cfg.grpo.scale_rewards) == \
-        ("dr_grpo", "sequence", "none")
-    # graftlm's true / false and TRL's group / none, from the command line or YAML.
-    for given, kept in (("false", False), ("true", True), (True, True), ("group", "group")):
-        assert build_config(cls, None, {**base, "grpo.scale_rewards": given}).grpo.scale_rewards == kept
+        ("dr_grpo", "sequence", False)
+    # graftlm's true / false and TRL's group / none, from the command line or YAML, read as
+    # the bool they mean (config.yaml records one spelling).
+    for given, kept in (("false", False), ("true", True), (True, True), ("group", True), ("none", False)):
+        assert build_config(cls, None, {**base, "grpo.scale_rewards": given}).grpo.scale_rewards is kept
     for field_, value in (("loss_type", "cispo"), ("importance_sampling_level", "tokens"),
                           ("scale_rewards", "batch")):
         with pytest.raises(ConfigError, match=rf"^config field 'grpo\.{field_}': expected .*, got '{value}'$"):
@@ -245,3 +246,52 @@ def test_a_runs_default_name_names_the_model_it_starts_from(tmp_path):
     named = {model: run_directory(run_config_class("sft")(model=str(model), data="d", out="runs")).name
              for model in (base, str(base) + "/", plain, "tiny", tmp_path / "model.yaml")}
     assert list(named.values()) == ["sft-base", "sft-base", "sft-Qwen2.5-0.5B", "sft-tiny", "sft-model"]
+
+
+def test_a_section_given_in_part_keeps_its_parents_default_for_the_rest(tmp_path):
+    """PPOConfig.sampling defaults to SamplingConfig(group_size=1); a ppo.sampling field given
+    on the command line or in a recipe built the section from SamplingConfig's own defaults,
+    and PPO sampled 4 completions per prompt."""
+    from graftlm.runs import run_config_class
+
+    cls = run_config_class("ppo")
+    base = {"model": "tiny", "data": "d", "ppo.reward": "rm"}
+    assert build_config(cls, None, base).ppo.sampling.group_size == 1
+    for given in ({"ppo.sampling.temperature": "1.0"}, {"ppo.sampling.compile": "true"}):
+        sampling = build_config(cls, None, {**base, **given}).ppo.sampling
+        assert sampling.group_size == 1, given
+    recipe = tmp_path / "ppo.yaml"
+    recipe.write_text("ppo:\n  sampling:\n    temperature: 0.7\n")
+    sampling = build_config(cls, recipe, base).ppo.sampling
+    assert (sampling.group_size, sampling.temperature) == (1, 0.7)
+    assert build_config(cls, None, {**base, "ppo.sampling.group_size": "3"}).ppo.sampling.group_size == 3
+    # GRPO's section is SamplingConfig's own defaults.
+    grpo = build_config(run_config_class("grpo"), None, {"model": "tiny", "data": "d",
+                                                         "grpo.sampling.temperature": "0.7"})
+    assert grpo.grpo.sampling.group_size == 4
+    # A value __post_init__ makes concrete is still made from what is given (simpo's beta).
+    assert build_config(run_config_class("dpo"), None, {"model": "tiny", "data": "d", "dpo.loss": "simpo"}).dpo.beta \
+        == 2.0
+
+
+def test_a_resume_reads_synonyms_recorded_before_as_the_spelling_recorded_now():
+    """A run that recorded scale_rewards 'group' or 'none' (before they were read as true /
+    false) resumes, and given either spelling anew, no change is listed; a field recorded
+    before it existed is shown at the default the run trained with."""
+    from graftlm.config import as_read_now, flatten, to_dict, under_given
+    from graftlm.resuming import changed_settings
+    from graftlm.runs import run_config_class
+
+    cls = run_config_class("grpo")
+    base = {"model": "tiny", "data": "d"}
+    for recorded_as, given in (("group", "true"), ("none", "false"), ("group", "group")):
+        recorded = flatten({"objective": "grpo", **to_dict(cls(**base))})
+        recorded["grpo.scale_rewards"] = recorded_as
+        del recorded["grpo.loss_type"]
+        recorded = as_read_now(cls(**base), recorded)
+        cfg = build_config(cls, None, {**base, "grpo.scale_rewards": given, "grpo.loss_type": "grpo"})
+        cfg = under_given(cfg, recorded, ["grpo.scale_rewards", "grpo.loss_type"])
+        assert changed_settings(recorded, {"objective": "grpo", **to_dict(cfg)}, to_dict(cls())) == \
+            ["grpo.loss_type: dapo (not recorded: the default) -> grpo"]
+        # Left out on the command line, the recorded synonym continues as its bool.
+        assert under_given(cls(**base), recorded, []).grpo.scale_rewards is (recorded_as == "group")
