@@ -357,6 +357,8 @@ def _run_training(cfg: RunConfig, resume: bool | None, fresh: bool, allow_config
             print(f"warning: {truncated + dropped} of {cut['of']} rows ({(truncated + dropped) / cut['of']:.0%}) "
                   f"were cut or dropped at {cut['max_length']} tokens ({truncated} cut, {dropped} dropped); "
                   f"{remedy}", flush=True)
+        if data.stats.get("validation_lost"):
+            print(f"warning: {data.stats['validation_lost']}", flush=True)
         if cut.get("dropped_untrained"):
             print(f"warning: {cut['dropped_untrained']} of {cut['of']} rows were dropped: they have no token to "
                   f"train on, even whole (an empty reply, or none that --{cfg.objective}.train-on trains)",

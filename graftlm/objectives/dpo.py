@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from graftlm.objectives import DataSplits, ObjectiveSpec
 from graftlm.objectives.configs import HELP, REFERENCE_FREE, DPOConfig
 from graftlm.objectives.logprobs import IGNORE_INDEX, shift_targets
-from graftlm.objectives.sft import FineTuneData, left_out, load_splits, model_logprobs, nothing_left, renderer_for
+from graftlm.objectives.sft import (FineTuneData, left_out, load_splits, model_logprobs, render_splits,
+                                   renderer_for)
 
 
 def pad_right(rows: list[list[int]], value: int, length: int | None = None) -> torch.Tensor:
@@ -188,15 +189,13 @@ def build_pair_splits(cfg, section: FineTuneData, tokenizer, objective: str, pad
     """Train / validation preference pairs for `dpo` and `reward`."""
     renderer = renderer_for(cfg, section, tokenizer)
     train_rows, val_rows, read = load_splits(cfg, section, objective)
-    train = [p for p in map(renderer.render_pair, train_rows) if p is not None]
-    val = [p for p in map(renderer.render_pair, val_rows) if p is not None]
-    if not train:
-        raise nothing_left(cfg, renderer, "preference pair")
+    train, val, lost_validation = render_splits(cfg, section, renderer, renderer.render_pair, train_rows, val_rows,
+                                                "preference pair")
     pad = tokenizer.pad_id if pad_id is None else pad_id
     return DataSplits(train=PreferencePairs(train, pad), val=PreferencePairs(val, pad) if val else None,
                       vocab_size=tokenizer.vocab_size,
                       identity={"data": cfg.data, "pairs": len(train), "render": renderer.counts.to_dict()},
-                      stats=left_out(read, renderer))
+                      stats=left_out(read, renderer, lost_validation))
 
 
 SPEC = ObjectiveSpec(

@@ -82,11 +82,12 @@ def _load_rows(cfg, data, section: FineTuneData, objective: str, total: RowCount
     return rows
 
 
-def left_out(read: RowCounts, renderer=None) -> dict:
+def left_out(read: RowCounts, renderer=None, lost_validation: str | None = None) -> dict:
     """What the run will not train on as given: bad rows skipped, rows cut at or dropped
-    for the length limit. Printed when the run starts and kept in summary.json (under
-    "data"), so that no row is left out silently. Empty when nothing was."""
-    stats = {}
+    for the length limit, a held-out validation share lost whole. Printed when the run
+    starts and kept in summary.json (under "data"), so that no row is left out silently.
+    Empty when nothing was."""
+    stats = {"validation_lost": lost_validation} if lost_validation else {}
     if read.bad:
         stats["bad_rows_skipped"] = {"bad": read.bad, "of": read.rows, "first": read.errors[0]}
     if renderer is not None:
@@ -96,20 +97,42 @@ def left_out(read: RowCounts, renderer=None) -> dict:
     return stats
 
 
-def nothing_left(cfg, renderer, what: str) -> GraftError:
-    """The error for a data file none of whose rows survived rendering: how many went
-    where, and the flag that keeps them."""
-    counts, flag = renderer.counts, f"--{cfg.objective}"
-    reasons = []
-    if counts.dropped_too_long:
-        keep = (f", or {flag}.overflow truncate keeps their start" if renderer.config.overflow == "drop" else "")
-        reasons.append(f"{counts.dropped_too_long} longer than {renderer.config.max_length} tokens "
+def render_splits(cfg, section: FineTuneData, renderer, render, train_rows: list, val_rows: list,
+                  what: str) -> tuple[list, list, str | None]:
+    """(train, validation, warning): both splits rendered by `render`, rows with nothing left
+    to train left out (counted). None left of the training rows, or of a `val_data` file,
+    is one error that says how many went where and which flags keep them; none left of a
+    held-out share is the warning (the run goes on without validation, and says so)."""
+    train, lost = _rendered(renderer, render, train_rows)
+    if not train:
+        raise GraftError(f"{cfg.data}: no {what} to train left of {_why(cfg, renderer, lost)}")
+    val, lost = _rendered(renderer, render, val_rows)
+    if val or not val_rows:
+        return train, val, None
+    if section.val_data:
+        raise GraftError(f"{section.val_data}: no validation {what} left of {_why(cfg, renderer, lost)}")
+    return train, val, (f"no held-out {what} left for validation of {_why(cfg, renderer, lost)}: the run has "
+                        f"no validation (--{cfg.objective}.val-data names a file of its own)")
+
+
+def _rendered(renderer, render, rows: list) -> tuple[list, dict]:
+    """`rows` rendered, and what the renderer's counts gained on them."""
+    before = renderer.counts.to_dict()
+    rendered = [r for r in map(render, rows) if r is not None]
+    return rendered, {k: v - before[k] for k, v in renderer.counts.to_dict().items()}
+
+
+def _why(cfg, renderer, lost: dict) -> str:
+    """'N read: how many were too long or had nothing to train, and the flags that keep them'."""
+    flag, reasons = f"--{cfg.objective}", []
+    if lost["dropped_too_long"]:
+        keep = f", or {flag}.overflow truncate keeps their start" if renderer.config.overflow == "drop" else ""
+        reasons.append(f"{lost['dropped_too_long']} longer than {renderer.config.max_length} tokens "
                        f"({flag}.max-length raises the limit{keep})")
-    if counts.dropped_untrained:
-        reasons.append(f"{counts.dropped_untrained} with no token to train, even whole (an empty reply, or none "
+    if lost["dropped_untrained"]:
+        reasons.append(f"{lost['dropped_untrained']} with no token to train, even whole (an empty reply, or none "
                        f"that {flag}.train-on trains)")
-    return GraftError(f"{cfg.data}: no {what} left to train of {counts.rows} read"
-                      + (": " + "; ".join(reasons) if reasons else ""))
+    return f"{lost['rows']} read" + (": " + "; ".join(reasons) if reasons else "")
 
 
 def renderer_for(cfg, section: FineTuneData, tokenizer):
@@ -212,12 +235,10 @@ def build_dataset(cfg, tokenizer) -> DataSplits:
     section = cfg.sft
     renderer = renderer_for(cfg, section, tokenizer)
     train_rows, val_rows, read = load_splits(cfg, section, "sft")
-    rendered = [r for r in map(renderer.render, train_rows) if r is not None]
-    val = [r for r in map(renderer.render, val_rows) if r is not None]
-    if not rendered:
-        raise nothing_left(cfg, renderer, "row")
+    rendered, val, lost_validation = render_splits(cfg, section, renderer, renderer.render, train_rows, val_rows,
+                                                   "row")
     identity = {"data": cfg.data, "rows": len(rendered), "render": renderer.counts.to_dict()}
-    train, stats = RenderedRows(rendered, tokenizer.pad_id), left_out(read, renderer)
+    train, stats = RenderedRows(rendered, tokenizer.pad_id), left_out(read, renderer, lost_validation)
     if section.packing:
         train, stats["packing"] = pack_rendered(rendered, renderer.config.max_length, tokenizer.pad_id)
         identity["packing"] = True

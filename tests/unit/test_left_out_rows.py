@@ -133,14 +133,27 @@ def test_a_reward_model_leaves_out_pairs_past_the_limit_and_says_so_when_none_is
     common = ["--model", "tiny", "--tokenizer", str(tmp_path / "tok"), "--data", str(path), "--out", str(tmp_path),
               *SFT]
     assert main(["reward", *common, "--name", "rm", "--reward.max-length", "50"]) == 0
-    cut = _summary(tmp_path / "rm")["data"]["length_limit"]
+    data = _summary(tmp_path / "rm")["data"]
+    cut = data["length_limit"]
     assert cut["dropped_too_long"] == 20 and cut.get("truncated", 0) == 0
+    # Its one held-out pair was long too: no validation, and the run says so.
+    lost = "no held-out preference pair left for validation of 1 read: 1 longer than 50 tokens"
+    assert data["validation_lost"].startswith(lost) and f"warning: {lost}" in capsys.readouterr().out
     assert main(["dpo", *common, "--name", "dpo", "--dpo.max-length", "50"]) == 0
     cut = _summary(tmp_path / "dpo")["data"]["length_limit"]
     assert cut["truncated"] == 20 and cut.get("dropped_too_long", 0) == 0
     capsys.readouterr()
     assert main(["reward", *common, "--name", "none", "--reward.max-length", "3"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.endswith(f"{path}: no preference pair left to train of 30 read: 30 longer than 3 tokens "
+    assert err.endswith(f"{path}: no preference pair to train left of 29 read: 29 longer than 3 tokens "
                         "(--reward.max-length raises the limit, or --reward.overflow truncate keeps their start)")
     assert len(err.splitlines()) == 1
+    # A validation file lost whole would leave the run without validation, unsaid: refused too.
+    long_val = tmp_path / "val.jsonl"
+    long_val.write_text("".join(json.dumps(p) + "\n" for p in pairs if len(p["chosen"]) > 20))
+    assert main(["reward", *common, "--name", "val", "--reward.max-length", "50", "--reward.val-data",
+                 str(long_val)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"{long_val}: no validation preference pair left of 20 read: 20 longer than 50 tokens "
+                        "(--reward.max-length raises the limit, or --reward.overflow truncate keeps their start)")
+    assert not (tmp_path / "val").exists()
