@@ -351,7 +351,10 @@ def _run_training(cfg: RunConfig, resume: bool | None, fresh: bool, allow_config
         cut = data.stats.get("length_limit") or {}
         truncated, dropped = cut.get("truncated", 0), cut.get("dropped_too_long", 0)
         if truncated or dropped:  # the JSON counts, in words: what share is lost and which flag keeps it
-            remedy = (f"--{cfg.objective}.max-length raises the limit (up to the model's context)"
+            section = getattr(cfg, cfg.objective, None)
+            keep = (f", or --{cfg.objective}.overflow truncate keeps their start"
+                    if dropped and getattr(section, "overflow", None) == "drop" else "")
+            remedy = (f"--{cfg.objective}.max-length raises the limit (up to the model's context){keep}"
                       if not _from_weights(cfg) or cut["max_length"] < context else
                       f"that is the context of model {cfg.model}: longer rows cannot be trained whole")
             print(f"warning: {truncated + dropped} of {cut['of']} rows ({(truncated + dropped) / cut['of']:.0%}) "

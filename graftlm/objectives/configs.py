@@ -97,6 +97,9 @@ class RewardModelConfig(FineTuneData):
         super().validate()
         if self.center_coef < 0:
             raise ConfigError(f"config field 'reward.center_coef': must be >= 0, got {self.center_coef}")
+        if self.train_on != "assistant":  # it would be accepted and change nothing
+            raise ConfigError("config field 'reward.train_on': a reward model is trained on one score per sequence, "
+                              "at its last token, not on tokens; leave it out")
 
 
 
@@ -166,7 +169,8 @@ class GRPOConfig(FineTuneData):
         "help": "what the summed token losses are divided by (TRL's loss_type): dapo, the step's completion "
                 "tokens (all micro-batches and ranks); bnpo, each micro-batch's own tokens, then a mean over "
                 "micro-batches; grpo, each completion's length, then a mean over completions; dr_grpo, "
-                "completions x max_new_tokens; luspo, completions (a sum over each completion's tokens)"})
+                "completions x max_new_tokens; luspo, completions (a sum over each completion's tokens; TRL "
+                "pairs it with --grpo.importance-sampling-level sequence)"})
     importance_sampling_level: Literal["token", "sequence"] = field(default="token", metadata={
         "help": "the clipped ratio pi/pi_old per token, or one per completion: exp of its mean log-ratio "
                 "(GSPO, whose paper pairs it with --grpo.loss-type grpo)"})

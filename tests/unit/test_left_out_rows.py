@@ -138,7 +138,14 @@ def test_a_reward_model_leaves_out_pairs_past_the_limit_and_says_so_when_none_is
     assert cut["dropped_too_long"] == 20 and cut.get("truncated", 0) == 0
     # Its one held-out pair was long too: no validation, and the run says so.
     lost = "no held-out preference pair left for validation of 1 read: 1 longer than 50 tokens"
-    assert data["validation_lost"].startswith(lost) and f"warning: {lost}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert data["validation_lost"].startswith(lost) and f"warning: {lost}" in out
+    assert ("(0 cut, 20 dropped); --reward.max-length raises the limit (up to the model's context), or "
+            "--reward.overflow truncate keeps their start") in out
+    # Which tokens get a loss means nothing to a reward model (one score, at the last token).
+    assert main(["reward", *common, "--name", "all", "--reward.train-on", "all"]) == 2
+    assert "config field 'reward.train_on': a reward model is trained on one score per sequence" in \
+        capsys.readouterr().err
     assert main(["dpo", *common, "--name", "dpo", "--dpo.max-length", "50"]) == 0
     cut = _summary(tmp_path / "dpo")["data"]["length_limit"]
     assert cut["truncated"] == 20 and cut.get("dropped_too_long", 0) == 0
