@@ -34,8 +34,9 @@ def register(subparsers) -> None:
     plan.add_argument("--seq-len", type=int, default=None,
                       help="tokens per sequence (default: each regime's trainer default, train.seq_len)")
     plan.add_argument("--batch", type=int, default=None,
-                      help="sequences per device and micro-batch (DPO: pairs; GRPO: completions; "
-                           "default: each regime's trainer default, train.batch_size)")
+                      help="per device and micro-batch, as --train.batch-size counts it: sequences (DPO: pairs; "
+                           "GRPO and PPO: prompts, each sampled group_size times; default: each regime's "
+                           "trainer default, train.batch_size)")
     plan.add_argument("--hardware", default=None,
                       help=f"catalogue name, NAMExN for N devices, or '{THIS}' for the machine at hand "
                            f"(measured); default {DEFAULT_HARDWARE}; with --check: the run's own device")
@@ -214,11 +215,13 @@ def rollout_line(sampled: dict, prompts: dict, data_tokens: float) -> str:
 
 def batch_shapes(result: dict) -> str:
     """'8 x 256 tokens (pretrain, cpt, ...); 32 x 256 tokens (grpo)', and where they came from."""
-    shapes: dict[tuple[int, int], list[str]] = {}
+    shapes: dict[tuple[int, int, str], list[str]] = {}
     for name, r in result["regimes"].items():
-        shapes.setdefault((r["batch_size"], r["seq_len"]), []).append(name)
-    text = ", ".join(f"{b} x {s} tokens" + (f" ({', '.join(names)})" if len(shapes) > 1 else "")
-                     for (b, s), names in shapes.items())
+        group = r.get("group_size")  # an RL batch: --batch's prompts, each sampled group_size times
+        how = f": {r['batch_size'] // group} prompts x {group} completions" if group else ""
+        shapes.setdefault((r["batch_size"], r["seq_len"], how), []).append(name)
+    text = ", ".join(f"{b} x {s} tokens" + (f" ({', '.join(names)}{how})" if len(shapes) > 1 else "")
+                     for (b, s, how), names in shapes.items())
     opts = result["options"]
     assumed = [flag for flag, key in (("--batch", "batch_size"), ("--seq-len", "seq_len")) if opts[key] is None]
     if assumed:  # say which figures the plan chose, and how to change them
@@ -265,7 +268,7 @@ def print_plan(result: dict) -> None:
     memory.add_row("fits", *("[green]yes[/]" if r["fits"] else
                              ("[yellow]with ckpt[/]" if r["fits_with_checkpointing"] else "[red]no[/]")
                              for r in regimes))
-    memory.add_row("largest batch", *(f"{r['largest_batch']} ({r['largest_batch_with_checkpointing']} ckpt)"
+    memory.add_row("largest batch (RL: prompts)", *(f"{r['largest_batch']} ({r['largest_batch_with_checkpointing']} ckpt)"
                                       for r in regimes))
     console.print(memory)
 

@@ -179,8 +179,10 @@ def regime_shape(cfg: ModelConfig, regime: str, hardware: Hardware, options: Pla
         seq_len = prompts["length"]["max"] + rl["grpo_completion_len"]
     if seq_len > cfg.max_seq_len:  # a new model's context is made to fit its run, as build_model does
         cfg = replace(cfg, max_seq_len=seq_len)
+    # --batch counts what --train.batch-size does: an RL batch's prompts, each sampled group_size times.
+    given = options.batch_size * rl.get("grpo_group", 1) if options.batch_size else None
     return RunShape(model=cfg, objective=objective, parameterization=parameterization,
-                    precision=options.precision, batch_size=options.batch_size or defaults["batch_size"],
+                    precision=options.precision, batch_size=given or defaults["batch_size"],
                     seq_len=seq_len, activation_checkpointing=options.activation_checkpointing,
                     lora_r=options.lora_r, **rl,
                     lora_base_dtype=base_storage_dtype("auto", options.precision),  # what the trainer does
@@ -229,7 +231,8 @@ def plan_regime(cfg: ModelConfig, regime: str, tokens: float, hardware: Hardware
         "description": REGIMES[regime][0].format(base="bf16" if shape.lora_base_dtype == "bfloat16" else "fp32"),
         "objective": shape.objective,
         "parameterization": shape.parameterization,
-        "batch_size": shape.batch_size,
+        "batch_size": shape.batch_size,  # sequences (an RL regime's: prompts x group_size)
+        "group_size": shape.grpo_group if shape.samples_rollouts else None,
         "seq_len": shape.seq_len,
         "params_total": cfg.num_params(),
         "params_trainable": trainable_params(shape),
@@ -238,8 +241,11 @@ def plan_regime(cfg: ModelConfig, regime: str, tokens: float, hardware: Hardware
         "usable_bytes": usable,
         "fits": memory.peak <= usable,
         "fits_with_checkpointing": checkpointed.peak <= usable,
-        "largest_batch": largest_batch(shape, usable),
-        "largest_batch_with_checkpointing": largest_batch(replace(shape, activation_checkpointing=True), usable),
+        # In --train.batch-size's units, as --batch: an RL regime's prompts (group_size sequences each).
+        "largest_batch": largest_batch(shape, usable) // shape.grpo_group if shape.samples_rollouts
+        else largest_batch(shape, usable),
+        "largest_batch_with_checkpointing": largest_batch(replace(shape, activation_checkpointing=True), usable)
+        // (shape.grpo_group if shape.samples_rollouts else 1),
         "tokens": tokens,  # of data, or an RL regime's rollouts (per epoch)
         "rollouts": sampled,
         "flops": compute.flops,

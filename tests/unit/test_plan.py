@@ -272,7 +272,9 @@ def test_plan_defaults_to_what_each_trainer_trains_at(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "--batch and --seq-len not given: what each trainer uses by default" in out
     assert main(["plan", "--model", "125m", "--data", "1M", "--seq-len", "128", "--batch", "2"]) == 0
-    assert "batch per device: 2 x 128 tokens\n" in capsys.readouterr().out
+    # --batch counts prompts for GRPO and PPO, as --train.batch-size does.
+    assert ("batch per device: 2 x 128 tokens (pretrain, cpt, sft, dpo, lora, qlora), 8 x 128 tokens (grpo: 2 "
+            "prompts x 4 completions), 2 x 128 tokens (ppo: 2 prompts x 1 completions)\n") in capsys.readouterr().out
 
 
 def _built_params(model: str, vocab_size: int | None) -> int:

@@ -314,10 +314,13 @@ def test_ppo_memory_holds_its_critic_and_reward_model():
                         + ppo.activations + ppo.critic_activations)
     assert memory_breakdown(replace(shape, devices=2)).critic == ppo.critic  # FSDP wraps the policy only
     hardware = resolve_hardware("A100-80GB", load_catalogue())
+    # --batch counts prompts, as --train.batch-size does: PPO's 8 and GRPO's 2 (x 4 completions) are 8 sequences.
     planned = make_plan(SMALL, 1e6, hardware, PlanOptions(seq_len=64, batch_size=8, precision="fp32"))["regimes"]
+    grpo = make_plan(SMALL, 1e6, hardware, PlanOptions(seq_len=64, batch_size=2, precision="fp32"))["regimes"]["grpo"]
+    assert planned["ppo"]["batch_size"] == grpo["batch_size"] == 8 and planned["grpo"]["batch_size"] == 32
     assert planned["ppo"]["memory"]["critic"] == 4 * 4 * scalar_params
-    assert planned["ppo"]["memory"]["peak"] > planned["grpo"]["memory"]["peak"]
-    assert planned["grpo"]["memory"]["critic"] == 0
+    assert planned["ppo"]["memory"]["peak"] > grpo["memory"]["peak"]
+    assert grpo["memory"]["critic"] == 0
 
 
 def test_a_ppo_step_makes_the_passes_the_plan_counts(monkeypatch):
