@@ -36,24 +36,20 @@ Design choices:
 - `Engine(compile=True)` decodes with `torch.compile(model.decode_step)` over
   `DecodeSlot` views of the cache (written slots plus the new one); with dynamic
   shapes one graph serves every step, batch size and capacity (batch 1 is its own
-  graph). Inductor's `freezing` folds the weights into the graph
-  as constants, prepacked for oneDNN / MKL (this is most of the gain over eager, and
-  it copies the weights once), and `cpp_wrapper` calls the kernels from C++, not Python.
+  graph). Inductor's `freezing` folds the weights into the graph as constants, prepacked
+  for oneDNN / MKL (most of the gain over eager; it copies the weights once), and
+  `cpp_wrapper` calls the kernels from C++, not Python.
   In bf16 / fp16 on the CPU, inductor also benchmarks its own generated GEMMs against
   oneDNN's per shape (`max_autotune`): at batch 1 they stream the weights about 1.5x
   faster (`CompiledDecodeStep._gemm_options`), for about twice the compile time.
-  Prefills stay eager (one per request). Frozen weights are why it is for inference
-  only. With adapters loaded, the compiled step computes the base alone (their layers
-  disabled while it runs) and serves the steps whose rows all ask for no adapter; a
-  step with an adapter row runs eagerly, since per-row routing is Python data that
-  would recompile the graph for every mix of rows.
-- RL rollouts (`--grpo.sampling.compile`) sample from weights that train between calls:
-  `CompiledDecodeStep(model, live_weights=True)`, kept for the run and handed to each
-  rollout's engine (`Engine(..., compiled_decode=...)`), compiles without freezing, so
-  the graph reads the parameters at every call, and computes the model as it is (its
-  active adapter included). Eager decoding dispatches some 70 operators per block a
-  token, which bound a small or mid-size model's sampling (a 1B model on an H100:
-  about 10 ms a token against 0.5 ms of weight reads); compiled, inductor fuses them.
+  Prefills stay eager (one per request). Frozen weights: inference only. With adapters
+  loaded, the compiled step computes the base alone (their layers disabled while it
+  runs) for steps whose rows all ask for no adapter; a step with an adapter row runs
+  eagerly (per-row routing is Python data: a graph for every mix of rows).
+- RL rollouts (`--grpo.sampling.compile`): `CompiledDecodeStep(model, live_weights=True)`,
+  kept for the run and given to each rollout's `Engine(..., compiled_decode=...)`, reads
+  the weights, as they train, at every call (no freezing), active adapter included: eager,
+  ~70 operators per block a token bound a GPU's sampling (1B: ~10 ms vs 0.5 ms of reads).
 """
 
 from __future__ import annotations
@@ -492,18 +488,17 @@ def check_generative(model_dir) -> None:
 
 class CompiledDecodeStep:
     """`model.decode_step` through `torch.compile`, with the inductor settings that make
-    it fast (see the module's docstring); called as `model.decode_step` is."""
+    it fast (see the module's docstring); called as `model.decode_step` is. `live_weights`:
+    no freezing, the parameters stay graph inputs, read at every call (RL rollouts)."""
 
     def __init__(self, model, live_weights: bool = False):
         self.module = _DecodeStep(model)
         self.live_weights = live_weights
         self._adapter_layers: list | None = None  # see `adapter_layers`
         self.compiled = torch.compile(self.module, dynamic=True, fullgraph=True)
-        # live_weights: the parameters stay graph inputs, read at every call (no freezing).
         self.inductor_options = {"freezing": not live_weights, "cpp_wrapper": True, **self._gemm_options()}
         # Dynamo keeps the graphs on the code object, and inductor keeps every module it
-        # generated (the frozen weights are those modules' globals), past the engine's
-        # life: both are let go with the engine.
+        # generated (frozen weights are their globals) past the engine's life: both go with it.
         self._generated: list = []  # inductor's modules made by this engine's compiles
         weakref.finalize(self, _forget_graphs, self.module.forward.__code__, self._generated)
 
@@ -520,10 +515,9 @@ class CompiledDecodeStep:
 
     def serves(self, rows) -> bool:
         """Whether a decode step of `rows` (None: no per-row adapters) runs compiled: the
-        graph computes the base, so not when a row, or the model's active adapter, adds one.
-        With live weights it computes the model as it is: rows without per-row adapters.
-        Never under a dispatch mode that watches every operator (the trainer's tensor
-        memory tracker of a measured step): dynamo cannot trace through one."""
+        graph computes the base, so not when a row, or the model's active adapter, adds one;
+        with live weights, the model as it is: rows without per-row adapters. Never under a
+        dispatch mode (the trainer's tensor-memory tracker): dynamo cannot trace through one."""
         from torch.utils._python_dispatch import _get_current_dispatch_mode
 
         if _get_current_dispatch_mode() is not None:
@@ -547,8 +541,7 @@ class CompiledDecodeStep:
         # reaches inductor only). Scoped, so training's compiled blocks never freeze.
         # Without duck shaping, a batch or slot count that happens to equal another size
         # at the first call (the kv heads, the other) stays its own dynamic dimension.
-        # Adapter layers are disabled while the graph runs: it is the base's (see `serves`),
-        # unless the weights are live (the model as it is).
+        # Adapter layers are disabled while the graph runs, unless live (see `serves`).
         base_only = [] if self.live_weights else self.adapter_layers
         with inductor_config.patch(**self.inductor_options), \
                 shapes_config.patch(use_duck_shape=False), \
