@@ -106,15 +106,18 @@ class _RMSNorm(Function):
         gain = weight.to(acc)
         grad_x = torch.empty_like(x) if need_x else None
         grad_weight = torch.zeros(dim, dtype=acc, device=x.device) if need_weight else None
-        rows = x.shape[0]
         # Eagerly, rows go in chunks whose float32 temporaries stay in L2 cache, where one
         # pass over [rows, H] in float32 per operation, into fresh full-size temporaries,
         # was slower (2048 x 512 in bf16, alone: 7.8 -> 1.9 ms; the LoRA bench's 16 norms,
         # profiled in the step: 96 -> 63 ms). Inductor fuses the chain itself, so a
-        # compiled graph takes all rows at once.
-        step = rows if torch.compiler.is_compiling() else _norm_chunk_rows(dim)
-        for start in range(0, rows, step):
-            part = slice(start, start + step)
+        # compiled graph takes all rows at once, without a range over them: that made
+        # dynamo specialize the row count, one graph per batch width.
+        if torch.compiler.is_compiling():
+            parts = [slice(0, x.shape[0])]
+        else:
+            step = _norm_chunk_rows(dim)
+            parts = [slice(start, start + step) for start in range(0, x.shape[0], step)]
+        for part in parts:
             r = rstd[part]
             normed = x[part].to(acc, copy=True).mul_(r)  # x̂ = x · rstd
             g = grad[part].to(acc, copy=True)
@@ -433,6 +436,13 @@ class _Chunk:
         return total.add_(torch.mm(grad_logits.t(), hidden, out=self.weight_part))
 
 
+def _row_chunks(rows, chunk_size: int) -> list[slice]:
+    """Slices of `chunk_size` rows covering `rows`. Counted as ceil(rows / chunk_size) so
+    that in a compiled graph dynamo guards on that count alone: `range(0, rows, step)`
+    made it specialize the row count, one graph per batch width (GRPO's rollouts)."""
+    return [slice(i * chunk_size, (i + 1) * chunk_size) for i in range(-(-rows // chunk_size))]
+
+
 class _LinearLogprobs(Function):
     """log_softmax(hidden Wᵀ)[target] in chunks of rows, as one Function.
 
@@ -452,7 +462,7 @@ class _LinearLogprobs(Function):
     def forward(ctx, hidden, weight, targets, chunk_size):
         acc = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64 in tests
         chunk = _Chunk(min(chunk_size, targets.numel()), weight.shape[0], hidden.dtype, acc, hidden.device)
-        chunks = [slice(start, start + chunk_size) for start in range(0, targets.numel(), chunk_size)]
+        chunks = _row_chunks(targets.numel(), chunk_size)
         ctx.chunk_size = chunk_size
         ctx.grad_made_in_forward = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
         if ctx.grad_made_in_forward:
@@ -476,8 +486,7 @@ class _LinearLogprobs(Function):
         chunk = _Chunk(min(ctx.chunk_size, targets.numel()), weight.shape[0], hidden.dtype, acc, hidden.device)
         grad_hidden = torch.empty_like(hidden) if want_hidden and chunk.buffered else None
         hidden_parts, grad_weight = [], None
-        for start in range(0, targets.numel(), ctx.chunk_size):
-            rows = slice(start, start + ctx.chunk_size)
+        for rows in _row_chunks(targets.numel(), ctx.chunk_size):
             grad_logits = chunk.grad_logits(hidden[rows], weight, targets[rows], grad[rows])
             if want_hidden and chunk.buffered:
                 torch.mm(grad_logits, weight, out=grad_hidden[rows])
