@@ -106,13 +106,12 @@ class RunConfig:
             raise ConfigError("config field 'data' is required")
         sampling = getattr(getattr(self, self.objective, None), "sampling", None)
         if getattr(sampling, "compile", False):  # refused here, before a run directory exists
+            from graftlm.objectives.configs import COMPILE_REFUSALS
             field_name = f"config field '{self.objective}.sampling.compile'"
             if self.adapter is not None and self.adapter.kind == "qlora":
-                raise ConfigError(f"{field_name}: QLoRA's NF4 base does not compile in one graph; sample eagerly "
-                                  "(false), or train LoRA on a bf16 base")
+                raise ConfigError(f"{field_name}: {COMPILE_REFUSALS['qlora']}")
             if self.parallel.mode == "fsdp":
-                raise ConfigError(f"{field_name}: not under FSDP (each rollout gathers new weight tensors); sample "
-                                  "eagerly (false), or use --parallel ddp")
+                raise ConfigError(f"{field_name}: {COMPILE_REFUSALS['fsdp']}")
 
 
 @lru_cache(maxsize=None)

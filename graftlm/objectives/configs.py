@@ -129,6 +129,14 @@ class SamplingConfig:
 
 
 
+# Why `sampling.compile` is refused, said alike where the config is read and, for a caller of
+# the Python API, at the first rollout (`rollout.RolloutSampler.engine`).
+COMPILE_REFUSALS = {
+    "qlora": "QLoRA's NF4 base does not compile in one graph; sample eagerly (false), or train LoRA on a bf16 base",
+    "fsdp": "not under FSDP (each rollout gathers new weight tensors); sample eagerly (false), or use --parallel ddp",
+}
+
+
 @dataclass
 class RewardPolicy:
     on_error: Literal["raise", "skip"] = field(

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from graftlm.errors import GraftError
-from graftlm.objectives.configs import SamplingConfig
+from graftlm.objectives.configs import COMPILE_REFUSALS, SamplingConfig
 from graftlm.objectives.dpo import pad_right
 
 
@@ -84,11 +84,9 @@ def _check_compilable(policy) -> None:
     from graftlm.parallel import is_sharded
 
     if any(is_nf4(p) for p in policy.parameters()):
-        raise GraftError("config field 'sampling.compile': QLoRA's NF4 base does not compile; sample eagerly "
-                         "(leave it false), or train LoRA on a bf16 base")
+        raise GraftError(f"config field 'sampling.compile': {COMPILE_REFUSALS['qlora']}")
     if is_sharded(policy):
-        raise GraftError("config field 'sampling.compile': not under FSDP (each rollout gathers new weight tensors); "
-                         "sample eagerly, or use --parallel ddp")
+        raise GraftError(f"config field 'sampling.compile': {COMPILE_REFUSALS['fsdp']}")
 
 
 def _rank_and_world() -> tuple[int, int]:
